@@ -1,0 +1,57 @@
+"""The ASGI application: the forwarding handler for fal traffic, Starlette for the rest.
+
+Requests on reserved paths (``/healthz``) go to a small Starlette app; every other
+HTTP request goes to the pure-ASGI :class:`~proxy.forward.Forwarder`. The lifespan
+owns the one upstream session, so it is created inside the server's event loop and
+closed on shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .forward import Forwarder
+from .logs import get_logger
+from .settings import RESERVED_PATHS, Settings
+from .upstream import create_session
+
+
+def create_app(settings: Settings) -> Any:
+    """Build the proxy's ASGI app for ``settings``."""
+    forwarder = Forwarder(settings)
+    log = get_logger("proxy")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        forwarder.session = create_session(settings)
+        try:
+            yield
+        finally:
+            await forwarder.session.close()
+            forwarder.session = None
+
+    async def healthz(_request: Request) -> JSONResponse:
+        # Served only once the lifespan has run, i.e. the upstream session exists.
+        return JSONResponse({"status": "ok"})
+
+    starlette = Starlette(routes=[Route("/healthz", healthz, methods=["GET", "HEAD"])], lifespan=lifespan)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http" and scope["path"] not in RESERVED_PATHS:
+            await forwarder(scope, receive, send)
+        elif kind == "websocket":
+            # WebSocket bridging is not built yet: refuse the upgrade (the server answers 403).
+            log.info("websocket_refused", path=scope["path"])
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            await starlette(scope, receive, send)
+
+    return app

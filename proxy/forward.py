@@ -1,0 +1,372 @@
+"""The forwarding route: a pure-ASGI handler, request → target → headers → gateway → client.
+
+Pure ASGI rather than a Starlette endpoint because this is the hot path: no
+Request/Response objects, no middleware stack, headers handled as the raw byte
+pairs the server gives. The data flows one way:
+
+1. read the target (``x-fal-target-url`` or the fal.run-shaped path) and resolve it
+   (:func:`proxy.targets.resolve_target`, pure);
+2. build the upstream headers (:func:`proxy.headers.upstream_request_headers`, pure);
+3. send to the gateway with the request body streamed as it arrives;
+4. stream the response back chunk by chunk as the gateway sends it.
+
+While the upstream call runs, a watcher waits for the client to go away and cancels
+the call, which closes the upstream connection at once (an aborted SSE stream must
+not keep a generation, or a connection, alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from .errors import (
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .headers import InjectedHeaders, downstream_response_headers, upstream_request_headers
+from .logs import get_logger, redact_query
+from .settings import Settings
+from .targets import Target, resolve_target
+
+Scope = dict[str, Any]
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class _ClientGone(Exception):
+    """The client disconnected; nothing more can be sent to it."""
+
+
+class Exchange:
+    """Per-request state, and the fields of the request's canonical log line."""
+
+    __slots__ = (
+        "request_id", "method", "kind", "host", "path", "query", "status", "upstream_status",
+        "bytes_in", "bytes_out", "started", "ttfb", "error", "fal_request_id", "cf_aig_log_id",
+        "body_error", "response_done", "client_gone", "gateway_error",
+    )  # fmt: skip
+
+    def __init__(self, method: str) -> None:
+        self.request_id = os.urandom(8).hex()
+        self.method = method
+        self.kind = self.host = self.path = self.query = None
+        self.status = self.upstream_status = None
+        self.bytes_in = self.bytes_out = 0
+        self.started = time.perf_counter()
+        self.ttfb: float | None = None
+        self.error: str | None = None
+        self.fal_request_id = self.cf_aig_log_id = self.gateway_error = None
+        self.body_error: ProxyError | None = None
+        self.response_done = False
+        self.client_gone = False
+
+    def log_fields(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        fields = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "route": self.kind,
+            "target_host": self.host,
+            "target_path": self.path,
+            "target_query": redact_query(self.query) if self.query else None,
+            "status": self.status,
+            "upstream_status": self.upstream_status,
+            "ttfb_ms": round(self.ttfb * 1000, 2) if self.ttfb is not None else None,
+            "duration_ms": round((now - self.started) * 1000, 2),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+        for name in ("fal_request_id", "cf_aig_log_id", "error", "gateway_error"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
+        return fields
+
+
+class Forwarder:
+    """The ASGI app for every forwarded request. ``session`` is set by the app's lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.injected = InjectedHeaders.from_settings(settings)
+        self.session: aiohttp.ClientSession | None = None
+        self.log = get_logger("proxy.request")
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        ex = Exchange(scope["method"])
+        try:
+            await self._handle(scope, receive, send, ex)
+        except ProxyError as exc:
+            ex.error = exc.reason
+            if ex.status is None:  # nothing sent yet: answer with the error
+                await self._send_error(send, exc, ex)
+        except _ClientGone:
+            ex.error, ex.status = "client_gone", 499
+        finally:
+            self._log(ex)
+
+    def _log(self, ex: Exchange) -> None:
+        status = ex.status or 0
+        if ex.gateway_error:
+            hint = "the gateway refused the proxy's cf-aig-authorization: check CF_AIG_TOKEN"
+            self.log.warning("request", hint=hint, **ex.log_fields())
+        elif status >= 500 or status == 499:
+            self.log.warning("request", **ex.log_fields())
+        else:
+            self.log.info("request", **ex.log_fields())
+
+    async def _send_error(self, send: Any, exc: ProxyError, ex: Exchange) -> None:
+        body = exc.body()
+        ex.status = exc.status
+        await send(
+            {
+                "type": "http.response.start",
+                "status": exc.status,
+                "headers": [
+                    *_JSON_HEADERS,
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-proxy-request-id", ex.request_id.encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        ex.bytes_out += len(body)
+
+    async def _handle(self, scope: Scope, receive: Any, send: Any, ex: Exchange) -> None:
+        settings = self.settings
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        target_header: str | None = None
+        declared_length: int | None = None
+        for name, value in raw_headers:
+            if name == b"x-fal-target-url":
+                if target_header is None:  # the first one counts, as in fal's proxy
+                    target_header = value.decode("latin-1")
+            elif name == b"content-length":
+                declared_length = int(value)  # the HTTP parser already validated it
+
+        raw_path = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        target = resolve_target(
+            path,
+            scope["query_string"].decode("latin-1"),
+            target_header,
+            gateway_url=settings.gateway_url,
+            proxy_route=settings.proxy_route,
+        )
+        ex.kind, ex.host, ex.path, ex.query = target.kind, target.host, target.path, target.query
+        if declared_length is not None and declared_length > settings.max_body_bytes:
+            raise PayloadTooLarge(
+                "request body too large",
+                f"{declared_length} bytes; this proxy accepts at most {settings.max_body_bytes}",
+            )
+        headers = upstream_request_headers(
+            raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id
+        )
+        await self._exchange(target, headers, receive, send, ex)
+
+    async def _exchange(
+        self, target: Target, headers: list[tuple[str, str]], receive: Any, send: Any, ex: Exchange
+    ) -> None:
+        assert self.session is not None, "the app's lifespan did not run"
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        watcher: asyncio.Task[None] | None = None
+
+        async def watch_disconnect() -> None:
+            # After the body, the only message left is http.disconnect: the client went away
+            # (or the response completed, which `response_done` tells apart).
+            message = await receive()
+            if message["type"] == "http.disconnect" and not ex.response_done:
+                ex.client_gone = True
+                task.cancel()
+
+        first = await receive()
+        if first["type"] == "http.disconnect":
+            raise _ClientGone()
+        body: bytes | AsyncIterator[bytes] | None
+        first_chunk = first.get("body", b"")
+        ex.bytes_in = len(first_chunk)
+        if ex.bytes_in > settings.max_body_bytes:
+            raise PayloadTooLarge("request body too large", f"over {settings.max_body_bytes} bytes")
+
+        waiting_for_headers = True
+        body_done = False
+        if first.get("more_body", False):
+            # The first-byte clock starts once the body is sent, so a big upload is not
+            # cut short by it; the body iterator starts it.
+            deadline = asyncio.timeout(None)
+
+            def body_sent() -> None:
+                nonlocal watcher, body_done
+                body_done = True
+                if waiting_for_headers:
+                    deadline.reschedule(loop.time() + settings.first_byte_timeout)
+                if watcher is None:
+                    watcher = loop.create_task(watch_disconnect())
+
+            body = self._stream_body(first_chunk, receive, ex, body_sent)
+        else:
+            # The whole body is here already (the usual small JSON): no streaming needed.
+            body = first_chunk or None
+            deadline = asyncio.timeout(settings.first_byte_timeout)
+            watcher = loop.create_task(watch_disconnect())
+
+        response: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                async with deadline:
+                    response = await self.session.request(
+                        ex.method,
+                        URL(target.upstream_url, encoded=True),
+                        headers=headers,
+                        data=body,
+                        allow_redirects=False,
+                    )
+            except TimeoutError:
+                if ex.body_error is not None:
+                    raise ex.body_error from None
+                raise UpstreamTimeout(
+                    "the gateway did not answer in time",
+                    f"no response headers within {settings.first_byte_timeout:g}s"
+                    if deadline.expired()
+                    else f"no connection within {settings.connect_timeout:g}s",
+                ) from None
+            except aiohttp.ClientError as exc:
+                if ex.client_gone:
+                    raise _ClientGone() from None
+                if ex.body_error is not None:
+                    raise ex.body_error from None
+                raise UpstreamUnavailable("the gateway could not be reached", _describe(exc)) from None
+            finally:
+                waiting_for_headers = False
+            if watcher is None and body_done:  # (else the body iterator will start it)
+                watcher = loop.create_task(watch_disconnect())
+            await self._relay_response(response, send, ex)
+        except asyncio.CancelledError:
+            if ex.client_gone:
+                task.uncancel()
+                raise _ClientGone() from None
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if response is not None:
+                if ex.response_done:
+                    response.release()
+                else:
+                    response.close()  # drop the connection: the upstream sees the abort
+
+    async def _stream_body(
+        self, first_chunk: bytes, receive: Any, ex: Exchange, body_sent: Any
+    ) -> AsyncIterator[bytes]:
+        """Yield the request body as the client sends it, within the size and idle limits.
+
+        Runs inside aiohttp's writer task. A failure is recorded on ``ex`` and raised:
+        aiohttp then drops the upstream connection without finishing the body, so the
+        upstream never sees a truncated body as complete.
+        """
+        settings = self.settings
+        if first_chunk:
+            yield first_chunk
+        more = True
+        while more:
+            try:
+                async with asyncio.timeout(settings.idle_timeout):
+                    message = await receive()
+            except TimeoutError:
+                ex.body_error = RequestTimeout(
+                    "request body stalled", f"nothing received for {settings.idle_timeout:g}s"
+                )
+                raise ex.body_error from None
+            if message["type"] == "http.disconnect":
+                ex.client_gone = True
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            ex.bytes_in += len(chunk)
+            if ex.bytes_in > settings.max_body_bytes:
+                ex.body_error = PayloadTooLarge(
+                    "request body too large", f"over {settings.max_body_bytes} bytes"
+                )
+                raise ex.body_error
+            if chunk:
+                yield chunk
+        body_sent()
+
+    async def _relay_response(
+        self, response: aiohttp.ClientResponse, send: Any, ex: Exchange
+    ) -> None:
+        ex.ttfb = time.perf_counter() - ex.started
+        ex.upstream_status = ex.status = response.status
+        raw = response.raw_headers
+        for name, value in raw:
+            lname = name.lower()
+            if lname == b"x-fal-request-id":
+                ex.fal_request_id = value.decode("latin-1")
+            elif lname == b"cf-aig-log-id":
+                ex.cf_aig_log_id = value.decode("latin-1")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": downstream_response_headers(raw, request_id=ex.request_id),
+            }
+        )
+        remaining = response.content_length  # known length: finish with the last chunk
+        idle = self.settings.idle_timeout
+        content = response.content
+        first_chunk = True
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    "the gateway stalled mid-response", f"nothing received for {idle:g}s"
+                ) from None
+            except aiohttp.ClientError as exc:
+                raise UpstreamUnavailable("the gateway broke the response", _describe(exc)) from None
+            if first_chunk:
+                first_chunk = False
+                if response.status == 401:
+                    ex.gateway_error = _gateway_auth_error(chunk)
+            if not chunk:
+                ex.response_done = True
+                await send({"type": "http.response.body", "body": b""})
+                return
+            ex.bytes_out += len(chunk)
+            if remaining is not None:
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    ex.response_done = True
+                    await send({"type": "http.response.body", "body": chunk})
+                    return
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+def _describe(exc: BaseException) -> str:
+    """A description of a connection failure for the caller; no URLs, no headers."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection failed: {exc.os_error.strerror or type(exc.os_error).__name__}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the gateway closed the connection"
+    return type(exc).__name__
+
+
+def _gateway_auth_error(first_chunk: bytes) -> str | None:
+    """Tell a Cloudflare gateway 401 (code 2009: bad cf-aig-authorization) from a fal 401."""
+    head = first_chunk[:2048]
+    if b"2009" in head and (b'"code"' in head or b"AiGatewayError" in head or b"internalCode" in head):
+        return "cf_gateway_unauthorized_2009"
+    return None

@@ -1,0 +1,241 @@
+"""Settings: read once from the environment, validated, frozen.
+
+Every problem raises :class:`SettingsError` whose message names the variable, so
+the CLI can print one line and exit 2. Secrets are wrapped in :class:`Secret`,
+whose ``repr``/``str`` never show the value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+GATEWAY_HOST = "https://gateway.ai.cloudflare.com"
+DEFAULT_ROUTE = "/api/fal/proxy"
+RESERVED_PATHS = frozenset({"/healthz"})
+
+_ACCOUNT_ID = re.compile(r"[0-9a-f]{32}")
+# Cloudflare gateway names: lower-case letters, digits, hyphens, at most 64 characters.
+_GATEWAY_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_LOG_FORMATS = ("auto", "json", "console")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or f-strings."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the proxy needs, valid once built. Build with :meth:`from_env`."""
+
+    fal_key: Secret
+    gateway_url: str  # no trailing slash, e.g. https://gateway.ai.cloudflare.com/v1/a/g/fal
+    cf_aig_token: Secret | None = None
+    host: str = "127.0.0.1"
+    port: int = 8787
+    proxy_route: str = DEFAULT_ROUTE
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 600.0
+    idle_timeout: float = 300.0
+    max_body_bytes: int = 100 * 1024 * 1024
+    upstream_connections: int = 0  # 0 = no limit on the pool
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Validate ``env`` (usually ``os.environ``) and return the settings."""
+        return cls(
+            fal_key=_fal_key(env),
+            gateway_url=_gateway_url(env),
+            cf_aig_token=_optional_secret(env, "CF_AIG_TOKEN"),
+            host=_nonempty(env, "FAL_PROXY_HOST", "127.0.0.1"),
+            port=_port(env, "FAL_PROXY_PORT", 8787),
+            proxy_route=_route(env),
+            connect_timeout=_seconds(env, "FAL_PROXY_CONNECT_TIMEOUT", 10.0),
+            first_byte_timeout=_seconds(env, "FAL_PROXY_FIRST_BYTE_TIMEOUT", 600.0),
+            idle_timeout=_seconds(env, "FAL_PROXY_IDLE_TIMEOUT", 300.0),
+            max_body_bytes=_int(env, "FAL_PROXY_MAX_BODY_BYTES", 100 * 1024 * 1024, low=0),
+            upstream_connections=_int(env, "FAL_PROXY_UPSTREAM_CONNECTIONS", 0, low=0),
+            log_format=_choice(env, "FAL_PROXY_LOG_FORMAT", "auto", _LOG_FORMATS),
+            log_level=_choice(env, "FAL_PROXY_LOG_LEVEL", "info", _LOG_LEVELS),
+        )
+
+
+# The table the CLI's --help and the README are written from: (variable, default, meaning).
+DOCUMENTED_VARIABLES: tuple[tuple[str, str, str], ...] = (
+    ("FAL_KEY", "(required)", "fal API key, sent upstream as 'Authorization: Key <key>'"),
+    ("FAL_KEY_FILE", "", "file holding the fal key (a mounted secret); instead of FAL_KEY"),
+    ("FAL_KEY_ID, FAL_KEY_SECRET", "", "key id and secret, sent as 'Key id:secret'; instead of FAL_KEY"),
+    ("CF_ACCOUNT_ID", "(required)", "Cloudflare account id, 32 hex characters"),
+    ("CF_GATEWAY_ID", "(required)", "AI Gateway name"),
+    ("FAL_PROXY_GATEWAY_URL", "", "replaces the whole gateway base URL (then CF_ACCOUNT_ID/CF_GATEWAY_ID are not needed)"),
+    ("CF_AIG_TOKEN", "", "gateway token, sent as 'cf-aig-authorization: Bearer <token>'"),
+    ("CF_AIG_TOKEN_FILE", "", "file holding the gateway token; instead of CF_AIG_TOKEN"),
+    ("FAL_PROXY_HOST", "127.0.0.1", "address to listen on (--host)"),
+    ("FAL_PROXY_PORT", "8787", "port to listen on, 0 = any free port (--port)"),
+    ("FAL_PROXY_ROUTE", DEFAULT_ROUTE, "path of the fal SDK proxyUrl route"),
+    ("FAL_PROXY_CONNECT_TIMEOUT", "10", "seconds to open a connection to the gateway"),
+    ("FAL_PROXY_FIRST_BYTE_TIMEOUT", "600", "seconds to wait for the gateway's response headers"),
+    ("FAL_PROXY_IDLE_TIMEOUT", "300", "seconds allowed between two body chunks, either way"),
+    ("FAL_PROXY_MAX_BODY_BYTES", str(100 * 1024 * 1024), "largest request body accepted (413 above)"),
+    ("FAL_PROXY_UPSTREAM_CONNECTIONS", "0", "most connections to the gateway at once, 0 = no limit"),
+    ("FAL_PROXY_LOG_FORMAT", "auto", "auto (console on a terminal, else JSON), json or console"),
+    ("FAL_PROXY_LOG_LEVEL", "info", "debug, info, warning or error"),
+)
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _read_secret_file(env: Mapping[str, str], name: str) -> str:
+    path = Path(env[name].strip())
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{name}: {path} is not UTF-8 text") from None
+    if not value:
+        raise SettingsError(f"{name}: {path} is empty")
+    _check_header_safe(name, value)
+    return value
+
+
+def _check_header_safe(name: str, value: str) -> None:
+    # A key with a newline or non-ASCII byte would break (or smuggle) the upstream header.
+    if not value.isascii() or any(c in value for c in "\r\n\0") or not value.isprintable():
+        raise SettingsError(f"{name} holds characters that cannot go in an HTTP header")
+
+
+def _fal_key(env: Mapping[str, str]) -> Secret:
+    if _get(env, "FAL_KEY_FILE"):
+        return Secret(_read_secret_file(env, "FAL_KEY_FILE"))
+    key = _get(env, "FAL_KEY")
+    if key:
+        _check_header_safe("FAL_KEY", key)
+        return Secret(key)
+    key_id, key_secret = _get(env, "FAL_KEY_ID"), _get(env, "FAL_KEY_SECRET")
+    if key_id and key_secret:
+        _check_header_safe("FAL_KEY_ID", key_id)
+        _check_header_safe("FAL_KEY_SECRET", key_secret)
+        return Secret(f"{key_id}:{key_secret}")
+    if key_id or key_secret:
+        missing = "FAL_KEY_SECRET" if key_id else "FAL_KEY_ID"
+        raise SettingsError(f"{missing} is not set (FAL_KEY_ID and FAL_KEY_SECRET go together)")
+    raise SettingsError("no fal key: set FAL_KEY, FAL_KEY_FILE, or FAL_KEY_ID and FAL_KEY_SECRET")
+
+
+def _optional_secret(env: Mapping[str, str], name: str) -> Secret | None:
+    if _get(env, f"{name}_FILE"):
+        return Secret(_read_secret_file(env, f"{name}_FILE"))
+    value = _get(env, name)
+    if value is None:
+        return None
+    _check_header_safe(name, value)
+    return Secret(value)
+
+
+def _gateway_url(env: Mapping[str, str]) -> str:
+    override = _get(env, "FAL_PROXY_GATEWAY_URL")
+    if override:
+        try:
+            parts = urlsplit(override)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise SettingsError("FAL_PROXY_GATEWAY_URL is not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SettingsError("FAL_PROXY_GATEWAY_URL must be an absolute http(s) URL")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise SettingsError("FAL_PROXY_GATEWAY_URL must not have a query, fragment or user info")
+        return override.rstrip("/")
+    account, gateway = _get(env, "CF_ACCOUNT_ID"), _get(env, "CF_GATEWAY_ID")
+    if account is None:
+        raise SettingsError("CF_ACCOUNT_ID is not set (or set FAL_PROXY_GATEWAY_URL)")
+    if not _ACCOUNT_ID.fullmatch(account.lower()):
+        raise SettingsError("CF_ACCOUNT_ID must be 32 hexadecimal characters")
+    if gateway is None:
+        raise SettingsError("CF_GATEWAY_ID is not set (or set FAL_PROXY_GATEWAY_URL)")
+    if not _GATEWAY_ID.fullmatch(gateway):
+        raise SettingsError("CF_GATEWAY_ID must be 1-64 lower-case letters, digits, '-' or '_'")
+    return f"{GATEWAY_HOST}/v1/{account.lower()}/{gateway}/fal"
+
+
+def _nonempty(env: Mapping[str, str], name: str, default: str) -> str:
+    return _get(env, name) or default
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int | None = None) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number") from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise SettingsError(f"{name} must be {bound}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    return _int(env, name, default, low=0, high=65535)
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"{name} must be a positive number of seconds")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (_get(env, name) or default).lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of: {', '.join(choices)}")
+    return value
+
+
+def _route(env: Mapping[str, str]) -> str:
+    route = _get(env, "FAL_PROXY_ROUTE") or DEFAULT_ROUTE
+    if not route.startswith("/") or route in RESERVED_PATHS or any(c in route for c in "?# \t"):
+        raise SettingsError("FAL_PROXY_ROUTE must be a path like /api/fal/proxy")
+    return route.rstrip("/") or "/"
