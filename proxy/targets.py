@@ -103,9 +103,9 @@ def _parse_target_url(value: str) -> tuple[str, str, str]:
         raise Forbidden("target not allowed", f"only https targets are forwarded, not {scheme.lower()}")
     if "@" in authority:
         raise Forbidden("target not allowed", "user info in the target URL is not allowed")
-    host, _, port = authority.partition(":")
+    host, colon, port = authority.partition(":")
     host = host.lower()
-    if port and port != "443":
+    if colon and port != "443":
         raise Forbidden("target not allowed", "only the default https port is allowed")
     if host not in ALLOWED_HOSTS:
         raise Forbidden(

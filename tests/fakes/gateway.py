@@ -44,6 +44,7 @@ class FakeGateway:
         self.events: list[str] = []
         self.gates: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.counter = 0
+        self.hits: dict[str, int] = defaultdict(int)  # per fal path, for stateful behaviours
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -65,6 +66,7 @@ class FakeGateway:
         if path == "/_fake/requests" and scope["method"] == "DELETE":
             self.requests.clear()
             self.events.clear()
+            self.hits.clear()
             await _json(send, 200, {})
         elif path == "/_fake/requests":
             await _json(send, 200, self.requests)
@@ -141,6 +143,13 @@ class FakeGateway:
             code = int(path.rsplit("/", 1)[1])
             detail: Any = [{"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}] if code == 422 else "boom"
             await _json(send, code, {"detail": detail}, fal_headers + [(b"x-fal-request-timeout-type", b"user")] if code == 504 else fal_headers)
+        elif path.startswith("/fal-ai/flaky"):  # 503 for the first ?fail=N calls, then echo-like 200
+            self.hits[path] += 1
+            attempt = self.hits[path]
+            if attempt <= int(args.get("fail", "2")):
+                await _json(send, 503, {"detail": "try again"}, fal_headers)
+            else:
+                await _json(send, 200, {"attempt": attempt}, fal_headers)
         elif path.startswith("/fal-ai/text404"):
             await _raw(send, 404, b"no such app", [(b"content-type", b"text/plain")] + fal_headers)
         elif path.startswith("/fal-ai/gzip"):
@@ -190,6 +199,12 @@ class FakeGateway:
                 event = json.dumps({"status": status, "request_id": "req-queue-1"})
                 await send({"type": "http.response.body", "body": f"data: {event}\n\n".encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b""})
+        elif path.endswith("/status") and path.startswith("/fal-ai/progress/"):
+            # IN_QUEUE, IN_PROGRESS, then COMPLETED from the third poll on (per status path).
+            self.hits[path] += 1
+            status = ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")[min(self.hits[path], 3) - 1]
+            extra = {"queue_position": 0} if status == "IN_QUEUE" else {}
+            await _json(send, 200, {"status": status, "request_id": "req-queue-1", "logs": [], **extra}, fal_headers)
         elif path.endswith("/status"):
             await _json(send, 200, {"status": "COMPLETED", "request_id": "req-queue-1", "logs": []}, fal_headers)
         elif path.endswith("/cancel") and method == "PUT":

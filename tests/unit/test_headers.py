@@ -1,0 +1,163 @@
+"""Header policy table: what goes upstream, what comes back."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.headers import CLIENT_PROXY_ID, InjectedHeaders, downstream_response_headers, upstream_request_headers
+from proxy.targets import resolve_target
+
+GW = "https://gw/v1/a/g/fal"
+INJECTED = InjectedHeaders(authorization="Key server-key", cf_aig_authorization="Bearer cf-token")
+
+
+def target(url: str):
+    return resolve_target("/api/fal/proxy", "", url, gateway_url=GW, proxy_route="/api/fal/proxy")
+
+
+def upstream(client: list[tuple[str, str]], url: str = "https://fal.run/fal-ai/x", method: str = "POST"):
+    raw = [(k.encode(), v.encode()) for k, v in client]
+    return upstream_request_headers(raw, target(url), INJECTED, method=method, request_id="rid")
+
+
+def names(headers: list[tuple[str, str]]) -> list[str]:
+    return [k for k, _ in headers]
+
+
+FORWARDED = [
+    ("content-type", "application/json"),
+    ("accept", "application/json, text/event-stream"),
+    ("user-agent", "@fal-ai/client/1.10.1"),
+    ("accept-encoding", "gzip, deflate"),
+    ("content-length", "16"),
+    ("x-fal-queue-priority", "low"),
+    ("x-fal-runner-hint", "h1"),
+    ("x-fal-request-timeout", "30"),
+    ("x-fal-object-lifecycle-preference", '{"expiration_duration_seconds":60}'),
+    ("x-fal-object-lifecycle", '{"expiration_duration_seconds":3600}'),
+    ("x-custom", "v"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), FORWARDED)
+def test_fal_and_content_headers_are_forwarded_verbatim(name: str, value: str) -> None:
+    assert (name, value) in upstream([(name, value)])
+
+
+DROPPED = [
+    ("authorization", "Key client-key"),
+    ("authorization", "Bearer user-jwt"),
+    ("cookie", "session=1"),
+    ("host", "proxy.local"),
+    ("connection", "keep-alive"),
+    ("keep-alive", "timeout=5"),
+    ("te", "trailers"),
+    ("trailer", "x"),
+    ("transfer-encoding", "chunked"),
+    ("upgrade", "websocket"),
+    ("proxy-authorization", "Basic x"),
+    ("proxy-connection", "keep-alive"),
+    ("expect", "100-continue"),
+    ("forwarded", "for=1.2.3.4"),
+    ("x-forwarded-for", "1.2.3.4"),
+    ("x-forwarded-host", "evil"),
+    ("x-real-ip", "1.2.3.4"),
+    ("cf-connecting-ip", "1.2.3.4"),
+    ("origin", "https://app.example"),
+    ("referer", "https://app.example/page"),
+    ("sec-fetch-mode", "cors"),
+    ("x-stainless-os", "linux"),
+    ("x-fal-target-url", "https://evil.example/"),
+    ("x-fal-client-proxy", "spoofed"),
+    ("x-proxy-authorization", "Bearer caller"),
+    ("cf-aig-authorization", "Bearer client-token"),
+    ("cf-aig-byok-alias", "other"),
+    ("cf-aig-cache-key", "shared"),
+    ("cf-aig-cache-ttl", "3600"),
+    ("cf-aig-metadata", "{}"),
+    ("cf-aig-custom-cost", "{}"),
+    ("cf-aig-collect-log", "false"),
+    ("cf-aig-max-attempts", "5"),
+    ("cf-aig-skip-cache", "false"),
+    ("cf-aig-some-future-header", "x"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), DROPPED)
+def test_client_controlled_headers_never_reach_the_gateway(name: str, value: str) -> None:
+    out = upstream([(name, value)])
+    assert (name, value) not in out
+
+
+def test_headers_named_in_connection_are_dropped() -> None:
+    out = upstream([("connection", "x-hop, Keep-Alive"), ("x-hop", "1"), ("x-other", "2")])
+    assert "x-hop" not in names(out)
+    assert ("x-other", "2") in out
+
+
+def test_proxy_sets_its_own_credentials_once() -> None:
+    out = upstream([("authorization", "Key client"), ("Authorization", "Key client2")])
+    assert [v for k, v in out if k == "authorization"] == ["Key server-key"]
+    assert [v for k, v in out if k == "cf-aig-authorization"] == ["Bearer cf-token"]
+    assert ("x-fal-client-proxy", CLIENT_PROXY_ID) in out
+    assert ("cf-aig-event-id", "rid") in out
+
+
+def test_no_gateway_token_header_without_a_token() -> None:
+    injected = InjectedHeaders(authorization="Key k", cf_aig_authorization=None)
+    out = upstream_request_headers([], target("https://fal.run/fal-ai/x"), injected, method="GET", request_id="r")
+    assert "cf-aig-authorization" not in names(out)
+    assert "server-key" not in repr(INJECTED)
+
+
+@pytest.mark.parametrize(
+    ("url", "method", "target_header", "skip_cache", "max_attempts"),
+    [
+        ("https://fal.run/fal-ai/x", "POST", False, False, True),
+        ("https://fal.run/fal-ai/x", "GET", False, False, False),
+        ("https://fal.run/fal-ai/x/stream", "POST", False, True, True),
+        ("https://queue.fal.run/fal-ai/x", "POST", True, True, True),
+        ("https://queue.fal.run/fal-ai/x/requests/r/status", "GET", True, True, True),
+        ("https://rest.fal.ai/tokens/", "POST", True, True, True),
+        ("https://rest.fal.ai/storage/upload/initiate", "POST", True, True, True),
+    ],
+)
+def test_gateway_controls_per_kind(url: str, method: str, target_header: bool, skip_cache: bool, max_attempts: bool) -> None:
+    out = upstream([], url, method)
+    assert (("x-fal-target-url", url) in out) is target_header
+    assert (("cf-aig-skip-cache", "true") in out) is skip_cache
+    assert (("cf-aig-max-attempts", "1") in out) is max_attempts
+
+
+def test_client_may_opt_out_of_the_cache() -> None:
+    out = upstream([("cf-aig-skip-cache", "TRUE")], "https://fal.run/fal-ai/x", "GET")
+    assert out.count(("cf-aig-skip-cache", "true")) == 1
+
+
+def test_response_headers() -> None:
+    raw = [
+        (b"Content-Type", b"application/json"),
+        (b"Content-Encoding", b"gzip"),
+        (b"Content-Length", b"42"),
+        (b"X-Fal-Request-Id", b"req-1"),
+        (b"x-fal-request-timeout-type", b"user"),
+        (b"cf-aig-log-id", b"log-1"),
+        (b"cf-aig-cache-status", b"MISS"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Connection", b"x-hop"),
+        (b"x-hop", b"1"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Alt-Svc", b'h3=":443"'),
+    ]
+    out = downstream_response_headers(raw, request_id="rid")
+    assert out == [
+        (b"content-type", b"application/json"),
+        (b"content-encoding", b"gzip"),
+        (b"content-length", b"42"),
+        (b"x-fal-request-id", b"req-1"),
+        (b"x-fal-request-timeout-type", b"user"),
+        (b"cf-aig-log-id", b"log-1"),
+        (b"cf-aig-cache-status", b"MISS"),
+        (b"x-proxy-request-id", b"rid"),
+    ]

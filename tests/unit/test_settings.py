@@ -1,0 +1,89 @@
+"""Settings table: each bad value gives its own message, naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.settings import Secret, Settings, SettingsError
+
+GW = {"FAL_PROXY_GATEWAY_URL": "http://127.0.0.1:9000/v1/acct/gw/fal"}
+ACCOUNT = "0123456789abcdef0123456789abcdef"
+
+
+def test_minimal_settings() -> None:
+    s = Settings.from_env({"FAL_KEY": "k", **GW})
+    assert s.fal_key.reveal() == "k"
+    assert s.gateway_url == "http://127.0.0.1:9000/v1/acct/gw/fal"
+    assert (s.host, s.port, s.proxy_route) == ("127.0.0.1", 8787, "/api/fal/proxy")
+    assert s.cf_aig_token is None
+
+
+def test_gateway_url_built_from_account_and_gateway() -> None:
+    s = Settings.from_env({"FAL_KEY": "k", "CF_ACCOUNT_ID": ACCOUNT.upper(), "CF_GATEWAY_ID": "my-gw"})
+    assert s.gateway_url == f"https://gateway.ai.cloudflare.com/v1/{ACCOUNT}/my-gw/fal"
+
+
+def test_key_id_and_secret_make_one_key() -> None:
+    s = Settings.from_env({"FAL_KEY_ID": "id", "FAL_KEY_SECRET": "sec", **GW})
+    assert s.fal_key.reveal() == "id:sec"
+
+
+def test_key_and_token_files(tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("file-key\n")
+    (tmp_path / "tok").write_text(" tok \n")
+    s = Settings.from_env({"FAL_KEY_FILE": str(tmp_path / "key"), "CF_AIG_TOKEN_FILE": str(tmp_path / "tok"), **GW})
+    assert s.fal_key.reveal() == "file-key"
+    assert s.cf_aig_token is not None and s.cf_aig_token.reveal() == "tok"
+
+
+def test_secrets_never_show_in_repr() -> None:
+    s = Settings.from_env({"FAL_KEY": "super-secret-key", "CF_AIG_TOKEN": "super-secret-token", **GW})
+    assert "super-secret" not in repr(s)
+    assert "super-secret" not in str(s.fal_key) and "super-secret" not in f"{s.cf_aig_token}"
+    assert Secret("a") == Secret("a")
+
+
+BAD = [
+    ({**GW}, "FAL_KEY"),
+    ({"FAL_KEY": "  ", **GW}, "FAL_KEY"),
+    ({"FAL_KEY_ID": "id", **GW}, "FAL_KEY_SECRET"),
+    ({"FAL_KEY_SECRET": "s", **GW}, "FAL_KEY_ID"),
+    ({"FAL_KEY_FILE": "/nonexistent/key", **GW}, "FAL_KEY_FILE"),
+    ({"FAL_KEY": "bad\nkey", **GW}, "FAL_KEY"),
+    ({"FAL_KEY": "k"}, "CF_ACCOUNT_ID"),
+    ({"FAL_KEY": "k", "CF_ACCOUNT_ID": "123", "CF_GATEWAY_ID": "g"}, "CF_ACCOUNT_ID"),
+    ({"FAL_KEY": "k", "CF_ACCOUNT_ID": "z" * 32, "CF_GATEWAY_ID": "g"}, "CF_ACCOUNT_ID"),
+    ({"FAL_KEY": "k", "CF_ACCOUNT_ID": ACCOUNT}, "CF_GATEWAY_ID"),
+    ({"FAL_KEY": "k", "CF_ACCOUNT_ID": ACCOUNT, "CF_GATEWAY_ID": "Bad/Gateway"}, "CF_GATEWAY_ID"),
+    ({"FAL_KEY": "k", "FAL_PROXY_GATEWAY_URL": "ftp://x/y"}, "FAL_PROXY_GATEWAY_URL"),
+    ({"FAL_KEY": "k", "FAL_PROXY_GATEWAY_URL": "http://h:99999/x"}, "FAL_PROXY_GATEWAY_URL"),
+    ({"FAL_KEY": "k", "FAL_PROXY_GATEWAY_URL": "http://h/x?a=1"}, "FAL_PROXY_GATEWAY_URL"),
+    ({"FAL_KEY": "k", "FAL_PROXY_GATEWAY_URL": "not a url"}, "FAL_PROXY_GATEWAY_URL"),
+    ({"FAL_KEY": "k", "CF_AIG_TOKEN": "a\rb", **GW}, "CF_AIG_TOKEN"),
+    ({"FAL_KEY": "k", "CF_AIG_TOKEN_FILE": "/nonexistent", **GW}, "CF_AIG_TOKEN_FILE"),
+    ({"FAL_KEY": "k", "FAL_PROXY_PORT": "http", **GW}, "FAL_PROXY_PORT"),
+    ({"FAL_KEY": "k", "FAL_PROXY_PORT": "70000", **GW}, "FAL_PROXY_PORT"),
+    ({"FAL_KEY": "k", "FAL_PROXY_ROUTE": "api", **GW}, "FAL_PROXY_ROUTE"),
+    ({"FAL_KEY": "k", "FAL_PROXY_ROUTE": "/healthz", **GW}, "FAL_PROXY_ROUTE"),
+    ({"FAL_KEY": "k", "FAL_PROXY_CONNECT_TIMEOUT": "soon", **GW}, "FAL_PROXY_CONNECT_TIMEOUT"),
+    ({"FAL_KEY": "k", "FAL_PROXY_FIRST_BYTE_TIMEOUT": "0", **GW}, "FAL_PROXY_FIRST_BYTE_TIMEOUT"),
+    ({"FAL_KEY": "k", "FAL_PROXY_IDLE_TIMEOUT": "-1", **GW}, "FAL_PROXY_IDLE_TIMEOUT"),
+    ({"FAL_KEY": "k", "FAL_PROXY_IDLE_TIMEOUT": "nan", **GW}, "FAL_PROXY_IDLE_TIMEOUT"),
+    ({"FAL_KEY": "k", "FAL_PROXY_MAX_BODY_BYTES": "1e6", **GW}, "FAL_PROXY_MAX_BODY_BYTES"),
+    ({"FAL_KEY": "k", "FAL_PROXY_UPSTREAM_CONNECTIONS": "-5", **GW}, "FAL_PROXY_UPSTREAM_CONNECTIONS"),
+    ({"FAL_KEY": "k", "FAL_PROXY_LOG_FORMAT": "xml", **GW}, "FAL_PROXY_LOG_FORMAT"),
+    ({"FAL_KEY": "k", "FAL_PROXY_LOG_LEVEL": "loud", **GW}, "FAL_PROXY_LOG_LEVEL"),
+]
+
+
+@pytest.mark.parametrize(("env", "variable"), BAD, ids=[f"{v}-{i}" for i, (_, v) in enumerate(BAD)])
+def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    message = str(info.value)
+    assert variable in message
+    assert "\n" not in message
+    for secret in ("bad\nkey", "a\rb"):
+        assert secret not in message

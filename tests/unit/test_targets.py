@@ -1,0 +1,165 @@
+"""Target resolution table: valid and hostile targets side by side."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import BadRequest, Forbidden, NotFound
+from proxy.targets import resolve_target
+
+GW = "https://gateway.ai.cloudflare.com/v1/acct/gw/fal"
+ROUTE = "/api/fal/proxy"
+
+
+def resolve(target: str | None, path: str = ROUTE, query: str = ""):
+    return resolve_target(path, query, target, gateway_url=GW, proxy_route=ROUTE)
+
+
+VALID = [
+    # (x-fal-target-url, kind, upstream URL, x-fal-target-url sent upstream)
+    ("https://fal.run/fal-ai/fast-sdxl", "run", f"{GW}/fal-ai/fast-sdxl", None),
+    ("https://fal.run/fal-ai/fast-sdxl?prompt=cat&n=2", "run", f"{GW}/fal-ai/fast-sdxl?prompt=cat&n=2", None),
+    ("https://FAL.RUN/fal-ai/x/custom?q=1", "run", f"{GW}/fal-ai/x/custom?q=1", None),
+    ("https://fal.run:443/fal-ai/x", "run", f"{GW}/fal-ai/x", None),
+    ("https://fal.run/fal-ai/llavav15-13b/stream", "stream", f"{GW}/fal-ai/llavav15-13b/stream", None),
+    ("https://fal.run/fal-ai/a%2Fb/c", "run", f"{GW}/fal-ai/a%2Fb/c", None),
+    ("https://fal.run/fal-ai/v1.5/x", "run", f"{GW}/fal-ai/v1.5/x", None),
+    (
+        "https://queue.fal.run/fal-ai/flux/dev?fal_webhook=https%3A%2F%2Fexample.com%2Fhook%3Fa%3Db",
+        "queue",
+        GW,
+        "https://queue.fal.run/fal-ai/flux/dev?fal_webhook=https%3A%2F%2Fexample.com%2Fhook%3Fa%3Db",
+    ),
+    (
+        "https://queue.fal.run/fal-ai/flux/requests/req-123/status?logs=1",
+        "queue",
+        GW,
+        "https://queue.fal.run/fal-ai/flux/requests/req-123/status?logs=1",
+    ),
+    (
+        "https://queue.fal.run/workflows/fal-ai/sdxl-sticker",
+        "queue",
+        GW,
+        "https://queue.fal.run/workflows/fal-ai/sdxl-sticker",
+    ),
+    (
+        "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
+        "storage",
+        GW,
+        "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
+    ),
+    (
+        "https://rest.fal.ai/storage/upload/initiate-multipart?storage_type=fal-cdn-v3",
+        "storage",
+        GW,
+        "https://rest.fal.ai/storage/upload/initiate-multipart?storage_type=fal-cdn-v3",
+    ),
+    ("https://rest.fal.ai/tokens/", "token", GW, "https://rest.fal.ai/tokens/"),
+]
+
+
+@pytest.mark.parametrize(("header", "kind", "upstream", "sent_target"), VALID, ids=[v[0] for v in VALID])
+def test_allowed_targets_resolve(header: str, kind: str, upstream: str, sent_target: str | None) -> None:
+    target = resolve(header)
+    assert (target.kind, target.upstream_url, target.target_url) == (kind, upstream, sent_target)
+
+
+HOSTILE = [
+    # (x-fal-target-url, expected error, words the detail must contain)
+    ("", BadRequest, "empty"),
+    ("fal.run/fal-ai/x", BadRequest, "absolute"),
+    ("/fal-ai/x", BadRequest, "absolute"),
+    ("garbage string", BadRequest, "spaces"),
+    ("https://fal.run/fal-ai/x\r\nx-evil: 1", BadRequest, "control"),
+    ("https://fal.run/fal-ai/\x00x", BadRequest, "control"),
+    ("https://fal.run/fal-ai/caf\u00e9", BadRequest, "non-ASCII"),
+    ("https://fal.run\\@evil.com/x", BadRequest, "backslash"),
+    ("https://fal.run/fal-ai/x#frag", BadRequest, "fragment"),
+    ("https://fal.run/" + "a" * 17000, BadRequest, "longer"),
+    ("http://fal.run/fal-ai/x", Forbidden, "https"),
+    ("ftp://fal.run/fal-ai/x", Forbidden, "https"),
+    ("wss://fal.run/fal-ai/x", Forbidden, "https"),
+    ("https://example.com/x", Forbidden, "example.com"),
+    ("https://fal.run.evil.com/x", Forbidden, "fal.run.evil.com"),
+    ("https://evilfal.run/x", Forbidden, "evilfal.run"),
+    ("https://api.fal.run/x", Forbidden, "api.fal.run"),
+    ("https://fal.run./fal-ai/x", Forbidden, "fal.run."),
+    ("https://fal.ai/x", Forbidden, "fal.ai"),
+    ("https://fal.run:8443/fal-ai/x", Forbidden, "port"),
+    ("https://fal.run:/fal-ai/x", Forbidden, "port"),
+    ("https://user:pass@fal.run/fal-ai/x", Forbidden, "user info"),
+    ("https://fal.run@evil.com/x", Forbidden, "user info"),
+    ("https://127.0.0.1/x", Forbidden, "127.0.0.1"),
+    ("https://[::1]/x", Forbidden, "port"),
+    ("https:///fal-ai/x", Forbidden, "(empty)"),
+    ("https://fal.run", Forbidden, "no fal app"),
+    ("https://fal.run/", Forbidden, "no fal app"),
+    ("https://queue.fal.run/", Forbidden, "no fal app"),
+    ("https://rest.fal.ai/keys/", Forbidden, "only"),
+    ("https://rest.fal.ai/tokens", Forbidden, "only"),
+    ("https://rest.fal.ai/storage/upload/complete-multipart", Forbidden, "only"),
+    ("https://fal.run/fal-ai/../../other/x", BadRequest, "dot segments"),
+    ("https://fal.run/fal-ai/%2e%2e/x", BadRequest, "dot segments"),
+    ("https://fal.run/fal-ai/%2E%2e/x", BadRequest, "dot segments"),
+    ("https://fal.run/fal-ai/.%2e/x", BadRequest, "dot segments"),
+    ("https://fal.run/fal-ai/%252e%252e/x", BadRequest, "dot segments"),
+    ("https://fal.run/fal-ai/..%2fx", BadRequest, "dot segments"),
+    ("https://fal.run/fal-ai/x/.", BadRequest, "dot segments"),
+    ("https://queue.fal.run/../openai/v1", BadRequest, "dot segments"),
+    ("https://fal.run/fal-ai/x%0d%0aevil", BadRequest, "control"),
+    ("https://fal.run/fal-ai/x%00", BadRequest, "control"),
+    ("https://fal.run/fal-ai/x%7F", BadRequest, "control"),
+    ("https://fal.run/fal-ai/x%250a", BadRequest, "control"),
+]
+
+
+@pytest.mark.parametrize(("header", "error", "words"), HOSTILE, ids=[repr(h[0])[:60] for h in HOSTILE])
+def test_hostile_targets_are_refused(header: str, error: type, words: str) -> None:
+    with pytest.raises(error) as info:
+        resolve(header)
+    assert words in info.value.detail
+
+
+PATHS = [
+    # fal.run-shaped requests: (path, query, upstream URL)
+    ("/fal-ai/fast-sdxl", "x=1", f"{GW}/fal-ai/fast-sdxl?x=1"),
+    ("/fal-ai/fast-sdxl", "", f"{GW}/fal-ai/fast-sdxl"),
+    ("/fal-ai/a%2Fb", "prompt=a%20cat%0A", f"{GW}/fal-ai/a%2Fb?prompt=a%20cat%0A"),
+    ("/fal-ai/x/stream", "", f"{GW}/fal-ai/x/stream"),
+]
+
+
+@pytest.mark.parametrize(("path", "query", "upstream"), PATHS)
+def test_fal_run_shaped_paths_go_to_the_gateway_path(path: str, query: str, upstream: str) -> None:
+    target = resolve(None, path, query)
+    assert target.host == "fal.run"
+    assert target.upstream_url == upstream
+    assert target.target_url is None
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        (ROUTE, BadRequest),
+        ("/", NotFound),
+        ("/fal-ai/../x", BadRequest),
+        ("/fal-ai/%2e%2e/x", BadRequest),
+        ("/fal-ai/x%0a", BadRequest),
+        ("/fal-ai/x\x7f", BadRequest),
+    ],
+)
+def test_bad_paths_are_refused(path: str, error: type) -> None:
+    with pytest.raises(error):
+        resolve(None, path)
+
+
+def test_missing_target_on_the_proxy_route_says_which_header() -> None:
+    with pytest.raises(BadRequest) as info:
+        resolve(None, ROUTE)
+    assert info.value.message == "missing x-fal-target-url header"
+
+
+def test_any_path_with_a_target_header_is_the_sdk_protocol() -> None:
+    target = resolve("https://queue.fal.run/fal-ai/x", "/some/other/proxy/path")
+    assert target.kind == "queue"
+    assert target.target_url == "https://queue.fal.run/fal-ai/x"
