@@ -1,0 +1,37 @@
+# fal-gateway-proxy: every entry point a developer or CI needs.
+# `make test` installs what the tests need (Python venv, the pinned fal JS SDK) and runs them.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SDK_DIR := tests/sdk
+
+.PHONY: install run test test-unit test-e2e bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(SDK_DIR)/node_modules/.package-lock.json: $(SDK_DIR)/package-lock.json
+	npm ci --prefix $(SDK_DIR) --no-audit --no-fund
+	touch $@
+
+# Run the proxy with the settings in the environment (see README: FAL_KEY, CF_ACCOUNT_ID, ...).
+run: install
+	$(VENV)/bin/fal-gateway-proxy
+
+test: install $(SDK_DIR)/node_modules/.package-lock.json
+	$(PY) -m pytest
+
+test-unit: install
+	$(PY) -m pytest tests/unit
+
+test-e2e: install $(SDK_DIR)/node_modules/.package-lock.json
+	$(PY) -m pytest tests/e2e
+
+clean:
+	rm -rf $(VENV) $(SDK_DIR)/node_modules .pytest_cache build *.egg-info
