@@ -1,0 +1,408 @@
+"""The unmodified fal JS SDK (``@fal-ai/client`` 1.10.1, pinned in tests/sdk) through the proxy.
+
+Each test runs ``node tests/sdk/scenarios.mjs <proxy> <scenario>``: a real SDK client
+configured the way an app outside a browser configures it
+(``proxyUrl: {url: <proxy>/api/fal/proxy, when: "always"}``, no credentials), then
+checks both sides: what the SDK returned (data, requestId, error classes) and what the
+fake gateway recorded (auth, path mode vs target mode, headers, bodies).
+
+The SDK is installed with ``npm ci --prefix tests/sdk``; without it these tests fail
+(never skip), so a CI that forgot the step cannot go green by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import FAL_KEY, PREFIX, ROOT, FakeGateway, RunningProxy, child_env
+
+SDK_DIR = ROOT / "tests" / "sdk"
+SCRIPT = SDK_DIR / "scenarios.mjs"
+SDK_VERSION = "1.10.1"
+UA = f"@fal-ai/client/{SDK_VERSION}"
+SERVER_AUTH = f"Key {FAL_KEY}"
+NODE_TIMEOUT = 60
+INSTALL_HINT = "run `npm ci --prefix tests/sdk` (needs node >= 20 and npm)"
+REQUEST_ID = re.compile(r"req-\d+")
+
+
+def require_sdk(sdk_dir: Path = SDK_DIR) -> str:
+    """Return the node binary, or fail the test saying how to install the SDK."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail(f"node is not on PATH; install Node.js >= 20, then {INSTALL_HINT}", pytrace=False)
+    manifest = sdk_dir / "node_modules" / "@fal-ai" / "client" / "package.json"
+    if not manifest.is_file():
+        pytest.fail(f"{sdk_dir / 'node_modules'} is missing the fal JS SDK: {INSTALL_HINT}", pytrace=False)
+    version = json.loads(manifest.read_text(encoding="utf-8")).get("version")
+    if version != SDK_VERSION:
+        pytest.fail(
+            f"tests/sdk has @fal-ai/client {version}, the tests are written for {SDK_VERSION}: {INSTALL_HINT}",
+            pytrace=False,
+        )
+    return node
+
+
+def run_sdk(proxy: RunningProxy, fake_gateway: FakeGateway, scenario: str) -> dict[str, Any]:
+    """Run one scenario of scenarios.mjs against ``proxy``; return its outcome."""
+    node = require_sdk()
+    # child_env keeps only PATH/HOME/LANG/...: no FAL_KEY can reach the SDK process.
+    env = child_env(FAKE_CONTROL_URL=f"http://127.0.0.1:{fake_gateway.port}")
+    assert not {"FAL_KEY", "FAL_KEY_ID", "FAL_KEY_SECRET"} & env.keys()
+    completed = subprocess.run(
+        [node, str(SCRIPT), proxy.url, scenario],
+        cwd=SDK_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 0, f"node exited {completed.returncode}:\n{completed.stderr}"
+    try:
+        report = json.loads(completed.stdout)
+    except ValueError:
+        raise AssertionError(f"no JSON on stdout:\n{completed.stdout}\n{completed.stderr}") from None
+    outcome = report[scenario]
+    assert outcome["ok"], json.dumps(outcome["error"], indent=2)
+    return outcome
+
+
+# --- what the SDK sent to the proxy --------------------------------------------------------
+
+
+def assert_sent_via_proxy(outcome: dict[str, Any], proxy: RunningProxy, *targets: tuple[str, str]) -> None:
+    """The SDK sent exactly ``targets`` ((method, x-fal-target-url) pairs) to the proxy route."""
+    sent = outcome["sent"]
+    assert [(s["method"], s["headers"].get("x-fal-target-url")) for s in sent] == list(targets)
+    for request in sent:
+        assert request["url"] == f"{proxy.url}/api/fal/proxy"
+        assert request["headers"]["user-agent"] == UA
+
+
+def assert_sent_without_credentials(outcome: dict[str, Any]) -> None:
+    for request in outcome["sent"]:
+        assert "authorization" not in request["headers"]
+
+
+# --- what the fake gateway received ------------------------------------------------------
+
+
+def assert_upstream_common(record: dict[str, Any]) -> None:
+    """Headers every SDK call must carry upstream, whatever the mode."""
+    headers = record["header_map"]
+    assert [v for k, v in record["headers"] if k == "authorization"] == [SERVER_AUTH]
+    assert headers["user-agent"] == UA
+    assert headers["content-type"] == "application/json"
+    assert headers["x-fal-client-proxy"].startswith("fal-gateway-proxy/")
+    for name in headers:
+        assert not name.startswith("sec-"), name
+        assert name not in ("cookie", "origin", "host-override"), name
+
+
+def assert_path_mode(record: dict[str, Any], method: str, fal_path: str, query: str = "") -> None:
+    """A fal.run target: sent to <gateway><path>?<query>, no x-fal-target-url."""
+    assert_upstream_common(record)
+    assert record["method"] == method
+    assert record["path"] == PREFIX + fal_path
+    assert record["query"] == query
+    assert record["target_url"] is None
+    assert "x-fal-target-url" not in record["header_map"]
+
+
+def assert_target_mode(record: dict[str, Any], method: str, target_url: str) -> None:
+    """A queue.fal.run target: sent to the bare gateway URL with x-fal-target-url, never cached or retried."""
+    assert_upstream_common(record)
+    assert record["method"] == method
+    assert record["path"] == PREFIX
+    assert record["query"] == ""
+    assert [v for k, v in record["headers"] if k == "x-fal-target-url"] == [target_url]
+    assert record["header_map"]["cf-aig-skip-cache"] == "true"
+    assert record["header_map"]["cf-aig-max-attempts"] == "1"
+
+
+def echo(method: str, path: str, query: str = "", body: str = "") -> dict[str, Any]:
+    """What the fake's echo app answers for a request that reached it as described."""
+    return {"method": method, "host": "fal.run", "path": path, "query": query, "body": body}
+
+
+# --- the guard itself ----------------------------------------------------------------------
+
+
+def test_missing_sdk_install_fails_with_the_install_command(tmp_path: Path) -> None:
+    with pytest.raises(pytest.fail.Exception, match=re.escape("npm ci --prefix tests/sdk")):
+        require_sdk(tmp_path)
+
+
+# --- fal.run ---------------------------------------------------------------------------------
+
+
+def test_run_post(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "run_post")
+
+    assert outcome["data"] == echo("POST", "/fal-ai/echo", body='{"prompt":"cat"}')
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/fal-ai/echo"))
+    assert_sent_without_credentials(outcome)
+
+    seen = fake_gateway.only_request()
+    assert_path_mode(seen, "POST", "/fal-ai/echo")
+    assert seen["body"] == b'{"prompt":"cat"}'
+    assert seen["header_map"]["accept"] == "application/json"
+    assert seen["header_map"]["cf-aig-max-attempts"] == "1"  # a POST is never retried by the gateway
+
+
+def test_run_get_puts_the_input_in_the_query(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "run_get")
+
+    assert outcome["data"] == echo("GET", "/fal-ai/echo", "prompt=cat&n=2")
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    assert_sent_via_proxy(outcome, proxy, ("GET", "https://fal.run/fal-ai/echo?prompt=cat&n=2"))
+
+    seen = fake_gateway.only_request()
+    assert_path_mode(seen, "GET", "/fal-ai/echo", "prompt=cat&n=2")
+    assert seen["body"] == b""
+
+
+def test_run_with_path_and_query(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "run_path_query")
+
+    assert outcome["data"] == echo("POST", "/fal-ai/echo/custom", "q=1", '{"prompt":"cat"}')
+    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/fal-ai/echo/custom?q=1"))
+
+    seen = fake_gateway.only_request()
+    assert_path_mode(seen, "POST", "/fal-ai/echo/custom", "q=1")
+    assert seen["body"] == b'{"prompt":"cat"}'
+
+
+def test_gzip_response_is_decoded_by_the_sdk(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "gzip")
+
+    assert outcome["data"] == {"compressed": True, "pad": "x" * 2000}
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    assert_path_mode(fake_gateway.only_request(), "POST", "/fal-ai/gzip")
+
+
+# --- queue -----------------------------------------------------------------------------------
+
+
+def test_queue_submit_with_all_options(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "queue_submit")
+
+    target = "https://queue.fal.run/fal-ai/flux/dev?fal_webhook=https%3A%2F%2Fexample.com%2Fhook%3Fa%3Db"
+    assert outcome["submitted"]["request_id"] == "req-queue-1"
+    assert outcome["submitted"]["status"] == "IN_QUEUE"
+    assert_sent_via_proxy(outcome, proxy, ("POST", target))
+
+    seen = fake_gateway.only_request()
+    assert_target_mode(seen, "POST", target)  # the webhook query kept byte for byte
+    assert seen["body"] == b'{"prompt":"cat"}'
+    headers = seen["header_map"]
+    assert headers["x-fal-queue-priority"] == "low"
+    assert headers["x-fal-runner-hint"] == "h1"
+    assert headers["x-fal-request-timeout"] == "30"
+    assert headers["x-custom"] == "v"
+
+
+def test_queue_status_result_cancel(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "queue_status_result_cancel")
+
+    base = "https://queue.fal.run/fal-ai/flux/requests/req-123"  # the SDK drops the "/dev" sub-path
+    assert outcome["status"] == {"status": "COMPLETED", "request_id": "req-queue-1", "logs": []}
+    assert outcome["result"]["data"] == {"images": [{"url": "https://v3.fal.media/cat.png"}]}
+    assert REQUEST_ID.fullmatch(outcome["result"]["requestId"])
+    assert outcome["cancelled"] == "undefined"
+    assert_sent_via_proxy(
+        outcome, proxy, ("GET", f"{base}/status?logs=1"), ("GET", base), ("PUT", f"{base}/cancel")
+    )
+
+    status, result, cancel = fake_gateway.requests()
+    assert_target_mode(status, "GET", f"{base}/status?logs=1")
+    assert_target_mode(result, "GET", base)
+    assert_target_mode(cancel, "PUT", f"{base}/cancel")
+    for record in (status, result, cancel):
+        assert record["body"] == b""
+
+
+def test_subscribe_polls_until_completed(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "subscribe_polling")
+
+    assert outcome["enqueued"] == ["req-queue-1"]
+    assert outcome["updates"] == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert outcome["data"] == {"images": [{"url": "https://v3.fal.media/cat.png"}]}
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+
+    base = "https://queue.fal.run/fal-ai/progress/requests/req-queue-1"
+    expected = [
+        ("POST", "https://queue.fal.run/fal-ai/progress/dev"),
+        *[("GET", f"{base}/status?logs=0")] * 3,
+        ("GET", base),
+    ]
+    assert_sent_via_proxy(outcome, proxy, *expected)
+    records = fake_gateway.requests()
+    assert len(records) == len(expected)
+    for record, (method, target) in zip(records, expected, strict=True):
+        assert_target_mode(record, method, target)
+
+
+def test_subscribe_streaming_status(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "subscribe_streaming")
+
+    assert outcome["enqueued"] == ["req-queue-1"]
+    assert outcome["updates"] == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert outcome["data"] == {"images": [{"url": "https://v3.fal.media/cat.png"}]}
+
+    base = "https://queue.fal.run/fal-ai/flux/requests/req-queue-1"
+    expected = [
+        ("POST", "https://queue.fal.run/fal-ai/flux/dev"),
+        ("GET", f"{base}/status/stream?logs=0"),
+        ("GET", base),
+    ]
+    assert_sent_via_proxy(outcome, proxy, *expected)
+    submit, status_stream, result = fake_gateway.requests()
+    for record, (method, target) in zip((submit, status_stream, result), expected, strict=True):
+        assert_target_mode(record, method, target)
+    assert "text/event-stream" in status_stream["header_map"]["accept"]
+
+
+# --- fal.stream ------------------------------------------------------------------------------
+
+
+def test_stream_sse(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "stream")
+
+    # The last event is named "event: done" upstream; the SDK delivers it as data too.
+    assert outcome["events"] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert outcome["done"] == {"n": 3}
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/fal-ai/sse/stream?n=3&gated=0"))
+
+    seen = fake_gateway.only_request()
+    assert_path_mode(seen, "POST", "/fal-ai/sse/stream", "n=3&gated=0")
+    assert seen["body"] == b'{"prompt":"cat"}'
+    assert "text/event-stream" in seen["header_map"]["accept"]
+    assert seen["header_map"]["cf-aig-skip-cache"] == "true"
+    assert seen["header_map"]["cf-aig-max-attempts"] == "1"
+
+
+def test_stream_events_reach_the_sdk_one_by_one(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    # The fake emits event i+1 only once the SDK process, having received event i,
+    # releases the gate: a proxy that buffered the stream would deadlock (and time out).
+    outcome = run_sdk(proxy, fake_gateway, "stream_incremental")
+
+    assert [e["event"] for e in outcome["events"]] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert outcome["done"] == {"n": 3}
+    assert outcome["releaseStatuses"] == [200, 200]
+
+    seen = fake_gateway.only_request()
+    assert_path_mode(seen, "POST", "/fal-ai/sse/stream", "n=3")
+    assert "text/event-stream" in seen["header_map"]["accept"]
+
+
+# --- errors and retries ----------------------------------------------------------------------
+
+
+def test_422_becomes_a_validation_error(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "error_422")
+
+    error = outcome["thrown"]
+    assert outcome["result"] is None
+    assert error["constructor"] == "ValidationError"
+    assert error["isValidationError"] and error["isApiError"]
+    assert error["status"] == 422
+    field_error = {"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}
+    assert error["body"] == {"detail": [field_error]}
+    assert error["fieldErrors"] == [field_error]
+    assert error["promptErrors"] == [field_error]
+    assert REQUEST_ID.fullmatch(error["requestId"])
+
+    seen = fake_gateway.only_request()  # a 422 is not retried
+    assert_path_mode(seen, "POST", "/fal-ai/status/422")
+    assert seen["body"] == b'{"foo":1}'
+
+
+def test_500_becomes_an_api_error_with_the_body(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "error_500")
+
+    error = outcome["thrown"]
+    assert error["constructor"] == "ApiError"
+    assert not error["isValidationError"]
+    assert error["status"] == 500
+    assert error["body"] == {"detail": "boom"}
+    assert REQUEST_ID.fullmatch(error["requestId"])
+    assert_path_mode(fake_gateway.only_request(), "POST", "/fal-ai/status/500")
+
+
+def test_user_timeout_504_is_not_retried(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "error_504_user_timeout")
+
+    error = outcome["thrown"]
+    assert error["constructor"] == "ApiError"
+    assert error["status"] == 504
+    assert error["timeoutType"] == "user"  # x-fal-request-timeout-type reached the SDK
+    assert error["isUserTimeout"] is True
+
+    seen = fake_gateway.only_request()  # exactly one attempt
+    assert_path_mode(seen, "POST", "/fal-ai/status/504")
+    assert seen["header_map"]["x-fal-request-timeout"] == "5"
+
+
+def test_text_404_becomes_an_api_error(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "error_text404")
+
+    error = outcome["thrown"]
+    assert error["constructor"] == "ApiError"
+    assert not error["isValidationError"]
+    assert error["status"] == 404
+    assert error["message"] == "HTTP 404: Not Found"
+    assert error["body"] is None  # not JSON: the SDK keeps no body
+    assert REQUEST_ID.fullmatch(error["requestId"])
+    assert_path_mode(fake_gateway.only_request(), "POST", "/fal-ai/text404")
+
+
+def test_sdk_retries_upstream_503(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "retry_503")
+
+    assert outcome["data"] == {"attempt": 3}
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    target = ("POST", "https://fal.run/fal-ai/flaky?fail=2")
+    assert_sent_via_proxy(outcome, proxy, target, target, target)
+
+    records = fake_gateway.requests()
+    assert len(records) == 3  # the SDK retried; the gateway was told not to (max-attempts 1)
+    for record in records:
+        assert_path_mode(record, "POST", "/fal-ai/flaky", "fail=2")
+        assert record["body"] == b'{"prompt":"cat"}'
+        assert record["header_map"]["cf-aig-max-attempts"] == "1"
+
+
+# --- credentials -----------------------------------------------------------------------------
+
+
+def test_client_credentials_are_replaced_by_the_server_key(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "client_key")
+
+    assert outcome["run"]["data"] == echo("POST", "/fal-ai/echo", body='{"prompt":"cat"}')
+    assert outcome["submitted"]["request_id"] == "req-queue-1"
+    # The SDK did send its key to the proxy...
+    assert_sent_via_proxy(
+        outcome, proxy, ("POST", "https://fal.run/fal-ai/echo"), ("POST", "https://queue.fal.run/fal-ai/flux/dev")
+    )
+    for request in outcome["sent"]:
+        assert request["headers"]["authorization"] == "Key client-key"
+
+    # ...and the gateway saw only the server's (assert_upstream_common checks it is the only one).
+    run, submit = fake_gateway.requests()
+    assert_path_mode(run, "POST", "/fal-ai/echo")
+    assert_target_mode(submit, "POST", "https://queue.fal.run/fal-ai/flux/dev")
+    for record in (run, submit):
+        assert b"client-key" not in json.dumps(record["headers"]).encode()
