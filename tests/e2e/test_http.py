@@ -349,10 +349,11 @@ def test_healthz(client: httpx.Client, fake_gateway: FakeGateway) -> None:
     assert fake_gateway.requests() == []
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is installed by .ci/run")
 def test_curl_against_the_fal_run_shape(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    curl = shutil.which("curl")
+    assert curl is not None, "curl is not installed (.ci/run installs it)"
     out = subprocess.run(
-        ["curl", "-sS", "--fail-with-body", "-H", "content-type: application/json",
+        [curl, "-sS", "--fail-with-body", "-H", "content-type: application/json",
          "-d", '{"prompt":"a cat"}', f"{proxy.url}/fal-ai/fast-sdxl"],
         capture_output=True, text=True, timeout=10, check=True,
     ).stdout
