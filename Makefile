@@ -33,5 +33,11 @@ test-unit: install
 test-e2e: install $(SDK_DIR)/node_modules/.package-lock.json
 	$(PY) -m pytest tests/e2e
 
+# Benchmark the proxy against a local fake gateway (bench/README.md). Needs wrk, installed
+# here if missing. BENCH_ARGS: e.g. --quick, --json bench/results/latest.json, --profile PATH.
+bench: install
+	command -v wrk >/dev/null || { apt-get update && apt-get install -y wrk; }
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) $(SDK_DIR)/node_modules .pytest_cache build *.egg-info

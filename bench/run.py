@@ -1,0 +1,662 @@
+#!/usr/bin/env python3
+"""Benchmark the proxy against a fast fake gateway, side by side with no proxy at all.
+
+Starts ``bench/fast_gateway.py`` and the proxy (``python -m proxy --port 0``, JSON logs
+on, as in production), pins the proxy to one CPU and everything else (fake gateway,
+``wrk``, ``curl``, this script) to another, then measures, for "direct" (load straight
+at the fake gateway) and "proxy" (through the proxy):
+
+* CPU µs per small POST at 64 connections (the proxy's own CPU for "proxy", the fake
+  gateway's for "direct"), from /proc/<pid>/stat around a ``wrk`` run; and req/s. In
+  rounds alternating direct and proxy, median shown, with a CPU "yardstick" loop timed
+  around each round to flag a host that is slower than idle (noisy neighbours);
+* p50/p99 latency at 1 connection;
+* a 64 MiB download and a 32 MiB upload with ``curl``: best MB/s of 3 and peak RSS
+  (VmHWM, reset through /proc/<pid>/clear_refs before each transfer);
+* the proxy's RSS right after start-up.
+
+Usage: ``.venv/bin/python bench/run.py [--quick] [--duration S] [--rounds N] [--json PATH]
+[--profile PATH]`` (or ``make bench BENCH_ARGS=...``).
+Needs ``wrk`` (``apt-get install -y wrk``) and ``curl``; Linux only (/proc). Only
+127.0.0.1 is ever contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+GATEWAY_PREFIX = "/v1/acct/gw/fal"  # the fake gateway's "/v1/<account>/<gateway>/fal"
+MIB = 1 << 20
+DOWNLOAD_BYTES = 64 * MIB
+UPLOAD_BYTES = 32 * MIB
+LOAD_CONNECTIONS, LOAD_THREADS = 64, 2
+TRANSFER_REPEATS = 3
+
+# Targets the proxy's figures are judged against.
+TARGET_CPU_US = 350.0  # ≤ proxy CPU per small request
+TARGET_MBPS = 500.0  # ≥ each way, 64 MiB down / 32 MiB up
+TARGET_RSS_MIB = 100.0  # < peak RSS
+
+# wrk script: the small fal.run-shaped POST, and a machine-readable summary at the end
+# (wrk's `done` gets the merged latency histogram of every thread, in µs).
+WRK_SCRIPT = r"""
+wrk.method = "POST"
+wrk.body = '{"prompt":"cat"}'
+wrk.headers["content-type"] = "application/json"
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\nBENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
+    '"p50_us":%.1f,"p99_us":%.1f,"mean_us":%.1f,"max_us":%.1f}\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean, latency.max))
+end
+"""
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be made or came out invalid."""
+
+
+# -- /proc ------------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces: skip past it
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def cpu_seconds_fine(pid: int) -> float:
+    """CPU time of every thread of ``pid`` in ns precision (schedstat), for short spans;
+    /proc/<pid>/stat counts in 10 ms ticks. Falls back to :func:`cpu_seconds`."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return cpu_seconds(pid)
+    return total / 1e9
+
+
+def status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"no {key} in /proc/{pid}/status")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Reset VmHWM to the current RSS (see proc(5), clear_refs)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def yardstick_ms(cpus: set[int]) -> float:
+    """Time a fixed pure-Python loop on ``cpus`` (best of 3): the host's speed right now.
+
+    Shared VMs have slow spells (noisy neighbours) during which every figure, the
+    proxy's CPU per request included, gets worse; a slower yardstick flags them.
+    """
+    time.sleep(0.5)  # let the proxy finish the requests in flight when wrk stopped
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)  # this thread only, for the moment of the loop
+    try:
+        best = float("inf")
+        for _ in range(3):
+            started, x = time.perf_counter(), 0
+            for i in range(300_000):
+                x += i
+            best = min(best, time.perf_counter() - started)
+        return best * 1e3
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` (affinity is per thread) to ``cpus``."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+# -- child processes --------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """A long-running child (fake gateway or proxy) whose output is drained by a thread."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int = 0
+    tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=64))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output_tail(self) -> str:
+        return b"".join(self.tail).decode("utf-8", "replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_child(name: str, argv: list[str], env: dict[str, str], stack: contextlib.ExitStack) -> Child:
+    """Start ``argv``, wait for its ``"event": "listening"`` JSON line, then drain its output.
+
+    stdout and stderr share one pipe, read by a thread that keeps only a short tail (for
+    error messages): the proxy writes a log line per request, and a full pipe would
+    stall it. The child gets its own session, so a Ctrl-C here reaches only this
+    script, whose clean-up then stops the child.
+    """
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    child = Child(name, proc)
+    stack.callback(child.stop)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    with contextlib.suppress(OSError):  # a bigger pipe absorbs log bursts; best effort
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    listening = threading.Event()
+
+    def drain() -> None:
+        pending = b""
+        while chunk := os.read(fd, 1 << 16):
+            child.tail.append(chunk)
+            if listening.is_set():
+                continue
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                with contextlib.suppress(ValueError, AttributeError):
+                    record = json.loads(line)
+                    if record.get("event") == "listening":
+                        child.port = int(record["port"])
+                        listening.set()
+
+    threading.Thread(target=drain, name=f"drain-{name}", daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not listening.wait(0.1):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"{name} did not start (exit {proc.poll()}):\n{child.output_tail()}")
+    return child
+
+
+# -- load generators --------------------------------------------------------------------
+
+
+def run_wrk(url: str, script: Path, *, connections: int, threads: int, seconds: int) -> dict[str, Any]:
+    cmd = [
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+        "--latency", "-s", str(script), url,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    match = re.search(r"^BENCH_JSON (.*)$", out.stdout, re.M)
+    if out.returncode != 0 or match is None:
+        raise BenchError(f"wrk failed ({out.returncode}): {out.stdout}{out.stderr}")
+    result = json.loads(match.group(1))
+    errors = sum(result["errors"].values())
+    if result["requests"] == 0 or errors:
+        raise BenchError(f"wrk at {url}: {result['requests']} requests, errors {result['errors']}")
+    return result
+
+
+def small_load(url: str, script: Path, pids: dict[str, int], *, connections: int, threads: int,
+               seconds: int) -> dict[str, Any]:  # fmt: skip
+    """One wrk run; adds each watched process's CPU µs per request and CPU utilisation."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.monotonic()
+    result = run_wrk(url, script, connections=connections, threads=threads, seconds=seconds)
+    wall = time.monotonic() - started
+    for name, pid in pids.items():
+        used = cpu_seconds(pid) - before[name]
+        result[f"{name}_cpu_us_per_req"] = used * 1e6 / result["requests"]
+        result[f"{name}_cpu_util"] = used / wall
+    result["req_per_s"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+CURL = ["curl", "--silent", "--show-error", "--noproxy", "*", "--max-time", "120"]
+
+
+def transfer(
+    kind: str, url: str, pid: int, upload_file: Path, repeats: int = TRANSFER_REPEATS
+) -> dict[str, Any]:
+    """Best MB/s (10^6 bytes/s) of ``repeats`` curl transfers; the worst peak RSS of ``pid``."""
+    speeds, peaks, utils = [], [], []
+    for _ in range(repeats):
+        reset_peak_rss(pid)
+        cpu_before = cpu_seconds_fine(pid)
+        if kind == "download":
+            cmd = [*CURL, "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", url]
+        else:
+            # -T streams the file (curl 7.88's --data-binary @file stalls ~40 ms at random on
+            # loopback); "Expect:" off: no 100-continue round trip in either mode.
+            cmd = [
+                *CURL, "-X", "POST", "-T", str(upload_file), "-H", "Expect:",
+                "-H", "content-type: application/octet-stream",
+                "-w", "\n%{http_code} %{size_upload} %{time_total}", url,
+            ]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        body, _, metrics = out.stdout.rpartition("\n") if kind == "upload" else ("", "", out.stdout)
+        try:
+            code, size, seconds = metrics.split()
+        except ValueError:
+            raise BenchError(f"curl {kind} at {url} failed: {out.stdout}{out.stderr}") from None
+        expected = DOWNLOAD_BYTES if kind == "download" else UPLOAD_BYTES
+        if code != "200" or int(size) != expected:
+            raise BenchError(f"curl {kind} at {url}: status {code}, {size} bytes: {out.stderr}{body}")
+        if kind == "upload" and json.loads(body).get("received") != expected:
+            raise BenchError(f"upload at {url}: the gateway received {body}, not {expected} bytes")
+        speeds.append(expected / float(seconds) / 1e6)
+        peaks.append(status_kib(pid, "VmHWM") / 1024)
+        utils.append((cpu_seconds_fine(pid) - cpu_before) / float(seconds))
+    best = speeds.index(max(speeds))
+    return {"mb_per_s": speeds[best], "all_mb_per_s": speeds, "peak_rss_mib": max(peaks),
+            "cpu_util": utils[best]}  # fmt: skip
+
+
+# -- py-spy profile ---------------------------------------------------------------------
+
+
+def profile(proxy: Child, url: str, script: Path, seconds: int, out_path: Path) -> dict[str, Any]:
+    """Sample the proxy with py-spy under the 64-connection load; summarise the hot frames.
+
+    Runs after the measurements (sampling slows the proxy down). The collapsed stacks
+    (``--format raw``, readable by speedscope or flamegraph.pl) go to ``out_path``.
+    Native frames (C extensions, libc, the kernel-call wrappers) are sampled too when
+    py-spy can unwind them here; else it falls back to Python frames only.
+    """
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        raise BenchError("py-spy not found: pip install py-spy (the 'bench' extra)")
+    err = ""
+    for native in (["--native"], []):
+        cmd = [
+            spy, "record", "--pid", str(proxy.pid), "--duration", str(seconds), "--rate", "250",
+            "--format", "raw", "--nolineno", *native, "--output", str(out_path),
+        ]  # fmt: skip
+        spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1)  # let py-spy attach
+            run_wrk(url, script, connections=LOAD_CONNECTIONS, threads=LOAD_THREADS, seconds=seconds)
+            _, err = spy_proc.communicate(timeout=seconds + 60)
+        finally:
+            if spy_proc.poll() is None:
+                spy_proc.kill()
+                spy_proc.wait()
+        if spy_proc.returncode == 0 and out_path.exists():
+            return {"native": bool(native), **summarise_stacks(out_path.read_text())}
+    raise BenchError(f"py-spy failed: {err}")
+
+
+_PYTHON_FRAME = re.compile(r"\.py\)$|\(<frozen [^)]*>\)$|\(<string>\)$")
+
+
+def _short_frame(frame: str) -> str:
+    frame = re.sub(r"\(.*?(?:site|dist)-packages/", "(", frame)
+    frame = re.sub(r"\(/[^)]*/lib/python3[.\d]*/", "(", frame)  # the standard library
+    return frame.replace(f"({ROOT}/", "(")
+
+
+def summarise_stacks(collapsed: str, top: int = 15) -> dict[str, Any]:
+    """The hottest frames in py-spy's collapsed stacks, as % of the samples.
+
+    * ``self``: where the CPU was when sampled: the leaf frame; a native leaf is shown
+      with the innermost Python frame that led to it (``write (libc) ← send (uvicorn)``).
+    * ``total``: Python frames by time spent in them or below; the event-loop scaffolding
+      that is on (nearly) every stack is left out.
+    """
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        samples += n
+        frames = [_short_frame(f) for f in stack.split(";")]
+        python = [f for f in frames if _PYTHON_FRAME.search(f)]
+        leaf = frames[-1]
+        if not _PYTHON_FRAME.search(leaf) and python:
+            leaf = f"{leaf} ← {python[-1]}"
+        own[leaf] += n
+        for frame in set(python):
+            total[frame] += n
+    pct = lambda n: round(100 * n / samples, 1) if samples else 0.0  # noqa: E731
+    return {
+        "samples": samples,
+        "self": [(f, pct(n)) for f, n in own.most_common(top)],
+        "total": [(f, pct(n)) for f, n in total.most_common() if n < 0.97 * samples][:top],
+    }
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    metric: str
+    direct: float | None
+    proxy: float | None
+    fmt: str
+    target: str = ""
+    ok: bool | None = None  # the proxy figure against the target
+    ratio: bool = True  # a proxy/direct ratio means something for this metric
+
+
+def rows_from(r: dict[str, Any]) -> list[Row]:
+    d, p = r["direct"], r["proxy"]
+    return [
+        Row("CPU µs per small request, 64 conn (direct: fake gateway's)",
+            d["load"]["gateway_cpu_us_per_req"], p["load"]["proxy_cpu_us_per_req"], "{:.0f}",
+            f"≤ {TARGET_CPU_US:.0f}", p["load"]["proxy_cpu_us_per_req"] <= TARGET_CPU_US),
+        Row("req/s, 64 conn", d["load"]["req_per_s"], p["load"]["req_per_s"], "{:.0f}"),
+        Row("p50 latency ms, 1 conn", d["latency"]["p50_us"] / 1e3, p["latency"]["p50_us"] / 1e3,
+            "{:.3f}"),
+        Row("p99 latency ms, 1 conn", d["latency"]["p99_us"] / 1e3, p["latency"]["p99_us"] / 1e3,
+            "{:.3f}"),
+        Row("64 MiB download MB/s (best of 3)", d["download"]["mb_per_s"], p["download"]["mb_per_s"],
+            "{:.0f}", f"≥ {TARGET_MBPS:.0f}", p["download"]["mb_per_s"] >= TARGET_MBPS),
+        Row("64 MiB download peak RSS MiB", d["download"]["peak_rss_mib"], p["download"]["peak_rss_mib"],
+            "{:.1f}", f"< {TARGET_RSS_MIB:.0f}", p["download"]["peak_rss_mib"] < TARGET_RSS_MIB, False),
+        Row("32 MiB upload MB/s (best of 3)", d["upload"]["mb_per_s"], p["upload"]["mb_per_s"],
+            "{:.0f}", f"≥ {TARGET_MBPS:.0f}", p["upload"]["mb_per_s"] >= TARGET_MBPS),
+        Row("32 MiB upload peak RSS MiB", d["upload"]["peak_rss_mib"], p["upload"]["peak_rss_mib"],
+            "{:.1f}", f"< {TARGET_RSS_MIB:.0f}", p["upload"]["peak_rss_mib"] < TARGET_RSS_MIB, False),
+        Row("RSS after start-up MiB", d["baseline_rss_mib"], p["baseline_rss_mib"], "{:.1f}",
+            f"< {TARGET_RSS_MIB:.0f}", p["baseline_rss_mib"] < TARGET_RSS_MIB, False),
+    ]  # fmt: skip
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = [
+        "| metric | direct | proxy | proxy/direct | target (proxy) | ok |",
+        "|---|---:|---:|---:|---:|:---:|",
+    ]
+    for row in rows:
+        show = lambda v: "—" if v is None else row.fmt.format(v)  # noqa: E731
+        ratio = f"{row.proxy / row.direct:.2f}×" if row.ratio and row.direct and row.proxy else "—"
+        ok = "" if row.ok is None else ("pass" if row.ok else "**FAIL**")
+        cells = [row.metric, show(row.direct), show(row.proxy), ratio, row.target, ok]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def tool_version(cmd: list[str]) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).splitlines()[0].strip()
+    return "unknown"
+
+
+# -- main -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run (~15 s): one short round")
+    parser.add_argument("--duration", type=int, metavar="S",
+                        help="seconds of each 64-connection run (default 10, 3 with --quick); "
+                             "the 1-connection latency runs take half")  # fmt: skip
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="64-connection runs per mode, median reported (default 3, 1 with --quick)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--profile", type=Path, metavar="PATH",
+                        help="afterwards, py-spy the proxy under load: collapsed stacks to PATH, "
+                             "top frames printed")  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.duration is not None and args.duration < 1:
+        parser.error("--duration must be at least 1")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def step(label: str) -> None:
+    print(f"bench: {label}", file=sys.stderr, flush=True)
+
+
+def measure(
+    args: argparse.Namespace, proxy_cpus: set[int], stack: contextlib.ExitStack
+) -> dict[str, Any]:
+    """Start the fake gateway and the proxy, run every measurement, return the results."""
+    load_s, latency_s, warmup_s = args.load_s, args.latency_s, args.warmup_s
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fal-proxy-bench-")))
+    script = tmp / "post.lua"
+    script.write_text(WRK_SCRIPT)
+    upload_file = tmp / "upload.bin"
+    with open(upload_file, "wb") as f:
+        block = os.urandom(MIB)
+        for _ in range(UPLOAD_BYTES // MIB):
+            f.write(block)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "CF_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    gateway_argv = [sys.executable, str(ROOT / "bench" / "fast_gateway.py"), "--port", "0"]
+    gateway = start_child("fake gateway", gateway_argv, env, stack)
+    gateway_url = f"http://127.0.0.1:{gateway.port}{GATEWAY_PREFIX}"
+    proxy_env = dict(env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=gateway_url, FAL_PROXY_LOG_FORMAT="json")
+    proxy = start_child("proxy", [sys.executable, "-m", "proxy", "--port", "0"], proxy_env, stack)
+    pin(proxy.pid, proxy_cpus)  # every thread, now that it is up
+    proxy_url = f"http://127.0.0.1:{proxy.port}"
+    time.sleep(0.5)
+
+    # Both modes ask for the same upstream paths: "direct" names the gateway's own URL for
+    # what the proxy turns /fal-ai/x into. Each mode's cost is that of one process.
+    modes = {"direct": (gateway_url, gateway), "proxy": (proxy_url, proxy)}
+    results: dict[str, Any] = {
+        name: {"baseline_rss_mib": status_kib(child.pid, "VmRSS") / 1024}
+        for name, (_, child) in modes.items()
+    }
+    try:
+        # Small requests, in rounds that alternate direct and proxy so that a slow spell of
+        # the host (common on shared VMs) hits both; the median round is reported.
+        for name, (base, _) in modes.items():
+            step(f"{name}: warm-up, {warmup_s} s")  # connections, the upstream pool, caches
+            run_wrk(base + "/fal-ai/x", script, connections=LOAD_CONNECTIONS, threads=LOAD_THREADS,
+                    seconds=warmup_s)  # fmt: skip
+        for round_ in range(1, args.rounds + 1):
+            for name, (base, _) in modes.items():
+                step(f"{name}: small POSTs, {LOAD_CONNECTIONS} connections, {load_s} s, "
+                     f"round {round_}/{args.rounds}")  # fmt: skip
+                watched = {"gateway": gateway.pid} | ({"proxy": proxy.pid} if name == "proxy" else {})
+                before = yardstick_ms(proxy_cpus)
+                result = small_load(base + "/fal-ai/x", script, watched, connections=LOAD_CONNECTIONS,
+                                    threads=LOAD_THREADS, seconds=load_s)  # fmt: skip
+                result["yardstick_ms"] = (before + yardstick_ms(proxy_cpus)) / 2
+                results[name].setdefault("load_rounds", []).append(result)
+        for name in modes:
+            key = "proxy_cpu_us_per_req" if name == "proxy" else "gateway_cpu_us_per_req"
+            ranked = sorted(results[name]["load_rounds"], key=lambda r, key=key: r[key])
+            results[name]["load"] = ranked[(len(ranked) - 1) // 2]
+        for name, (base, _) in modes.items():
+            step(f"{name}: latency, 1 connection, {latency_s} s")
+            results[name]["latency"] = run_wrk(
+                base + "/fal-ai/x", script, connections=1, threads=1, seconds=latency_s
+            )
+        for name, (base, child) in modes.items():
+            step(f"{name}: {DOWNLOAD_BYTES // MIB} MiB download, {UPLOAD_BYTES // MIB} MiB upload, "
+                 f"x{TRANSFER_REPEATS}")  # fmt: skip
+            download_url = f"{base}/fal-ai/bytes?size={DOWNLOAD_BYTES}"
+            results[name]["download"] = transfer("download", download_url, child.pid, upload_file)
+            results[name]["upload"] = transfer("upload", f"{base}/fal-ai/sink", child.pid, upload_file)
+        results["proxy"]["rss_after_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
+    except BenchError:
+        for child in (gateway, proxy):
+            if child.proc.poll() is not None:
+                step(f"{child.name} exited ({child.proc.returncode}):\n{child.output_tail()}")
+        raise
+    if args.profile:
+        step(f"profile: py-spy on the proxy under {LOAD_CONNECTIONS}-connection load, {load_s} s")
+        try:
+            results["profile"] = profile(proxy, proxy_url + "/fal-ai/x", script, load_s, args.profile)
+        except BenchError as exc:  # the measurements stand without it
+            step(f"profile skipped: {exc}")
+    return results
+
+
+def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespace) -> None:
+    rows = rows_from(results)
+    direct, proxy = results["direct"], results["proxy"]
+    pl, dl = proxy["load"], direct["load"]
+    pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
+    speeds = lambda t: "/".join(f"{s:.0f}" for s in t["all_mb_per_s"])  # noqa: E731
+
+    def rounds(mode: str, key: str, spec: str = ".0f") -> str:
+        return "/".join(f"{r[key]:{spec}}" for r in results[mode]["load_rounds"])
+
+    sticks = [r["yardstick_ms"] for r in results["proxy"]["load_rounds"]]
+    idle = meta["yardstick_idle_ms"]
+    noisy = (f" vs {idle:.1f} ms before the runs: the host was slower than idle, by up to "
+             f"{100 * (max(sticks) / idle - 1):.0f}% (noisy neighbours?), and so are the figures"
+             if max(sticks) > 1.1 * idle else f" ({idle:.1f} ms before the runs: steady)")  # fmt: skip
+    print(f"\n## fal-gateway-proxy benchmark ({meta['time']})\n")
+    print(markdown_table(rows))
+    print(
+        f"\n- {meta['cpu']}, {meta['cpus']} CPUs; {meta['pinning']}. "
+        f"Python {meta['python']}; {meta['wrk']}.\n"
+        f"- 64-connection runs: wrk -t{LOAD_THREADS} -c{LOAD_CONNECTIONS}, POST {{\"prompt\":\"cat\"}}, "
+        f"{meta['rounds']} x {meta['load_seconds']} s per mode, median shown; proxy CPU µs/request "
+        f"in each round: {rounds('proxy', 'proxy_cpu_us_per_req')}, "
+        f"req/s: {rounds('proxy', 'req_per_s')}; "
+        f"direct (gateway) µs/request: {rounds('direct', 'gateway_cpu_us_per_req')}. "
+        f"Yardstick loop on the proxy's CPU around each proxy round: "
+        f"{rounds('proxy', 'yardstick_ms', '.1f')} ms{noisy}. "
+        f"Latency runs: {meta['latency_seconds']} s, -t1 -c1. "
+        f"MB = 10^6 bytes. The direct column's CPU and RSS figures are the fake gateway's.\n"
+        f"- proxy run: the proxy used {pct(pl['proxy_cpu_util'])} of a CPU (≈100% = saturated, so "
+        f"req/s is the proxy's limit); the fake gateway used {pl['gateway_cpu_us_per_req']:.0f} "
+        f"µs/request ({pct(pl['gateway_cpu_util'])} of its CPU). Direct run: fake gateway at "
+        f"{pct(dl['gateway_cpu_util'])} of its CPU (which it shares with wrk).\n"
+        f"- transfers, CPU use during the best run: proxy down {pct(proxy['download']['cpu_util'])}, "
+        f"up {pct(proxy['upload']['cpu_util'])}; fake gateway (direct) down "
+        f"{pct(direct['download']['cpu_util'])}, up {pct(direct['upload']['cpu_util'])}. All runs, "
+        f"MB/s: direct down {speeds(direct['download'])}, up {speeds(direct['upload'])}; "
+        f"proxy down {speeds(proxy['download'])}, up {speeds(proxy['upload'])}.\n"
+        f"- proxy RSS after all runs: {proxy['rss_after_mib']:.1f} MiB."
+    )
+    missed = [row.metric for row in rows if row.ok is False]
+    print(f"\nTargets missed: {'; '.join(missed)}" if missed else "\nAll targets met.")
+    if "profile" in results:
+        prof = results["profile"]
+        kind = "Python and native frames" if prof["native"] else "Python frames only"
+        print(f"\n### py-spy: the proxy under {LOAD_CONNECTIONS}-connection load "
+              f"({prof['samples']} samples, {kind}; stacks in {args.profile})")  # fmt: skip
+        titles = {"self": "self time (where the CPU was)", "total": "total time (Python frames)"}
+        for key, title in titles.items():
+            print(f"\n| # | {title} | % |\n|---:|---|---:|")
+            for i, (frame, share) in enumerate(prof[key], 1):
+                print(f"| {i} | `{frame}` | {share} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        table = [
+            {"metric": r.metric, "direct": r.direct, "proxy": r.proxy, "target": r.target, "ok": r.ok}
+            for r in rows
+        ]
+        doc = {"meta": meta, "results": results, "table": table}
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nJSON written to {args.json}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.load_s = args.duration or (3 if args.quick else 10)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.latency_s = max(1, args.load_s // 2)
+    args.warmup_s = 1 if args.quick else 2
+    for tool in ("wrk", "curl"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} not found; install it: apt-get install -y {tool}", file=sys.stderr)
+            return 2
+
+    # CPU layout: the proxy alone on one CPU, everything else (this script included, and
+    # so every process it starts, until the proxy is moved) on the other(s).
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        proxy_cpus = {cpus[0]}
+        os.sched_setaffinity(0, set(cpus[1:]))
+        others = ",".join(map(str, cpus[1:]))
+        pinning = f"proxy on CPU {cpus[0]}; fake gateway, wrk, curl on CPU {others}"
+    else:
+        proxy_cpus = set(cpus)
+        pinning = "NOT pinned: only one CPU available, everything shares it"
+    meta = {
+        "cpu": cpu_model(),
+        "cpus": len(cpus),
+        "pinning": pinning,
+        "python": platform.python_version(),
+        "wrk": tool_version(["wrk", "--version"]),
+        "load_seconds": args.load_s,
+        "rounds": args.rounds,
+        "latency_seconds": args.latency_s,
+        "quick": args.quick,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "yardstick_idle_ms": yardstick_ms(proxy_cpus),  # before anything runs
+    }
+
+    # SIGTERM/SIGHUP become SystemExit, so the clean-up runs as it does on Ctrl-C.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    try:
+        with contextlib.ExitStack() as stack:  # stops the children, removes the temp files
+            results = measure(args, proxy_cpus, stack)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    report(results, meta, args)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        sys.exit(130)
