@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,20 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return 0
 
 
+def tune_gc() -> None:
+    """Make the cyclic garbage collector cheaper for a long-running proxy.
+
+    Everything alive after start-up (modules, the app, the session) is moved out of
+    the collector's sight, and the youngest generation is collected less often: each
+    request allocates a few hundred short-lived objects, and the default threshold of
+    700 ran a collection every couple of requests (about 7% of CPU under load, measured
+    with py-spy; see bench/). Reference counting still frees almost everything at once.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def serve(settings: Settings) -> None:
     """Run the proxy under uvicorn until interrupted."""
     import uvicorn
@@ -69,6 +84,7 @@ def serve(settings: Settings) -> None:
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
+            tune_gc()
             for server in self.servers:
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
