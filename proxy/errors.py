@@ -4,6 +4,7 @@
     ├── BadRequest        400  malformed target URL or path, missing header
     ├── Forbidden         403  target outside the allowlist
     ├── NotFound          404  nothing to forward to
+    ├── MethodNotAllowed  405  a method fal does not take (TRACE, CONNECT, ...)
     ├── RequestTimeout    408  the client stopped sending its body
     ├── PayloadTooLarge   413  request body over FAL_PROXY_MAX_BODY_BYTES
     ├── UpstreamUnavailable 502  the gateway could not be reached or broke the connection
@@ -46,6 +47,11 @@ class Forbidden(ProxyError):
 class NotFound(ProxyError):
     status = 404
     reason = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    reason = "method_not_allowed"
 
 
 class RequestTimeout(ProxyError):

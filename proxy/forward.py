@@ -27,6 +27,8 @@ import aiohttp
 from yarl import URL
 
 from .errors import (
+    BadRequest,
+    MethodNotAllowed,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
@@ -40,6 +42,9 @@ from .targets import Target, resolve_target
 
 Scope = dict[str, Any]
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+# What the fal SDKs send (run with a custom method included); anything else is refused.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+_ALLOW = ", ".join(sorted(FORWARDED_METHODS)).encode()
 
 
 class _ClientGone(Exception):
@@ -111,6 +116,14 @@ class Forwarder:
                 await self._send_error(send, exc, ex)
         except _ClientGone:
             ex.error, ex.status = "client_gone", 499
+        except Exception:
+            # A bug, not a condition we know: log it with its traceback, answer 500 if
+            # nothing was sent yet, else let the server cut the connection.
+            ex.error = "internal"
+            self.log.exception("internal_error", request_id=ex.request_id)
+            if ex.status is not None:
+                raise
+            await self._send_error(send, ProxyError("internal proxy error", f"request id {ex.request_id}"), ex)
         finally:
             self._log(ex)
 
@@ -135,6 +148,7 @@ class Forwarder:
                     *_JSON_HEADERS,
                     (b"content-length", str(len(body)).encode()),
                     (b"x-proxy-request-id", ex.request_id.encode()),
+                    *([(b"allow", _ALLOW)] if exc.status == 405 else []),
                 ],
             }
         )
@@ -143,6 +157,8 @@ class Forwarder:
 
     async def _handle(self, scope: Scope, receive: Any, send: Any, ex: Exchange) -> None:
         settings = self.settings
+        if ex.method not in FORWARDED_METHODS:
+            raise MethodNotAllowed(f"method {ex.method} not allowed", f"allowed: {_ALLOW.decode()}")
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         target_header: str | None = None
         declared_length: int | None = None
@@ -151,7 +167,10 @@ class Forwarder:
                 if target_header is None:  # the first one counts, as in fal's proxy
                     target_header = value.decode("latin-1")
             elif name == b"content-length":
-                declared_length = int(value)  # the HTTP parser already validated it
+                try:
+                    declared_length = int(value)
+                except ValueError:
+                    raise BadRequest("invalid content-length header") from None
 
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]

@@ -129,6 +129,21 @@ def test_refused_requests_get_a_json_reason_and_send_nothing_upstream(
     assert fake_gateway.requests() == []
 
 
+@pytest.mark.parametrize("method", ["DELETE", "PATCH"])
+def test_other_sdk_methods_are_forwarded(client: httpx.Client, fake_gateway: FakeGateway, method: str) -> None:
+    r = client.request(method, "/api/fal/proxy", headers={"x-fal-target-url": "https://fal.run/fal-ai/x"}, content=b"{}")
+    assert r.status_code == 200
+    assert fake_gateway.only_request()["method"] == method
+
+
+@pytest.mark.parametrize("method", ["TRACE", "OPTIONS", "PROPFIND"])
+def test_methods_fal_does_not_take_are_refused(client: httpx.Client, fake_gateway: FakeGateway, method: str) -> None:
+    r = client.request(method, "/fal-ai/x")
+    assert r.status_code == 405 and "GET" in r.headers["allow"]
+    assert r.json()["message"] == f"method {method} not allowed"
+    assert fake_gateway.requests() == []
+
+
 def test_sse_events_arrive_before_the_upstream_has_produced_the_next(
     proxy: RunningProxy, fake_gateway: FakeGateway
 ) -> None:
@@ -260,6 +275,19 @@ def test_client_abort_while_waiting_for_headers_closes_the_upstream_request(
     while not any(e.startswith("disconnected:hang") for e in fake_gateway.events()):
         assert time.monotonic() < deadline, "the upstream request was not closed after the client left"
         time.sleep(0.05)
+
+
+def test_upstream_dying_mid_body_is_an_error_for_the_client_not_a_clean_end(
+    proxy: RunningProxy, client: httpx.Client
+) -> None:
+    with pytest.raises(httpx.RemoteProtocolError):
+        with client.stream("GET", "/fal-ai/die") as r:
+            request_id = r.headers["x-proxy-request-id"]
+            for _ in r.iter_raw():
+                pass
+    line = proxy.wait_for_request_log(request_id)
+    assert (line["status"], line["error"]) == (200, "upstream_unavailable")
+    assert line["bytes_out"] == 10
 
 
 def test_body_over_the_limit_is_refused(start_proxy, fake_gateway: FakeGateway) -> None:

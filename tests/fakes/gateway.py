@@ -162,6 +162,12 @@ class FakeGateway:
             extra = [(b"connection", b"x-custom-hop"), (b"x-custom-hop", b"1"), (b"keep-alive", b"timeout=5"),
                      (b"alt-svc", b'h3=":443"'), (b"x-end-to-end", b"kept")]
             await _json(send, 200, {"ok": True}, fal_headers + extra)
+        elif path.startswith("/fal-ai/die"):
+            # Promise 1000 bytes, send 10, then drop the connection.
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"application/octet-stream"), (b"content-length", b"1000")] + fal_headers})
+            await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+            raise RuntimeError("fake upstream dies mid-body (expected in tests)")
         elif path.startswith("/fal-ai/hang"):
             await self._until_released_or_gone("hang", receive, rid)
         elif path.startswith("/fal-ai/stall"):
