@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -57,7 +58,7 @@ class Exchange:
     __slots__ = (
         "request_id", "method", "kind", "host", "path", "query", "status", "upstream_status",
         "bytes_in", "bytes_out", "started", "ttfb", "error", "fal_request_id", "cf_aig_log_id",
-        "body_error", "response_done", "client_gone", "gateway_error",
+        "body_error", "body_phase", "response_done", "client_gone", "gateway_error",
     )  # fmt: skip
 
     def __init__(self, method: str) -> None:
@@ -71,6 +72,7 @@ class Exchange:
         self.error: str | None = None
         self.fal_request_id = self.cf_aig_log_id = self.gateway_error = None
         self.body_error: ProxyError | None = None
+        self.body_phase: str | None = None  # "receive" | "send" while a streamed body moves
         self.response_done = False
         self.client_gone = False
 
@@ -132,7 +134,8 @@ class Forwarder:
         if ex.gateway_error:
             hint = "the gateway refused the proxy's cf-aig-authorization: check CF_AIG_TOKEN"
             self.log.warning("request", hint=hint, **ex.log_fields())
-        elif status >= 500 or status == 499:
+        elif status >= 500 or (ex.error is not None and status not in range(400, 500)):
+            # Upstream trouble, a client gone mid-way, or a bug; refusals (4xx) stay at info.
             self.log.warning("request", **ex.log_fields())
         else:
             self.log.info("request", **ex.log_fields())
@@ -187,9 +190,12 @@ class Forwarder:
                 "request body too large",
                 f"{declared_length} bytes; this proxy accepts at most {settings.max_body_bytes}",
             )
-        headers = upstream_request_headers(
-            raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id
-        )
+        try:
+            headers = upstream_request_headers(
+                raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id
+            )
+        except UnicodeDecodeError:
+            raise BadRequest("invalid header value", "header values must be ASCII or UTF-8") from None
         await self._exchange(target, headers, receive, send, ex)
 
     async def _exchange(
@@ -222,19 +228,22 @@ class Forwarder:
         waiting_for_headers = True
         body_done = False
         if first.get("more_body", False):
-            # The first-byte clock starts once the body is sent, so a big upload is not
-            # cut short by it; the body iterator starts it.
+            # While the body streams, the deadline is the idle timeout, pushed back on every
+            # chunk that moves (client to proxy, or proxy to gateway); the first-byte clock
+            # starts once the body is sent, so a big upload is not cut short by it.
             deadline = asyncio.timeout(None)
 
-            def body_sent() -> None:
+            def progress(done: bool = False) -> None:
                 nonlocal watcher, body_done
-                body_done = True
                 if waiting_for_headers:
-                    deadline.reschedule(loop.time() + settings.first_byte_timeout)
-                if watcher is None:
-                    watcher = loop.create_task(watch_disconnect())
+                    wait = settings.first_byte_timeout if done else settings.idle_timeout
+                    deadline.reschedule(loop.time() + wait)
+                if done:
+                    body_done = True
+                    if watcher is None:
+                        watcher = loop.create_task(watch_disconnect())
 
-            body = self._stream_body(first_chunk, receive, ex, body_sent)
+            body = self._stream_body(first_chunk, receive, ex, progress)
         else:
             # The whole body is here already (the usual small JSON): no streaming needed.
             body = first_chunk or None
@@ -255,6 +264,15 @@ class Forwarder:
             except TimeoutError:
                 if ex.body_error is not None:
                     raise ex.body_error from None
+                if ex.body_phase == "receive":
+                    raise RequestTimeout(
+                        "request body stalled", f"nothing received for {settings.idle_timeout:g}s"
+                    ) from None
+                if ex.body_phase == "send":
+                    raise UpstreamTimeout(
+                        "the gateway stopped reading the request body",
+                        f"no progress for {settings.idle_timeout:g}s",
+                    ) from None
                 raise UpstreamTimeout(
                     "the gateway did not answer in time",
                     f"no response headers within {settings.first_byte_timeout:g}s"
@@ -287,41 +305,42 @@ class Forwarder:
                     response.close()  # drop the connection: the upstream sees the abort
 
     async def _stream_body(
-        self, first_chunk: bytes, receive: Any, ex: Exchange, body_sent: Any
+        self, first_chunk: bytes, receive: Any, ex: Exchange, progress: Any
     ) -> AsyncIterator[bytes]:
-        """Yield the request body as the client sends it, within the size and idle limits.
+        """Yield the request body as the client sends it, within the size limit.
 
-        Runs inside aiohttp's writer task. A failure is recorded on ``ex`` and raised:
-        aiohttp then drops the upstream connection without finishing the body, so the
-        upstream never sees a truncated body as complete.
+        Runs inside aiohttp's writer task. ``progress()`` pushes the request's deadline
+        back each time a chunk moves; ``ex.body_phase`` tells, if the deadline fires, who
+        stalled. A failure is recorded on ``ex`` and raised: aiohttp then drops the
+        upstream connection without finishing the body, so the upstream never takes a
+        truncated body for a complete one.
         """
-        settings = self.settings
+        progress()
         if first_chunk:
+            ex.body_phase = "send"
             yield first_chunk
         more = True
         while more:
-            try:
-                async with asyncio.timeout(settings.idle_timeout):
-                    message = await receive()
-            except TimeoutError:
-                ex.body_error = RequestTimeout(
-                    "request body stalled", f"nothing received for {settings.idle_timeout:g}s"
-                )
-                raise ex.body_error from None
+            progress()
+            ex.body_phase = "receive"
+            message = await receive()
             if message["type"] == "http.disconnect":
                 ex.client_gone = True
                 raise _ClientGone()
             chunk = message.get("body", b"")
             more = message.get("more_body", False)
             ex.bytes_in += len(chunk)
-            if ex.bytes_in > settings.max_body_bytes:
+            if ex.bytes_in > self.settings.max_body_bytes:
                 ex.body_error = PayloadTooLarge(
-                    "request body too large", f"over {settings.max_body_bytes} bytes"
+                    "request body too large", f"over {self.settings.max_body_bytes} bytes"
                 )
                 raise ex.body_error
             if chunk:
+                progress()
+                ex.body_phase = "send"
                 yield chunk
-        body_sent()
+        ex.body_phase = None
+        progress(done=True)
 
     async def _relay_response(
         self, response: aiohttp.ClientResponse, send: Any, ex: Exchange
@@ -339,7 +358,9 @@ class Forwarder:
             {
                 "type": "http.response.start",
                 "status": response.status,
-                "headers": downstream_response_headers(raw, request_id=ex.request_id),
+                "headers": downstream_response_headers(
+                    raw, status=response.status, request_id=ex.request_id
+                ),
             }
         )
         remaining = response.content_length  # known length: finish with the last chunk
@@ -362,11 +383,19 @@ class Forwarder:
                     "the gateway stalled mid-response", f"nothing received for {idle:g}s"
                 ) from None
             except aiohttp.ClientError as exc:
+                # The upload may still be running after an early answer: its failure
+                # surfaces here, wrapped by aiohttp.
+                if ex.client_gone:
+                    raise _ClientGone() from None
+                if ex.body_error is not None:
+                    raise ex.body_error from None
                 raise UpstreamUnavailable("the gateway broke the response", _describe(exc)) from None
             if first_chunk:
                 first_chunk = False
                 if response.status == 401:
-                    ex.gateway_error = _gateway_auth_error(chunk)
+                    ex.gateway_error = _gateway_auth_error(
+                        chunk, response.headers.get("content-encoding", "")
+                    )
             if not chunk:
                 ex.response_done = True
                 await send({"type": "http.response.body", "body": b""})
@@ -390,9 +419,20 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _gateway_auth_error(first_chunk: bytes) -> str | None:
-    """Tell a Cloudflare gateway 401 (code 2009: bad cf-aig-authorization) from a fal 401."""
-    head = first_chunk[:2048]
+def _gateway_auth_error(first_chunk: bytes, content_encoding: str) -> str | None:
+    """Tell a Cloudflare gateway 401 (code 2009: bad cf-aig-authorization) from a fal 401.
+
+    Bodies pass through compressed, so a gzip/deflate head is inflated (2 KiB at most)
+    just for this check.
+    """
+    head = first_chunk[:4096]
+    if content_encoding.strip().lower() in ("gzip", "deflate", "x-gzip"):
+        try:
+            # wbits 47: accept a zlib or a gzip header.
+            head = zlib.decompressobj(47).decompress(head, 2048)
+        except zlib.error:
+            return None
+    head = head[:2048]
     if b"2009" in head and (b'"code"' in head or b"AiGatewayError" in head or b"internalCode" in head):
         return "cf_gateway_unauthorized_2009"
     return None

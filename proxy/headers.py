@@ -59,11 +59,26 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-fal-client-proxy",
     "x-proxy-authorization",  # the caller's credential for this proxy
 }
-_REQUEST_DROP_PREFIXES = ("x-forwarded-", "sec-", "x-stainless-", "cf-aig-")
+# "cf-" covers every gateway control (cf-aig-*, and the legacy cf-cache-ttl / cf-skip-cache)
+# and Cloudflare's client-addressing headers: none of them is the client's to set.
+_REQUEST_DROP_PREFIXES = ("x-forwarded-", "sec-", "x-stainless-", "cf-")
 
 _RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "alt-svc"}
 
 CLIENT_PROXY_ID = f"fal-gateway-proxy/{__version__}"
+
+
+class _Masked(str):
+    """A header value that is a secret: a plain ``str`` on the wire, masked in ``repr``.
+
+    Tracebacks that show local variables (structlog's rich console, debuggers) print the
+    header list; this keeps the key out of them.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'**********'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +93,8 @@ class InjectedHeaders:
     def from_settings(cls, settings: Settings) -> InjectedHeaders:
         token = settings.cf_aig_token
         return cls(
-            authorization=f"Key {settings.fal_key.reveal()}",
-            cf_aig_authorization=f"Bearer {token.reveal()}" if token is not None else None,
+            authorization=_Masked(f"Key {settings.fal_key.reveal()}"),
+            cf_aig_authorization=_Masked(f"Bearer {token.reveal()}") if token is not None else None,
         )
 
     def __repr__(self) -> str:  # never show the credentials
@@ -102,7 +117,11 @@ def upstream_request_headers(
     method: str,
     request_id: str,
 ) -> list[tuple[str, str]]:
-    """Headers to send to the gateway for a request whose client sent ``client_headers``."""
+    """Headers to send to the gateway for a request whose client sent ``client_headers``.
+
+    Values are decoded as UTF-8 (the upstream client encodes them back as UTF-8, so a
+    non-ASCII value travels unchanged); a value that is not UTF-8 raises ``UnicodeDecodeError``.
+    """
     client_headers = list(client_headers)
     named = _connection_tokens(client_headers)
     out: list[tuple[str, str]] = []
@@ -114,7 +133,7 @@ def upstream_request_headers(
             if name == "cf-aig-skip-cache" and raw_value.strip().lower() == b"true":
                 client_skip_cache = True
             continue
-        out.append((name, raw_value.decode("latin-1")))
+        out.append((name, raw_value.decode("utf-8")))
 
     out.append(("authorization", injected.authorization))
     if injected.cf_aig_authorization is not None:
@@ -128,23 +147,26 @@ def upstream_request_headers(
     # token or upload URL would be shared between callers; a cached stream makes no sense.
     if client_skip_cache or target.kind in ("queue", "storage", "token", "stream"):
         out.append(("cf-aig-skip-cache", "true"))
-    # A gateway retry of anything but a read could start a second paid generation.
-    if target.kind == "queue" or method not in ("GET", "HEAD"):
-        out.append(("cf-aig-max-attempts", "1"))
+    # A gateway retry could start a second paid generation: even a GET on fal.run runs the
+    # model (the SDK's method "get"). The fal SDKs retry by themselves, with backoff.
+    out.append(("cf-aig-max-attempts", "1"))
     return out
 
 
 def downstream_response_headers(
-    upstream_headers: Iterable[tuple[bytes, bytes]], *, request_id: str
+    upstream_headers: Iterable[tuple[bytes, bytes]], *, status: int, request_id: str
 ) -> list[tuple[bytes, bytes]]:
     """Headers to send to the client for an upstream response with ``upstream_headers``."""
     upstream_headers = list(upstream_headers)
     named = _connection_tokens(upstream_headers)
+    # A 204/304 has no body, but may legally announce the length of the body it stands for;
+    # the server would then wait for bytes that never come.
+    bodiless = status in (204, 304)
     out: list[tuple[bytes, bytes]] = []
     for raw_name, value in upstream_headers:
         name = raw_name.lower()
         text = name.decode("latin-1")
-        if text in _RESPONSE_DROP or text in named:
+        if text in _RESPONSE_DROP or text in named or (bodiless and text == "content-length"):
             continue
         out.append((name, value))
     out.append((b"x-proxy-request-id", request_id.encode()))

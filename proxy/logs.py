@@ -33,7 +33,9 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if console:
-        renderer: Any = structlog.dev.ConsoleRenderer()
+        # Plain tracebacks: the fancy formatters print local variables, and locals of
+        # the forwarding code hold the upstream headers.
+        renderer: Any = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
         structlog.configure(
             processors=[*shared, renderer],
             wrapper_class=structlog.make_filtering_bound_logger(level_no),
@@ -57,7 +59,11 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                *([] if console else [structlog.processors.format_exc_info]),
+                renderer,
+            ],
         )
     )
     root = logging.getLogger()

@@ -36,6 +36,8 @@ MAX_TARGET_LENGTH = 16 * 1024  # Cloudflare's URL limit
 _VISIBLE_ASCII = re.compile(r"[\x21-\x7e]*")
 _ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?]*)(.*)", re.DOTALL)
 _ENCODED_CONTROL = re.compile(r"%(?:[01][0-9a-fA-F]|7[fF])")
+# A URL parser ends a segment at any of these, so "..?x" or "..;x" is a dot segment too.
+_SEGMENT_SPLIT = re.compile(r"[/?#;]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +66,7 @@ def resolve_target(
     """
     if target_header is not None:
         host, path, query = _parse_target_url(target_header)
-    elif raw_path == proxy_route:
+    elif raw_path == proxy_route or raw_path == proxy_route + "/":
         raise BadRequest(
             "missing x-fal-target-url header",
             f"{proxy_route} is the fal SDK proxyUrl route: the SDK names the fal URL in x-fal-target-url",
@@ -76,7 +78,7 @@ def resolve_target(
         )
     else:
         if not _VISIBLE_ASCII.fullmatch(raw_path):
-            raise BadRequest("invalid request path", "the path has characters not allowed in a URL")
+            raise BadRequest("invalid path", "the path has characters not allowed in a URL")
         host, path = RUN_HOST, raw_path
     _check_path(path)
     return _route(host, path, query, gateway_url)
@@ -103,6 +105,10 @@ def _parse_target_url(value: str) -> tuple[str, str, str]:
         raise Forbidden("target not allowed", f"only https targets are forwarded, not {scheme.lower()}")
     if "@" in authority:
         raise Forbidden("target not allowed", "user info in the target URL is not allowed")
+    if not authority:
+        raise BadRequest("invalid x-fal-target-url", "the URL has no host")
+    if authority.startswith("["):
+        raise Forbidden("target not allowed", "IP address targets are not allowed")
     host, colon, port = authority.partition(":")
     host = host.lower()
     if colon and port != "443":
@@ -118,23 +124,31 @@ def _parse_target_url(value: str) -> tuple[str, str, str]:
 
 
 def _check_path(path: str) -> None:
-    """Refuse dot segments and control characters, raw or percent-encoded.
+    """Refuse paths that could leave the gateway's ``/fal`` prefix or change host.
 
-    The gateway decodes the path before appending it to fal's; a ``..`` that
-    survives to it would climb out of ``/fal`` into another provider or gateway.
+    The gateway decodes the path before appending it to fal's; a ``..`` that survives
+    to it would climb out of ``/fal`` into another provider or gateway, and a ``//`` or
+    ``\\`` could be read as a new host. Checked after percent-decoding (up to three
+    levels), so ``%2e%2e`` and ``%252e%252e`` are caught too.
     """
+    if not path.startswith("/"):
+        raise BadRequest("invalid path", "the path must start with '/'")
     decoded = path
     if "%" in path:
         if _ENCODED_CONTROL.search(path):
             raise BadRequest("invalid path", "percent-encoded control characters are not allowed")
-        for _ in range(3):  # double encoding (%252e%252e) too
+        for _ in range(3):
+            decoded = unquote(decoded, errors="replace")
             if "%" not in decoded:
                 break
-            decoded = unquote(decoded, errors="replace")
+        if unquote(decoded, errors="replace") != decoded:
+            raise BadRequest("invalid path", "more than three levels of percent-encoding")
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
             raise BadRequest("invalid path", "percent-encoded control characters are not allowed")
+    if "\\" in decoded or decoded.startswith("//"):
+        raise BadRequest("invalid path", "backslashes and a leading '//' are not allowed, encoded or not")
     if "." in decoded:
-        for segment in re.split(r"[/\\]", decoded):
+        for segment in _SEGMENT_SPLIT.split(decoded):
             if segment in (".", ".."):
                 raise BadRequest("invalid path", "dot segments ('.', '..') are not allowed, encoded or not")
 

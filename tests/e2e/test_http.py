@@ -290,6 +290,43 @@ def test_upstream_dying_mid_body_is_an_error_for_the_client_not_a_clean_end(
     assert line["bytes_out"] == 10
 
 
+def test_stalled_upload_from_the_client_is_408(start_proxy, fake_gateway: FakeGateway) -> None:
+    import socket
+
+    proxy = start_proxy(FAL_PROXY_IDLE_TIMEOUT="0.5")
+    port = int(proxy.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /fal-ai/sink HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n")
+        # ...then send nothing more: the proxy must give up and answer.
+        response = b""
+        while b"\r\n\r\n" not in response or not response.endswith(b"}"):
+            data = sock.recv(65536)
+            assert data, f"connection closed early: {response!r}"
+            response += data
+    assert response.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(response.split(b"\r\n\r\n", 1)[1])["message"] == "request body stalled"
+    assert fake_gateway.requests() == []  # the fake records a request only once its body is complete
+
+
+def test_gateway_that_stops_reading_the_upload_is_504(start_proxy, fake_gateway: FakeGateway) -> None:
+    proxy = start_proxy(FAL_PROXY_IDLE_TIMEOUT="0.5")
+    chunk = b"x" * (1024 * 1024)
+    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=20) as c:
+        r = c.post("/fal-ai/noread", content=iter([chunk] * 64))
+    assert r.status_code == 504
+    assert r.json()["message"] == "the gateway stopped reading the request body"
+    fake_gateway.release("noread")
+
+
+def test_304_with_a_content_length_passes_and_the_connection_stays_usable(
+    client: httpx.Client,
+) -> None:
+    r = client.get("/fal-ai/notmodified", headers={"if-none-match": '"v1"'})
+    assert r.status_code == 304 and r.headers["etag"] == '"v1"'
+    assert "content-length" not in r.headers
+    assert client.get("/fal-ai/echo").status_code == 200  # same keep-alive connection
+
+
 def test_body_over_the_limit_is_refused(start_proxy, fake_gateway: FakeGateway) -> None:
     proxy = start_proxy(FAL_PROXY_MAX_BODY_BYTES="1000")
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=5) as c:

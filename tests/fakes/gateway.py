@@ -81,6 +81,11 @@ class FakeGateway:
     async def _gateway(self, scope: dict[str, Any], fal_path: str, receive: Any, send: Any) -> None:
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
         hmap = {k: v for k, v in headers}
+        if fal_path.startswith("/fal-ai/noread"):
+            # Never read the body: the sender's socket buffers fill up and it stalls.
+            # (Waiting for a disconnect would mean calling receive(), which reads the body.)
+            await self.gates["noread"].wait()
+            return
         digest, kept, size, more = hashlib.sha256(), bytearray(), 0, True
         while more:  # read (and hash) the body as it streams in, keeping only its head
             message = await receive()
@@ -162,6 +167,11 @@ class FakeGateway:
             extra = [(b"connection", b"x-custom-hop"), (b"x-custom-hop", b"1"), (b"keep-alive", b"timeout=5"),
                      (b"alt-svc", b'h3=":443"'), (b"x-end-to-end", b"kept")]
             await _json(send, 200, {"ok": True}, fal_headers + extra)
+        elif path.startswith("/fal-ai/notmodified"):
+            # A 304 may announce the length of the body it stands for (RFC 9110 §8.6).
+            await send({"type": "http.response.start", "status": 304,
+                        "headers": [(b"content-length", b"1234"), (b"etag", b'"v1"')] + fal_headers})
+            await send({"type": "http.response.body", "body": b""})
         elif path.startswith("/fal-ai/die"):
             # Promise 1000 bytes, send 10, then drop the connection.
             await send({"type": "http.response.start", "status": 200, "headers": [

@@ -80,6 +80,9 @@ DROPPED = [
     ("cf-aig-max-attempts", "5"),
     ("cf-aig-skip-cache", "false"),
     ("cf-aig-some-future-header", "x"),
+    ("cf-cache-ttl", "2592000"),
+    ("cf-skip-cache", "false"),
+    ("cf-cache-key", "shared"),
 ]
 
 
@@ -114,7 +117,7 @@ def test_no_gateway_token_header_without_a_token() -> None:
     ("url", "method", "target_header", "skip_cache", "max_attempts"),
     [
         ("https://fal.run/fal-ai/x", "POST", False, False, True),
-        ("https://fal.run/fal-ai/x", "GET", False, False, False),
+        ("https://fal.run/fal-ai/x", "GET", False, False, True),
         ("https://fal.run/fal-ai/x/stream", "POST", False, True, True),
         ("https://queue.fal.run/fal-ai/x", "POST", True, True, True),
         ("https://queue.fal.run/fal-ai/x/requests/r/status", "GET", True, True, True),
@@ -150,7 +153,7 @@ def test_response_headers() -> None:
         (b"Keep-Alive", b"timeout=5"),
         (b"Alt-Svc", b'h3=":443"'),
     ]
-    out = downstream_response_headers(raw, request_id="rid")
+    out = downstream_response_headers(raw, status=200, request_id="rid")
     assert out == [
         (b"content-type", b"application/json"),
         (b"content-encoding", b"gzip"),
@@ -161,3 +164,53 @@ def test_response_headers() -> None:
         (b"cf-aig-cache-status", b"MISS"),
         (b"x-proxy-request-id", b"rid"),
     ]
+
+
+@pytest.mark.parametrize(("status", "kept"), [(200, True), (404, True), (204, False), (304, False)])
+def test_bodiless_responses_lose_their_content_length(status: int, kept: bool) -> None:
+    out = downstream_response_headers([(b"content-length", b"1234")], status=status, request_id="r")
+    assert ((b"content-length", b"1234") in out) is kept
+
+
+def test_non_ascii_header_values_travel_unchanged() -> None:
+    out = upstream_request_headers(
+        [(b"x-fal-runner-hint", "café".encode())], target("https://fal.run/fal-ai/x"), INJECTED,
+        method="POST", request_id="r",
+    )
+    assert ("x-fal-runner-hint", "café") in out
+    with pytest.raises(UnicodeDecodeError):
+        upstream_request_headers([(b"x-a", b"\xff")], target("https://fal.run/fal-ai/x"), INJECTED,
+                                 method="POST", request_id="r")
+
+
+def test_injected_credentials_are_masked_in_any_repr() -> None:
+    from proxy.headers import InjectedHeaders as IH
+    from proxy.settings import Settings
+
+    injected = IH.from_settings(Settings.from_env({"FAL_KEY": "sk-abc", "CF_AIG_TOKEN": "tok-xyz",
+                                                   "FAL_PROXY_GATEWAY_URL": "http://h/x"}))
+    out = upstream_request_headers([], target("https://fal.run/fal-ai/x"), injected, method="GET", request_id="r")
+    assert ("authorization", "Key sk-abc") in out  # the wire value is intact
+    assert "sk-abc" not in repr(out) and "tok-xyz" not in repr(out)
+
+
+@pytest.mark.parametrize(
+    ("body", "encoding", "expected"),
+    [
+        (b'{"success":false,"error":[{"code":2009,"message":"Unauthorized"}]}', "", "cf_gateway_unauthorized_2009"),
+        (b'[{"code":2009,"message":"Unauthorized"}]', "", "cf_gateway_unauthorized_2009"),
+        (b'{"name":"AiGatewayError","internalCode":2009}', "", "cf_gateway_unauthorized_2009"),
+        (b'{"detail":"Invalid fal key"}', "", None),
+        (b'{"detail":"request 2009 failed"}', "", None),
+    ],
+)
+def test_gateway_401_is_told_from_a_fal_401_even_compressed(body: bytes, encoding: str, expected) -> None:
+    import gzip
+    import zlib
+
+    from proxy.forward import _gateway_auth_error
+
+    assert _gateway_auth_error(body, encoding) == expected
+    assert _gateway_auth_error(gzip.compress(body), "gzip") == expected
+    assert _gateway_auth_error(zlib.compress(body), "deflate") == expected
+    assert _gateway_auth_error(b"not gzip at all", "gzip") is None
