@@ -15,8 +15,12 @@ at the fake gateway) and "proxy" (through the proxy):
   (VmHWM, reset through /proc/<pid>/clear_refs before each transfer);
 * the proxy's RSS right after start-up.
 
+With ``--clients``, two bare forwarders from ``bench/baselines.py`` (aiohttp and httpx as
+the upstream client, pinned as the proxy is) join the small-request rounds, and a second
+table compares direct, proxy and both against the aiohttp one.
+
 Usage: ``.venv/bin/python bench/run.py [--quick] [--duration S] [--rounds N] [--json PATH]
-[--profile PATH]`` (or ``make bench BENCH_ARGS=...``).
+[--profile PATH] [--clients]`` (or ``make bench BENCH_ARGS=...``).
 Needs ``wrk`` (``apt-get install -y wrk``) and ``curl``; Linux only (/proc). Only
 127.0.0.1 is ever contacted.
 """
@@ -27,6 +31,7 @@ import argparse
 import collections
 import contextlib
 import fcntl
+import importlib.metadata
 import json
 import os
 import platform
@@ -49,6 +54,7 @@ DOWNLOAD_BYTES = 64 * MIB
 UPLOAD_BYTES = 32 * MIB
 LOAD_CONNECTIONS, LOAD_THREADS = 64, 2
 TRANSFER_REPEATS = 3
+BASELINES = ("baseline-aiohttp", "baseline-httpx")  # bench/baselines.py, BENCH_CLIENT=...
 
 # Targets the proxy's figures are judged against.
 TARGET_CPU_US = 350.0  # ≤ proxy CPU per small request
@@ -421,6 +427,32 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def clients_table(results: dict[str, Any]) -> str:
+    """Direct, proxy and the bare forwarders, each against the aiohttp one."""
+    ref = results[BASELINES[0]]["load"]
+    lines = [
+        f"| mode | CPU µs per small request, 64 conn | ×{BASELINES[0]} | req/s, 64 conn "
+        f"| ×{BASELINES[0]} | CPU use |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("direct", "proxy", *BASELINES):
+        load = results[name]["load"]
+        who = "gateway" if name == "direct" else "proxy"
+        cpu, rps = load[f"{who}_cpu_us_per_req"], load["req_per_s"]
+        label = "direct (fake gateway's CPU)" if name == "direct" else name
+        cells = [label, f"{cpu:.0f}", f"{cpu / ref['proxy_cpu_us_per_req']:.2f}×", f"{rps:.0f}",
+                 f"{rps / ref['req_per_s']:.2f}×", f"{100 * load[f'{who}_cpu_util']:.0f}%"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -451,6 +483,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, metavar="PATH",
                         help="afterwards, py-spy the proxy under load: collapsed stacks to PATH, "
                              "top frames printed")  # fmt: skip
+    parser.add_argument("--clients", action="store_true",
+                        help="also run the small-request rounds through bare aiohttp and httpx "
+                             "forwarders (bench/baselines.py) and compare them")  # fmt: skip
     args = parser.parse_args(argv)
     if args.duration is not None and args.duration < 1:
         parser.error("--duration must be at least 1")
@@ -486,34 +521,43 @@ def measure(
     proxy = start_child("proxy", [sys.executable, "-m", "proxy", "--port", "0"], proxy_env, stack)
     pin(proxy.pid, proxy_cpus)  # every thread, now that it is up
     proxy_url = f"http://127.0.0.1:{proxy.port}"
-    time.sleep(0.5)
 
     # Both modes ask for the same upstream paths: "direct" names the gateway's own URL for
     # what the proxy turns /fal-ai/x into. Each mode's cost is that of one process.
     modes = {"direct": (gateway_url, gateway), "proxy": (proxy_url, proxy)}
+    load_modes = dict(modes)  # those in the small-request rounds
+    for name in BASELINES if args.clients else ():
+        client_env = dict(env, BENCH_GATEWAY_URL=gateway_url, BENCH_CLIENT=name.split("-")[1])
+        argv = [sys.executable, str(ROOT / "bench" / "baselines.py"), "--port", "0"]
+        child = start_child(name, argv, client_env, stack)
+        pin(child.pid, proxy_cpus)  # loaded one at a time, so each has the CPU to itself
+        load_modes[name] = (f"http://127.0.0.1:{child.port}", child)
+    time.sleep(0.5)
+
     results: dict[str, Any] = {
         name: {"baseline_rss_mib": status_kib(child.pid, "VmRSS") / 1024}
-        for name, (_, child) in modes.items()
+        for name, (_, child) in load_modes.items()
     }
     try:
-        # Small requests, in rounds that alternate direct and proxy so that a slow spell of
-        # the host (common on shared VMs) hits both; the median round is reported.
-        for name, (base, _) in modes.items():
+        # Small requests, in rounds that alternate direct and proxy (and the baselines) so that
+        # a slow spell of the host (common on shared VMs) hits all; the median round is reported.
+        for name, (base, _) in load_modes.items():
             step(f"{name}: warm-up, {warmup_s} s")  # connections, the upstream pool, caches
             run_wrk(base + "/fal-ai/x", script, connections=LOAD_CONNECTIONS, threads=LOAD_THREADS,
                     seconds=warmup_s)  # fmt: skip
         for round_ in range(1, args.rounds + 1):
-            for name, (base, _) in modes.items():
+            for name, (base, child) in load_modes.items():
                 step(f"{name}: small POSTs, {LOAD_CONNECTIONS} connections, {load_s} s, "
                      f"round {round_}/{args.rounds}")  # fmt: skip
-                watched = {"gateway": gateway.pid} | ({"proxy": proxy.pid} if name == "proxy" else {})
+                # The forwarder under test (proxy or baseline) is "proxy" in the result keys.
+                watched = {"gateway": gateway.pid} | ({} if name == "direct" else {"proxy": child.pid})
                 before = yardstick_ms(proxy_cpus)
                 result = small_load(base + "/fal-ai/x", script, watched, connections=LOAD_CONNECTIONS,
                                     threads=LOAD_THREADS, seconds=load_s)  # fmt: skip
                 result["yardstick_ms"] = (before + yardstick_ms(proxy_cpus)) / 2
                 results[name].setdefault("load_rounds", []).append(result)
-        for name in modes:
-            key = "proxy_cpu_us_per_req" if name == "proxy" else "gateway_cpu_us_per_req"
+        for name in load_modes:
+            key = "gateway_cpu_us_per_req" if name == "direct" else "proxy_cpu_us_per_req"
             ranked = sorted(results[name]["load_rounds"], key=lambda r, key=key: r[key])
             results[name]["load"] = ranked[(len(ranked) - 1) // 2]
         for name, (base, _) in modes.items():
@@ -529,7 +573,7 @@ def measure(
             results[name]["upload"] = transfer("upload", f"{base}/fal-ai/sink", child.pid, upload_file)
         results["proxy"]["rss_after_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
     except BenchError:
-        for child in (gateway, proxy):
+        for _, child in load_modes.values():
             if child.proc.poll() is not None:
                 step(f"{child.name} exited ({child.proc.returncode}):\n{child.output_tail()}")
         raise
@@ -584,6 +628,17 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
     )
     missed = [row.metric for row in rows if row.ok is False]
     print(f"\nTargets missed: {'; '.join(missed)}" if missed else "\nAll targets met.")
+    if args.clients:
+        each = "; ".join(f"{name} µs/request in each round: {rounds(name, 'proxy_cpu_us_per_req')}, "
+                         f"req/s: {rounds(name, 'req_per_s')}" for name in BASELINES)  # fmt: skip
+        versions = ", ".join(f"{k} {v or 'NOT installed'}" for k, v in meta["client_versions"].items())
+        print(f"\n### upstream client comparison\n\n{clients_table(results)}")
+        print(
+            "\n- Bare forwarders of bench/baselines.py (uvicorn + the client; no logging, no "
+            "header policy), in the same interleaved rounds on the proxy's CPU, median shown; "
+            f"{each}. CPU use: of one CPU (the fake gateway's, shared with wrk, for direct).\n"
+            f"- {versions}."
+        )
     if "profile" in results:
         prof = results["profile"]
         kind = "Python and native frames" if prof["native"] else "Python frames only"
@@ -640,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "yardstick_idle_ms": yardstick_ms(proxy_cpus),  # before anything runs
     }
+    if args.clients:  # sniffio: without it httpcore retries its import several times a request
+        names = ("aiohttp", "httpx", "httpcore", "anyio", "sniffio")
+        meta["client_versions"] = {name: package_version(name) for name in names}
 
     # SIGTERM/SIGHUP become SystemExit, so the clean-up runs as it does on Ctrl-C.
     for sig in (signal.SIGTERM, signal.SIGHUP):
