@@ -1,10 +1,18 @@
-"""The ``fal-gateway-proxy`` command: settings from the environment, flags on top, uvicorn."""
+"""The ``fal-gateway-proxy`` command.
+
+* ``fal-gateway-proxy [--host H] [--port P]``: the proxy, configured from the environment.
+* ``fal-gateway-proxy emulator [--port 9000] ...``: the offline fal + gateway emulator alone.
+* ``fal-gateway-proxy demo [--port 8787]``: proxy, emulator and demo page in one process.
+  Demo mode is only ever entered by this explicit command, never as a fallback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import gc
 import os
+import secrets
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,12 +36,37 @@ def _parser() -> argparse.ArgumentParser:
             "Forward fal requests (fal.run-shaped paths and the fal JS SDK's proxyUrl protocol) "
             "through Cloudflare AI Gateway, adding the fal key server-side."
         ),
-        epilog=f"settings (environment variables):\n{table}",
+        epilog=f"settings (environment variables):\n{table}\n\n"
+        f"Try it with no account: {PROG} demo   (see '{PROG} demo --help')",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--host", help="address to listen on (env FAL_PROXY_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 = any free port (env FAL_PROXY_PORT, default 8787)")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{emulator,demo}")
+
+    emulator = commands.add_parser(
+        "emulator", help="run the offline fal + Cloudflare AI Gateway emulator",
+        description="Serve an offline emulator of Cloudflare AI Gateway in front of fal. Point a proxy at "
+        "FAL_PROXY_GATEWAY_URL=http://HOST:PORT/v1/<account>/<gateway>/fal. No real fal call is ever made.",
+    )
+    emulator.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    emulator.add_argument("--port", type=int, default=9000, help="port, 0 = any free port (default 9000)")
+    emulator.add_argument("--key", default=None, help="fal key to require (default: accept any 'Key ...')")
+    emulator.add_argument("--cf-token", default=None, help="act as an authenticated gateway with this token")
+    emulator.add_argument("--seed", type=int, default=0, help="seed for ids, tokens and images (default 0)")
+    emulator.add_argument("--time-scale", type=float, default=1.0,
+                          help="multiply every emulated duration (default 1.0; 0.05 for fast tests)")
+    emulator.add_argument("--public-url", default=None, help="origin for the file and upload URLs it hands out")
+
+    demo = commands.add_parser(
+        "demo", help="try the proxy with no account: proxy + emulator + a demo page",
+        description="Run the proxy against the built-in offline emulator and serve a demo page. "
+        "No real fal call is made; FAL_KEY and CF_* are ignored.",
+    )
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8787, help="port, 0 = any free port (default 8787)")
+    demo.add_argument("--time-scale", type=float, default=1.0, help="multiply emulated durations (default 1.0)")
     return parser
 
 
@@ -48,8 +81,13 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    env = os.environ if environ is None else environ
+    if args.command == "emulator":
+        return run_emulator(args, env)
+    if args.command == "demo":
+        return run_demo(args, env)
     try:
-        settings = load_settings(args, os.environ if environ is None else environ)
+        settings = load_settings(args, env)
     except SettingsError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -71,31 +109,37 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def serve(settings: Settings) -> None:
-    """Run the proxy under uvicorn until interrupted."""
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before building the app, so the port (with --port 0) is known to it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        print(f"{PROG}: error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port: int, on_listening: Any) -> None:
     import uvicorn
-
-    from .app import create_app
-    from .logs import configure_logging, get_logger
-
-    configure_logging(settings.log_format, settings.log_level)
-    log = get_logger("proxy")
 
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
             tune_gc()
             for server in self.servers:
-                for sock in server.sockets:
-                    host, port = sock.getsockname()[:2]
-                    # Tests and scripts read the bound port (with --port 0) from this line.
-                    log.info("listening", host=host, port=port, url=f"http://{host}:{port}",
-                             proxy_route=settings.proxy_route, version=__version__)
+                for bound in server.sockets:
+                    host, bound_port = bound.getsockname()[:2]
+                    on_listening(host, bound_port)
 
     config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
+        app,
+        host=settings_host,
+        port=port,
         loop="uvloop",
         http="httptools",
         lifespan="on",
@@ -106,4 +150,81 @@ def serve(settings: Settings) -> None:
         proxy_headers=False,  # X-Forwarded-For is not trusted by default
         timeout_graceful_shutdown=10,
     )
-    Server(config).run()
+    Server(config).run(sockets=[sock] if sock is not None else None)
+
+
+def serve(settings: Settings) -> None:
+    """Run the proxy under uvicorn until interrupted."""
+    from .app import create_app
+    from .logs import configure_logging, get_logger
+
+    configure_logging(settings.log_format, settings.log_level)
+    log = get_logger("proxy")
+
+    def listening(host: str, port: int) -> None:
+        # Tests and scripts read the bound port (with --port 0) from this line.
+        log.info("listening", role="proxy", host=host, port=port, url=f"http://{host}:{port}",
+                 proxy_route=settings.proxy_route, version=__version__)
+
+    _run_uvicorn(create_app(settings), settings.host, None, settings.port, listening)
+
+
+def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from .emulator import EmulatorConfig, create_emulator
+    from .logs import configure_logging, get_logger
+
+    if not args.time_scale > 0:
+        print(f"{PROG}: error: --time-scale must be positive", file=sys.stderr)
+        return 2
+    configure_logging(environ.get("FAL_PROXY_LOG_FORMAT", "auto"), "info")
+    log = get_logger("emulator")
+    config = EmulatorConfig(fal_key=args.key, cf_token=args.cf_token, seed=args.seed,
+                            time_scale=args.time_scale, public_url=args.public_url)
+    sock = _bind(args.host, args.port)
+
+    def listening(host: str, port: int) -> None:
+        log.info("listening", role="emulator", host=host, port=port, url=f"http://{host}:{port}",
+                 gateway_url=f"http://{host}:{port}/v1/emulator/emulator/fal",
+                 note="offline emulator: no real fal call is made")
+
+    _run_uvicorn(create_emulator(config), args.host, sock, args.port, listening)
+    return 0
+
+
+def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Proxy + emulator + demo page on one port; the proxy reaches the emulator over loopback."""
+    from .demo import create_demo_app
+    from .emulator import EmulatorConfig
+    from .logs import configure_logging, get_logger
+
+    if not args.time_scale > 0:
+        print(f"{PROG}: error: --time-scale must be positive", file=sys.stderr)
+        return 2
+    log_format = environ.get("FAL_PROXY_LOG_FORMAT", "auto")
+    configure_logging(log_format if log_format in ("auto", "json", "console") else "auto", "info")
+    log = get_logger("proxy")
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    origin = f"http://{host}:{port}"
+    key = secrets.token_urlsafe(16)  # a throwaway key shared by the two halves
+    settings = Settings.from_env({
+        "FAL_KEY": key,
+        "FAL_PROXY_GATEWAY_URL": f"{origin}/v1/demo/demo/fal",
+        "FAL_PROXY_HOST": host,
+        "FAL_PROXY_PORT": str(port),
+        "FAL_PROXY_LOG_FORMAT": log_format if log_format in ("auto", "json", "console") else "auto",
+    })
+    emulator = EmulatorConfig(fal_key=key, time_scale=args.time_scale, public_url=origin)
+    log.warning(
+        "DEMO MODE: the proxy forwards to the built-in offline emulator; no real fal call is made "
+        "and FAL_KEY / CF_* are ignored. Run without 'demo' to use fal through Cloudflare AI Gateway.",
+    )
+
+    def listening(bound_host: str, bound_port: int) -> None:
+        log.info("listening", role="proxy", host=bound_host, port=bound_port, url=origin,
+                 proxy_route=settings.proxy_route, version=__version__)
+        log.info("listening", role="emulator", url=origin, gateway_url=settings.gateway_url)
+        log.info(f"demo page: open {origin}/ in a browser", url=f"{origin}/")
+
+    _run_uvicorn(create_demo_app(settings, emulator), host, sock, port, listening)
+    return 0

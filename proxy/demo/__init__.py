@@ -1,0 +1,45 @@
+"""Demo mode: the proxy, the offline emulator and a demo page, on one port.
+
+``fal-gateway-proxy demo`` builds this app. Requests for ``/v1/…`` (the emulated gateway)
+and ``/_emulator/…`` go to the emulator; ``/`` and ``/demo/<file>`` serve the page;
+everything else is the real proxy, configured with the emulator as its gateway, so the
+page's SDK calls take exactly the path they would take in production: browser → proxy
+(``/api/fal/proxy``) → gateway → fal, only the last two being emulated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from starlette.responses import FileResponse
+from starlette.staticfiles import StaticFiles
+
+from ..app import create_app
+from ..emulator import EmulatorConfig, create_emulator
+from ..settings import Settings
+
+STATIC = Path(__file__).parent / "static"
+
+
+def create_demo_app(settings: Settings, emulator_config: EmulatorConfig) -> Any:
+    proxy = create_app(settings)
+    emulator = create_emulator(emulator_config)
+    static = StaticFiles(directory=STATIC)
+    index = FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await proxy(scope, receive, send)  # the emulator needs no start-up
+            return
+        path = scope["path"]
+        if path.startswith(("/v1/", "/_emulator/")):
+            await emulator(scope, receive, send)
+        elif scope["type"] == "http" and path == "/":
+            await index(scope, receive, send)
+        elif scope["type"] == "http" and path.startswith("/demo/"):
+            await static({**scope, "path": path[len("/demo"):], "root_path": ""}, receive, send)
+        else:
+            await proxy(scope, receive, send)
+
+    return app

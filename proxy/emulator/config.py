@@ -1,0 +1,30 @@
+"""Emulator configuration: one frozen value, with documented defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """How the emulator behaves.
+
+    * ``fal_key``: the key it expects in ``authorization: Key <key>``; ``None`` accepts any
+      ``Key …`` value (but still refuses a missing one, as fal does).
+    * ``cf_token``: when set, the emulated gateway is *authenticated*: requests need
+      ``cf-aig-authorization: Bearer <cf_token>`` or get Cloudflare's 401 with code 2009.
+    * ``seed``: makes request ids, tokens and generated images repeatable.
+    * ``time_scale``: multiplies every built-in duration (queue wait, generation time, SSE
+      pauses); ``0.05`` makes a 3 s job take 0.15 s in tests.
+    * ``public_url``: origin used in the URLs it hands out (files, uploads); by default the
+      ``Host`` the request came in on.
+    * ``record_limit``: how many requests the recorder keeps (oldest dropped first).
+    """
+
+    fal_key: str | None = None
+    cf_token: str | None = None
+    seed: int = 0
+    time_scale: float = 1.0
+    public_url: str | None = None
+    record_limit: int = 1000
+    token_lifetime: float = 600.0  # cap on /tokens/ token_expiration, seconds

@@ -1,0 +1,113 @@
+"""fal's queue, emulated: submit, status (polling and SSE), result, cancel.
+
+A job waits in the queue, runs, then completes, on a clock scaled by
+``EmulatorConfig.time_scale``. Its state is computed from elapsed time when asked, so
+nothing runs in the background; the result is produced once, on first need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .apps import App, Files
+
+QUEUE_WAIT = 1.0  # seconds in IN_QUEUE at time scale 1
+QUEUE_URL = "https://queue.fal.run"
+
+
+@dataclass
+class Job:
+    request_id: str
+    app_id: str
+    owner_alias: str  # the URL prefix the SDK uses for status/result/cancel
+    app: App
+    data: Any
+    submitted: float
+    wait: float
+    run: float
+    logs: list[tuple[float, str]]
+    cancelled: bool = False
+    result: dict[str, Any] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def urls(self) -> dict[str, str]:
+        base = f"{QUEUE_URL}/{self.owner_alias}/requests/{self.request_id}"
+        return {"status_url": f"{base}/status", "response_url": base, "cancel_url": f"{base}/cancel"}
+
+    def state(self, now: float) -> str:
+        elapsed = now - self.submitted
+        if self.cancelled or elapsed >= self.wait + self.run:
+            return "COMPLETED"
+        return "IN_QUEUE" if elapsed < self.wait else "IN_PROGRESS"
+
+    def status(self, now: float, with_logs: bool) -> dict[str, Any]:
+        state = self.state(now)
+        body: dict[str, Any] = {"status": state, "request_id": self.request_id, **self.urls()}
+        if state == "IN_QUEUE":
+            body["queue_position"] = 0
+        if with_logs:
+            shown = now - self.submitted - self.wait
+            body["logs"] = [
+                {"message": message, "level": "INFO", "source": "user",
+                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.submitted + self.wait + at))}
+                for at, message in self.logs
+                if at <= shown or state == "COMPLETED"
+            ] if not self.cancelled else []
+        if state == "COMPLETED":
+            body["metrics"] = {"inference_time": self.run}
+        return body
+
+
+def owner_alias(app_id: str) -> str:
+    """``fal-ai/flux/dev`` → ``fal-ai/flux``; a ``workflows/``/``comfy/`` prefix is kept."""
+    parts = app_id.split("/")
+    keep = 3 if parts[0] in ("workflows", "comfy") else 2
+    return "/".join(parts[:keep])
+
+
+class Queue:
+    def __init__(self, seed: int, time_scale: float) -> None:
+        self.rng = random.Random(seed)
+        self.time_scale = time_scale
+        self.jobs: dict[str, Job] = {}
+
+    def submit(self, app_id: str, app: App, data: Any) -> Job:
+        request_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        run = app.duration * self.time_scale
+        lines = app.log_lines(data)
+        logs = [(run * (i + 0.5) / len(lines), line) for i, line in enumerate(lines)]
+        job = Job(request_id, app_id, owner_alias(app_id), app, data, time.monotonic(),
+                  QUEUE_WAIT * self.time_scale, run, logs)
+        self.jobs[request_id] = job
+        return job
+
+    def find(self, owner_alias_path: str, request_id: str) -> Job | None:
+        job = self.jobs.get(request_id)
+        if job is None or not (job.owner_alias == owner_alias_path or job.app_id == owner_alias_path):
+            return None
+        return job
+
+    async def result(self, job: Job, files: Files, base_url: str, seed: int) -> dict[str, Any]:
+        async with job.lock:  # produced once, even if several clients ask at the same time
+            if job.result is None:
+                job.result = await job.app.run(job.data, files, base_url, seed)
+            return job.result
+
+    async def wait_for_change(self, job: Job, last: str | None, with_logs: bool) -> dict[str, Any]:
+        """Block until the job's status (or its log count) differs from ``last``."""
+        step = max(0.01, min(0.25, (job.wait + job.run) / 20))
+        while True:
+            status = self.status_key(job, with_logs)
+            if status != last:
+                return job.status(time.monotonic(), with_logs)
+            await asyncio.sleep(step)
+
+    @staticmethod
+    def status_key(job: Job, with_logs: bool) -> str:
+        body = job.status(time.monotonic(), with_logs)
+        return f"{body['status']}:{len(body.get('logs', []))}"

@@ -1,0 +1,61 @@
+"""fal's realtime WebSocket, emulated: ``<gateway>/<app>/realtime`` speaking msgpack.
+
+Authentication, as fal takes it: a ``fal_jwt_token`` query parameter issued by the
+emulator's ``/tokens/`` for the app's alias (the second id segment), or the key in an
+``authorization: Key …`` handshake header. Each binary frame is a msgpack input object
+and gets a msgpack result; a text frame is JSON in, JSON out. Invalid input gets fal's
+``{"type": "x-fal-error", "error": …, "reason": …}`` message, not a close.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+import msgpack
+
+from .apps import InvalidInput, find_app
+from .asgi import base_url, header_map
+
+if TYPE_CHECKING:
+    from .app import Emulator
+
+
+async def serve_realtime(emulator: Emulator, scope: dict[str, Any], receive: Any, send: Any, fal_path: str) -> None:
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    emulator.recorder.record(scope, b"", 0, "", kind="websocket")
+    found = find_app(fal_path)
+    if found is None or found[2] != "/realtime":
+        await send({"type": "websocket.close", "code": 1008, "reason": "no such realtime app"})
+        return
+    app_id, app, _ = found
+    alias = app_id.split("/")[1]
+    token = dict(parse_qsl(scope["query_string"].decode("latin-1"))).get("fal_jwt_token")
+    auth = header_map(scope).get("authorization", "")
+    key = emulator.config.fal_key
+    if not ((token and emulator.storage.check_token(token, alias))
+            or (auth.startswith("Key ") and (key is None or auth == f"Key {key}"))):
+        await send({"type": "websocket.close", "code": 4001, "reason": "Unauthorized"})
+        return
+    await send({"type": "websocket.accept"})
+    base = base_url(scope, emulator.config.public_url)
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        binary = message.get("bytes") is not None
+        try:
+            data = msgpack.unpackb(message["bytes"]) if binary else json.loads(message.get("text") or "")
+            data = app.validate(data)
+            reply: Any = await app.run(data, emulator.files, base, emulator.config.seed)
+        except InvalidInput as exc:
+            reply = {"type": "x-fal-error", "error": "INVALID_INPUT", "reason": json.dumps(exc.errors)}
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            reply = {"type": "x-fal-error", "error": "INVALID_MESSAGE", "reason": "could not decode the frame"}
+        if binary:
+            await send({"type": "websocket.send", "bytes": msgpack.packb(reply)})
+        else:
+            await send({"type": "websocket.send", "text": json.dumps(reply)})
