@@ -1,7 +1,9 @@
 """Shared fixtures: real processes on real loopback sockets.
 
-``fake_gateway`` runs ``tests/fakes/gateway.py`` in its own process; ``start_proxy``
-runs the real ``python -m proxy`` command against it. Both bind port 0 and report
+``fake_gateway`` runs the product's own offline emulator (``python -m proxy emulator``,
+see ``proxy/emulator``) in its own process as the fake Cloudflare gateway + fal; it
+records every request it receives. ``start_proxy`` runs the real ``python -m proxy``
+command against it. Both bind port 0 and report
 the port they got on a JSON line, so there is no free-port race.
 """
 
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Sentinels: if either string shows up in a response or a log line, a secret leaked.
 FAL_KEY = "fal-SENTINEL-key-4b1d:secret-9e2c"
 CF_TOKEN = "cf-SENTINEL-token-77aa"
-PREFIX = "/v1/acct/gw/fal"
+PREFIX = "/v1/acct/gw/fal"  # any /v1/<account>/<gateway>/fal works on the emulator
 START_TIMEOUT = 20.0
 
 
@@ -113,8 +115,9 @@ class FakeGateway:
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.port}{PREFIX}"
 
-    def requests(self) -> list[dict[str, Any]]:
-        records = self.client.get("/_fake/requests").json()
+    def requests(self, kind: str = "gateway") -> list[dict[str, Any]]:
+        """What the emulated gateway received (``kind="upload"``: signed-URL uploads)."""
+        records = [r for r in self.client.get("/_emulator/requests").json() if r["kind"] == kind]
         for record in records:
             record["body"] = base64.b64decode(record["body_b64"])
             record["header_map"] = {}
@@ -128,23 +131,28 @@ class FakeGateway:
         return records[0]
 
     def events(self) -> list[str]:
-        return self.client.get("/_fake/events").json()
+        return self.client.get("/_emulator/events").json()
 
     def clear(self) -> None:
-        self.client.delete("/_fake/requests")
+        self.client.delete("/_emulator/requests")
 
     def release(self, gate: str) -> None:
-        self.client.post(f"/_fake/release/{gate}")
+        self.client.post(f"/_emulator/gates/{gate}")
 
     def stop(self) -> None:
         self.client.close()
         self.process.stop()
 
 
+# Emulated durations (queue wait, generation) shrunk 20x: a 3 s job takes 0.15 s.
+TIME_SCALE = "0.05"
+
+
 def start_fake_gateway(*extra_args: str) -> FakeGateway:
     process = Process(
-        [sys.executable, "-m", "tests.fakes.gateway", "--port", "0", "--key", FAL_KEY, *extra_args],
-        child_env(),
+        [sys.executable, "-m", "proxy", "emulator", "--port", "0", "--key", FAL_KEY,
+         "--time-scale", TIME_SCALE, *extra_args],
+        child_env(FAL_PROXY_LOG_FORMAT="json"),
     )
     line = process.wait_for_json(lambda r: r.get("event") == "listening")
     return FakeGateway(process, line["port"])

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import CF_TOKEN, FAL_KEY, PREFIX, FakeGateway, RunningProxy, start_fake_gateway
-from tests.fakes.gateway import pattern_block
+from proxy.emulator.faults import pattern_block
 
 JSON = {"content-type": "application/json"}
 
@@ -31,7 +31,8 @@ def test_fal_run_shaped_post_goes_to_the_gateway_path_with_the_server_key(
         headers={**JSON, "authorization": "Key client-key", "user-agent": "ua-test", "cookie": "c=1"},
     )
     assert r.status_code == 200
-    assert r.headers["x-fal-request-id"] == "req-1" or r.headers["x-fal-request-id"].startswith("req-")
+    assert r.json()["images"][0]["content_type"] == "image/png"
+    assert r.headers["x-fal-request-id"] and r.headers["cf-aig-cache-status"] == "MISS"
     seen = fake_gateway.only_request()
     assert (seen["method"], seen["path"], seen["query"]) == ("POST", f"{PREFIX}/fal-ai/fast-sdxl", "x=1")
     assert seen["body"] == body
@@ -54,7 +55,8 @@ def test_sdk_queue_submit_goes_to_the_bare_gateway_url_with_the_target_header(
         headers={**JSON, "x-fal-target-url": target, "x-fal-queue-priority": "low",
                  "x-fal-runner-hint": "h1", "x-fal-request-timeout": "30", "x-custom": "v"},
     )
-    assert r.status_code == 200 and r.json()["request_id"] == "req-queue-1"
+    assert r.status_code == 200
+    assert r.json()["request_id"] == r.headers["x-fal-request-id"]
     seen = fake_gateway.only_request()
     assert (seen["path"], seen["query"], seen["target_url"]) == (PREFIX, "", target)
     h = seen["header_map"]
@@ -65,12 +67,15 @@ def test_sdk_queue_submit_goes_to_the_bare_gateway_url_with_the_target_header(
 
 
 def test_queue_status_get_and_bodyless_cancel(client: httpx.Client, fake_gateway: FakeGateway) -> None:
-    status = "https://queue.fal.run/fal-ai/flux/requests/req-123/status?logs=1"
-    assert client.get("/api/fal/proxy", headers={"x-fal-target-url": status}).json()["status"] == "COMPLETED"
-    cancel = "https://queue.fal.run/fal-ai/flux/requests/req-123/cancel"
+    submit = client.post("/api/fal/proxy", json={"prompt": "cat"},
+                         headers={"x-fal-target-url": "https://queue.fal.run/fal-ai/flux/dev"})
+    request_id = submit.json()["request_id"]
+    status = f"https://queue.fal.run/fal-ai/flux/requests/{request_id}/status?logs=1"
+    assert client.get("/api/fal/proxy", headers={"x-fal-target-url": status}).json()["status"] == "IN_QUEUE"
+    cancel = f"https://queue.fal.run/fal-ai/flux/requests/{request_id}/cancel"
     r = client.put("/api/fal/proxy", headers={"x-fal-target-url": cancel, **JSON, "content-length": "0"})
-    assert r.status_code == 202
-    get, put = fake_gateway.requests()
+    assert (r.status_code, r.json()) == (202, {"status": "CANCELLATION_REQUESTED"})
+    _, get, put = fake_gateway.requests()
     assert (get["method"], get["target_url"], get["body_len"]) == ("GET", status, 0)
     assert (put["method"], put["target_url"], put["body_len"]) == ("PUT", cancel, 0)
 
@@ -84,7 +89,7 @@ def test_get_run_keeps_the_query_verbatim(client: httpx.Client, fake_gateway: Fa
 
 
 def test_head_is_forwarded_without_a_body(client: httpx.Client, fake_gateway: FakeGateway) -> None:
-    r = client.head("/fal-ai/echo")
+    r = client.head("/emulator/echo")
     assert r.status_code == 200 and r.content == b""
     assert fake_gateway.only_request()["method"] == "HEAD"
 
@@ -92,17 +97,17 @@ def test_head_is_forwarded_without_a_body(client: httpx.Client, fake_gateway: Fa
 @pytest.mark.parametrize(
     ("path", "status", "check"),
     [
-        ("/fal-ai/status/422", 422, lambda r: r.json()["detail"][0]["loc"] == ["body", "prompt"]),
-        ("/fal-ai/status/500", 500, lambda r: r.json() == {"detail": "boom"}),
-        ("/fal-ai/status/504", 504, lambda r: r.headers["x-fal-request-timeout-type"] == "user"),
-        ("/fal-ai/text404", 404, lambda r: r.text == "no such app"),
+        ("/emulator/status/422", 422, lambda r: r.json()["detail"][0]["loc"] == ["body", "prompt"]),
+        ("/emulator/status/500", 500, lambda r: r.json() == {"detail": "boom"}),
+        ("/emulator/status/504", 504, lambda r: r.headers["x-fal-request-timeout-type"] == "user"),
+        ("/emulator/text404", 404, lambda r: r.text == "no such app"),
     ],
 )
 def test_upstream_errors_pass_through_with_their_status(client: httpx.Client, path: str, status: int, check) -> None:
     r = client.post(path, json={})
     assert r.status_code == status
     assert check(r)
-    assert r.headers["x-fal-request-id"].startswith("req-")
+    assert r.headers["x-fal-request-id"]
 
 
 @pytest.mark.parametrize(
@@ -131,7 +136,7 @@ def test_refused_requests_get_a_json_reason_and_send_nothing_upstream(
 
 @pytest.mark.parametrize("method", ["DELETE", "PATCH"])
 def test_other_sdk_methods_are_forwarded(client: httpx.Client, fake_gateway: FakeGateway, method: str) -> None:
-    r = client.request(method, "/api/fal/proxy", headers={"x-fal-target-url": "https://fal.run/fal-ai/x"}, content=b"{}")
+    r = client.request(method, "/api/fal/proxy", headers={"x-fal-target-url": "https://fal.run/emulator/echo"}, content=b"{}")
     assert r.status_code == 200
     assert fake_gateway.only_request()["method"] == method
 
@@ -152,7 +157,7 @@ def test_sse_events_arrive_before_the_upstream_has_produced_the_next(
     timeout = httpx.Timeout(10, read=5)
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=timeout) as c, c.stream(
         "POST", "/api/fal/proxy", json={"prompt": "hi"},
-        headers={"x-fal-target-url": "https://fal.run/fal-ai/sse/stream?n=3", "accept": "text/event-stream"},
+        headers={"x-fal-target-url": "https://fal.run/emulator/sse/stream?n=3", "accept": "text/event-stream"},
     ) as r:
         assert r.headers["content-type"] == "text/event-stream"
         lines = r.iter_lines()
@@ -184,11 +189,11 @@ def _reset_peak_rss(pid: int) -> None:
 def test_64_mib_download_streams_with_bounded_memory(proxy: RunningProxy, client: httpx.Client) -> None:
     size = 64 * 1024 * 1024
     pid = proxy.process.proc.pid
-    client.get("/fal-ai/bytes?size=1024")  # warm up the pool
+    client.get("/emulator/bytes?size=1024")  # warm up the pool
     _reset_peak_rss(pid)
     before = _rss_kib(pid, "VmRSS")
     digest, received = hashlib.sha256(), 0
-    with client.stream("GET", f"/fal-ai/bytes?size={size}") as r:
+    with client.stream("GET", f"/emulator/bytes?size={size}") as r:
         assert r.headers["content-length"] == str(size)
         for chunk in r.iter_raw():
             digest.update(chunk)
@@ -210,7 +215,7 @@ def test_32_mib_upload_streams_with_bounded_memory(proxy: RunningProxy, client: 
         for _ in range(size // len(piece)):
             yield piece
 
-    r = client.post("/fal-ai/sink", content=body(), headers={"content-type": "application/octet-stream"})
+    r = client.post("/emulator/sink", content=body(), headers={"content-type": "application/octet-stream"})
     assert r.status_code == 200
     assert r.json() == {"len": size, "sha256": hashlib.sha256(piece * (size // len(piece))).hexdigest()}
     grown_mib = (_rss_kib(pid, "VmHWM") - before) / 1024
@@ -219,7 +224,7 @@ def test_32_mib_upload_streams_with_bounded_memory(proxy: RunningProxy, client: 
 
 def test_binary_body_with_content_length_is_forwarded_byte_for_byte(client: httpx.Client, fake_gateway: FakeGateway) -> None:
     body = bytes(range(256)) * 300
-    r = client.post("/fal-ai/sink", content=body, headers={"content-type": "multipart/form-data; boundary=x"})
+    r = client.post("/emulator/sink", content=body, headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
     seen = fake_gateway.only_request()
     assert seen["header_map"]["content-length"] == str(len(body))
@@ -228,23 +233,23 @@ def test_binary_body_with_content_length_is_forwarded_byte_for_byte(client: http
 
 def test_compressed_bodies_pass_through_untouched(proxy: RunningProxy) -> None:
     with httpx.Client(base_url=proxy.url, trust_env=False) as c:
-        r = c.get("/fal-ai/gzip", headers={"accept-encoding": "gzip"})
+        r = c.get("/emulator/gzip", headers={"accept-encoding": "gzip"})
         assert r.headers["content-encoding"] == "gzip"
         assert int(r.headers["content-length"]) < 2000  # still the compressed size
         assert r.json()["compressed"] is True  # and the client decodes it
-        with c.stream("GET", "/fal-ai/gzip", headers={"accept-encoding": "gzip"}) as raw:
+        with c.stream("GET", "/emulator/gzip", headers={"accept-encoding": "gzip"}) as raw:
             assert json.loads(gzip.decompress(b"".join(raw.iter_raw())))["compressed"] is True
 
 
 def test_cookies_and_hop_headers_are_dropped_and_never_carried_over(
     client: httpx.Client, fake_gateway: FakeGateway
 ) -> None:
-    first = client.get("/fal-ai/cookie")
+    first = client.get("/emulator/cookie")
     assert "set-cookie" not in first.headers
     client.cookies.clear()
-    second = client.get("/fal-ai/cookie")
+    second = client.get("/emulator/cookie")
     assert second.json()["cookie_seen"] == ""  # the proxy's upstream client kept no jar
-    hop = client.get("/fal-ai/hop")
+    hop = client.get("/emulator/hop")
     assert hop.headers["x-end-to-end"] == "kept"
     for name in ("x-custom-hop", "keep-alive", "alt-svc"):
         assert name not in hop.headers
@@ -253,7 +258,7 @@ def test_cookies_and_hop_headers_are_dropped_and_never_carried_over(
 
 def test_client_abort_mid_stream_closes_the_upstream_request(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=5) as c:
-        with c.stream("POST", "/fal-ai/stall", json={}) as r:
+        with c.stream("POST", "/emulator/stall", json={}) as r:
             request_id = r.headers["x-proxy-request-id"]
             assert next(r.iter_lines()) == 'data: {"n": 1}'
         # leaving the block closes the connection mid-stream
@@ -270,7 +275,7 @@ def test_client_abort_while_waiting_for_headers_closes_the_upstream_request(
 ) -> None:
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=httpx.Timeout(5, read=0.5)) as c:
         with pytest.raises(httpx.ReadTimeout):
-            c.post("/fal-ai/hang", json={})
+            c.post("/emulator/hang", json={})
     deadline = time.monotonic() + 5
     while not any(e.startswith("disconnected:hang") for e in fake_gateway.events()):
         assert time.monotonic() < deadline, "the upstream request was not closed after the client left"
@@ -281,7 +286,7 @@ def test_upstream_dying_mid_body_is_an_error_for_the_client_not_a_clean_end(
     proxy: RunningProxy, client: httpx.Client
 ) -> None:
     with pytest.raises(httpx.RemoteProtocolError):
-        with client.stream("GET", "/fal-ai/die") as r:
+        with client.stream("GET", "/emulator/die") as r:
             request_id = r.headers["x-proxy-request-id"]
             for _ in r.iter_raw():
                 pass
@@ -296,7 +301,7 @@ def test_stalled_upload_from_the_client_is_408(start_proxy, fake_gateway: FakeGa
     proxy = start_proxy(FAL_PROXY_IDLE_TIMEOUT="0.5")
     port = int(proxy.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /fal-ai/sink HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n")
+        sock.sendall(b"POST /emulator/sink HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n")
         # ...then send nothing more: the proxy must give up and answer.
         response = b""
         while b"\r\n\r\n" not in response or not response.endswith(b"}"):
@@ -312,7 +317,7 @@ def test_gateway_that_stops_reading_the_upload_is_504(start_proxy, fake_gateway:
     proxy = start_proxy(FAL_PROXY_IDLE_TIMEOUT="0.5")
     chunk = b"x" * (1024 * 1024)
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=20) as c:
-        r = c.post("/fal-ai/noread", content=iter([chunk] * 64))
+        r = c.post("/emulator/noread", content=iter([chunk] * 64))
     assert r.status_code == 504
     assert r.json()["message"] == "the gateway stopped reading the request body"
     fake_gateway.release("noread")
@@ -321,20 +326,20 @@ def test_gateway_that_stops_reading_the_upload_is_504(start_proxy, fake_gateway:
 def test_304_with_a_content_length_passes_and_the_connection_stays_usable(
     client: httpx.Client,
 ) -> None:
-    r = client.get("/fal-ai/notmodified", headers={"if-none-match": '"v1"'})
+    r = client.get("/emulator/notmodified", headers={"if-none-match": '"v1"'})
     assert r.status_code == 304 and r.headers["etag"] == '"v1"'
     assert "content-length" not in r.headers
-    assert client.get("/fal-ai/echo").status_code == 200  # same keep-alive connection
+    assert client.get("/emulator/echo").status_code == 200  # same keep-alive connection
 
 
 def test_body_over_the_limit_is_refused(start_proxy, fake_gateway: FakeGateway) -> None:
     proxy = start_proxy(FAL_PROXY_MAX_BODY_BYTES="1000")
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=5) as c:
-        declared = c.post("/fal-ai/sink", content=b"x" * 2000)
+        declared = c.post("/emulator/sink", content=b"x" * 2000)
         assert declared.status_code == 413 and declared.json()["message"] == "request body too large"
-        streamed = c.post("/fal-ai/sink", content=iter([b"x" * 600, b"x" * 600]))
+        streamed = c.post("/emulator/sink", content=iter([b"x" * 600, b"x" * 600]))
         assert streamed.status_code == 413
-        assert c.post("/fal-ai/sink", content=b"x" * 1000).status_code == 200
+        assert c.post("/emulator/sink", content=b"x" * 1000).status_code == 200
     assert [r["body_len"] for r in fake_gateway.requests()] == [1000]
 
 
@@ -346,7 +351,7 @@ def test_unreachable_gateway_is_502_and_slow_gateway_is_504(start_proxy) -> None
     assert r.json()["message"] == "the gateway could not be reached"
     slow = start_proxy(FAL_PROXY_FIRST_BYTE_TIMEOUT="0.3")
     with httpx.Client(base_url=slow.url, trust_env=False, timeout=10) as c:
-        r = c.post("/fal-ai/hang", json={})
+        r = c.post("/emulator/hang", json={})
     assert r.status_code == 504
     assert "0.3s" in r.json()["detail"]
 
@@ -380,13 +385,13 @@ def test_fal_401_is_not_mistaken_for_a_gateway_problem(start_proxy) -> None:
 
 def test_canonical_log_line_per_request(proxy: RunningProxy, client: httpx.Client) -> None:
     target = "https://queue.fal.run/fal-ai/flux/dev?fal_webhook=https%3A%2F%2Fx.com%2F%3Fsecret%3Dabc"
-    r = client.post("/api/fal/proxy", headers={"x-fal-target-url": target}, json={"p": 1})
+    r = client.post("/api/fal/proxy", headers={"x-fal-target-url": target}, json={"prompt": "p"})
     line = proxy.wait_for_request_log(r.headers["x-proxy-request-id"])
     assert line["route"] == "queue" and line["method"] == "POST"
     assert (line["target_host"], line["target_path"]) == ("queue.fal.run", "/fal-ai/flux/dev")
     assert line["target_query"] == "fal_webhook=[redacted]"
     assert (line["status"], line["upstream_status"]) == (200, 200)
-    assert line["bytes_in"] == len(b'{"p":1}') and line["bytes_out"] == int(r.headers["content-length"])
+    assert line["bytes_in"] == len(b'{"prompt":"p"}') and line["bytes_out"] == int(r.headers["content-length"])
     assert line["fal_request_id"] == r.headers["x-fal-request-id"]
     assert line["cf_aig_log_id"] == r.headers["cf-aig-log-id"]
     assert line["ttfb_ms"] > 0 and line["duration_ms"] >= line["ttfb_ms"]
@@ -395,11 +400,11 @@ def test_canonical_log_line_per_request(proxy: RunningProxy, client: httpx.Clien
 
 def test_secrets_never_reach_the_client_or_the_logs(proxy: RunningProxy, client: httpx.Client) -> None:
     responses = [
-        client.post("/fal-ai/echo", json={}),
+        client.post("/emulator/echo", json={}),
         client.post("/api/fal/proxy", json={}),
         client.post("/api/fal/proxy", headers={"x-fal-target-url": "https://evil.com/"}, json={}),
-        client.post("/fal-ai/status/500", json={}),
-        client.get("/fal-ai/hop"),
+        client.post("/emulator/status/500", json={}),
+        client.get("/emulator/hop"),
     ]
     for secret in (FAL_KEY, FAL_KEY.split(":")[1], "SENTINEL"):
         for r in responses:
@@ -419,8 +424,8 @@ def test_curl_against_the_fal_run_shape(proxy: RunningProxy, fake_gateway: FakeG
     assert curl is not None, "curl is not installed (.ci/run installs it)"
     out = subprocess.run(
         [curl, "-sS", "--fail-with-body", "-H", "content-type: application/json",
-         "-d", '{"prompt":"a cat"}', f"{proxy.url}/fal-ai/fast-sdxl"],
+         "-d", '{"prompt":"a cat"}', f"{proxy.url}/emulator/echo"],
         capture_output=True, text=True, timeout=10, check=True,
     ).stdout
-    assert json.loads(out)["body"] == '{"prompt":"a cat"}'
-    assert fake_gateway.only_request()["path"] == f"{PREFIX}/fal-ai/fast-sdxl"
+    assert json.loads(out) == {"input": {"prompt": "a cat"}}
+    assert fake_gateway.only_request()["path"] == f"{PREFIX}/emulator/echo"
