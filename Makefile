@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SDK_DIR := tests/sdk
 
-.PHONY: install run test test-unit test-e2e bench clean
+.PHONY: install demo run emulator test test-unit test-e2e bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ install: $(VENV)/.installed
 $(SDK_DIR)/node_modules/.package-lock.json: $(SDK_DIR)/package-lock.json
 	npm ci --prefix $(SDK_DIR) --no-audit --no-fund
 	touch $@
+
+# Try it with no account: the proxy, the offline fal + gateway emulator and a demo page,
+# on http://127.0.0.1:8787/ (DEMO_ARGS: e.g. --port 9999). No real fal call is made.
+demo: install
+	$(VENV)/bin/fal-gateway-proxy demo $(DEMO_ARGS)
+
+# The emulator alone, for your own app's tests: gateway URL http://127.0.0.1:9000/v1/x/y/fal
+emulator: install
+	$(VENV)/bin/fal-gateway-proxy emulator $(EMULATOR_ARGS)
 
 # Run the proxy with the settings in the environment (see README: FAL_KEY, CF_ACCOUNT_ID, ...).
 run: install
