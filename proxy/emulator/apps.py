@@ -13,8 +13,8 @@ An unknown app answers 404 as fal does. Invalid input answers 422 with fal's
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,8 @@ class Files:
     counter: itertools.count = field(default_factory=itertools.count)
 
     def add(self, data: bytes, content_type: str, suffix: str) -> str:
-        name = f"{next(self.counter):06d}-{int(time.time() * 1000) % 100000:05d}{suffix}"
+        # Named by content and order: the same seed and inputs give the same URLs.
+        name = f"{next(self.counter):06d}-{hashlib.sha256(data).hexdigest()[:12]}{suffix}"
         self.items[name] = (content_type, data)
         return name
 
