@@ -34,6 +34,8 @@ class Job:
     cancelled: bool = False
     result: dict[str, Any] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Wall clock minus monotonic clock, taken at submit: dates the (monotonic) times above.
+    wall_offset: float = field(default_factory=lambda: time.time() - time.monotonic())
 
     def urls(self) -> dict[str, str]:
         base = f"{QUEUE_URL}/{self.owner_alias}/requests/{self.request_id}"
@@ -52,9 +54,10 @@ class Job:
             body["queue_position"] = 0
         if with_logs:
             shown = now - self.submitted - self.wait
+            started = self.wall_offset + self.submitted + self.wait  # wall-clock start of the run
             body["logs"] = [
                 {"message": message, "level": "INFO", "source": "user",
-                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.submitted + self.wait + at))}
+                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started + at))}
                 for at, message in self.logs
                 if at <= shown or state == "COMPLETED"
             ] if not self.cancelled else []

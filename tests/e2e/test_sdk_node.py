@@ -4,7 +4,11 @@ Each test runs ``node tests/sdk/scenarios.mjs <proxy> <scenario>``: a real SDK c
 configured the way an app outside a browser configures it
 (``proxyUrl: {url: <proxy>/api/fal/proxy, when: "always"}``, no credentials), then
 checks both sides: what the SDK returned (data, requestId, error classes) and what the
-fake gateway recorded (auth, path mode vs target mode, headers, bodies).
+gateway recorded (auth, path mode vs target mode, headers, bodies).
+
+Upstream is the product's own offline emulator (the ``fake_gateway`` fixture, see
+tests/conftest.py and proxy/emulator): ``emulator/*`` apps for echo and faults, and a
+real queue (``fal-ai/flux/dev``) whose jobs progress on the emulator's scaled clock.
 
 The SDK is installed with ``npm ci --prefix tests/sdk``; without it these tests fail
 (never skip), so a CI that forgot the step cannot go green by accident.
@@ -16,12 +20,15 @@ import json
 import re
 import shutil
 import subprocess
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import FAL_KEY, PREFIX, ROOT, FakeGateway, RunningProxy, child_env
+from proxy.emulator.apps import CATALOGUE
+from proxy.emulator.queue import QUEUE_WAIT
+from tests.conftest import FAL_KEY, PREFIX, ROOT, TIME_SCALE, FakeGateway, RunningProxy, child_env
 
 SDK_DIR = ROOT / "tests" / "sdk"
 SCRIPT = SDK_DIR / "scenarios.mjs"
@@ -30,7 +37,15 @@ UA = f"@fal-ai/client/{SDK_VERSION}"
 SERVER_AUTH = f"Key {FAL_KEY}"
 NODE_TIMEOUT = 60
 INSTALL_HINT = "run `npm ci --prefix tests/sdk` (needs node >= 20 and npm)"
-REQUEST_ID = re.compile(r"req-\d+")
+# The emulator's request ids are uuid4s, like fal's.
+REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+QUEUE_APP = "fal-ai/flux/dev"
+QUEUE = "https://queue.fal.run"
+# The SDK drops the "/dev" sub-path for status/result/cancel: <QUEUE>/fal-ai/flux/requests/<id>.
+QUEUE_REQUESTS = f"{QUEUE}/fal-ai/flux/requests"
+# Submit to COMPLETED on the emulator's clock (queue wait + generation), plus slack for timers.
+QUEUE_JOB_MS = round((QUEUE_WAIT + CATALOGUE[QUEUE_APP].duration) * float(TIME_SCALE) * 1000) + 50
+JOB_LOGS = CATALOGUE[QUEUE_APP].log_lines({})
 
 
 def require_sdk(sdk_dir: Path = SDK_DIR) -> str:
@@ -54,7 +69,9 @@ def run_sdk(proxy: RunningProxy, fake_gateway: FakeGateway, scenario: str) -> di
     """Run one scenario of scenarios.mjs against ``proxy``; return its outcome."""
     node = require_sdk()
     # child_env keeps only PATH/HOME/LANG/...: no FAL_KEY can reach the SDK process.
-    env = child_env(FAKE_CONTROL_URL=f"http://127.0.0.1:{fake_gateway.port}")
+    env = child_env(
+        EMULATOR_URL=f"http://127.0.0.1:{fake_gateway.port}", QUEUE_JOB_MS=str(QUEUE_JOB_MS)
+    )
     assert not {"FAL_KEY", "FAL_KEY_ID", "FAL_KEY_SECRET"} & env.keys()
     completed = subprocess.run(
         [node, str(SCRIPT), proxy.url, scenario],
@@ -92,7 +109,7 @@ def assert_sent_without_credentials(outcome: dict[str, Any]) -> None:
         assert "authorization" not in request["headers"]
 
 
-# --- what the fake gateway received ------------------------------------------------------
+# --- what the gateway (the emulator) received -------------------------------------------
 
 
 def assert_upstream_common(record: dict[str, Any]) -> None:
@@ -128,9 +145,21 @@ def assert_target_mode(record: dict[str, Any], method: str, target_url: str) -> 
     assert record["header_map"]["cf-aig-max-attempts"] == "1"
 
 
-def echo(method: str, path: str, query: str = "", body: str = "") -> dict[str, Any]:
-    """What the fake's echo app answers for a request that reached it as described."""
-    return {"method": method, "host": "fal.run", "path": path, "query": query, "body": body}
+def assert_generated_image(result: dict[str, Any], fake_gateway: FakeGateway) -> None:
+    """A text-to-image result for prompt "cat" whose image the emulator really serves."""
+    (image,) = result["images"]
+    origin = f"http://127.0.0.1:{fake_gateway.port}"
+    assert image["url"].startswith(f"{origin}/_emulator/files/") and image["url"].endswith(".png")
+    assert (image["width"], image["height"], image["content_type"]) == (512, 512, "image/png")
+    assert result["prompt"] == "cat"
+    assert isinstance(result["seed"], int)
+    png = fake_gateway.client.get(image["url"].removeprefix(origin))
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def statuses(updates: list[str]) -> list[str]:
+    """Consecutive repeats collapsed: the states a job went through, in order."""
+    return [s for i, s in enumerate(updates) if i == 0 or updates[i - 1] != s]
 
 
 # --- the guard itself ----------------------------------------------------------------------
@@ -147,13 +176,13 @@ def test_missing_sdk_install_fails_with_the_install_command(tmp_path: Path) -> N
 def test_run_post(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     outcome = run_sdk(proxy, fake_gateway, "run_post")
 
-    assert outcome["data"] == echo("POST", "/fal-ai/echo", body='{"prompt":"cat"}')
+    assert outcome["data"] == {"input": {"prompt": "cat"}}
     assert REQUEST_ID.fullmatch(outcome["requestId"])
-    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/fal-ai/echo"))
+    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/emulator/echo"))
     assert_sent_without_credentials(outcome)
 
     seen = fake_gateway.only_request()
-    assert_path_mode(seen, "POST", "/fal-ai/echo")
+    assert_path_mode(seen, "POST", "/emulator/echo")
     assert seen["body"] == b'{"prompt":"cat"}'
     assert seen["header_map"]["accept"] == "application/json"
     assert seen["header_map"]["cf-aig-max-attempts"] == "1"  # a POST is never retried by the gateway
@@ -162,23 +191,42 @@ def test_run_post(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
 def test_run_get_puts_the_input_in_the_query(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     outcome = run_sdk(proxy, fake_gateway, "run_get")
 
-    assert outcome["data"] == echo("GET", "/fal-ai/echo", "prompt=cat&n=2")
+    # The emulated app read its input back from the query (n as a number, as fal does).
+    assert outcome["data"] == {"input": {"prompt": "cat", "n": 2}}
     assert REQUEST_ID.fullmatch(outcome["requestId"])
-    assert_sent_via_proxy(outcome, proxy, ("GET", "https://fal.run/fal-ai/echo?prompt=cat&n=2"))
+    assert_sent_via_proxy(outcome, proxy, ("GET", "https://fal.run/emulator/echo?prompt=cat&n=2"))
 
     seen = fake_gateway.only_request()
-    assert_path_mode(seen, "GET", "/fal-ai/echo", "prompt=cat&n=2")
+    assert_path_mode(seen, "GET", "/emulator/echo", "prompt=cat&n=2")
     assert seen["body"] == b""
 
 
-def test_run_with_path_and_query(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
-    outcome = run_sdk(proxy, fake_gateway, "run_path_query")
+def test_run_with_query(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "run_query")
 
-    assert outcome["data"] == echo("POST", "/fal-ai/echo/custom", "q=1", '{"prompt":"cat"}')
-    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/fal-ai/echo/custom?q=1"))
+    assert outcome["data"] == {"input": {"prompt": "cat"}}  # a POST's input is its body
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/emulator/echo?q=1"))
 
     seen = fake_gateway.only_request()
-    assert_path_mode(seen, "POST", "/fal-ai/echo/custom", "q=1")
+    assert_path_mode(seen, "POST", "/emulator/echo", "q=1")
+    assert seen["body"] == b'{"prompt":"cat"}'
+
+
+def test_run_with_path_and_query(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "run_path")
+
+    # The app itself answers that it has no such endpoint: the sub-path reached it intact.
+    error = outcome["thrown"]
+    assert outcome["result"] is None
+    assert error["constructor"] == "ApiError"
+    assert error["status"] == 404
+    assert error["body"] == {"detail": "emulator/echo has no path '/custom'"}
+    assert REQUEST_ID.fullmatch(error["requestId"])
+    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/emulator/echo/custom?q=1"))
+
+    seen = fake_gateway.only_request()
+    assert_path_mode(seen, "POST", "/emulator/echo/custom", "q=1")
     assert seen["body"] == b'{"prompt":"cat"}'
 
 
@@ -187,7 +235,7 @@ def test_gzip_response_is_decoded_by_the_sdk(proxy: RunningProxy, fake_gateway: 
 
     assert outcome["data"] == {"compressed": True, "pad": "x" * 2000}
     assert REQUEST_ID.fullmatch(outcome["requestId"])
-    assert_path_mode(fake_gateway.only_request(), "POST", "/fal-ai/gzip")
+    assert_path_mode(fake_gateway.only_request(), "POST", "/emulator/gzip")
 
 
 # --- queue -----------------------------------------------------------------------------------
@@ -196,9 +244,14 @@ def test_gzip_response_is_decoded_by_the_sdk(proxy: RunningProxy, fake_gateway: 
 def test_queue_submit_with_all_options(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     outcome = run_sdk(proxy, fake_gateway, "queue_submit")
 
-    target = "https://queue.fal.run/fal-ai/flux/dev?fal_webhook=https%3A%2F%2Fexample.com%2Fhook%3Fa%3Db"
-    assert outcome["submitted"]["request_id"] == "req-queue-1"
-    assert outcome["submitted"]["status"] == "IN_QUEUE"
+    target = f"{QUEUE}/{QUEUE_APP}?fal_webhook=https%3A%2F%2Fexample.com%2Fhook%3Fa%3Db"
+    submitted = outcome["submitted"]
+    request_id = submitted["request_id"]
+    assert REQUEST_ID.fullmatch(request_id)
+    assert submitted["status"] == "IN_QUEUE"
+    assert submitted["status_url"] == f"{QUEUE_REQUESTS}/{request_id}/status"
+    assert submitted["response_url"] == f"{QUEUE_REQUESTS}/{request_id}"
+    assert submitted["cancel_url"] == f"{QUEUE_REQUESTS}/{request_id}/cancel"
     assert_sent_via_proxy(outcome, proxy, ("POST", target))
 
     seen = fake_gateway.only_request()
@@ -214,35 +267,54 @@ def test_queue_submit_with_all_options(proxy: RunningProxy, fake_gateway: FakeGa
 def test_queue_status_result_cancel(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     outcome = run_sdk(proxy, fake_gateway, "queue_status_result_cancel")
 
-    base = "https://queue.fal.run/fal-ai/flux/requests/req-123"  # the SDK drops the "/dev" sub-path
-    assert outcome["status"] == {"status": "COMPLETED", "request_id": "req-queue-1", "logs": []}
-    assert outcome["result"]["data"] == {"images": [{"url": "https://v3.fal.media/cat.png"}]}
-    assert REQUEST_ID.fullmatch(outcome["result"]["requestId"])
-    assert outcome["cancelled"] == "undefined"
-    assert_sent_via_proxy(
-        outcome, proxy, ("GET", f"{base}/status?logs=1"), ("GET", base), ("PUT", f"{base}/cancel")
-    )
+    request_id, fresh_id = outcome["submitted"]["request_id"], outcome["fresh"]["request_id"]
+    assert REQUEST_ID.fullmatch(request_id) and REQUEST_ID.fullmatch(fresh_id)
+    assert request_id != fresh_id
+    base, fresh = f"{QUEUE_REQUESTS}/{request_id}", f"{QUEUE_REQUESTS}/{fresh_id}"
+    status = outcome["status"]
+    assert (status["status"], status["request_id"]) == ("COMPLETED", request_id)
+    assert [log["message"] for log in status["logs"]] == JOB_LOGS  # logs=1: every line, once
+    now = datetime.now(timezone.utc)
+    for log in status["logs"]:  # UTC wall-clock times of this run
+        stamp = datetime.strptime(log["timestamp"], "%Y-%m-%dT%H:%M:%S")
+        assert abs(now - stamp.replace(tzinfo=timezone.utc)) < timedelta(minutes=5), log
+    assert outcome["result"]["requestId"] == request_id
+    assert_generated_image(outcome["result"]["data"], fake_gateway)
+    assert outcome["cancelled"] == "undefined"  # 202 CANCELLATION_REQUESTED; no return value
+    submit, cancel = ("POST", f"{QUEUE}/{QUEUE_APP}"), ("PUT", f"{fresh}/cancel")
+    expected = [submit, ("GET", f"{base}/status?logs=1"), ("GET", base), submit, cancel]
+    assert_sent_via_proxy(outcome, proxy, *expected)
 
-    status, result, cancel = fake_gateway.requests()
-    assert_target_mode(status, "GET", f"{base}/status?logs=1")
-    assert_target_mode(result, "GET", base)
-    assert_target_mode(cancel, "PUT", f"{base}/cancel")
-    for record in (status, result, cancel):
+    records = fake_gateway.requests()
+    assert len(records) == len(expected)
+    for record, (method, target) in zip(records, expected, strict=True):
+        assert_target_mode(record, method, target)
+    _, status_seen, result_seen, fresh_seen, cancel_seen = records
+    assert fresh_seen["body"] == b'{"prompt":"dog"}'
+    for record in (status_seen, result_seen, cancel_seen):
         assert record["body"] == b""
 
 
 def test_subscribe_polls_until_completed(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     outcome = run_sdk(proxy, fake_gateway, "subscribe_polling")
 
-    assert outcome["enqueued"] == ["req-queue-1"]
-    assert outcome["updates"] == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
-    assert outcome["data"] == {"images": [{"url": "https://v3.fal.media/cat.png"}]}
-    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    (request_id,) = outcome["enqueued"]
+    assert REQUEST_ID.fullmatch(request_id)
+    updates = outcome["updates"]
+    # One update per poll (every 20 ms over a ~150 ms job): each state seen, in order.
+    assert statuses([u["status"] for u in updates]) == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    # logs=1: the log lines arrive while the job runs; each poll has all of them so far.
+    for before, after in zip(updates, updates[1:]):
+        assert after["logs"][: len(before["logs"])] == before["logs"]
+    assert all(u["logs"] == [] for u in updates if u["status"] == "IN_QUEUE")
+    assert updates[-1]["logs"] == JOB_LOGS
+    assert outcome["requestId"] == request_id
+    assert_generated_image(outcome["data"], fake_gateway)
 
-    base = "https://queue.fal.run/fal-ai/progress/requests/req-queue-1"
+    base = f"{QUEUE_REQUESTS}/{request_id}"
     expected = [
-        ("POST", "https://queue.fal.run/fal-ai/progress/dev"),
-        *[("GET", f"{base}/status?logs=0")] * 3,
+        ("POST", f"{QUEUE}/{QUEUE_APP}"),
+        *[("GET", f"{base}/status?logs=1")] * len(updates),
         ("GET", base),
     ]
     assert_sent_via_proxy(outcome, proxy, *expected)
@@ -255,13 +327,16 @@ def test_subscribe_polls_until_completed(proxy: RunningProxy, fake_gateway: Fake
 def test_subscribe_streaming_status(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     outcome = run_sdk(proxy, fake_gateway, "subscribe_streaming")
 
-    assert outcome["enqueued"] == ["req-queue-1"]
+    (request_id,) = outcome["enqueued"]
+    assert REQUEST_ID.fullmatch(request_id)
+    # One event per change of state, pushed by the emulator over the status stream.
     assert outcome["updates"] == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
-    assert outcome["data"] == {"images": [{"url": "https://v3.fal.media/cat.png"}]}
+    assert outcome["requestId"] == request_id
+    assert_generated_image(outcome["data"], fake_gateway)
 
-    base = "https://queue.fal.run/fal-ai/flux/requests/req-queue-1"
+    base = f"{QUEUE_REQUESTS}/{request_id}"
     expected = [
-        ("POST", "https://queue.fal.run/fal-ai/flux/dev"),
+        ("POST", f"{QUEUE}/{QUEUE_APP}"),
         ("GET", f"{base}/status/stream?logs=0"),
         ("GET", base),
     ]
@@ -282,10 +357,11 @@ def test_stream_sse(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     assert outcome["events"] == [{"n": 1}, {"n": 2}, {"n": 3}]
     assert outcome["done"] == {"n": 3}
     assert REQUEST_ID.fullmatch(outcome["requestId"])
-    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/fal-ai/sse/stream?n=3&gated=0"))
+    target = "https://fal.run/emulator/sse/stream?n=3&gated=0"  # the SDK appends /stream
+    assert_sent_via_proxy(outcome, proxy, ("POST", target))
 
     seen = fake_gateway.only_request()
-    assert_path_mode(seen, "POST", "/fal-ai/sse/stream", "n=3&gated=0")
+    assert_path_mode(seen, "POST", "/emulator/sse/stream", "n=3&gated=0")
     assert seen["body"] == b'{"prompt":"cat"}'
     assert "text/event-stream" in seen["header_map"]["accept"]
     assert seen["header_map"]["cf-aig-skip-cache"] == "true"
@@ -293,16 +369,18 @@ def test_stream_sse(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
 
 
 def test_stream_events_reach_the_sdk_one_by_one(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
-    # The fake emits event i+1 only once the SDK process, having received event i,
+    # The emulator emits event i+1 only once the SDK process, having received event i,
     # releases the gate: a proxy that buffered the stream would deadlock (and time out).
     outcome = run_sdk(proxy, fake_gateway, "stream_incremental")
 
     assert [e["event"] for e in outcome["events"]] == [{"n": 1}, {"n": 2}, {"n": 3}]
     assert outcome["done"] == {"n": 3}
     assert outcome["releaseStatuses"] == [200, 200]
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/emulator/sse/stream?n=3"))
 
     seen = fake_gateway.only_request()
-    assert_path_mode(seen, "POST", "/fal-ai/sse/stream", "n=3")
+    assert_path_mode(seen, "POST", "/emulator/sse/stream", "n=3")
     assert "text/event-stream" in seen["header_map"]["accept"]
 
 
@@ -324,7 +402,7 @@ def test_422_becomes_a_validation_error(proxy: RunningProxy, fake_gateway: FakeG
     assert REQUEST_ID.fullmatch(error["requestId"])
 
     seen = fake_gateway.only_request()  # a 422 is not retried
-    assert_path_mode(seen, "POST", "/fal-ai/status/422")
+    assert_path_mode(seen, "POST", "/emulator/status/422")
     assert seen["body"] == b'{"foo":1}'
 
 
@@ -337,7 +415,7 @@ def test_500_becomes_an_api_error_with_the_body(proxy: RunningProxy, fake_gatewa
     assert error["status"] == 500
     assert error["body"] == {"detail": "boom"}
     assert REQUEST_ID.fullmatch(error["requestId"])
-    assert_path_mode(fake_gateway.only_request(), "POST", "/fal-ai/status/500")
+    assert_path_mode(fake_gateway.only_request(), "POST", "/emulator/status/500")
 
 
 def test_user_timeout_504_is_not_retried(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
@@ -350,7 +428,7 @@ def test_user_timeout_504_is_not_retried(proxy: RunningProxy, fake_gateway: Fake
     assert error["isUserTimeout"] is True
 
     seen = fake_gateway.only_request()  # exactly one attempt
-    assert_path_mode(seen, "POST", "/fal-ai/status/504")
+    assert_path_mode(seen, "POST", "/emulator/status/504")
     assert seen["header_map"]["x-fal-request-timeout"] == "5"
 
 
@@ -364,7 +442,7 @@ def test_text_404_becomes_an_api_error(proxy: RunningProxy, fake_gateway: FakeGa
     assert error["message"] == "HTTP 404: Not Found"
     assert error["body"] is None  # not JSON: the SDK keeps no body
     assert REQUEST_ID.fullmatch(error["requestId"])
-    assert_path_mode(fake_gateway.only_request(), "POST", "/fal-ai/text404")
+    assert_path_mode(fake_gateway.only_request(), "POST", "/emulator/text404")
 
 
 def test_sdk_retries_upstream_503(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
@@ -372,13 +450,13 @@ def test_sdk_retries_upstream_503(proxy: RunningProxy, fake_gateway: FakeGateway
 
     assert outcome["data"] == {"attempt": 3}
     assert REQUEST_ID.fullmatch(outcome["requestId"])
-    target = ("POST", "https://fal.run/fal-ai/flaky?fail=2")
+    target = ("POST", "https://fal.run/emulator/flaky?fail=2")
     assert_sent_via_proxy(outcome, proxy, target, target, target)
 
     records = fake_gateway.requests()
     assert len(records) == 3  # the SDK retried; the gateway was told not to (max-attempts 1)
     for record in records:
-        assert_path_mode(record, "POST", "/fal-ai/flaky", "fail=2")
+        assert_path_mode(record, "POST", "/emulator/flaky", "fail=2")
         assert record["body"] == b'{"prompt":"cat"}'
         assert record["header_map"]["cf-aig-max-attempts"] == "1"
 
@@ -391,18 +469,19 @@ def test_client_credentials_are_replaced_by_the_server_key(
 ) -> None:
     outcome = run_sdk(proxy, fake_gateway, "client_key")
 
-    assert outcome["run"]["data"] == echo("POST", "/fal-ai/echo", body='{"prompt":"cat"}')
-    assert outcome["submitted"]["request_id"] == "req-queue-1"
+    assert outcome["run"]["data"] == {"input": {"prompt": "cat"}}
+    assert REQUEST_ID.fullmatch(outcome["submitted"]["request_id"])
+    assert outcome["submitted"]["status"] == "IN_QUEUE"
     # The SDK did send its key to the proxy...
     assert_sent_via_proxy(
-        outcome, proxy, ("POST", "https://fal.run/fal-ai/echo"), ("POST", "https://queue.fal.run/fal-ai/flux/dev")
+        outcome, proxy, ("POST", "https://fal.run/emulator/echo"), ("POST", f"{QUEUE}/{QUEUE_APP}")
     )
     for request in outcome["sent"]:
         assert request["headers"]["authorization"] == "Key client-key"
 
     # ...and the gateway saw only the server's (assert_upstream_common checks it is the only one).
     run, submit = fake_gateway.requests()
-    assert_path_mode(run, "POST", "/fal-ai/echo")
-    assert_target_mode(submit, "POST", "https://queue.fal.run/fal-ai/flux/dev")
+    assert_path_mode(run, "POST", "/emulator/echo")
+    assert_target_mode(submit, "POST", f"{QUEUE}/{QUEUE_APP}")
     for record in (run, submit):
         assert b"client-key" not in json.dumps(record["headers"]).encode()

@@ -12,8 +12,15 @@
 // `ok` is false when the scenario threw something it did not expect; the outcome then
 // has `error`. Expected SDK errors (ValidationError, ApiError) are outcomes, not failures.
 //
-// The `stream_incremental` scenario needs FAKE_CONTROL_URL (the fake gateway's base URL):
-// it releases the fake's SSE gates itself, one after each event it has received.
+// The upstream is the product's offline emulator (`python -m proxy emulator`, see
+// proxy/emulator): its `emulator/*` apps (echo, fault injection) and a real queue whose
+// jobs move IN_QUEUE -> IN_PROGRESS -> COMPLETED on the emulator's (scaled) clock.
+//
+// Environment, set by tests/e2e/test_sdk_node.py:
+//   EMULATOR_URL     the emulator's base URL; `stream_incremental` releases its SSE gates
+//                    (POST /_emulator/gates/sse-<i>) itself, one after each event received.
+//   QUEUE_JOB_MS     how long an emulated fal-ai/flux/dev job takes from submit to
+//                    COMPLETED (queue wait + generation, times the emulator's time scale).
 
 import { ApiError, ValidationError, createFalClient } from "@fal-ai/client";
 
@@ -28,6 +35,16 @@ if (!proxyBase) {
 }
 const PROXY_URL = `${proxyBase.replace(/\/$/, "")}/api/fal/proxy`;
 const SCENARIO_TIMEOUT_MS = 15000;
+const QUEUE_APP = "fal-ai/flux/dev"; // an emulated text-to-image app; needs a non-empty prompt
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+function requireEnv(name) {
+  const value = process.env[name];
+  if (!value) {
+    throw new Error(`this scenario needs ${name}`);
+  }
+  return value;
+}
 
 /** A client configured like an app would, plus a fetch that records what it sends. */
 function makeClient(extra = {}) {
@@ -95,29 +112,36 @@ function summarizeResult(result) {
 const scenarios = {
   async run_post() {
     const { fal, sent } = makeClient();
-    const result = await fal.run("fal-ai/echo", { input: { prompt: "cat" } });
+    const result = await fal.run("emulator/echo", { input: { prompt: "cat" } });
     return { sent, ...summarizeResult(result) };
   },
 
   async run_get() {
     const { fal, sent } = makeClient();
-    const result = await fal.run("fal-ai/echo", { method: "get", input: { prompt: "cat", n: 2 } });
+    const result = await fal.run("emulator/echo", { method: "get", input: { prompt: "cat", n: 2 } });
     return { sent, ...summarizeResult(result) };
   },
 
-  async run_path_query() {
+  async run_query() {
+    // `query` on a POST run: the input stays in the body, the query string rides along.
     const { fal, sent } = makeClient();
-    const result = await fal.run("fal-ai/echo", {
-      input: { prompt: "cat" },
-      path: "/custom",
-      query: { q: "1" },
-    });
+    const result = await fal.run("emulator/echo", { input: { prompt: "cat" }, query: { q: "1" } });
     return { sent, ...summarizeResult(result) };
+  },
+
+  async run_path() {
+    // `path` addresses one of the app's own endpoints; the echo app has no `/custom`, and
+    // says so (fal's 404): proof that the sub-path reached the app unchanged.
+    const { fal, sent } = makeClient();
+    const { result, thrown } = await capture(() =>
+      fal.run("emulator/echo", { input: { prompt: "cat" }, path: "/custom", query: { q: "1" } }),
+    );
+    return { sent, result: result ?? null, thrown: thrown ?? null };
   },
 
   async queue_submit() {
     const { fal, sent } = makeClient();
-    const submitted = await fal.queue.submit("fal-ai/flux/dev", {
+    const submitted = await fal.queue.submit(QUEUE_APP, {
       input: { prompt: "cat" },
       webhookUrl: "https://example.com/hook?a=b",
       priority: "low",
@@ -129,14 +153,25 @@ const scenarios = {
   },
 
   async queue_status_result_cancel() {
+    // The emulator's queue is real: status/result/cancel need a request id it issued.
+    // Waiting QUEUE_JOB_MS after the submit answer is enough for COMPLETED: the job's
+    // clock started when the emulator received the submit, before it answered.
+    const jobMs = Number(requireEnv("QUEUE_JOB_MS"));
     const { fal, sent } = makeClient();
-    const status = await fal.queue.status("fal-ai/flux/dev", { requestId: "req-123", logs: true });
-    const result = await fal.queue.result("fal-ai/flux/dev", { requestId: "req-123" });
-    const cancelled = await fal.queue.cancel("fal-ai/flux/dev", { requestId: "req-123" });
+    const submitted = await fal.queue.submit(QUEUE_APP, { input: { prompt: "cat" } });
+    const requestId = submitted.request_id;
+    await sleep(jobMs);
+    const status = await fal.queue.status(QUEUE_APP, { requestId, logs: true });
+    const result = await fal.queue.result(QUEUE_APP, { requestId });
+    // Cancel a job that has just been submitted, so it is still waiting to run.
+    const fresh = await fal.queue.submit(QUEUE_APP, { input: { prompt: "dog" } });
+    const cancelled = await fal.queue.cancel(QUEUE_APP, { requestId: fresh.request_id });
     return {
       sent,
+      submitted,
       status,
       result: summarizeResult(result),
+      fresh,
       cancelled: cancelled === undefined ? "undefined" : cancelled,
     };
   },
@@ -145,11 +180,13 @@ const scenarios = {
     const { fal, sent } = makeClient();
     const enqueued = [];
     const updates = [];
-    const result = await fal.subscribe("fal-ai/progress/dev", {
+    const result = await fal.subscribe(QUEUE_APP, {
       input: { prompt: "cat" },
+      logs: true,
       pollInterval: 20,
       onEnqueue: (requestId) => enqueued.push(requestId),
-      onQueueUpdate: (update) => updates.push(update.status),
+      onQueueUpdate: (update) =>
+        updates.push({ status: update.status, logs: (update.logs ?? []).map((log) => log.message) }),
     });
     return { sent, enqueued, updates, ...summarizeResult(result) };
   },
@@ -158,7 +195,7 @@ const scenarios = {
     const { fal, sent } = makeClient();
     const enqueued = [];
     const updates = [];
-    const result = await fal.subscribe("fal-ai/flux/dev", {
+    const result = await fal.subscribe(QUEUE_APP, {
       input: { prompt: "cat" },
       mode: "streaming",
       onEnqueue: (requestId) => enqueued.push(requestId),
@@ -169,7 +206,7 @@ const scenarios = {
 
   async stream() {
     const { fal, sent } = makeClient();
-    const stream = await fal.stream("fal-ai/sse", {
+    const stream = await fal.stream("emulator/sse", {
       input: { prompt: "cat" },
       queryParams: { n: "3", gated: "0" },
     });
@@ -182,16 +219,16 @@ const scenarios = {
   },
 
   async stream_incremental() {
-    // The fake produces event i (i > 1) only after gate sse-i is released, and this
+    // The emulator produces event i (i > 1) only after gate sse-i is released, and this
     // script releases sse-(i+1) only once it has *received* event i. So the stream can
     // only finish if every event travelled through the proxy on its own, unbuffered.
-    const control = process.env.FAKE_CONTROL_URL;
-    if (!control) {
-      throw new Error("stream_incremental needs FAKE_CONTROL_URL");
-    }
+    const emulator = requireEnv("EMULATOR_URL");
     const { fal, sent } = makeClient();
     const n = 3;
-    const stream = await fal.stream("fal-ai/sse", { input: { prompt: "cat" }, queryParams: { n: String(n) } });
+    const stream = await fal.stream("emulator/sse", {
+      input: { prompt: "cat" },
+      queryParams: { n: String(n) },
+    });
     const events = [];
     const releases = [];
     const started = Date.now();
@@ -200,7 +237,7 @@ const scenarios = {
       const next = event.n + 1;
       if (next <= n) {
         releases.push(
-          fetch(`${control}/_fake/release/sse-${next}`, { method: "POST" }).then((r) => r.status),
+          fetch(`${emulator}/_emulator/gates/sse-${next}`, { method: "POST" }).then((r) => r.status),
         );
       }
     });
@@ -210,48 +247,48 @@ const scenarios = {
 
   async error_422() {
     const { fal, sent } = makeClient();
-    const { result, thrown } = await capture(() => fal.run("fal-ai/status/422", { input: { foo: 1 } }));
+    const { result, thrown } = await capture(() => fal.run("emulator/status/422", { input: { foo: 1 } }));
     return { sent, result: result ?? null, thrown: thrown ?? null };
   },
 
   async error_500() {
     const { fal, sent } = makeClient();
-    const { result, thrown } = await capture(() => fal.run("fal-ai/status/500", { input: { foo: 1 } }));
+    const { result, thrown } = await capture(() => fal.run("emulator/status/500", { input: { foo: 1 } }));
     return { sent, result: result ?? null, thrown: thrown ?? null };
   },
 
   async error_504_user_timeout() {
     const { fal, sent } = makeClient();
     const { result, thrown } = await capture(() =>
-      fal.run("fal-ai/status/504", { input: { foo: 1 }, startTimeout: 5 }),
+      fal.run("emulator/status/504", { input: { foo: 1 }, startTimeout: 5 }),
     );
     return { sent, result: result ?? null, thrown: thrown ?? null };
   },
 
   async error_text404() {
     const { fal, sent } = makeClient();
-    const { result, thrown } = await capture(() => fal.run("fal-ai/text404", { input: { foo: 1 } }));
+    const { result, thrown } = await capture(() => fal.run("emulator/text404", { input: { foo: 1 } }));
     return { sent, result: result ?? null, thrown: thrown ?? null };
   },
 
   async retry_503() {
-    // The fake answers 503 twice, then 200: the SDK's own retry must get through.
+    // The emulator answers 503 twice, then 200: the SDK's own retry must get through.
     const { fal, sent } = makeClient();
-    const result = await fal.run("fal-ai/flaky", { input: { prompt: "cat" }, query: { fail: "2" } });
+    const result = await fal.run("emulator/flaky", { input: { prompt: "cat" }, query: { fail: "2" } });
     return { sent, ...summarizeResult(result) };
   },
 
   async gzip() {
     const { fal, sent } = makeClient();
-    const result = await fal.run("fal-ai/gzip", { input: { prompt: "cat" } });
+    const result = await fal.run("emulator/gzip", { input: { prompt: "cat" } });
     return { sent, ...summarizeResult(result) };
   },
 
   async client_key() {
     // An app that (wrongly) ships a key to the client: the proxy must replace it.
     const { fal, sent } = makeClient({ credentials: "client-key" });
-    const run = await fal.run("fal-ai/echo", { input: { prompt: "cat" } });
-    const submitted = await fal.queue.submit("fal-ai/flux/dev", { input: { prompt: "cat" } });
+    const run = await fal.run("emulator/echo", { input: { prompt: "cat" } });
+    const submitted = await fal.queue.submit(QUEUE_APP, { input: { prompt: "cat" } });
     return { sent, run: summarizeResult(run), submitted };
   },
 };
