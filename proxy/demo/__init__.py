@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from starlette.responses import FileResponse
+from starlette.exceptions import HTTPException
+from starlette.responses import FileResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
 
 from ..app import create_app
@@ -38,7 +39,10 @@ def create_demo_app(settings: Settings, emulator_config: EmulatorConfig) -> Any:
         elif scope["type"] == "http" and path == "/":
             await index(scope, receive, send)
         elif scope["type"] == "http" and path.startswith("/demo/"):
-            await static({**scope, "path": path[len("/demo"):], "root_path": ""}, receive, send)
+            try:
+                await static({**scope, "path": path[len("/demo"):], "root_path": ""}, receive, send)
+            except HTTPException as exc:  # StaticFiles raises 404/405 instead of answering
+                await PlainTextResponse(exc.detail, status_code=exc.status_code)(scope, receive, send)
         else:
             await proxy(scope, receive, send)
 
