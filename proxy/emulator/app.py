@@ -133,31 +133,32 @@ class Emulator:
         if gone:
             return
         record = self.recorder.record(scope, body, size, digest, kind="gateway", target_url=target)
+        # Every answer carries these, refusals included (before fal is reached, as after).
+        request_id = self._id()
+        common = [(b"x-fal-request-id", request_id.encode()),
+                  (b"cf-aig-log-id", f"01{self.rng.getrandbits(100):025X}".encode()),
+                  (b"cf-aig-cache-status", b"MISS")]
         cf_token = self.config.cf_token
         if cf_token is not None and headers.get("cf-aig-authorization") != f"Bearer {cf_token}":
-            await send_json(send, 401, GATEWAY_401)
+            await send_json(send, 401, GATEWAY_401, common)
             return
         auth = headers.get("authorization", "")
         if not auth.startswith("Key ") or len(auth) <= 4 or (
             self.config.fal_key is not None and auth != f"Key {self.config.fal_key}"
         ):
-            await send_json(send, 401, {"detail": "Invalid Key authorization header"})
+            await send_json(send, 401, {"detail": "Invalid Key authorization header"}, common)
             return
         if target is not None:
             if fal_path not in ("", "/"):
-                await send_json(send, 400, {"detail": "x-fal-target-url goes with the bare /fal URL"})
+                await send_json(send, 400, {"detail": "x-fal-target-url goes with the bare /fal URL"}, common)
                 return
             parts = urlsplit(target)
             if parts.scheme != "https" or parts.hostname not in TARGET_HOSTS or parts.port:
-                await send_json(send, 400, {"detail": "x-fal-target-url must be a fal URL"})
+                await send_json(send, 400, {"detail": "x-fal-target-url must be a fal URL"}, common)
                 return
             host, path, query = parts.hostname, parts.path or "/", parts.query
         else:
             host, path, query = "fal.run", fal_path or "/", scope["query_string"].decode("latin-1")
-        request_id = self._id()
-        common = [(b"x-fal-request-id", request_id.encode()),
-                  (b"cf-aig-log-id", f"01{self.rng.getrandbits(100):025X}".encode()),
-                  (b"cf-aig-cache-status", b"MISS")]
         ctx = Call(self, scope, receive, send, common, request_id, record, body)
         if host == "queue.fal.run":
             await self._queue(ctx, scope["method"], path, query)
@@ -284,7 +285,13 @@ class Emulator:
                 await send_json(ctx.send, 422, {"detail": [{"loc": ["body", "allowed_apps"], "msg": "field required",
                                                             "type": "value_error.missing"}]}, ctx.headers)
                 return
-            lifetime = min(float(data.get("token_expiration", 120)), self.config.token_lifetime)
+            expiration = data.get("token_expiration", 120)
+            if not isinstance(expiration, (int, float)) or isinstance(expiration, bool):
+                await send_json(ctx.send, 422, {"detail": [{"loc": ["body", "token_expiration"],
+                                                            "msg": "must be a number of seconds",
+                                                            "type": "type_error.number"}]}, ctx.headers)
+                return
+            lifetime = min(float(expiration), self.config.token_lifetime)
             await send_json(ctx.send, 201, self.storage.issue_token(apps, lifetime), ctx.headers)
         else:
             await send_json(ctx.send, 404, {"detail": "Not Found"}, ctx.headers)

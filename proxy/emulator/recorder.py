@@ -30,7 +30,7 @@ class Recorder:
         record = {
             "kind": kind,
             "time": time.time(),
-            "method": scope["method"],
+            "method": scope.get("method", "GET"),  # a WebSocket scope has none: its handshake is a GET
             "path": (scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
             "query": scope["query_string"].decode("latin-1"),
             "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],

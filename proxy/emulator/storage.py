@@ -9,6 +9,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from .apps import Files
 
@@ -36,12 +37,15 @@ class Storage:
             data = json.loads(body or b"{}")
         except ValueError:
             data = {}
+        if not isinstance(data, dict):
+            data = {}
         content_type = str(data.get("content_type") or "application/octet-stream")
         file_name = str(data.get("file_name") or "upload.bin")
         token = self._hex(8)
         self.uploads[token] = Upload(content_type, file_name, multipart)
-        # The file URL is fixed now; it serves 404 until the bytes arrive.
-        name = f"{token}-{file_name.rsplit('/', 1)[-1]}"
+        # The file URL is fixed now; it serves 404 until the bytes arrive. Percent-encoded, so a
+        # name with a space, "#", "?" or non-ASCII is one path segment that matches as requested.
+        name = quote(f"{token}-{file_name.rsplit('/', 1)[-1]}", safe="")
         self.uploads[token].file_name = name
         return {"upload_url": f"{base_url}/_emulator/uploads/{token}?signature=emulated",
                 "file_url": f"{base_url}/_emulator/files/{name}"}
