@@ -133,14 +133,15 @@ class Emulator:
         if gone:
             return
         record = self.recorder.record(scope, body, size, digest, kind="gateway", target_url=target)
-        # Every answer carries these, refusals included (before fal is reached, as after).
+        # The gateway's headers are on every answer; fal's request id only once fal is reached
+        # (the gateway's own refusals, 2009 and a bad target, never got that far).
         request_id = self._id()
-        common = [(b"x-fal-request-id", request_id.encode()),
-                  (b"cf-aig-log-id", f"01{self.rng.getrandbits(100):025X}".encode()),
-                  (b"cf-aig-cache-status", b"MISS")]
+        gateway_headers = [(b"cf-aig-log-id", f"01{self.rng.getrandbits(100):025X}".encode()),
+                           (b"cf-aig-cache-status", b"MISS")]
+        common = [(b"x-fal-request-id", request_id.encode()), *gateway_headers]
         cf_token = self.config.cf_token
         if cf_token is not None and headers.get("cf-aig-authorization") != f"Bearer {cf_token}":
-            await send_json(send, 401, GATEWAY_401, common)
+            await send_json(send, 401, GATEWAY_401, gateway_headers)
             return
         auth = headers.get("authorization", "")
         if not auth.startswith("Key ") or len(auth) <= 4 or (
@@ -150,11 +151,12 @@ class Emulator:
             return
         if target is not None:
             if fal_path not in ("", "/"):
-                await send_json(send, 400, {"detail": "x-fal-target-url goes with the bare /fal URL"}, common)
+                await send_json(send, 400, {"detail": "x-fal-target-url goes with the bare /fal URL"},
+                                gateway_headers)
                 return
             parts = urlsplit(target)
             if parts.scheme != "https" or parts.hostname not in TARGET_HOSTS or parts.port:
-                await send_json(send, 400, {"detail": "x-fal-target-url must be a fal URL"}, common)
+                await send_json(send, 400, {"detail": "x-fal-target-url must be a fal URL"}, gateway_headers)
                 return
             host, path, query = parts.hostname, parts.path or "/", parts.query
         else:
@@ -224,10 +226,13 @@ class Emulator:
             await send_json(ctx.send, 200, job.status(time.monotonic(), with_logs), ctx.headers)
         elif action == "/status/stream":
             await start_sse(ctx.send, ctx.headers)
-            last = None
+            last, logs_sent = None, 0
             while True:
                 status = await self.queue.wait_for_change(job, last, with_logs)
                 last = self.queue.status_key(job, with_logs)
+                if with_logs:  # each event carries only the new lines: the SDK accumulates them
+                    logs = status["logs"]
+                    status["logs"], logs_sent = logs[logs_sent:], len(logs)
                 await send_event(ctx.send, status)
                 if status["status"] == "COMPLETED":
                     break

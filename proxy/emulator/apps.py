@@ -30,6 +30,9 @@ IMAGE_SIZES = {
 }
 
 
+MAX_FILES = 1000
+
+
 class InvalidInput(Exception):
     """Input that fails validation; ``errors`` are fal's ``detail`` items."""
 
@@ -53,6 +56,8 @@ class Files:
         # Named by content and order: the same seed and inputs give the same URLs.
         name = f"{next(self.counter):06d}-{hashlib.sha256(data).hexdigest()[:12]}{suffix}"
         self.items[name] = (content_type, data)
+        while len(self.items) > MAX_FILES:  # a long-running emulator forgets the oldest
+            del self.items[next(iter(self.items))]
         return name
 
 

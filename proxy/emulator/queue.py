@@ -18,6 +18,7 @@ from .apps import App, Files
 
 QUEUE_WAIT = 1.0  # seconds in IN_QUEUE at time scale 1
 QUEUE_URL = "https://queue.fal.run"
+MAX_JOBS = 10_000
 
 
 @dataclass
@@ -87,6 +88,8 @@ class Queue:
         job = Job(request_id, app_id, owner_alias(app_id), app, data, time.monotonic(),
                   QUEUE_WAIT * self.time_scale, run, logs)
         self.jobs[request_id] = job
+        while len(self.jobs) > MAX_JOBS:  # a long-running emulator forgets the oldest
+            del self.jobs[next(iter(self.jobs))]
         return job
 
     def find(self, owner_alias_path: str, request_id: str) -> Job | None:

@@ -2,7 +2,8 @@
 
 Authentication, as fal takes it: a ``fal_jwt_token`` query parameter issued by the
 emulator's ``/tokens/`` for the app's alias (the second id segment), or the key in an
-``authorization: Key …`` handshake header. Each binary frame is a msgpack input object
+``authorization: Key …`` handshake header (or a ``fal-api-key.<key>`` sub-protocol, the
+gateway's browser form). An authenticated gateway also wants ``cf-aig-authorization``. Each binary frame is a msgpack input object
 and gets a msgpack result; a text frame is JSON in, JSON out. Invalid input gets fal's
 ``{"type": "x-fal-error", "error": …, "reason": …}`` message, not a close.
 """
@@ -34,8 +35,18 @@ async def serve_realtime(emulator: Emulator, scope: dict[str, Any], receive: Any
     app_id, app, _ = found
     alias = app_id.split("/")[1]
     token = dict(parse_qsl(scope["query_string"].decode("latin-1"))).get("fal_jwt_token")
-    auth = header_map(scope).get("authorization", "")
-    key = emulator.config.fal_key
+    headers = header_map(scope)
+    auth = headers.get("authorization", "")
+    key, cf_token = emulator.config.fal_key, emulator.config.cf_token
+    offered = scope.get("subprotocols") or []
+    # An authenticated gateway wants its token on WebSockets too: a header, or (browsers)
+    # the sub-protocol "cf-aig-authorization.<token>".
+    if cf_token is not None and headers.get("cf-aig-authorization") != f"Bearer {cf_token}" \
+            and f"cf-aig-authorization.{cf_token}" not in offered:
+        await send({"type": "websocket.close", "code": 1008, "reason": "Unauthorized"})
+        return
+    if not auth and any(p.startswith("fal-api-key.") for p in offered):
+        auth = "Key " + next(p for p in offered if p.startswith("fal-api-key."))[len("fal-api-key."):]
     if not ((token and emulator.storage.check_token(token, alias))
             or (auth.startswith("Key ") and (key is None or auth == f"Key {key}"))):
         await send({"type": "websocket.close", "code": 4001, "reason": "Unauthorized"})

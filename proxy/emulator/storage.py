@@ -85,7 +85,9 @@ class Storage:
 
     def issue_token(self, apps: list[str], lifetime: float) -> str:
         token = "emu." + self._hex(24)
-        self.tokens[token] = (apps, time.time() + lifetime)
+        now = time.time()
+        self.tokens = {t: v for t, v in self.tokens.items() if v[1] > now}  # drop expired ones
+        self.tokens[token] = (apps, now + lifetime)
         return token
 
     def check_token(self, token: str, alias: str) -> bool:

@@ -222,6 +222,13 @@ def test_authenticated_gateway_refuses_a_missing_or_wrong_cf_token_with_2009(
     body = r.json()
     assert body["success"] is False and body["error"][0]["code"] == 2009
     assert r.headers["cf-aig-log-id"] and r.headers["cf-aig-cache-status"] == "MISS"
+    assert "x-fal-request-id" not in r.headers  # fal was never reached
+
+
+def test_the_gateways_own_400_has_gateway_headers_but_no_fal_request_id(fake_gateway: FakeGateway) -> None:
+    r = call(fake_gateway, "POST", "https://example.com/")
+    assert r.status_code == 400
+    assert r.headers["cf-aig-log-id"] and "x-fal-request-id" not in r.headers
 
 
 def test_authenticated_gateway_passes_the_right_cf_token(cf_gateway: FakeGateway) -> None:
@@ -242,9 +249,8 @@ def test_authenticated_gateway_passes_the_right_cf_token(cf_gateway: FakeGateway
                  id="token-201"),
     pytest.param(lambda gw: run(gw, "emulator/status/503"), id="fault-503"),
     pytest.param(lambda gw: run(gw, "emulator/echo", headers={"authorization": "Key wrong"}), id="fal-key-401"),
-    pytest.param(lambda gw: call(gw, "POST", "https://example.com/"), id="bad-target-400"),
 ])
-def test_every_gateway_answer_carries_request_and_log_ids(fake_gateway: FakeGateway, request_: Any) -> None:
+def test_every_answer_from_fal_carries_request_and_log_ids(fake_gateway: FakeGateway, request_: Any) -> None:
     r = request_(fake_gateway)
     assert r.headers["x-fal-request-id"]
     assert r.headers["cf-aig-log-id"]
@@ -387,7 +393,10 @@ def test_queue_status_stream_is_sse_ending_with_completed(fake_gateway: FakeGate
     order = ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
     states = [s["status"] for s in statuses]
     assert states == sorted(states, key=order.index) and states[-1] == "COMPLETED"
-    assert len(statuses[-1]["logs"]) == 7  # every log line, by the end
+    # Each event carries only the lines that are new since the previous one (the SDK adds
+    # them up), so together they are every line, once.
+    lines = [line["message"] for status in statuses for line in status["logs"]]
+    assert len(lines) == 7 and len(set(lines)) == 7
 
 
 def test_queue_result_returns_the_images_once_completed(fake_gateway: FakeGateway) -> None:
@@ -701,3 +710,12 @@ def test_fault_noread_never_reads_the_body(fake_gateway: FakeGateway) -> None:
             run(fake_gateway, "emulator/noread", content=chunks, timeout=httpx.Timeout(5, write=0.5))
     finally:
         fake_gateway.release("noread")
+
+
+def test_authenticated_gateway_wants_its_token_on_websockets_too(cf_gateway: FakeGateway) -> None:
+    url = ws_url(cf_gateway)
+    key = {"authorization": f"Key {FAL_KEY}"}
+    assert_ws_refused(url, key)
+    with ws_connect(url, {**key, "cf-aig-authorization": "Bearer cf-right"}) as ws:
+        ws.send(json.dumps({"prompt": "cat", "image_size": {"width": 16, "height": 16}}))
+        assert "images" in json.loads(ws.recv(timeout=10))
