@@ -280,11 +280,7 @@ class Forwarder:
                     else f"no connection within {settings.connect_timeout:g}s",
                 ) from None
             except aiohttp.ClientError as exc:
-                if ex.client_gone:
-                    raise _ClientGone() from None
-                if ex.body_error is not None:
-                    raise ex.body_error from None
-                raise UpstreamUnavailable("the gateway could not be reached", _describe(exc)) from None
+                raise _failure(ex, exc, "the gateway could not be reached") from None
             finally:
                 waiting_for_headers = False
             if watcher is None and body_done:  # (else the body iterator will start it)
@@ -385,11 +381,7 @@ class Forwarder:
             except aiohttp.ClientError as exc:
                 # The upload may still be running after an early answer: its failure
                 # surfaces here, wrapped by aiohttp.
-                if ex.client_gone:
-                    raise _ClientGone() from None
-                if ex.body_error is not None:
-                    raise ex.body_error from None
-                raise UpstreamUnavailable("the gateway broke the response", _describe(exc)) from None
+                raise _failure(ex, exc, "the gateway broke the response") from None
             if first_chunk:
                 first_chunk = False
                 if response.status == 401:
@@ -408,6 +400,16 @@ class Forwarder:
                     await send({"type": "http.response.body", "body": chunk})
                     return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+def _failure(ex: Exchange, exc: aiohttp.ClientError, message: str) -> Exception:
+    """What an aiohttp error really was: the client leaving or its body failing (both raised
+    inside aiohttp's writer task and wrapped by it), else the gateway's fault."""
+    if ex.client_gone:
+        return _ClientGone()
+    if ex.body_error is not None:
+        return ex.body_error
+    return UpstreamUnavailable(message, _describe(exc))
 
 
 def _describe(exc: BaseException) -> str:
