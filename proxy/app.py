@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from .admission import Admission
 from .forward import Forwarder
 from .logs import get_logger
 from .settings import RESERVED_PATHS, Settings
@@ -25,17 +26,21 @@ from .upstream import create_session
 
 def create_app(settings: Settings) -> Any:
     """Build the proxy's ASGI app for ``settings``."""
-    forwarder = Forwarder(settings)
+    admission = Admission(settings)
+    forwarder = Forwarder(settings, admission)
     log = get_logger("proxy")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        warn_about_open_settings(settings, log)
+        await admission.limiter.start()
         forwarder.session = create_session(settings)
         try:
             yield
         finally:
             await forwarder.session.close()
             forwarder.session = None
+            await admission.limiter.close()
 
     async def healthz(_request: Request) -> JSONResponse:
         # Served only once the lifespan has run, i.e. the upstream session exists.
@@ -55,3 +60,18 @@ def create_app(settings: Settings) -> Any:
             await starlette(scope, receive, send)
 
     return app
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def warn_about_open_settings(settings: Settings, log: Any) -> None:
+    """Say at start-up what is open by default, so nobody ships it by accident."""
+    access = settings.access
+    if access.auth == "none" and settings.host not in LOOPBACK and not settings.host.startswith("127."):
+        log.warning("caller authentication is off (FAL_PROXY_AUTH=none) and the proxy listens on "
+                    f"{settings.host}: anyone who can reach it spends your fal credits. "
+                    "Set FAL_PROXY_AUTH=token or jwt.", setting="FAL_PROXY_AUTH")
+    if not access.allowed_apps or "*" in access.allowed_apps:
+        log.warning("every fal app is allowed: set FAL_PROXY_ALLOWED_APPS (e.g. fal-ai/flux/*) "
+                    "to the apps your product uses", setting="FAL_PROXY_ALLOWED_APPS")

@@ -2,12 +2,17 @@
 
     ProxyError                 status + message + detail
     ├── BadRequest        400  malformed target URL or path, missing header
-    ├── Forbidden         403  target outside the allowlist
+    ├── Unauthorized      401  the caller did not prove who it is (FAL_PROXY_AUTH)
+    ├── Forbidden         403  target, origin or app outside what is allowed
     ├── NotFound          404  nothing to forward to
     ├── MethodNotAllowed  405  a method fal does not take (TRACE, CONNECT, ...)
     ├── RequestTimeout    408  the client stopped sending its body
     ├── PayloadTooLarge   413  request body over FAL_PROXY_MAX_BODY_BYTES
+    ├── URITooLong        414  path + query over FAL_PROXY_MAX_URL_BYTES
+    ├── RateLimited       429  a caller's rate or concurrency limit was reached (Retry-After)
+    ├── HeadersTooLarge   431  request headers over FAL_PROXY_MAX_HEADER_BYTES
     ├── UpstreamUnavailable 502  the gateway could not be reached or broke the connection
+    ├── LimiterUnavailable 503  the shared rate-limit store (Redis) failed (Retry-After)
     └── UpstreamTimeout   504  the gateway did not answer in time
 
 Messages are written for the caller: they say what was wrong and never echo a
@@ -25,10 +30,12 @@ class ProxyError(Exception):
     status = 500
     reason = "internal"  # short machine-readable tag for the log line
 
-    def __init__(self, message: str, detail: str = "") -> None:
+    def __init__(self, message: str, detail: str = "", *, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
+        if reason is not None:  # a finer tag than the class's, e.g. "origin_refused"
+            self.reason = reason
 
     def body(self) -> bytes:
         return json.dumps({"message": self.message, "detail": self.detail}).encode()
@@ -42,6 +49,11 @@ class BadRequest(ProxyError):
 class Forbidden(ProxyError):
     status = 403
     reason = "target_refused"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    reason = "unauthorized"
 
 
 class NotFound(ProxyError):
@@ -64,9 +76,41 @@ class PayloadTooLarge(ProxyError):
     reason = "body_too_large"
 
 
+class URITooLong(ProxyError):
+    status = 414
+    reason = "url_too_long"
+
+
+class RateLimited(ProxyError):
+    """A limit in :mod:`proxy.limits` was reached; ``retry_after`` feeds the Retry-After header."""
+
+    status = 429
+    reason = "rate_limited"
+
+    def __init__(self, message: str, detail: str = "", *, retry_after: int = 1) -> None:
+        super().__init__(message, detail)
+        self.retry_after = retry_after
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    reason = "headers_too_large"
+
+
 class UpstreamUnavailable(ProxyError):
     status = 502
     reason = "upstream_unavailable"
+
+
+class LimiterUnavailable(ProxyError):
+    """Redis failed and FAL_PROXY_REDIS_FAILURE is "closed": refuse rather than admit unchecked."""
+
+    status = 503
+    reason = "limiter_unavailable"
+
+    def __init__(self, message: str, detail: str = "", *, retry_after: int = 1) -> None:
+        super().__init__(message, detail)
+        self.retry_after = retry_after
 
 
 class UpstreamTimeout(ProxyError):

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from .admission import Admission, RequestHeaders
 from .errors import (
     BadRequest,
     MethodNotAllowed,
@@ -59,6 +60,7 @@ class Exchange:
         "request_id", "method", "kind", "host", "path", "query", "status", "upstream_status",
         "bytes_in", "bytes_out", "started", "ttfb", "error", "fal_request_id", "cf_aig_log_id",
         "body_error", "body_phase", "response_done", "client_gone", "gateway_error",
+        "caller", "client_ip", "cors",
     )  # fmt: skip
 
     def __init__(self, method: str) -> None:
@@ -75,6 +77,9 @@ class Exchange:
         self.body_phase: str | None = None  # "receive" | "send" while a streamed body moves
         self.response_done = False
         self.client_gone = False
+        self.caller: str | None = None
+        self.client_ip: str | None = None
+        self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for a listed cross-origin caller
 
     def log_fields(self) -> dict[str, Any]:
         now = time.perf_counter()
@@ -92,7 +97,7 @@ class Exchange:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
-        for name in ("fal_request_id", "cf_aig_log_id", "error", "gateway_error"):
+        for name in ("caller", "client_ip", "fal_request_id", "cf_aig_log_id", "error", "gateway_error"):
             value = getattr(self, name)
             if value is not None:
                 fields[name] = value
@@ -102,8 +107,9 @@ class Exchange:
 class Forwarder:
     """The ASGI app for every forwarded request. ``session`` is set by the app's lifespan."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, admission: Admission) -> None:
         self.settings = settings
+        self.admission = admission
         self.injected = InjectedHeaders.from_settings(settings)
         self.session: aiohttp.ClientSession | None = None
         self.log = get_logger("proxy.request")
@@ -152,6 +158,9 @@ class Forwarder:
                     (b"content-length", str(len(body)).encode()),
                     (b"x-proxy-request-id", ex.request_id.encode()),
                     *([(b"allow", _ALLOW)] if exc.status == 405 else []),
+                    *([(b"retry-after", str(retry).encode())]
+                      if (retry := getattr(exc, "retry_after", None)) is not None else []),
+                    *ex.cors,
                 ],
             }
         )
@@ -159,47 +168,83 @@ class Forwarder:
         ex.bytes_out += len(body)
 
     async def _handle(self, scope: Scope, receive: Any, send: Any, ex: Exchange) -> None:
-        settings = self.settings
+        settings, admission = self.settings, self.admission
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        seen = RequestHeaders.read(raw_headers, admission.auth_header)
+        ex.client_ip = admission.client(scope, seen)
+        admission.check_sizes(scope, seen)
+        if ex.method == "OPTIONS" and seen.origin and seen.preflight_method:
+            await self._send_preflight(send, admission.preflight(seen), ex)
+            return
+        ex.cors = admission.cors(admission.cors_origin(seen))
         if ex.method not in FORWARDED_METHODS:
             raise MethodNotAllowed(f"method {ex.method} not allowed", f"allowed: {_ALLOW.decode()}")
-        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
-        target_header: str | None = None
+        ex.caller = await admission.caller(seen)
         declared_length: int | None = None
-        for name, value in raw_headers:
-            if name == b"x-fal-target-url":
-                if target_header is None:  # the first one counts, as in fal's proxy
-                    target_header = value.decode("latin-1")
-            elif name == b"content-length":
-                try:
-                    declared_length = int(value)
-                except ValueError:
-                    raise BadRequest("invalid content-length header") from None
+        if seen.content_length is not None:
+            try:
+                declared_length = int(seen.content_length)
+            except ValueError:
+                raise BadRequest("invalid content-length header") from None
 
         raw_path = scope.get("raw_path")
         path = raw_path.decode("latin-1") if raw_path else scope["path"]
         target = resolve_target(
             path,
             scope["query_string"].decode("latin-1"),
-            target_header,
+            seen.target,
             gateway_url=settings.gateway_url,
             proxy_route=settings.proxy_route,
         )
         ex.kind, ex.host, ex.path, ex.query = target.kind, target.host, target.path, target.query
+        admission.check_app(target)
         if declared_length is not None and declared_length > settings.max_body_bytes:
             raise PayloadTooLarge(
                 "request body too large",
                 f"{declared_length} bytes; this proxy accepts at most {settings.max_body_bytes}",
             )
+        body: bytes | None = None
+        if target.kind == "token":
+            # The body says which apps the token is for: read it (it is small) and check it.
+            body = await self._read_small_body(receive, ex)
+            admission.check_token_body(body)
         try:
             headers = upstream_request_headers(
                 raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id
             )
         except UnicodeDecodeError:
             raise BadRequest("invalid header value", "header values must be ASCII or UTF-8") from None
-        await self._exchange(target, headers, receive, send, ex)
+        lease = await admission.limiter.admit(
+            ex.caller if ex.caller is not None else f"ip:{ex.client_ip}",
+            submit=admission.is_submit(ex.method, target),
+        )
+        try:
+            await self._exchange(target, headers, receive, send, ex, body)
+        finally:
+            await lease.release()
+
+    async def _read_small_body(self, receive: Any, ex: Exchange, limit: int = 64 * 1024) -> bytes:
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                raise PayloadTooLarge("request body too large", f"a token request is at most {limit} bytes")
+        ex.bytes_in = len(body)
+        return bytes(body)
+
+    async def _send_preflight(self, send: Any, headers: list[tuple[bytes, bytes]], ex: Exchange) -> None:
+        ex.status, ex.kind = 204, "preflight"
+        await send({"type": "http.response.start", "status": 204,
+                    "headers": [*headers, (b"x-proxy-request-id", ex.request_id.encode())]})
+        await send({"type": "http.response.body", "body": b""})
 
     async def _exchange(
-        self, target: Target, headers: list[tuple[str, str]], receive: Any, send: Any, ex: Exchange
+        self, target: Target, headers: list[tuple[str, str]], receive: Any, send: Any, ex: Exchange,
+        prefetched: bytes | None = None,
     ) -> None:
         assert self.session is not None, "the app's lifespan did not run"
         settings = self.settings
@@ -216,7 +261,7 @@ class Forwarder:
                 ex.client_gone = True
                 task.cancel()
 
-        first = await receive()
+        first = await receive() if prefetched is None else {"type": "http.request", "body": prefetched}
         if first["type"] == "http.disconnect":
             raise _ClientGone()
         body: bytes | AsyncIterator[bytes] | None
@@ -356,7 +401,7 @@ class Forwarder:
                 "status": response.status,
                 "headers": downstream_response_headers(
                     raw, status=response.status, request_id=ex.request_id
-                ),
+                ) + ex.cors,
             }
         )
         remaining = response.content_length  # known length: finish with the last chunk

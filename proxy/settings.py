@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from .access_settings import ACCESS_VARIABLES, AccessSettings
+from .envvars import SettingsError, _check_header_safe, _choice, _get, _int, _read_secret_file, _seconds
 
 GATEWAY_HOST = "https://gateway.ai.cloudflare.com"
 DEFAULT_ROUTE = "/api/fal/proxy"
@@ -24,8 +27,6 @@ _LOG_FORMATS = ("auto", "json", "console")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class SettingsError(ValueError):
-    """A setting is missing or invalid; the message names the variable."""
 
 
 class Secret:
@@ -68,6 +69,7 @@ class Settings:
     upstream_connections: int = 0  # 0 = no limit on the pool
     log_format: str = "auto"
     log_level: str = "info"
+    access: AccessSettings = field(default_factory=AccessSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -86,6 +88,7 @@ class Settings:
             upstream_connections=_int(env, "FAL_PROXY_UPSTREAM_CONNECTIONS", 0, low=0),
             log_format=_choice(env, "FAL_PROXY_LOG_FORMAT", "auto", _LOG_FORMATS),
             log_level=_choice(env, "FAL_PROXY_LOG_LEVEL", "info", _LOG_LEVELS),
+            access=AccessSettings.from_env(env),
         )
 
 
@@ -109,34 +112,11 @@ DOCUMENTED_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_PROXY_UPSTREAM_CONNECTIONS", "0", "most connections to the gateway at once, 0 = no limit"),
     ("FAL_PROXY_LOG_FORMAT", "auto", "auto (console on a terminal, else JSON), json or console"),
     ("FAL_PROXY_LOG_LEVEL", "info", "debug, info, warning or error"),
+    *ACCESS_VARIABLES,
 )
 
 
-def _get(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(name)
-    if value is None or value.strip() == "":
-        return None
-    return value.strip()
 
-
-def _read_secret_file(env: Mapping[str, str], name: str) -> str:
-    path = Path(env[name].strip())
-    try:
-        value = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise SettingsError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise SettingsError(f"{name}: {path} is not UTF-8 text") from None
-    if not value:
-        raise SettingsError(f"{name}: {path} is empty")
-    _check_header_safe(name, value)
-    return value
-
-
-def _check_header_safe(name: str, value: str) -> None:
-    # A key with a newline or non-ASCII byte would break (or smuggle) the upstream header.
-    if not value.isascii() or any(c in value for c in "\r\n\0") or not value.isprintable():
-        raise SettingsError(f"{name} holds characters that cannot go in an HTTP header")
 
 
 def _fal_key(env: Mapping[str, str]) -> Secret:
@@ -196,42 +176,11 @@ def _nonempty(env: Mapping[str, str], name: str, default: str) -> str:
     return _get(env, name) or default
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int | None = None) -> int:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a whole number") from None
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise SettingsError(f"{name} must be {bound}")
-    return value
-
 
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return _int(env, name, default, low=0, high=65535)
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise SettingsError(f"{name} must be a positive number of seconds")
-    return value
-
-
-def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = (_get(env, name) or default).lower()
-    if value not in choices:
-        raise SettingsError(f"{name} must be one of: {', '.join(choices)}")
-    return value
 
 
 def _route(env: Mapping[str, str]) -> str:

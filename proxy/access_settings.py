@@ -1,0 +1,160 @@
+"""Access settings: origins, callers, apps, limits, sizes, client addresses.
+
+Read from the environment with the same rules as :mod:`proxy.settings` (every problem
+names its variable). Safe by default: no cross-origin page may call the proxy, limits
+are on, sizes are bounded; only caller authentication and the app list are open by
+default, and the CLI warns about both at start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .callers import JwtConfig, load_tokens
+from .client_ip import Network, parse_networks
+from .origins import normalise_origin
+from .envvars import SettingsError, _choice, _get, _int, _read_secret_file
+
+_HEADER_NAME = "abcdefghijklmnopqrstuvwxyz0123456789-_!#$%&'*+.^`|~"
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    allowed_origins: tuple[str, ...] = ()
+    cors_extra_headers: tuple[str, ...] = ()
+    auth: str = "none"  # none | token | jwt
+    auth_header: str = "x-proxy-authorization"
+    tokens: tuple[tuple[bytes, str], ...] = field(default=(), repr=False)  # (sha256 digest, caller)
+    jwt: JwtConfig | None = field(default=None, repr=False)
+    allowed_apps: tuple[str, ...] = ()  # empty = every app
+    token_max_expiration: int = 300
+    requests_per_minute: int = 600
+    concurrent: int = 32
+    submits_per_hour: int = 1000
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    redis_failure: str = "closed"
+    max_header_bytes: int = 32 * 1024
+    max_url_bytes: int = 16 * 1024
+    trusted_proxies: tuple[Network, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AccessSettings:
+        auth = _choice(env, "FAL_PROXY_AUTH", "none", ("none", "token", "jwt"))
+        header = (_get(env, "FAL_PROXY_AUTH_HEADER") or "x-proxy-authorization").lower()
+        if not all(c in _HEADER_NAME for c in header) or header in ("authorization", "cookie", "host"):
+            raise SettingsError("FAL_PROXY_AUTH_HEADER must be a header name other than authorization/cookie/host")
+        return cls(
+            allowed_origins=_origins(env),
+            cors_extra_headers=tuple(h.lower() for h in _list(env, "FAL_PROXY_CORS_EXTRA_HEADERS")),
+            auth=auth,
+            auth_header=header,
+            tokens=_tokens(env) if auth == "token" else (),
+            jwt=_jwt(env) if auth == "jwt" else None,
+            allowed_apps=tuple(_list(env, "FAL_PROXY_ALLOWED_APPS")),
+            token_max_expiration=_int(env, "FAL_PROXY_TOKEN_MAX_EXPIRATION", 300, low=1, high=86400),
+            requests_per_minute=_int(env, "FAL_PROXY_RATE_LIMIT_RPM", 600, low=0),
+            concurrent=_int(env, "FAL_PROXY_MAX_CONCURRENT", 32, low=0),
+            submits_per_hour=_int(env, "FAL_PROXY_SUBMITS_PER_HOUR", 1000, low=0),
+            redis_url=_redis_url(env),
+            redis_failure=_choice(env, "FAL_PROXY_REDIS_FAILURE", "closed", ("closed", "open")),
+            max_header_bytes=_int(env, "FAL_PROXY_MAX_HEADER_BYTES", 32 * 1024, low=1024),
+            max_url_bytes=_int(env, "FAL_PROXY_MAX_URL_BYTES", 16 * 1024, low=256),
+            trusted_proxies=_trusted(env),
+        )
+
+
+def _list(env: Mapping[str, str], name: str) -> list[str]:
+    return [item.strip() for item in (_get(env, name) or "").split(",") if item.strip()]
+
+
+def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    out = []
+    for origin in _list(env, "FAL_PROXY_ALLOWED_ORIGINS"):
+        try:
+            out.append(normalise_origin(origin))
+        except ValueError:
+            raise SettingsError(
+                f"FAL_PROXY_ALLOWED_ORIGINS: {origin!r} is not an origin like https://app.example.com"
+            ) from None
+    return tuple(out)
+
+
+def _tokens(env: Mapping[str, str]) -> tuple[tuple[bytes, str], ...]:
+    name = "FAL_PROXY_CLIENT_TOKENS_FILE"
+    if not _get(env, name):
+        raise SettingsError(f"{name} is not set (needed with FAL_PROXY_AUTH=token)")
+    path = Path(env[name].strip())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return tuple(load_tokens(text, name))
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _jwt(env: Mapping[str, str]) -> JwtConfig:
+    secret = _read_secret_file(env, "FAL_PROXY_JWT_SECRET_FILE") if _get(env, "FAL_PROXY_JWT_SECRET_FILE") \
+        else _get(env, "FAL_PROXY_JWT_SECRET")
+    jwks_file, jwks_url = _get(env, "FAL_PROXY_JWT_JWKS_FILE"), _get(env, "FAL_PROXY_JWT_JWKS_URL")
+    if sum(x is not None for x in (secret, jwks_file, jwks_url)) != 1:
+        raise SettingsError("FAL_PROXY_AUTH=jwt needs exactly one of FAL_PROXY_JWT_SECRET(_FILE), "
+                            "FAL_PROXY_JWT_JWKS_FILE, FAL_PROXY_JWT_JWKS_URL")
+    if secret is not None and len(secret) < 32:
+        raise SettingsError("FAL_PROXY_JWT_SECRET must be at least 32 characters")
+    if jwks_file is not None:
+        import jwt
+
+        try:
+            jwt.PyJWKSet.from_json(Path(jwks_file).read_text(encoding="utf-8"))
+        except (OSError, ValueError, jwt.PyJWTError) as exc:
+            raise SettingsError(f"FAL_PROXY_JWT_JWKS_FILE: cannot load a JWKS from {jwks_file}: {exc}") from None
+    if jwks_url is not None and not jwks_url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+        raise SettingsError("FAL_PROXY_JWT_JWKS_URL must be https (http only on loopback)")
+    return JwtConfig(
+        secret=secret, jwks_file=jwks_file, jwks_url=jwks_url,
+        issuer=_get(env, "FAL_PROXY_JWT_ISSUER"), audience=_get(env, "FAL_PROXY_JWT_AUDIENCE"),
+        caller_claim=_get(env, "FAL_PROXY_JWT_CALLER_CLAIM") or "sub",
+    )
+
+
+def _redis_url(env: Mapping[str, str]) -> str | None:
+    url = _get(env, "FAL_PROXY_REDIS_URL")
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise SettingsError("FAL_PROXY_REDIS_URL must start with redis://, rediss:// or unix://")
+    return url
+
+
+def _trusted(env: Mapping[str, str]) -> tuple[Network, ...]:
+    try:
+        return parse_networks(_list(env, "FAL_PROXY_TRUSTED_PROXIES"))
+    except ValueError as exc:
+        raise SettingsError(f"FAL_PROXY_TRUSTED_PROXIES: {exc}") from None
+
+
+ACCESS_VARIABLES: tuple[tuple[str, str, str], ...] = (
+    ("FAL_PROXY_ALLOWED_ORIGINS", "", "exact origins (comma-separated) whose pages may call the proxy cross-origin"),
+    ("FAL_PROXY_CORS_EXTRA_HEADERS", "", "request headers to allow in preflights besides the fal SDK's"),
+    ("FAL_PROXY_AUTH", "none", "how callers prove who they are: none, token or jwt"),
+    ("FAL_PROXY_AUTH_HEADER", "x-proxy-authorization", "header carrying the caller's credential"),
+    ("FAL_PROXY_CLIENT_TOKENS_FILE", "", "with auth=token: file of '<caller-id> <token>' lines"),
+    ("FAL_PROXY_JWT_SECRET / _FILE", "", "with auth=jwt: HS256 secret (32+ characters)"),
+    ("FAL_PROXY_JWT_JWKS_FILE", "", "with auth=jwt: JWKS file of RS256/ES256 public keys"),
+    ("FAL_PROXY_JWT_JWKS_URL", "", "with auth=jwt: JWKS URL (https)"),
+    ("FAL_PROXY_JWT_ISSUER", "", "with auth=jwt: required iss"),
+    ("FAL_PROXY_JWT_AUDIENCE", "", "with auth=jwt: required aud"),
+    ("FAL_PROXY_JWT_CALLER_CLAIM", "sub", "with auth=jwt: claim naming the caller"),
+    ("FAL_PROXY_ALLOWED_APPS", "(all)", "glob patterns of fal endpoint ids, e.g. fal-ai/flux/*"),
+    ("FAL_PROXY_TOKEN_MAX_EXPIRATION", "300", "longest token_expiration a realtime token request may ask"),
+    ("FAL_PROXY_RATE_LIMIT_RPM", "600", "requests per minute per caller (0 = no limit)"),
+    ("FAL_PROXY_MAX_CONCURRENT", "32", "in-flight requests and streams per caller (0 = no limit)"),
+    ("FAL_PROXY_SUBMITS_PER_HOUR", "1000", "queue submits per hour per caller (0 = no limit)"),
+    ("FAL_PROXY_REDIS_URL", "", "share the limits across replicas in Redis (redis://...)"),
+    ("FAL_PROXY_REDIS_FAILURE", "closed", "when Redis fails: closed (refuse, 503) or open (serve)"),
+    ("FAL_PROXY_MAX_HEADER_BYTES", "32768", "largest request header block (431 above)"),
+    ("FAL_PROXY_MAX_URL_BYTES", "16384", "longest path + query (414 above)"),
+    ("FAL_PROXY_TRUSTED_PROXIES", "", "addresses/CIDRs whose X-Forwarded-For is believed"),
+)

@@ -1,0 +1,119 @@
+"""Origin policy (CORS), pure functions over plain values.
+
+Browsers send ``Origin`` on cross-origin requests, on every POST, and on WebSocket
+handshakes. A request whose ``Origin`` is neither the proxy's own nor listed in
+``FAL_PROXY_ALLOWED_ORIGINS`` is refused outright (403) before anything goes upstream:
+CORS response headers alone would not stop a cross-site page, because a "simple" POST
+needs no preflight (the browser sends it and only hides the answer) and browsers apply
+no CORS at all to WebSockets. Requests without ``Origin`` (servers, curl, the SDK in
+Node) are not browser cross-site requests and pass this check; the caller check
+(``FAL_PROXY_AUTH``) is what guards those.
+
+Listed origins get preflights answered with the methods and headers the fal SDK sends,
+and responses that expose the headers the SDK reads back. No
+``Access-Control-Allow-Credentials``: callers prove who they are with a header, never
+with cookies, so a cross-site page can never ride on a user's cookies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .errors import Forbidden
+
+METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE"
+# What @fal-ai/client sends (fal-sdk-protocol.md §2.3, §3.4), lower-case.
+SDK_REQUEST_HEADERS = (
+    "content-type",
+    "accept",
+    "authorization",
+    "x-fal-target-url",
+    "x-fal-queue-priority",
+    "x-fal-runner-hint",
+    "x-fal-request-timeout",
+    "x-fal-object-lifecycle",
+    "x-fal-object-lifecycle-preference",
+)
+EXPOSED_HEADERS = "x-fal-request-id, x-fal-request-timeout-type"
+MAX_AGE = "600"
+
+
+@dataclass(frozen=True)
+class OriginPolicy:
+    allowed: frozenset[str]  # exact origins, normalised by normalise_origin
+    allow_headers: str  # the Access-Control-Allow-Headers value
+
+    @classmethod
+    def build(cls, origins: list[str], extra_headers: list[str], auth_header: str | None) -> OriginPolicy:
+        names = [*SDK_REQUEST_HEADERS, *([auth_header] if auth_header else []), *extra_headers]
+        unique = list(dict.fromkeys(n.lower() for n in names))
+        return cls(frozenset(normalise_origin(o) for o in origins), ", ".join(unique))
+
+
+def normalise_origin(origin: str) -> str:
+    """``HTTPS://App.example:443`` → ``https://app.example``; raises ValueError if not an origin."""
+    parts = urlsplit(origin.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(origin)
+    port = parts.port  # raises ValueError on a bad port
+    default = {"http": 80, "https": 443}[parts.scheme]
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
+
+
+def _host_of(origin: str) -> str:
+    """The ``host[:port]`` of a normalised origin, default port dropped."""
+    return origin.split("://", 1)[1]
+
+
+def _strip_default_port(host: str) -> str:
+    for suffix in (":80", ":443"):
+        if host.endswith(suffix):
+            return host[: -len(suffix)]
+    return host
+
+
+def check_origin(origin: str | None, host: str | None, policy: OriginPolicy) -> str | None:
+    """Decide on a request's ``Origin``.
+
+    Returns the origin to echo in CORS headers (a listed cross-origin caller), or None
+    (no ``Origin``, or the proxy's own origin: no CORS headers needed). Raises
+    :class:`Forbidden` for any other origin, ``null`` included.
+    """
+    if origin is None:
+        return None
+    try:
+        normal = normalise_origin(origin)
+    except ValueError:
+        raise Forbidden("origin not allowed", "the Origin header is not a web origin (e.g. 'null')",
+                        reason="origin_refused") from None
+    if normal in policy.allowed:
+        return normal
+    # Same origin: the page was served from the host it is calling. Compared on host and
+    # port only, so a TLS-terminating front (browser sees https, proxy sees http) still matches.
+    if host is not None and _strip_default_port(_host_of(normal)) == _strip_default_port(host.lower()):
+        return None
+    raise Forbidden("origin not allowed",
+                    f"{normal} is not in FAL_PROXY_ALLOWED_ORIGINS", reason="origin_refused")
+
+
+def cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
+    """Headers for an actual (non-preflight) response to a listed cross-origin caller."""
+    return [
+        (b"access-control-allow-origin", origin.encode()),
+        (b"access-control-expose-headers", EXPOSED_HEADERS.encode()),
+        (b"vary", b"Origin"),
+    ]
+
+
+def preflight_headers(origin: str, policy: OriginPolicy) -> list[tuple[bytes, bytes]]:
+    """Headers for a 204 answer to a preflight from a listed origin."""
+    return [
+        (b"access-control-allow-origin", origin.encode()),
+        (b"access-control-allow-methods", METHODS.encode()),
+        (b"access-control-allow-headers", policy.allow_headers.encode()),
+        (b"access-control-max-age", MAX_AGE.encode()),
+        (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+    ]

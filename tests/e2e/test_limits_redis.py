@@ -1,0 +1,335 @@
+"""The Redis limiter against a real ``redis-server`` on loopback, as replicas would share it.
+
+One server for the session (``redis_server``); every test uses its own ``key_prefix``, so
+tests never see each other's counts. Tests that break Redis start their own server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from proxy.errors import LimiterUnavailable, RateLimited
+from proxy.limits import REDIS_TIMEOUT, LimitSettings, Limiter, Lease, RedisLimiter, create_limiter
+
+pytestmark = pytest.mark.anyio
+
+START_TIMEOUT = 10.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (redis-server cannot bind port 0 itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RedisServer:
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: apt-get install redis-server "
+                        "(.ci/run installs it when missing)")
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return self
+                except redis.ConnectionError:
+                    pass
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"redis-server did not answer PING:\n{self.log.read_text()}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def keys(self) -> list[str]:
+        with redis.Redis(port=self.port, decode_responses=True) as client:
+            return sorted(client.keys("*"))
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis") / "redis.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server this test may stop and restart."""
+    server = RedisServer(free_port(), tmp_path / "redis.log").start()
+    yield server
+    server.stop()
+
+
+def settings(url: str, prefix: str | None = None, **overrides: object) -> LimitSettings:
+    fields: dict[str, object] = {
+        "requests_per_minute": 0, "concurrent": 0, "submits_per_hour": 0,
+        "redis_url": url, "key_prefix": prefix or f"test-{uuid.uuid4().hex}",
+    }
+    fields.update(overrides)
+    return LimitSettings(**fields)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running(limit_settings: LimitSettings) -> AsyncIterator[Limiter]:
+    limiter = create_limiter(limit_settings)
+    assert isinstance(limiter, RedisLimiter)
+    await limiter.start()
+    try:
+        yield limiter
+    finally:
+        await limiter.close()
+
+
+async def refused(limiter: Limiter, caller: str = "web", *, submit: bool = False) -> RateLimited:
+    with pytest.raises(RateLimited) as info:
+        await limiter.admit(caller, submit=submit)
+    return info.value
+
+
+# --- each limit, in Redis -------------------------------------------------------------------
+
+
+async def test_requests_per_minute(redis_server: RedisServer) -> None:
+    async with running(settings(redis_server.url, requests_per_minute=3)) as limiter:
+        assert await limiter.ready()
+        for _ in range(3):
+            await (await limiter.admit("web", submit=False)).release()
+        err = await refused(limiter)
+        assert err.status == 429 and "requests per minute" in err.detail and "3" in err.detail
+        assert 55 <= err.retry_after <= 60
+        await limiter.admit("mobile", submit=False)  # another caller has its own window
+
+
+async def test_submits_per_hour_count_only_submits(redis_server: RedisServer) -> None:
+    async with running(settings(redis_server.url, submits_per_hour=2)) as limiter:
+        for _ in range(4):
+            await limiter.admit("web", submit=False)
+        await limiter.admit("web", submit=True)
+        await limiter.admit("web", submit=True)
+        err = await refused(limiter, submit=True)
+        assert "queue submits per hour" in err.detail and 3595 <= err.retry_after <= 3600
+        await limiter.admit("web", submit=False)
+
+
+async def test_concurrency_and_idempotent_release(redis_server: RedisServer) -> None:
+    async with running(settings(redis_server.url, concurrent=2)) as limiter:
+        first = await limiter.admit("web", submit=False)
+        await limiter.admit("web", submit=False)
+        err = await refused(limiter)
+        assert "concurrent requests" in err.detail and "2" in err.detail and err.retry_after == 1
+        await first.release()
+        await first.release()  # idempotent: frees one slot, not two
+        await limiter.admit("web", submit=False)
+        await refused(limiter)
+        await limiter.admit("mobile", submit=False)
+
+
+async def test_keys_never_hold_the_caller_id(redis_server: RedisServer) -> None:
+    caller = "tok-SENTINEL:{a}/b \u2603"
+    prefix = f"test-{uuid.uuid4().hex}"
+    async with running(settings(redis_server.url, prefix, requests_per_minute=5, submits_per_hour=5,
+                                concurrent=5)) as limiter:
+        await limiter.admit(caller, submit=True)
+        keys = [k for k in redis_server.keys() if k.startswith(prefix)]
+        assert len(keys) == 3, keys  # per-minute window, per-hour window, leases
+        assert not any("SENTINEL" in k for k in keys)
+
+
+# --- replicas -------------------------------------------------------------------------------
+
+
+async def test_two_replicas_share_every_limit(redis_server: RedisServer) -> None:
+    shared = settings(redis_server.url, concurrent=2, requests_per_minute=5, submits_per_hour=1)
+    async with running(shared) as a, running(shared) as b:
+        on_a = await a.admit("web", submit=True)  # rpm 1, submit 1
+        await b.admit("web", submit=False)  # rpm 2
+        assert "concurrent" in (await refused(a)).detail  # rpm 3
+        assert "concurrent" in (await refused(b)).detail  # rpm 4
+        await on_a.release()
+        assert "submits" in (await refused(b, submit=True)).detail  # rpm 5, submit refused on B
+        assert "requests per minute" in (await refused(a)).detail
+        assert "requests per minute" in (await refused(b)).detail
+
+
+async def burst(a: Limiter, b: Limiter, caller: str, *, submit: bool) -> list[object]:
+    """50 admits at once, alternating between two replicas; Leases and exceptions."""
+    admits = [(a if i % 2 else b).admit(caller, submit=submit) for i in range(50)]
+    return await asyncio.gather(*admits, return_exceptions=True)
+
+
+async def test_concurrent_admits_never_exceed_the_limits(redis_server: RedisServer) -> None:
+    shared = settings(redis_server.url, concurrent=5)
+    async with running(shared) as a, running(shared) as b:
+        results = await burst(a, b, "web", submit=False)
+        leases = [r for r in results if isinstance(r, Lease)]
+        assert len(leases) == 5
+        assert all(isinstance(r, RateLimited) for r in results if not isinstance(r, Lease))
+        await asyncio.gather(*[lease.release() for lease in leases])
+        await a.admit("web", submit=False)  # every refused lease was removed again
+
+    windowed = settings(redis_server.url, requests_per_minute=10, submits_per_hour=3)
+    async with running(windowed) as a, running(windowed) as b:
+        results = await burst(a, b, "web", submit=True)
+        assert sum(isinstance(r, Lease) for r in results) == 3
+        results = await burst(a, b, "mobile", submit=False)
+        assert sum(isinstance(r, Lease) for r in results) == 10
+
+
+# --- leases ---------------------------------------------------------------------------------
+
+
+async def test_a_crashed_replicas_lease_expires_after_lease_ttl(redis_server: RedisServer) -> None:
+    shared = settings(redis_server.url, concurrent=1, lease_ttl=1.0)
+    started = time.monotonic()
+    async with running(shared) as survivor:
+        crashed = create_limiter(shared)
+        await crashed.start()
+        await crashed.admit("web", submit=False)
+        await crashed.close()  # no release: as if the process died
+        await refused(survivor)
+        deadline = started + 10
+        while True:
+            try:
+                await survivor.admit("web", submit=False)
+                break
+            except RateLimited:
+                assert time.monotonic() < deadline, "the dead replica's lease never expired"
+                await asyncio.sleep(0.05)
+        assert time.monotonic() - started >= 1.0  # not before its ttl
+
+
+async def test_renewal_keeps_a_held_lease_past_its_ttl(redis_server: RedisServer) -> None:
+    shared = settings(redis_server.url, concurrent=1, lease_ttl=1.0)
+    async with running(shared) as holder, running(shared) as other:
+        lease = await holder.admit("web", submit=False)
+        until = time.monotonic() + 3.5  # three and a half ttls, three or more renewals
+        while time.monotonic() < until:
+            await refused(other)
+            await asyncio.sleep(0.1)
+        await lease.release()
+        await other.admit("web", submit=False)
+
+
+async def test_a_release_cancelled_midway_still_frees_the_slot(redis_server: RedisServer) -> None:
+    async with running(settings(redis_server.url, concurrent=1)) as limiter:
+        lease = await limiter.admit("web", submit=False)
+        releasing = asyncio.create_task(lease.release())
+        await asyncio.sleep(0)  # one loop step: the release is now waiting on Redis
+        releasing.cancel()  # as when the request's task is cancelled in its finally block
+        with pytest.raises(asyncio.CancelledError):  # redis-py alone would swallow the cancel
+            await releasing
+        deadline = time.monotonic() + 5  # lease_ttl is 300 s: only the release can free it
+        while True:
+            try:
+                await limiter.admit("web", submit=False)
+                break
+            except RateLimited:
+                assert time.monotonic() < deadline, "the cancelled release left the slot taken"
+                await asyncio.sleep(0.01)
+
+
+# --- Redis failures -------------------------------------------------------------------------
+
+
+async def test_unreachable_redis_fails_closed_by_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = f"redis://:hunter2-SENTINEL@127.0.0.1:{free_port()}/0"
+    async with running(settings(url, requests_per_minute=10, concurrent=10)) as limiter:
+        assert not await limiter.ready()
+        started = time.monotonic()
+        with pytest.raises(LimiterUnavailable) as info:
+            await limiter.admit("web", submit=False)
+        assert time.monotonic() - started < 2 * REDIS_TIMEOUT + 1  # fails fast, no long retries
+        err = info.value
+        assert (err.status, err.reason) == (503, "limiter_unavailable") and err.retry_after >= 1
+        assert "SENTINEL" not in err.message + err.detail
+    assert "SENTINEL" not in capsys.readouterr().out
+
+
+async def test_a_redis_that_never_answers_costs_one_timeout_per_request() -> None:
+    with socket.socket() as silent:  # accepts connections (in the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        async with running(settings(url, concurrent=10)) as limiter:
+            started = time.monotonic()
+            with pytest.raises(LimiterUnavailable):
+                await limiter.admit("web", submit=False)
+            assert time.monotonic() - started < REDIS_TIMEOUT + 1  # no retries on a timeout
+
+
+async def test_unreachable_redis_fails_open_when_asked() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    lenient = settings(url, requests_per_minute=1, concurrent=1, submits_per_hour=1,
+                       redis_failure="open")
+    async with running(lenient) as limiter:
+        # Admitted unchecked, not refused: three over every limit of one.
+        leases = [await limiter.admit("web", submit=True) for _ in range(3)]
+        for lease in leases:
+            await lease.release()
+
+
+async def test_redis_going_away_and_coming_back(own_redis: RedisServer) -> None:
+    closed = settings(own_redis.url, concurrent=2, requests_per_minute=100)
+    opened = LimitSettings(**{**closed.__dict__, "redis_failure": "open"})
+    async with running(closed) as limiter, running(opened) as lenient:
+        held = await limiter.admit("web", submit=False)
+        await lenient.admit("mobile", submit=False)
+        own_redis.stop()
+        assert not await limiter.ready()
+        with pytest.raises(LimiterUnavailable):
+            await limiter.admit("web", submit=False)
+        await lenient.admit("mobile", submit=False)  # admitted unchecked
+        await held.release()  # logs, never raises; the lease would expire with the data anyway
+        own_redis.start()  # empty: --save ''
+        assert await limiter.ready()
+        await limiter.admit("web", submit=False)  # pooled connections to the old server recovered
+        await limiter.admit("web", submit=False)
+        await refused(limiter)

@@ -1,0 +1,94 @@
+"""App policy table: every kind of call names its app differently."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy.allowed_apps import AppPolicy
+from proxy.errors import Forbidden
+from proxy.targets import resolve_target
+
+POLICY = AppPolicy(("fal-ai/flux/*", "fal-ai/fast-sdxl", "workflows/acme/*", "fal-ai/fast-lcm-diffusion/*"))
+
+
+def target(url: str):
+    return resolve_target("/api/fal/proxy", "", url, gateway_url="https://gw/v1/a/g/fal", proxy_route="/api/fal/proxy")
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("https://fal.run/fal-ai/flux/dev", True),
+        ("https://fal.run/fal-ai/flux/schnell/stream", True),
+        ("https://fal.run/fal-ai/fast-sdxl", True),
+        ("https://fal.run/fal-ai/fast-sdxl/stream", True),
+        ("https://fal.run/fal-ai/fast-sdxl-turbo", False),
+        ("https://fal.run/fal-ai/flux", False),
+        ("https://fal.run/fal-ai/other", False),
+        ("https://fal.run/evil/fal-ai/flux/dev", False),
+        ("https://queue.fal.run/fal-ai/flux/dev", True),
+        ("https://queue.fal.run/fal-ai/kling-video/v2", False),
+        # status/result/cancel carry only owner/alias: allowed when an allowed app lives under it
+        ("https://queue.fal.run/fal-ai/flux/requests/abc/status?logs=1", True),
+        ("https://queue.fal.run/fal-ai/flux/requests/abc/status/stream", True),
+        ("https://queue.fal.run/fal-ai/flux/requests/abc", True),
+        ("https://queue.fal.run/fal-ai/flux/requests/abc/cancel", True),
+        ("https://queue.fal.run/fal-ai/fast-sdxl/requests/abc", True),
+        ("https://queue.fal.run/fal-ai/kling-video/requests/abc/status", False),
+        ("https://queue.fal.run/workflows/acme/sticker", True),
+        ("https://queue.fal.run/workflows/acme/sticker/requests/abc/status", True),
+        ("https://queue.fal.run/workflows/other/x/requests/abc/status", False),
+        ("https://fal.run/fal-ai/fast-lcm-diffusion/image-to-image/realtime", True),
+        ("https://rest.fal.ai/storage/upload/initiate", True),  # names no app
+    ],
+)
+def test_apps_per_kind_of_call(url: str, allowed: bool) -> None:
+    if allowed:
+        POLICY.check(target(url))
+    else:
+        with pytest.raises(Forbidden) as info:
+            POLICY.check(target(url))
+        assert info.value.reason == "app_refused"
+
+
+def test_no_patterns_allow_everything() -> None:
+    AppPolicy(()).check(target("https://fal.run/anything/at-all"))
+    AppPolicy(("*",)).check(target("https://fal.run/anything/at-all"))
+
+
+def token(apps, expiration=120) -> bytes:
+    return json.dumps({"allowed_apps": apps, "token_expiration": expiration}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (token(["fast-lcm-diffusion"]), None),
+        (token(["flux"]), None),  # alias of fal-ai/flux/*
+        (token(["fast-sdxl"], 300), None),
+        (token(["kling-video"]), "app_refused"),
+        (token(["fast-lcm-diffusion", "kling-video"]), "app_refused"),
+        (token(["fast-lcm-diffusion"], 301), "token_refused"),
+        (token(["fast-lcm-diffusion"], 0), "token_refused"),
+        (token(["fast-lcm-diffusion"], "120"), "token_refused"),
+        (token([]), "token_refused"),
+        (token("fast-lcm-diffusion"), "token_refused"),
+        (b"not json", "token_refused"),
+        (b'["a"]', "token_refused"),
+    ],
+)
+def test_token_requests(body: bytes, reason: str | None) -> None:
+    if reason is None:
+        POLICY.check_token(body, 300)
+    else:
+        with pytest.raises(Forbidden) as info:
+            POLICY.check_token(body, 300)
+        assert info.value.reason == reason
+
+
+def test_token_expiration_is_capped_even_when_every_app_is_allowed() -> None:
+    AppPolicy(()).check_token(token(["anything"]), 300)
+    with pytest.raises(Forbidden):
+        AppPolicy(()).check_token(token(["anything"], 3600), 300)

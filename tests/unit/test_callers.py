@@ -1,0 +1,132 @@
+"""Caller authentication: static tokens and JWTs (HS256 secret, RS256/ES256 JWKS)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from proxy.callers import JwtAuth, JwtConfig, NoAuth, TokenAuth, load_tokens
+from proxy.errors import Unauthorized
+
+HEADER = "x-proxy-authorization"
+SECRET = "s" * 40
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_no_auth_names_nobody() -> None:
+    assert run(NoAuth().authenticate(None)) is None
+
+
+TOKENS = load_tokens("# callers\nweb-app  tok-web-0123456789abcdef\nmobile tok-mob-0123456789abcdef\n", "f")
+
+
+@pytest.mark.parametrize(
+    ("credential", "caller"),
+    [
+        ("Bearer tok-web-0123456789abcdef", "web-app"),
+        ("bearer tok-mob-0123456789abcdef", "mobile"),
+        ("tok-mob-0123456789abcdef", "mobile"),
+    ],
+)
+def test_static_tokens_name_their_caller(credential: str, caller: str) -> None:
+    assert run(TokenAuth(TOKENS, HEADER).authenticate(credential)) == caller
+
+
+@pytest.mark.parametrize("credential", [None, "", "Bearer ", "Bearer tok-web-0123456789abcde", "tok-other-0123456789abcdef"])
+def test_unknown_or_missing_tokens_are_401(credential: str | None) -> None:
+    with pytest.raises(Unauthorized) as info:
+        run(TokenAuth(TOKENS, HEADER).authenticate(credential))
+    assert "tok-" not in info.value.message + info.value.detail
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "no tokens"),
+        ("only-one-field\n", "line 1"),
+        ("a short\n", "16 characters"),
+        ("a tok-0123456789abcdef\nb tok-0123456789abcdef\n", "twice"),
+    ],
+)
+def test_bad_token_files(text: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        load_tokens(text, "FAL_PROXY_CLIENT_TOKENS_FILE")
+
+
+def hs(claims: dict, secret: str = SECRET) -> str:
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def future(**claims) -> dict:
+    return {"sub": "user-1", "exp": int(time.time()) + 300, **claims}
+
+
+HS = JwtAuth(JwtConfig(secret=SECRET, issuer="https://app.example", audience="fal-proxy"), HEADER)
+
+
+def test_hs256_session_token_names_its_subject() -> None:
+    token = hs(future(iss="https://app.example", aud="fal-proxy"))
+    assert run(HS.authenticate(f"Bearer {token}")) == "user-1"
+
+
+@pytest.mark.parametrize(
+    "claims_or_token",
+    [
+        future(iss="https://app.example", aud="other"),
+        future(iss="https://evil.example", aud="fal-proxy"),
+        {"sub": "u", "iss": "https://app.example", "aud": "fal-proxy"},  # no exp
+        {"sub": "u", "iss": "https://app.example", "aud": "fal-proxy", "exp": int(time.time()) - 3600},
+        future(aud="fal-proxy"),  # no iss
+        {"iss": "https://app.example", "aud": "fal-proxy", "exp": int(time.time()) + 300},  # no sub
+        "not-a-jwt",
+    ],
+)
+def test_bad_session_tokens_are_401(claims_or_token) -> None:
+    token = claims_or_token if isinstance(claims_or_token, str) else hs(claims_or_token)
+    with pytest.raises(Unauthorized):
+        run(HS.authenticate(token))
+
+
+def test_wrong_secret_and_alg_none_are_refused() -> None:
+    with pytest.raises(Unauthorized):
+        run(HS.authenticate(hs(future(iss="https://app.example", aud="fal-proxy"), "x" * 40)))
+    unsigned = jwt.encode(future(iss="https://app.example", aud="fal-proxy"), None, algorithm="none")
+    with pytest.raises(Unauthorized):
+        run(HS.authenticate(unsigned))
+
+
+def jwks_file(tmp_path: Path, *keys) -> str:
+    entries = []
+    for kid, key in keys:
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()) if isinstance(key, rsa.RSAPrivateKey)
+                         else jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+        jwk["kid"] = kid
+        entries.append(jwk)
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": entries}))
+    return str(path)
+
+
+def test_rs256_and_es256_from_a_jwks_file(tmp_path: Path) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    auth = JwtAuth(JwtConfig(jwks_file=jwks_file(tmp_path, ("r1", rsa_key), ("e1", ec_key)),
+                             caller_claim="uid"), HEADER)
+    claims = {"uid": "alice", "exp": int(time.time()) + 60}
+    assert run(auth.authenticate(jwt.encode(claims, rsa_key, "RS256", headers={"kid": "r1"}))) == "alice"
+    assert run(auth.authenticate(jwt.encode(claims, ec_key, "ES256", headers={"kid": "e1"}))) == "alice"
+    for bad in (jwt.encode(claims, other, "RS256", headers={"kid": "r1"}),  # signed by someone else
+                jwt.encode(claims, other, "RS256", headers={"kid": "nope"}),  # unknown kid
+                hs(claims)):  # HS256 where public keys are configured
+        with pytest.raises(Unauthorized):
+            run(auth.authenticate(bad))

@@ -1,0 +1,202 @@
+"""The in-memory limiter: each limit refuses at the right count, with a sane Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from proxy.errors import RateLimited
+from proxy.limits import (
+    Lease,
+    Limiter,
+    LimitSettings,
+    MemoryLimiter,
+    caller_key,
+    create_limiter,
+    seconds_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+UNLIMITED = LimitSettings(requests_per_minute=0, concurrent=0, submits_per_hour=0)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@asynccontextmanager
+async def running(**limits: int) -> AsyncIterator[Limiter]:
+    settings = {"requests_per_minute": 0, "concurrent": 0, "submits_per_hour": 0, **limits}
+    limiter = create_limiter(LimitSettings(**settings))
+    await limiter.start()
+    try:
+        yield limiter
+    finally:
+        await limiter.close()
+
+
+async def admit_and_release(limiter: Limiter, caller: str = "web", *, submit: bool = False) -> None:
+    await (await limiter.admit(caller, submit=submit)).release()
+
+
+# --- pure helpers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reset", "now", "seconds"),
+    [
+        (100.0, 100.0, 1),  # already reset: still at least 1
+        (99.0, 100.0, 1),  # in the past
+        (100.2, 100.0, 1),
+        (101.0, 100.0, 1),
+        (101.01, 100.0, 2),  # rounded up: retrying early would be refused again
+        (159.5, 100.0, 60),
+        (3700.0, 100.0, 3600),
+    ],
+)
+def test_seconds_until(reset: float, now: float, seconds: int) -> None:
+    assert seconds_until(reset, now) == seconds
+
+
+def test_caller_keys_are_fixed_length_hex_and_distinct() -> None:
+    callers = ["web", "Web", "web/600/1/minute", "a:b", "", "☃", "\ud800", "x" * 10_000, "w\x00"]
+    keys = [caller_key(c) for c in callers]
+    assert len(set(keys)) == len(callers)
+    assert all(len(k) == 32 and all(ch in "0123456789abcdef" for ch in k) for k in keys)
+    assert caller_key("web") == caller_key("web")
+
+
+def test_create_limiter_without_redis_is_in_memory() -> None:
+    assert isinstance(create_limiter(LimitSettings()), MemoryLimiter)
+    with pytest.raises(ValueError, match="redis_failure"):
+        create_limiter(LimitSettings(redis_failure="sometimes"))
+
+
+# --- each limit -----------------------------------------------------------------------------
+
+
+async def test_requests_per_minute_refuse_the_fourth_of_three() -> None:
+    async with running(requests_per_minute=3) as limiter:
+        for _ in range(3):
+            await admit_and_release(limiter)
+        with pytest.raises(RateLimited) as info:
+            await limiter.admit("web", submit=False)
+        err = info.value
+        assert (err.status, err.reason) == (429, "rate_limited")
+        assert "requests per minute" in err.detail and "3" in err.detail
+        assert 55 <= err.retry_after <= 60  # the oldest hit leaves the 60 s window then
+        with pytest.raises(RateLimited):  # still refused, and refusals are not counted as hits
+            await limiter.admit("web", submit=True)
+        assert await limiter.ready()
+
+
+async def test_submits_per_hour_refuse_the_third_of_two_and_only_count_submits() -> None:
+    async with running(submits_per_hour=2) as limiter:
+        for _ in range(5):
+            await admit_and_release(limiter, submit=False)  # status polls, results, runs...
+        await admit_and_release(limiter, submit=True)
+        await admit_and_release(limiter, submit=True)
+        with pytest.raises(RateLimited) as info:
+            await limiter.admit("web", submit=True)
+        assert "queue submits per hour" in info.value.detail and "2" in info.value.detail
+        assert 3595 <= info.value.retry_after <= 3600
+        await admit_and_release(limiter, submit=False)  # non-submits still pass
+
+
+async def test_concurrency_refuses_beyond_the_slots_and_release_frees_one() -> None:
+    async with running(concurrent=2) as limiter:
+        first = await limiter.admit("web", submit=False)
+        await limiter.admit("web", submit=True)
+        with pytest.raises(RateLimited) as info:
+            await limiter.admit("web", submit=False)
+        assert "concurrent requests" in info.value.detail and "2" in info.value.detail
+        assert info.value.retry_after == 1
+        await first.release()
+        third = await limiter.admit("web", submit=False)
+        with pytest.raises(RateLimited):
+            await limiter.admit("web", submit=False)
+        await third.release()
+
+
+async def test_release_is_idempotent() -> None:
+    async with running(concurrent=1) as limiter:
+        lease = await limiter.admit("web", submit=False)
+        await lease.release()
+        await lease.release()  # must not free a second slot
+        await lease.release()
+        held = await limiter.admit("web", submit=False)
+        with pytest.raises(RateLimited):
+            await limiter.admit("web", submit=False)
+        await held.release()
+
+
+@pytest.mark.parametrize(
+    ("limits", "submit"),
+    [
+        ({"requests_per_minute": 1}, False),
+        ({"submits_per_hour": 1}, True),
+        ({"concurrent": 1}, False),
+    ],
+)
+async def test_callers_are_independent(limits: dict[str, int], submit: bool) -> None:
+    async with running(**limits) as limiter:
+        await limiter.admit("alice", submit=submit)  # held, not released
+        with pytest.raises(RateLimited):
+            await limiter.admit("alice", submit=submit)
+        await limiter.admit("bob", submit=submit)
+        await limiter.admit("alice/1/1/minute", submit=submit)  # no key confusion either
+        with pytest.raises(RateLimited):
+            await limiter.admit("bob", submit=submit)
+
+
+async def test_concurrent_admits_never_exceed_the_limits() -> None:
+    async with running(concurrent=5) as limiter:
+        results = await asyncio.gather(*[limiter.admit("web", submit=False) for _ in range(50)],
+                                       return_exceptions=True)
+        assert sum(isinstance(r, Lease) for r in results) == 5
+        assert all(isinstance(r, (Lease, RateLimited)) for r in results)
+    async with running(requests_per_minute=10) as limiter:
+        results = await asyncio.gather(*[limiter.admit("web", submit=False) for _ in range(50)],
+                                       return_exceptions=True)
+        assert sum(isinstance(r, Lease) for r in results) == 10
+
+
+async def test_zero_means_unlimited() -> None:
+    limiter = create_limiter(UNLIMITED)
+    await limiter.start()
+    try:
+        # None released until the end, submits and not.
+        leases = [await limiter.admit("web", submit=i % 2 == 0) for i in range(2000)]
+        for lease in leases:
+            await lease.release()
+    finally:
+        await limiter.close()
+
+
+async def test_an_rpm_hit_stays_counted_when_concurrency_refuses() -> None:
+    # Documented: checks are not undone when a later one refuses.
+    async with running(requests_per_minute=3, concurrent=1) as limiter:
+        held = await limiter.admit("web", submit=False)  # hit 1
+        with pytest.raises(RateLimited) as info:  # hit 2, refused for concurrency
+            await limiter.admit("web", submit=False)
+        assert "concurrent" in info.value.detail
+        await held.release()
+        await admit_and_release(limiter)  # hit 3
+        with pytest.raises(RateLimited) as info:
+            await limiter.admit("web", submit=False)
+        assert "requests per minute" in info.value.detail
+
+
+async def test_refusals_never_show_the_caller() -> None:
+    caller = "Bearer tok-SENTINEL-7f3a\u2603\x00{x}"
+    async with running(requests_per_minute=1, concurrent=1) as limiter:
+        await limiter.admit(caller, submit=False)
+        with pytest.raises(RateLimited) as info:
+            await limiter.admit(caller, submit=False)
+        err = info.value
+        assert "SENTINEL" not in err.message + err.detail + str(err) + err.body().decode()

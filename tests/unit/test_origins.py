@@ -1,0 +1,76 @@
+"""Origin policy table."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import Forbidden
+from proxy.origins import OriginPolicy, check_origin, cors_headers, normalise_origin, preflight_headers
+
+POLICY = OriginPolicy.build(["https://app.example.com", "http://localhost:3000"], ["x-custom"], "x-proxy-authorization")
+
+
+@pytest.mark.parametrize(
+    ("origin", "host", "expected"),
+    [
+        (None, "proxy.local", None),  # not a browser cross-site request
+        ("https://app.example.com", "proxy.local", "https://app.example.com"),
+        ("HTTPS://APP.EXAMPLE.COM:443", "proxy.local", "https://app.example.com"),
+        ("http://localhost:3000", "127.0.0.1:8787", "http://localhost:3000"),
+        ("http://127.0.0.1:8787", "127.0.0.1:8787", None),  # same origin
+        ("https://proxy.example.com", "proxy.example.com", None),  # same origin behind TLS termination
+        ("https://proxy.example.com", "proxy.example.com:443", None),
+    ],
+)
+def test_allowed_origins(origin: str | None, host: str, expected: str | None) -> None:
+    assert check_origin(origin, host, POLICY) == expected
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://evil.example",
+        "https://app.example.com.evil.example",
+        "http://app.example.com",  # other scheme
+        "https://app.example.com:8443",  # other port
+        "http://localhost:3001",
+        "null",  # sandboxed iframe, file://
+        "",
+        "https://user@app.example.com",
+        "https://app.example.com/path",
+        "javascript:alert(1)",
+    ],
+)
+def test_refused_origins(origin: str) -> None:
+    with pytest.raises(Forbidden) as info:
+        check_origin(origin, "proxy.local", POLICY)
+    assert info.value.reason == "origin_refused"
+
+
+def test_no_origin_is_listed_by_default() -> None:
+    with pytest.raises(Forbidden):
+        check_origin("https://app.example.com", "proxy.local", OriginPolicy.build([], [], None))
+
+
+def test_preflight_allows_what_the_sdk_sends() -> None:
+    headers = dict(preflight_headers("https://app.example.com", POLICY))
+    allowed = headers[b"access-control-allow-headers"].decode().split(", ")
+    for name in ("content-type", "accept", "authorization", "x-fal-target-url", "x-fal-queue-priority",
+                 "x-fal-runner-hint", "x-fal-request-timeout", "x-fal-object-lifecycle",
+                 "x-fal-object-lifecycle-preference", "x-proxy-authorization", "x-custom"):
+        assert name in allowed
+    assert headers[b"access-control-allow-methods"] == b"GET, HEAD, POST, PUT, PATCH, DELETE"
+    assert headers[b"access-control-allow-origin"] == b"https://app.example.com"
+    assert b"access-control-allow-credentials" not in headers
+
+
+def test_responses_expose_the_headers_the_sdk_reads() -> None:
+    headers = dict(cors_headers("https://app.example.com"))
+    assert headers[b"access-control-expose-headers"] == b"x-fal-request-id, x-fal-request-timeout-type"
+    assert headers[b"vary"] == b"Origin"
+
+
+@pytest.mark.parametrize("bad", ["app.example.com", "ftp://x", "https://", "https://a.com/x", "https://a.com:99999"])
+def test_normalise_origin_refuses_non_origins(bad: str) -> None:
+    with pytest.raises(ValueError):
+        normalise_origin(bad)
