@@ -323,4 +323,8 @@ def create_limiter(settings: LimitSettings) -> Limiter:
     """The in-memory limiter, or the Redis one when ``settings.redis_url`` is set."""
     if settings.redis_failure not in ("closed", "open"):
         raise ValueError(f"redis_failure must be 'closed' or 'open': {settings.redis_failure!r}")
+    if min(settings.requests_per_minute, settings.concurrent, settings.submits_per_hour) < 0:
+        raise ValueError("limits must be 0 (unlimited) or more")
+    if not settings.lease_ttl > 0:
+        raise ValueError("lease_ttl must be positive")
     return RedisLimiter(settings) if settings.redis_url else MemoryLimiter(settings)

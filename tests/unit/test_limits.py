@@ -75,6 +75,10 @@ def test_create_limiter_without_redis_is_in_memory() -> None:
     assert isinstance(create_limiter(LimitSettings()), MemoryLimiter)
     with pytest.raises(ValueError, match="redis_failure"):
         create_limiter(LimitSettings(redis_failure="sometimes"))
+    with pytest.raises(ValueError, match="0 \\(unlimited\\) or more"):
+        create_limiter(LimitSettings(concurrent=-1))
+    with pytest.raises(ValueError, match="lease_ttl"):
+        create_limiter(LimitSettings(lease_ttl=0))
 
 
 # --- each limit -----------------------------------------------------------------------------
