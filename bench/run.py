@@ -517,7 +517,11 @@ def measure(
     gateway_argv = [sys.executable, str(ROOT / "bench" / "fast_gateway.py"), "--port", "0"]
     gateway = start_child("fake gateway", gateway_argv, env, stack)
     gateway_url = f"http://127.0.0.1:{gateway.port}{GATEWAY_PREFIX}"
-    proxy_env = dict(env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=gateway_url, FAL_PROXY_LOG_FORMAT="json")
+    # Limits stay on (their cost is part of every request) but high enough never to refuse
+    # the load generator, which is one caller sending thousands of requests a second.
+    proxy_env = dict(env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=gateway_url, FAL_PROXY_LOG_FORMAT="json",
+                     FAL_PROXY_RATE_LIMIT_RPM="1000000000", FAL_PROXY_MAX_CONCURRENT="100000",
+                     FAL_PROXY_SUBMITS_PER_HOUR="1000000000")
     proxy = start_child("proxy", [sys.executable, "-m", "proxy", "--port", "0"], proxy_env, stack)
     pin(proxy.pid, proxy_cpus)  # every thread, now that it is up
     proxy_url = f"http://127.0.0.1:{proxy.port}"

@@ -181,6 +181,26 @@ async def test_keys_never_hold_the_caller_id(redis_server: RedisServer) -> None:
         assert not any("SENTINEL" in k for k in keys)
 
 
+async def test_a_unix_socket_url(tmp_path: Path) -> None:
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(  # --port 0: no TCP listener at all
+        [shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket", str(sock),
+         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    try:
+        unix = settings(f"unix://{sock}?db=1", requests_per_minute=1, concurrent=1)
+        async with running(unix) as limiter:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not await limiter.ready():
+                assert proc.poll() is None and time.monotonic() < deadline, "no redis-server"
+                await asyncio.sleep(0.02)
+            await limiter.admit("web", submit=False)
+            assert "requests per minute" in (await refused(limiter)).detail
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 # --- replicas -------------------------------------------------------------------------------
 
 
