@@ -24,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.redis_support import RedisServer, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 # Sentinels: if either string shows up in a response or a log line, a secret leaked.
 FAL_KEY = "fal-SENTINEL-key-4b1d:secret-9e2c"
@@ -227,3 +229,21 @@ def proxy(fake_gateway: FakeGateway) -> Iterator[RunningProxy]:
 def client(proxy: RunningProxy) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
         yield c
+
+
+# --- Redis (the shared rate-limit store) --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis") / "redis.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server this test may stop and restart."""
+    server = RedisServer(free_port(), tmp_path / "redis.log").start()
+    yield server
+    server.stop()

@@ -236,3 +236,53 @@ def test_url_and_header_sizes(start_proxy, fake_gateway: FakeGateway) -> None:
     assert post(proxy, headers={"x-fal-runner-hint": "h" * 3000}).status_code == 431
     assert fake_gateway.requests() == []
     assert post(proxy, ECHO + "?q=" + "a" * 100).status_code == 200
+
+
+# --- limits shared in Redis ---------------------------------------------------------------
+
+
+def fresh_db(redis_server, db: int) -> str:
+    """A Redis database of the session server that no other test uses, emptied."""
+    import redis
+
+    with redis.Redis(port=redis_server.port, db=db) as client:
+        client.flushdb()
+    return f"redis://127.0.0.1:{redis_server.port}/{db}"
+
+
+def test_two_proxy_processes_share_one_limit_in_redis(start_proxy, redis_server, fake_gateway: FakeGateway) -> None:
+    url = fresh_db(redis_server, 7)
+    a = start_proxy(FAL_PROXY_REDIS_URL=url, FAL_PROXY_RATE_LIMIT_RPM="3", FAL_PROXY_MAX_CONCURRENT="1")
+    b = start_proxy(FAL_PROXY_REDIS_URL=url, FAL_PROXY_RATE_LIMIT_RPM="3", FAL_PROXY_MAX_CONCURRENT="1")
+    assert [post(p).status_code for p in (a, b, a, b)] == [200, 200, 200, 429]
+    assert post(a).status_code == 429  # the count is one, whichever replica asks
+    assert len(fake_gateway.requests()) == 3
+
+
+def test_concurrency_is_shared_across_replicas(start_proxy, redis_server, fake_gateway: FakeGateway) -> None:
+    url = fresh_db(redis_server, 8)
+    a = start_proxy(FAL_PROXY_REDIS_URL=url, FAL_PROXY_MAX_CONCURRENT="1")
+    b = start_proxy(FAL_PROXY_REDIS_URL=url, FAL_PROXY_MAX_CONCURRENT="1")
+    results: list[int] = []
+    holder = threading.Thread(target=lambda: results.append(post(a, "/emulator/hang").status_code))
+    holder.start()
+    deadline = time.monotonic() + 5
+    while not fake_gateway.requests():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert post(b).status_code == 429  # the slot is held on the other replica
+    fake_gateway.release("hang")
+    holder.join(10)
+    assert results == [200] and post(b).status_code == 200
+
+
+def test_redis_going_away_fails_closed_by_default_or_open_when_asked(start_proxy, own_redis) -> None:
+    closed = start_proxy(FAL_PROXY_REDIS_URL=own_redis.url)
+    opened = start_proxy(FAL_PROXY_REDIS_URL=own_redis.url, FAL_PROXY_REDIS_FAILURE="open")
+    assert (post(closed).status_code, post(opened).status_code) == (200, 200)
+    own_redis.stop()
+    refused = post(closed)
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["message"] == "rate limiter unavailable"
+    assert post(opened).status_code == 200  # serves, and says so in its log
+    assert any(line.get("event") == "limiter_unavailable" for line in opened.logs())

@@ -12,98 +12,21 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
 from proxy.errors import LimiterUnavailable, RateLimited
 from proxy.limits import REDIS_TIMEOUT, LimitSettings, Limiter, Lease, RedisLimiter, create_limiter
+from tests.redis_support import START_TIMEOUT, RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
-
-START_TIMEOUT = 10.0
-
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (redis-server cannot bind port 0 itself)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class RedisServer:
-    port: int
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed: apt-get install redis-server "
-                        "(.ci/run installs it when missing)")
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + START_TIMEOUT
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return self
-                except redis.ConnectionError:
-                    pass
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"redis-server did not answer PING:\n{self.log.read_text()}")
-                time.sleep(0.02)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def keys(self) -> list[str]:
-        with redis.Redis(port=self.port, decode_responses=True) as client:
-            return sorted(client.keys("*"))
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis") / "redis.log").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A server this test may stop and restart."""
-    server = RedisServer(free_port(), tmp_path / "redis.log").start()
-    yield server
-    server.stop()
 
 
 def settings(url: str, prefix: str | None = None, **overrides: object) -> LimitSettings:
