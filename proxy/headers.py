@@ -88,6 +88,7 @@ class InjectedHeaders:
     authorization: str
     cf_aig_authorization: str | None
     client_proxy: str = CLIENT_PROXY_ID
+    caller_header: str = "x-proxy-authorization"  # the caller's credential: never forwarded
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InjectedHeaders:
@@ -95,6 +96,7 @@ class InjectedHeaders:
         return cls(
             authorization=_Masked(f"Key {settings.fal_key.reveal()}"),
             cf_aig_authorization=_Masked(f"Bearer {token.reveal()}") if token is not None else None,
+            caller_header=settings.access.auth_header,
         )
 
     def __repr__(self) -> str:  # never show the credentials
@@ -128,7 +130,8 @@ def upstream_request_headers(
     client_skip_cache = False
     for raw_name, raw_value in client_headers:
         name = raw_name.decode("latin-1").lower()
-        if name in _REQUEST_DROP or name in named or name.startswith(_REQUEST_DROP_PREFIXES):
+        if (name in _REQUEST_DROP or name in named or name.startswith(_REQUEST_DROP_PREFIXES)
+                or name == injected.caller_header):
             # The one gateway control a client may use: opting out of the cache is harmless.
             if name == "cf-aig-skip-cache" and raw_value.strip().lower() == b"true":
                 client_skip_cache = True

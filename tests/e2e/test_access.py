@@ -122,6 +122,7 @@ def test_jwt_callers(start_proxy, fake_gateway: FakeGateway) -> None:
     assert fake_gateway.requests() == []
     ok = post(proxy, headers={"x-session": f"Bearer {good}"})
     assert ok.status_code == 200 and line_for(proxy, ok)["caller"] == "user-42"
+    assert "x-session" not in fake_gateway.only_request()["header_map"]  # the session never leaves
 
 
 # --- apps ---------------------------------------------------------------------------------

@@ -214,3 +214,10 @@ def test_gateway_401_is_told_from_a_fal_401_even_compressed(body: bytes, encodin
     assert _gateway_auth_error(gzip.compress(body), "gzip") == expected
     assert _gateway_auth_error(zlib.compress(body), "deflate") == expected
     assert _gateway_auth_error(b"not gzip at all", "gzip") is None
+
+
+def test_a_configured_caller_header_is_never_forwarded() -> None:
+    injected = InjectedHeaders(authorization="Key k", cf_aig_authorization=None, caller_header="x-session")
+    out = upstream_request_headers([(b"x-session", b"Bearer user-jwt")], target("https://fal.run/fal-ai/x"),
+                                   injected, method="POST", request_id="r")
+    assert "x-session" not in names(out)
