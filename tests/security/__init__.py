@@ -10,6 +10,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 CORPUS_PATH = Path(__file__).with_name("hostile_targets.txt")
 
@@ -124,7 +125,7 @@ class RawHTTP:
             self.sock.close()
         self.sock, self.buffer = None, b""
 
-    def __enter__(self) -> RawHTTP:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
