@@ -63,7 +63,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
 # and Cloudflare's client-addressing headers: none of them is the client's to set.
 _REQUEST_DROP_PREFIXES = ("x-forwarded-", "sec-", "x-stainless-", "cf-")
 
-_RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "alt-svc"}
+# x-proxy-request-id: ours is added below; one from upstream would make two.
+_RESPONSE_DROP = HOP_BY_HOP | {"set-cookie", "set-cookie2", "alt-svc", "x-proxy-request-id"}
 
 CLIENT_PROXY_ID = f"fal-gateway-proxy/{__version__}"
 

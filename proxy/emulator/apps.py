@@ -1,7 +1,8 @@
 """The emulator's fal apps: what a run of an endpoint id does.
 
 * Text to image (``fal-ai/fast-sdxl``, ``fal-ai/flux/dev``, ``fal-ai/flux/schnell``,
-  ``fal-ai/fast-lcm-diffusion``): needs a non-empty ``prompt``; returns real PNGs drawn
+  ``fal-ai/fast-lcm-diffusion``, and the workflow ``workflows/fal-ai/sdxl-sticker``, whose
+  queue URLs keep the ``workflows/`` namespace): needs a non-empty ``prompt``; returns real PNGs drawn
   from the prompt and seed, served from the emulator's own ``/_emulator/files/`` URLs.
 * Echo (``emulator/echo``): returns its input as ``{"input": ...}``.
 
@@ -140,6 +141,7 @@ CATALOGUE: dict[str, App] = {
     "fal-ai/flux/dev": _TEXT_TO_IMAGE,
     "fal-ai/flux/schnell": _TEXT_TO_IMAGE,
     "fal-ai/fast-lcm-diffusion": _TEXT_TO_IMAGE,
+    "workflows/fal-ai/sdxl-sticker": _TEXT_TO_IMAGE,
     "emulator/echo": Echo(),
 }
 

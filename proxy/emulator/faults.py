@@ -9,6 +9,9 @@ must survive, on demand. All are sync runs on ``fal.run`` paths.
                                 recorder), then 200 ``{"attempt": k}``
 ``emulator/sse?n=3&gated=1``    SSE; event k > 1 is sent only once gate ``sse-k`` is
                                 released; the last one is named ``done``
+``emulator/audio?chunks=3``     ``audio/mpeg`` without content-length: chunk k is
+                                :func:`audio_chunk` ``(k)``; unless ``gated=0``, chunk
+                                k > 1 is sent only once gate ``audio-k`` is released
 ``emulator/bytes?size=N``       N bytes (a repeating 256 KiB pattern), with content-length
 ``emulator/sink``               reads the body, answers ``{"len", "sha256"}``
 ``emulator/gzip``               a gzip-compressed JSON body with content-encoding
@@ -41,6 +44,18 @@ PATTERN = bytes(range(256)) * 1024  # 256 KiB
 def pattern_block() -> bytes:
     """The block ``emulator/bytes`` repeats."""
     return PATTERN
+
+
+# One MPEG-1 Layer III frame at 128 kbit/s, 44.1 kHz, no padding: a 4-byte header, 417 bytes in all.
+MP3_FRAME_HEADER = b"\xff\xfb\x90\x64"
+MP3_FRAME_BYTES = 417
+
+
+def audio_chunk(index: int) -> bytes:
+    """Chunk ``index`` (from 1) of ``emulator/audio``: one MP3-shaped frame whose payload (every
+    byte value, shifted by the index) tells the chunks apart."""
+    payload = bytes((index * 37 + k) % 256 for k in range(MP3_FRAME_BYTES - len(MP3_FRAME_HEADER)))
+    return MP3_FRAME_HEADER + payload
 
 
 async def until_released_or_gone(recorder: Recorder, gate: str, receive: Any, request_id: str) -> None:
@@ -82,6 +97,15 @@ async def serve_fault(name: str, args: dict[str, str], record: dict[str, Any], r
             name_line = "event: done\n" if i == count else ""
             await send({"type": "http.response.body", "body": f'{name_line}data: {{"n": {i}}}\n\n'.encode(),
                         "more_body": True})
+        await end_body(send)
+    elif kind == "audio":
+        count, gated = int(args.get("chunks", "3")), args.get("gated", "1") == "1"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"audio/mpeg"), *headers]})
+        for i in range(1, count + 1):
+            if gated and i > 1:
+                await recorder.gates[f"audio-{i}"].wait()
+            await send({"type": "http.response.body", "body": audio_chunk(i), "more_body": True})
         await end_body(send)
     elif kind == "bytes":
         await _bytes(int(args.get("size", "0")), send, headers)
