@@ -10,12 +10,20 @@ Upstream is the product's own offline emulator (the ``fake_gateway`` fixture, se
 tests/conftest.py and proxy/emulator): ``emulator/*`` apps for echo and faults, and a
 real queue (``fal-ai/flux/dev``) whose jobs progress on the emulator's scaled clock.
 
+Traffic that the SDK sends past the proxy by design is checked from both ends too: the
+signed-URL upload PUTs (and multipart parts) reach the emulator directly
+(``fake_gateway.requests("upload")``), the realtime WebSocket is opened on a stub that
+records its ``wss://fal.run`` URL, and a *string* ``proxyUrl`` in Node is ignored by the
+SDK (a canned fetch stands in for fal, and nothing reaches the proxy).
+
 The SDK is installed with ``npm ci --prefix tests/sdk``; without it these tests fail
 (never skip), so a CI that forgot the step cannot go green by accident.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import shutil
@@ -24,9 +32,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from proxy.emulator.apps import CATALOGUE
+from proxy.emulator.faults import MP3_FRAME_BYTES, audio_chunk
 from proxy.emulator.queue import QUEUE_WAIT
 from tests.conftest import FAL_KEY, PREFIX, ROOT, TIME_SCALE, FakeGateway, RunningProxy, child_env
 
@@ -46,6 +57,15 @@ QUEUE_REQUESTS = f"{QUEUE}/fal-ai/flux/requests"
 # Submit to COMPLETED on the emulator's clock (queue wait + generation), plus slack for timers.
 QUEUE_JOB_MS = round((QUEUE_WAIT + CATALOGUE[QUEUE_APP].duration) * float(TIME_SCALE) * 1000) + 50
 JOB_LOGS = CATALOGUE[QUEUE_APP].log_lines({})
+WORKFLOW = "workflows/fal-ai/sdxl-sticker"  # the SDK keeps the namespace in every queue URL
+INITIATE = "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3"
+INITIATE_MULTIPART = "https://rest.fal.ai/storage/upload/initiate-multipart?storage_type=fal-cdn-v3"
+MiB = 1024 * 1024
+MULTIPART_ABOVE = 90 * MiB  # storage.js: `file.size > 90 * 1024 * 1024` goes multipart...
+PART_BYTES = 10 * MiB  # ...in parts of 10 MiB
+TOKENS = "https://rest.fal.ai/tokens/"
+REALTIME_APP = "fal-ai/fast-lcm-diffusion/image-to-image"
+EMULATOR_TOKEN = r"emu\.[0-9a-f]{48}"  # what the emulator's /tokens/ issues
 
 
 def require_sdk(sdk_dir: Path = SDK_DIR) -> str:
@@ -65,12 +85,18 @@ def require_sdk(sdk_dir: Path = SDK_DIR) -> str:
     return node
 
 
+def emulator_origin(fake_gateway: FakeGateway) -> str:
+    return f"http://127.0.0.1:{fake_gateway.port}"
+
+
 def run_sdk(proxy: RunningProxy, fake_gateway: FakeGateway, scenario: str) -> dict[str, Any]:
     """Run one scenario of scenarios.mjs against ``proxy``; return its outcome."""
     node = require_sdk()
     # child_env keeps only PATH/HOME/LANG/...: no FAL_KEY can reach the SDK process.
     env = child_env(
-        EMULATOR_URL=f"http://127.0.0.1:{fake_gateway.port}", QUEUE_JOB_MS=str(QUEUE_JOB_MS)
+        EMULATOR_URL=emulator_origin(fake_gateway),
+        QUEUE_JOB_MS=str(QUEUE_JOB_MS),
+        AUDIO_CHUNK_BYTES=str(MP3_FRAME_BYTES),
     )
     assert not {"FAL_KEY", "FAL_KEY_ID", "FAL_KEY_SECRET"} & env.keys()
     completed = subprocess.run(
@@ -109,6 +135,19 @@ def assert_sent_without_credentials(outcome: dict[str, Any]) -> None:
         assert "authorization" not in request["headers"]
 
 
+def assert_sent_direct(sent: dict[str, Any], record: dict[str, Any], fake_gateway: FakeGateway) -> None:
+    """A request the SDK sent straight to a signed upload URL (``record``), not to the proxy."""
+    assert sent["method"] == record["method"]
+    assert sent["url"] == f"{emulator_origin(fake_gateway)}{record['path']}?{record['query']}"
+    assert "x-fal-target-url" not in sent["headers"]
+    assert "authorization" not in sent["headers"]
+    # And it did not pass through the proxy on the way: none of the headers the proxy adds.
+    names = {name for name, _ in record["headers"]}
+    assert not names & {"authorization", "x-fal-target-url", "x-fal-client-proxy", "cf-aig-event-id"}, names
+    assert record["path"].startswith("/_emulator/uploads/")
+    assert record["query"] == "signature=emulated"  # the signed URL's query, kept by the SDK
+
+
 # --- what the gateway (the emulator) received -------------------------------------------
 
 
@@ -143,6 +182,21 @@ def assert_target_mode(record: dict[str, Any], method: str, target_url: str) -> 
     assert [v for k, v in record["headers"] if k == "x-fal-target-url"] == [target_url]
     assert record["header_map"]["cf-aig-skip-cache"] == "true"
     assert record["header_map"]["cf-aig-max-attempts"] == "1"
+
+
+def assert_initiated(record: dict[str, Any], target: str, content_type: str, extension: str) -> None:
+    """An upload initiation: through the gateway in target mode, with what the SDK names the file."""
+    assert_target_mode(record, "POST", target)
+    body = json.loads(record["body"])
+    assert body["content_type"] == content_type
+    assert re.fullmatch(rf"\d{{13}}\.{extension}", body["file_name"]), body  # <epoch ms>.<type>
+
+
+def assert_serves(fake_gateway: FakeGateway, file_url: str, data: bytes) -> None:
+    """``file_url`` is on the emulator and serves ``data``."""
+    assert file_url.startswith(f"{emulator_origin(fake_gateway)}/_emulator/files/")
+    served = fake_gateway.client.get(file_url)
+    assert served.status_code == 200 and served.content == data
 
 
 def assert_generated_image(result: dict[str, Any], fake_gateway: FakeGateway) -> None:
@@ -347,6 +401,30 @@ def test_subscribe_streaming_status(proxy: RunningProxy, fake_gateway: FakeGatew
     assert "text/event-stream" in status_stream["header_map"]["accept"]
 
 
+def test_workflow_subscribe_keeps_the_namespace(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "workflow_subscribe")
+
+    (request_id,) = outcome["enqueued"]
+    assert REQUEST_ID.fullmatch(request_id)
+    assert statuses(outcome["updates"]) == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert outcome["requestId"] == request_id
+    assert_generated_image(outcome["data"], fake_gateway)
+
+    # No sub-path to drop: status and result use the whole workflows/<owner>/<alias> id.
+    base = f"{QUEUE}/{WORKFLOW}/requests/{request_id}"
+    expected = [
+        ("POST", f"{QUEUE}/{WORKFLOW}"),
+        *[("GET", f"{base}/status?logs=0")] * len(outcome["updates"]),
+        ("GET", base),
+    ]
+    assert_sent_via_proxy(outcome, proxy, *expected)
+    records = fake_gateway.requests()
+    assert len(records) == len(expected)
+    for record, (method, target) in zip(records, expected, strict=True):
+        assert_target_mode(record, method, target)
+    assert records[0]["body"] == b'{"prompt":"cat"}'
+
+
 # --- fal.stream ------------------------------------------------------------------------------
 
 
@@ -382,6 +460,243 @@ def test_stream_events_reach_the_sdk_one_by_one(proxy: RunningProxy, fake_gatewa
     seen = fake_gateway.only_request()
     assert_path_mode(seen, "POST", "/emulator/sse/stream", "n=3")
     assert "text/event-stream" in seen["header_map"]["accept"]
+
+
+def test_stream_binary_chunks_reach_the_sdk_unchanged(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    # audio/mpeg, not SSE: the SDK emits raw Uint8Array chunks. Chunk i+1 leaves the emulator
+    # only once the SDK process holds all of chunk i, so no chunk can span two upstream ones.
+    outcome = run_sdk(proxy, fake_gateway, "stream_binary")
+
+    chunks = [base64.b64decode(c["b64"]) for c in outcome["chunks"]]
+    assert all(c["isUint8Array"] for c in outcome["chunks"])
+    upstream = [audio_chunk(i) for i in (1, 2, 3)]
+    assert b"".join(chunks) == b"".join(upstream)  # in order, byte for byte
+    # Split, if at all, only within an upstream chunk: every upstream end is an SDK chunk end.
+    ends = {sum(map(len, upstream[:i])) for i in (1, 2, 3)}
+    assert ends <= {sum(map(len, chunks[:i])) for i in range(1, len(chunks) + 1)}
+    assert outcome["done"] == outcome["chunks"][-1]  # done() resolves to the last chunk
+    assert outcome["releaseStatuses"] == [200, 200]
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    target = "https://fal.run/emulator/audio/stream?chunks=3"
+    assert_sent_via_proxy(outcome, proxy, ("POST", target))
+
+    seen = fake_gateway.only_request()
+    assert_path_mode(seen, "POST", "/emulator/audio/stream", "chunks=3")
+    assert seen["body"] == b'{"prompt":"cat"}'
+    assert seen["header_map"]["accept"] == "application/json, audio/mpeg"  # the stream's `accept` option
+
+
+def test_stream_abort_closes_the_upstream_request(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "stream_abort")
+
+    assert outcome["events"] == [{"n": 1}]
+    assert outcome["done"] == {"n": 1}  # done() resolves to the last event on abort
+    request_id = outcome["requestId"]
+    assert REQUEST_ID.fullmatch(request_id)
+    assert_sent_via_proxy(outcome, proxy, ("POST", "https://fal.run/emulator/stall/stream"))
+    assert_path_mode(fake_gateway.only_request(), "POST", "/emulator/stall/stream")
+    # The emulator saw its client (the proxy) leave while the SDK process was still alive, so
+    # the abort itself, not the process exiting, closed the upstream request.
+    assert outcome["disconnectSeenAfterMs"] is not None, "the upstream request was not closed within 5 s"
+    assert outcome["disconnectSeenAfterMs"] < 2000
+    assert f"disconnected:stall:{request_id}" in fake_gateway.events()
+
+
+# --- storage uploads -------------------------------------------------------------------------
+
+
+def test_storage_upload_initiates_through_the_proxy_and_puts_the_bytes_directly(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "storage_upload")
+
+    data = base64.b64decode(outcome["bytes"])
+    initiate_sent, put_sent = outcome["sent"]
+    assert_sent_via_proxy({"sent": [initiate_sent]}, proxy, ("POST", INITIATE))
+    assert_sent_without_credentials(outcome)
+
+    initiate = fake_gateway.only_request()  # the gateway saw the initiation only
+    assert_initiated(initiate, INITIATE, "image/png", "png")
+    assert "x-fal-object-lifecycle" not in initiate["header_map"]
+    (upload,) = fake_gateway.requests("upload")
+    assert_sent_direct(put_sent, upload, fake_gateway)
+    assert upload["method"] == "PUT"
+    assert upload["header_map"]["content-type"] == "image/png"
+    assert upload["body"] == data
+    assert_serves(fake_gateway, outcome["fileUrl"], data)
+
+
+def test_storage_upload_lifecycle_header_reaches_the_gateway(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "storage_upload_lifecycle")
+
+    initiate = fake_gateway.only_request()
+    assert_initiated(initiate, INITIATE, "image/png", "png")
+    assert [v for k, v in initiate["headers"] if k == "x-fal-object-lifecycle"] == [
+        '{"expiration_duration_seconds":3600}'
+    ]
+    (upload,) = fake_gateway.requests("upload")
+    assert_sent_direct(outcome["sent"][1], upload, fake_gateway)
+    assert_serves(fake_gateway, outcome["fileUrl"], base64.b64decode(outcome["bytes"]))
+
+
+def test_multipart_upload_initiates_through_the_proxy_and_sends_the_parts_directly(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
+    # fal's own server proxy refuses initiate-multipart (not in its allow-list); this one
+    # forwards it. 90 MiB + 1 byte is the smallest file the SDK uploads in parts.
+    outcome = run_sdk(proxy, fake_gateway, "storage_upload_multipart")
+
+    assert outcome["size"] == MULTIPART_ABOVE + 1
+    parts = outcome["parts"]
+    assert [p["size"] for p in parts] == [PART_BYTES] * 9 + [1]
+    initiate_sent, *direct = outcome["sent"]
+    assert_sent_via_proxy({"sent": [initiate_sent]}, proxy, ("POST", INITIATE_MULTIPART))
+    assert_sent_without_credentials(outcome)
+
+    initiate = fake_gateway.only_request()  # not one byte of the file went through the gateway
+    assert_initiated(initiate, INITIATE_MULTIPART, "application/octet-stream", "octet")
+    uploads = fake_gateway.requests("upload")
+    assert len(uploads) == len(direct) == len(parts) + 1
+    upload_path = uploads[0]["path"].rsplit("/", 1)[0]  # <upload_url path>/<n>?<its query>
+    for number, (part, record, sent) in enumerate(zip(parts, uploads, direct), 1):
+        assert_sent_direct(sent, record, fake_gateway)
+        assert (record["method"], record["path"]) == ("PUT", f"{upload_path}/{number}")
+        assert (record["body_len"], record["body_sha256"]) == (part["size"], part["sha256"])
+    complete = uploads[-1]
+    assert_sent_direct(direct[-1], complete, fake_gateway)
+    assert (complete["method"], complete["path"]) == ("POST", f"{upload_path}/complete")
+    assert [p["partNumber"] for p in json.loads(complete["body"])["parts"]] == list(range(1, len(parts) + 1))
+
+    # The file URL serves the parts joined: compared by digest, streamed, not held twice.
+    digest, size = hashlib.sha256(), 0
+    assert outcome["fileUrl"].startswith(f"{emulator_origin(fake_gateway)}/_emulator/files/")
+    with fake_gateway.client.stream("GET", outcome["fileUrl"]) as served:
+        assert served.status_code == 200
+        for chunk in served.iter_bytes():
+            digest.update(chunk)
+            size += len(chunk)
+    assert (size, digest.hexdigest()) == (outcome["size"], outcome["sha256"])
+
+
+def test_auto_upload_replaces_a_blob_input_by_its_file_url(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "auto_upload")
+
+    data = base64.b64decode(outcome["bytes"])
+    file_url = outcome["data"]["input"]["image_url"]
+    assert outcome["data"] == {"input": {"prompt": "cat", "image_url": file_url}}
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    initiate_sent, put_sent, run_sent = outcome["sent"]  # in this order: upload first, then run
+    assert_sent_via_proxy(
+        {"sent": [initiate_sent, run_sent]}, proxy, ("POST", INITIATE), ("POST", "https://fal.run/emulator/echo")
+    )
+
+    initiate, run = fake_gateway.requests()
+    assert_initiated(initiate, INITIATE, "image/png", "png")
+    (upload,) = fake_gateway.requests("upload")
+    assert_sent_direct(put_sent, upload, fake_gateway)
+    assert upload["body"] == data
+    assert_path_mode(run, "POST", "/emulator/echo")
+    assert json.loads(run["body"]) == {"prompt": "cat", "image_url": file_url}
+    assert_serves(fake_gateway, file_url, data)
+
+
+# --- realtime --------------------------------------------------------------------------------
+
+
+def test_realtime_token_comes_through_the_proxy_and_the_socket_goes_to_fal(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "realtime_token")
+
+    assert_sent_via_proxy(outcome, proxy, ("POST", TOKENS))
+    assert outcome["sent"][0]["status"] == 201
+    seen = fake_gateway.only_request()
+    assert_target_mode(seen, "POST", TOKENS)
+    # The alias only (second id segment), and the SDK's fixed 120 s.
+    assert seen["body"] == b'{"allowed_apps":["fast-lcm-diffusion"],"token_expiration":120}'
+
+    # The socket goes to fal.run itself, never to the proxy, with the token in the query.
+    (opened,) = outcome["opened"]
+    socket = rf"wss://fal\.run/{REALTIME_APP}/realtime\?fal_jwt_token=({EMULATOR_TOKEN})"
+    url = re.fullmatch(socket, opened["url"])
+    assert url, opened
+    (frame,) = outcome["frames"]  # the input, as one msgpack binary frame
+    assert frame["binary"] and msgpack.unpackb(base64.b64decode(frame["b64"])) == {"prompt": "cat"}
+    assert outcome["results"] == [] and outcome["errors"] == []
+
+    # That token is the one the emulator issued for the alias: its realtime socket accepts it.
+    realtime = f"ws://127.0.0.1:{fake_gateway.port}{PREFIX}/fal-ai/fast-lcm-diffusion/realtime"
+    with ws_connect(f"{realtime}?fal_jwt_token={url[1]}", proxy=None, open_timeout=5) as ws:
+        ws.send(msgpack.packb({"prompt": "cat", "image_size": {"width": 32, "height": 32}}))
+        assert msgpack.unpackb(ws.recv(timeout=5))["prompt"] == "cat"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "reason"),
+    [
+        ("FAL_PROXY_ALLOWED_APPS", "fal-ai/flux/*", "app_refused"),
+        ("FAL_PROXY_TOKEN_MAX_EXPIRATION", "60", "token_refused"),  # the SDK asks for 120 s
+    ],
+)
+def test_realtime_token_refused_by_the_proxy_opens_no_socket(
+    start_proxy: Any, fake_gateway: FakeGateway, setting: str, value: str, reason: str
+) -> None:
+    refusing = start_proxy(**{setting: value})
+    outcome = run_sdk(refusing, fake_gateway, "realtime_token_refused")
+
+    assert_sent_via_proxy(outcome, refusing, ("POST", TOKENS))
+    assert outcome["sent"][0]["status"] == 403  # a policy refusal: the SDK does not retry it
+    assert fake_gateway.requests() == []  # refused before anything went upstream
+    line = refusing.process.wait_for_json(lambda r: r.get("event") == "request" and r.get("route") == "token")
+    assert (line["status"], line["error"]) == (403, reason)
+    assert outcome["opened"] == [] and outcome["frames"] == []
+    # @fal-ai/client 1.10.1 drops a failed token request silently (its state machine goes
+    # back to idle): onError is NOT called, so an app sees nothing. Pinned here so a
+    # change of SDK behaviour shows up.
+    assert outcome["errors"] == [] and outcome["results"] == []
+
+
+# --- a string proxyUrl: browser only -------------------------------------------------------
+
+
+def test_string_proxy_url_is_ignored_in_node(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    logged_before = len(proxy.request_logs())
+    outcome = run_sdk(proxy, fake_gateway, "node_string_proxy_url")
+
+    # The SDK went to fal itself (the canned fetch answered in its place)...
+    (sent,) = outcome["sent"]
+    assert (sent["method"], sent["url"]) == ("POST", "https://fal.run/emulator/echo")
+    assert "x-fal-target-url" not in sent["headers"]
+    assert sent["headers"]["user-agent"] == UA
+    assert outcome["data"] == {"canned": True}
+    assert outcome["requestId"] == "canned-request-id"
+    # ...and the proxy and the gateway saw nothing.
+    assert fake_gateway.requests() == []
+    assert len(proxy.request_logs()) == logged_before
+
+
+def test_string_proxy_url_is_used_in_a_browser(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    outcome = run_sdk(proxy, fake_gateway, "browser_string_proxy_url")
+
+    assert outcome["data"] == {"input": {"prompt": "cat"}}
+    assert REQUEST_ID.fullmatch(outcome["requestId"])
+    # The relative proxyUrl, as given (the page resolves it); no SDK User-Agent in a browser.
+    (sent,) = outcome["sent"]
+    assert (sent["method"], sent["url"]) == ("POST", "/api/fal/proxy")
+    assert sent["headers"]["x-fal-target-url"] == "https://fal.run/emulator/echo"
+    assert "user-agent" not in sent["headers"] and "authorization" not in sent["headers"]
+
+    seen = fake_gateway.only_request()
+    assert (seen["method"], seen["path"], seen["query"]) == ("POST", f"{PREFIX}/emulator/echo", "")
+    assert seen["target_url"] is None
+    assert [v for k, v in seen["headers"] if k == "authorization"] == [SERVER_AUTH]
+    assert seen["header_map"]["user-agent"] != UA  # the fetch implementation's own, if any
+    assert seen["header_map"]["x-fal-client-proxy"].startswith("fal-gateway-proxy/")
+    assert seen["body"] == b'{"prompt":"cat"}'
 
 
 # --- errors and retries ----------------------------------------------------------------------

@@ -16,11 +16,22 @@
 // proxy/emulator): its `emulator/*` apps (echo, fault injection) and a real queue whose
 // jobs move IN_QUEUE -> IN_PROGRESS -> COMPLETED on the emulator's (scaled) clock.
 //
+// Some scenarios step outside that setup on purpose, and say so: the signed-URL upload
+// PUTs go straight to the emulator (recorded in `sent` too, with their own URL); the
+// realtime ones install a stub `globalThis.WebSocket` (Node 20 has none) that records the
+// URL the SDK opens and the frames it sends, without any network; `node_string_proxy_url`
+// answers from a canned fetch (fal itself would be called); `browser_string_proxy_url`
+// fakes a browser with `globalThis.window`.
+//
 // Environment, set by tests/e2e/test_sdk_node.py:
-//   EMULATOR_URL     the emulator's base URL; `stream_incremental` releases its SSE gates
-//                    (POST /_emulator/gates/sse-<i>) itself, one after each event received.
+//   EMULATOR_URL     the emulator's base URL; the gated scenarios release the emulator's
+//                    gates (POST /_emulator/gates/<name>) themselves, one after each event
+//                    received; `stream_abort` reads its events (GET /_emulator/events).
 //   QUEUE_JOB_MS     how long an emulated fal-ai/flux/dev job takes from submit to
 //                    COMPLETED (queue wait + generation, times the emulator's time scale).
+//   AUDIO_CHUNK_BYTES  the size of each chunk `emulator/audio` sends.
+
+import { createHash } from "node:crypto";
 
 import { ApiError, ValidationError, createFalClient } from "@fal-ai/client";
 
@@ -46,26 +57,100 @@ function requireEnv(name) {
   return value;
 }
 
+/**
+ * A fetch that records what the SDK asks for (method, URL as given, headers) and the
+ * answer's status, then delegates to Node's fetch; `base` resolves relative URLs the way a
+ * browser resolves them against the page.
+ */
+function recordingFetch(sent, base = undefined) {
+  return (url, init = {}) => {
+    const entry = {
+      method: init.method ?? "GET",
+      url: String(url),
+      headers: Object.fromEntries(new Headers(init.headers).entries()),
+      hasBody: init.body !== undefined && init.body !== null,
+    };
+    sent.push(entry);
+    return fetch(base === undefined ? url : new URL(url, base), init).then((response) => {
+      entry.status = response.status;
+      return response;
+    });
+  };
+}
+
 /** A client configured like an app would, plus a fetch that records what it sends. */
 function makeClient(extra = {}) {
   const sent = [];
-  const recordingFetch = (url, init = {}) => {
-    const headers = new Headers(init.headers);
-    sent.push({
-      method: init.method ?? "GET",
-      url: String(url),
-      headers: Object.fromEntries(headers.entries()),
-      hasBody: init.body !== undefined && init.body !== null,
-    });
-    return fetch(url, init);
-  };
   const fal = createFalClient({
     proxyUrl: { url: PROXY_URL, when: "always" },
-    fetch: recordingFetch,
+    fetch: recordingFetch(sent),
     ...extra,
   });
   return { fal, sent };
 }
+
+/** Run `fn` with `globalThis[name]` set to `value`, then put the old value back. */
+async function withGlobal(name, value, fn) {
+  const had = Object.prototype.hasOwnProperty.call(globalThis, name);
+  const previous = globalThis[name];
+  globalThis[name] = value;
+  try {
+    return await fn();
+  } finally {
+    if (had) {
+      globalThis[name] = previous;
+    } else {
+      delete globalThis[name];
+    }
+  }
+}
+
+/** Poll `check` every 10 ms until it returns true or `ms` have passed. */
+async function waitFor(check, ms) {
+  const deadline = Date.now() + ms;
+  while (!(await check()) && Date.now() < deadline) {
+    await sleep(10);
+  }
+}
+
+/**
+ * A stand-in for the browser's WebSocket: records the URL the SDK opens and the frames it
+ * sends. It touches no network; it "opens" on the next turn so that the SDK sends its
+ * queued message.
+ */
+function stubWebSocket() {
+  const opened = [];
+  const frames = [];
+  class StubWebSocket {
+    static CONNECTING = 0;
+    static OPEN = 1;
+    static CLOSING = 2;
+    static CLOSED = 3;
+
+    constructor(url, protocols) {
+      opened.push({ url: String(url), protocols: protocols ?? null });
+      this.url = String(url);
+      this.readyState = StubWebSocket.CONNECTING;
+      setTimeout(() => {
+        this.readyState = StubWebSocket.OPEN;
+        this.onopen?.({ type: "open" });
+      }, 0);
+    }
+
+    send(data) {
+      frames.push({ binary: typeof data !== "string", b64: Buffer.from(data).toString("base64") });
+    }
+
+    close() {
+      this.readyState = StubWebSocket.CLOSED;
+    }
+  }
+  return { StubWebSocket, opened, frames };
+}
+
+// A small "PNG": the signature, then every byte value once.
+const UPLOAD_BYTES = new Uint8Array([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, ...Array(256).keys()]);
+const b64 = (bytes) => Buffer.from(bytes).toString("base64");
 
 function describeError(error) {
   const out = {
@@ -282,6 +367,217 @@ const scenarios = {
     const { fal, sent } = makeClient();
     const result = await fal.run("emulator/gzip", { input: { prompt: "cat" } });
     return { sent, ...summarizeResult(result) };
+  },
+
+  async stream_binary() {
+    // `emulator/audio` answers audio/mpeg, not SSE: the SDK emits the raw Uint8Array
+    // chunks. Chunk i+1 leaves the emulator only once this script holds all of chunk i (it
+    // then releases gate audio-(i+1)), so the stream can only finish if the proxy passed
+    // each chunk on as it came.
+    const emulator = requireEnv("EMULATOR_URL");
+    const chunkBytes = Number(requireEnv("AUDIO_CHUNK_BYTES"));
+    const { fal, sent } = makeClient();
+    const n = 3;
+    const stream = await fal.stream("emulator/audio", {
+      input: { prompt: "cat" },
+      queryParams: { chunks: String(n) },
+      accept: "audio/mpeg",
+    });
+    const chunks = [];
+    const releases = [];
+    let received = 0;
+    let released = 1;
+    stream.on("data", (chunk) => {
+      chunks.push({ isUint8Array: chunk instanceof Uint8Array, b64: b64(chunk) });
+      received += chunk.byteLength;
+      while (released < n && received >= released * chunkBytes) {
+        released += 1;
+        releases.push(fetch(`${emulator}/_emulator/gates/audio-${released}`, { method: "POST" }).then((r) => r.status));
+      }
+    });
+    const done = await stream.done();
+    return {
+      sent,
+      chunks,
+      done: { isUint8Array: done instanceof Uint8Array, b64: b64(done) },
+      releaseStatuses: await Promise.all(releases),
+      requestId: stream.requestId,
+    };
+  },
+
+  async stream_abort() {
+    // `emulator/stall` sends one event, then waits for its gate or for the client to leave,
+    // and notes `disconnected:stall:<request id>` when it leaves. This process stays alive
+    // while it looks for that note: only the abort (through the proxy) can have caused it.
+    const emulator = requireEnv("EMULATOR_URL");
+    const { fal, sent } = makeClient();
+    const stream = await fal.stream("emulator/stall", { input: { prompt: "cat" } });
+    const events = [];
+    await new Promise((resolve) =>
+      stream.on("data", (event) => {
+        events.push(event);
+        resolve();
+      }),
+    );
+    const abortedAt = Date.now();
+    stream.abort();
+    const done = await stream.done();
+    const wanted = `disconnected:stall:${stream.requestId}`;
+    let disconnectSeenAfterMs = null;
+    await waitFor(async () => {
+      const seen = await (await fetch(`${emulator}/_emulator/events`)).json();
+      if (seen.includes(wanted)) {
+        disconnectSeenAfterMs = Date.now() - abortedAt;
+      }
+      return disconnectSeenAfterMs !== null;
+    }, 5000);
+    return { sent, events, done, requestId: stream.requestId, disconnectSeenAfterMs };
+  },
+
+  async workflow_subscribe() {
+    // A workflow id keeps its `workflows/` namespace in every queue URL.
+    const { fal, sent } = makeClient();
+    const enqueued = [];
+    const updates = [];
+    const result = await fal.subscribe("workflows/fal-ai/sdxl-sticker", {
+      input: { prompt: "cat" },
+      pollInterval: 20,
+      onEnqueue: (requestId) => enqueued.push(requestId),
+      onQueueUpdate: (update) => updates.push(update.status),
+    });
+    return { sent, enqueued, updates, ...summarizeResult(result) };
+  },
+
+  async storage_upload() {
+    // Initiation goes through the proxy (it needs the key); the bytes go to the signed URL.
+    const { fal, sent } = makeClient();
+    const fileUrl = await fal.storage.upload(new Blob([UPLOAD_BYTES], { type: "image/png" }));
+    return { sent, fileUrl, bytes: b64(UPLOAD_BYTES) };
+  },
+
+  async storage_upload_lifecycle() {
+    const { fal, sent } = makeClient();
+    const fileUrl = await fal.storage.upload(new Blob([UPLOAD_BYTES], { type: "image/png" }), {
+      lifecycle: { expiresIn: "1h" },
+    });
+    return { sent, fileUrl, bytes: b64(UPLOAD_BYTES) };
+  },
+
+  async storage_upload_multipart() {
+    // The SDK goes multipart when file.size > 90 * 1024 * 1024 (storage.js), in 10 MiB
+    // parts: 90 MiB + 1 byte is the smallest such file, 9 full parts and a 1-byte one.
+    // Built from 1 MiB blocks that each carry their index (a part out of order changes the
+    // digest); a Blob of Blobs shares their bytes, so the file is held once, and it is
+    // hashed (whole and per part) as it is built.
+    const MiB = 1024 * 1024;
+    const size = 90 * MiB + 1;
+    const partSize = 10 * MiB;
+    const block = Buffer.alloc(MiB);
+    const whole = createHash("sha256");
+    const parts = [];
+    const blobs = [];
+    for (let offset = 0, index = 0; offset < size; offset += MiB, index += 1) {
+      block.fill(index % 251);
+      block.writeUInt32BE(index, 0);
+      const piece = block.subarray(0, Math.min(MiB, size - offset));
+      if (offset % partSize === 0) {
+        parts.push({ hash: createHash("sha256"), size: 0 });
+      }
+      const part = parts[parts.length - 1];
+      part.hash.update(piece);
+      part.size += piece.length;
+      whole.update(piece);
+      blobs.push(new Blob([piece])); // copies the block's bytes
+    }
+    const file = new Blob(blobs, { type: "application/octet-stream" });
+    const { fal, sent } = makeClient();
+    const fileUrl = await fal.storage.upload(file);
+    return {
+      sent,
+      fileUrl,
+      size: file.size,
+      sha256: whole.digest("hex"),
+      parts: parts.map((part) => ({ size: part.size, sha256: part.hash.digest("hex") })),
+    };
+  },
+
+  async auto_upload() {
+    // A Blob in the input is uploaded first and replaced by its file URL.
+    const { fal, sent } = makeClient();
+    const result = await fal.run("emulator/echo", {
+      input: { prompt: "cat", image_url: new Blob([UPLOAD_BYTES], { type: "image/png" }) },
+    });
+    return { sent, bytes: b64(UPLOAD_BYTES), ...summarizeResult(result) };
+  },
+
+  async realtime_token() {
+    // The default token provider asks the proxy for a token; the socket itself goes to
+    // wss://fal.run directly (here: to the stub, which records it).
+    const { fal, sent } = makeClient();
+    const ws = stubWebSocket();
+    return withGlobal("WebSocket", ws.StubWebSocket, async () => {
+      const results = [];
+      const errors = [];
+      const connection = fal.realtime.connect("fal-ai/fast-lcm-diffusion/image-to-image", {
+        onResult: (result) => results.push(result),
+        onError: (error) => errors.push(describeError(error)),
+      });
+      connection.send({ prompt: "cat" });
+      await waitFor(() => ws.frames.length > 0, 5000);
+      connection.close();
+      return { sent, opened: ws.opened, frames: ws.frames, results, errors };
+    });
+  },
+
+  async realtime_token_refused() {
+    // Same, against a proxy that refuses the token: wait for its answer, then long enough
+    // for the SDK to have opened a socket had it got a token.
+    const { fal, sent } = makeClient();
+    const ws = stubWebSocket();
+    return withGlobal("WebSocket", ws.StubWebSocket, async () => {
+      const results = [];
+      const errors = [];
+      const connection = fal.realtime.connect("fal-ai/fast-lcm-diffusion/image-to-image", {
+        onResult: (result) => results.push(result),
+        onError: (error) => errors.push(describeError(error)),
+      });
+      connection.send({ prompt: "cat" });
+      await waitFor(() => sent.length > 0 && sent[0].status !== undefined, 5000);
+      await sleep(200);
+      connection.close();
+      return { sent, opened: ws.opened, frames: ws.frames, results, errors };
+    });
+  },
+
+  async node_string_proxy_url() {
+    // Outside a browser the SDK ignores a *string* proxyUrl and calls fal itself. This fetch
+    // answers in fal's place (the run stays offline) and records where the call went.
+    const sent = [];
+    const cannedFetch = async (url, init = {}) => {
+      sent.push({
+        method: init.method ?? "GET",
+        url: String(url),
+        headers: Object.fromEntries(new Headers(init.headers).entries()),
+      });
+      return new Response(JSON.stringify({ canned: true }), {
+        status: 200,
+        headers: { "content-type": "application/json", "x-fal-request-id": "canned-request-id" },
+      });
+    };
+    const fal = createFalClient({ proxyUrl: PROXY_URL, fetch: cannedFetch });
+    const result = await fal.run("emulator/echo", { input: { prompt: "cat" } });
+    return { sent, ...summarizeResult(result) };
+  },
+
+  async browser_string_proxy_url() {
+    // In a browser (faked: window.document exists) the same string proxyUrl is used; the
+    // relative URL is resolved against the page, whose origin here is the proxy's.
+    const sent = [];
+    const fal = createFalClient({ proxyUrl: "/api/fal/proxy", fetch: recordingFetch(sent, new URL(PROXY_URL).origin) });
+    return withGlobal("window", { document: {} }, async () => {
+      const result = await fal.run("emulator/echo", { input: { prompt: "cat" } });
+      return { sent, ...summarizeResult(result) };
+    });
   },
 
   async client_key() {
