@@ -449,8 +449,13 @@ def test_queue_unknown_request_or_app_is_404(fake_gateway: FakeGateway) -> None:
     ("comfy/owner/app/extra", "comfy/owner/app"),
 ])
 def test_queue_owner_alias_keeps_a_workflows_namespace(app_id: str, expected: str) -> None:
-    """The catalogue has no ``workflows/`` app to submit to, so the rule is checked directly."""
+    """The rule itself, for namespaces the catalogue has no app for (``comfy/``)."""
     assert owner_alias(app_id) == expected
+
+
+def test_a_workflow_app_runs_through_the_queue_with_its_namespace(fake_gateway: FakeGateway) -> None:
+    job = submit(fake_gateway, "workflows/fal-ai/sdxl-sticker")
+    assert job["status_url"].startswith("https://queue.fal.run/workflows/fal-ai/sdxl-sticker/requests/")
 
 
 # --- rest.fal.ai: storage and tokens ------------------------------------------------------------
