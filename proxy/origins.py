@@ -17,6 +17,7 @@ with cookies, so a cross-site page can never ride on a user's cookies.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -75,6 +76,22 @@ def _strip_default_port(host: str) -> str:
     return host
 
 
+def _is_address(host: str) -> bool:
+    """Is the ``Host`` header an IP literal or ``localhost`` (names DNS rebinding cannot take)?"""
+    name = host.lower()
+    if name.startswith("["):
+        name = name[1:].split("]", 1)[0]
+    elif name.count(":") == 1:
+        name = name.split(":", 1)[0]
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 def check_origin(origin: str | None, host: str | None, policy: OriginPolicy) -> str | None:
     """Decide on a request's ``Origin``.
 
@@ -93,7 +110,11 @@ def check_origin(origin: str | None, host: str | None, policy: OriginPolicy) -> 
         return normal
     # Same origin: the page was served from the host it is calling. Compared on host and
     # port only, so a TLS-terminating front (browser sees https, proxy sees http) still matches.
-    if host is not None and _strip_default_port(_host_of(normal)) == _strip_default_port(host.lower()):
+    # Only for an IP address or localhost: with a domain name, a DNS-rebinding page
+    # (evil.example re-pointed at this proxy) would be "same origin" with itself. Serve
+    # the page under a name? List its origin in FAL_PROXY_ALLOWED_ORIGINS.
+    if host is not None and _is_address(host) \
+            and _strip_default_port(_host_of(normal)) == _strip_default_port(host.lower()):
         return None
     raise Forbidden("origin not allowed",
                     f"{normal} is not in FAL_PROXY_ALLOWED_ORIGINS", reason="origin_refused")

@@ -80,6 +80,14 @@ def test_same_origin_and_no_origin_pass(cors_proxy: RunningProxy) -> None:
     assert post(cors_proxy).status_code == 200
 
 
+def test_dns_rebinding_is_not_same_origin(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    # evil.example re-pointed at 127.0.0.1: the browser sends matching Host and Origin.
+    port = proxy.url.rsplit(":", 1)[1]
+    r = post(proxy, headers={"host": f"evil.example:{port}", "origin": f"http://evil.example:{port}"})
+    assert r.status_code == 403 and r.json()["message"] == "origin not allowed"
+    assert fake_gateway.requests() == []
+
+
 def test_by_default_no_cross_origin_page_may_call(proxy: RunningProxy) -> None:
     assert post(proxy, headers={"origin": APP}).status_code == 403
 

@@ -18,8 +18,8 @@ POLICY = OriginPolicy.build(["https://app.example.com", "http://localhost:3000"]
         ("HTTPS://APP.EXAMPLE.COM:443", "proxy.local", "https://app.example.com"),
         ("http://localhost:3000", "127.0.0.1:8787", "http://localhost:3000"),
         ("http://127.0.0.1:8787", "127.0.0.1:8787", None),  # same origin
-        ("https://proxy.example.com", "proxy.example.com", None),  # same origin behind TLS termination
-        ("https://proxy.example.com", "proxy.example.com:443", None),
+        ("http://localhost:8787", "localhost:8787", None),
+        ("http://[::1]:8787", "[::1]:8787", None),
     ],
 )
 def test_allowed_origins(origin: str | None, host: str, expected: str | None) -> None:
@@ -74,3 +74,18 @@ def test_responses_expose_the_headers_the_sdk_reads() -> None:
 def test_normalise_origin_refuses_non_origins(bad: str) -> None:
     with pytest.raises(ValueError):
         normalise_origin(bad)
+
+
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        # DNS rebinding: evil.example re-pointed at the proxy makes Origin and Host agree.
+        ("http://evil.example:8787", "evil.example:8787"),
+        ("https://proxy.example.com", "proxy.example.com"),  # a name must be listed to count
+    ],
+)
+def test_same_origin_counts_only_for_addresses_not_names(origin: str, host: str) -> None:
+    with pytest.raises(Forbidden):
+        check_origin(origin, host, POLICY)
+    listed = OriginPolicy.build([origin], [], None)
+    assert check_origin(origin, host, listed) == origin
