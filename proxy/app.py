@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .admission import Admission
+from .bridge_ws import Bridge
 from .forward import Forwarder
 from .logs import get_logger
 from .settings import RESERVED_PATHS, Settings
@@ -28,6 +29,7 @@ def create_app(settings: Settings) -> Any:
     """Build the proxy's ASGI app for ``settings``."""
     admission = Admission(settings)
     forwarder = Forwarder(settings, admission)
+    bridge = Bridge(settings, admission)
     log = get_logger("proxy")
 
     @contextlib.asynccontextmanager
@@ -52,13 +54,12 @@ def create_app(settings: Settings) -> Any:
         kind = scope["type"]
         if kind == "http" and scope["path"] not in RESERVED_PATHS:
             await forwarder(scope, receive, send)
-        elif kind == "websocket":
-            # WebSocket bridging is not built yet: refuse the upgrade (the server answers 403).
-            log.info("websocket_refused", path=scope["path"])
-            await send({"type": "websocket.close", "code": 1008})
+        elif kind == "websocket" and scope["path"] not in RESERVED_PATHS:
+            await bridge(scope, receive, send)
         else:
             await starlette(scope, receive, send)
 
+    app.bridge = bridge  # type: ignore[attr-defined]  # the CLI closes sockets with 1001 first
     return app
 
 

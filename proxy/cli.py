@@ -124,10 +124,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port: int, on_listening: Any) -> None:
+def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port: int, on_listening: Any,
+                 ws_max_bytes: int = 16 * 1024 * 1024) -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            # uvicorn would fail open sockets with 1012; bridged sessions get a proper 1001.
+            bridge = getattr(app, "bridge", None)
+            if bridge is not None:
+                await bridge.close_all()
+            await super().shutdown(sockets)
+
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets)
             tune_gc()
@@ -149,6 +157,10 @@ def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port:
         date_header=False,
         proxy_headers=False,  # X-Forwarded-For is not trusted by default
         timeout_graceful_shutdown=10,
+        ws="websockets",
+        ws_max_size=ws_max_bytes,  # the same limit the bridge sets on the upstream side
+        ws_ping_interval=20,
+        ws_ping_timeout=20,
     )
     Server(config).run(sockets=[sock] if sock is not None else None)
 
@@ -166,7 +178,7 @@ def serve(settings: Settings) -> None:
         log.info("listening", role="proxy", host=host, port=port, url=f"http://{host}:{port}",
                  proxy_route=settings.proxy_route, version=__version__)
 
-    _run_uvicorn(create_app(settings), settings.host, None, settings.port, listening)
+    _run_uvicorn(create_app(settings), settings.host, None, settings.port, listening, settings.ws_max_bytes)
 
 
 def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

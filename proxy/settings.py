@@ -68,6 +68,8 @@ class Settings:
     upstream_connections: int = 0  # 0 = no limit on the pool
     log_format: str = "auto"
     log_level: str = "info"
+    ws_max_bytes: int = 16 * 1024 * 1024
+    realtime_direct: bool = False
     access: AccessSettings = field(default_factory=AccessSettings)
 
     @classmethod
@@ -87,6 +89,9 @@ class Settings:
             upstream_connections=_int(env, "FAL_PROXY_UPSTREAM_CONNECTIONS", 0, low=0),
             log_format=_choice(env, "FAL_PROXY_LOG_FORMAT", "auto", _LOG_FORMATS),
             log_level=_choice(env, "FAL_PROXY_LOG_LEVEL", "info", _LOG_LEVELS),
+            ws_max_bytes=_int(env, "FAL_PROXY_WS_MAX_BYTES", 16 * 1024 * 1024, low=1024),
+            realtime_direct=_choice(env, "FAL_PROXY_REALTIME_DIRECT", "false", ("true", "false", "1", "0"))
+            in ("true", "1"),
             access=AccessSettings.from_env(env),
         )
 
@@ -111,6 +116,8 @@ DOCUMENTED_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_PROXY_UPSTREAM_CONNECTIONS", "0", "most connections to the gateway at once, 0 = no limit"),
     ("FAL_PROXY_LOG_FORMAT", "auto", "auto (console on a terminal, else JSON), json or console"),
     ("FAL_PROXY_LOG_LEVEL", "info", "debug, info, warning or error"),
+    ("FAL_PROXY_WS_MAX_BYTES", str(16 * 1024 * 1024), "largest WebSocket message, either way"),
+    ("FAL_PROXY_REALTIME_DIRECT", "false", "send .../realtime sockets straight to wss://fal.run, not via the gateway"),
     *ACCESS_VARIABLES,
 )
 

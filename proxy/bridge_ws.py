@@ -1,0 +1,232 @@
+"""WebSocket bridge: ``ws://<proxy>/<fal path>`` ↔ ``wss://<gateway>/fal/<fal path>``, key added here.
+
+Browsers cannot set headers on a WebSocket, so a page holding no key could not talk to
+fal's socket endpoints itself; through the proxy it can. The upgrade passes the same
+admission as HTTP (origin, caller, app, a concurrency slot held for the whole session),
+then the proxy opens the upstream socket with ``Authorization: Key <server key>`` and
+``cf-aig-authorization`` in its handshake, accepts the client, and relays frames both
+ways until either side closes.
+
+* Credentials offered by the client never travel upstream: the sub-protocols
+  ``fal-api-key.*``, ``cf-aig-authorization.*`` and ``proxy-authorization.*`` (a browser's
+  way to send the caller credential), and a ``fal_jwt_token`` in the query. The client
+  still gets back one of the sub-protocols it offered (Chrome aborts the handshake
+  otherwise): the one the upstream chose, else the first non-credential one it offered.
+* Frames keep their type and order. Backpressure: each pump awaits the other side's
+  send, and both libraries bound their receive queues, so a slow reader stalls its
+  writer instead of growing memory. ``max_size`` is the same on both sides.
+* Close codes and reasons are relayed both ways; an upstream that refuses the handshake
+  has its HTTP status relayed to the client (ASGI's ``websocket.http.response``); an
+  upstream that dies gets the client closed with 1011; a proxy shutting down closes every
+  session with 1001 first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .admission import Admission, RequestHeaders
+from .errors import ProxyError
+from .headers import CLIENT_PROXY_ID, InjectedHeaders
+from .logs import get_logger
+from .settings import Settings
+from .targets import resolve_target
+
+CREDENTIAL_SUBPROTOCOLS = ("fal-api-key.", "cf-aig-authorization.", "proxy-authorization.")
+CALLER_SUBPROTOCOL = "proxy-authorization."
+DIRECT_FAL = "wss://fal.run"
+
+
+class Session:
+    """One bridged socket: counters for its canonical log line."""
+
+    __slots__ = ("request_id", "path", "started", "frames_in", "frames_out", "bytes_in", "bytes_out",
+                 "client_close", "upstream_close", "error", "caller", "upstream", "client_send")
+
+    def __init__(self, request_id: str, path: str) -> None:
+        self.request_id, self.path, self.started = request_id, path, time.perf_counter()
+        self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
+        self.client_close: int | None = None
+        self.upstream_close: int | None = None
+        self.error: str | None = None
+        self.caller: str | None = None
+        self.upstream: ClientConnection | None = None
+        self.client_send: Any = None
+
+
+class Bridge:
+    def __init__(self, settings: Settings, admission: Admission) -> None:
+        self.settings = settings
+        self.admission = admission
+        self.injected = InjectedHeaders.from_settings(settings)
+        base = settings.gateway_url
+        self.gateway_ws = "wss://" + base[8:] if base.startswith("https://") else "ws://" + base[7:]
+        self.sessions: set[Session] = set()
+        self.log = get_logger("proxy.websocket")
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        session = Session(os.urandom(8).hex(), scope["path"])
+        lease = None
+        try:
+            if (await receive())["type"] != "websocket.connect":
+                return
+            seen = RequestHeaders.read(scope["headers"], self.admission.auth_header)
+            offered: list[str] = list(scope.get("subprotocols") or [])
+            if seen.credential is None:  # browsers: the caller credential as a sub-protocol
+                seen.credential = next((p[len(CALLER_SUBPROTOCOL):] for p in offered
+                                        if p.startswith(CALLER_SUBPROTOCOL)), None)
+            self.admission.check_sizes(scope, seen)
+            self.admission.cors_origin(seen)  # browsers apply no CORS to sockets: refuse here
+            session.caller = await self.admission.caller(seen)
+            raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+            query = _without_token(scope["query_string"].decode("latin-1"))
+            target = resolve_target(raw_path, query, None, gateway_url=self.settings.gateway_url,
+                                    proxy_route=self.settings.proxy_route)
+            self.admission.check_app(target)
+            client_ip = self.admission.client(scope, seen)
+            lease = await self.admission.limiter.admit(session.caller or f"ip:{client_ip}", submit=False)
+            await self._bridge(scope, receive, send, session, target.path, query, offered)
+        except ProxyError as exc:
+            session.error = exc.reason
+            await _refuse(scope, send, exc.status, exc.body())
+        finally:
+            if lease is not None:
+                await lease.release()
+            self._log(session)
+
+    async def _bridge(self, scope: dict[str, Any], receive: Any, send: Any, session: Session,
+                      path: str, query: str, offered: list[str]) -> None:
+        settings = self.settings
+        direct = settings.realtime_direct and path.endswith("/realtime")
+        url = (DIRECT_FAL if direct else self.gateway_ws) + path + (f"?{query}" if query else "")
+        headers = [("authorization", self.injected.authorization), ("x-fal-client-proxy", CLIENT_PROXY_ID)]
+        if self.injected.cf_aig_authorization is not None and not direct:
+            headers.append(("cf-aig-authorization", self.injected.cf_aig_authorization))
+        passable = [p for p in offered if not p.startswith(CREDENTIAL_SUBPROTOCOLS)]
+        try:
+            upstream = await connect(
+                url, additional_headers=headers, subprotocols=passable or None,  # type: ignore[arg-type]
+                max_size=settings.ws_max_bytes, open_timeout=settings.connect_timeout, proxy=None,
+                ping_interval=20, ping_timeout=20, compression=None, user_agent_header=CLIENT_PROXY_ID,
+            )
+        except InvalidStatus as exc:
+            session.error = "upstream_refused"
+            body = exc.response.body or b""
+            await _refuse(scope, send, exc.response.status_code, body)
+            return
+        except (InvalidHandshake, OSError, asyncio.TimeoutError) as exc:
+            session.error = "upstream_unavailable"
+            await _refuse(scope, send, 502, _json_error("the gateway could not be reached", type(exc).__name__))
+            return
+        session.upstream, session.client_send = upstream, send
+        # One of the client's own offers: the upstream's choice, else a non-credential one, else
+        # (only credential ones were offered) the first, which echoes the client's own value.
+        chosen = upstream.subprotocol if upstream.subprotocol in offered else next(iter(passable or offered), None)
+        await send({"type": "websocket.accept", "subprotocol": chosen})
+        self.sessions.add(session)
+        try:
+            await self._relay(receive, send, upstream, session)
+        finally:
+            self.sessions.discard(session)
+
+    async def _relay(self, receive: Any, send: Any, upstream: ClientConnection, session: Session) -> None:
+        async def client_to_upstream() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "websocket.disconnect":
+                    session.client_close = message.get("code", 1005)
+                    await upstream.close(_sendable(session.client_close), message.get("reason") or "")
+                    return
+                data = message.get("bytes") if message.get("bytes") is not None else message.get("text", "")
+                session.frames_in += 1
+                session.bytes_in += len(data)
+                await upstream.send(data)  # waits while the upstream is not reading: backpressure
+
+        async def upstream_to_client() -> None:
+            try:
+                async for data in upstream:
+                    session.frames_out += 1
+                    session.bytes_out += len(data)
+                    key = "bytes" if isinstance(data, bytes) else "text"
+                    await send({"type": "websocket.send", key: data})
+            except ConnectionClosed:
+                pass
+            rcvd = upstream.close_code
+            session.upstream_close = rcvd
+            if session.client_close is None:
+                # 1006 (no close frame: the upstream died) becomes 1011 for the client.
+                code = _sendable(rcvd) if rcvd not in (None, 1006) else 1011
+                reason = upstream.close_reason or ("upstream connection lost" if code == 1011 else "")
+                await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+
+        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if tasks[0] in done and pending:  # the client left: let the upstream's close finish
+                await asyncio.wait(pending, timeout=5)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await upstream.close()
+
+    async def close_all(self, code: int = 1001, reason: str = "proxy shutting down") -> None:
+        """Close every bridged session (both sides) before the server goes down."""
+        for session in list(self.sessions):
+            try:
+                await session.client_send({"type": "websocket.close", "code": code, "reason": reason})
+            except Exception:  # the client is gone already
+                pass
+            if session.upstream is not None:
+                await session.upstream.close(code, reason)
+
+    def _log(self, session: Session) -> None:
+        fields = {
+            "request_id": session.request_id, "route": "websocket", "target_path": session.path,
+            "duration_ms": round((time.perf_counter() - session.started) * 1000, 2),
+            "frames_in": session.frames_in, "frames_out": session.frames_out,
+            "bytes_in": session.bytes_in, "bytes_out": session.bytes_out,
+            "client_close": session.client_close, "upstream_close": session.upstream_close,
+        }
+        if session.caller is not None:
+            fields["caller"] = session.caller
+        if session.error is not None:
+            fields["error"] = session.error
+        self.log.info("websocket", **fields)
+
+
+def _without_token(query: str) -> str:
+    """Drop a client ``fal_jwt_token``: the proxy's key authenticates the upstream socket."""
+    if "fal_jwt_token" not in query:
+        return query
+    return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "fal_jwt_token"])
+
+
+def _sendable(code: int | None) -> int:
+    """Codes that may not be sent in a close frame (1005, 1006, 1015, unset) become 1000."""
+    if code is None or code in (1005, 1006, 1015):
+        return 1000
+    return code
+
+
+def _json_error(message: str, detail: str) -> bytes:
+    return json.dumps({"message": message, "detail": detail}).encode()
+
+
+async def _refuse(scope: dict[str, Any], send: Any, status: int, body: bytes) -> None:
+    """Refuse the upgrade with an HTTP status where the server allows it, else close (→ 403)."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008 if status < 500 else 1011})
+
