@@ -15,6 +15,8 @@ ways until either side closes.
 * Frames keep their type and order. Backpressure: each pump awaits the other side's
   send, and both libraries bound their receive queues, so a slow reader stalls its
   writer instead of growing memory. ``max_size`` is the same on both sides.
+* Sessions with no frame either way for ``FAL_PROXY_IDLE_TIMEOUT`` are closed (1001);
+  pings keep healthy idle-looking sockets alive on both sides in between.
 * Close codes and reasons are relayed both ways; an upstream that refuses the handshake
   has its HTTP status relayed to the client (ASGI's ``websocket.http.response``); an
   upstream that dies gets the client closed with 1011; a proxy shutting down closes every
@@ -138,6 +140,18 @@ class Bridge:
             self.sessions.discard(session)
 
     async def _relay(self, receive: Any, send: Any, upstream: ClientConnection, session: Session) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self.settings.idle_timeout
+        last = [loop.time()]  # last frame either way, for the idle timeout
+
+        async def close_when_idle() -> None:
+            while (left := idle - (loop.time() - last[0])) > 0:
+                await asyncio.sleep(left)
+            session.error = "idle_timeout"
+            session.client_close = session.upstream_close = 1001
+            await send({"type": "websocket.close", "code": 1001, "reason": "idle timeout"})
+            await upstream.close(1001, "idle timeout")
+
         async def client_to_upstream() -> None:
             while True:
                 message = await receive()
@@ -148,6 +162,7 @@ class Bridge:
                 data = message.get("bytes") if message.get("bytes") is not None else message.get("text", "")
                 session.frames_in += 1
                 session.bytes_in += len(data)
+                last[0] = loop.time()
                 await upstream.send(data)  # waits while the upstream is not reading: backpressure
 
         async def upstream_to_client() -> None:
@@ -155,6 +170,7 @@ class Bridge:
                 async for data in upstream:
                     session.frames_out += 1
                     session.bytes_out += len(data)
+                    last[0] = loop.time()
                     key = "bytes" if isinstance(data, bytes) else "text"
                     await send({"type": "websocket.send", key: data})
             except ConnectionClosed:
@@ -167,7 +183,8 @@ class Bridge:
                 reason = upstream.close_reason or ("upstream connection lost" if code == 1011 else "")
                 await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
 
-        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client())]
+        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client()),
+                 asyncio.ensure_future(close_when_idle())]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if tasks[0] in done and pending:  # the client left: let the upstream's close finish
