@@ -12,6 +12,7 @@ import argparse
 import gc
 import os
 import secrets
+import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -162,7 +163,15 @@ def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port:
         ws_ping_interval=20,
         ws_ping_timeout=20,
     )
+    # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises the signal to
+    # whatever handler was there before; make that a clean exit, so a drained shutdown exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_cleanly)
     Server(config).run(sockets=[sock] if sock is not None else None)
+
+
+def _exit_cleanly(_signum: int, _frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def serve(settings: Settings) -> None:
