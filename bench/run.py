@@ -20,7 +20,8 @@ the upstream client, pinned as the proxy is) join the small-request rounds, and 
 table compares direct, proxy and both against the aiohttp one.
 
 Usage: ``.venv/bin/python bench/run.py [--quick] [--duration S] [--rounds N] [--json PATH]
-[--profile PATH] [--clients]`` (or ``make bench BENCH_ARGS=...``).
+[--profile PATH] [--clients]`` (or ``make bench BENCH_ARGS=...``). ``--ws`` runs the
+WebSocket bridge benchmark (``bench/ws_bench.py``) instead.
 Needs ``wrk`` (``apt-get install -y wrk``) and ``curl``; Linux only (/proc). Only
 127.0.0.1 is ever contacted.
 """
@@ -486,6 +487,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", action="store_true",
                         help="also run the small-request rounds through bare aiohttp and httpx "
                              "forwarders (bench/baselines.py) and compare them")  # fmt: skip
+    parser.add_argument("--ws", action="store_true",
+                        help="benchmark the WebSocket bridge instead (bench/ws_bench.py; "
+                             "takes --quick, --rounds and --json)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.duration is not None and args.duration < 1:
         parser.error("--duration must be at least 1")
@@ -666,6 +670,12 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.ws:  # the WebSocket bridge: bench/ws_bench.py, which needs neither wrk nor curl
+        import ws_bench
+
+        return ws_bench.main([*(["--quick"] if args.quick else []),
+                              *(["--rounds", str(args.rounds)] if args.rounds else []),
+                              *(["--json", str(args.json)] if args.json else [])])  # fmt: skip
     args.load_s = args.duration or (3 if args.quick else 10)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.latency_s = max(1, args.load_s // 2)
