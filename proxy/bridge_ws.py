@@ -176,19 +176,25 @@ class Bridge:
             except ConnectionClosed:
                 pass
             rcvd = upstream.close_code
+            if rcvd in (None, 1006) and upstream.protocol.close_sent is not None:
+                # The proxy closed the upstream itself (e.g. 1009, a message over
+                # FAL_PROXY_WS_MAX_BYTES): tell the client that, not "connection lost".
+                rcvd = upstream.protocol.close_sent.code
             session.upstream_close = rcvd
             if session.client_close is None:
                 # 1006 (no close frame: the upstream died) becomes 1011 for the client.
                 code = _sendable(rcvd) if rcvd not in (None, 1006) else 1011
                 reason = upstream.close_reason or ("upstream connection lost" if code == 1011 else "")
+                if upstream.protocol.close_sent is not None and upstream.protocol.close_sent.code == rcvd:
+                    reason = upstream.protocol.close_sent.reason or reason
                 await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
 
         tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client()),
                  asyncio.ensure_future(close_when_idle())]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if tasks[0] in done and pending:  # the client left: let the upstream's close finish
-                await asyncio.wait(pending, timeout=5)
+            if tasks[0] in done and not tasks[1].done():  # the client left: let the upstream's
+                await asyncio.wait([tasks[1]], timeout=5)  # close handshake finish, briefly
         finally:
             for task in tasks:
                 task.cancel()

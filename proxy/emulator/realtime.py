@@ -6,6 +6,21 @@ emulator's ``/tokens/`` for the app's alias (the second id segment), or the key 
 gateway's browser form). An authenticated gateway also wants ``cf-aig-authorization``. Each binary frame is a msgpack input object
 and gets a msgpack result; a text frame is JSON in, JSON out. Invalid input gets fal's
 ``{"type": "x-fal-error", "error": …, "reason": …}`` message, not a close.
+
+For tests of what sits in front (the proxy's WebSocket bridge):
+
+* Every realtime socket the client closes adds the event ``ws-closed:<code>:<reason>``
+  (``GET /_emulator/events``), so a test can see which close code and reason arrived.
+* ``emulator/ws/realtime`` (same authentication) is a scripted socket. A text frame that is
+  a JSON object with one of these keys is a command; anything else is echoed back verbatim,
+  keeping its frame type:
+
+  - ``{"close": <code>, "reason": "<text>"}``: close with that code and reason.
+  - ``{"drop": true}``: vanish without a close frame (the TCP connection is just closed),
+    as a crashed upstream does; the peer sees 1006.
+  - ``{"flood": <n>, "size": <bytes>}``: send ``n`` binary frames of ``size`` bytes each
+    (frame ``i`` is filled with the byte ``i % 256``) as fast as the peer takes them,
+    then the text frame ``{"flooded": <n>}``.
 """
 
 from __future__ import annotations
@@ -22,13 +37,17 @@ from .asgi import base_url, header_map
 if TYPE_CHECKING:
     from .app import Emulator
 
+SCRIPTED = "emulator/ws/realtime"  # the test-behaviour socket (see the module docstring)
+SCRIPTED_APP = "emulator/echo/realtime"  # whose catalogue entry it borrows
+
 
 async def serve_realtime(emulator: Emulator, scope: dict[str, Any], receive: Any, send: Any, fal_path: str) -> None:
     message = await receive()
     if message["type"] != "websocket.connect":
         return
     emulator.recorder.record(scope, b"", 0, "", kind="websocket")
-    found = find_app(fal_path)
+    scripted = fal_path.strip("/") == SCRIPTED
+    found = find_app(SCRIPTED_APP) if scripted else find_app(fal_path)
     if found is None or found[2] != "/realtime":
         await send({"type": "websocket.close", "code": 1008, "reason": "no such realtime app"})
         return
@@ -52,10 +71,14 @@ async def serve_realtime(emulator: Emulator, scope: dict[str, Any], receive: Any
         await send({"type": "websocket.close", "code": 4001, "reason": "Unauthorized"})
         return
     await send({"type": "websocket.accept"})
+    if scripted:
+        await _scripted(emulator, receive, send)
+        return
     base = base_url(scope, emulator.config.public_url)
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
+            _record_close(emulator, message)
             return
         binary = message.get("bytes") is not None
         try:
@@ -70,3 +93,37 @@ async def serve_realtime(emulator: Emulator, scope: dict[str, Any], receive: Any
             await send({"type": "websocket.send", "bytes": msgpack.packb(reply)})
         else:
             await send({"type": "websocket.send", "text": json.dumps(reply)})
+
+
+def _record_close(emulator: Emulator, message: dict[str, Any]) -> None:
+    emulator.recorder.events.append(f"ws-closed:{message.get('code')}:{message.get('reason') or ''}")
+
+
+async def _scripted(emulator: Emulator, receive: Any, send: Any) -> None:
+    """``emulator/ws/realtime``: echo, or obey a close / drop / flood command."""
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            _record_close(emulator, message)
+            return
+        text = message.get("text")
+        command: Any = None
+        if text is not None:
+            try:
+                command = json.loads(text)
+            except ValueError:
+                command = None
+        if isinstance(command, dict) and "close" in command:
+            await send({"type": "websocket.close", "code": int(command["close"]),
+                        "reason": str(command.get("reason", ""))})
+            return
+        if isinstance(command, dict) and command.get("drop"):
+            return  # no close frame: uvicorn closes the TCP connection under a returning app
+        if isinstance(command, dict) and "flood" in command:
+            count, size = int(command["flood"]), int(command.get("size", 1024 * 1024))
+            for i in range(count):
+                await send({"type": "websocket.send", "bytes": bytes([i % 256]) * size})
+            await send({"type": "websocket.send", "text": json.dumps({"flooded": count})})
+            continue
+        key = "text" if text is not None else "bytes"
+        await send({"type": "websocket.send", key: message.get(key)})
