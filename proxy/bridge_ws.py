@@ -69,8 +69,7 @@ class Bridge:
         self.settings = settings
         self.admission = admission
         self.injected = InjectedHeaders.from_settings(settings)
-        base = settings.gateway_url
-        self.gateway_ws = "wss://" + base[8:] if base.startswith("https://") else "ws://" + base[7:]
+        self.gateway_ws = gateway_ws_url(settings.gateway_url)
         self.sessions: set[Session] = set()
         self.log = get_logger("proxy.websocket")
 
@@ -107,8 +106,7 @@ class Bridge:
     async def _bridge(self, scope: dict[str, Any], receive: Any, send: Any, session: Session,
                       path: str, query: str, offered: list[str]) -> None:
         settings = self.settings
-        direct = settings.realtime_direct and path.endswith("/realtime")
-        url = (DIRECT_FAL if direct else self.gateway_ws) + path + (f"?{query}" if query else "")
+        url, direct = upstream_ws_url(self.gateway_ws, path, query, realtime_direct=settings.realtime_direct)
         headers = [("authorization", self.injected.authorization), ("x-fal-client-proxy", CLIENT_PROXY_ID)]
         if self.injected.cf_aig_authorization is not None and not direct:
             headers.append(("cf-aig-authorization", self.injected.cf_aig_authorization))
@@ -223,6 +221,22 @@ class Bridge:
         if session.error is not None:
             fields["error"] = session.error
         self.log.info("websocket", **fields)
+
+
+def upstream_ws_url(gateway_ws: str, path: str, query: str, *, realtime_direct: bool) -> tuple[str, bool]:
+    """Where a bridged socket goes: ``(url, straight_to_fal)``. Pure.
+
+    ``…/realtime`` paths go straight to ``wss://fal.run`` when ``FAL_PROXY_REALTIME_DIRECT``
+    is on (the gateway documents only fal's HTTP-over-WebSocket protocol); everything
+    else goes to the gateway's WebSocket URL.
+    """
+    direct = realtime_direct and path.endswith("/realtime")
+    return (DIRECT_FAL if direct else gateway_ws) + path + (f"?{query}" if query else ""), direct
+
+
+def gateway_ws_url(gateway_url: str) -> str:
+    """``https://gateway…/fal`` → ``wss://gateway…/fal``; ``http://…`` → ``ws://…``."""
+    return "wss://" + gateway_url[8:] if gateway_url.startswith("https://") else "ws://" + gateway_url[7:]
 
 
 def _without_token(query: str) -> str:

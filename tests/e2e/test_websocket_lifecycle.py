@@ -1,4 +1,4 @@
-"""A proxy shutting down closes its bridged sockets with 1001 (going away), not 1012 or a cut."""
+"""Bridged sockets over time: idle ones closed with 1001, and 1001 when the proxy shuts down."""
 
 from __future__ import annotations
 
@@ -29,3 +29,22 @@ def test_shutdown_closes_bridged_sockets_with_1001(start_proxy, fake_gateway: Fa
     code, reason = asyncio.run(session())
     assert (code, reason) == (1001, "proxy shutting down")
     assert proxy.process.proc.wait(10) == 0
+
+
+def test_idle_sessions_are_closed_with_1001(start_proxy, fake_gateway: FakeGateway) -> None:
+    proxy = start_proxy(FAL_PROXY_IDLE_TIMEOUT="0.5")
+    url = proxy.url.replace("http://", "ws://") + "/emulator/echo/realtime"
+
+    async def session() -> tuple[int | None, str]:
+        async with connect(url, proxy=None, open_timeout=10) as ws:
+            await ws.send(json.dumps({"a": 1}))
+            await ws.recv()  # activity; then nothing either way
+            try:
+                await asyncio.wait_for(ws.recv(), 10)
+            except Exception:
+                pass
+            return ws.close_code, ws.close_reason or ""
+
+    assert asyncio.run(session()) == (1001, "idle timeout")
+    line = proxy.process.wait_for_json(lambda r: r.get("event") == "websocket", timeout=10)
+    assert line["error"] == "idle_timeout"
