@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.redis_support import RedisServer, free_port
+from tests.redis_support import RedisServer, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 # Sentinels: if either string shows up in a response or a log line, a secret leaked.
@@ -85,13 +85,7 @@ class Process:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

@@ -15,6 +15,17 @@ import redis
 START_TIMEOUT = 10.0
 
 
+def stop_process(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Terminate a child, kill it if it ignores that for 10 s, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     """A loopback port nothing listens on (redis-server cannot bind port 0 itself)."""
     with socket.socket() as s:
@@ -60,13 +71,8 @@ class RedisServer:
             client.close()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def keys(self) -> list[str]:
         with redis.Redis(port=self.port, decode_responses=True) as client:

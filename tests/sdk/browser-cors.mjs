@@ -17,25 +17,13 @@
 // ok, 1 otherwise, 2 on bad usage.
 //
 // Uses playwright-core (no bundled browser) with Debian's Chromium: /usr/bin/chromium,
-// or $CHROMIUM_PATH; the launch options are those of browser-demo.mjs.
+// or $CHROMIUM_PATH; the launch options are in chromium.mjs.
 
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { readFileSync } from "node:fs";
 
-import { chromium } from "playwright-core";
+import { CHROMIUM, closeChromium, launchChromium } from "./chromium.mjs";
 
 const WAIT_MS = 20000;
-const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
-const CHROMIUM_ARGS = [
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
 
 const [specPath, ...extra] = process.argv.slice(2);
 if (!specPath || extra.length) {
@@ -137,16 +125,10 @@ async function runOne(browser, run) {
 
 async function main() {
   const started = Date.now();
-  const userDataDir = mkdtempSync(join(tmpdir(), "fal-cors-chromium-"));
-  let browser;
+  let launched;
   try {
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      args: [...CHROMIUM_ARGS, `--disk-cache-dir=${join(userDataDir, "cache")}`],
-      env: { ...process.env, HOME: userDataDir },
-      timeout: WAIT_MS,
-    });
+    launched = await launchChromium("fal-cors-chromium-", WAIT_MS);
+    const { browser } = launched;
     report.browserVersion = browser.version();
     for (const run of spec.runs) await runOne(browser, run);
     report.ok = true;
@@ -155,8 +137,7 @@ async function main() {
     report.failure = String(error?.stack ?? error);
   } finally {
     report.elapsedMs = Date.now() - started;
-    await browser?.close().catch(() => {});
-    rmSync(userDataDir, { recursive: true, force: true });
+    await closeChromium(launched);
   }
   process.stdout.write(JSON.stringify(report) + "\n");
   process.exit(report.ok ? 0 : 1);

@@ -13,23 +13,10 @@
 // image, error, consoleErrors, pageErrors, requests, ... }. Exits 0 when the mode's
 // expectation held, 1 otherwise (the JSON then has `ok: false` and `failure`), 2 on bad usage.
 
-import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 
-import { chromium } from "playwright-core";
+import { CHROMIUM, closeChromium, launchChromium } from "./chromium.mjs";
 
 const WAIT_MS = 30000;
-const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
-const CHROMIUM_ARGS = [
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
 
 const argv = process.argv.slice(2);
 const emptyPrompt = argv.includes("--empty-prompt");
@@ -105,18 +92,10 @@ async function collect(page) {
 
 async function main() {
   const started = Date.now();
-  const userDataDir = mkdtempSync(join(tmpdir(), "fal-demo-chromium-"));
-  let browser;
+  let launched;
   try {
-    // launch() uses its own fresh temporary profile; the extra dir keeps Chromium's
-    // crash/cache files out of $HOME too.
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      args: [...CHROMIUM_ARGS, `--disk-cache-dir=${join(userDataDir, "cache")}`],
-      env: { ...process.env, HOME: userDataDir },
-      timeout: WAIT_MS,
-    });
+    launched = await launchChromium("fal-demo-chromium-", WAIT_MS);
+    const { browser } = launched;
     report.browserVersion = browser.version();
     const context = await browser.newContext({ viewport: { width: 1000, height: 800 } });
     const page = await context.newPage();
@@ -189,8 +168,7 @@ async function main() {
     }
   } finally {
     report.elapsedMs = Date.now() - started;
-    await browser?.close().catch(() => {});
-    rmSync(userDataDir, { recursive: true, force: true });
+    await closeChromium(launched);
   }
   process.stdout.write(JSON.stringify(report) + "\n");
   process.exit(report.ok ? 0 : 1);
