@@ -8,6 +8,7 @@ closed on shutdown.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +21,8 @@ from starlette.routing import Route
 from .admission import Admission
 from .bridge_ws import Bridge
 from .forward import Forwarder
+from .headers import InjectedHeaders
+from .secrets_reload import watch_secret_files
 from .logs import get_logger
 from .settings import RESERVED_PATHS, Settings
 from .upstream import create_session
@@ -30,6 +33,7 @@ def create_app(settings: Settings) -> Any:
     admission = Admission(settings)
     forwarder = Forwarder(settings, admission)
     bridge = Bridge(settings, admission)
+    draining = asyncio.Event()
     log = get_logger("proxy")
 
     @contextlib.asynccontextmanager
@@ -37,18 +41,39 @@ def create_app(settings: Settings) -> Any:
         warn_about_open_settings(settings, log)
         await admission.limiter.start()
         forwarder.session = create_session(settings)
+        reloader = asyncio.ensure_future(watch_secret_files(settings, install_headers))
         try:
             yield
         finally:
+            reloader.cancel()
             await forwarder.session.close()
             forwarder.session = None
             await admission.limiter.close()
+
+    def install_headers(injected: InjectedHeaders) -> None:
+        forwarder.injected = injected  # one assignment each: requests in flight keep theirs
+        bridge.injected = injected
+
+    async def readyz(_request: Request) -> JSONResponse:
+        # Ready: configuration loaded (we are running), upstream client open, Redis reachable
+        # when configured, and not draining. Orchestrators stop routing here while draining.
+        problems = []
+        if draining.is_set():
+            problems.append("draining")
+        if forwarder.session is None or forwarder.session.closed:
+            problems.append("upstream client not ready")
+        if not await admission.limiter.ready():
+            problems.append("rate-limit store (Redis) unreachable")
+        if problems:
+            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
 
     async def healthz(_request: Request) -> JSONResponse:
         # Served only once the lifespan has run, i.e. the upstream session exists.
         return JSONResponse({"status": "ok"})
 
-    starlette = Starlette(routes=[Route("/healthz", healthz, methods=["GET", "HEAD"])], lifespan=lifespan)
+    starlette = Starlette(routes=[Route("/healthz", healthz, methods=["GET", "HEAD"]),
+                                  Route("/readyz", readyz, methods=["GET", "HEAD"])], lifespan=lifespan)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -60,6 +85,7 @@ def create_app(settings: Settings) -> Any:
             await starlette(scope, receive, send)
 
     app.bridge = bridge  # type: ignore[attr-defined]  # the CLI closes sockets with 1001 first
+    app.draining = draining  # type: ignore[attr-defined]  # set by the CLI when SIGTERM arrives
     return app
 
 

@@ -132,6 +132,9 @@ def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port:
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
             # uvicorn would fail open sockets with 1012; bridged sessions get a proper 1001.
+            draining = getattr(app, "draining", None)
+            if draining is not None:
+                draining.set()  # /readyz answers 503 from now on
             bridge = getattr(app, "bridge", None)
             if bridge is not None:
                 await bridge.close_all()

@@ -17,7 +17,7 @@ from .envvars import SettingsError, _check_header_safe, _choice, _get, _int, _re
 
 GATEWAY_HOST = "https://gateway.ai.cloudflare.com"
 DEFAULT_ROUTE = "/api/fal/proxy"
-RESERVED_PATHS = frozenset({"/healthz"})
+RESERVED_PATHS = frozenset({"/healthz", "/readyz"})
 
 _ACCOUNT_ID = re.compile(r"[0-9a-f]{32}")
 # Cloudflare gateway names: lower-case letters, digits, hyphens, at most 64 characters.
@@ -70,6 +70,9 @@ class Settings:
     log_level: str = "info"
     ws_max_bytes: int = 16 * 1024 * 1024
     realtime_direct: bool = False
+    fal_key_file: str | None = None  # re-read when it changes (rotation)
+    cf_aig_token_file: str | None = None
+    secret_reload_seconds: float = 10.0
     access: AccessSettings = field(default_factory=AccessSettings)
 
     @classmethod
@@ -92,6 +95,9 @@ class Settings:
             ws_max_bytes=_int(env, "FAL_PROXY_WS_MAX_BYTES", 16 * 1024 * 1024, low=1024),
             realtime_direct=_choice(env, "FAL_PROXY_REALTIME_DIRECT", "false", ("true", "false", "1", "0"))
             in ("true", "1"),
+            fal_key_file=_get(env, "FAL_KEY_FILE"),
+            cf_aig_token_file=_get(env, "CF_AIG_TOKEN_FILE"),
+            secret_reload_seconds=_seconds(env, "FAL_PROXY_SECRET_RELOAD_SECONDS", 10.0),
             access=AccessSettings.from_env(env),
         )
 
@@ -116,6 +122,7 @@ DOCUMENTED_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_PROXY_UPSTREAM_CONNECTIONS", "0", "most connections to the gateway at once, 0 = no limit"),
     ("FAL_PROXY_LOG_FORMAT", "auto", "auto (console on a terminal, else JSON), json or console"),
     ("FAL_PROXY_LOG_LEVEL", "info", "debug, info, warning or error"),
+    ("FAL_PROXY_SECRET_RELOAD_SECONDS", "10", "how often FAL_KEY_FILE / CF_AIG_TOKEN_FILE are checked for a new value"),
     ("FAL_PROXY_WS_MAX_BYTES", str(16 * 1024 * 1024), "largest WebSocket message, either way"),
     ("FAL_PROXY_REALTIME_DIRECT", "false", "send .../realtime sockets straight to wss://fal.run, not via the gateway"),
     *ACCESS_VARIABLES,
