@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to listen on (env FAL_PROXY_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 = any free port (env FAL_PROXY_PORT, default 8787)")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{emulator,demo}")
+    commands = parser.add_subparsers(dest="command", metavar="{emulator,demo,check}")
 
     emulator = commands.add_parser(
         "emulator", help="run the offline fal + Cloudflare AI Gateway emulator",
@@ -59,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument("--time-scale", type=float, default=1.0,
                           help="multiply every emulated duration (default 1.0; 0.05 for fast tests)")
     emulator.add_argument("--public-url", default=None, help="origin for the file and upload URLs it hands out")
+
+    check = commands.add_parser(
+        "check", help="validate the configuration and print it (secrets masked)",
+        description="Load the settings from the environment, print them with secrets masked, and exit "
+        "non-zero on a problem. With --probe, also ask the gateway (and Redis) whether they answer.",
+    )
+    check.add_argument("--probe", action="store_true", help="contact the gateway and Redis")
 
     demo = commands.add_parser(
         "demo", help="try the proxy with no account: proxy + emulator + a demo page",
@@ -92,6 +99,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except SettingsError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check":
+        from .check import run_check
+
+        return run_check(settings, args.probe)
     serve(settings)
     return 0
 

@@ -57,3 +57,44 @@ def test_a_rotated_key_file_is_used_without_dropping_traffic(start_proxy, fake_g
     assert statuses[statuses.index(200):] == [200] * (len(statuses) - statuses.index(200))
     assert any(line.get("event") == "secret_reloaded" for line in proxy.logs())
     assert all(FAL_KEY not in str(line) for line in proxy.logs())
+
+
+def _check(*args: str, **env: str):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, child_env
+
+    return subprocess.run([sys.executable, "-m", "proxy", "check", *args], cwd=ROOT, env=child_env(**env),
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_check_prints_the_settings_with_secrets_masked(fake_gateway: FakeGateway) -> None:
+    out = _check(FAL_KEY="sk-SENTINEL-check", CF_AIG_TOKEN="cf-SENTINEL-check",
+                 FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url, FAL_PROXY_REDIS_URL="redis://:pw-SENTINEL@h:1/0")
+    assert out.returncode == 0, out.stderr
+    assert "configuration: valid" in out.stdout and "fal_key = ********" in out.stdout
+    assert "SENTINEL" not in out.stdout + out.stderr
+
+
+def test_check_probe_reports_the_gateway(fake_gateway: FakeGateway) -> None:
+    good = _check("--probe", FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url)
+    assert good.returncode == 0 and "ok    gateway: reachable" in good.stdout
+    unreachable = _check("--probe", FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal")
+    assert unreachable.returncode == 1 and "FAIL  gateway: not reachable" in unreachable.stdout
+
+
+def test_check_probe_names_a_refused_gateway_token() -> None:
+    from tests.conftest import start_fake_gateway
+
+    gateway = start_fake_gateway("--cf-token", "the-right-one")
+    try:
+        out = _check("--probe", FAL_KEY=FAL_KEY, CF_AIG_TOKEN="wrong", FAL_PROXY_GATEWAY_URL=gateway.gateway_url)
+    finally:
+        gateway.stop()
+    assert out.returncode == 1 and "2009" in out.stdout and "CF_AIG_TOKEN" in out.stdout
+
+
+def test_check_refuses_bad_configuration_with_one_line() -> None:
+    out = _check(FAL_KEY="k")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "CF_ACCOUNT_ID" in out.stderr

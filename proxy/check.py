@@ -1,0 +1,84 @@
+"""``fal-gateway-proxy check``: validate the configuration, show it with secrets masked, and
+optionally probe the gateway (and Redis) before going live. Exit 0 when all is well."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
+
+from .headers import InjectedHeaders
+from .settings import Secret, Settings
+
+
+def _shown(name: str, value: Any) -> str:
+    if isinstance(value, Secret):
+        return "********"
+    if name == "tokens":
+        return f"{len(value)} caller token(s)"
+    if name == "jwt" and value is not None:
+        mode = "HS256 secret" if value.secret else ("JWKS file" if value.jwks_file else "JWKS URL")
+        return f"{mode}, issuer={value.issuer}, audience={value.audience}, caller claim={value.caller_claim}"
+    if name == "redis_url" and value:
+        parts = urlsplit(value)
+        if parts.password:  # redis://:password@host
+            netloc = f"{parts.username or ''}:********@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+            return urlunsplit(parts._replace(netloc=netloc))
+    if isinstance(value, tuple):
+        return ", ".join(str(v) for v in value) or "(none)"
+    return str(value)
+
+
+def describe(settings: Settings) -> list[str]:
+    """The effective settings, one ``name = value`` line each, secrets masked."""
+    lines = []
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if dataclasses.is_dataclass(value):
+            lines += [f"access.{f.name} = {_shown(f.name, getattr(value, f.name))}" for f in dataclasses.fields(value)]
+        else:
+            lines.append(f"{field.name} = {_shown(field.name, value)}")
+    return lines
+
+
+def probe(settings: Settings) -> list[tuple[bool, str]]:
+    """Ask the gateway (and Redis) whether they answer and accept our credentials."""
+    import httpx
+
+    results: list[tuple[bool, str]] = []
+    injected = InjectedHeaders.from_settings(settings)
+    headers = {"authorization": injected.authorization, "x-fal-client-proxy": injected.client_proxy}
+    if injected.cf_aig_authorization:
+        headers["cf-aig-authorization"] = injected.cf_aig_authorization
+    try:
+        with httpx.Client(trust_env=False, timeout=settings.connect_timeout) as client:
+            r = client.get(settings.gateway_url, headers=headers)
+        if r.status_code == 401 and b"2009" in r.content:
+            results.append((False, "gateway: refused cf-aig-authorization (Cloudflare code 2009): check CF_AIG_TOKEN"))
+        else:
+            results.append((True, f"gateway: reachable (HTTP {r.status_code} for a bare GET)"))
+    except httpx.HTTPError as exc:
+        results.append((False, f"gateway: not reachable ({type(exc).__name__})"))
+    if settings.access.redis_url:
+        import redis
+
+        try:
+            with redis.Redis.from_url(settings.access.redis_url, socket_timeout=2, socket_connect_timeout=2) as client:
+                client.ping()
+            results.append((True, "redis: reachable"))
+        except (redis.RedisError, OSError) as exc:
+            results.append((False, f"redis: not reachable ({type(exc).__name__})"))
+    return results
+
+
+def run_check(settings: Settings, with_probe: bool, out: TextIO = sys.stdout) -> int:
+    print("configuration: valid", file=out)
+    for line in describe(settings):
+        print(f"  {line}", file=out)
+    ok = True
+    if with_probe:
+        for passed, message in probe(settings):
+            ok &= passed
+            print(("ok    " if passed else "FAIL  ") + message, file=out)
+    return 0 if ok else 1
