@@ -15,13 +15,14 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .admission import Admission
 from .bridge_ws import Bridge
 from .forward import Forwarder
 from .headers import InjectedHeaders
+from .metrics import Metrics
 from .secrets_reload import watch_secret_files
 from .logs import get_logger
 from .settings import RESERVED_PATHS, Settings
@@ -31,8 +32,9 @@ from .upstream import create_session
 def create_app(settings: Settings) -> Any:
     """Build the proxy's ASGI app for ``settings``."""
     admission = Admission(settings)
-    forwarder = Forwarder(settings, admission)
-    bridge = Bridge(settings, admission)
+    metrics = Metrics()
+    forwarder = Forwarder(settings, admission, metrics)
+    bridge = Bridge(settings, admission, metrics)
     draining = asyncio.Event()
     log = get_logger("proxy")
 
@@ -72,8 +74,13 @@ def create_app(settings: Settings) -> Any:
         # Served only once the lifespan has run, i.e. the upstream session exists.
         return JSONResponse({"status": "ok"})
 
+    async def metrics_endpoint(_request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     starlette = Starlette(routes=[Route("/healthz", healthz, methods=["GET", "HEAD"]),
-                                  Route("/readyz", readyz, methods=["GET", "HEAD"])], lifespan=lifespan)
+                                  Route("/readyz", readyz, methods=["GET", "HEAD"]),
+                                  Route("/metrics", metrics_endpoint, methods=["GET"])], lifespan=lifespan)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]

@@ -39,6 +39,7 @@ from .admission import Admission, RequestHeaders
 from .errors import ProxyError
 from .headers import CLIENT_PROXY_ID, InjectedHeaders
 from .logs import get_logger
+from .metrics import Metrics
 from .settings import Settings
 from .targets import resolve_target
 
@@ -65,9 +66,10 @@ class Session:
 
 
 class Bridge:
-    def __init__(self, settings: Settings, admission: Admission) -> None:
+    def __init__(self, settings: Settings, admission: Admission, metrics: Metrics) -> None:
         self.settings = settings
         self.admission = admission
+        self.metrics = metrics
         self.injected = InjectedHeaders.from_settings(settings)
         self.gateway_ws = gateway_ws_url(settings.gateway_url)
         self.sessions: set[Session] = set()
@@ -132,9 +134,11 @@ class Bridge:
         chosen = upstream.subprotocol if upstream.subprotocol in offered else next(iter(passable or offered), None)
         await send({"type": "websocket.accept", "subprotocol": chosen})
         self.sessions.add(session)
+        self.metrics.open_websockets.inc()
         try:
             await self._relay(receive, send, upstream, session)
         finally:
+            self.metrics.open_websockets.dec()
             self.sessions.discard(session)
 
     async def _relay(self, receive: Any, send: Any, upstream: ClientConnection, session: Session) -> None:
@@ -220,6 +224,10 @@ class Bridge:
             fields["caller"] = session.caller
         if session.error is not None:
             fields["error"] = session.error
+            self.metrics.refusals.labels(session.error).inc()
+        self.metrics.requests.labels("websocket", "ws", "none").inc()
+        self.metrics.bytes.labels("in").inc(session.bytes_in)
+        self.metrics.bytes.labels("out").inc(session.bytes_out)
         self.log.info("websocket", **fields)
 
 

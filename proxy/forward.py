@@ -39,6 +39,7 @@ from .errors import (
 )
 from .headers import InjectedHeaders, downstream_response_headers, upstream_request_headers
 from .logs import get_logger, redact_query
+from .metrics import Metrics, app_label
 from .settings import Settings
 from .targets import Target, resolve_target
 
@@ -107,15 +108,17 @@ class Exchange:
 class Forwarder:
     """The ASGI app for every forwarded request. ``session`` is set by the app's lifespan."""
 
-    def __init__(self, settings: Settings, admission: Admission) -> None:
+    def __init__(self, settings: Settings, admission: Admission, metrics: Metrics) -> None:
         self.settings = settings
         self.admission = admission
+        self.metrics = metrics
         self.injected = InjectedHeaders.from_settings(settings)
         self.session: aiohttp.ClientSession | None = None
         self.log = get_logger("proxy.request")
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         ex = Exchange(scope["method"])
+        self.metrics.in_flight.inc()
         try:
             await self._handle(scope, receive, send, ex)
         except ProxyError as exc:
@@ -133,10 +136,15 @@ class Forwarder:
                 raise
             await self._send_error(send, ProxyError("internal proxy error", f"request id {ex.request_id}"), ex)
         finally:
+            self.metrics.in_flight.dec()
             self._log(ex)
 
     def _log(self, ex: Exchange) -> None:
         status = ex.status or 0
+        self.metrics.observe(
+            ex.kind, status, app_label(ex.path) if ex.host != "rest.fal.ai" else None,
+            time.perf_counter() - ex.started, ex.ttfb, ex.bytes_in, ex.bytes_out, ex.error,
+        )
         if ex.gateway_error:
             hint = "the gateway refused the proxy's cf-aig-authorization: check CF_AIG_TOKEN"
             self.log.warning("request", hint=hint, **ex.log_fields())

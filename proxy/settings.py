@@ -17,7 +17,7 @@ from .envvars import SettingsError, _check_header_safe, _choice, _get, _int, _re
 
 GATEWAY_HOST = "https://gateway.ai.cloudflare.com"
 DEFAULT_ROUTE = "/api/fal/proxy"
-RESERVED_PATHS = frozenset({"/healthz", "/readyz"})
+RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 _ACCOUNT_ID = re.compile(r"[0-9a-f]{32}")
 # Cloudflare gateway names: lower-case letters, digits, hyphens, at most 64 characters.

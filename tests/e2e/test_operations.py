@@ -98,3 +98,26 @@ def test_check_probe_names_a_refused_gateway_token() -> None:
 def test_check_refuses_bad_configuration_with_one_line() -> None:
     out = _check(FAL_KEY="k")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "CF_ACCOUNT_ID" in out.stderr
+
+
+def test_metrics_in_prometheus_format(start_proxy, fake_gateway: FakeGateway) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proxy = start_proxy(FAL_PROXY_RATE_LIMIT_RPM="3")
+    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
+        for _ in range(2):
+            assert c.post("/emulator/echo", json={}).status_code == 200
+        assert c.post("/api/fal/proxy", headers={"x-fal-target-url": "https://evil.example/"}).status_code == 403
+        assert c.post("/emulator/echo", json={}).status_code == 200
+        assert c.post("/emulator/echo", json={}).status_code == 429  # a refusal is not counted: 4th
+        text = c.get("/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("fal_proxy_requests_total", (("app", "emulator/echo"), ("route", "run"), ("status", "2xx")))] == 3
+    assert samples[("fal_proxy_refusals_total", (("reason", "target_refused"),))] == 1
+    assert samples[("fal_proxy_refusals_total", (("reason", "rate_limited"),))] == 1
+    assert samples[("fal_proxy_request_duration_seconds_count", (("route", "run"),))] >= 3
+    assert samples[("fal_proxy_upstream_ttfb_seconds_count", (("route", "run"),))] == 3
+    assert samples[("fal_proxy_body_bytes_total", (("direction", "out"),))] > 0
+    assert ("fal_proxy_in_flight_requests", ()) in samples and ("fal_proxy_open_websockets", ()) in samples
+    assert fake_gateway.requests() and "/metrics" not in str(fake_gateway.requests())

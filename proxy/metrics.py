@@ -1,0 +1,67 @@
+"""Prometheus metrics (prometheus-client), served at ``/metrics``.
+
+One registry per app (so tests and several apps in one process never share counters).
+Everything is recorded once per request, where its canonical log line is written, plus
+two gauges moved at the start and end of requests and sockets. Labels are bounded: the
+route kind, the status class, the app as ``owner/alias`` (what the allowlist admits), the
+refusal reason, the transfer direction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("fal_proxy_requests", "Requests answered, by route kind, status class and app",
+                                ["route", "status", "app"], registry=registry)
+        self.duration = Histogram("fal_proxy_request_duration_seconds", "Whole request, proxy in to last byte out",
+                                  ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttfb = Histogram("fal_proxy_upstream_ttfb_seconds", "Time to the gateway's response headers",
+                              ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.bytes = Counter("fal_proxy_body_bytes", "Body bytes moved, by direction (in: from clients)",
+                             ["direction"], registry=registry)
+        self.in_flight = Gauge("fal_proxy_in_flight_requests", "HTTP requests being handled", registry=registry)
+        self.open_websockets = Gauge("fal_proxy_open_websockets", "Bridged WebSocket sessions", registry=registry)
+        self.refusals = Counter("fal_proxy_refusals", "Requests the proxy answered itself, by reason",
+                                ["reason"], registry=registry)
+        self._bytes_in = self.bytes.labels("in")
+        self._bytes_out = self.bytes.labels("out")
+        # Labelled children, looked up once per label set: .labels() costs more than the update.
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+
+    def observe(self, route: str | None, status: int, app: str | None, duration: float, ttfb: float | None,
+                bytes_in: int, bytes_out: int, error: str | None) -> None:
+        key = (route or "none", f"{status // 100}xx" if status else "none", app or "none")
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(*key), self.duration.labels(key[0]), self.ttfb.labels(key[0]))
+        requests, duration_child, ttfb_child = children
+        requests.inc()
+        duration_child.observe(duration)
+        if ttfb is not None:
+            ttfb_child.observe(ttfb)
+        self._bytes_in.inc(bytes_in)
+        self._bytes_out.inc(bytes_out)
+        if error is not None:
+            self.refusals.labels(error).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def app_label(path: str | None) -> str | None:
+    """``/fal-ai/flux/dev/stream`` → ``fal-ai/flux`` (``workflows/x/y`` keeps its namespace)."""
+    if not path:
+        return None
+    parts = path.strip("/").split("/")
+    keep = 3 if parts[0] in ("workflows", "comfy") else 2
+    return "/".join(parts[:keep]) if len(parts) >= keep else None
