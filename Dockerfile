@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# fal-gateway-proxy: keep the fal key server-side, forward fal SDK calls through
+# Cloudflare AI Gateway. Build:  docker build -t fal-gateway-proxy .
+# Run:    docker run --rm -p 8787:8787 -e FAL_KEY=... -e CF_ACCOUNT_ID=... -e CF_GATEWAY_ID=... fal-gateway-proxy
+
+# ---- builder: turn the project and every dependency into wheels -------------------------
+FROM python:3.11-slim AS builder
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# ---- final: the wheels only, no compilers, no source tree --------------------------------
+FROM python:3.11-slim
+# The wheels were resolved together in the builder, so installing exactly them is pinned.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index /wheels/*.whl \
+    && useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin proxy
+ENV FAL_PROXY_HOST=0.0.0.0 FAL_PROXY_PORT=8787 FAL_PROXY_LOG_FORMAT=json \
+    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8787
+# The proxy drains in-flight requests on SIGTERM and exits 0.
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8787/healthz', timeout=2).status == 200 else 1)"]
+ENTRYPOINT ["fal-gateway-proxy"]
