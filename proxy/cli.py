@@ -137,7 +137,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port: int, on_listening: Any,
-                 ws_max_bytes: int = 16 * 1024 * 1024) -> None:
+                 ws_max_bytes: int = 16 * 1024 * 1024, drain_seconds: float = 10.0) -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -171,7 +171,9 @@ def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port:
         server_header=False,  # the upstream's headers pass through, not ours
         date_header=False,
         proxy_headers=False,  # X-Forwarded-For is not trusted by default
-        timeout_graceful_shutdown=10,
+        # On SIGTERM: stop accepting, let in-flight requests and streams finish for up to this
+        # long (uvicorn closes idle keep-alive connections at once), then cut what is left.
+        timeout_graceful_shutdown=drain_seconds,
         ws="websockets",
         ws_max_size=ws_max_bytes,  # the same limit the bridge sets on the upstream side
         ws_ping_interval=20,
@@ -201,7 +203,8 @@ def serve(settings: Settings) -> None:
         log.info("listening", role="proxy", host=host, port=port, url=f"http://{host}:{port}",
                  proxy_route=settings.proxy_route, version=__version__)
 
-    _run_uvicorn(create_app(settings), settings.host, None, settings.port, listening, settings.ws_max_bytes)
+    _run_uvicorn(create_app(settings), settings.host, None, settings.port, listening, settings.ws_max_bytes,
+                 settings.drain_seconds)
 
 
 def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

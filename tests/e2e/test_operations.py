@@ -121,3 +121,27 @@ def test_metrics_in_prometheus_format(start_proxy, fake_gateway: FakeGateway) ->
     assert samples[("fal_proxy_body_bytes_total", (("direction", "out"),))] > 0
     assert ("fal_proxy_in_flight_requests", ()) in samples and ("fal_proxy_open_websockets", ()) in samples
     assert fake_gateway.requests() and "/metrics" not in str(fake_gateway.requests())
+
+
+def test_sigterm_lets_a_running_stream_finish_then_exits_0(start_proxy, fake_gateway: FakeGateway) -> None:
+    import signal
+
+    proxy = start_proxy(FAL_PROXY_DRAIN_SECONDS="20")
+    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=httpx.Timeout(20, read=10)) as c:
+        with c.stream("POST", "/emulator/sse?n=3", json={}) as r:
+            lines = r.iter_lines()
+            assert next(lines) == 'data: {"n": 1}'
+            proxy.process.proc.send_signal(signal.SIGTERM)  # mid-stream
+            proxy.process.wait_for_json(lambda line: "Shutting down" in str(line.get("event")), timeout=10)
+            with httpx.Client(trust_env=False, timeout=2) as other:  # no new connections meanwhile
+                try:
+                    other.get(proxy.url + "/healthz")
+                    accepted = True
+                except httpx.TransportError:
+                    accepted = False
+            assert not accepted
+            fake_gateway.release("sse-2")
+            fake_gateway.release("sse-3")
+            rest = [line for line in lines if line]
+    assert rest == ['data: {"n": 2}', "event: done", 'data: {"n": 3}']  # not cut by the shutdown
+    assert proxy.process.proc.wait(15) == 0
