@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", help="address to listen on (env FAL_PROXY_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 = any free port (env FAL_PROXY_PORT, default 8787)")
+    parser.add_argument("--workers", type=int, help="processes sharing the port (env FAL_PROXY_WORKERS, default 1); "
+                        "use FAL_PROXY_REDIS_URL so they share the rate limits")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{emulator,demo,check}")
 
@@ -84,6 +86,8 @@ def load_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Setti
         env["FAL_PROXY_HOST"] = args.host
     if args.port is not None:
         env["FAL_PROXY_PORT"] = str(args.port)
+    if getattr(args, "workers", None) is not None:
+        env["FAL_PROXY_WORKERS"] = str(args.workers)
     return Settings.from_env(env)
 
 
@@ -103,8 +107,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         from .check import run_check
 
         return run_check(settings, args.probe)
-    serve(settings)
-    return 0
+    return serve(settings, settings.workers)
 
 
 def tune_gc() -> None:
@@ -190,8 +193,9 @@ def _exit_cleanly(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def serve(settings: Settings) -> None:
-    """Run the proxy under uvicorn until interrupted."""
+def serve(settings: Settings, workers: int = 1) -> int:
+    """Run the proxy under uvicorn until interrupted; with ``workers`` > 1, in that many
+    processes sharing one listening socket (the kernel spreads connections between them)."""
     from .app import create_app
     from .logs import configure_logging, get_logger
 
@@ -201,10 +205,47 @@ def serve(settings: Settings) -> None:
     def listening(host: str, port: int) -> None:
         # Tests and scripts read the bound port (with --port 0) from this line.
         log.info("listening", role="proxy", host=host, port=port, url=f"http://{host}:{port}",
-                 proxy_route=settings.proxy_route, version=__version__)
+                 proxy_route=settings.proxy_route, version=__version__, pid=os.getpid())
 
-    _run_uvicorn(create_app(settings), settings.host, None, settings.port, listening, settings.ws_max_bytes,
-                 settings.drain_seconds)
+    def run(sock: socket.socket | None) -> None:
+        _run_uvicorn(create_app(settings), settings.host, sock, settings.port, listening,
+                     settings.ws_max_bytes, settings.drain_seconds)
+
+    if workers <= 1:
+        run(None)
+        return 0
+    if settings.access.redis_url is None:
+        log.warning("several workers with in-memory rate limits: each worker counts on its own; "
+                    "set FAL_PROXY_REDIS_URL to share them", setting="FAL_PROXY_REDIS_URL")
+    sock = _bind(settings.host, settings.port)
+    children = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve on the shared socket, never return into the parent's code
+            code = 0
+            try:
+                run(sock)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    sock.close()
+
+    def forward(signum: int, _frame: Any) -> None:  # the parent passes SIGTERM/SIGINT on
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    failed = 0
+    for child in children:
+        _, status = os.waitpid(child, 0)
+        failed |= os.waitstatus_to_exitcode(status) != 0
+    return 1 if failed else 0
 
 
 def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -74,6 +74,7 @@ class Settings:
     cf_aig_token_file: str | None = None
     secret_reload_seconds: float = 10.0
     drain_seconds: float = 30.0
+    workers: int = 1
     access: AccessSettings = field(default_factory=AccessSettings)
 
     @classmethod
@@ -100,6 +101,7 @@ class Settings:
             cf_aig_token_file=_get(env, "CF_AIG_TOKEN_FILE"),
             secret_reload_seconds=_seconds(env, "FAL_PROXY_SECRET_RELOAD_SECONDS", 10.0),
             drain_seconds=_seconds(env, "FAL_PROXY_DRAIN_SECONDS", 30.0),
+            workers=_int(env, "FAL_PROXY_WORKERS", 1, low=1, high=64),
             access=AccessSettings.from_env(env),
         )
 
@@ -124,6 +126,7 @@ DOCUMENTED_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_PROXY_UPSTREAM_CONNECTIONS", "0", "most connections to the gateway at once, 0 = no limit"),
     ("FAL_PROXY_LOG_FORMAT", "auto", "auto (console on a terminal, else JSON), json or console"),
     ("FAL_PROXY_LOG_LEVEL", "info", "debug, info, warning or error"),
+    ("FAL_PROXY_WORKERS", "1", "processes sharing the port (--workers); share limits with FAL_PROXY_REDIS_URL"),
     ("FAL_PROXY_DRAIN_SECONDS", "30", "on SIGTERM, how long in-flight requests and streams may finish"),
     ("FAL_PROXY_SECRET_RELOAD_SECONDS", "10", "how often FAL_KEY_FILE / CF_AIG_TOKEN_FILE are checked for a new value"),
     ("FAL_PROXY_WS_MAX_BYTES", str(16 * 1024 * 1024), "largest WebSocket message, either way"),

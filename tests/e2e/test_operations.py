@@ -145,3 +145,26 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(start_proxy, fake_gat
             rest = [line for line in lines if line]
     assert rest == ['data: {"n": 2}', "event: done", 'data: {"n": 3}']  # not cut by the shutdown
     assert proxy.process.proc.wait(15) == 0
+
+
+def test_workers_share_one_port_and_all_drain_on_sigterm(fake_gateway: FakeGateway) -> None:
+    import signal
+    import sys
+
+    from tests.conftest import Process, child_env
+
+    process = Process([sys.executable, "-m", "proxy", "--port", "0", "--workers", "2"],
+                      child_env(FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url,
+                                FAL_PROXY_LOG_FORMAT="json"))
+    try:
+        first = process.wait_for_json(lambda r: r.get("event") == "listening")
+        process.wait_for_json(lambda r: r.get("event") == "listening" and r.get("pid") != first["pid"])
+        with httpx.Client(base_url=first["url"], trust_env=False, timeout=10) as c:
+            for _ in range(6):
+                with httpx.Client(base_url=first["url"], trust_env=False, timeout=10) as fresh:
+                    assert fresh.post("/emulator/echo", json={}).status_code == 200
+            assert c.get("/healthz").status_code == 200
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(20) == 0
+    finally:
+        process.stop()
