@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from prometheus_client import start_http_server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,9 +23,9 @@ from .admission import Admission
 from .bridge_ws import Bridge
 from .forward import Forwarder
 from .headers import InjectedHeaders
+from .logs import get_logger
 from .metrics import Metrics
 from .secrets_reload import watch_secret_files
-from .logs import get_logger
 from .settings import RESERVED_PATHS, Settings
 from .upstream import create_session
 
@@ -44,10 +45,17 @@ def create_app(settings: Settings) -> Any:
         await admission.limiter.start()
         forwarder.session = create_session(settings)
         reloader = asyncio.ensure_future(watch_secret_files(settings, install_headers))
+        metrics_server = None
+        if settings.metrics_port is not None:  # a port of its own, never routed publicly
+            metrics_server, _ = start_http_server(settings.metrics_port, settings.host, metrics.registry)
+            log.info("metrics", url=f"http://{settings.host}:{metrics_server.server_port}/metrics")
         try:
             yield
         finally:
             reloader.cancel()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             await forwarder.session.close()
             forwarder.session = None
             await admission.limiter.close()
@@ -75,6 +83,9 @@ def create_app(settings: Settings) -> Any:
         return JSONResponse({"status": "ok"})
 
     async def metrics_endpoint(_request: Request) -> Response:
+        if settings.metrics_port is not None:
+            return JSONResponse({"message": "not found", "detail": "metrics are on FAL_PROXY_METRICS_PORT"},
+                                status_code=404)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

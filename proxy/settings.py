@@ -75,6 +75,7 @@ class Settings:
     secret_reload_seconds: float = 10.0
     drain_seconds: float = 30.0
     workers: int = 1
+    metrics_port: int | None = None  # None: /metrics on the main port
     access: AccessSettings = field(default_factory=AccessSettings)
 
     @classmethod
@@ -102,6 +103,7 @@ class Settings:
             secret_reload_seconds=_seconds(env, "FAL_PROXY_SECRET_RELOAD_SECONDS", 10.0),
             drain_seconds=_seconds(env, "FAL_PROXY_DRAIN_SECONDS", 30.0),
             workers=_int(env, "FAL_PROXY_WORKERS", 1, low=1, high=64),
+            metrics_port=_port(env, "FAL_PROXY_METRICS_PORT", 0) or None,
             access=AccessSettings.from_env(env),
         )
 
@@ -126,6 +128,7 @@ DOCUMENTED_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_PROXY_UPSTREAM_CONNECTIONS", "0", "most connections to the gateway at once, 0 = no limit"),
     ("FAL_PROXY_LOG_FORMAT", "auto", "auto (console on a terminal, else JSON), json or console"),
     ("FAL_PROXY_LOG_LEVEL", "info", "debug, info, warning or error"),
+    ("FAL_PROXY_METRICS_PORT", "", "serve /metrics on this port (on the listen address) instead of the main one"),
     ("FAL_PROXY_WORKERS", "1", "processes sharing the port (--workers); share limits with FAL_PROXY_REDIS_URL"),
     ("FAL_PROXY_DRAIN_SECONDS", "30", "on SIGTERM, how long in-flight requests and streams may finish"),
     ("FAL_PROXY_SECRET_RELOAD_SECONDS", "10", "how often FAL_KEY_FILE / CF_AIG_TOKEN_FILE are checked for a new value"),

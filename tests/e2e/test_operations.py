@@ -168,3 +168,15 @@ def test_workers_share_one_port_and_all_drain_on_sigterm(fake_gateway: FakeGatew
         assert process.proc.wait(20) == 0
     finally:
         process.stop()
+
+
+def test_metrics_can_live_on_a_port_of_their_own(start_proxy) -> None:
+    from tests.redis_support import free_port
+
+    port = free_port()
+    proxy = start_proxy(FAL_PROXY_METRICS_PORT=str(port))
+    with httpx.Client(trust_env=False, timeout=10) as c:
+        assert c.get(f"{proxy.url}/metrics").status_code == 404  # not on the public port
+        c.post(f"{proxy.url}/emulator/echo", json={})
+        text = c.get(f"http://127.0.0.1:{port}/metrics").text
+    assert 'fal_proxy_requests_total{app="emulator/echo",route="run",status="2xx"} 1.0' in text
