@@ -81,6 +81,14 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Validate ``env`` (usually ``os.environ``) and return the settings."""
+        settings = cls._from_env(env)
+        if settings.workers > 1 and settings.metrics_port is not None:
+            raise SettingsError("FAL_PROXY_METRICS_PORT works with one worker only (FAL_PROXY_WORKERS=1): "
+                                "each worker would need the port")
+        return settings
+
+    @classmethod
+    def _from_env(cls, env: Mapping[str, str]) -> Settings:
         return cls(
             fal_key=_fal_key(env),
             gateway_url=_gateway_url(env),
