@@ -184,6 +184,18 @@ def assert_target_mode(record: dict[str, Any], method: str, target_url: str) -> 
     assert record["header_map"]["cf-aig-max-attempts"] == "1"
 
 
+def assert_queue_sequence(outcome: dict[str, Any], proxy: RunningProxy, fake_gateway: FakeGateway,
+                          expected: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The SDK sent exactly ``expected`` (method, target) through the proxy, and the gateway
+    received the same calls in target mode, in order. Returns the gateway's records."""
+    assert_sent_via_proxy(outcome, proxy, *expected)
+    records = fake_gateway.requests()
+    assert len(records) == len(expected)
+    for record, (method, target) in zip(records, expected, strict=True):
+        assert_target_mode(record, method, target)
+    return records
+
+
 def assert_initiated(record: dict[str, Any], target: str, content_type: str, extension: str) -> None:
     """An upload initiation: through the gateway in target mode, with what the SDK names the file."""
     assert_target_mode(record, "POST", target)
@@ -371,11 +383,7 @@ def test_subscribe_polls_until_completed(proxy: RunningProxy, fake_gateway: Fake
         *[("GET", f"{base}/status?logs=1")] * len(updates),
         ("GET", base),
     ]
-    assert_sent_via_proxy(outcome, proxy, *expected)
-    records = fake_gateway.requests()
-    assert len(records) == len(expected)
-    for record, (method, target) in zip(records, expected, strict=True):
-        assert_target_mode(record, method, target)
+    assert_queue_sequence(outcome, proxy, fake_gateway, expected)
 
 
 def test_subscribe_streaming_status(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
@@ -394,10 +402,7 @@ def test_subscribe_streaming_status(proxy: RunningProxy, fake_gateway: FakeGatew
         ("GET", f"{base}/status/stream?logs=0"),
         ("GET", base),
     ]
-    assert_sent_via_proxy(outcome, proxy, *expected)
-    submit, status_stream, result = fake_gateway.requests()
-    for record, (method, target) in zip((submit, status_stream, result), expected, strict=True):
-        assert_target_mode(record, method, target)
+    submit, status_stream, result = assert_queue_sequence(outcome, proxy, fake_gateway, expected)
     assert "text/event-stream" in status_stream["header_map"]["accept"]
 
 
@@ -417,11 +422,7 @@ def test_workflow_subscribe_keeps_the_namespace(proxy: RunningProxy, fake_gatewa
         *[("GET", f"{base}/status?logs=0")] * len(outcome["updates"]),
         ("GET", base),
     ]
-    assert_sent_via_proxy(outcome, proxy, *expected)
-    records = fake_gateway.requests()
-    assert len(records) == len(expected)
-    for record, (method, target) in zip(records, expected, strict=True):
-        assert_target_mode(record, method, target)
+    records = assert_queue_sequence(outcome, proxy, fake_gateway, expected)
     assert records[0]["body"] == b'{"prompt":"cat"}'
 
 
