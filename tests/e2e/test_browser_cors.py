@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import http.server
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -44,19 +43,18 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.browser_support import require_browser_tools
 from tests.conftest import FAL_KEY, ROOT, FakeGateway, RunningProxy, child_env, start_fake_gateway
 
 SDK_DIR = ROOT / "tests" / "sdk"
 SCRIPT = SDK_DIR / "browser-cors.mjs"
 BUILD_SCRIPT = SDK_DIR / "build-demo-bundle.mjs"
 PAGE_DIR = ROOT / "tests" / "browser_page"
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 NODE_TIMEOUT = 60
-CHROMIUM_HINT = "install Debian's Chromium: `apt-get update && apt-get install -y chromium` (.ci/run does it)"
-NPM_HINT = "run `npm ci --prefix tests/sdk` (needs node >= 20 and npm)"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROUTE = "/api/fal/proxy"
 ENDPOINT = "fal-ai/flux/schnell"
+BROWSER_PACKAGES = ("playwright-core", "esbuild", "@fal-ai/client")
 SUBMIT_TARGET = f"https://queue.fal.run/{ENDPOINT}"
 REQUESTS_TARGET = "https://queue.fal.run/fal-ai/flux/requests"  # the SDK polls on owner/alias
 PREFLIGHT_CORS_ERRORS = {"PreflightMissingAllowOriginHeader", "PreflightInvalidStatus"}
@@ -66,18 +64,6 @@ TOKEN = "tok-browser-0123456789abcdef"
 OTHER_TOKEN = "tok-other-caller-fedcba9876543210"
 
 
-def require_browser_tools() -> str:
-    """Return the node binary; fail (never skip) without Chromium, node or tests/sdk/node_modules."""
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.fail(f"{CHROMIUM} not found: {CHROMIUM_HINT}", pytrace=False)
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail(f"node is not on PATH; install Node.js >= 20, then {NPM_HINT}", pytrace=False)
-    modules = SDK_DIR / "node_modules"
-    for package in ("playwright-core", "esbuild", "@fal-ai/client"):
-        if not (modules / package / "package.json").is_file():
-            pytest.fail(f"{modules} has no {package}: {NPM_HINT}", pytrace=False)
-    return node
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +135,7 @@ class Pages:
 
     def site(self) -> Path:
         """tests/browser_page/ plus fal-client.js, built now from the pinned npm package."""
-        node = require_browser_tools()
+        node = require_browser_tools(BROWSER_PACKAGES)
         if self._site is None:
             directory = self._factory.mktemp("browser-page")
             for name in ("index.html", "page.js"):
@@ -187,7 +173,7 @@ def pages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pages]:
 
 def run_browser(tmp_path: Path, runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Run browser-cors.mjs over ``runs`` (in order, one browser); return the runs by name."""
-    node = require_browser_tools()
+    node = require_browser_tools(BROWSER_PACKAGES)
     for run in runs:
         run.setdefault("prompt", f"a lighthouse at dusk, {run['name']}")
         run.setdefault("screenshot", str(tmp_path / f"{run['name']}.png"))

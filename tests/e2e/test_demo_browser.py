@@ -15,8 +15,6 @@ tests/sdk``; without either the tests fail (never skip).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,28 +26,16 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.browser_support import require_browser_tools
 from tests.conftest import ROOT, Process, child_env
 
 SDK_DIR = ROOT / "tests" / "sdk"
 SCRIPT = SDK_DIR / "browser-demo.mjs"
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 NODE_TIMEOUT = 90
-CHROMIUM_HINT = "install Debian's Chromium: `apt-get update && apt-get install -y chromium` (.ci/run does it)"
-NPM_HINT = "run `npm ci --prefix tests/sdk` (needs node >= 20 and npm)"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
-def require_browser_tools() -> str:
-    """Return the node binary; fail (never skip) without Chromium or playwright-core."""
-    if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.fail(f"{CHROMIUM} not found: {CHROMIUM_HINT}", pytrace=False)
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail(f"node is not on PATH; install Node.js >= 20, then {NPM_HINT}", pytrace=False)
-    if not (SDK_DIR / "node_modules" / "playwright-core" / "package.json").is_file():
-        pytest.fail(f"{SDK_DIR / 'node_modules'} has no playwright-core: {NPM_HINT}", pytrace=False)
-    return node
 
 
 @dataclass
