@@ -194,6 +194,19 @@ function summarizeResult(result) {
   return { data: result.data, requestId: result.requestId };
 }
 
+// fal.realtime.connect to the emulator's realtime app, recording results and errors;
+// sends one frame, which is what makes the SDK fetch its token.
+function connectRealtime(fal) {
+  const results = [];
+  const errors = [];
+  const connection = fal.realtime.connect("fal-ai/fast-lcm-diffusion/image-to-image", {
+    onResult: (result) => results.push(result),
+    onError: (error) => errors.push(describeError(error)),
+  });
+  connection.send({ prompt: "cat" });
+  return { connection, results, errors };
+}
+
 const scenarios = {
   async run_post() {
     const { fal, sent } = makeClient();
@@ -516,13 +529,7 @@ const scenarios = {
     const { fal, sent } = makeClient();
     const ws = stubWebSocket();
     return withGlobal("WebSocket", ws.StubWebSocket, async () => {
-      const results = [];
-      const errors = [];
-      const connection = fal.realtime.connect("fal-ai/fast-lcm-diffusion/image-to-image", {
-        onResult: (result) => results.push(result),
-        onError: (error) => errors.push(describeError(error)),
-      });
-      connection.send({ prompt: "cat" });
+      const { connection, results, errors } = connectRealtime(fal);
       await waitFor(() => ws.frames.length > 0, 5000);
       connection.close();
       return { sent, opened: ws.opened, frames: ws.frames, results, errors };
@@ -535,13 +542,7 @@ const scenarios = {
     const { fal, sent } = makeClient();
     const ws = stubWebSocket();
     return withGlobal("WebSocket", ws.StubWebSocket, async () => {
-      const results = [];
-      const errors = [];
-      const connection = fal.realtime.connect("fal-ai/fast-lcm-diffusion/image-to-image", {
-        onResult: (result) => results.push(result),
-        onError: (error) => errors.push(describeError(error)),
-      });
-      connection.send({ prompt: "cat" });
+      const { connection, results, errors } = connectRealtime(fal);
       await waitFor(() => sent.length > 0 && sent[0].status !== undefined, 5000);
       await sleep(200);
       connection.close();
