@@ -15,6 +15,7 @@ from pathlib import Path
 from .callers import JwtConfig, load_tokens
 from .client_ip import Network, parse_networks
 from .origins import normalise_origin
+from .request_head import normalise_host_pattern
 from .envvars import SettingsError, _choice, _get, _int, _read_secret_file
 
 _HEADER_NAME = "abcdefghijklmnopqrstuvwxyz0123456789-_!#$%&'*+.^`|~"
@@ -38,6 +39,7 @@ class AccessSettings:
     max_header_bytes: int = 32 * 1024
     max_url_bytes: int = 16 * 1024
     trusted_proxies: tuple[Network, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host names the proxy answers to; empty = any
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AccessSettings:
@@ -62,6 +64,7 @@ class AccessSettings:
             max_header_bytes=_int(env, "FAL_PROXY_MAX_HEADER_BYTES", 32 * 1024, low=1024),
             max_url_bytes=_int(env, "FAL_PROXY_MAX_URL_BYTES", 16 * 1024, low=256),
             trusted_proxies=_trusted(env),
+            allowed_hosts=_hosts(env),
         )
 
 
@@ -128,6 +131,18 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
     return url
 
 
+def _hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    out = []
+    for host in _list(env, "FAL_PROXY_ALLOWED_HOSTS"):
+        try:
+            out.append(normalise_host_pattern(host))
+        except ValueError:
+            raise SettingsError(
+                f"FAL_PROXY_ALLOWED_HOSTS: {host!r} is not a host name like proxy.example.com or *.example.com"
+            ) from None
+    return tuple(out)
+
+
 def _trusted(env: Mapping[str, str]) -> tuple[Network, ...]:
     try:
         return parse_networks(_list(env, "FAL_PROXY_TRUSTED_PROXIES"))
@@ -151,10 +166,11 @@ ACCESS_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_PROXY_TOKEN_MAX_EXPIRATION", "300", "longest token_expiration a realtime token request may ask"),
     ("FAL_PROXY_RATE_LIMIT_RPM", "600", "requests per minute per caller (0 = no limit)"),
     ("FAL_PROXY_MAX_CONCURRENT", "32", "in-flight requests and streams per caller (0 = no limit)"),
-    ("FAL_PROXY_SUBMITS_PER_HOUR", "1000", "queue submits per hour per caller (0 = no limit)"),
+    ("FAL_PROXY_SUBMITS_PER_HOUR", "1000", "calls that can start a generation (runs, queue submits, streams, realtime tokens, sockets) per hour per caller (0 = no limit)"),
     ("FAL_PROXY_REDIS_URL", "", "share the limits across replicas in Redis (redis://...)"),
     ("FAL_PROXY_REDIS_FAILURE", "closed", "when Redis fails: closed (refuse, 503) or open (serve)"),
     ("FAL_PROXY_MAX_HEADER_BYTES", "32768", "largest request header block (431 above)"),
     ("FAL_PROXY_MAX_URL_BYTES", "16384", "longest path + query (414 above)"),
     ("FAL_PROXY_TRUSTED_PROXIES", "", "addresses/CIDRs whose X-Forwarded-For is believed"),
+    ("FAL_PROXY_ALLOWED_HOSTS", "(any)", "Host names the proxy answers to (421 otherwise), e.g. proxy.example.com,*.internal"),
 )

@@ -15,12 +15,13 @@ from typing import Any
 
 from .allowed_apps import AppPolicy
 from .callers import CallerAuth, JwtAuth, NoAuth, TokenAuth
-from .client_ip import client_ip
-from .errors import HeadersTooLarge, URITooLong
+from .client_ip import client_ip, limit_key
+from .errors import HeadersTooLarge, MisdirectedRequest, URITooLong
 from .limits import LimitSettings, Limiter, create_limiter
-from .origins import OriginPolicy, check_origin, cors_headers, preflight_headers
+from .origins import OriginPolicy, check_browser_request, check_origin, cors_headers, preflight_headers
+from .request_head import host_allowed
 from .settings import Settings
-from .targets import Target
+from .targets import Target, starts_generation
 
 
 @dataclass
@@ -33,6 +34,8 @@ class RequestHeaders:
     host: str | None = None
     credential: str | None = None
     preflight_method: str | None = None
+    referer: str | None = None
+    fetch_site: str | None = None
     forwarded_for: list[str] = field(default_factory=list)
     size: int = 0
 
@@ -57,6 +60,10 @@ class RequestHeaders:
                 out.preflight_method = value.decode("latin-1")
             elif name == b"x-forwarded-for":
                 out.forwarded_for.append(value.decode("latin-1"))
+            elif name == b"sec-fetch-site":
+                out.fetch_site = value.decode("latin-1")
+            elif name == b"referer":
+                out.referer = value.decode("latin-1")
         out.size = size
         return out
 
@@ -93,9 +100,17 @@ class Admission:
             raise HeadersTooLarge("request headers too large",
                                   f"{headers.size} bytes; at most {self.access.max_header_bytes}")
 
+    def check_host(self, headers: RequestHeaders) -> None:
+        """``FAL_PROXY_ALLOWED_HOSTS``: 421 for a Host the proxy does not answer to."""
+        if not host_allowed(headers.host, self.access.allowed_hosts):
+            raise MisdirectedRequest("host not served here",
+                                     "the Host header is not in FAL_PROXY_ALLOWED_HOSTS")
+
     def cors_origin(self, headers: RequestHeaders) -> str | None:
-        """The origin to answer with CORS headers, None if none needed; raises Forbidden."""
-        return check_origin(headers.origin, headers.host, self.origins)
+        """The origin to answer with CORS headers, None if none needed; raises Forbidden
+        for a browser request from a page that is neither same-origin nor listed."""
+        return check_browser_request(headers.origin, headers.referer, headers.fetch_site, headers.host,
+                                     self.origins)
 
     def preflight(self, headers: RequestHeaders) -> list[tuple[bytes, bytes]]:
         origin = check_origin(headers.origin, headers.host, self.origins)
@@ -112,12 +127,19 @@ class Admission:
         peer = scope.get("client")
         return client_ip(peer[0] if peer else None, headers.forwarded_for, self.access.trusted_proxies)
 
-    def check_app(self, target: Target) -> None:
-        self.apps.check(target)
+    @staticmethod
+    def limit_key(caller: str | None, client: str) -> str:
+        """Whose limits a request counts against: its caller, else its client address."""
+        return caller if caller is not None else f"ip:{limit_key(client)}"
 
-    def check_token_body(self, body: bytes) -> None:
-        self.apps.check_token(body, self.access.token_max_expiration)
+    def check_app(self, target: Target) -> str | None:
+        """Raise Forbidden for an app not allowed; else the pattern that allowed it."""
+        return self.apps.check(target)
+
+    def check_token_body(self, body: bytes) -> bytes:
+        """The token request body to forward (re-serialised), or raise."""
+        return self.apps.check_token(body, self.access.token_max_expiration)
 
     @staticmethod
-    def is_submit(method: str, target: Target) -> bool:
-        return target.kind == "queue" and method == "POST" and "/requests/" not in target.path
+    def starts_generation(method: str, target: Target) -> bool:
+        return starts_generation(method, target)

@@ -23,8 +23,9 @@ import json
 import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
-from .errors import Forbidden
+from .errors import BadRequest, Forbidden
 from .targets import Target
 
 _QUEUE_REQUEST = re.compile(r"/(?P<prefix>.+?)/requests/[^/]+(?:/.*)?")
@@ -39,46 +40,116 @@ class AppPolicy:
     def allows_all(self) -> bool:
         return not self.patterns or "*" in self.patterns
 
-    def check(self, target: Target) -> None:
-        """Raise Forbidden unless ``target`` names an allowed app (token bodies: see check_token)."""
-        if self.allows_all or target.kind in ("storage", "token"):
-            return
+    def check(self, target: Target) -> str | None:
+        """Raise Forbidden unless ``target`` names an allowed app (token bodies: see check_token).
+
+        Returns the pattern that admitted it (``"*"`` when every app is allowed), or None for
+        calls that name no app (storage, tokens): a bounded value, fit for a metrics label.
+        """
+        if target.kind in ("storage", "token"):
+            return None
+        if self.allows_all:
+            return "*"
         path = target.path
         if target.kind == "queue" and (match := _QUEUE_REQUEST.fullmatch(path)):
             prefix = match["prefix"]
             depth = prefix.count("/") + 1
-            if any(fnmatchcase(prefix, "/".join(p.split("/")[:depth])) for p in self.patterns):
-                return
+            # At least owner/alias (namespace/owner/alias): the owner alone ("fal-ai") would
+            # match every app of that owner once any one of them is allowed.
+            if depth < (3 if prefix.split("/", 1)[0] in _NAMESPACES else 2):
+                raise _refused(prefix)
+            for pattern in self.patterns:
+                if fnmatchcase(prefix, "/".join(pattern.split("/")[:depth])):
+                    return pattern
             raise _refused(prefix)
         segments = path.strip("/").split("/")
         for end in range(len(segments), 0, -1):
             candidate = "/".join(segments[:end])
-            if any(fnmatchcase(candidate, p) for p in self.patterns):
-                return
+            for pattern in self.patterns:
+                if fnmatchcase(candidate, pattern):
+                    return pattern
         raise _refused(path.strip("/"))
 
-    def check_token(self, body: bytes, max_expiration: int) -> None:
-        """Check a ``/tokens/`` body: every alias allowed, ``token_expiration`` within the cap."""
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise Forbidden("token request refused", "the body is not JSON", reason="token_refused") from None
-        apps = data.get("allowed_apps") if isinstance(data, dict) else None
+    def check_token(self, body: bytes, max_expiration: int) -> bytes:
+        """Check a ``/tokens/`` body: every alias allowed, ``token_expiration`` within the cap.
+
+        Returns the body to forward: the checked values re-serialised, never the client's
+        bytes, so fal cannot read anything the check did not (a second ``allowed_apps``, a
+        key in other letter cases, another encoding). Keys other than the two are dropped.
+        """
+        data = parse_token_body(body)
+        apps = data.get("allowed_apps")
         if not isinstance(apps, list) or not apps or not all(isinstance(a, str) and a for a in apps):
             raise Forbidden("token request refused", "allowed_apps must be a non-empty list of app aliases",
                             reason="token_refused")
-        expiration = data.get("token_expiration", 120)
+        expiration = data.get("token_expiration", DEFAULT_TOKEN_EXPIRATION)
         if not isinstance(expiration, int) or isinstance(expiration, bool) or not 0 < expiration <= max_expiration:
             raise Forbidden("token request refused",
                             f"token_expiration must be 1-{max_expiration} seconds (FAL_PROXY_TOKEN_MAX_EXPIRATION)",
                             reason="token_refused")
-        if self.allows_all:
-            return
-        aliases = {_alias(p) for p in self.patterns}
-        for app in apps:
-            if not any(alias is not None and fnmatchcase(app, alias) for alias in aliases):
-                raise Forbidden("token request refused", f"app {app!r} is not in FAL_PROXY_ALLOWED_APPS",
-                                reason="app_refused")
+        if not self.allows_all:
+            aliases = {_alias(p) for p in self.patterns}
+            for app in apps:
+                if not any(alias is not None and fnmatchcase(app, alias) for alias in aliases):
+                    raise Forbidden("token request refused", f"app {app!r} is not in FAL_PROXY_ALLOWED_APPS",
+                                    reason="app_refused")
+        return json.dumps({"allowed_apps": apps, "token_expiration": expiration},
+                          ensure_ascii=True, separators=(",", ":")).encode()
+
+
+DEFAULT_TOKEN_EXPIRATION = 120  # what the SDKs ask for
+_TOKEN_KEYS = ("allowed_apps", "token_expiration")
+MAX_TOKEN_NESTING = 8
+
+
+def parse_token_body(body: bytes) -> dict[str, Any]:
+    """A token request body as one unambiguous JSON object, or BadRequest.
+
+    Strict where ``json.loads`` is lenient: UTF-8 only (no BOM, no UTF-16/32, which
+    ``json.loads(bytes)`` would guess), no duplicate keys, no key that differs from
+    ``allowed_apps`` or ``token_expiration`` only in letter case, and no deep nesting (a
+    body of 30,000 ``[`` would otherwise overflow the parser's recursion).
+    """
+    def refuse(detail: str) -> BadRequest:
+        return BadRequest("token request refused", detail, reason="token_refused")
+
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise refuse("the body must be UTF-8 JSON") from None
+    if _nesting(text) > MAX_TOKEN_NESTING:
+        raise refuse(f"the JSON is nested more than {MAX_TOKEN_NESTING} levels deep")
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise refuse(f"the key {key!r} appears twice")
+            if key.lower() in _TOKEN_KEYS and key not in _TOKEN_KEYS:
+                raise refuse(f"the key {key!r} must be written in lower case")
+            out[key] = value
+        return out
+
+    try:
+        data = json.loads(text, object_pairs_hook=unique)
+    except ValueError:  # JSONDecodeError, and a BOM
+        raise refuse("the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise refuse("the body must be a JSON object")
+    return data
+
+
+def _nesting(text: str) -> int:
+    """The deepest bracket nesting in ``text``, counting brackets inside strings too (an
+    over-estimate that only ever refuses more)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def _alias(pattern: str) -> str | None:

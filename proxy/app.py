@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import start_http_server
 from starlette.applications import Starlette
@@ -25,6 +26,7 @@ from .forward import Forwarder
 from .headers import InjectedHeaders
 from .logs import get_logger
 from .metrics import Metrics
+from .redaction import register_header_names, register_secret
 from .secrets_reload import watch_secret_files
 from .settings import RESERVED_PATHS, Settings
 from .upstream import create_session
@@ -32,6 +34,10 @@ from .upstream import create_session
 
 def create_app(settings: Settings) -> Any:
     """Build the proxy's ASGI app for ``settings``."""
+    register_secret(settings.fal_key.reveal(), settings.cf_aig_token.reveal() if settings.cf_aig_token else None,
+                    settings.access.jwt.secret if settings.access.jwt else None)
+    register_secret(urlsplit(settings.access.redis_url).password if settings.access.redis_url else None)
+    register_header_names([settings.access.auth_header])
     admission = Admission(settings)
     metrics = Metrics()
     forwarder = Forwarder(settings, admission, metrics)
@@ -61,6 +67,7 @@ def create_app(settings: Settings) -> Any:
             await admission.limiter.close()
 
     def install_headers(injected: InjectedHeaders) -> None:
+        register_secret(injected.authorization, injected.cf_aig_authorization)  # before first use
         forwarder.injected = injected  # one assignment each: requests in flight keep theirs
         bridge.injected = injected
 

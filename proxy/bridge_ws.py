@@ -30,7 +30,7 @@ import json
 import os
 import time
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import unquote_plus, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -46,6 +46,29 @@ from .targets import resolve_target
 CREDENTIAL_SUBPROTOCOLS = ("fal-api-key.", "cf-aig-authorization.", "proxy-authorization.")
 CALLER_SUBPROTOCOL = "proxy-authorization."
 DIRECT_FAL = "wss://fal.run"
+
+
+class _connect_without_redirects(connect):  # noqa: N801 - used as websockets' connect
+    """websockets' ``connect`` that never follows a redirect on the upstream handshake.
+
+    It would follow up to 10, with the fal key on a same-origin ``Location`` (outside the
+    gateway's ``/fal`` too) and ``cf-aig-authorization`` even cross-origin. A 3xx is
+    relayed to the client like any other refusal.
+    """
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+def is_credential_subprotocol(protocol: str) -> bool:
+    """Sub-protocols that carry a credential, in any letter case (tokens are case-insensitive)."""
+    return protocol.lower().startswith(CREDENTIAL_SUBPROTOCOLS)
+
+
+def caller_from_subprotocols(offered: list[str]) -> str | None:
+    """A browser's caller credential, sent as the sub-protocol ``proxy-authorization.<token>``."""
+    return next((p[len(CALLER_SUBPROTOCOL):] for p in offered if p.lower().startswith(CALLER_SUBPROTOCOL)),
+                None)
 
 
 class Session:
@@ -84,22 +107,32 @@ class Bridge:
             seen = RequestHeaders.read(scope["headers"], self.admission.auth_header)
             offered: list[str] = list(scope.get("subprotocols") or [])
             if seen.credential is None:  # browsers: the caller credential as a sub-protocol
-                seen.credential = next((p[len(CALLER_SUBPROTOCOL):] for p in offered
-                                        if p.startswith(CALLER_SUBPROTOCOL)), None)
+                seen.credential = caller_from_subprotocols(offered)
             self.admission.check_sizes(scope, seen)
+            self.admission.check_host(seen)
             self.admission.cors_origin(seen)  # browsers apply no CORS to sockets: refuse here
             session.caller = await self.admission.caller(seen)
             raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-            query = _without_token(scope["query_string"].decode("latin-1"))
+            query = without_token(scope["query_string"].decode("latin-1"))
             target = resolve_target(raw_path, query, None, gateway_url=self.settings.gateway_url,
                                     proxy_route=self.settings.proxy_route)
             self.admission.check_app(target)
             client_ip = self.admission.client(scope, seen)
-            lease = await self.admission.limiter.admit(session.caller or f"ip:{client_ip}", submit=False)
+            # A session can run the app as often as it sends: it counts as a generation.
+            lease = await self.admission.limiter.admit(self.admission.limit_key(session.caller, client_ip),
+                                                       submit=True)
             await self._bridge(scope, receive, send, session, target.path, query, offered)
         except ProxyError as exc:
             session.error = exc.reason
             await _refuse(scope, send, exc.status, exc.body())
+        except Exception:
+            # A bug, not hostile input we know: logged here (uvicorn would print "Exception in
+            # ASGI application"), and the client refused or closed with 1011.
+            session.error = "internal"
+            self.log.exception("internal_error", request_id=session.request_id)
+            if session.upstream is None:
+                await _refuse(scope, send, 500, _json_error("internal proxy error",
+                                                            f"request id {session.request_id}"))
         finally:
             if lease is not None:
                 await lease.release()
@@ -112,9 +145,9 @@ class Bridge:
         headers = [("authorization", self.injected.authorization), ("x-fal-client-proxy", CLIENT_PROXY_ID)]
         if self.injected.cf_aig_authorization is not None and not direct:
             headers.append(("cf-aig-authorization", self.injected.cf_aig_authorization))
-        passable = [p for p in offered if not p.startswith(CREDENTIAL_SUBPROTOCOLS)]
+        passable = [p for p in offered if not is_credential_subprotocol(p)]
         try:
-            upstream = await connect(
+            upstream = await _connect_without_redirects(
                 url, additional_headers=headers, subprotocols=passable or None,  # type: ignore[arg-type]
                 max_size=settings.ws_max_bytes, open_timeout=settings.connect_timeout, proxy=None,
                 ping_interval=20, ping_timeout=20, compression=None, user_agent_header=CLIENT_PROXY_ID,
@@ -243,15 +276,20 @@ def upstream_ws_url(gateway_ws: str, path: str, query: str, *, realtime_direct: 
 
 
 def gateway_ws_url(gateway_url: str) -> str:
-    """``https://gateway…/fal`` → ``wss://gateway…/fal``; ``http://…`` → ``ws://…``."""
-    return "wss://" + gateway_url[8:] if gateway_url.startswith("https://") else "ws://" + gateway_url[7:]
+    """``https://gateway…/fal`` → ``wss://gateway…/fal``; ``http://…`` → ``ws://…`` (any case)."""
+    parts = urlsplit(gateway_url)
+    scheme = "wss" if parts.scheme.lower() == "https" else "ws"
+    return f"{scheme}://{parts.netloc}{parts.path}"
 
 
-def _without_token(query: str) -> str:
-    """Drop a client ``fal_jwt_token``: the proxy's key authenticates the upstream socket."""
-    if "fal_jwt_token" not in query:
+def without_token(query: str) -> str:
+    """Drop every client ``fal_jwt_token`` (any case, any percent-encoding of the name): the
+    proxy's key authenticates the upstream socket. The rest goes on byte for byte."""
+    if not query:
         return query
-    return urlencode([(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "fal_jwt_token"])
+    kept = [part for part in query.split("&")
+            if unquote_plus(part.partition("=")[0]).strip().lower() != "fal_jwt_token"]
+    return "&".join(kept)
 
 
 def _sendable(code: int | None) -> int:

@@ -122,33 +122,45 @@ class JwtAuth(CallerAuth):
                 # Keys are fetched on first use and cached; a token with an unknown kid refreshes them.
                 self._client = jwt.PyJWKClient(config.jwks_url or "", cache_keys=True, lifespan=300, timeout=5)
 
-    async def _key(self, token: str) -> Any:
+    async def _key(self, token: str) -> tuple[Any, list[str]]:
+        """The key to verify ``token`` with, and the one algorithm that key may verify.
+
+        A JWKS key verifies only its own algorithm (RSA: RS256, EC: ES256), whatever the
+        token's header claims: an ``ES256`` header naming an RSA key's ``kid`` is refused,
+        not handed to the wrong verifier (which raised ``TypeError``).
+        """
         if self.config.secret is not None:
-            return self.config.secret
+            return self.config.secret, self.algorithms
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except jwt.PyJWTError:
             raise Unauthorized("caller token not accepted", "not a JWT", reason="caller_refused") from None
+        jwk: jwt.PyJWK | None = None
         if self._jwks is not None:
-            for key in self._jwks.keys:
-                if kid is None or key.key_id == kid:
-                    return key.key
-            raise Unauthorized("caller token not accepted", "no key in the JWKS matches its kid",
+            jwk = next((k for k in self._jwks.keys if kid is None or k.key_id == kid), None)
+            if jwk is None:
+                raise Unauthorized("caller token not accepted", "no key in the JWKS matches its kid",
+                                   reason="caller_refused")
+        else:
+            assert self._client is not None
+            try:  # PyJWKClient fetches with blocking I/O: keep it off the event loop
+                jwk = await asyncio.to_thread(self._client.get_signing_key_from_jwt, token)
+            except jwt.PyJWKClientError as exc:
+                raise Unauthorized("caller token not accepted", f"signing key unavailable: {exc}",
+                                   reason="caller_refused") from None
+        algorithm = jwk.algorithm_name
+        if algorithm not in self.algorithms:
+            raise Unauthorized("caller token not accepted", f"the JWKS key is for {algorithm}, not RS256/ES256",
                                reason="caller_refused")
-        assert self._client is not None
-        try:  # PyJWKClient fetches with blocking I/O: keep it off the event loop
-            return (await asyncio.to_thread(self._client.get_signing_key_from_jwt, token)).key
-        except jwt.PyJWKClientError as exc:
-            raise Unauthorized("caller token not accepted", f"signing key unavailable: {exc}",
-                               reason="caller_refused") from None
+        return jwk.key, [algorithm]
 
     async def authenticate(self, credential: str | None) -> str | None:
         token = _bearer(credential, self.header)
-        key = await self._key(token)
+        key, algorithms = await self._key(token)
         config = self.config
         try:
             claims = jwt.decode(
-                token, key, algorithms=self.algorithms, audience=config.audience, issuer=config.issuer,
+                token, key, algorithms=algorithms, audience=config.audience, issuer=config.issuer,
                 leeway=config.leeway,
                 options={"require": ["exp", *(["iss"] if config.issuer else []), *(["aud"] if config.audience else [])]},
             )
@@ -157,6 +169,9 @@ class JwtAuth(CallerAuth):
         except jwt.PyJWTError as exc:
             # PyJWT's messages name the failed check (audience, issuer, signature), never the token.
             raise Unauthorized("caller token not accepted", str(exc), reason="caller_refused") from None
+        except (TypeError, ValueError, RecursionError):
+            # Whatever else a hostile token makes the decoder trip on is still a bad token.
+            raise Unauthorized("caller token not accepted", "not a valid JWT", reason="caller_refused") from None
         caller = claims.get(config.caller_claim)
         if not isinstance(caller, (str, int)) or caller == "":
             raise Unauthorized("caller token not accepted", f"the token has no '{config.caller_claim}' claim",

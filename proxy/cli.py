@@ -124,6 +124,30 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
+def raise_open_files_limit(log: Any) -> None:
+    """Raise the soft open-files limit to the hard one, and say both.
+
+    Every proxied request holds two sockets (client and gateway) and a WebSocket two more;
+    the usual soft limit of 1024 would cap a proxy at a few hundred streams while the
+    hard limit (often 1,048,576 in containers) allows far more.
+    """
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = soft
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            raised = target
+        except (ValueError, OSError):
+            pass
+    log.info("open_files_limit", soft_before=soft, soft=raised,
+             hard=-1 if hard == resource.RLIM_INFINITY else hard)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """Bind before building the app, so the port (with --port 0) is known to it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -140,8 +164,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port: int, on_listening: Any,
-                 ws_max_bytes: int = 16 * 1024 * 1024, drain_seconds: float = 10.0) -> None:
+                 ws_max_bytes: int = 16 * 1024 * 1024, drain_seconds: float = 10.0,
+                 header_timeout: float | None = None) -> None:
     import uvicorn
+
+    from .server_protocol import guarded_protocol
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
@@ -167,7 +194,8 @@ def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port:
         host=settings_host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        # The proxy's own servers refuse malformed heads and slow header senders.
+        http=guarded_protocol(header_timeout) if header_timeout is not None else "httptools",
         lifespan="on",
         log_config=None,  # structlog owns logging
         access_log=False,  # the forwarder writes its own canonical line
@@ -201,6 +229,7 @@ def serve(settings: Settings, workers: int = 1) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     log = get_logger("proxy")
+    raise_open_files_limit(log)
 
     def listening(host: str, port: int) -> None:
         # Tests and scripts read the bound port (with --port 0) from this line.
@@ -209,7 +238,7 @@ def serve(settings: Settings, workers: int = 1) -> int:
 
     def run(sock: socket.socket | None) -> None:
         _run_uvicorn(create_app(settings), settings.host, sock, settings.port, listening,
-                     settings.ws_max_bytes, settings.drain_seconds)
+                     settings.ws_max_bytes, settings.drain_seconds, settings.header_timeout)
 
     if workers <= 1:
         run(None)
@@ -305,5 +334,6 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         log.info("listening", role="emulator", url=origin, gateway_url=settings.gateway_url)
         log.info(f"demo page: open {origin}/ in a browser", url=f"{origin}/")
 
-    _run_uvicorn(create_demo_app(settings, emulator), host, sock, port, listening)
+    _run_uvicorn(create_demo_app(settings, emulator), host, sock, port, listening,
+                 header_timeout=settings.header_timeout)
     return 0

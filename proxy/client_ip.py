@@ -19,24 +19,50 @@ def parse_networks(values: Sequence[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(v.strip(), strict=False) for v in values if v.strip())
 
 
-def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An address, IPv4-mapped IPv6 (``::ffff:1.2.3.4``) read as the IPv4 it is; None if garbage."""
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address.strip())
     except ValueError:
-        return False
-    return any(ip in net for net in trusted)
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
+    ip = _parse(address)
+    return ip is not None and any(ip in net for net in trusted)
+
+
+def normalise(address: str) -> str:
+    """One spelling per address: ``::ffff:1.2.3.4`` → ``1.2.3.4``, ``0:0::1`` → ``::1``."""
+    ip = _parse(address)
+    return str(ip) if ip is not None else address
+
+
+def limit_key(address: str) -> str:
+    """The rate-limit bucket of a client address: the address, or its /64 for IPv6.
+
+    One IPv6 host usually holds a whole /64 (SLAAC, privacy addresses): keyed by address,
+    it could rotate through 2^64 buckets and never meet a limit.
+    """
+    ip = _parse(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip) if ip is not None else address
 
 
 def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: tuple[Network, ...]) -> str:
     """The client's address, given the TCP peer and every ``X-Forwarded-For`` header value."""
-    peer = peer or "unknown"
+    peer = normalise(peer) if peer else "unknown"
     if not trusted or not _trusted(peer, trusted):
         return peer
     hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _trusted(hop, trusted):
-            try:
-                return str(ipaddress.ip_address(hop))
-            except ValueError:
-                return peer  # garbage in the header: fall back to the last hop we know
-    return hops[0] if hops else peer
+            ip = _parse(hop)
+            # garbage in the header: fall back to the last hop we know
+            return str(ip) if ip is not None else peer
+    first = _parse(hops[0]) if hops else None
+    return str(first) if first is not None else peer

@@ -9,6 +9,7 @@
     ├── RequestTimeout    408  the client stopped sending its body
     ├── PayloadTooLarge   413  request body over FAL_PROXY_MAX_BODY_BYTES
     ├── URITooLong        414  path + query over FAL_PROXY_MAX_URL_BYTES
+    ├── MisdirectedRequest 421 a Host outside FAL_PROXY_ALLOWED_HOSTS
     ├── RateLimited       429  a caller's rate or concurrency limit was reached (Retry-After)
     ├── HeadersTooLarge   431  request headers over FAL_PROXY_MAX_HEADER_BYTES
     ├── UpstreamUnavailable 502  the gateway could not be reached or broke the connection
@@ -65,6 +66,10 @@ class MethodNotAllowed(ProxyError):
     status = 405
     reason = "method_not_allowed"
 
+    def __init__(self, message: str, detail: str = "", *, allow: str | None = None) -> None:
+        super().__init__(message, detail)
+        self.allow = allow  # the Allow header; None: every method the proxy forwards
+
 
 class RequestTimeout(ProxyError):
     status = 408
@@ -79,6 +84,11 @@ class PayloadTooLarge(ProxyError):
 class URITooLong(ProxyError):
     status = 414
     reason = "url_too_long"
+
+
+class MisdirectedRequest(ProxyError):
+    status = 421
+    reason = "host_refused"
 
 
 class RateLimited(ProxyError):

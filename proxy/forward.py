@@ -39,11 +39,12 @@ from .errors import (
 )
 from .headers import InjectedHeaders, downstream_response_headers, upstream_request_headers
 from .logs import get_logger, redact_query
-from .metrics import Metrics, app_label
+from .metrics import Metrics
 from .settings import Settings
-from .targets import Target, resolve_target
+from .targets import Target, check_method, resolve_target
 
 Scope = dict[str, Any]
+Message = dict[str, Any]
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 # What the fal SDKs send (run with a custom method included); anything else is refused.
 FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
@@ -61,7 +62,7 @@ class Exchange:
         "request_id", "method", "kind", "host", "path", "query", "status", "upstream_status",
         "bytes_in", "bytes_out", "started", "ttfb", "error", "fal_request_id", "cf_aig_log_id",
         "body_error", "body_phase", "response_done", "client_gone", "gateway_error",
-        "caller", "client_ip", "cors",
+        "caller", "client_ip", "cors", "app",
     )  # fmt: skip
 
     def __init__(self, method: str) -> None:
@@ -81,6 +82,7 @@ class Exchange:
         self.caller: str | None = None
         self.client_ip: str | None = None
         self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for a listed cross-origin caller
+        self.app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
 
     def log_fields(self) -> dict[str, Any]:
         now = time.perf_counter()
@@ -142,7 +144,7 @@ class Forwarder:
     def _log(self, ex: Exchange) -> None:
         status = ex.status or 0
         self.metrics.observe(
-            ex.kind, status, app_label(ex.path) if ex.host != "rest.fal.ai" else None,
+            ex.kind, status, self.metrics.app_labels(ex.app, ex.path, ex.upstream_status),
             time.perf_counter() - ex.started, ex.ttfb, ex.bytes_in, ex.bytes_out, ex.error,
         )
         if ex.gateway_error:
@@ -165,7 +167,8 @@ class Forwarder:
                     *_JSON_HEADERS,
                     (b"content-length", str(len(body)).encode()),
                     (b"x-proxy-request-id", ex.request_id.encode()),
-                    *([(b"allow", _ALLOW)] if exc.status == 405 else []),
+                    *([(b"allow", (getattr(exc, "allow", None) or _ALLOW.decode()).encode())]
+                      if exc.status == 405 else []),
                     *([(b"retry-after", str(retry).encode())]
                       if (retry := getattr(exc, "retry_after", None)) is not None else []),
                     *ex.cors,
@@ -181,6 +184,7 @@ class Forwarder:
         seen = RequestHeaders.read(raw_headers, admission.auth_header)
         ex.client_ip = admission.client(scope, seen)
         admission.check_sizes(scope, seen)
+        admission.check_host(seen)
         if ex.method == "OPTIONS" and seen.origin and seen.preflight_method:
             await self._send_preflight(send, admission.preflight(seen), ex)
             return
@@ -205,38 +209,56 @@ class Forwarder:
             proxy_route=settings.proxy_route,
         )
         ex.kind, ex.host, ex.path, ex.query = target.kind, target.host, target.path, target.query
-        admission.check_app(target)
+        check_method(ex.method, target)
+        ex.app = admission.check_app(target)
         if declared_length is not None and declared_length > settings.max_body_bytes:
             raise PayloadTooLarge(
                 "request body too large",
                 f"{declared_length} bytes; this proxy accepts at most {settings.max_body_bytes}",
             )
-        body: bytes | None = None
-        if target.kind == "token":
-            # The body says which apps the token is for: read it (it is small) and check it.
-            body = await self._read_small_body(receive, ex)
-            admission.check_token_body(body)
         try:
             headers = upstream_request_headers(
                 raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id
             )
         except UnicodeDecodeError:
             raise BadRequest("invalid header value", "header values must be ASCII or UTF-8") from None
+        # The body's first message (the whole body for a token request) must arrive, within
+        # the idle deadline, before a slot is taken: a client that declares a body and never
+        # sends it holds no slot, and is answered 408.
+        if target.kind == "token":
+            # The body says which apps the token is for: read it (it is small), check it, and
+            # forward what was checked, re-serialised, never the client's own bytes.
+            body = admission.check_token_body(await self._read_small_body(receive, ex))
+            headers = [(n, v) for n, v in headers if n not in ("content-length", "content-type")]
+            headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
+            first: Message = {"type": "http.request", "body": body, "more_body": False}
+        else:
+            first = await self._receive_body(receive)
         lease = await admission.limiter.admit(
-            ex.caller if ex.caller is not None else f"ip:{ex.client_ip}",
-            submit=admission.is_submit(ex.method, target),
+            admission.limit_key(ex.caller, ex.client_ip),
+            submit=admission.starts_generation(ex.method, target),
         )
         try:
-            await self._exchange(target, headers, receive, send, ex, body)
+            await self._exchange(target, headers, receive, send, ex, first)
         finally:
             await lease.release()
 
-    async def _read_small_body(self, receive: Any, ex: Exchange, limit: int = 64 * 1024) -> bytes:
+    async def _receive_body(self, receive: Any) -> Message:
+        """The next body message, within the idle timeout (408); raises _ClientGone."""
+        idle = self.settings.idle_timeout
+        try:
+            async with asyncio.timeout(idle):
+                message: Message = await receive()
+        except TimeoutError:
+            raise RequestTimeout("request body stalled", f"nothing received for {idle:g}s") from None
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        return message
+
+    async def _read_small_body(self, receive: Any, ex: Exchange, limit: int = 16 * 1024) -> bytes:
         body, more = bytearray(), True
         while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone()
+            message = await self._receive_body(receive)
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limit:
@@ -252,7 +274,7 @@ class Forwarder:
 
     async def _exchange(
         self, target: Target, headers: list[tuple[str, str]], receive: Any, send: Any, ex: Exchange,
-        prefetched: bytes | None = None,
+        first: Message,
     ) -> None:
         assert self.session is not None, "the app's lifespan did not run"
         settings = self.settings
@@ -269,9 +291,6 @@ class Forwarder:
                 ex.client_gone = True
                 task.cancel()
 
-        first = await receive() if prefetched is None else {"type": "http.request", "body": prefetched}
-        if first["type"] == "http.disconnect":
-            raise _ClientGone()
         body: bytes | AsyncIterator[bytes] | None
         first_chunk = first.get("body", b"")
         ex.bytes_in = len(first_chunk)

@@ -131,6 +131,10 @@ def upstream_request_headers(
     client_skip_cache = False
     for raw_name, raw_value in client_headers:
         name = raw_name.decode("latin-1").lower()
+        # "_" in a name: nginx and others drop these by default, since a hop that maps "_"
+        # to "-" (CGI, WSGI) would read cf_aig_authorization as a gateway credential.
+        if "_" in name:
+            continue
         if (name in _REQUEST_DROP or name in named or name.startswith(_REQUEST_DROP_PREFIXES)
                 or name == injected.caller_header):
             # The one gateway control a client may use: opting out of the cache is harmless.

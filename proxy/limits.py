@@ -1,4 +1,4 @@
-"""Per-caller limits: requests per minute, queue submits per hour, concurrent requests.
+"""Per-caller limits: requests per minute, generations per hour, concurrent requests.
 
 Two kinds of limit, two mechanisms, neither written here:
 
@@ -72,7 +72,7 @@ log = get_logger("proxy.limits")
 class LimitSettings:
     requests_per_minute: int = 600  # 0 = unlimited
     concurrent: int = 32  # in-flight requests and streams per caller; 0 = unlimited
-    submits_per_hour: int = 1000  # queue submits per caller; 0 = unlimited
+    submits_per_hour: int = 1000  # calls that can start a generation, per caller; 0 = unlimited
     redis_url: str | None = None  # None = in-memory (one process)
     redis_failure: str = "closed"  # "closed": refuse (503) when Redis fails; "open": admit and log
     key_prefix: str = "fal-gateway-proxy"
@@ -132,7 +132,7 @@ class Limiter:
         try:
             await self._hit(self._per_minute, key, "requests per minute")
             if submit:
-                await self._hit(self._per_hour, key, "queue submits per hour")
+                await self._hit(self._per_hour, key, "generations per hour (runs, queue submits, streams, realtime tokens and sockets)")
             if not self.settings.concurrent:
                 return Lease()
             lease = await self._take_slot(key, self.settings.concurrent)

@@ -2,7 +2,8 @@
 
 The proxy writes one canonical line per request (event ``request``) and a few
 lifecycle lines. Header values are never logged; target queries are logged with
-their values redacted except for a few known-harmless parameters.
+their values redacted except for a few known-harmless parameters; and every line, from
+any logger, passes :mod:`proxy.redaction` on its way out.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from urllib.parse import parse_qsl
 
 import orjson
 import structlog
+
+from .redaction import RedactingFilter, redact_event
 
 # Query parameters whose values carry no secret and help debugging.
 _SAFE_QUERY_KEYS = frozenset({"logs", "storage_type"})
@@ -37,7 +40,8 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
         # the forwarding code hold the upstream headers.
         renderer: Any = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
         structlog.configure(
-            processors=[*shared, renderer],
+            # Tracebacks formatted first, so that redact_event sees (and cleans) them.
+            processors=[*shared, structlog.processors.format_exc_info, redact_event, renderer],
             wrapper_class=structlog.make_filtering_bound_logger(level_no),
             logger_factory=structlog.PrintLoggerFactory(stream),
             cache_logger_on_first_use=True,
@@ -48,6 +52,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
             processors=[
                 *shared,
                 structlog.processors.format_exc_info,
+                redact_event,
                 structlog.processors.JSONRenderer(serializer=orjson.dumps),
             ],
             wrapper_class=structlog.make_filtering_bound_logger(level_no),
@@ -56,6 +61,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
         )
     # uvicorn and aiohttp log through the stdlib: give them the same format.
     handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter())  # every library's record, at every level
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,

@@ -2,9 +2,9 @@
 
 One registry per app (so tests and several apps in one process never share counters).
 Everything is recorded once per request, where its canonical log line is written, plus
-two gauges moved at the start and end of requests and sockets. Labels are bounded: the
-route kind, the status class, the app as ``owner/alias`` (what the allowlist admits), the
-refusal reason, the transfer direction.
+two gauges moved at the start and end of requests and sockets. Labels are bounded, whatever
+clients send: the route kind, the status class, the app (:class:`AppLabels`), the refusal
+reason, the transfer direction.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Metrics:
         self._bytes_out = self.bytes.labels("out")
         # Labelled children, looked up once per label set: .labels() costs more than the update.
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self.app_labels = AppLabels()
 
     def observe(self, route: str | None, status: int, app: str | None, duration: float, ttfb: float | None,
                 bytes_in: int, bytes_out: int, error: str | None) -> None:
@@ -56,6 +57,37 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+MAX_APP_LABELS = 100  # distinct apps named in labels when every app is allowed; then "other"
+
+
+class AppLabels:
+    """The ``app`` label: always from a bounded set, whatever paths clients invent.
+
+    With ``FAL_PROXY_ALLOWED_APPS`` set, the pattern that admitted the request. With every
+    app allowed, the app's ``owner/alias``, but only once fal answered it with a success
+    (made-up apps get 404s) and only for the first ``MAX_APP_LABELS`` apps; else ``other``.
+    Refused requests and calls that name no app: ``none``.
+    """
+
+    def __init__(self, limit: int = MAX_APP_LABELS) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, admitted_by: str | None, path: str | None, upstream_status: int | None) -> str:
+        if admitted_by is None:
+            return "none"
+        if admitted_by != "*":
+            return admitted_by
+        label = app_label(path)
+        if label is None or upstream_status is None or upstream_status >= 400:
+            return "other"
+        if label not in self.seen:
+            if len(self.seen) >= self.limit:
+                return "other"
+            self.seen.add(label)
+        return label
 
 
 def app_label(path: str | None) -> str | None:

@@ -120,6 +120,57 @@ def check_origin(origin: str | None, host: str | None, policy: OriginPolicy) -> 
                     f"{normal} is not in FAL_PROXY_ALLOWED_ORIGINS", reason="origin_refused")
 
 
+def _referer_origin(referer: str | None) -> str | None:
+    """The origin of a ``Referer`` URL, or None (absent, ``about:client``, garbage)."""
+    if not referer:
+        return None
+    parts = urlsplit(referer.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    try:
+        return normalise_origin(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}")
+    except ValueError:
+        return None
+
+
+def check_browser_request(origin: str | None, referer: str | None, fetch_site: str | None,
+                          host: str | None, policy: OriginPolicy) -> str | None:
+    """Decide whether a request may have come from a page that is allowed to spend credits.
+
+    Browsers send ``Origin`` on cross-origin fetches, every POST and WebSocket handshakes,
+    but not on a GET from ``<img src>``, a ``no-cors`` fetch or a navigation: those carry
+    ``Sec-Fetch-Site`` (every current browser) and usually ``Referer``. So without
+    ``Origin``:
+
+    * no ``Sec-Fetch-Site`` and no ``Referer``: not a browser (curl, a server-side SDK): pass;
+    * ``Sec-Fetch-Site: none``: the user typed the URL or opened a bookmark: pass;
+    * otherwise the page's origin, from ``Referer``, must pass :func:`check_origin`, or,
+      with no ``Referer`` (a no-referrer policy), ``Sec-Fetch-Site`` must say
+      ``same-origin`` and the ``Host`` be an address or a listed origin's host.
+
+    Returns what :func:`check_origin` returns for an ``Origin`` (the origin to echo in CORS
+    headers) and None otherwise; raises :class:`Forbidden`.
+    """
+    if origin is not None:
+        return check_origin(origin, host, policy)
+    site = fetch_site.strip().lower() if fetch_site is not None else None
+    if site is None and referer is None:
+        return None
+    if site == "none":
+        return None
+    page = _referer_origin(referer)
+    if page is not None:
+        check_origin(page, host, policy)
+        return None
+    if site == "same-origin" and host is not None and (
+            _is_address(host) or any(_strip_default_port(_host_of(o)) == _strip_default_port(host.lower())
+                                     for o in policy.allowed)):
+        return None
+    raise Forbidden("cross-site request refused",
+                    "a browser request from a page that is neither this proxy's nor in FAL_PROXY_ALLOWED_ORIGINS",
+                    reason="origin_refused")
+
+
 def cors_headers(origin: str) -> list[tuple[bytes, bytes]]:
     """Headers for an actual (non-preflight) response to a listed cross-origin caller."""
     return [

@@ -64,6 +64,7 @@ class Settings:
     connect_timeout: float = 10.0
     first_byte_timeout: float = 600.0
     idle_timeout: float = 300.0
+    header_timeout: float = 10.0  # the whole request head must arrive within this (408)
     max_body_bytes: int = 100 * 1024 * 1024
     upstream_connections: int = 0  # 0 = no limit on the pool
     log_format: str = "auto"
@@ -99,6 +100,7 @@ class Settings:
             connect_timeout=_seconds(env, "FAL_PROXY_CONNECT_TIMEOUT", 10.0),
             first_byte_timeout=_seconds(env, "FAL_PROXY_FIRST_BYTE_TIMEOUT", 600.0),
             idle_timeout=_seconds(env, "FAL_PROXY_IDLE_TIMEOUT", 300.0),
+            header_timeout=_seconds(env, "FAL_PROXY_HEADER_TIMEOUT", 10.0),
             max_body_bytes=_int(env, "FAL_PROXY_MAX_BODY_BYTES", 100 * 1024 * 1024, low=0),
             upstream_connections=_int(env, "FAL_PROXY_UPSTREAM_CONNECTIONS", 0, low=0),
             log_format=_choice(env, "FAL_PROXY_LOG_FORMAT", "auto", _LOG_FORMATS),
@@ -132,6 +134,7 @@ DOCUMENTED_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_PROXY_CONNECT_TIMEOUT", "10", "seconds to open a connection to the gateway"),
     ("FAL_PROXY_FIRST_BYTE_TIMEOUT", "600", "seconds to wait for the gateway's response headers"),
     ("FAL_PROXY_IDLE_TIMEOUT", "300", "seconds allowed between two body chunks, either way"),
+    ("FAL_PROXY_HEADER_TIMEOUT", "10", "seconds a client has to send a whole request head (then 408, closed)"),
     ("FAL_PROXY_MAX_BODY_BYTES", str(100 * 1024 * 1024), "largest request body accepted (413 above)"),
     ("FAL_PROXY_UPSTREAM_CONNECTIONS", "0", "most connections to the gateway at once, 0 = no limit"),
     ("FAL_PROXY_LOG_FORMAT", "auto", "auto (console on a terminal, else JSON), json or console"),

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from .errors import BadRequest, Forbidden, NotFound
+from .errors import BadRequest, Forbidden, MethodNotAllowed, NotFound
 
 RUN_HOST = "fal.run"
 QUEUE_HOST = "queue.fal.run"
@@ -151,6 +151,40 @@ def _check_path(path: str) -> None:
         for segment in _SEGMENT_SPLIT.split(decoded):
             if segment in (".", ".."):
                 raise BadRequest("invalid path", "dot segments ('.', '..') are not allowed, encoded or not")
+
+
+def check_method(method: str, target: Target) -> None:
+    """``rest.fal.ai`` calls are POSTs (upload initiation, tokens) and a token call has no
+    query: anything else would reach fal's account API unchecked."""
+    if target.host == REST_HOST and method != "POST":
+        raise MethodNotAllowed(f"method {method} not allowed", f"{target.path} on {REST_HOST} takes POST only",
+                               allow="POST")
+    if target.kind == "token" and target.query:
+        raise BadRequest("invalid token request", "a token request has no query string")
+
+
+# Queue calls that only read or cancel a request already made (fal-sdk-protocol.md §4):
+# status, status stream, result (GET) and cancel (PUT). Every other queue call can start one.
+_QUEUE_READ = re.compile(r"/[^?]+/requests/[^/?]+(?:/status(?:/stream)?)?/?")
+_QUEUE_CANCEL = re.compile(r"/[^?]+/requests/[^/?]+/cancel/?")
+
+
+def starts_generation(method: str, target: Target) -> bool:
+    """Can this call start a paid generation (and so count against the submit cap)?
+
+    Every call on ``fal.run`` runs the model (a GET too: the SDK's ``method: "get"``), every
+    queue call except reading or cancelling an existing request, and every realtime token
+    (it lets its holder run the app). Storage upload initiation does not.
+    """
+    if target.kind in ("run", "stream", "token"):
+        return True
+    if target.kind != "queue":
+        return False
+    if method in ("GET", "HEAD"):
+        return _QUEUE_READ.fullmatch(target.path) is None
+    if method == "PUT":
+        return _QUEUE_CANCEL.fullmatch(target.path) is None
+    return True
 
 
 def _route(host: str, path: str, query: str, gateway_url: str) -> Target:

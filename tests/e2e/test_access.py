@@ -207,7 +207,37 @@ def test_concurrent_requests(start_proxy, fake_gateway: FakeGateway) -> None:
     assert post(proxy).status_code == 200  # the slot was given back
 
 
-def test_queue_submits_per_hour_count_only_submits(start_proxy) -> None:
+GENERATIONS = [  # (method, x-fal-target-url or None for a fal.run path, path, body)
+    ("POST", "https://queue.fal.run/fal-ai/flux/dev", None, {"prompt": "cat"}),  # queue submit
+    ("POST", None, "/fal-ai/flux/dev", {"prompt": "cat"}),  # sync run
+    ("GET", None, "/fal-ai/flux/dev?prompt=cat", None),  # a GET on fal.run runs the model too
+    ("POST", "https://fal.run/fal-ai/flux/dev/stream", None, {"prompt": "cat"}),
+    ("POST", "https://queue.fal.run/fal-ai/flux/requests/abc", None, {"prompt": "cat"}),  # not status/cancel
+    ("PUT", "https://queue.fal.run/fal-ai/flux/requests/abc", None, {}),
+    ("GET", "https://queue.fal.run/fal-ai/flux/dev", None, None),
+    ("POST", "https://rest.fal.ai/tokens/", None, {"allowed_apps": ["flux"], "token_expiration": 60}),
+]
+
+
+@pytest.mark.parametrize(("method", "target", "path", "body"), GENERATIONS)
+def test_every_call_that_can_start_a_generation_counts_against_the_hourly_cap(
+    start_proxy, method: str, target: str | None, path: str | None, body: object
+) -> None:
+    proxy = start_proxy(FAL_PROXY_SUBMITS_PER_HOUR="1", FAL_PROXY_ALLOWED_APPS="fal-ai/flux/*")
+    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
+        def call() -> httpx.Response:
+            content = json.dumps(body).encode() if body is not None else None
+            if target is None:
+                return c.request(method, path or "/", content=content)
+            return c.request(method, "/api/fal/proxy", headers={"x-fal-target-url": target}, content=content)
+
+        assert call().status_code != 429
+        refused = call()
+        assert refused.status_code == 429, refused.text
+        assert "per hour" in refused.json()["detail"]
+
+
+def test_reading_and_cancelling_a_request_are_not_generations(start_proxy) -> None:
     proxy = start_proxy(FAL_PROXY_SUBMITS_PER_HOUR="1")
     tiny = {"prompt": "cat", "image_size": {"width": 16, "height": 16}}
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
@@ -218,9 +248,13 @@ def test_queue_submits_per_hour_count_only_submits(start_proxy) -> None:
         first = sdk("POST", "https://queue.fal.run/fal-ai/flux/dev", tiny)
         assert first.status_code == 200
         assert sdk("POST", "https://queue.fal.run/fal-ai/flux/dev", tiny).status_code == 429
-        for _ in range(3):  # polling is not a submit
-            assert sdk("GET", first.json()["status_url"]).status_code == 200
-        assert c.post("/emulator/echo", json={}).status_code == 200
+        urls = first.json()
+        for _ in range(3):  # polling, the result and cancelling start nothing
+            assert sdk("GET", urls["status_url"]).status_code == 200
+            assert sdk("GET", urls["status_url"] + "/stream").status_code != 429
+            assert sdk("GET", urls["response_url"]).status_code != 429
+            assert sdk("PUT", urls["cancel_url"]).status_code != 429
+        assert c.post("/emulator/echo", json={}).status_code == 429  # a sync run is one
 
 
 def test_limits_are_per_client_ip_without_auth_and_forwarded_for_needs_a_trusted_peer(start_proxy) -> None:

@@ -140,7 +140,8 @@ def _connection_named(pairs: list[tuple[str, str]]) -> set[str]:
 def _must_not_be_forwarded(name: str, named: set[str], caller_header: str = "x-proxy-authorization") -> bool:
     return (name in CREDENTIALS or name == caller_header or name in HOP_BY_HOP or name in NEVER_FORWARDED_OTHERS
             or name.startswith(NEVER_FORWARDED_PREFIXES) or name in named
-            or name in ("x-fal-target-url", "x-fal-client-proxy"))
+            or name in ("x-fal-target-url", "x-fal-client-proxy")
+            or "_" in name)  # README: names with "_" are dropped (cf_aig_authorization)
 
 
 @PURE

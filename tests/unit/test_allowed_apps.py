@@ -7,7 +7,7 @@ import json
 import pytest
 
 from proxy.allowed_apps import AppPolicy
-from proxy.errors import Forbidden
+from proxy.errors import Forbidden, ProxyError
 from proxy.targets import resolve_target
 
 POLICY = AppPolicy(("fal-ai/flux/*", "fal-ai/fast-sdxl", "workflows/acme/*", "fal-ai/fast-lcm-diffusion/*"))
@@ -63,29 +63,46 @@ def token(apps, expiration=120) -> bytes:
 
 
 @pytest.mark.parametrize(
-    ("body", "reason"),
+    ("body", "status", "reason"),
     [
-        (token(["fast-lcm-diffusion"]), None),
-        (token(["flux"]), None),  # alias of fal-ai/flux/*
-        (token(["fast-sdxl"], 300), None),
-        (token(["kling-video"]), "app_refused"),
-        (token(["fast-lcm-diffusion", "kling-video"]), "app_refused"),
-        (token(["fast-lcm-diffusion"], 301), "token_refused"),
-        (token(["fast-lcm-diffusion"], 0), "token_refused"),
-        (token(["fast-lcm-diffusion"], "120"), "token_refused"),
-        (token([]), "token_refused"),
-        (token("fast-lcm-diffusion"), "token_refused"),
-        (b"not json", "token_refused"),
-        (b'["a"]', "token_refused"),
+        (token(["fast-lcm-diffusion"]), None, None),
+        (token(["flux"]), None, None),  # alias of fal-ai/flux/*
+        (token(["fast-sdxl"], 300), None, None),
+        (token(["kling-video"]), 403, "app_refused"),
+        (token(["fast-lcm-diffusion", "kling-video"]), 403, "app_refused"),
+        (token(["fast-lcm-diffusion"], 301), 403, "token_refused"),
+        (token(["fast-lcm-diffusion"], 0), 403, "token_refused"),
+        (token(["fast-lcm-diffusion"], "120"), 403, "token_refused"),
+        (token([]), 403, "token_refused"),
+        (token("fast-lcm-diffusion"), 403, "token_refused"),
+        # Malformed or ambiguous: fal might read it otherwise than the check did.
+        (b"not json", 400, "token_refused"),
+        (b'["a"]', 400, "token_refused"),
+        (b'{"allowed_apps":["kling-video"],"allowed_apps":["fast-sdxl"]}', 400, "token_refused"),
+        (b'{"Allowed_Apps":["kling-video"],"allowed_apps":["fast-sdxl"]}', 400, "token_refused"),
+        (b'{"allowed_apps":["fast-sdxl"],"TOKEN_EXPIRATION":86400}', 400, "token_refused"),
+        (b'\xef\xbb\xbf{"allowed_apps":["fast-sdxl"]}', 400, "token_refused"),  # UTF-8 BOM
+        ('{"allowed_apps":["fast-sdxl"]}'.encode("utf-16"), 400, "token_refused"),
+        ('{"allowed_apps":["fast-sdxl"]}'.encode("utf-32-le"), 400, "token_refused"),
+        (b"[" * 30_000, 400, "token_refused"),  # RecursionError in json, unguarded
+        (b'{"allowed_apps":["fast-sdxl"],"x":' + b"[" * 20 + b"]" * 20 + b"}", 400, "token_refused"),
     ],
 )
-def test_token_requests(body: bytes, reason: str | None) -> None:
+def test_token_requests(body: bytes, status: int | None, reason: str | None) -> None:
     if reason is None:
         POLICY.check_token(body, 300)
     else:
-        with pytest.raises(Forbidden) as info:
+        with pytest.raises(ProxyError) as info:
             POLICY.check_token(body, 300)
-        assert info.value.reason == reason
+        assert (info.value.status, info.value.reason) == (status, reason)
+
+
+def test_the_token_body_forwarded_is_only_what_was_checked() -> None:
+    body = b'{"allowed_apps": ["fast-sdxl"], "token_expiration": 60, "other": {"allowed_apps": ["x"]}}'
+    assert json.loads(POLICY.check_token(body, 300)) == {"allowed_apps": ["fast-sdxl"], "token_expiration": 60}
+    # No token_expiration: the SDK's 120 s, written out (fal's own default is not ours to guess).
+    assert json.loads(POLICY.check_token(b'{"allowed_apps":["fast-sdxl"]}', 300)) == {
+        "allowed_apps": ["fast-sdxl"], "token_expiration": 120}
 
 
 def test_token_expiration_is_capped_even_when_every_app_is_allowed() -> None:

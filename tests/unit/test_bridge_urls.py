@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.bridge_ws import _without_token, gateway_ws_url, upstream_ws_url
+from proxy.bridge_ws import without_token, gateway_ws_url, upstream_ws_url
 
 GW = gateway_ws_url("https://gateway.ai.cloudflare.com/v1/acct/gw/fal")
 
@@ -37,4 +37,4 @@ def test_upstream_ws_url(path: str, query: str, direct: bool, expected: tuple[st
     ],
 )
 def test_a_client_fal_jwt_token_never_travels_upstream(query: str, kept: str) -> None:
-    assert _without_token(query) == kept
+    assert without_token(query) == kept

@@ -107,7 +107,7 @@ async def test_submits_per_hour_refuse_the_third_of_two_and_only_count_submits()
         await admit_and_release(limiter, submit=True)
         with pytest.raises(RateLimited) as info:
             await limiter.admit("web", submit=True)
-        assert "queue submits per hour" in info.value.detail and "2" in info.value.detail
+        assert "generations per hour" in info.value.detail and "2" in info.value.detail
         assert 3595 <= info.value.retry_after <= 3600
         await admit_and_release(limiter, submit=False)  # non-submits still pass
 
