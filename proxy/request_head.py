@@ -14,6 +14,7 @@ for any sub-domain; the port is ignored.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 
 SERVED_VERSIONS = ("1.0", "1.1")
@@ -39,8 +40,10 @@ def head_problem(target: bytes, http_version: str, headers: Iterable[tuple[bytes
 
 
 def normalise_host_pattern(pattern: str) -> str:
-    """``App.Example.com`` → ``app.example.com``; ``*.example.com`` kept; raises ValueError."""
+    """``App.Example.com`` → ``app.example.com``; ``*.example.com`` and ``[::1]`` kept; raises ValueError."""
     value = pattern.strip().lower()
+    if value.startswith("[") and value.endswith("]"):  # an IPv6 literal, as Host writes it
+        return f"[{ipaddress.IPv6Address(value[1:-1])}]"
     name = value[2:] if value.startswith("*.") else value
     if value != "*" and (not name or "*" in name or any(c in name for c in "/:@[] \t")):
         raise ValueError(pattern)

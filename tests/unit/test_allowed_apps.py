@@ -42,6 +42,11 @@ def target(url: str):
         ("https://queue.fal.run/workflows/other/x/requests/abc/status", False),
         ("https://fal.run/fal-ai/fast-lcm-diffusion/image-to-image/realtime", True),
         ("https://rest.fal.ai/storage/upload/initiate", True),  # names no app
+        # The owner alone is not an app: it would open every app of that owner.
+        ("https://queue.fal.run/fal-ai/requests/abc/status", False),
+        ("https://queue.fal.run/fal-ai/requests/abc", False),
+        ("https://queue.fal.run/workflows/acme/requests/abc", False),
+        ("https://queue.fal.run/workflows/requests/abc", False),
     ],
 )
 def test_apps_per_kind_of_call(url: str, allowed: bool) -> None:
@@ -109,3 +114,17 @@ def test_token_expiration_is_capped_even_when_every_app_is_allowed() -> None:
     AppPolicy(()).check_token(token(["anything"]), 300)
     with pytest.raises(Forbidden):
         AppPolicy(()).check_token(token(["anything"], 3600), 300)
+
+
+@pytest.mark.parametrize(
+    ("url", "pattern"),
+    [
+        ("https://fal.run/fal-ai/flux/dev", "fal-ai/flux/*"),
+        ("https://queue.fal.run/fal-ai/flux/requests/abc", "fal-ai/flux/*"),
+        ("https://fal.run/fal-ai/fast-sdxl/stream", "fal-ai/fast-sdxl"),
+        ("https://rest.fal.ai/tokens/", None),
+    ],
+)
+def test_check_names_the_pattern_that_admitted(url: str, pattern: str | None) -> None:
+    assert POLICY.check(target(url)) == pattern
+    assert AppPolicy(()).check(target(url)) == ("*" if pattern else None)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.client_ip import client_ip, parse_networks
+from proxy.client_ip import client_ip, limit_key, parse_networks
 
 TRUSTED = parse_networks(["10.0.0.0/8", "127.0.0.1"])
 
@@ -33,3 +33,33 @@ def test_nothing_trusted_by_default() -> None:
 def test_bad_networks_are_refused() -> None:
     with pytest.raises(ValueError):
         parse_networks(["not-an-ip"])
+
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "expected"),
+    [
+        ("::ffff:10.1.2.3", ["198.51.100.7"], "198.51.100.7"),  # a mapped trusted peer is trusted
+        ("10.1.2.3", ["::ffff:198.51.100.7"], "198.51.100.7"),  # one spelling per address
+        ("10.1.2.3", ["0:0:0:0:0:ffff:c633:6407"], "198.51.100.7"),
+        ("::ffff:203.0.113.9", [], "203.0.113.9"),
+        ("10.1.2.3", ["2001:DB8:0:0::1"], "2001:db8::1"),
+        ("10.1.2.3", ["::ffff:10.9.9.9"], "10.9.9.9"),  # all trusted: the leftmost, normalised
+    ],
+)
+def test_ipv4_mapped_and_other_spellings_are_one_address(peer, xff, expected) -> None:
+    assert client_ip(peer, xff, TRUSTED) == expected
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("198.51.100.7", "198.51.100.7"),
+        ("::ffff:198.51.100.7", "198.51.100.7"),
+        ("2001:db8::1", "2001:db8::/64"),
+        ("2001:db8::ffff:1:2", "2001:db8::/64"),  # the same /64: the same bucket
+        ("2001:db8:0:1::1", "2001:db8:0:1::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_limit_keys_group_an_ipv6_slash_64(address: str, key: str) -> None:
+    assert limit_key(address) == key

@@ -221,3 +221,10 @@ def test_a_configured_caller_header_is_never_forwarded() -> None:
     out = upstream_request_headers([(b"x-session", b"Bearer user-jwt")], target("https://fal.run/fal-ai/x"),
                                    injected, method="POST", request_id="r")
     assert "x-session" not in names(out)
+
+
+def test_header_names_with_underscores_never_travel() -> None:
+    sent = upstream([("cf_aig_authorization", "Bearer mine"), ("x_fal_target_url", "https://evil"),
+                     ("Authorization_", "Key mine"), ("x-custom_header", "1"), ("x-kept", "1")])
+    assert [n for n in names(sent) if "_" in n] == []
+    assert "x-kept" in names(sent)

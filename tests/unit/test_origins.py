@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import Forbidden
-from proxy.origins import OriginPolicy, check_origin, cors_headers, normalise_origin, preflight_headers
+from proxy.origins import (
+    OriginPolicy,
+    check_browser_request,
+    check_origin,
+    cors_headers,
+    normalise_origin,
+    preflight_headers,
+)
 
 POLICY = OriginPolicy.build(["https://app.example.com", "http://localhost:3000"], ["x-custom"], "x-proxy-authorization")
 
@@ -89,3 +96,38 @@ def test_same_origin_counts_only_for_addresses_not_names(origin: str, host: str)
         check_origin(origin, host, POLICY)
     listed = OriginPolicy.build([origin], [], None)
     assert check_origin(origin, host, listed) == origin
+
+
+LISTED = "https://app.example.com"
+
+
+@pytest.mark.parametrize(
+    ("origin", "referer", "site", "host", "allowed"),
+    [
+        (None, None, None, "127.0.0.1:8787", True),  # curl, server-side SDKs
+        (None, None, "none", "127.0.0.1:8787", True),  # the user typed the URL
+        (None, "https://evil.example/p", "cross-site", "127.0.0.1:8787", False),  # <img src>
+        (None, None, "cross-site", "127.0.0.1:8787", False),  # ... with no-referrer
+        (None, None, "same-site", "127.0.0.1:8787", False),
+        (None, None, "weird", "127.0.0.1:8787", False),
+        (None, "https://evil.example/p", None, "127.0.0.1:8787", False),  # Referer alone
+        (None, f"{LISTED}/page?q=1", "cross-site", "127.0.0.1:8787", True),
+        (None, "https://user:pw@app.example.com/", "cross-site", "127.0.0.1:8787", True),
+        (None, "http://127.0.0.1:8787/demo", "same-origin", "127.0.0.1:8787", True),
+        (None, None, "same-origin", "127.0.0.1:8787", True),
+        (None, None, "same-origin", "[::1]:8787", True),
+        (None, None, "same-origin", "evil.example:8787", False),  # DNS rebinding
+        (None, "http://evil.example:8787/", "same-origin", "evil.example:8787", False),
+        (None, None, "same-origin", "app.example.com", True),  # served under a listed name
+        (None, "about:client", "cross-site", "127.0.0.1:8787", False),
+        (None, "not a url", "cross-site", "127.0.0.1:8787", False),
+        ("https://evil.example", None, "cross-site", "127.0.0.1:8787", False),
+        (LISTED, None, "cross-site", "127.0.0.1:8787", True),
+    ],
+)
+def test_browser_requests_without_an_origin(origin, referer, site, host, allowed) -> None:
+    if allowed:
+        check_browser_request(origin, referer, site, host, POLICY)
+    else:
+        with pytest.raises(Forbidden):
+            check_browser_request(origin, referer, site, host, POLICY)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.errors import BadRequest, Forbidden, NotFound
-from proxy.targets import resolve_target
+from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound
+from proxy.targets import check_method, resolve_target, starts_generation
 
 GW = "https://gateway.ai.cloudflare.com/v1/acct/gw/fal"
 ROUTE = "/api/fal/proxy"
@@ -175,3 +175,51 @@ def test_any_path_with_a_target_header_is_the_sdk_protocol() -> None:
     target = resolve("https://queue.fal.run/fal-ai/x", "/some/other/proxy/path")
     assert target.kind == "queue"
     assert target.target_url == "https://queue.fal.run/fal-ai/x"
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "generation"),
+    [
+        ("POST", "https://fal.run/fal-ai/flux/dev", True),
+        ("GET", "https://fal.run/fal-ai/flux/dev", True),  # the SDK's method "get" runs the model
+        ("PUT", "https://fal.run/fal-ai/flux/dev", True),
+        ("POST", "https://fal.run/fal-ai/flux/dev/stream", True),
+        ("POST", "https://queue.fal.run/fal-ai/flux/dev", True),
+        ("GET", "https://queue.fal.run/fal-ai/flux/dev", True),
+        ("POST", "https://queue.fal.run/fal-ai/flux/requests/abc", True),
+        ("POST", "https://queue.fal.run/fal-ai/flux/requests/abc/status", True),
+        ("PUT", "https://queue.fal.run/fal-ai/flux/requests/abc", True),
+        ("DELETE", "https://queue.fal.run/fal-ai/flux/requests/abc", True),
+        ("GET", "https://queue.fal.run/fal-ai/flux/requests/abc/other", True),
+        ("GET", "https://queue.fal.run/fal-ai/flux/requests/abc", False),  # result
+        ("GET", "https://queue.fal.run/fal-ai/flux/requests/abc/status?logs=1", False),
+        ("GET", "https://queue.fal.run/fal-ai/flux/requests/abc/status/stream", False),
+        ("HEAD", "https://queue.fal.run/fal-ai/flux/requests/abc/status", False),
+        ("PUT", "https://queue.fal.run/fal-ai/flux/requests/abc/cancel", False),
+        ("GET", "https://queue.fal.run/workflows/acme/x/requests/abc/status", False),
+        ("POST", "https://rest.fal.ai/tokens/", True),  # a realtime token runs the app
+        ("POST", "https://rest.fal.ai/storage/upload/initiate", False),
+    ],
+)
+def test_which_calls_can_start_a_generation(method: str, url: str, generation: bool) -> None:
+    assert starts_generation(method, resolve(url)) == generation
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "error"),
+    [
+        ("POST", "https://rest.fal.ai/tokens/", None),
+        ("POST", "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3", None),
+        ("GET", "https://rest.fal.ai/tokens/", MethodNotAllowed),
+        ("PUT", "https://rest.fal.ai/storage/upload/initiate", MethodNotAllowed),
+        ("POST", "https://rest.fal.ai/tokens/?allowed_apps=x", BadRequest),
+        ("GET", "https://fal.run/fal-ai/flux/dev", None),
+        ("DELETE", "https://queue.fal.run/fal-ai/flux/requests/a", None),
+    ],
+)
+def test_rest_calls_are_posts_and_tokens_have_no_query(method: str, url: str, error: type | None) -> None:
+    if error is None:
+        check_method(method, resolve(url))
+    else:
+        with pytest.raises(error):
+            check_method(method, resolve(url))
