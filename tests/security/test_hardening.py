@@ -193,19 +193,23 @@ def launch_quiet_proxy(gateway_url: str, **env: str) -> RunningProxy:
 
     base = {"FAL_KEY": FAL_KEY, "FAL_PROXY_GATEWAY_URL": gateway_url, "FAL_PROXY_LOG_FORMAT": "json", **env}
     process = Process([sys.executable, "-m", "proxy", "--port", "0"], child_env(**base))
-    deadline = time.monotonic() + 20
-    while (port := _listening_port(process.proc.pid)) is None:
-        assert process.proc.poll() is None and time.monotonic() < deadline, process.lines
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
-    while True:  # listening, but the app's lifespan may still be starting
-        try:
-            if httpx.get(f"{url}/healthz", trust_env=False, timeout=2).status_code == 200:
-                return RunningProxy(process, url)
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, process.lines
-        time.sleep(0.02)
+    try:
+        deadline = time.monotonic() + 20
+        while (port := _listening_port(process.proc.pid)) is None:
+            assert process.proc.poll() is None and time.monotonic() < deadline, process.lines
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}"
+        while True:  # listening, but the app's lifespan may still be starting
+            try:
+                if httpx.get(f"{url}/healthz", trust_env=False, timeout=2).status_code == 200:
+                    return RunningProxy(process, url)
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, process.lines
+            time.sleep(0.02)
+    except BaseException:
+        process.stop()
+        raise
 
 
 # --- 3. a cross-site browser GET never spends credits -----------------------------------------
