@@ -124,12 +124,12 @@ def _referer_origin(referer: str | None) -> str | None:
     """The origin of a ``Referer`` URL, or None (absent, ``about:client``, garbage)."""
     if not referer:
         return None
-    parts = urlsplit(referer.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return None
     try:
+        parts = urlsplit(referer.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return None
         return normalise_origin(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}")
-    except ValueError:
+    except ValueError:  # "http://[::1", a bad port, ...: no origin, and so no pass
         return None
 
 

@@ -33,7 +33,16 @@ _secret_pattern: re.Pattern[str] | None = None
 _header_names = {"authorization", "proxy-authorization", "cf-aig-authorization", "x-proxy-authorization",
                  "cookie", "set-cookie", "x-fal-key", "fal-api-key"}
 
-_SHAPES: list[tuple[re.Pattern[str], str]] = []
+_SHAPES: list[tuple[re.Pattern[str], Any]] = []
+_QUERY_PARAM = re.compile(r"(^|[?&;\s])([^=&\s?]{1,128})=([^&\s\"']*)")
+_SECRET_NAMES = ("token", "key", "secret", "auth", "password", "signature")
+
+
+def _redact_param(match: re.Match[str]) -> str:
+    start, name, value = match.groups()
+    if value and any(word in name.lower() for word in _SECRET_NAMES):
+        return f"{start}{name}={REDACTED}"
+    return match.group(0)
 
 
 def _build_shapes() -> None:
@@ -47,8 +56,9 @@ def _build_shapes() -> None:
         # "Key <id:secret>" and "Bearer <token>" wherever they stand.
         (re.compile(r"\b(Key|Bearer|key|bearer|KEY|BEARER)\s+[A-Za-z0-9._~+/=:%-]{6,}"), rf"\1 {REDACTED}"),
         # Token-like query parameters: fal_jwt_token (any case, percent-encoded too), *token*, *key*...
-        (re.compile(r"(?i)((?:^|[?&;\s])[^=&\s?]*(?:token|key|secret|auth|password|signature)[^=&\s]*)=[^&\s\"']*"),
-         rf"\1={REDACTED}"),
+        # The name is bounded and matched in a callback: a nested "[^=]*(token|key)[^=]*="
+        # backtracks quadratically on a long hostile path (measured: 0.3 s for 8 KiB).
+        (_QUERY_PARAM, _redact_param),
     ]
 
 

@@ -121,6 +121,9 @@ LISTED = "https://app.example.com"
         (None, None, "same-origin", "app.example.com", True),  # served under a listed name
         (None, "about:client", "cross-site", "127.0.0.1:8787", False),
         (None, "not a url", "cross-site", "127.0.0.1:8787", False),
+        (None, "http://[::1", "cross-site", "127.0.0.1:8787", False),  # urlsplit raises: still a 403
+        (None, "http://[zz]/", "same-origin", "127.0.0.1:8787", True),  # no origin: Host decides
+        (None, "http://a:99999/", "cross-site", "127.0.0.1:8787", False),
         ("https://evil.example", None, "cross-site", "127.0.0.1:8787", False),
         (LISTED, None, "cross-site", "127.0.0.1:8787", True),
     ],

@@ -32,6 +32,7 @@ register_header_names(["x-my-auth"])
         "headers=[('authorization', 'Key caller-SECRET-1')]",
         "the raw key cf-unit-SENTINEL-42 in a message",
         f"the raw key {FAL} in a message",
+        "GET /x?" + "keyk" * 4000 + "&api_key=caller-SECRET-1 HTTP/1.1",  # long, hostile, still linear
     ],
 )
 def test_secrets_and_credential_shapes_are_redacted(line: str) -> None:
