@@ -14,6 +14,7 @@
     ├── HeadersTooLarge   431  request headers over FAL_PROXY_MAX_HEADER_BYTES
     ├── UpstreamUnavailable 502  the gateway could not be reached or broke the connection
     ├── LimiterUnavailable 503  the shared rate-limit store (Redis) failed (Retry-After)
+    ├── ShuttingDown      503  the drain deadline passed before the request could be answered
     └── UpstreamTimeout   504  the gateway did not answer in time
 
 Messages are written for the caller: they say what was wrong and never echo a
@@ -121,6 +122,11 @@ class LimiterUnavailable(ProxyError):
     def __init__(self, message: str, detail: str = "", *, retry_after: int = 1) -> None:
         super().__init__(message, detail)
         self.retry_after = retry_after
+
+
+class ShuttingDown(ProxyError):
+    status = 503
+    reason = "shutdown"
 
 
 class UpstreamTimeout(ProxyError):

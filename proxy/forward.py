@@ -34,6 +34,7 @@ from .errors import (
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
+    ShuttingDown,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -129,6 +130,16 @@ class Forwarder:
                 await self._send_error(send, exc, ex)
         except _ClientGone:
             ex.error, ex.status = "client_gone", 499
+        except asyncio.CancelledError:
+            # The server cancelled the request: the drain deadline (FAL_PROXY_DRAIN_SECONDS)
+            # passed with it still streaming. Record the cut (not a clean 2xx) and end the
+            # task quietly: re-raised, uvicorn would log a traceback per stream.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            ex.error = ShuttingDown.reason
+            if ex.status is None:  # nothing sent yet: say so (uvicorn would answer 500)
+                await self._send_error(send, ShuttingDown("proxy shutting down", "retry the request"), ex)
         except Exception:
             # A bug, not a condition we know: log it with its traceback, answer 500 if
             # nothing was sent yet, else let the server cut the connection.

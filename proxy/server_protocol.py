@@ -46,6 +46,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: str | None = None
+        self._reading_head = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -57,10 +58,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._head_timer is None:  # a later request on a kept-alive connection
+        self._reading_head = True
+        # A later request on a kept-alive connection. One pipelined behind a response still
+        # streaming waits for it (uvicorn reads it only then): its clock starts at that
+        # response's end, so a slow pipelined head never cuts a stream short.
+        if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._reading_head and self._head_timer is None and not self.transport.is_closing():
             self._arm()
 
     def on_headers_complete(self) -> None:
+        self._reading_head = False
         self._disarm()
         problem = head_problem(self.url, self.parser.get_http_version(), self.headers)
         if problem is not None:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import FAL_KEY, FakeGateway
 
@@ -145,6 +146,27 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(start_proxy, fake_gat
             rest = [line for line in lines if line]
     assert rest == ['data: {"n": 2}', "event: done", 'data: {"n": 3}']  # not cut by the shutdown
     assert proxy.process.proc.wait(15) == 0
+
+
+def test_a_stream_cut_when_the_drain_runs_out_is_logged_as_cut_without_a_traceback(
+        start_proxy, fake_gateway: FakeGateway) -> None:
+    import signal
+
+    proxy = start_proxy(FAL_PROXY_DRAIN_SECONDS="1")
+    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=httpx.Timeout(20, read=10)) as c:
+        with c.stream("POST", "/emulator/stall", json={}) as r:  # one event, then nothing
+            lines = r.iter_lines()
+            assert next(lines).startswith("data:")
+            proxy.process.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(httpx.RemoteProtocolError):  # cut: no last chunk
+                for _ in lines:
+                    pass
+    assert proxy.process.proc.wait(15) == 0
+    [line] = [r for r in proxy.request_logs() if r.get("target_path") == "/emulator/stall"]
+    assert line["error"] == "shutdown" and line["level"] == "warning"
+    text = "\n".join(proxy.process.lines)
+    assert "Traceback" not in text and "Exception in ASGI application" not in text, text[-3000:]
+    fake_gateway.release("stall")
 
 
 def test_workers_share_one_port_and_all_drain_on_sigterm(fake_gateway: FakeGateway) -> None:

@@ -491,6 +491,41 @@ def test_slow_header_senders_are_closed_after_the_header_timeout(start_proxy: An
         assert c.post(ECHO, json={}).status_code == 200
 
 
+def test_a_slow_pipelined_head_never_cuts_the_stream_before_it(start_proxy: Any, fake_gateway: FakeGateway) -> None:
+    proxy = start_proxy(FAL_PROXY_HEADER_TIMEOUT="1")
+    host, port = proxy.url.split("://")[1].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=DEADLINE)
+    sock.sendall(b"POST /emulator/stall HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+                 b"GET /healthz HTTP/1.1\r\nHo")  # the next request's head, never finished
+    received = b""
+    while b"data:" not in received:  # the head and the first event
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    sock.settimeout(0.5)
+    while time.monotonic() - started < 2.5:  # the stream outlives the header timeout ...
+        try:
+            assert sock.recv(65536), "the stream was cut"
+        except TimeoutError:
+            pass
+    fake_gateway.release("stall")  # ... ends when the upstream ends it ...
+    sock.settimeout(DEADLINE)
+    while b"0\r\n\r\n" not in received:
+        chunk = sock.recv(65536)
+        assert chunk, received
+        received += chunk
+    # ... and only then does the pipelined head's clock run.
+    rest = received.split(b"0\r\n\r\n", 1)[1]
+    while b"408" not in rest:
+        chunk = sock.recv(65536)
+        assert chunk, rest
+        rest += chunk
+    assert rest.startswith(b"HTTP/1.1 408")
+    sock.close()
+
+
 def test_the_open_files_limit_is_raised_and_logged(proxy: RunningProxy) -> None:
     import resource
 
