@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SDK_DIR := tests/sdk
 
-.PHONY: install demo run emulator test test-unit test-e2e bench clean
+.PHONY: install demo run emulator test test-unit test-e2e bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ test-e2e: install $(SDK_DIR)/node_modules/.package-lock.json
 bench: install
 	command -v wrk >/dev/null || { apt-get update && apt-get install -y wrk; }
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Soak and fault runs on loopback (bench/README.md): 10,000 requests at 256 connections,
+# 1,000 SSE streams, 300 WebSockets, upstream and client faults, SIGTERM; a pass/fail table.
+# Not part of `make test`. SOAK_ARGS: e.g. --quick, --json bench/results/soak.json, --only sse,ws.
+soak: install
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SDK_DIR)/node_modules .pytest_cache build *.egg-info
