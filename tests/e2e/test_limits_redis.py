@@ -76,7 +76,7 @@ async def test_submits_per_hour_count_only_submits(redis_server: RedisServer) ->
         await limiter.admit("web", submit=True)
         await limiter.admit("web", submit=True)
         err = await refused(limiter, submit=True)
-        assert "queue submits per hour" in err.detail and 3595 <= err.retry_after <= 3600
+        assert "generations per hour" in err.detail and 3595 <= err.retry_after <= 3600
         await limiter.admit("web", submit=False)
 
 
