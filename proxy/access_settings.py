@@ -8,7 +8,7 @@ default, and the CLI warns about both at start-up.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,16 +72,19 @@ def _list(env: Mapping[str, str], name: str) -> list[str]:
     return [item.strip() for item in (_get(env, name) or "").split(",") if item.strip()]
 
 
-def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+def _normalised(env: Mapping[str, str], name: str, normalise: Callable[[str], str], example: str) -> tuple[str, ...]:
+    """A comma-separated list, each item normalised; a bad one names the variable and itself."""
     out = []
-    for origin in _list(env, "FAL_PROXY_ALLOWED_ORIGINS"):
+    for item in _list(env, name):
         try:
-            out.append(normalise_origin(origin))
+            out.append(normalise(item))
         except ValueError:
-            raise SettingsError(
-                f"FAL_PROXY_ALLOWED_ORIGINS: {origin!r} is not an origin like https://app.example.com"
-            ) from None
+            raise SettingsError(f"{name}: {item!r} is not {example}") from None
     return tuple(out)
+
+
+def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    return _normalised(env, "FAL_PROXY_ALLOWED_ORIGINS", normalise_origin, "an origin like https://app.example.com")
 
 
 def _tokens(env: Mapping[str, str]) -> tuple[tuple[bytes, str], ...]:
@@ -132,15 +135,8 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
 
 
 def _hosts(env: Mapping[str, str]) -> tuple[str, ...]:
-    out = []
-    for host in _list(env, "FAL_PROXY_ALLOWED_HOSTS"):
-        try:
-            out.append(normalise_host_pattern(host))
-        except ValueError:
-            raise SettingsError(
-                f"FAL_PROXY_ALLOWED_HOSTS: {host!r} is not a host name like proxy.example.com or *.example.com"
-            ) from None
-    return tuple(out)
+    return _normalised(env, "FAL_PROXY_ALLOWED_HOSTS", normalise_host_pattern,
+                       "a host name like proxy.example.com or *.example.com")
 
 
 def _trusted(env: Mapping[str, str]) -> tuple[Network, ...]:
