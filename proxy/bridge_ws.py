@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
@@ -46,6 +47,7 @@ from .targets import resolve_target
 CREDENTIAL_SUBPROTOCOLS = ("fal-api-key.", "cf-aig-authorization.", "proxy-authorization.")
 CALLER_SUBPROTOCOL = "proxy-authorization."
 DIRECT_FAL = "wss://fal.run"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: what a sub-protocol may be
 
 
 class _connect_without_redirects(connect):  # noqa: N801 - used as websockets' connect
@@ -145,7 +147,8 @@ class Bridge:
         headers = [("authorization", self.injected.authorization), ("x-fal-client-proxy", CLIENT_PROXY_ID)]
         if self.injected.cf_aig_authorization is not None and not direct:
             headers.append(("cf-aig-authorization", self.injected.cf_aig_authorization))
-        passable = [p for p in offered if not is_credential_subprotocol(p)]
+        # Only well-formed offers: websockets refuses to send an empty or non-token one.
+        passable = [p for p in offered if _TOKEN.fullmatch(p) and not is_credential_subprotocol(p)]
         try:
             upstream = await _connect_without_redirects(
                 url, additional_headers=headers, subprotocols=passable or None,  # type: ignore[arg-type]
@@ -164,7 +167,8 @@ class Bridge:
         session.upstream, session.client_send = upstream, send
         # One of the client's own offers: the upstream's choice, else a non-credential one, else
         # (only credential ones were offered) the first, which echoes the client's own value.
-        chosen = upstream.subprotocol if upstream.subprotocol in offered else next(iter(passable or offered), None)
+        chosen = upstream.subprotocol if upstream.subprotocol in offered else next(
+            iter(passable or [p for p in offered if _TOKEN.fullmatch(p)]), None)
         await send({"type": "websocket.accept", "subprotocol": chosen})
         self.sessions.add(session)
         self.metrics.open_websockets.inc()

@@ -205,6 +205,8 @@ def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port:
         # On SIGTERM: stop accepting, let in-flight requests and streams finish for up to this
         # long (uvicorn closes idle keep-alive connections at once), then cut what is left.
         timeout_graceful_shutdown=drain_seconds,
+        # The legacy implementation, deprecated: "websockets-sansio" (uvicorn 0.54) logs an error
+        # after every refusal sent as websocket.http.response, which the bridge relies on.
         ws="websockets",
         ws_max_size=ws_max_bytes,  # the same limit the bridge sets on the upstream side
         ws_ping_interval=20,

@@ -31,7 +31,15 @@ def head_problem(target: bytes, http_version: str, headers: Iterable[tuple[bytes
         # absolute-form is for forward proxies, authority-form for CONNECT, '*' for OPTIONS *:
         # this server takes only a path, so no second host can hide in the request line.
         return "the request target must be a path starting with '/'"
+    headers = list(headers)
     hosts = sum(1 for name, _ in headers if name == b"host")
+    if any(name == b"upgrade" for name, _ in headers):
+        if http_version == "1.0":
+            return "a protocol upgrade (WebSocket) needs HTTP/1.1"  # RFC 6455 §4.1, RFC 9110 §7.8
+        if not all(value.isascii() for _, value in headers):
+            # uvicorn's WebSocket handshake reader fails on them (a 500 and a traceback), and
+            # no WebSocket client sends any.
+            return "WebSocket handshake headers must be ASCII"
     if hosts > 1:
         return "more than one Host header"
     if hosts == 0 and http_version == "1.1":

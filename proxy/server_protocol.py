@@ -47,6 +47,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: str | None = None
         self._reading_head = False
+        # Every request of this connection not yet answered: uvicorn's self.cycle is only the
+        # newest (a pipelined one replaces the one still streaming).
+        self._open_cycles: list[Any] = []
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -77,14 +80,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if problem is not None:
             self._refusal = problem
             raise _BadHead(problem)
+        before = self.cycle
         super().on_headers_complete()
+        if self.cycle is not before:  # a request (not an upgrade): remember it until answered
+            self._open_cycles = [c for c in self._open_cycles if not c.response_complete]
+            self._open_cycles.append(self.cycle)
 
     def send_400_response(self, msg: str) -> None:
         detail = self._refusal or "the request could not be parsed as HTTP/1.1"
         log.info("request", status=400, error="bad_request_head", detail=detail,
                  client_ip=self.client[0] if self.client else None)
-        self.transport.write(_response(400, b"Bad Request", "invalid HTTP request", detail))
+        if not self._abandon_cycles():  # a 400 now would read as the answer to the request before
+            self.transport.write(_response(400, b"Bad Request", "invalid HTTP request", detail))
         self.transport.close()
+
+    def _abandon_cycles(self) -> bool:
+        """Tell a request still being answered (and any pipelined after it) that its client
+        is gone, before the connection closes under it; True if there was one.
+
+        A closing transport reports the loss only later: meanwhile the app's next write
+        would raise ("handler is closed") instead of ending quietly as a disconnect.
+        """
+        busy = [c for c in self._open_cycles if not c.response_complete]
+        for cycle in busy:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        return bool(busy)
 
     def _arm(self) -> None:
         self._disarm()
@@ -101,7 +122,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         log.info("request", status=408, error="header_timeout",
                  client_ip=self.client[0] if self.client else None)
-        if self.cycle is None or self.cycle.response_complete:  # nothing else is being written
+        if not self._abandon_cycles():  # nothing else is being written
             self.transport.write(_response(
                 408, b"Request Timeout", "request headers too slow",
                 f"the request head must arrive within {self.header_timeout:g}s (FAL_PROXY_HEADER_TIMEOUT)"))

@@ -67,3 +67,11 @@ def test_no_patterns_allow_any_host() -> None:
 def test_bad_host_patterns_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         normalise_host_pattern(bad)
+
+
+def test_an_upgrade_needs_http_1_1() -> None:
+    upgrade = [*H, (b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    assert head_problem(b"/x/realtime", "1.0", upgrade) is not None
+    assert head_problem(b"/x/realtime", "1.1", upgrade) is None
+    assert head_problem(b"/x/realtime", "1.1", [*upgrade, (b"x-custom", "café".encode())]) is not None
+    assert head_problem(b"/x", "1.1", [*H, (b"x-custom", "café".encode())]) is None  # plain HTTP: forwarded
