@@ -158,4 +158,29 @@ window.runSubscribe = async function runSubscribe({
   return summary;
 };
 
+// window.runDriveBy({ proxyBase }) does what any web page can do to a proxy the user can
+// reach, with no fal SDK and no CORS: an <img> and no-cors fetches that would each run a
+// model. It resolves once the browser has settled every one (no response is readable).
+window.runDriveBy = async ({ proxyBase }) => {
+  const settle = (promise) => promise.then(() => "settled", (error) => `rejected: ${error}`);
+  const image = new Promise((resolve) => {
+    const img = new Image();
+    img.onload = () => resolve("load");
+    img.onerror = () => resolve("error");
+    img.src = `${proxyBase}/fal-ai/flux/schnell?prompt=drive-by-image`;
+    document.body.append(img);
+  });
+  const results = await Promise.all([
+    image,
+    settle(fetch(`${proxyBase}/fal-ai/flux/schnell?prompt=drive-by-get`, { mode: "no-cors" })),
+    settle(fetch(`${proxyBase}/fal-ai/flux/schnell`, {
+      mode: "no-cors", method: "POST", headers: { "content-type": "text/plain" }, body: '{"prompt":"drive-by-post"}',
+    })),
+    settle(fetch(`${proxyBase}/fal-ai/flux/schnell?prompt=drive-by-no-referrer`, {
+      mode: "no-cors", referrerPolicy: "no-referrer",
+    })),
+  ]);
+  return { origin: location.origin, results };
+};
+
 document.documentElement.dataset.ready = "true";

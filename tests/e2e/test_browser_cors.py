@@ -418,3 +418,36 @@ def test_caller_token_from_request_middleware(
     assert any(r.get("fal_request_id") == request_id and r.get("caller") == CALLER for r in proxy.request_logs())
     # The token stays at the proxy: no log line carries it.
     assert TOKEN not in "\n".join(proxy.process.lines)
+
+
+# --- a page that is not listed, with no SDK and no CORS: drive-by requests ---------------------
+
+
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_drive_by_page_runs_nothing_through_the_proxy(
+    start_proxy: Any, fake_gateway: FakeGateway, pages: Pages, tmp_path: Path, listed: bool
+) -> None:
+    """<img src>, no-cors GETs and a no-cors POST from another origin: what browsers send
+    with them (Sec-Fetch-Site, Referer, Origin on the POST) keeps every one from reaching
+    the gateway, unless the page's origin is listed."""
+    page = pages.server("drive-by")
+    proxy = start_proxy(**({"FAL_PROXY_ALLOWED_ORIGINS": page.origin} if listed else {}))
+    runs = run_browser(tmp_path, [{"name": "drive-by", "kind": "driveby", "pageUrl": page.url,
+                                   "proxyUrl": proxy.url}])
+    ours = [e for e in runs["drive-by"]["network"] if e["url"] and e["url"].startswith(proxy.url)]
+    assert len(ours) == 4, ours  # the browser did send all four
+    for entry in ours:
+        assert entry["requestHeaders"].get("sec-fetch-site") == "same-site", entry  # another port
+        line = proxy_line(proxy, entry)
+        if listed:
+            # The page's own listed origin: the no-referrer GET still has no way to prove it.
+            expected = "origin_refused" if "no-referrer" in entry["url"] else None
+        else:
+            expected = "origin_refused"
+        assert line.get("error") == expected, (entry["url"], line)
+    prompts = sorted(json.loads(r["body"]).get("prompt", "") if r["body"] else r["query"]
+                     for r in fake_gateway.requests())
+    if listed:
+        assert len(prompts) == 3, prompts
+    else:
+        assert prompts == [], prompts

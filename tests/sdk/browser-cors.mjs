@@ -3,7 +3,8 @@
 //
 //   node browser-cors.mjs <spec.json>
 //
-// spec.json: { "runs": [ { "name", "pageUrl", "proxyUrl", "prompt", "token"?, "screenshot" } ] }
+// spec.json: { "runs": [ { "name", "pageUrl", "proxyUrl", "prompt", "token"?, "screenshot", "kind"? } ] }
+// kind "driveby" calls window.runDriveBy({ proxyBase: proxyUrl }) instead (no SDK, no CORS).
 // Each run gets a fresh browser context (no shared cache, so no cached preflight), opens
 // pageUrl, calls window.runSubscribe({ proxyUrl, prompt, token }) (tests/browser_page/page.js)
 // and screenshots the page. The network is recorded at the Chrome DevTools Protocol level,
@@ -110,10 +111,12 @@ async function runOne(browser, run) {
     if (!response || !response.ok()) throw new Error(`GET ${run.pageUrl} answered ${response?.status()}`);
     // page.js is a module: it marks the page ready once it ran (the SDK bundle loaded).
     await page.waitForFunction(() => document.documentElement.dataset.ready === "true", null, { timeout: WAIT_MS });
-    result.summary = await page.evaluate(
-      (args) => window.runSubscribe(args),
-      { proxyUrl: run.proxyUrl, prompt: run.prompt, token: run.token ?? null },
-    );
+    result.summary = run.kind === "driveby"
+      ? await page.evaluate((args) => window.runDriveBy(args), { proxyBase: run.proxyUrl })
+      : await page.evaluate(
+        (args) => window.runSubscribe(args),
+        { proxyUrl: run.proxyUrl, prompt: run.prompt, token: run.token ?? null },
+      );
     // Let late network events (loadingFinished of the last poll, console messages) land.
     await page.waitForTimeout(100);
     await page.screenshot({ path: run.screenshot, fullPage: true });
