@@ -37,6 +37,8 @@ def _trusted(address: str, trusted: tuple[Network, ...]) -> bool:
 
 def normalise(address: str) -> str:
     """One spelling per address: ``::ffff:1.2.3.4`` → ``1.2.3.4``, ``0:0::1`` → ``::1``."""
+    if ":" not in address and address[-1:].isdigit():  # IPv4 from the socket: already one spelling
+        return address
     ip = _parse(address)
     return str(ip) if ip is not None else address
 
@@ -47,6 +49,8 @@ def limit_key(address: str) -> str:
     One IPv6 host usually holds a whole /64 (SLAAC, privacy addresses): keyed by address,
     it could rotate through 2^64 buckets and never meet a limit.
     """
+    if ":" not in address:  # IPv4 (normalised already by client_ip), or "unknown"
+        return address
     ip = _parse(address)
     if isinstance(ip, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))

@@ -29,6 +29,7 @@ REDACTED = "[redacted]"
 _MIN_SECRET = 6  # shorter values would redact ordinary words
 
 _secrets: set[str] = set()
+_secret_list: tuple[str, ...] = ()  # the same, for plain substring tests (faster than the regex)
 _secret_pattern: re.Pattern[str] | None = None
 _header_names = {"authorization", "proxy-authorization", "cf-aig-authorization", "x-proxy-authorization",
                  "cookie", "set-cookie", "x-fal-key", "fal-api-key"}
@@ -67,7 +68,7 @@ _build_shapes()
 
 def register_secret(*values: str | None) -> None:
     """Redact these exact values (and their ``Key …``/``Bearer …`` forms) from every line."""
-    global _secret_pattern
+    global _secret_pattern, _secret_list
     for value in values:
         if value and len(value) >= _MIN_SECRET:
             _secrets.add(value)
@@ -77,6 +78,7 @@ def register_secret(*values: str | None) -> None:
     if _secrets:
         ordered = sorted(_secrets, key=len, reverse=True)
         _secret_pattern = re.compile("|".join(re.escape(s) for s in ordered))
+        _secret_list = tuple(ordered)
 
 
 def register_header_names(names: Iterable[str]) -> None:
@@ -102,13 +104,22 @@ def redact(text: str) -> str:
 
 
 def redact_event(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
-    """structlog processor: exact secrets from every string field; shapes from tracebacks."""
+    """structlog processor: exact secrets from every string field; shapes from tracebacks.
+
+    On the hot path (the canonical line of every request): one substring test per secret
+    over all the string fields at once (measured 3.3 → ~1 µs against a regex per field),
+    and per-field work only when one is found.
+    """
+    exception = event.get("exception")
+    if type(exception) is str:
+        event["exception"] = redact(exception)
     pattern = _secret_pattern
-    for key, value in event.items():
-        if type(value) is str:
-            if key == "exception":
-                event[key] = redact(value)
-            elif pattern is not None and pattern.search(value):
+    if pattern is None:
+        return event
+    text = "\n".join(v for v in event.values() if type(v) is str)
+    if any(secret in text for secret in _secret_list):
+        for key, value in event.items():
+            if type(value) is str:
                 event[key] = pattern.sub(REDACTED, value)
     return event
 

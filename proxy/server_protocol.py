@@ -62,10 +62,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._reading_head = True
-        # A later request on a kept-alive connection. One pipelined behind a response still
-        # streaming waits for it (uvicorn reads it only then): its clock starts at that
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # A later request on a kept-alive connection whose head did not arrive whole in this
+        # read (usually it does, and no timer is needed). One pipelined behind a response
+        # still streaming waits for it (uvicorn reads it only then): its clock starts at that
         # response's end, so a slow pipelined head never cuts a stream short.
-        if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+        if self._reading_head and self._head_timer is None and not self.transport.is_closing() \
+                and (self.cycle is None or self.cycle.response_complete):
             self._arm()
 
     def on_response_complete(self) -> None:
