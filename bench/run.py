@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procfs import cpu_seconds, cpu_seconds_fine, reset_peak_rss, status_kib  # bench/ is sys.path[0]
+
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_PREFIX = "/v1/acct/gw/fal"  # the fake gateway's "/v1/<account>/<gateway>/fal"
 MIB = 1 << 20
@@ -86,45 +88,7 @@ class BenchError(RuntimeError):
     """A measurement could not be made or came out invalid."""
 
 
-# -- /proc ------------------------------------------------------------------------------
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces: skip past it
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
-
-
-def cpu_seconds_fine(pid: int) -> float:
-    """CPU time of every thread of ``pid`` in ns precision (schedstat), for short spans;
-    /proc/<pid>/stat counts in 10 ms ticks. Falls back to :func:`cpu_seconds`."""
-    total = 0
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return cpu_seconds(pid)
-    return total / 1e9
-
-
-def status_kib(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise BenchError(f"no {key} in /proc/{pid}/status")
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Reset VmHWM to the current RSS (see proc(5), clear_refs)."""
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
-
+# -- /proc: bench/procfs.py -------------------------------------------------------------
 
 def yardstick_ms(cpus: set[int]) -> float:
     """Time a fixed pure-Python loop on ``cpus`` (best of 3): the host's speed right now.

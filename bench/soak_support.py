@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procfs import cpu_seconds, fd_count, peak_rss_mib, reset_peak_rss, rss_mib, status_kib  # noqa: F401
+
 try:
     import orjson
 
@@ -36,40 +38,7 @@ class SoakError(RuntimeError):
     """Setting up a run failed (a child did not start, ...)."""
 
 
-# -- /proc ------------------------------------------------------------------------------
-
-
-def status_kib(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise SoakError(f"no {key} in /proc/{pid}/status")
-
-
-def rss_mib(pid: int) -> float:
-    return status_kib(pid, "VmRSS") / 1024
-
-
-def peak_rss_mib(pid: int) -> float:
-    return status_kib(pid, "VmHWM") / 1024
-
-
-def reset_peak_rss(pid: int) -> None:
-    """VmHWM back to the current RSS (proc(5), clear_refs), so a row's peak is its own."""
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+# -- /proc: bench/procfs.py -------------------------------------------------------------
 
 
 async def wait_fds(pid: int, limit: int, timeout: float) -> tuple[int, float]:
