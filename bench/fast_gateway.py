@@ -50,9 +50,14 @@ SMALL_RESPONSE_CLOSE = _SMALL_HEAD % len(SMALL_BODY) + b"connection: close\r\n\r
 
 def _head(status: bytes, length: int, content_type: bytes, close: bool) -> bytes:
     return (
-        b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type
-        + b"\r\ncontent-length: " + str(length).encode()
-        + (b"\r\nconnection: close" if close else b"") + b"\r\n\r\n"
+        b"HTTP/1.1 "
+        + status
+        + b"\r\ncontent-type: "
+        + content_type
+        + b"\r\ncontent-length: "
+        + str(length).encode()
+        + (b"\r\nconnection: close" if close else b"")
+        + b"\r\n\r\n"
     )
 
 
@@ -93,7 +98,9 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         try:
             self.parser.feed_data(READ_BUFFER[:nbytes])
         except httptools.HttpParserError:
-            self._enqueue(_json_response(b"400 Bad Request", {"error": "bad request"}, True), 0, True)
+            self._enqueue(
+                _json_response(b"400 Bad Request", {"error": "bad request"}, True), 0, True
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -135,7 +142,9 @@ class GatewayProtocol(asyncio.BufferedProtocol):
                 error = _json_response(b"400 Bad Request", {"error": "size=N needed"}, close)
                 self._enqueue(error, 0, close)
             else:
-                self._enqueue(_head(b"200 OK", size, b"application/octet-stream", close), size, close)
+                self._enqueue(
+                    _head(b"200 OK", size, b"application/octet-stream", close), size, close
+                )
         elif last == b"sink":
             self._enqueue(_json_response(b"200 OK", {"received": self.body_bytes}, close), 0, close)
         else:

@@ -22,7 +22,10 @@ def cpu_seconds_fine(pid: int) -> float:
     total = 0
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            with (
+                contextlib.suppress(FileNotFoundError),
+                open(f"/proc/{pid}/task/{tid}/schedstat") as f,
+            ):
                 total += int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return cpu_seconds(pid)

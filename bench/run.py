@@ -48,7 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from procfs import cpu_seconds, cpu_seconds_fine, reset_peak_rss, status_kib  # bench/ is sys.path[0]
+from procfs import (
+    cpu_seconds,
+    cpu_seconds_fine,
+    reset_peak_rss,
+    status_kib,
+)  # bench/ is sys.path[0]
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_PREFIX = "/v1/acct/gw/fal"  # the fake gateway's "/v1/<account>/<gateway>/fal"
@@ -89,6 +94,7 @@ class BenchError(RuntimeError):
 
 
 # -- /proc: bench/procfs.py -------------------------------------------------------------
+
 
 def yardstick_ms(cpus: set[int]) -> float:
     """Time a fixed pure-Python loop on ``cpus`` (best of 3): the host's speed right now.
@@ -147,7 +153,9 @@ class Child:
                 self.proc.wait()
 
 
-def start_child(name: str, argv: list[str], env: dict[str, str], stack: contextlib.ExitStack) -> Child:
+def start_child(
+    name: str, argv: list[str], env: dict[str, str], stack: contextlib.ExitStack
+) -> Child:
     """Start ``argv``, wait for its ``"event": "listening"`` JSON line, then drain its output.
 
     stdout and stderr share one pipe, read by a thread that keeps only a short tail (for
@@ -193,7 +201,9 @@ def start_child(name: str, argv: list[str], env: dict[str, str], stack: contextl
 # -- load generators --------------------------------------------------------------------
 
 
-def run_wrk(url: str, script: Path, *, connections: int, threads: int, seconds: int) -> dict[str, Any]:
+def run_wrk(
+    url: str, script: Path, *, connections: int, threads: int, seconds: int
+) -> dict[str, Any]:
     cmd = [
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
         "--latency", "-s", str(script), url,
@@ -236,7 +246,14 @@ def transfer(
         reset_peak_rss(pid)
         cpu_before = cpu_seconds_fine(pid)
         if kind == "download":
-            cmd = [*CURL, "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_total}", url]
+            cmd = [
+                *CURL,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{size_download} %{time_total}",
+                url,
+            ]
         else:
             # -T streams the file (curl 7.88's --data-binary @file stalls ~40 ms at random on
             # loopback); "Expect:" off: no 100-continue round trip in either mode.
@@ -253,7 +270,9 @@ def transfer(
             raise BenchError(f"curl {kind} at {url} failed: {out.stdout}{out.stderr}") from None
         expected = DOWNLOAD_BYTES if kind == "download" else UPLOAD_BYTES
         if code != "200" or int(size) != expected:
-            raise BenchError(f"curl {kind} at {url}: status {code}, {size} bytes: {out.stderr}{body}")
+            raise BenchError(
+                f"curl {kind} at {url}: status {code}, {size} bytes: {out.stderr}{body}"
+            )
         if kind == "upload" and json.loads(body).get("received") != expected:
             raise BenchError(f"upload at {url}: the gateway received {body}, not {expected} bytes")
         speeds.append(expected / float(seconds) / 1e6)
@@ -284,10 +303,14 @@ def profile(proxy: Child, url: str, script: Path, seconds: int, out_path: Path) 
             spy, "record", "--pid", str(proxy.pid), "--duration", str(seconds), "--rate", "250",
             "--format", "raw", "--nolineno", *native, "--output", str(out_path),
         ]  # fmt: skip
-        spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        spy_proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         try:
             time.sleep(1)  # let py-spy attach
-            run_wrk(url, script, connections=LOAD_CONNECTIONS, threads=LOAD_THREADS, seconds=seconds)
+            run_wrk(
+                url, script, connections=LOAD_CONNECTIONS, threads=LOAD_THREADS, seconds=seconds
+            )
             _, err = spy_proc.communicate(timeout=seconds + 60)
         finally:
             if spy_proc.poll() is None:
@@ -438,12 +461,18 @@ def tool_version(cmd: list[str]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short smoke run (~15 s): one short round")
+    parser.add_argument(
+        "--quick", action="store_true", help="short smoke run (~15 s): one short round"
+    )
     parser.add_argument("--duration", type=int, metavar="S",
                         help="seconds of each 64-connection run (default 10, 3 with --quick); "
                              "the 1-connection latency runs take half")  # fmt: skip
-    parser.add_argument("--rounds", type=int, metavar="N",
-                        help="64-connection runs per mode, median reported (default 3, 1 with --quick)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="64-connection runs per mode, median reported (default 3, 1 with --quick)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--profile", type=Path, metavar="PATH",
                         help="afterwards, py-spy the proxy under load: collapsed stacks to PATH, "
@@ -487,9 +516,15 @@ def measure(
     gateway_url = f"http://127.0.0.1:{gateway.port}{GATEWAY_PREFIX}"
     # Limits stay on (their cost is part of every request) but high enough never to refuse
     # the load generator, which is one caller sending thousands of requests a second.
-    proxy_env = dict(env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=gateway_url, FAL_PROXY_LOG_FORMAT="json",
-                     FAL_PROXY_RATE_LIMIT_RPM="1000000000", FAL_PROXY_MAX_CONCURRENT="100000",
-                     FAL_PROXY_SUBMITS_PER_HOUR="1000000000")
+    proxy_env = dict(
+        env,
+        FAL_KEY="k",
+        FAL_PROXY_GATEWAY_URL=gateway_url,
+        FAL_PROXY_LOG_FORMAT="json",
+        FAL_PROXY_RATE_LIMIT_RPM="1000000000",
+        FAL_PROXY_MAX_CONCURRENT="100000",
+        FAL_PROXY_SUBMITS_PER_HOUR="1000000000",
+    )
     proxy = start_child("proxy", [sys.executable, "-m", "proxy", "--port", "0"], proxy_env, stack)
     pin(proxy.pid, proxy_cpus)  # every thread, now that it is up
     proxy_url = f"http://127.0.0.1:{proxy.port}"
@@ -522,7 +557,9 @@ def measure(
                 step(f"{name}: small POSTs, {LOAD_CONNECTIONS} connections, {load_s} s, "
                      f"round {round_}/{args.rounds}")  # fmt: skip
                 # The forwarder under test (proxy or baseline) is "proxy" in the result keys.
-                watched = {"gateway": gateway.pid} | ({} if name == "direct" else {"proxy": child.pid})
+                watched = {"gateway": gateway.pid} | (
+                    {} if name == "direct" else {"proxy": child.pid}
+                )
                 before = yardstick_ms(proxy_cpus)
                 result = small_load(base + "/fal-ai/x", script, watched, connections=LOAD_CONNECTIONS,
                                     threads=LOAD_THREADS, seconds=load_s)  # fmt: skip
@@ -542,7 +579,9 @@ def measure(
                  f"x{TRANSFER_REPEATS}")  # fmt: skip
             download_url = f"{base}/fal-ai/bytes?size={DOWNLOAD_BYTES}"
             results[name]["download"] = transfer("download", download_url, child.pid, upload_file)
-            results[name]["upload"] = transfer("upload", f"{base}/fal-ai/sink", child.pid, upload_file)
+            results[name]["upload"] = transfer(
+                "upload", f"{base}/fal-ai/sink", child.pid, upload_file
+            )
         results["proxy"]["rss_after_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
     except BenchError:
         for _, child in load_modes.values():
@@ -552,7 +591,9 @@ def measure(
     if args.profile:
         step(f"profile: py-spy on the proxy under {LOAD_CONNECTIONS}-connection load, {load_s} s")
         try:
-            results["profile"] = profile(proxy, proxy_url + "/fal-ai/x", script, load_s, args.profile)
+            results["profile"] = profile(
+                proxy, proxy_url + "/fal-ai/x", script, load_s, args.profile
+            )
         except BenchError as exc:  # the measurements stand without it
             step(f"profile skipped: {exc}")
     return results
@@ -578,7 +619,7 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
     print(
         f"\n- {meta['cpu']}, {meta['cpus']} CPUs; {meta['pinning']}. "
         f"Python {meta['python']}; {meta['wrk']}.\n"
-        f"- 64-connection runs: wrk -t{LOAD_THREADS} -c{LOAD_CONNECTIONS}, POST {{\"prompt\":\"cat\"}}, "
+        f'- 64-connection runs: wrk -t{LOAD_THREADS} -c{LOAD_CONNECTIONS}, POST {{"prompt":"cat"}}, '
         f"{meta['rounds']} x {meta['load_seconds']} s per mode, median shown; proxy CPU µs/request "
         f"in each round: {rounds('proxy', 'proxy_cpu_us_per_req')}, "
         f"req/s: {rounds('proxy', 'req_per_s')}; "
@@ -603,7 +644,9 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
     if args.clients:
         each = "; ".join(f"{name} µs/request in each round: {rounds(name, 'proxy_cpu_us_per_req')}, "
                          f"req/s: {rounds(name, 'req_per_s')}" for name in BASELINES)  # fmt: skip
-        versions = ", ".join(f"{k} {v or 'NOT installed'}" for k, v in meta["client_versions"].items())
+        versions = ", ".join(
+            f"{k} {v or 'NOT installed'}" for k, v in meta["client_versions"].items()
+        )
         print(f"\n### upstream client comparison\n\n{clients_table(results)}")
         print(
             "\n- Bare forwarders of bench/baselines.py (uvicorn + the client; no logging, no "
@@ -624,7 +667,13 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         table = [
-            {"metric": r.metric, "direct": r.direct, "proxy": r.proxy, "target": r.target, "ok": r.ok}
+            {
+                "metric": r.metric,
+                "direct": r.direct,
+                "proxy": r.proxy,
+                "target": r.target,
+                "ok": r.ok,
+            }
             for r in rows
         ]
         doc = {"meta": meta, "results": results, "table": table}
@@ -646,7 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup_s = 1 if args.quick else 2
     for tool in ("wrk", "curl"):
         if shutil.which(tool) is None:
-            print(f"bench: {tool} not found; install it: apt-get install -y {tool}", file=sys.stderr)
+            print(
+                f"bench: {tool} not found; install it: apt-get install -y {tool}", file=sys.stderr
+            )
             return 2
 
     # CPU layout: the proxy alone on one CPU, everything else (this script included, and

@@ -51,9 +51,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import uvloop  # noqa: E402
-
-from soak_faults import (  # noqa: E402
+import uvloop
+from soak_faults import (
     FAULT_SLOTS,
     free_closed_port,
     row_die,
@@ -66,7 +65,7 @@ from soak_faults import (  # noqa: E402
     row_slow_headers,
     row_uploads,
 )
-from soak_rows import (  # noqa: E402
+from soak_rows import (
     FIRST_BYTE_TIMEOUT,
     FULL,
     HEADER_TIMEOUT,
@@ -79,7 +78,7 @@ from soak_rows import (  # noqa: E402
     row_sse,
     row_ws,
 )
-from soak_support import (  # noqa: E402
+from soak_support import (
     HOST,
     ROOT,
     Child,
@@ -119,8 +118,14 @@ def raise_nofile() -> tuple[int, int]:
 
 def header_timeout_known() -> bool:
     """Whether this proxy's settings table (``--help``) lists FAL_PROXY_HEADER_TIMEOUT."""
-    out = subprocess.run([sys.executable, "-m", "proxy", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, env=child_env())
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+    )
     return "FAL_PROXY_HEADER_TIMEOUT" in out.stdout
 
 
@@ -138,9 +143,25 @@ async def run(args: argparse.Namespace) -> list[Row]:
     sizes = QUICK if args.quick else FULL
     secret = f"fal-SOAK-SENTINEL-{secrets.token_hex(8)}:{secrets.token_hex(8)}"
     python = sys.executable
-    emulator = Child("emulator", [python, "-m", "proxy", "emulator", "--host", HOST, "--port", "0", "--key", secret,
-                                  "--time-scale", "0.05"], child_env(FAL_PROXY_LOG_FORMAT="json"),
-                     secret.encode()).start()
+    emulator = Child(
+        "emulator",
+        [
+            python,
+            "-m",
+            "proxy",
+            "emulator",
+            "--host",
+            HOST,
+            "--port",
+            "0",
+            "--key",
+            secret,
+            "--time-scale",
+            "0.05",
+        ],
+        child_env(FAL_PROXY_LOG_FORMAT="json"),
+        secret.encode(),
+    ).start()
     await emulator.wait_listening()
     gateway = f"http://{HOST}:{emulator.port}/v1/soak/soak/fal"
     closed = free_closed_port()
@@ -148,7 +169,9 @@ async def run(args: argparse.Namespace) -> list[Row]:
 
     def launch(name: str, **env: str) -> Child:
         full = {**PROXY_ENV, "FAL_KEY": secret, "FAL_PROXY_GATEWAY_URL": gateway, **env}
-        proxies[name] = Child(name, [python, "-m", "proxy", "--port", "0"], child_env(**full), secret.encode()).start()
+        proxies[name] = Child(
+            name, [python, "-m", "proxy", "--port", "0"], child_env(**full), secret.encode()
+        ).start()
         return proxies[name]
 
     async def start_proxy(name: str, **env: str) -> Child:
@@ -157,9 +180,16 @@ async def run(args: argparse.Namespace) -> list[Row]:
         return child
 
     launch("load")
-    launch("fault", FAL_PROXY_FIRST_BYTE_TIMEOUT=f"{FIRST_BYTE_TIMEOUT:g}", FAL_PROXY_IDLE_TIMEOUT=f"{IDLE_TIMEOUT:g}",
-           FAL_PROXY_HEADER_TIMEOUT=f"{HEADER_TIMEOUT:g}", FAL_PROXY_MAX_CONCURRENT=str(FAULT_SLOTS))
-    launch("refused", FAL_PROXY_GATEWAY_URL=f"http://{HOST}:{closed.getsockname()[1]}/v1/soak/soak/fal")
+    launch(
+        "fault",
+        FAL_PROXY_FIRST_BYTE_TIMEOUT=f"{FIRST_BYTE_TIMEOUT:g}",
+        FAL_PROXY_IDLE_TIMEOUT=f"{IDLE_TIMEOUT:g}",
+        FAL_PROXY_HEADER_TIMEOUT=f"{HEADER_TIMEOUT:g}",
+        FAL_PROXY_MAX_CONCURRENT=str(FAULT_SLOTS),
+    )
+    launch(
+        "refused", FAL_PROXY_GATEWAY_URL=f"http://{HOST}:{closed.getsockname()[1]}/v1/soak/soak/fal"
+    )
     known = await asyncio.to_thread(header_timeout_known)
     for child in list(proxies.values()):
         await child.wait_listening()
@@ -177,14 +207,17 @@ async def run(args: argparse.Namespace) -> list[Row]:
             row = await asyncio.wait_for(function(ctx), budget)
         except TimeoutError:
             row = Row(key, key, f"done within {budget:g} s", "TIMED OUT", False)
-        except Exception as exc:  # noqa: BLE001 - a row that crashes is a failed row, the rest still run
+        except Exception as exc:
             traceback.print_exc()
             row = Row(key, key, "runs", f"error: {type(exc).__name__}: {exc}", False)
         row.seconds = time.monotonic() - started
         await check_health(proxies, before, row)
         DONE.append(row)
-        print(f"soak: {row.key:8} {'pass' if row.ok else 'FAIL'} in {row.seconds:5.1f} s: {row.measured}",
-              file=sys.stderr, flush=True)
+        print(
+            f"soak: {row.key:8} {'pass' if row.ok else 'FAIL'} in {row.seconds:5.1f} s: {row.measured}",
+            file=sys.stderr,
+            flush=True,
+        )
     return DONE
 
 
@@ -216,34 +249,57 @@ async def check_health(proxies: dict[str, Child], before: dict[str, Any], row: R
         if fives or tracebacks or leaks:
             samples += [f"{name} proxy, {s}" for s in child.samples]
     unhealthy = {n: h for n, h in health.items() if h != 200 and not str(h).startswith("exited 0")}
-    row.after = (f"healthz {'200' if not unhealthy else unhealthy} · 500s {fives} · tracebacks {tracebacks} · "
-                 f"key {leaks}")
-    row.details["after"] = {"healthz": health, "fives": fives, "tracebacks": tracebacks, "key_leaks": leaks,
-                            "samples": samples[:10]}
+    row.after = (
+        f"healthz {'200' if not unhealthy else unhealthy} · 500s {fives} · tracebacks {tracebacks} · "
+        f"key {leaks}"
+    )
+    row.details["after"] = {
+        "healthz": health,
+        "fives": fives,
+        "tracebacks": tracebacks,
+        "key_leaks": leaks,
+        "samples": samples[:10],
+    }
     if unhealthy or fives or tracebacks or leaks:
         row.ok = False
 
 
 def table(rows: list[Row]) -> str:
-    out = ["| # | row | expected | measured | after the row | result |", "|---|---|---|---|---|---|"]
+    out = [
+        "| # | row | expected | measured | after the row | result |",
+        "|---|---|---|---|---|---|",
+    ]
     for i, row in enumerate(rows, 1):
-        cells = [str(i), row.title, row.expected, row.measured, row.after, "pass" if row.ok else "**FAIL**"]
+        cells = [
+            str(i),
+            row.title,
+            row.expected,
+            row.measured,
+            row.after,
+            "pass" if row.ok else "**FAIL**",
+        ]
         out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(out)
 
 
 def report(rows: list[Row], args: argparse.Namespace, meta: dict[str, Any]) -> None:
     print()
-    print(f"## Soak ({'quick' if args.quick else 'full'}), {meta['started']}, {meta['wall_s']:.0f} s")
+    print(
+        f"## Soak ({'quick' if args.quick else 'full'}), {meta['started']}, {meta['wall_s']:.0f} s"
+    )
     print()
     print(table(rows))
     print()
-    print(f"{sum(r.ok for r in rows)}/{len(rows)} rows pass. Host: {meta['cpus']} CPUs, load average "
-          f"{meta['loadavg']}; Python {meta['python']}; RLIMIT_NOFILE {meta['nofile']}. "
-          f"Only {HOST} was contacted.")
+    print(
+        f"{sum(r.ok for r in rows)}/{len(rows)} rows pass. Host: {meta['cpus']} CPUs, load average "
+        f"{meta['loadavg']}; Python {meta['python']}; RLIMIT_NOFILE {meta['nofile']}. "
+        f"Only {HOST} was contacted."
+    )
     complaints = {name: child.complaints for name, child in CHILDREN.items() if child.complaints}
     if complaints:
-        print("\nProxy log lines at warning level or above, besides request lines (count, level, event):")
+        print(
+            "\nProxy log lines at warning level or above, besides request lines (count, level, event):"
+        )
         for name, counter in complaints.items():
             for (level, event), count in counter.most_common(8):
                 print(f"- {name}: {count}× {level}: {event}")
@@ -253,11 +309,26 @@ def report(rows: list[Row], args: argparse.Namespace, meta: dict[str, Any]) -> N
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta["complaints"] = {name: [[level, event, count] for (level, event), count in counter.items()]
-                              for name, counter in complaints.items()}
-        payload = {"meta": meta, "rows": [{"key": r.key, "title": r.title, "expected": r.expected,
-                                           "measured": r.measured, "after": r.after, "ok": r.ok,
-                                           "seconds": r.seconds, "details": r.details} for r in rows]}
+        meta["complaints"] = {
+            name: [[level, event, count] for (level, event), count in counter.items()]
+            for name, counter in complaints.items()
+        }
+        payload = {
+            "meta": meta,
+            "rows": [
+                {
+                    "key": r.key,
+                    "title": r.title,
+                    "expected": r.expected,
+                    "measured": r.measured,
+                    "after": r.after,
+                    "ok": r.ok,
+                    "seconds": r.seconds,
+                    "details": r.details,
+                }
+                for r in rows
+            ],
+        }
         path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"\nJSON: {path}")
 
@@ -280,12 +351,22 @@ def watchdog(seconds: float) -> threading.Timer:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts: a smoke run of about a minute")
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller counts: a smoke run of about a minute"
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--only", type=lambda s: set(s.split(",")), default=None,
-                        help="comma-separated rows: " + ",".join(k for k, _, _ in ROWS))
-    parser.add_argument("--timeout", type=float, default=None,
-                        help="hard limit for the whole run, seconds (default 600; 180 with --quick)")
+    parser.add_argument(
+        "--only",
+        type=lambda s: set(s.split(",")),
+        default=None,
+        help="comma-separated rows: " + ",".join(k for k, _, _ in ROWS),
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="hard limit for the whole run, seconds (default 600; 180 with --quick)",
+    )
     args = parser.parse_args()
     if args.only and not args.only <= {k for k, _, _ in ROWS}:
         parser.error(f"unknown rows: {', '.join(sorted(args.only - {k for k, _, _ in ROWS}))}")
@@ -302,9 +383,15 @@ def main() -> int:
     finally:
         stop_all_children()
         timer.cancel()
-    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "wall_s": time.time() - started,
-            "quick": args.quick, "cpus": os.cpu_count(), "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "python": platform.python_version(), "nofile": soft}
+    meta = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "wall_s": time.time() - started,
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "nofile": soft,
+    }
     report(rows, args, meta)
     return 0 if rows and all(r.ok for r in rows) else 1
 

@@ -16,9 +16,6 @@ import sys
 import time
 from typing import Any
 
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed
-
 from soak_rows import (
     DRAIN_SECONDS,
     FD_SLACK,
@@ -48,44 +45,80 @@ from soak_support import (
     read_head,
     request_head,
 )
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 
 async def row_refused(ctx: Ctx) -> Row:
     proxy, n = ctx.proxies["refused"], ctx.sizes.refused
     row = Row("refused", f"gateway refuses connections (closed port): {n} requests, 20 at a time")
-    got = await many(n, lambda i: http_request(proxy.port, "POST", "/fal-ai/fast-sdxl", body=b'{"prompt":"x"}',
-                                               timeout=15), 20)
+    got = await many(
+        n,
+        lambda i: http_request(
+            proxy.port, "POST", "/fal-ai/fast-sdxl", body=b'{"prompt":"x"}', timeout=15
+        ),
+        20,
+    )
     codes = collections.Counter(r.status or r.error for r in got)
     message = "the gateway could not be reached"
     right = sum(1 for r in got if r.status == 502 and (r.json() or {}).get("message") == message)
     times = [r.seconds for r in got]
     leaked = key_in(got, ctx.secret)
-    row.expected = "all 502 'the gateway could not be reached', each in < 0.5 s; no key in any answer"
-    row.measured = (f"{right}/{n} right 502 {dict(codes)}; p50 {ms(pct(times, 50))} ms, p99 {ms(pct(times, 99))} ms, "
-                    f"max {ms(max(times))} ms; key in {leaked} answers")
+    row.expected = (
+        "all 502 'the gateway could not be reached', each in < 0.5 s; no key in any answer"
+    )
+    row.measured = (
+        f"{right}/{n} right 502 {dict(codes)}; p50 {ms(pct(times, 50))} ms, p99 {ms(pct(times, 99))} ms, "
+        f"max {ms(max(times))} ms; key in {leaked} answers"
+    )
     row.ok = right == n and max(times) < 0.5 and not leaked
-    row.details = {"requests": n, "codes": {str(k): v for k, v in codes.items()}, "right": right,
-                   "p50_ms": pct(times, 50) * 1e3, "p99_ms": pct(times, 99) * 1e3, "max_ms": max(times) * 1e3}
+    row.details = {
+        "requests": n,
+        "codes": {str(k): v for k, v in codes.items()},
+        "right": right,
+        "p50_ms": pct(times, 50) * 1e3,
+        "p99_ms": pct(times, 99) * 1e3,
+        "max_ms": max(times) * 1e3,
+    }
     return row
 
 
 async def row_silent(ctx: Ctx) -> Row:
     proxy, n = ctx.proxies["fault"], ctx.sizes.faults
-    row = Row("silent", f"gateway silent (emulator/hang), first-byte timeout {FIRST_BYTE_TIMEOUT:g} s: {n} at once")
-    got = await many(n, lambda i: http_request(proxy.port, "POST", "/emulator/hang", body=b"{}", timeout=15))
+    row = Row(
+        "silent",
+        f"gateway silent (emulator/hang), first-byte timeout {FIRST_BYTE_TIMEOUT:g} s: {n} at once",
+    )
+    got = await many(
+        n, lambda i: http_request(proxy.port, "POST", "/emulator/hang", body=b"{}", timeout=15)
+    )
     codes = collections.Counter(r.status or r.error for r in got)
     times = [r.seconds for r in got]
-    on_time = sum(1 for r in got
-                  if r.status == 504 and FIRST_BYTE_TIMEOUT - 0.05 <= r.seconds <= FIRST_BYTE_TIMEOUT + LATE)
+    on_time = sum(
+        1
+        for r in got
+        if r.status == 504 and FIRST_BYTE_TIMEOUT - 0.05 <= r.seconds <= FIRST_BYTE_TIMEOUT + LATE
+    )
     gone, gone_s = await ctx.wait_events("disconnected:hang:", n, 10)
     leaked = key_in(got, ctx.secret)
-    row.expected = (f"all 504 after {FIRST_BYTE_TIMEOUT:g}–{FIRST_BYTE_TIMEOUT + LATE:g} s; the upstream sees all "
-                    f"{n} requests closed; no key in any answer")
-    row.measured = (f"{on_time}/{n} 504 in time {dict(codes)}; after min {min(times):.2f} / p50 {pct(times, 50):.2f} "
-                    f"/ max {max(times):.2f} s; upstream saw {gone}/{n} closed; key in {leaked} answers")
+    row.expected = (
+        f"all 504 after {FIRST_BYTE_TIMEOUT:g}–{FIRST_BYTE_TIMEOUT + LATE:g} s; the upstream sees all "
+        f"{n} requests closed; no key in any answer"
+    )
+    row.measured = (
+        f"{on_time}/{n} 504 in time {dict(codes)}; after min {min(times):.2f} / p50 {pct(times, 50):.2f} "
+        f"/ max {max(times):.2f} s; upstream saw {gone}/{n} closed; key in {leaked} answers"
+    )
     row.ok = on_time == n and gone == n and not leaked
-    row.details = {"requests": n, "codes": {str(k): v for k, v in codes.items()}, "on_time": on_time,
-                   "min_s": min(times), "p50_s": pct(times, 50), "max_s": max(times), "upstream_closed": gone}
+    row.details = {
+        "requests": n,
+        "codes": {str(k): v for k, v in codes.items()},
+        "on_time": on_time,
+        "min_s": min(times),
+        "p50_s": pct(times, 50),
+        "max_s": max(times),
+        "upstream_closed": gone,
+    }
     return row
 
 
@@ -100,16 +133,27 @@ async def row_die(ctx: Ctx) -> Row:
     logged = delta(proxy, before, 200, "upstream_unavailable")
     times = [r.seconds for r in got]
     row.expected = f"all {n}: 200, 10 bytes, then the connection cut (never a clean end); logged upstream_unavailable"
-    row.measured = (f"{cut}/{n} cut after 10 bytes, {clean} ended cleanly; max {ms(max(times))} ms; "
-                    f"logged 200/upstream_unavailable ×{logged}")
+    row.measured = (
+        f"{cut}/{n} cut after 10 bytes, {clean} ended cleanly; max {ms(max(times))} ms; "
+        f"logged 200/upstream_unavailable ×{logged}"
+    )
     row.ok = cut == n and clean == 0 and logged == n
-    row.details = {"requests": n, "cut": cut, "clean": clean, "logged": logged, "max_ms": max(times) * 1e3}
+    row.details = {
+        "requests": n,
+        "cut": cut,
+        "clean": clean,
+        "logged": logged,
+        "max_ms": max(times) * 1e3,
+    }
     return row
 
 
 async def row_leave(ctx: Ctx) -> Row:
     proxy, n = ctx.proxies["fault"], ctx.sizes.faults
-    row = Row("leave", f"clients leave: {n} mid-stream (emulator/stall), {n} before the headers (emulator/hang)")
+    row = Row(
+        "leave",
+        f"clients leave: {n} mid-stream (emulator/stall), {n} before the headers (emulator/hang)",
+    )
     before = proxy.snapshot()
     failures: collections.Counter[str] = collections.Counter()
     gate = asyncio.Semaphore(64)
@@ -123,8 +167,9 @@ async def row_leave(ctx: Ctx) -> Row:
         except OSError as exc:
             failures[type(exc).__name__] += 1
 
-    streams = await asyncio.gather(*(open_stream(proxy.port, "/emulator/stall", "stall", gate, failures)
-                                     for _ in range(n)))
+    streams = await asyncio.gather(
+        *(open_stream(proxy.port, "/emulator/stall", "stall", gate, failures) for _ in range(n))
+    )
     left = time.monotonic()
     for st in streams:
         if st is not None:
@@ -136,19 +181,30 @@ async def row_leave(ctx: Ctx) -> Row:
     await proxy.settle()
     logged = delta(proxy, before, 499, "client_gone")
     row.expected = f"the upstream sees all {2 * n} requests closed within 5 s; proxy logs {2 * n}× 499 client_gone"
-    row.measured = (f"upstream saw {stall}/{n} mid-stream and {hang}/{n} waiting requests closed "
-                    f"(all within {all_s:.1f} s){' ' + repr(dict(failures)) if failures else ''}; "
-                    f"logged 499 ×{logged}")
+    row.measured = (
+        f"upstream saw {stall}/{n} mid-stream and {hang}/{n} waiting requests closed "
+        f"(all within {all_s:.1f} s){' ' + repr(dict(failures)) if failures else ''}; "
+        f"logged 499 ×{logged}"
+    )
     row.ok = stall == n and hang == n and all_s <= 5 + 0.5 and logged == 2 * n and not failures
-    row.details = {"mid_stream": n, "before_headers": n, "upstream_closed_stream": stall,
-                   "upstream_closed_waiting": hang, "all_closed_s": all_s, "logged_499": logged}
+    row.details = {
+        "mid_stream": n,
+        "before_headers": n,
+        "upstream_closed_stream": stall,
+        "upstream_closed_waiting": hang,
+        "all_closed_s": all_s,
+        "logged_499": logged,
+    }
     return row
 
 
 async def row_uploads(ctx: Ctx) -> Row:
     proxy, n = ctx.proxies["fault"], ctx.sizes.faults
     port = proxy.port
-    row = Row("uploads", f"uploads at idle timeout {IDLE_TIMEOUT:g} s: {n} slow (512 B / 0.3 s), {n} stalled")
+    row = Row(
+        "uploads",
+        f"uploads at idle timeout {IDLE_TIMEOUT:g} s: {n} slow (512 B / 0.3 s), {n} stalled",
+    )
     parts = 8
 
     async def upload(i: int, stall: bool) -> tuple[Response, float, str]:
@@ -159,10 +215,17 @@ async def row_uploads(ctx: Ctx) -> Row:
         try:
             async with asyncio.timeout(parts * 0.3 + IDLE_TIMEOUT + 10):
                 reader, writer = await asyncio.open_connection(HOST, port)
-                writer.write(request_head("POST", "/emulator/sink", port, chunked=True,
-                                          content_type="application/octet-stream"))
+                writer.write(
+                    request_head(
+                        "POST",
+                        "/emulator/sink",
+                        port,
+                        chunked=True,
+                        content_type="application/octet-stream",
+                    )
+                )
                 for p in range(1 if stall else parts):
-                    writer.write(chunk(data[p * 512:(p + 1) * 512]))
+                    writer.write(chunk(data[p * 512 : (p + 1) * 512]))
                     await writer.drain()
                     last_sent = time.perf_counter()
                     if not stall:
@@ -182,36 +245,61 @@ async def row_uploads(ctx: Ctx) -> Row:
     slow = asyncio.gather(*(upload(i, False) for i in range(n)))
     stalled = asyncio.gather(*(upload(i, True) for i in range(n)))
     slow_got, stalled_got = await asyncio.gather(slow, stalled)
-    slow_ok = sum(1 for r, _, digest in slow_got
-                  if r.status == 200 and (r.json() or {}) == {"len": 512 * parts, "sha256": digest})
+    slow_ok = sum(
+        1
+        for r, _, digest in slow_got
+        if r.status == 200 and (r.json() or {}) == {"len": 512 * parts, "sha256": digest}
+    )
     waits = [t for r, t, _ in stalled_got]
-    stalled_ok = sum(1 for r, t, _ in stalled_got if r.status == 408
-                     and (r.json() or {}).get("message") == "request body stalled"
-                     and IDLE_TIMEOUT - 0.05 <= t <= IDLE_TIMEOUT + LATE)
+    stalled_ok = sum(
+        1
+        for r, t, _ in stalled_got
+        if r.status == 408
+        and (r.json() or {}).get("message") == "request body stalled"
+        and IDLE_TIMEOUT - 0.05 <= t <= IDLE_TIMEOUT + LATE
+    )
     records = (await ctx.emu("GET", "/_emulator/requests")).json() or []
-    sinks = sum(1 for r in records if r.get("kind") == "gateway" and r["path"].endswith("/emulator/sink"))
+    sinks = sum(
+        1 for r in records if r.get("kind") == "gateway" and r["path"].endswith("/emulator/sink")
+    )
     slow_codes = collections.Counter(r.status or r.error for r, _, _ in slow_got)
     stalled_codes = collections.Counter(r.status or r.error for r, _, _ in stalled_got)
-    row.expected = (f"slow: {n}/{n} 200, the gateway gets every byte (sha256); stalled: {n}/{n} 408 "
-                    f"{IDLE_TIMEOUT:g}–{IDLE_TIMEOUT + LATE:g} s after the last byte, never a complete body upstream")
-    row.measured = (f"slow: {slow_ok}/{n} right {dict(slow_codes)}; stalled: {stalled_ok}/{n} 408 in time "
-                    f"{dict(stalled_codes)}, after p50 {pct(waits, 50):.2f} / max {max(waits):.2f} s; "
-                    f"complete bodies upstream {sinks} (= the slow ones)")
+    row.expected = (
+        f"slow: {n}/{n} 200, the gateway gets every byte (sha256); stalled: {n}/{n} 408 "
+        f"{IDLE_TIMEOUT:g}–{IDLE_TIMEOUT + LATE:g} s after the last byte, never a complete body upstream"
+    )
+    row.measured = (
+        f"slow: {slow_ok}/{n} right {dict(slow_codes)}; stalled: {stalled_ok}/{n} 408 in time "
+        f"{dict(stalled_codes)}, after p50 {pct(waits, 50):.2f} / max {max(waits):.2f} s; "
+        f"complete bodies upstream {sinks} (= the slow ones)"
+    )
     row.ok = slow_ok == n and stalled_ok == n and sinks == n
-    row.details = {"slow": n, "slow_ok": slow_ok, "stalled": n, "stalled_ok": stalled_ok,
-                   "stalled_p50_s": pct(waits, 50), "stalled_max_s": max(waits), "complete_upstream": sinks}
+    row.details = {
+        "slow": n,
+        "slow_ok": slow_ok,
+        "stalled": n,
+        "stalled_ok": stalled_ok,
+        "stalled_p50_s": pct(waits, 50),
+        "stalled_max_s": max(waits),
+        "complete_upstream": sinks,
+    }
     return row
 
 
-SLOW_HEAD = (b"POST /emulator/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-             b"X-Slow: " + b"s" * 200 + b"\r\n\r\n")
+SLOW_HEAD = (
+    b"POST /emulator/echo HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    b"X-Slow: " + b"s" * 200 + b"\r\n\r\n"
+)
 
 
 async def row_slow_headers(ctx: Ctx) -> Row:
     proxy, n = ctx.proxies["fault"], ctx.sizes.slow_headers
     window = HEADER_TIMEOUT + 6
-    row = Row("headers", f"slow header senders: {n} connections, 1 header byte/s, FAL_PROXY_HEADER_TIMEOUT="
-                         f"{HEADER_TIMEOUT:g}")
+    row = Row(
+        "headers",
+        f"slow header senders: {n} connections, 1 header byte/s, FAL_PROXY_HEADER_TIMEOUT="
+        f"{HEADER_TIMEOUT:g}",
+    )
     fds0 = fd_count(proxy.pid)
 
     async def slowloris(i: int) -> tuple[float | None, str]:
@@ -241,7 +329,9 @@ async def row_slow_headers(ctx: Ctx) -> Row:
                     break
                 await asyncio.wait({watcher}, timeout=1.0)
             if closed is None and not watcher.done():
-                await asyncio.wait({watcher}, timeout=max(0.0, window - (time.monotonic() - started)))
+                await asyncio.wait(
+                    {watcher}, timeout=max(0.0, window - (time.monotonic() - started))
+                )
         finally:
             watcher.cancel()
             writer.transport.abort()
@@ -251,26 +341,49 @@ async def row_slow_headers(ctx: Ctx) -> Row:
     tasks = asyncio.gather(*(slowloris(i) for i in range(n)))
     await asyncio.sleep(1.0)
     fds_during = fd_count(proxy.pid)
-    probe = await http_request(proxy.port, "POST", "/emulator/echo", body=b'{"probe":1}', timeout=10)
+    probe = await http_request(
+        proxy.port, "POST", "/emulator/echo", body=b'{"probe":1}', timeout=10
+    )
     got = await tasks
     closed = [t for t, _ in got if t is not None]
     answers = collections.Counter(a for _, a in got)
     in_time = sum(1 for t in closed if HEADER_TIMEOUT - 0.25 <= t <= HEADER_TIMEOUT + LATE)
     fds1, waited, fds_ok = await fd_state(ctx, "fault")
-    note = "" if ctx.header_timeout_known else " (FAL_PROXY_HEADER_TIMEOUT is not in this proxy's settings table)"
-    row.expected = (f"all {n} closed by the proxy {HEADER_TIMEOUT:g}–{HEADER_TIMEOUT + LATE:g} s after connecting; "
-                    f"other requests still served meanwhile; fds back to ≤ {ctx.fd_baseline['fault'] + FD_SLACK}")
-    times = (f"after min {min(closed):.2f} / p50 {pct(closed, 50):.2f} / max {max(closed):.2f} s"
-             if closed else f"none closed within {window:g} s")
-    row.measured = (f"{len(closed)}/{n} closed ({in_time} in time), {times}; answered: {dict(answers)}; "
-                    f"{n - len(closed)} still open at {window:g} s{note}; probe meanwhile "
-                    f"{probe.status or probe.error} in {ms(probe.seconds)} ms; fds {fds0} → {fds_during} → {fds1}")
+    note = (
+        ""
+        if ctx.header_timeout_known
+        else " (FAL_PROXY_HEADER_TIMEOUT is not in this proxy's settings table)"
+    )
+    row.expected = (
+        f"all {n} closed by the proxy {HEADER_TIMEOUT:g}–{HEADER_TIMEOUT + LATE:g} s after connecting; "
+        f"other requests still served meanwhile; fds back to ≤ {ctx.fd_baseline['fault'] + FD_SLACK}"
+    )
+    times = (
+        f"after min {min(closed):.2f} / p50 {pct(closed, 50):.2f} / max {max(closed):.2f} s"
+        if closed
+        else f"none closed within {window:g} s"
+    )
+    row.measured = (
+        f"{len(closed)}/{n} closed ({in_time} in time), {times}; answered: {dict(answers)}; "
+        f"{n - len(closed)} still open at {window:g} s{note}; probe meanwhile "
+        f"{probe.status or probe.error} in {ms(probe.seconds)} ms; fds {fds0} → {fds_during} → {fds1}"
+    )
     row.ok = in_time == n and probe.status == 200 and fds_ok
-    row.details = {"connections": n, "closed": len(closed), "closed_in_time": in_time,
-                   "closed_min_s": min(closed) if closed else None, "closed_max_s": max(closed) if closed else None,
-                   "answers": dict(answers), "window_s": window, "setting_known": ctx.header_timeout_known,
-                   "probe_status": probe.status, "probe_ms": probe.seconds * 1e3, "fds_before": fds0,
-                   "fds_during": fds_during, "fds_after": fds1}
+    row.details = {
+        "connections": n,
+        "closed": len(closed),
+        "closed_in_time": in_time,
+        "closed_min_s": min(closed) if closed else None,
+        "closed_max_s": max(closed) if closed else None,
+        "answers": dict(answers),
+        "window_s": window,
+        "setting_known": ctx.header_timeout_known,
+        "probe_status": probe.status,
+        "probe_ms": probe.seconds * 1e3,
+        "fds_before": fds0,
+        "fds_during": fds_during,
+        "fds_after": fds1,
+    }
     return row
 
 
@@ -282,15 +395,24 @@ async def row_slots(ctx: Ctx) -> Row:
     one (a request cut, timed out or refused that kept its slot) would turn one of these
     hanging requests into a 429 too early."""
     proxy, n = ctx.proxies["fault"], FAULT_SLOTS
-    row = Row("slots", f"concurrency slots free after the faults: {n + 1} hanging requests at once, "
-                       f"FAL_PROXY_MAX_CONCURRENT={n}")
-    got = await many(n + 1, lambda i: http_request(proxy.port, "POST", "/emulator/hang", body=b"{}", timeout=15))
+    row = Row(
+        "slots",
+        f"concurrency slots free after the faults: {n + 1} hanging requests at once, "
+        f"FAL_PROXY_MAX_CONCURRENT={n}",
+    )
+    got = await many(
+        n + 1, lambda i: http_request(proxy.port, "POST", "/emulator/hang", body=b"{}", timeout=15)
+    )
     codes = collections.Counter(r.status or r.error for r in got)
     gauge = await metric(proxy.port, "fal_proxy_in_flight_requests")
     row.expected = f"{n}× 504 (each held a slot until its first-byte timeout) and exactly 1× 429"
     row.measured = f"{dict(codes)}; in-flight gauge afterwards {gauge:.0f}"
     row.ok = codes == collections.Counter({504: n, 429: 1})
-    row.details = {"slots": n, "codes": {str(k): v for k, v in codes.items()}, "in_flight_after": gauge}
+    row.details = {
+        "slots": n,
+        "codes": {str(k): v for k, v in codes.items()},
+        "in_flight_after": gauge,
+    }
     return row
 
 
@@ -299,17 +421,28 @@ async def row_slots(ctx: Ctx) -> Row:
 
 async def row_sigterm(ctx: Ctx) -> Row:
     k, n_ws = ctx.sizes.drain_streams, 5
-    row = Row("sigterm", f"SIGTERM with {k} SSE streams and {n_ws} WebSockets in flight, "
-                         f"FAL_PROXY_DRAIN_SECONDS={DRAIN_SECONDS:g}")
+    row = Row(
+        "sigterm",
+        f"SIGTERM with {k} SSE streams and {n_ws} WebSockets in flight, "
+        f"FAL_PROXY_DRAIN_SECONDS={DRAIN_SECONDS:g}",
+    )
     proxy = await ctx.start_proxy("sigterm", FAL_PROXY_DRAIN_SECONDS=f"{DRAIN_SECONDS:g}")
     failures: collections.Counter[str] = collections.Counter()
-    opened = await asyncio.gather(*(open_stream(proxy.port, "/emulator/sse?n=3", "sse", asyncio.Semaphore(64),
-                                                failures) for _ in range(k)))
+    opened = await asyncio.gather(
+        *(
+            open_stream(proxy.port, "/emulator/sse?n=3", "sse", asyncio.Semaphore(64), failures)
+            for _ in range(k)
+        )
+    )
     streams = [st for st in opened if st is not None]
     sockets = []
     for i in range(n_ws):
-        ws = await ws_connect(f"ws://{HOST}:{proxy.port}/emulator/echo/realtime", proxy=None, open_timeout=10,
-                              ping_interval=None)
+        ws = await ws_connect(
+            f"ws://{HOST}:{proxy.port}/emulator/echo/realtime",
+            proxy=None,
+            open_timeout=10,
+            ping_interval=None,
+        )
         await ws.send(json.dumps({"n": i}))
         await asyncio.wait_for(ws.recv(), 10)
         sockets.append(ws)
@@ -330,24 +463,41 @@ async def row_sigterm(ctx: Ctx) -> Row:
         return ws.close_code
 
     codes = collections.Counter(await asyncio.gather(*(ws_close_code(ws) for ws in sockets)))
-    await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - sent)))  # the streams outlive the signal a while
+    await asyncio.sleep(
+        max(0.0, 1.0 - (time.monotonic() - sent))
+    )  # the streams outlive the signal a while
     await ctx.release("sse-2")
     await ctx.release("sse-3")
     complete = sum(await asyncio.gather(*(finish_stream(st, DRAIN_SECONDS + 5) for st in streams)))
     try:
         code = await asyncio.to_thread(proxy.proc.wait, DRAIN_SECONDS + 10)
-    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+    except Exception:
         code = None
     exit_s = time.monotonic() - sent
-    row.expected = (f"{k}/{k} streams finish after the signal, WebSockets closed 1001, new connections refused, "
-                    f"exit 0 within {DRAIN_SECONDS:g} s")
-    row.measured = (f"{complete}/{k} finished{' ' + repr(dict(failures)) if failures else ''}; WebSocket close codes "
-                    f"{dict(codes)}; 'Shutting down' logged: {shutting is not None}; new connection "
-                    f"{'refused' if refused else 'ACCEPTED'}; exit code {code} after {exit_s:.1f} s")
-    row.ok = (complete == k and codes == collections.Counter({1001: n_ws}) and refused and code == 0
-              and exit_s <= DRAIN_SECONDS + 1)
-    row.details = {"streams": k, "complete": complete, "ws_close_codes": {str(c): v for c, v in codes.items()},
-                   "new_connection_refused": refused, "exit_code": code, "exit_s": exit_s}
+    row.expected = (
+        f"{k}/{k} streams finish after the signal, WebSockets closed 1001, new connections refused, "
+        f"exit 0 within {DRAIN_SECONDS:g} s"
+    )
+    row.measured = (
+        f"{complete}/{k} finished{' ' + repr(dict(failures)) if failures else ''}; WebSocket close codes "
+        f"{dict(codes)}; 'Shutting down' logged: {shutting is not None}; new connection "
+        f"{'refused' if refused else 'ACCEPTED'}; exit code {code} after {exit_s:.1f} s"
+    )
+    row.ok = (
+        complete == k
+        and codes == collections.Counter({1001: n_ws})
+        and refused
+        and code == 0
+        and exit_s <= DRAIN_SECONDS + 1
+    )
+    row.details = {
+        "streams": k,
+        "complete": complete,
+        "ws_close_codes": {str(c): v for c, v in codes.items()},
+        "new_connection_refused": refused,
+        "exit_code": code,
+        "exit_s": exit_s,
+    }
     return row
 
 
@@ -357,32 +507,56 @@ EXPIRY_DRAIN = 2.0
 async def row_drain_expiry(ctx: Ctx) -> Row:
     """Streams that outlive the drain: cut when it expires, and the proxy still exits 0."""
     k = 5
-    row = Row("expiry", f"SIGTERM with {k} streams that never end, FAL_PROXY_DRAIN_SECONDS={EXPIRY_DRAIN:g}")
+    row = Row(
+        "expiry",
+        f"SIGTERM with {k} streams that never end, FAL_PROXY_DRAIN_SECONDS={EXPIRY_DRAIN:g}",
+    )
     proxy = await ctx.start_proxy("expiry", FAL_PROXY_DRAIN_SECONDS=f"{EXPIRY_DRAIN:g}")
     failures: collections.Counter[str] = collections.Counter()
-    opened = await asyncio.gather(*(open_stream(proxy.port, "/emulator/stall", "stall", asyncio.Semaphore(64),
-                                                failures) for _ in range(k)))
+    opened = await asyncio.gather(
+        *(
+            open_stream(proxy.port, "/emulator/stall", "stall", asyncio.Semaphore(64), failures)
+            for _ in range(k)
+        )
+    )
     streams = [st for st in opened if st is not None]
     sent = time.monotonic()
     os.kill(proxy.pid, signal.SIGTERM)
     try:
         code = await asyncio.to_thread(proxy.proc.wait, EXPIRY_DRAIN + 10)
-    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+    except Exception:
         code = None
     exit_s = time.monotonic() - sent
     await asyncio.gather(*(finish_stream(st, 5) for st in streams))
     cut = sum(1 for st in streams if not st.buffer.endswith(b"0\r\n\r\n"))
     gone, _ = await ctx.wait_events("disconnected:stall:", k, 5)
     await asyncio.sleep(0.3)  # the last lines of the exited proxy are read
-    logged = {f"{status}/{error}": count for (status, error), count in proxy.snapshot().statuses.items()}
-    row.expected = (f"{k}/{k} streams cut at the deadline (no last chunk), the upstream sees {k} closes, exit 0 "
-                    f"{EXPIRY_DRAIN:g}–{EXPIRY_DRAIN + 1:g} s after the signal")
-    row.measured = (f"{cut}/{len(streams)} cut{' ' + repr(dict(failures)) if failures else ''}; upstream saw "
-                    f"{gone}/{k} closed; exit code {code} after {exit_s:.1f} s; logged as {logged}")
-    row.ok = (len(streams) == k and cut == k and gone == k and code == 0
-              and EXPIRY_DRAIN - 0.1 <= exit_s <= EXPIRY_DRAIN + 1)
-    row.details = {"streams": k, "cut": cut, "upstream_closed": gone, "exit_code": code, "exit_s": exit_s,
-                   "logged": logged}
+    logged = {
+        f"{status}/{error}": count for (status, error), count in proxy.snapshot().statuses.items()
+    }
+    row.expected = (
+        f"{k}/{k} streams cut at the deadline (no last chunk), the upstream sees {k} closes, exit 0 "
+        f"{EXPIRY_DRAIN:g}–{EXPIRY_DRAIN + 1:g} s after the signal"
+    )
+    row.measured = (
+        f"{cut}/{len(streams)} cut{' ' + repr(dict(failures)) if failures else ''}; upstream saw "
+        f"{gone}/{k} closed; exit code {code} after {exit_s:.1f} s; logged as {logged}"
+    )
+    row.ok = (
+        len(streams) == k
+        and cut == k
+        and gone == k
+        and code == 0
+        and EXPIRY_DRAIN - 0.1 <= exit_s <= EXPIRY_DRAIN + 1
+    )
+    row.details = {
+        "streams": k,
+        "cut": cut,
+        "upstream_closed": gone,
+        "exit_code": code,
+        "exit_s": exit_s,
+        "logged": logged,
+    }
     return row
 
 

@@ -15,9 +15,6 @@ from typing import Any
 
 import aiohttp
 import msgpack
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed
-
 from soak_support import (
     HOST,
     Child,
@@ -26,8 +23,8 @@ from soak_support import (
     fd_count,
     http_request,
     ms,
-    peak_rss_mib,
     pct,
+    peak_rss_mib,
     read_to_eof,
     read_until,
     request_head,
@@ -35,6 +32,8 @@ from soak_support import (
     rss_mib,
     wait_fds,
 )
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 FD_SLACK = 4  # fds a proxy may hold above its baseline once a row is over
 FD_WAIT = 20.0  # s: idle upstream keep-alive connections close when the emulator drops them (5 s)
@@ -140,7 +139,9 @@ async def row_load(ctx: Ctx) -> Row:
     bad: collections.Counter[str] = collections.Counter()
     ok = issued = 0
     connector = aiohttp.TCPConnector(limit=conns, limit_per_host=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=60)
+    ) as session:
 
         async def worker() -> None:
             nonlocal ok, issued
@@ -148,7 +149,9 @@ async def row_load(ctx: Ctx) -> Row:
                 issued += 1
                 started = time.perf_counter()
                 try:
-                    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+                    async with session.post(
+                        url, data=body, headers={"content-type": "application/json"}
+                    ) as r:
                         data, status = await r.read(), r.status
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     bad[type(exc).__name__] += 1
@@ -167,17 +170,34 @@ async def row_load(ctx: Ctx) -> Row:
     peak = peak_rss_mib(pid)
     fds1, waited, fds_ok = await fd_state(ctx, "load")
     limit = RSS_LIMIT_MIB["load"]
-    row.expected = (f"{n}/{n} answered 200 with the echo, 0 errors; peak RSS < {limit:.0f} MiB; "
-                    f"fds back to ≤ {ctx.fd_baseline['load'] + FD_SLACK} (idle {ctx.fd_baseline['load']} + {FD_SLACK})")
-    row.measured = (f"{ok}/{n} ok, {sum(bad.values())} errors{' ' + dict(bad).__repr__() if bad else ''}; "
-                    f"{n / wall:.0f} req/s; p50 {ms(pct(latencies, 50))} ms, p99 {ms(pct(latencies, 99))} ms; "
-                    f"proxy CPU {cpu_us:.0f} µs/req; RSS {rss0:.0f} → peak {peak:.0f} MiB; "
-                    f"fds {fds0} → {fds_loaded} loaded → {fds1} after {waited:.1f} s")
+    row.expected = (
+        f"{n}/{n} answered 200 with the echo, 0 errors; peak RSS < {limit:.0f} MiB; "
+        f"fds back to ≤ {ctx.fd_baseline['load'] + FD_SLACK} (idle {ctx.fd_baseline['load']} + {FD_SLACK})"
+    )
+    row.measured = (
+        f"{ok}/{n} ok, {sum(bad.values())} errors{' ' + dict(bad).__repr__() if bad else ''}; "
+        f"{n / wall:.0f} req/s; p50 {ms(pct(latencies, 50))} ms, p99 {ms(pct(latencies, 99))} ms; "
+        f"proxy CPU {cpu_us:.0f} µs/req; RSS {rss0:.0f} → peak {peak:.0f} MiB; "
+        f"fds {fds0} → {fds_loaded} loaded → {fds1} after {waited:.1f} s"
+    )
     row.ok = ok == n and not bad and peak < limit and fds_ok
-    row.details = {"requests": n, "connections": conns, "ok": ok, "errors": dict(bad), "wall_s": wall,
-                   "req_per_s": n / wall, "p50_ms": pct(latencies, 50) * 1e3, "p99_ms": pct(latencies, 99) * 1e3,
-                   "proxy_cpu_us_per_req": cpu_us, "rss_before_mib": rss0, "peak_rss_mib": peak,
-                   "fds_before": fds0, "fds_loaded": fds_loaded, "fds_after": fds1, "fds_settle_s": waited}
+    row.details = {
+        "requests": n,
+        "connections": conns,
+        "ok": ok,
+        "errors": dict(bad),
+        "wall_s": wall,
+        "req_per_s": n / wall,
+        "p50_ms": pct(latencies, 50) * 1e3,
+        "p99_ms": pct(latencies, 99) * 1e3,
+        "proxy_cpu_us_per_req": cpu_us,
+        "rss_before_mib": rss0,
+        "peak_rss_mib": peak,
+        "fds_before": fds0,
+        "fds_loaded": fds_loaded,
+        "fds_after": fds1,
+        "fds_settle_s": waited,
+    }
     return row
 
 
@@ -192,8 +212,9 @@ class Stream:
     buffer: bytearray
 
 
-async def open_stream(port: int, path: str, kind: str, gate: asyncio.Semaphore,
-                      failures: collections.Counter[str]) -> Stream | None:
+async def open_stream(
+    port: int, path: str, kind: str, gate: asyncio.Semaphore, failures: collections.Counter[str]
+) -> Stream | None:
     """POST ``path`` and read up to the first SSE event; None (counted) on failure."""
     writer = None
     try:
@@ -216,7 +237,11 @@ async def open_stream(port: int, path: str, kind: str, gate: asyncio.Semaphore,
 
 
 def stream_complete(buffer: bytearray) -> bool:
-    return b"event: done" in buffer and b'data: {"n": 3}' in buffer and buffer.endswith(b"\r\n0\r\n\r\n")
+    return (
+        b"event: done" in buffer
+        and b'data: {"n": 3}' in buffer
+        and buffer.endswith(b"\r\n0\r\n\r\n")
+    )
 
 
 async def finish_stream(stream: Stream, timeout: float = 30) -> bool:
@@ -242,7 +267,10 @@ async def row_sse(ctx: Ctx) -> Row:
     pid, port = proxy.pid, proxy.port
     n_done = n // 2
     n_cut = n - n_done
-    row = Row("sse", f"SSE: {n} streams open at once ({n_done} finished by the upstream, {n_cut} closed by clients)")
+    row = Row(
+        "sse",
+        f"SSE: {n} streams open at once ({n_done} finished by the upstream, {n_cut} closed by clients)",
+    )
     fds0, rss0 = fd_count(pid), rss_mib(pid)
     reset_peak_rss(pid)
     before = proxy.snapshot()
@@ -270,21 +298,45 @@ async def row_sse(ctx: Ctx) -> Row:
     peak = peak_rss_mib(pid)
     fds1, waited, fds_ok = await fd_state(ctx, "load")
     limit = RSS_LIMIT_MIB["sse"]
-    row.expected = (f"all {n} open at once; {n_done} complete (last chunk, event done); {n_cut} cut: upstream "
-                    f"sees {n_cut} disconnects, proxy logs 499; peak RSS < {limit:.0f} MiB; fds back to ≤ "
-                    f"{ctx.fd_baseline['load'] + FD_SLACK}")
-    row.measured = (f"{len(streams)}/{n} open in {open_s:.1f} s{' ' + repr(dict(failures)) if failures else ''}"
-                    f" (proxy in-flight gauge {in_flight:.0f}); {complete}/{n_done} complete; upstream saw "
-                    f"{gone}/{n_cut} disconnects ({gone_s:.1f} s); logged 200×{logged_done}, 499×{logged_gone}; "
-                    f"RSS {rss0:.0f} → {rss_open:.0f} all open, peak {peak:.0f} MiB; fds {fds0} → {fds_open} "
-                    f"all open → {fds1} after {waited:.1f} s")
-    row.ok = (len(streams) == n and complete == n_done and gone == n_cut and logged_gone == n_cut
-              and logged_done == n_done and peak < limit and fds_ok)
-    row.details = {"streams": n, "opened": len(streams), "open_failures": dict(failures), "open_s": open_s,
-                   "in_flight_gauge": in_flight, "complete": complete, "upstream_disconnects": gone,
-                   "logged_200": logged_done, "logged_499": logged_gone, "rss_before_mib": rss0,
-                   "rss_all_open_mib": rss_open, "peak_rss_mib": peak, "fds_before": fds0,
-                   "fds_all_open": fds_open, "fds_after": fds1, "fds_settle_s": waited}
+    row.expected = (
+        f"all {n} open at once; {n_done} complete (last chunk, event done); {n_cut} cut: upstream "
+        f"sees {n_cut} disconnects, proxy logs 499; peak RSS < {limit:.0f} MiB; fds back to ≤ "
+        f"{ctx.fd_baseline['load'] + FD_SLACK}"
+    )
+    row.measured = (
+        f"{len(streams)}/{n} open in {open_s:.1f} s{' ' + repr(dict(failures)) if failures else ''}"
+        f" (proxy in-flight gauge {in_flight:.0f}); {complete}/{n_done} complete; upstream saw "
+        f"{gone}/{n_cut} disconnects ({gone_s:.1f} s); logged 200×{logged_done}, 499×{logged_gone}; "
+        f"RSS {rss0:.0f} → {rss_open:.0f} all open, peak {peak:.0f} MiB; fds {fds0} → {fds_open} "
+        f"all open → {fds1} after {waited:.1f} s"
+    )
+    row.ok = (
+        len(streams) == n
+        and complete == n_done
+        and gone == n_cut
+        and logged_gone == n_cut
+        and logged_done == n_done
+        and peak < limit
+        and fds_ok
+    )
+    row.details = {
+        "streams": n,
+        "opened": len(streams),
+        "open_failures": dict(failures),
+        "open_s": open_s,
+        "in_flight_gauge": in_flight,
+        "complete": complete,
+        "upstream_disconnects": gone,
+        "logged_200": logged_done,
+        "logged_499": logged_gone,
+        "rss_before_mib": rss0,
+        "rss_all_open_mib": rss_open,
+        "peak_rss_mib": peak,
+        "fds_before": fds0,
+        "fds_all_open": fds_open,
+        "fds_after": fds1,
+        "fds_settle_s": waited,
+    }
     return row
 
 
@@ -309,10 +361,16 @@ async def row_ws(ctx: Ctx) -> Row:
         ws = None
         try:
             async with gate:
-                ws = await ws_connect(url, proxy=None, open_timeout=30, close_timeout=10, ping_interval=None,
-                                      max_size=1 << 20)
+                ws = await ws_connect(
+                    url,
+                    proxy=None,
+                    open_timeout=30,
+                    close_timeout=10,
+                    ping_interval=None,
+                    max_size=1 << 20,
+                )
             opened[0] += 1
-        except Exception as exc:  # noqa: BLE001 - any failure to open is a counted outcome
+        except Exception as exc:
             outcome[f"open failed: {type(exc).__name__}"] += 1
         finally:
             attempts[0] += 1
@@ -358,19 +416,37 @@ async def row_ws(ctx: Ctx) -> Row:
     limit = RSS_LIMIT_MIB["ws"]
     clean = outcome["clean close"]
     others = {what: count for what, count in outcome.items() if what != "clean close"}
-    row.expected = (f"{n}/{n} open at once, every echo right, closed 1000 both ways (upstream sees {n}× 1000); "
-                    f"{n} log lines; peak RSS < {limit:.0f} MiB; fds back to ≤ {ctx.fd_baseline['load'] + FD_SLACK}")
-    row.measured = (f"{opened[0]}/{n} open in {open_s:.1f} s (open-sockets gauge {gauge:.0f}); {clean}/{n} "
-                    f"exchanged and closed 1000{' ' + repr(others) if others else ''}; "
-                    f"round trip p50 {ms(pct(rtts, 50))} ms, p99 {ms(pct(rtts, 99))} ms; upstream saw "
-                    f"{closed_up}× 1000 ({closed_s:.1f} s); {lines} log lines; RSS {rss0:.0f} → {rss_open:.0f} "
-                    f"all open, peak {peak:.0f} MiB; fds {fds0} → {fds_open} → {fds1} after {waited:.1f} s")
+    row.expected = (
+        f"{n}/{n} open at once, every echo right, closed 1000 both ways (upstream sees {n}× 1000); "
+        f"{n} log lines; peak RSS < {limit:.0f} MiB; fds back to ≤ {ctx.fd_baseline['load'] + FD_SLACK}"
+    )
+    row.measured = (
+        f"{opened[0]}/{n} open in {open_s:.1f} s (open-sockets gauge {gauge:.0f}); {clean}/{n} "
+        f"exchanged and closed 1000{' ' + repr(others) if others else ''}; "
+        f"round trip p50 {ms(pct(rtts, 50))} ms, p99 {ms(pct(rtts, 99))} ms; upstream saw "
+        f"{closed_up}× 1000 ({closed_s:.1f} s); {lines} log lines; RSS {rss0:.0f} → {rss_open:.0f} "
+        f"all open, peak {peak:.0f} MiB; fds {fds0} → {fds_open} → {fds1} after {waited:.1f} s"
+    )
     row.ok = clean == n and closed_up == n and lines == n and peak < limit and fds_ok
-    row.details = {"sessions": n, "messages_each": k, "opened": opened[0], "outcomes": dict(outcome),
-                   "open_s": open_s, "open_gauge": gauge, "rtt_p50_ms": pct(rtts, 50) * 1e3,
-                   "rtt_p99_ms": pct(rtts, 99) * 1e3, "upstream_close_1000": closed_up, "log_lines": lines,
-                   "rss_before_mib": rss0, "rss_all_open_mib": rss_open, "peak_rss_mib": peak,
-                   "fds_before": fds0, "fds_all_open": fds_open, "fds_after": fds1, "fds_settle_s": waited}
+    row.details = {
+        "sessions": n,
+        "messages_each": k,
+        "opened": opened[0],
+        "outcomes": dict(outcome),
+        "open_s": open_s,
+        "open_gauge": gauge,
+        "rtt_p50_ms": pct(rtts, 50) * 1e3,
+        "rtt_p99_ms": pct(rtts, 99) * 1e3,
+        "upstream_close_1000": closed_up,
+        "log_lines": lines,
+        "rss_before_mib": rss0,
+        "rss_all_open_mib": rss_open,
+        "peak_rss_mib": peak,
+        "fds_before": fds0,
+        "fds_all_open": fds_open,
+        "fds_after": fds1,
+        "fds_settle_s": waited,
+    }
     return row
 
 

@@ -116,7 +116,9 @@ class Child:
     # other lines at warning level and above, by (level, event): what the proxy complained about
     complaints: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     statuses: collections.Counter[tuple[Any, Any]] = field(default_factory=collections.Counter)
-    records: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=4000))
+    records: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=4000)
+    )
     samples: list[str] = field(default_factory=list)  # the first few bad lines, key redacted
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -182,8 +184,14 @@ class Child:
 
     def snapshot(self) -> Snapshot:
         with self.lock:
-            return Snapshot(self.lines, self.fives, self.tracebacks, self.leaks,
-                            collections.Counter(self.statuses), self.websockets)
+            return Snapshot(
+                self.lines,
+                self.fives,
+                self.tracebacks,
+                self.leaks,
+                collections.Counter(self.statuses),
+                self.websockets,
+            )
 
     def find(self, predicate: Any) -> dict[str, Any] | None:
         with self.lock:
@@ -194,7 +202,9 @@ class Child:
         deadline = time.monotonic() + timeout
         while not self.port:
             if not self.alive or time.monotonic() > deadline:
-                raise SoakError(f"{self.name} did not start (exit {self.proc.poll()}): {self.samples}")
+                raise SoakError(
+                    f"{self.name} did not start (exit {self.proc.poll()}): {self.samples}"
+                )
             await asyncio.sleep(0.05)
 
     async def wait_log(self, predicate: Any, timeout: float) -> dict[str, Any] | None:
@@ -242,8 +252,16 @@ class Response:
             return None
 
 
-def request_head(method: str, path: str, port: int, *, body: bytes | None = None, chunked: bool = False,
-                 content_type: str = "application/json", close: bool = True) -> bytes:
+def request_head(
+    method: str,
+    path: str,
+    port: int,
+    *,
+    body: bytes | None = None,
+    chunked: bool = False,
+    content_type: str = "application/json",
+    close: bool = True,
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{port}"]
     if body is not None or chunked:
         lines.append(f"Content-Type: {content_type}")
@@ -294,8 +312,9 @@ async def read_body(reader: asyncio.StreamReader, response: Response) -> None:
     response.body = bytes(body)
 
 
-async def http_request(port: int, method: str, path: str, *, body: bytes | None = None,
-                       timeout: float = 30.0) -> Response:
+async def http_request(
+    port: int, method: str, path: str, *, body: bytes | None = None, timeout: float = 30.0
+) -> Response:
     """One request on a fresh connection (``Connection: close``); never raises."""
     response = Response()
     started = time.perf_counter()
@@ -311,7 +330,13 @@ async def http_request(port: int, method: str, path: str, *, body: bytes | None 
                 response.clean = True
     except TimeoutError:
         response.error = "timeout"
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
+    except (
+        OSError,
+        asyncio.IncompleteReadError,
+        asyncio.LimitOverrunError,
+        ValueError,
+        IndexError,
+    ) as exc:
         response.error = type(exc).__name__
     finally:
         if writer is not None:

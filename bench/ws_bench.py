@@ -86,7 +86,9 @@ async def _close(ws: Any) -> None:
         ws.transport.abort()
 
 
-async def pipelined(url: str, size: int, window: int, seconds: float, watch: dict[str, int]) -> dict[str, Any]:
+async def pipelined(
+    url: str, size: int, window: int, seconds: float, watch: dict[str, int]
+) -> dict[str, Any]:
     """Keep ``window`` messages of ``size`` bytes in flight on one connection for ``seconds``."""
     from run import cpu_seconds_fine
 
@@ -157,19 +159,28 @@ async def sequential(url: str, seconds: float) -> dict[str, Any]:
     def pct(p: float) -> float:
         return samples[min(len(samples) - 1, int(p / 100 * len(samples)))] / 1e3
 
-    return {"round_trips": len(samples), "p50_us": pct(50), "p99_us": pct(99), "mean_us": statistics.fmean(samples) / 1e3}
+    return {
+        "round_trips": len(samples),
+        "p50_us": pct(50),
+        "p99_us": pct(99),
+        "mean_us": statistics.fmean(samples) / 1e3,
+    }
 
 
 # -- run --------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, proxy_cpus: set[int], stack: contextlib.ExitStack) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace, proxy_cpus: set[int], stack: contextlib.ExitStack
+) -> dict[str, Any]:
     import uvloop
     from run import GATEWAY_PREFIX, pin, start_child, status_kib, step
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "CF_"))}
     env["PYTHONUNBUFFERED"] = "1"
-    echo = start_child("echo server", [sys.executable, str(Path(__file__).resolve()), "--serve-echo"], env, stack)
+    echo = start_child(
+        "echo server", [sys.executable, str(Path(__file__).resolve()), "--serve-echo"], env, stack
+    )
     gateway_url = f"http://127.0.0.1:{echo.port}{GATEWAY_PREFIX}"
     proxy_env = dict(env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=gateway_url, FAL_PROXY_LOG_FORMAT="json",
                      FAL_PROXY_RATE_LIMIT_RPM="1000000000", FAL_PROXY_MAX_CONCURRENT="100000",
@@ -210,14 +221,20 @@ def measure(args: argparse.Namespace, proxy_cpus: set[int], stack: contextlib.Ex
             for name, (url, watch) in modes.items():
                 step(f"ws {name}: {SMALL} B messages, {WINDOW} in flight, {args.msgs_s} s, "
                      f"round {round_}/{args.rounds}")  # fmt: skip
-                r = runner.run(interruptible(pipelined(url, SMALL, WINDOW, args.msgs_s, watch | {"client": me})))
+                r = runner.run(
+                    interruptible(
+                        pipelined(url, SMALL, WINDOW, args.msgs_s, watch | {"client": me})
+                    )
+                )
                 results[name]["rounds"].append(r)
         for name, (url, _) in modes.items():
             step(f"ws {name}: sequential {SMALL} B round trips, {args.latency_s} s")
             results[name]["latency"] = runner.run(interruptible(sequential(url, args.latency_s)))
         for name, (url, watch) in modes.items():
             step(f"ws {name}: 1 MiB messages, {BIG_WINDOW} in flight, {args.big_s} s")
-            results[name]["big"] = runner.run(interruptible(pipelined(url, BIG, BIG_WINDOW, args.big_s, watch)))
+            results[name]["big"] = runner.run(
+                interruptible(pipelined(url, BIG, BIG_WINDOW, args.big_s, watch))
+            )
     results["proxy"]["rss_after_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
     results["proxy"]["peak_rss_mib"] = status_kib(proxy.pid, "VmHWM") / 1024
     for name in modes:
@@ -256,8 +273,14 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     added50 = p["latency"]["p50_us"] - d["latency"]["p50_us"]
     added99 = p["latency"]["p99_us"] - d["latency"]["p99_us"]
     shared = dl["echo_cpu_util"] + dl["client_cpu_util"]
-    bound = (f" Direct is bound by the shared CPU (echo server + client at {pct(shared)} together), "
-             "so the ratio understates the proxy's own cost; the CPU row shows it.") if shared > 0.9 else ""
+    bound = (
+        (
+            f" Direct is bound by the shared CPU (echo server + client at {pct(shared)} together), "
+            "so the ratio understates the proxy's own cost; the CPU row shows it."
+        )
+        if shared > 0.9
+        else ""
+    )
     lines += [
         "",
         f"- {meta['cpu']}, {meta['cpus']} CPUs; {meta['pinning']}. Python {meta['python']}, "
@@ -283,8 +306,12 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run (~10 s)")
-    parser.add_argument("--rounds", type=int, metavar="N",
-                        help="messages/s runs per mode, median reported (default 3, 1 with --quick)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="messages/s runs per mode, median reported (default 3, 1 with --quick)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)  # the child
     args = parser.parse_args(argv)
@@ -344,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "results": results, "table": table}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"meta": meta, "results": results, "table": table}, indent=2) + "\n"
+        )
         print(f"\nJSON written to {args.json}")
     return 0
 

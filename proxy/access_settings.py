@@ -14,9 +14,9 @@ from pathlib import Path
 
 from .callers import JwtConfig, load_tokens
 from .client_ip import Network, parse_networks
+from .envvars import SettingsError, _choice, _get, _int, _read_secret_file
 from .origins import normalise_origin
 from .request_head import normalise_host_pattern
-from .envvars import SettingsError, _choice, _get, _int, _read_secret_file
 
 _HEADER_NAME = "abcdefghijklmnopqrstuvwxyz0123456789-_!#$%&'*+.^`|~"
 
@@ -45,8 +45,14 @@ class AccessSettings:
     def from_env(cls, env: Mapping[str, str]) -> AccessSettings:
         auth = _choice(env, "FAL_PROXY_AUTH", "none", ("none", "token", "jwt"))
         header = (_get(env, "FAL_PROXY_AUTH_HEADER") or "x-proxy-authorization").lower()
-        if not all(c in _HEADER_NAME for c in header) or header in ("authorization", "cookie", "host"):
-            raise SettingsError("FAL_PROXY_AUTH_HEADER must be a header name other than authorization/cookie/host")
+        if not all(c in _HEADER_NAME for c in header) or header in (
+            "authorization",
+            "cookie",
+            "host",
+        ):
+            raise SettingsError(
+                "FAL_PROXY_AUTH_HEADER must be a header name other than authorization/cookie/host"
+            )
         return cls(
             allowed_origins=_origins(env),
             cors_extra_headers=tuple(h.lower() for h in _list(env, "FAL_PROXY_CORS_EXTRA_HEADERS")),
@@ -55,7 +61,9 @@ class AccessSettings:
             tokens=_tokens(env) if auth == "token" else (),
             jwt=_jwt(env) if auth == "jwt" else None,
             allowed_apps=tuple(_list(env, "FAL_PROXY_ALLOWED_APPS")),
-            token_max_expiration=_int(env, "FAL_PROXY_TOKEN_MAX_EXPIRATION", 300, low=1, high=86400),
+            token_max_expiration=_int(
+                env, "FAL_PROXY_TOKEN_MAX_EXPIRATION", 300, low=1, high=86400
+            ),
             requests_per_minute=_int(env, "FAL_PROXY_RATE_LIMIT_RPM", 600, low=0),
             concurrent=_int(env, "FAL_PROXY_MAX_CONCURRENT", 32, low=0),
             submits_per_hour=_int(env, "FAL_PROXY_SUBMITS_PER_HOUR", 1000, low=0),
@@ -72,7 +80,9 @@ def _list(env: Mapping[str, str], name: str) -> list[str]:
     return [item.strip() for item in (_get(env, name) or "").split(",") if item.strip()]
 
 
-def _normalised(env: Mapping[str, str], name: str, normalise: Callable[[str], str], example: str) -> tuple[str, ...]:
+def _normalised(
+    env: Mapping[str, str], name: str, normalise: Callable[[str], str], example: str
+) -> tuple[str, ...]:
     """A comma-separated list, each item normalised; a bad one names the variable and itself."""
     out = []
     for item in _list(env, name):
@@ -84,7 +94,9 @@ def _normalised(env: Mapping[str, str], name: str, normalise: Callable[[str], st
 
 
 def _origins(env: Mapping[str, str]) -> tuple[str, ...]:
-    return _normalised(env, "FAL_PROXY_ALLOWED_ORIGINS", normalise_origin, "an origin like https://app.example.com")
+    return _normalised(
+        env, "FAL_PROXY_ALLOWED_ORIGINS", normalise_origin, "an origin like https://app.example.com"
+    )
 
 
 def _tokens(env: Mapping[str, str]) -> tuple[tuple[bytes, str], ...]:
@@ -103,12 +115,17 @@ def _tokens(env: Mapping[str, str]) -> tuple[tuple[bytes, str], ...]:
 
 
 def _jwt(env: Mapping[str, str]) -> JwtConfig:
-    secret = _read_secret_file(env, "FAL_PROXY_JWT_SECRET_FILE") if _get(env, "FAL_PROXY_JWT_SECRET_FILE") \
+    secret = (
+        _read_secret_file(env, "FAL_PROXY_JWT_SECRET_FILE")
+        if _get(env, "FAL_PROXY_JWT_SECRET_FILE")
         else _get(env, "FAL_PROXY_JWT_SECRET")
+    )
     jwks_file, jwks_url = _get(env, "FAL_PROXY_JWT_JWKS_FILE"), _get(env, "FAL_PROXY_JWT_JWKS_URL")
     if sum(x is not None for x in (secret, jwks_file, jwks_url)) != 1:
-        raise SettingsError("FAL_PROXY_AUTH=jwt needs exactly one of FAL_PROXY_JWT_SECRET(_FILE), "
-                            "FAL_PROXY_JWT_JWKS_FILE, FAL_PROXY_JWT_JWKS_URL")
+        raise SettingsError(
+            "FAL_PROXY_AUTH=jwt needs exactly one of FAL_PROXY_JWT_SECRET(_FILE), "
+            "FAL_PROXY_JWT_JWKS_FILE, FAL_PROXY_JWT_JWKS_URL"
+        )
     if secret is not None and len(secret) < 32:
         raise SettingsError("FAL_PROXY_JWT_SECRET must be at least 32 characters")
     if jwks_file is not None:
@@ -117,12 +134,19 @@ def _jwt(env: Mapping[str, str]) -> JwtConfig:
         try:
             jwt.PyJWKSet.from_json(Path(jwks_file).read_text(encoding="utf-8"))
         except (OSError, ValueError, jwt.PyJWTError) as exc:
-            raise SettingsError(f"FAL_PROXY_JWT_JWKS_FILE: cannot load a JWKS from {jwks_file}: {exc}") from None
-    if jwks_url is not None and not jwks_url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+            raise SettingsError(
+                f"FAL_PROXY_JWT_JWKS_FILE: cannot load a JWKS from {jwks_file}: {exc}"
+            ) from None
+    if jwks_url is not None and not jwks_url.startswith(
+        ("https://", "http://127.0.0.1", "http://localhost")
+    ):
         raise SettingsError("FAL_PROXY_JWT_JWKS_URL must be https (http only on loopback)")
     return JwtConfig(
-        secret=secret, jwks_file=jwks_file, jwks_url=jwks_url,
-        issuer=_get(env, "FAL_PROXY_JWT_ISSUER"), audience=_get(env, "FAL_PROXY_JWT_AUDIENCE"),
+        secret=secret,
+        jwks_file=jwks_file,
+        jwks_url=jwks_url,
+        issuer=_get(env, "FAL_PROXY_JWT_ISSUER"),
+        audience=_get(env, "FAL_PROXY_JWT_AUDIENCE"),
         caller_claim=_get(env, "FAL_PROXY_JWT_CALLER_CLAIM") or "sub",
     )
 
@@ -135,8 +159,12 @@ def _redis_url(env: Mapping[str, str]) -> str | None:
 
 
 def _hosts(env: Mapping[str, str]) -> tuple[str, ...]:
-    return _normalised(env, "FAL_PROXY_ALLOWED_HOSTS", normalise_host_pattern,
-                       "a host name like proxy.example.com or *.example.com")
+    return _normalised(
+        env,
+        "FAL_PROXY_ALLOWED_HOSTS",
+        normalise_host_pattern,
+        "a host name like proxy.example.com or *.example.com",
+    )
 
 
 def _trusted(env: Mapping[str, str]) -> tuple[Network, ...]:
@@ -147,8 +175,16 @@ def _trusted(env: Mapping[str, str]) -> tuple[Network, ...]:
 
 
 ACCESS_VARIABLES: tuple[tuple[str, str, str], ...] = (
-    ("FAL_PROXY_ALLOWED_ORIGINS", "", "exact origins (comma-separated) whose pages may call the proxy cross-origin"),
-    ("FAL_PROXY_CORS_EXTRA_HEADERS", "", "request headers to allow in preflights besides the fal SDK's"),
+    (
+        "FAL_PROXY_ALLOWED_ORIGINS",
+        "",
+        "exact origins (comma-separated) whose pages may call the proxy cross-origin",
+    ),
+    (
+        "FAL_PROXY_CORS_EXTRA_HEADERS",
+        "",
+        "request headers to allow in preflights besides the fal SDK's",
+    ),
     ("FAL_PROXY_AUTH", "none", "how callers prove who they are: none, token or jwt"),
     ("FAL_PROXY_AUTH_HEADER", "x-proxy-authorization", "header carrying the caller's credential"),
     ("FAL_PROXY_CLIENT_TOKENS_FILE", "", "with auth=token: file of '<caller-id> <token>' lines"),
@@ -159,14 +195,26 @@ ACCESS_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_PROXY_JWT_AUDIENCE", "", "with auth=jwt: required aud"),
     ("FAL_PROXY_JWT_CALLER_CLAIM", "sub", "with auth=jwt: claim naming the caller"),
     ("FAL_PROXY_ALLOWED_APPS", "(all)", "glob patterns of fal endpoint ids, e.g. fal-ai/flux/*"),
-    ("FAL_PROXY_TOKEN_MAX_EXPIRATION", "300", "longest token_expiration a realtime token request may ask"),
+    (
+        "FAL_PROXY_TOKEN_MAX_EXPIRATION",
+        "300",
+        "longest token_expiration a realtime token request may ask",
+    ),
     ("FAL_PROXY_RATE_LIMIT_RPM", "600", "requests per minute per caller (0 = no limit)"),
     ("FAL_PROXY_MAX_CONCURRENT", "32", "in-flight requests and streams per caller (0 = no limit)"),
-    ("FAL_PROXY_SUBMITS_PER_HOUR", "1000", "calls that can start a generation (runs, queue submits, streams, realtime tokens, sockets) per hour per caller (0 = no limit)"),
+    (
+        "FAL_PROXY_SUBMITS_PER_HOUR",
+        "1000",
+        "calls that can start a generation (runs, queue submits, streams, realtime tokens, sockets) per hour per caller (0 = no limit)",
+    ),
     ("FAL_PROXY_REDIS_URL", "", "share the limits across replicas in Redis (redis://...)"),
     ("FAL_PROXY_REDIS_FAILURE", "closed", "when Redis fails: closed (refuse, 503) or open (serve)"),
     ("FAL_PROXY_MAX_HEADER_BYTES", "32768", "largest request header block (431 above)"),
     ("FAL_PROXY_MAX_URL_BYTES", "16384", "longest path + query (414 above)"),
     ("FAL_PROXY_TRUSTED_PROXIES", "", "addresses/CIDRs whose X-Forwarded-For is believed"),
-    ("FAL_PROXY_ALLOWED_HOSTS", "(any)", "Host names the proxy answers to (421 otherwise), e.g. proxy.example.com,*.internal"),
+    (
+        "FAL_PROXY_ALLOWED_HOSTS",
+        "(any)",
+        "Host names the proxy answers to (421 otherwise), e.g. proxy.example.com,*.internal",
+    ),
 )

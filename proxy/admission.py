@@ -17,8 +17,14 @@ from .allowed_apps import AppPolicy
 from .callers import CallerAuth, JwtAuth, NoAuth, TokenAuth
 from .client_ip import client_ip, limit_key
 from .errors import HeadersTooLarge, MisdirectedRequest, URITooLong
-from .limits import LimitSettings, Limiter, create_limiter
-from .origins import OriginPolicy, check_browser_request, check_origin, cors_headers, preflight_headers
+from .limits import Limiter, LimitSettings, create_limiter
+from .origins import (
+    OriginPolicy,
+    check_browser_request,
+    check_origin,
+    cors_headers,
+    preflight_headers,
+)
 from .request_head import host_allowed
 from .settings import Settings
 from .targets import Target, starts_generation
@@ -72,8 +78,9 @@ class Admission:
     def __init__(self, settings: Settings) -> None:
         access = settings.access
         self.access = access
-        self.origins = OriginPolicy.build(list(access.allowed_origins), list(access.cors_extra_headers),
-                                          access.auth_header)
+        self.origins = OriginPolicy.build(
+            list(access.allowed_origins), list(access.cors_extra_headers), access.auth_header
+        )
         self.auth_header = access.auth_header.encode()
         self.auth: CallerAuth
         if access.auth == "token":
@@ -84,33 +91,39 @@ class Admission:
         else:
             self.auth = NoAuth()
         self.apps = AppPolicy(access.allowed_apps)
-        self.limiter: Limiter = create_limiter(LimitSettings(
-            requests_per_minute=access.requests_per_minute,
-            concurrent=access.concurrent,
-            submits_per_hour=access.submits_per_hour,
-            redis_url=access.redis_url,
-            redis_failure=access.redis_failure,
-        ))
+        self.limiter: Limiter = create_limiter(
+            LimitSettings(
+                requests_per_minute=access.requests_per_minute,
+                concurrent=access.concurrent,
+                submits_per_hour=access.submits_per_hour,
+                redis_url=access.redis_url,
+                redis_failure=access.redis_failure,
+            )
+        )
 
     def check_sizes(self, scope: dict[str, Any], headers: RequestHeaders) -> None:
         url = len(scope.get("raw_path") or b"") + len(scope["query_string"])
         if url > self.access.max_url_bytes:
             raise URITooLong("URL too long", f"{url} bytes; at most {self.access.max_url_bytes}")
         if headers.size > self.access.max_header_bytes:
-            raise HeadersTooLarge("request headers too large",
-                                  f"{headers.size} bytes; at most {self.access.max_header_bytes}")
+            raise HeadersTooLarge(
+                "request headers too large",
+                f"{headers.size} bytes; at most {self.access.max_header_bytes}",
+            )
 
     def check_host(self, headers: RequestHeaders) -> None:
         """``FAL_PROXY_ALLOWED_HOSTS``: 421 for a Host the proxy does not answer to."""
         if not host_allowed(headers.host, self.access.allowed_hosts):
-            raise MisdirectedRequest("host not served here",
-                                     "the Host header is not in FAL_PROXY_ALLOWED_HOSTS")
+            raise MisdirectedRequest(
+                "host not served here", "the Host header is not in FAL_PROXY_ALLOWED_HOSTS"
+            )
 
     def cors_origin(self, headers: RequestHeaders) -> str | None:
         """The origin to answer with CORS headers, None if none needed; raises Forbidden
         for a browser request from a page that is neither same-origin nor listed."""
-        return check_browser_request(headers.origin, headers.referer, headers.fetch_site, headers.host,
-                                     self.origins)
+        return check_browser_request(
+            headers.origin, headers.referer, headers.fetch_site, headers.host, self.origins
+        )
 
     def preflight(self, headers: RequestHeaders) -> list[tuple[bytes, bytes]]:
         origin = check_origin(headers.origin, headers.host, self.origins)
@@ -125,7 +138,9 @@ class Admission:
 
     def client(self, scope: dict[str, Any], headers: RequestHeaders) -> str:
         peer = scope.get("client")
-        return client_ip(peer[0] if peer else None, headers.forwarded_for, self.access.trusted_proxies)
+        return client_ip(
+            peer[0] if peer else None, headers.forwarded_for, self.access.trusted_proxies
+        )
 
     @staticmethod
     def limit_key(caller: str | None, client: str) -> str:

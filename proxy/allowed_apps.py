@@ -79,22 +79,41 @@ class AppPolicy:
         """
         data = parse_token_body(body)
         apps = data.get("allowed_apps")
-        if not isinstance(apps, list) or not apps or not all(isinstance(a, str) and a for a in apps):
-            raise Forbidden("token request refused", "allowed_apps must be a non-empty list of app aliases",
-                            reason="token_refused")
+        if (
+            not isinstance(apps, list)
+            or not apps
+            or not all(isinstance(a, str) and a for a in apps)
+        ):
+            raise Forbidden(
+                "token request refused",
+                "allowed_apps must be a non-empty list of app aliases",
+                reason="token_refused",
+            )
         expiration = data.get("token_expiration", DEFAULT_TOKEN_EXPIRATION)
-        if not isinstance(expiration, int) or isinstance(expiration, bool) or not 0 < expiration <= max_expiration:
-            raise Forbidden("token request refused",
-                            f"token_expiration must be 1-{max_expiration} seconds (FAL_PROXY_TOKEN_MAX_EXPIRATION)",
-                            reason="token_refused")
+        if (
+            not isinstance(expiration, int)
+            or isinstance(expiration, bool)
+            or not 0 < expiration <= max_expiration
+        ):
+            raise Forbidden(
+                "token request refused",
+                f"token_expiration must be 1-{max_expiration} seconds (FAL_PROXY_TOKEN_MAX_EXPIRATION)",
+                reason="token_refused",
+            )
         if not self.allows_all:
             aliases = {_alias(p) for p in self.patterns}
             for app in apps:
                 if not any(alias is not None and fnmatchcase(app, alias) for alias in aliases):
-                    raise Forbidden("token request refused", f"app {app!r} is not in FAL_PROXY_ALLOWED_APPS",
-                                    reason="app_refused")
-        return json.dumps({"allowed_apps": apps, "token_expiration": expiration},
-                          ensure_ascii=True, separators=(",", ":")).encode()
+                    raise Forbidden(
+                        "token request refused",
+                        f"app {app!r} is not in FAL_PROXY_ALLOWED_APPS",
+                        reason="app_refused",
+                    )
+        return json.dumps(
+            {"allowed_apps": apps, "token_expiration": expiration},
+            ensure_ascii=True,
+            separators=(",", ":"),
+        ).encode()
 
 
 DEFAULT_TOKEN_EXPIRATION = 120  # what the SDKs ask for
@@ -110,6 +129,7 @@ def parse_token_body(body: bytes) -> dict[str, Any]:
     ``allowed_apps`` or ``token_expiration`` only in letter case, and no deep nesting (a
     body of 30,000 ``[`` would otherwise overflow the parser's recursion).
     """
+
     def refuse(detail: str) -> BadRequest:
         return BadRequest("token request refused", detail, reason="token_refused")
 
@@ -163,4 +183,6 @@ def _alias(pattern: str) -> str | None:
 
 
 def _refused(app: str) -> Forbidden:
-    return Forbidden("app not allowed", f"{app!r} does not match FAL_PROXY_ALLOWED_APPS", reason="app_refused")
+    return Forbidden(
+        "app not allowed", f"{app!r} does not match FAL_PROXY_ALLOWED_APPS", reason="app_refused"
+    )

@@ -34,9 +34,14 @@ from .upstream import create_session
 
 def create_app(settings: Settings) -> Any:
     """Build the proxy's ASGI app for ``settings``."""
-    register_secret(settings.fal_key.reveal(), settings.cf_aig_token.reveal() if settings.cf_aig_token else None,
-                    settings.access.jwt.secret if settings.access.jwt else None)
-    register_secret(urlsplit(settings.access.redis_url).password if settings.access.redis_url else None)
+    register_secret(
+        settings.fal_key.reveal(),
+        settings.cf_aig_token.reveal() if settings.cf_aig_token else None,
+        settings.access.jwt.secret if settings.access.jwt else None,
+    )
+    register_secret(
+        urlsplit(settings.access.redis_url).password if settings.access.redis_url else None
+    )
     register_header_names([settings.access.auth_header])
     admission = Admission(settings)
     metrics = Metrics()
@@ -53,7 +58,9 @@ def create_app(settings: Settings) -> Any:
         reloader = asyncio.ensure_future(watch_secret_files(settings, install_headers))
         metrics_server = None
         if settings.metrics_port is not None:  # a port of its own, never routed publicly
-            metrics_server, _ = start_http_server(settings.metrics_port, settings.host, metrics.registry)
+            metrics_server, _ = start_http_server(
+                settings.metrics_port, settings.host, metrics.registry
+            )
             log.info("metrics", url=f"http://{settings.host}:{metrics_server.server_port}/metrics")
         try:
             yield
@@ -91,14 +98,21 @@ def create_app(settings: Settings) -> Any:
 
     async def metrics_endpoint(_request: Request) -> Response:
         if settings.metrics_port is not None:
-            return JSONResponse({"message": "not found", "detail": "metrics are on FAL_PROXY_METRICS_PORT"},
-                                status_code=404)
+            return JSONResponse(
+                {"message": "not found", "detail": "metrics are on FAL_PROXY_METRICS_PORT"},
+                status_code=404,
+            )
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    starlette = Starlette(routes=[Route("/healthz", healthz, methods=["GET", "HEAD"]),
-                                  Route("/readyz", readyz, methods=["GET", "HEAD"]),
-                                  Route("/metrics", metrics_endpoint, methods=["GET"])], lifespan=lifespan)
+    starlette = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -120,10 +134,20 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 def warn_about_open_settings(settings: Settings, log: Any) -> None:
     """Say at start-up what is open by default, so nobody ships it by accident."""
     access = settings.access
-    if access.auth == "none" and settings.host not in LOOPBACK and not settings.host.startswith("127."):
-        log.warning("caller authentication is off (FAL_PROXY_AUTH=none) and the proxy listens on "
-                    f"{settings.host}: anyone who can reach it spends your fal credits. "
-                    "Set FAL_PROXY_AUTH=token or jwt.", setting="FAL_PROXY_AUTH")
+    if (
+        access.auth == "none"
+        and settings.host not in LOOPBACK
+        and not settings.host.startswith("127.")
+    ):
+        log.warning(
+            "caller authentication is off (FAL_PROXY_AUTH=none) and the proxy listens on "
+            f"{settings.host}: anyone who can reach it spends your fal credits. "
+            "Set FAL_PROXY_AUTH=token or jwt.",
+            setting="FAL_PROXY_AUTH",
+        )
     if not access.allowed_apps or "*" in access.allowed_apps:
-        log.warning("every fal app is allowed: set FAL_PROXY_ALLOWED_APPS (e.g. fal-ai/flux/*) "
-                    "to the apps your product uses", setting="FAL_PROXY_ALLOWED_APPS")
+        log.warning(
+            "every fal app is allowed: set FAL_PROXY_ALLOWED_APPS (e.g. fal-ai/flux/*) "
+            "to the apps your product uses",
+            setting="FAL_PROXY_ALLOWED_APPS",
+        )

@@ -50,7 +50,7 @@ DIRECT_FAL = "wss://fal.run"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: what a sub-protocol may be
 
 
-class _connect_without_redirects(connect):  # noqa: N801 - used as websockets' connect
+class _connect_without_redirects(connect):
     """websockets' ``connect`` that never follows a redirect on the upstream handshake.
 
     It would follow up to 10, with the fal key on a same-origin ``Location`` (outside the
@@ -69,15 +69,30 @@ def is_credential_subprotocol(protocol: str) -> bool:
 
 def caller_from_subprotocols(offered: list[str]) -> str | None:
     """A browser's caller credential, sent as the sub-protocol ``proxy-authorization.<token>``."""
-    return next((p[len(CALLER_SUBPROTOCOL):] for p in offered if p.lower().startswith(CALLER_SUBPROTOCOL)),
-                None)
+    return next(
+        (p[len(CALLER_SUBPROTOCOL) :] for p in offered if p.lower().startswith(CALLER_SUBPROTOCOL)),
+        None,
+    )
 
 
 class Session:
     """One bridged socket: counters for its canonical log line."""
 
-    __slots__ = ("request_id", "path", "started", "frames_in", "frames_out", "bytes_in", "bytes_out",
-                 "client_close", "upstream_close", "error", "caller", "upstream", "client_send")
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "caller",
+        "client_close",
+        "client_send",
+        "error",
+        "frames_in",
+        "frames_out",
+        "path",
+        "request_id",
+        "started",
+        "upstream",
+        "upstream_close",
+    )
 
     def __init__(self, request_id: str, path: str) -> None:
         self.request_id, self.path, self.started = request_id, path, time.perf_counter()
@@ -116,13 +131,19 @@ class Bridge:
             session.caller = await self.admission.caller(seen)
             raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
             query = without_token(scope["query_string"].decode("latin-1"))
-            target = resolve_target(raw_path, query, None, gateway_url=self.settings.gateway_url,
-                                    proxy_route=self.settings.proxy_route)
+            target = resolve_target(
+                raw_path,
+                query,
+                None,
+                gateway_url=self.settings.gateway_url,
+                proxy_route=self.settings.proxy_route,
+            )
             self.admission.check_app(target)
             client_ip = self.admission.client(scope, seen)
             # A session can run the app as often as it sends: it counts as a generation.
-            lease = await self.admission.limiter.admit(self.admission.limit_key(session.caller, client_ip),
-                                                       submit=True)
+            lease = await self.admission.limiter.admit(
+                self.admission.limit_key(session.caller, client_ip), submit=True
+            )
             await self._bridge(scope, receive, send, session, target.path, query, offered)
         except ProxyError as exc:
             session.error = exc.reason
@@ -133,42 +154,74 @@ class Bridge:
             session.error = "internal"
             self.log.exception("internal_error", request_id=session.request_id)
             if session.upstream is None:
-                await _refuse(scope, send, 500, _json_error("internal proxy error",
-                                                            f"request id {session.request_id}"))
+                await _refuse(
+                    scope,
+                    send,
+                    500,
+                    _json_error("internal proxy error", f"request id {session.request_id}"),
+                )
         finally:
             if lease is not None:
                 await lease.release()
             self._log(session)
 
-    async def _bridge(self, scope: dict[str, Any], receive: Any, send: Any, session: Session,
-                      path: str, query: str, offered: list[str]) -> None:
+    async def _bridge(
+        self,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        session: Session,
+        path: str,
+        query: str,
+        offered: list[str],
+    ) -> None:
         settings = self.settings
-        url, direct = upstream_ws_url(self.gateway_ws, path, query, realtime_direct=settings.realtime_direct)
-        headers = [("authorization", self.injected.authorization), ("x-fal-client-proxy", CLIENT_PROXY_ID)]
+        url, direct = upstream_ws_url(
+            self.gateway_ws, path, query, realtime_direct=settings.realtime_direct
+        )
+        headers = [
+            ("authorization", self.injected.authorization),
+            ("x-fal-client-proxy", CLIENT_PROXY_ID),
+        ]
         if self.injected.cf_aig_authorization is not None and not direct:
             headers.append(("cf-aig-authorization", self.injected.cf_aig_authorization))
         # Only well-formed offers: websockets refuses to send an empty or non-token one.
         passable = [p for p in offered if _TOKEN.fullmatch(p) and not is_credential_subprotocol(p)]
         try:
             upstream = await _connect_without_redirects(
-                url, additional_headers=headers, subprotocols=passable or None,  # type: ignore[arg-type]
-                max_size=settings.ws_max_bytes, open_timeout=settings.connect_timeout, proxy=None,
-                ping_interval=20, ping_timeout=20, compression=None, user_agent_header=CLIENT_PROXY_ID,
+                url,
+                additional_headers=headers,
+                subprotocols=passable or None,  # type: ignore[arg-type]
+                max_size=settings.ws_max_bytes,
+                open_timeout=settings.connect_timeout,
+                proxy=None,
+                ping_interval=20,
+                ping_timeout=20,
+                compression=None,
+                user_agent_header=CLIENT_PROXY_ID,
             )
         except InvalidStatus as exc:
             session.error = "upstream_refused"
             body = exc.response.body or b""
             await _refuse(scope, send, exc.response.status_code, body)
             return
-        except (InvalidHandshake, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, InvalidHandshake, OSError) as exc:
             session.error = "upstream_unavailable"
-            await _refuse(scope, send, 502, _json_error("the gateway could not be reached", type(exc).__name__))
+            await _refuse(
+                scope,
+                send,
+                502,
+                _json_error("the gateway could not be reached", type(exc).__name__),
+            )
             return
         session.upstream, session.client_send = upstream, send
         # One of the client's own offers: the upstream's choice, else a non-credential one, else
         # (only credential ones were offered) the first, which echoes the client's own value.
-        chosen = upstream.subprotocol if upstream.subprotocol in offered else next(
-            iter(passable or [p for p in offered if _TOKEN.fullmatch(p)]), None)
+        chosen = (
+            upstream.subprotocol
+            if upstream.subprotocol in offered
+            else next(iter(passable or [p for p in offered if _TOKEN.fullmatch(p)]), None)
+        )
         await send({"type": "websocket.accept", "subprotocol": chosen})
         self.sessions.add(session)
         self.metrics.open_websockets.inc()
@@ -178,7 +231,9 @@ class Bridge:
             self.metrics.open_websockets.dec()
             self.sessions.discard(session)
 
-    async def _relay(self, receive: Any, send: Any, upstream: ClientConnection, session: Session) -> None:
+    async def _relay(
+        self, receive: Any, send: Any, upstream: ClientConnection, session: Session
+    ) -> None:
         loop = asyncio.get_running_loop()
         idle = self.settings.idle_timeout
         last = [loop.time()]  # last frame either way, for the idle timeout
@@ -196,9 +251,15 @@ class Bridge:
                 message = await receive()
                 if message["type"] == "websocket.disconnect":
                     session.client_close = message.get("code", 1005)
-                    await upstream.close(_sendable(session.client_close), message.get("reason") or "")
+                    await upstream.close(
+                        _sendable(session.client_close), message.get("reason") or ""
+                    )
                     return
-                data = message.get("bytes") if message.get("bytes") is not None else message.get("text", "")
+                data = (
+                    message.get("bytes")
+                    if message.get("bytes") is not None
+                    else message.get("text", "")
+                )
                 session.frames_in += 1
                 session.bytes_in += len(data)
                 last[0] = loop.time()
@@ -223,13 +284,21 @@ class Bridge:
             if session.client_close is None:
                 # 1006 (no close frame: the upstream died) becomes 1011 for the client.
                 code = _sendable(rcvd) if rcvd not in (None, 1006) else 1011
-                reason = upstream.close_reason or ("upstream connection lost" if code == 1011 else "")
-                if upstream.protocol.close_sent is not None and upstream.protocol.close_sent.code == rcvd:
+                reason = upstream.close_reason or (
+                    "upstream connection lost" if code == 1011 else ""
+                )
+                if (
+                    upstream.protocol.close_sent is not None
+                    and upstream.protocol.close_sent.code == rcvd
+                ):
                     reason = upstream.protocol.close_sent.reason or reason
                 await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
 
-        tasks = [asyncio.ensure_future(client_to_upstream()), asyncio.ensure_future(upstream_to_client()),
-                 asyncio.ensure_future(close_when_idle())]
+        tasks = [
+            asyncio.ensure_future(client_to_upstream()),
+            asyncio.ensure_future(upstream_to_client()),
+            asyncio.ensure_future(close_when_idle()),
+        ]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if tasks[0] in done and not tasks[1].done():  # the client left: let the upstream's
@@ -243,7 +312,9 @@ class Bridge:
         """Close every bridged session (both sides) before the server goes down."""
         for session in list(self.sessions):
             try:
-                await session.client_send({"type": "websocket.close", "code": code, "reason": reason})
+                await session.client_send(
+                    {"type": "websocket.close", "code": code, "reason": reason}
+                )
             except Exception:  # the client is gone already
                 pass
             if session.upstream is not None:
@@ -251,11 +322,16 @@ class Bridge:
 
     def _log(self, session: Session) -> None:
         fields = {
-            "request_id": session.request_id, "route": "websocket", "target_path": session.path,
+            "request_id": session.request_id,
+            "route": "websocket",
+            "target_path": session.path,
             "duration_ms": round((time.perf_counter() - session.started) * 1000, 2),
-            "frames_in": session.frames_in, "frames_out": session.frames_out,
-            "bytes_in": session.bytes_in, "bytes_out": session.bytes_out,
-            "client_close": session.client_close, "upstream_close": session.upstream_close,
+            "frames_in": session.frames_in,
+            "frames_out": session.frames_out,
+            "bytes_in": session.bytes_in,
+            "bytes_out": session.bytes_out,
+            "client_close": session.client_close,
+            "upstream_close": session.upstream_close,
         }
         if session.caller is not None:
             fields["caller"] = session.caller
@@ -268,7 +344,9 @@ class Bridge:
         self.log.info("websocket", **fields)
 
 
-def upstream_ws_url(gateway_ws: str, path: str, query: str, *, realtime_direct: bool) -> tuple[str, bool]:
+def upstream_ws_url(
+    gateway_ws: str, path: str, query: str, *, realtime_direct: bool
+) -> tuple[str, bool]:
     """Where a bridged socket goes: ``(url, straight_to_fal)``. Pure.
 
     ``…/realtime`` paths go straight to ``wss://fal.run`` when ``FAL_PROXY_REALTIME_DIRECT``
@@ -291,8 +369,11 @@ def without_token(query: str) -> str:
     proxy's key authenticates the upstream socket. The rest goes on byte for byte."""
     if not query:
         return query
-    kept = [part for part in query.split("&")
-            if unquote_plus(part.partition("=")[0]).strip().lower() != "fal_jwt_token"]
+    kept = [
+        part
+        for part in query.split("&")
+        if unquote_plus(part.partition("=")[0]).strip().lower() != "fal_jwt_token"
+    ]
     return "&".join(kept)
 
 
@@ -310,10 +391,16 @@ def _json_error(message: str, detail: str) -> bytes:
 async def _refuse(scope: dict[str, Any], send: Any, status: int, body: bytes) -> None:
     """Refuse the upgrade with an HTTP status where the server allows it, else close (→ 403)."""
     if "websocket.http.response" in (scope.get("extensions") or {}):
-        await send({"type": "websocket.http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008 if status < 500 else 1011})
-

@@ -43,14 +43,20 @@ class NoAuth(CallerAuth):
 
 def _bearer(credential: str | None, header: bytes) -> str:
     if not credential:
-        raise Unauthorized("caller credential missing", f"send it in the {header.decode()} header",
-                           reason="caller_missing")
+        raise Unauthorized(
+            "caller credential missing",
+            f"send it in the {header.decode()} header",
+            reason="caller_missing",
+        )
     value = credential.strip()
     if value[:7].lower() == "bearer ":
         value = value[7:].strip()
     if not value:
-        raise Unauthorized("caller credential missing", f"the {header.decode()} header is empty",
-                           reason="caller_missing")
+        raise Unauthorized(
+            "caller credential missing",
+            f"the {header.decode()} header is empty",
+            reason="caller_missing",
+        )
     return value
 
 
@@ -90,8 +96,11 @@ class TokenAuth(CallerAuth):
             if hmac.compare_digest(digest, presented):
                 found = caller
         if found is None:
-            raise Unauthorized("caller token not accepted", "the token is not in FAL_PROXY_CLIENT_TOKENS_FILE",
-                               reason="caller_refused")
+            raise Unauthorized(
+                "caller token not accepted",
+                "the token is not in FAL_PROXY_CLIENT_TOKENS_FILE",
+                reason="caller_refused",
+            )
         return found
 
 
@@ -117,10 +126,14 @@ class JwtAuth(CallerAuth):
         else:
             self.algorithms = ["RS256", "ES256"]
             if config.jwks_file is not None:
-                self._jwks = jwt.PyJWKSet.from_json(Path(config.jwks_file).read_text(encoding="utf-8"))
+                self._jwks = jwt.PyJWKSet.from_json(
+                    Path(config.jwks_file).read_text(encoding="utf-8")
+                )
             else:
                 # Keys are fetched on first use and cached; a token with an unknown kid refreshes them.
-                self._client = jwt.PyJWKClient(config.jwks_url or "", cache_keys=True, lifespan=300, timeout=5)
+                self._client = jwt.PyJWKClient(
+                    config.jwks_url or "", cache_keys=True, lifespan=300, timeout=5
+                )
 
     async def _key(self, token: str) -> tuple[Any, list[str]]:
         """The key to verify ``token`` with, and the one algorithm that key may verify.
@@ -134,24 +147,35 @@ class JwtAuth(CallerAuth):
         try:
             kid = jwt.get_unverified_header(token).get("kid")
         except jwt.PyJWTError:
-            raise Unauthorized("caller token not accepted", "not a JWT", reason="caller_refused") from None
+            raise Unauthorized(
+                "caller token not accepted", "not a JWT", reason="caller_refused"
+            ) from None
         jwk: jwt.PyJWK | None = None
         if self._jwks is not None:
             jwk = next((k for k in self._jwks.keys if kid is None or k.key_id == kid), None)
             if jwk is None:
-                raise Unauthorized("caller token not accepted", "no key in the JWKS matches its kid",
-                                   reason="caller_refused")
+                raise Unauthorized(
+                    "caller token not accepted",
+                    "no key in the JWKS matches its kid",
+                    reason="caller_refused",
+                )
         else:
             assert self._client is not None
             try:  # PyJWKClient fetches with blocking I/O: keep it off the event loop
                 jwk = await asyncio.to_thread(self._client.get_signing_key_from_jwt, token)
             except jwt.PyJWKClientError as exc:
-                raise Unauthorized("caller token not accepted", f"signing key unavailable: {exc}",
-                                   reason="caller_refused") from None
+                raise Unauthorized(
+                    "caller token not accepted",
+                    f"signing key unavailable: {exc}",
+                    reason="caller_refused",
+                ) from None
         algorithm = jwk.algorithm_name
         if algorithm not in self.algorithms:
-            raise Unauthorized("caller token not accepted", f"the JWKS key is for {algorithm}, not RS256/ES256",
-                               reason="caller_refused")
+            raise Unauthorized(
+                "caller token not accepted",
+                f"the JWKS key is for {algorithm}, not RS256/ES256",
+                reason="caller_refused",
+            )
         return jwk.key, [algorithm]
 
     async def authenticate(self, credential: str | None) -> str | None:
@@ -160,20 +184,39 @@ class JwtAuth(CallerAuth):
         config = self.config
         try:
             claims = jwt.decode(
-                token, key, algorithms=algorithms, audience=config.audience, issuer=config.issuer,
+                token,
+                key,
+                algorithms=algorithms,
+                audience=config.audience,
+                issuer=config.issuer,
                 leeway=config.leeway,
-                options={"require": ["exp", *(["iss"] if config.issuer else []), *(["aud"] if config.audience else [])]},
+                options={
+                    "require": [
+                        "exp",
+                        *(["iss"] if config.issuer else []),
+                        *(["aud"] if config.audience else []),
+                    ]
+                },
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthorized("caller token expired", "get a fresh session token", reason="caller_refused") from None
+            raise Unauthorized(
+                "caller token expired", "get a fresh session token", reason="caller_refused"
+            ) from None
         except jwt.PyJWTError as exc:
             # PyJWT's messages name the failed check (audience, issuer, signature), never the token.
-            raise Unauthorized("caller token not accepted", str(exc), reason="caller_refused") from None
+            raise Unauthorized(
+                "caller token not accepted", str(exc), reason="caller_refused"
+            ) from None
         except (TypeError, ValueError, RecursionError):
             # Whatever else a hostile token makes the decoder trip on is still a bad token.
-            raise Unauthorized("caller token not accepted", "not a valid JWT", reason="caller_refused") from None
+            raise Unauthorized(
+                "caller token not accepted", "not a valid JWT", reason="caller_refused"
+            ) from None
         caller = claims.get(config.caller_claim)
         if not isinstance(caller, (str, int)) or caller == "":
-            raise Unauthorized("caller token not accepted", f"the token has no '{config.caller_claim}' claim",
-                               reason="caller_refused")
+            raise Unauthorized(
+                "caller token not accepted",
+                f"the token has no '{config.caller_claim}' claim",
+                reason="caller_refused",
+            )
         return str(caller)

@@ -23,7 +23,9 @@ def _shown(name: str, value: Any) -> str:
     if name == "redis_url" and value:
         parts = urlsplit(value)
         if parts.password:  # redis://:password@host
-            netloc = f"{parts.username or ''}:********@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+            netloc = f"{parts.username or ''}:********@{parts.hostname}" + (
+                f":{parts.port}" if parts.port else ""
+            )
             return urlunsplit(parts._replace(netloc=netloc))
     if isinstance(value, tuple):
         return ", ".join(str(v) for v in value) or "(none)"
@@ -36,7 +38,10 @@ def describe(settings: Settings) -> list[str]:
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)
         if dataclasses.is_dataclass(value):
-            lines += [f"access.{f.name} = {_shown(f.name, getattr(value, f.name))}" for f in dataclasses.fields(value)]
+            lines += [
+                f"access.{f.name} = {_shown(f.name, getattr(value, f.name))}"
+                for f in dataclasses.fields(value)
+            ]
         else:
             lines.append(f"{field.name} = {_shown(field.name, value)}")
     return lines
@@ -55,7 +60,12 @@ def probe(settings: Settings) -> list[tuple[bool, str]]:
         with httpx.Client(trust_env=False, timeout=settings.connect_timeout) as client:
             r = client.get(settings.gateway_url, headers=headers)
         if r.status_code == 401 and b"2009" in r.content:
-            results.append((False, "gateway: refused cf-aig-authorization (Cloudflare code 2009): check CF_AIG_TOKEN"))
+            results.append(
+                (
+                    False,
+                    "gateway: refused cf-aig-authorization (Cloudflare code 2009): check CF_AIG_TOKEN",
+                )
+            )
         else:
             results.append((True, f"gateway: reachable (HTTP {r.status_code} for a bare GET)"))
     except httpx.HTTPError as exc:
@@ -64,7 +74,9 @@ def probe(settings: Settings) -> list[tuple[bool, str]]:
         import redis
 
         try:
-            with redis.Redis.from_url(settings.access.redis_url, socket_timeout=2, socket_connect_timeout=2) as client:
+            with redis.Redis.from_url(
+                settings.access.redis_url, socket_timeout=2, socket_connect_timeout=2
+            ) as client:
                 client.ping()
             results.append((True, "redis: reachable"))
         except (redis.RedisError, OSError) as exc:

@@ -28,7 +28,13 @@ def _parser() -> argparse.ArgumentParser:
     width = max(len(name) for name, _, _ in DOCUMENTED_VARIABLES)
     table = "\n".join(
         f"  {name:<{width}}  {meaning}"
-        + (f" ({default})" if default.startswith("(") else f" (default {default})" if default else "")
+        + (
+            f" ({default})"
+            if default.startswith("(")
+            else f" (default {default})"
+            if default
+            else ""
+        )
         for name, default, meaning in DOCUMENTED_VARIABLES
     )
     parser = argparse.ArgumentParser(
@@ -41,42 +47,77 @@ def _parser() -> argparse.ArgumentParser:
         f"Try it with no account: {PROG} demo   (see '{PROG} demo --help')",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", help="address to listen on (env FAL_PROXY_HOST, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on, 0 = any free port (env FAL_PROXY_PORT, default 8787)")
-    parser.add_argument("--workers", type=int, help="processes sharing the port (env FAL_PROXY_WORKERS, default 1); "
-                        "use FAL_PROXY_REDIS_URL so they share the rate limits")
+    parser.add_argument(
+        "--host", help="address to listen on (env FAL_PROXY_HOST, default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        help="port to listen on, 0 = any free port (env FAL_PROXY_PORT, default 8787)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the port (env FAL_PROXY_WORKERS, default 1); "
+        "use FAL_PROXY_REDIS_URL so they share the rate limits",
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="{emulator,demo,check}")
 
     emulator = commands.add_parser(
-        "emulator", help="run the offline fal + Cloudflare AI Gateway emulator",
+        "emulator",
+        help="run the offline fal + Cloudflare AI Gateway emulator",
         description="Serve an offline emulator of Cloudflare AI Gateway in front of fal. Point a proxy at "
         "FAL_PROXY_GATEWAY_URL=http://HOST:PORT/v1/<account>/<gateway>/fal. No real fal call is ever made.",
     )
-    emulator.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    emulator.add_argument("--port", type=int, default=9000, help="port, 0 = any free port (default 9000)")
-    emulator.add_argument("--key", default=None, help="fal key to require (default: accept any 'Key ...')")
-    emulator.add_argument("--cf-token", default=None, help="act as an authenticated gateway with this token")
-    emulator.add_argument("--seed", type=int, default=0, help="seed for ids, tokens and images (default 0)")
-    emulator.add_argument("--time-scale", type=float, default=1.0,
-                          help="multiply every emulated duration (default 1.0; 0.05 for fast tests)")
-    emulator.add_argument("--public-url", default=None, help="origin for the file and upload URLs it hands out")
+    emulator.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    emulator.add_argument(
+        "--port", type=int, default=9000, help="port, 0 = any free port (default 9000)"
+    )
+    emulator.add_argument(
+        "--key", default=None, help="fal key to require (default: accept any 'Key ...')"
+    )
+    emulator.add_argument(
+        "--cf-token", default=None, help="act as an authenticated gateway with this token"
+    )
+    emulator.add_argument(
+        "--seed", type=int, default=0, help="seed for ids, tokens and images (default 0)"
+    )
+    emulator.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="multiply every emulated duration (default 1.0; 0.05 for fast tests)",
+    )
+    emulator.add_argument(
+        "--public-url", default=None, help="origin for the file and upload URLs it hands out"
+    )
 
     check = commands.add_parser(
-        "check", help="validate the configuration and print it (secrets masked)",
+        "check",
+        help="validate the configuration and print it (secrets masked)",
         description="Load the settings from the environment, print them with secrets masked, and exit "
         "non-zero on a problem. With --probe, also ask the gateway (and Redis) whether they answer.",
     )
     check.add_argument("--probe", action="store_true", help="contact the gateway and Redis")
 
     demo = commands.add_parser(
-        "demo", help="try the proxy with no account: proxy + emulator + a demo page",
+        "demo",
+        help="try the proxy with no account: proxy + emulator + a demo page",
         description="Run the proxy against the built-in offline emulator and serve a demo page. "
         "No real fal call is made; FAL_KEY and CF_* are ignored.",
     )
-    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    demo.add_argument("--port", type=int, default=8787, help="port, 0 = any free port (default 8787)")
-    demo.add_argument("--time-scale", type=float, default=1.0, help="multiply emulated durations (default 1.0)")
+    demo.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    demo.add_argument(
+        "--port", type=int, default=8787, help="port, 0 = any free port (default 8787)"
+    )
+    demo.add_argument(
+        "--time-scale", type=float, default=1.0, help="multiply emulated durations (default 1.0)"
+    )
     return parser
 
 
@@ -144,8 +185,12 @@ def raise_open_files_limit(log: Any) -> None:
             raised = target
         except (ValueError, OSError):
             pass
-    log.info("open_files_limit", soft_before=soft, soft=raised,
-             hard=-1 if hard == resource.RLIM_INFINITY else hard)
+    log.info(
+        "open_files_limit",
+        soft_before=soft,
+        soft=raised,
+        hard=-1 if hard == resource.RLIM_INFINITY else hard,
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -163,9 +208,16 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run_uvicorn(app: Any, settings_host: str, sock: socket.socket | None, port: int, on_listening: Any,
-                 ws_max_bytes: int = 16 * 1024 * 1024, drain_seconds: float = 10.0,
-                 header_timeout: float | None = None) -> None:
+def _run_uvicorn(
+    app: Any,
+    settings_host: str,
+    sock: socket.socket | None,
+    port: int,
+    on_listening: Any,
+    ws_max_bytes: int = 16 * 1024 * 1024,
+    drain_seconds: float = 10.0,
+    header_timeout: float | None = None,
+) -> None:
     import uvicorn
 
     from .server_protocol import guarded_protocol
@@ -235,19 +287,38 @@ def serve(settings: Settings, workers: int = 1) -> int:
 
     def listening(host: str, port: int) -> None:
         # Tests and scripts read the bound port (with --port 0) from this line.
-        log.info("listening", role="proxy", host=host, port=port, url=f"http://{host}:{port}",
-                 proxy_route=settings.proxy_route, version=__version__, pid=os.getpid())
+        log.info(
+            "listening",
+            role="proxy",
+            host=host,
+            port=port,
+            url=f"http://{host}:{port}",
+            proxy_route=settings.proxy_route,
+            version=__version__,
+            pid=os.getpid(),
+        )
 
     def run(sock: socket.socket | None) -> None:
-        _run_uvicorn(create_app(settings), settings.host, sock, settings.port, listening,
-                     settings.ws_max_bytes, settings.drain_seconds, settings.header_timeout)
+        _run_uvicorn(
+            create_app(settings),
+            settings.host,
+            sock,
+            settings.port,
+            listening,
+            settings.ws_max_bytes,
+            settings.drain_seconds,
+            settings.header_timeout,
+        )
 
     if workers <= 1:
         run(None)
         return 0
     if settings.access.redis_url is None:
-        log.warning("several workers with in-memory rate limits: each worker counts on its own; "
-                    "set FAL_PROXY_REDIS_URL to share them", setting="FAL_PROXY_REDIS_URL")
+        log.warning(
+            "several workers with in-memory rate limits: each worker counts on its own; "
+            "set FAL_PROXY_REDIS_URL to share them",
+            setting="FAL_PROXY_REDIS_URL",
+        )
     sock = _bind(settings.host, settings.port)
     children = []
     for _ in range(workers):
@@ -288,14 +359,25 @@ def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return 2
     configure_logging(environ.get("FAL_PROXY_LOG_FORMAT", "auto"), "info")
     log = get_logger("emulator")
-    config = EmulatorConfig(fal_key=args.key, cf_token=args.cf_token, seed=args.seed,
-                            time_scale=args.time_scale, public_url=args.public_url)
+    config = EmulatorConfig(
+        fal_key=args.key,
+        cf_token=args.cf_token,
+        seed=args.seed,
+        time_scale=args.time_scale,
+        public_url=args.public_url,
+    )
     sock = _bind(args.host, args.port)
 
     def listening(host: str, port: int) -> None:
-        log.info("listening", role="emulator", host=host, port=port, url=f"http://{host}:{port}",
-                 gateway_url=f"http://{host}:{port}/v1/emulator/emulator/fal",
-                 note="offline emulator: no real fal call is made")
+        log.info(
+            "listening",
+            role="emulator",
+            host=host,
+            port=port,
+            url=f"http://{host}:{port}",
+            gateway_url=f"http://{host}:{port}/v1/emulator/emulator/fal",
+            note="offline emulator: no real fal call is made",
+        )
 
     _run_uvicorn(create_emulator(config), args.host, sock, args.port, listening)
     return 0
@@ -317,13 +399,17 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     host, port = sock.getsockname()[:2]
     origin = f"http://{host}:{port}"
     key = secrets.token_urlsafe(16)  # a throwaway key shared by the two halves
-    settings = Settings.from_env({
-        "FAL_KEY": key,
-        "FAL_PROXY_GATEWAY_URL": f"{origin}/v1/demo/demo/fal",
-        "FAL_PROXY_HOST": host,
-        "FAL_PROXY_PORT": str(port),
-        "FAL_PROXY_LOG_FORMAT": log_format if log_format in ("auto", "json", "console") else "auto",
-    })
+    settings = Settings.from_env(
+        {
+            "FAL_KEY": key,
+            "FAL_PROXY_GATEWAY_URL": f"{origin}/v1/demo/demo/fal",
+            "FAL_PROXY_HOST": host,
+            "FAL_PROXY_PORT": str(port),
+            "FAL_PROXY_LOG_FORMAT": log_format
+            if log_format in ("auto", "json", "console")
+            else "auto",
+        }
+    )
     emulator = EmulatorConfig(fal_key=key, time_scale=args.time_scale, public_url=origin)
     log.warning(
         "DEMO MODE: the proxy forwards to the built-in offline emulator; no real fal call is made "
@@ -331,11 +417,24 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     )
 
     def listening(bound_host: str, bound_port: int) -> None:
-        log.info("listening", role="proxy", host=bound_host, port=bound_port, url=origin,
-                 proxy_route=settings.proxy_route, version=__version__)
+        log.info(
+            "listening",
+            role="proxy",
+            host=bound_host,
+            port=bound_port,
+            url=origin,
+            proxy_route=settings.proxy_route,
+            version=__version__,
+        )
         log.info("listening", role="emulator", url=origin, gateway_url=settings.gateway_url)
         log.info(f"demo page: open {origin}/ in a browser", url=f"{origin}/")
 
-    _run_uvicorn(create_demo_app(settings, emulator), host, sock, port, listening,
-                 header_timeout=settings.header_timeout)
+    _run_uvicorn(
+        create_demo_app(settings, emulator),
+        host,
+        sock,
+        port,
+        listening,
+        header_timeout=settings.header_timeout,
+    )
     return 0

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message names the variable."""
+
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name)
@@ -35,7 +37,9 @@ def _check_header_safe(name: str, value: str) -> None:
         raise SettingsError(f"{name} holds characters that cannot go in an HTTP header")
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int | None = None) -> int:
+def _int(
+    env: Mapping[str, str], name: str, default: int, *, low: int, high: int | None = None
+) -> int:
     raw = _get(env, name)
     if raw is None:
         return default

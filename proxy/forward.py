@@ -60,10 +60,30 @@ class Exchange:
     """Per-request state, and the fields of the request's canonical log line."""
 
     __slots__ = (
-        "request_id", "method", "kind", "host", "path", "query", "status", "upstream_status",
-        "bytes_in", "bytes_out", "started", "ttfb", "error", "fal_request_id", "cf_aig_log_id",
-        "body_error", "body_phase", "response_done", "client_gone", "gateway_error",
-        "caller", "client_ip", "cors", "app",
+        "app",
+        "body_error",
+        "body_phase",
+        "bytes_in",
+        "bytes_out",
+        "caller",
+        "cf_aig_log_id",
+        "client_gone",
+        "client_ip",
+        "cors",
+        "error",
+        "fal_request_id",
+        "gateway_error",
+        "host",
+        "kind",
+        "method",
+        "path",
+        "query",
+        "request_id",
+        "response_done",
+        "started",
+        "status",
+        "ttfb",
+        "upstream_status",
     )  # fmt: skip
 
     def __init__(self, method: str) -> None:
@@ -101,7 +121,14 @@ class Exchange:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
-        for name in ("caller", "client_ip", "fal_request_id", "cf_aig_log_id", "error", "gateway_error"):
+        for name in (
+            "caller",
+            "client_ip",
+            "fal_request_id",
+            "cf_aig_log_id",
+            "error",
+            "gateway_error",
+        ):
             value = getattr(self, name)
             if value is not None:
                 fields[name] = value
@@ -139,7 +166,9 @@ class Forwarder:
                 task.uncancel()
             ex.error = ShuttingDown.reason
             if ex.status is None:  # nothing sent yet: say so (uvicorn would answer 500)
-                await self._send_error(send, ShuttingDown("proxy shutting down", "retry the request"), ex)
+                await self._send_error(
+                    send, ShuttingDown("proxy shutting down", "retry the request"), ex
+                )
         except Exception:
             # A bug, not a condition we know: log it with its traceback, answer 500 if
             # nothing was sent yet, else let the server cut the connection.
@@ -147,7 +176,9 @@ class Forwarder:
             self.log.exception("internal_error", request_id=ex.request_id)
             if ex.status is not None:
                 raise
-            await self._send_error(send, ProxyError("internal proxy error", f"request id {ex.request_id}"), ex)
+            await self._send_error(
+                send, ProxyError("internal proxy error", f"request id {ex.request_id}"), ex
+            )
         finally:
             self.metrics.in_flight.dec()
             self._log(ex)
@@ -155,8 +186,14 @@ class Forwarder:
     def _log(self, ex: Exchange) -> None:
         status = ex.status or 0
         self.metrics.observe(
-            ex.kind, status, self.metrics.app_labels(ex.app, ex.path, ex.upstream_status),
-            time.perf_counter() - ex.started, ex.ttfb, ex.bytes_in, ex.bytes_out, ex.error,
+            ex.kind,
+            status,
+            self.metrics.app_labels(ex.app, ex.path, ex.upstream_status),
+            time.perf_counter() - ex.started,
+            ex.ttfb,
+            ex.bytes_in,
+            ex.bytes_out,
+            ex.error,
         )
         if ex.gateway_error:
             hint = "the gateway refused the proxy's cf-aig-authorization: check CF_AIG_TOKEN"
@@ -178,10 +215,16 @@ class Forwarder:
                     *_JSON_HEADERS,
                     (b"content-length", str(len(body)).encode()),
                     (b"x-proxy-request-id", ex.request_id.encode()),
-                    *([(b"allow", (getattr(exc, "allow", None) or _ALLOW.decode()).encode())]
-                      if exc.status == 405 else []),
-                    *([(b"retry-after", str(retry).encode())]
-                      if (retry := getattr(exc, "retry_after", None)) is not None else []),
+                    *(
+                        [(b"allow", (getattr(exc, "allow", None) or _ALLOW.decode()).encode())]
+                        if exc.status == 405
+                        else []
+                    ),
+                    *(
+                        [(b"retry-after", str(retry).encode())]
+                        if (retry := getattr(exc, "retry_after", None)) is not None
+                        else []
+                    ),
                     *ex.cors,
                 ],
             }
@@ -232,7 +275,9 @@ class Forwarder:
                 raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id
             )
         except UnicodeDecodeError:
-            raise BadRequest("invalid header value", "header values must be ASCII or UTF-8") from None
+            raise BadRequest(
+                "invalid header value", "header values must be ASCII or UTF-8"
+            ) from None
         # The body's first message (the whole body for a token request) must arrive, within
         # the idle deadline, before a slot is taken: a client that declares a body and never
         # sends it holds no slot, and is answered 408.
@@ -269,7 +314,9 @@ class Forwarder:
             async with asyncio.timeout(idle):
                 message = await receive()
         except TimeoutError:
-            raise RequestTimeout("request body stalled", f"nothing received for {idle:g}s") from None
+            raise RequestTimeout(
+                "request body stalled", f"nothing received for {idle:g}s"
+            ) from None
         if message["type"] == "http.disconnect":
             raise _ClientGone()
         return message
@@ -281,18 +328,32 @@ class Forwarder:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limit:
-                raise PayloadTooLarge("request body too large", f"a token request is at most {limit} bytes")
+                raise PayloadTooLarge(
+                    "request body too large", f"a token request is at most {limit} bytes"
+                )
         ex.bytes_in = len(body)
         return bytes(body)
 
-    async def _send_preflight(self, send: Any, headers: list[tuple[bytes, bytes]], ex: Exchange) -> None:
+    async def _send_preflight(
+        self, send: Any, headers: list[tuple[bytes, bytes]], ex: Exchange
+    ) -> None:
         ex.status, ex.kind = 204, "preflight"
-        await send({"type": "http.response.start", "status": 204,
-                    "headers": [*headers, (b"x-proxy-request-id", ex.request_id.encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 204,
+                "headers": [*headers, (b"x-proxy-request-id", ex.request_id.encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": b""})
 
     async def _exchange(
-        self, target: Target, headers: list[tuple[str, str]], receive: Any, send: Any, ex: Exchange,
+        self,
+        target: Target,
+        headers: list[tuple[str, str]],
+        receive: Any,
+        send: Any,
+        ex: Exchange,
         first: Message,
     ) -> None:
         assert self.session is not None, "the app's lifespan did not run"
@@ -447,7 +508,8 @@ class Forwarder:
                 "status": response.status,
                 "headers": downstream_response_headers(
                     raw, status=response.status, request_id=ex.request_id
-                ) + ex.cors,
+                )
+                + ex.cors,
             }
         )
         remaining = response.content_length  # known length: finish with the last chunk
@@ -526,6 +588,8 @@ def _gateway_auth_error(first_chunk: bytes, content_encoding: str) -> str | None
         except zlib.error:
             return None
     head = head[:2048]
-    if b"2009" in head and (b'"code"' in head or b"AiGatewayError" in head or b"internalCode" in head):
+    if b"2009" in head and (
+        b'"code"' in head or b"AiGatewayError" in head or b"internalCode" in head
+    ):
         return "cf_gateway_unauthorized_2009"
     return None

@@ -108,7 +108,9 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[str]
     tokens: set[str] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.decode("latin-1").split(",") if t.strip())
+            tokens.update(
+                t.strip().lower() for t in value.decode("latin-1").split(",") if t.strip()
+            )
     return frozenset(tokens)
 
 
@@ -135,8 +137,12 @@ def upstream_request_headers(
         # to "-" (CGI, WSGI) would read cf_aig_authorization as a gateway credential.
         if "_" in name:
             continue
-        if (name in _REQUEST_DROP or name in named or name.startswith(_REQUEST_DROP_PREFIXES)
-                or name == injected.caller_header):
+        if (
+            name in _REQUEST_DROP
+            or name in named
+            or name.startswith(_REQUEST_DROP_PREFIXES)
+            or name == injected.caller_header
+        ):
             # The one gateway control a client may use: opting out of the cache is harmless.
             if name == "cf-aig-skip-cache" and raw_value.strip().lower() == b"true":
                 client_skip_cache = True

@@ -132,7 +132,11 @@ class Limiter:
         try:
             await self._hit(self._per_minute, key, "requests per minute")
             if submit:
-                await self._hit(self._per_hour, key, "generations per hour (runs, queue submits, streams, realtime tokens and sockets)")
+                await self._hit(
+                    self._per_hour,
+                    key,
+                    "generations per hour (runs, queue submits, streams, realtime tokens and sockets)",
+                )
             if not self.settings.concurrent:
                 return Lease()
             lease = await self._take_slot(key, self.settings.concurrent)
@@ -148,7 +152,8 @@ class Limiter:
             return Lease()
         if lease is None:
             raise RateLimited(
-                "rate limit exceeded", f"at most {self.settings.concurrent} concurrent requests",
+                "rate limit exceeded",
+                f"at most {self.settings.concurrent} concurrent requests",
                 retry_after=1,  # a slot frees when any of the caller's requests ends
             )
         return lease
@@ -268,7 +273,9 @@ class RedisLimiter(Limiter):
         url = "redis+unix://" + url.removeprefix("unix://") if url.startswith("unix://") else url
         # Share our connection pool (and its timeouts); closing our client closes it.
         return RedisStorage(
-            url, wrap_exceptions=True, implementation="redispy",
+            url,
+            wrap_exceptions=True,
+            implementation="redispy",
             key_prefix=f"{self.settings.key_prefix}:window",
             connection_pool=self._redis.connection_pool,  # type: ignore[arg-type]
         )
@@ -306,8 +313,11 @@ class RedisLimiter(Limiter):
         try:
             await client.zrem(leases, lease_id)
         except _STORE_ERRORS as exc:
-            log.warning("lease_release_failed", error=_describe(exc),
-                        note="the slot frees itself within lease_ttl")
+            log.warning(
+                "lease_release_failed",
+                error=_describe(exc),
+                note="the slot frees itself within lease_ttl",
+            )
 
     async def _renew_forever(self) -> None:
         while True:

@@ -38,7 +38,9 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     if console:
         # Plain tracebacks: the fancy formatters print local variables, and locals of
         # the forwarding code hold the upstream headers.
-        renderer: Any = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        renderer: Any = structlog.dev.ConsoleRenderer(
+            exception_formatter=structlog.dev.plain_traceback
+        )
         structlog.configure(
             # Tracebacks formatted first, so that redact_event sees (and cleans) them.
             processors=[*shared, structlog.processors.format_exc_info, redact_event, renderer],

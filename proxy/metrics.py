@@ -20,31 +20,69 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter("fal_proxy_requests", "Requests answered, by route kind, status class and app",
-                                ["route", "status", "app"], registry=registry)
-        self.duration = Histogram("fal_proxy_request_duration_seconds", "Whole request, proxy in to last byte out",
-                                  ["route"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.ttfb = Histogram("fal_proxy_upstream_ttfb_seconds", "Time to the gateway's response headers",
-                              ["route"], buckets=LATENCY_BUCKETS, registry=registry)
-        self.bytes = Counter("fal_proxy_body_bytes", "Body bytes moved, by direction (in: from clients)",
-                             ["direction"], registry=registry)
-        self.in_flight = Gauge("fal_proxy_in_flight_requests", "HTTP requests being handled", registry=registry)
-        self.open_websockets = Gauge("fal_proxy_open_websockets", "Bridged WebSocket sessions", registry=registry)
-        self.refusals = Counter("fal_proxy_refusals", "Requests the proxy answered itself, by reason",
-                                ["reason"], registry=registry)
+        self.requests = Counter(
+            "fal_proxy_requests",
+            "Requests answered, by route kind, status class and app",
+            ["route", "status", "app"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "fal_proxy_request_duration_seconds",
+            "Whole request, proxy in to last byte out",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttfb = Histogram(
+            "fal_proxy_upstream_ttfb_seconds",
+            "Time to the gateway's response headers",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "fal_proxy_body_bytes",
+            "Body bytes moved, by direction (in: from clients)",
+            ["direction"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "fal_proxy_in_flight_requests", "HTTP requests being handled", registry=registry
+        )
+        self.open_websockets = Gauge(
+            "fal_proxy_open_websockets", "Bridged WebSocket sessions", registry=registry
+        )
+        self.refusals = Counter(
+            "fal_proxy_refusals",
+            "Requests the proxy answered itself, by reason",
+            ["reason"],
+            registry=registry,
+        )
         self._bytes_in = self.bytes.labels("in")
         self._bytes_out = self.bytes.labels("out")
         # Labelled children, looked up once per label set: .labels() costs more than the update.
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self.app_labels = AppLabels()
 
-    def observe(self, route: str | None, status: int, app: str | None, duration: float, ttfb: float | None,
-                bytes_in: int, bytes_out: int, error: str | None) -> None:
+    def observe(
+        self,
+        route: str | None,
+        status: int,
+        app: str | None,
+        duration: float,
+        ttfb: float | None,
+        bytes_in: int,
+        bytes_out: int,
+        error: str | None,
+    ) -> None:
         key = (route or "none", f"{status // 100}xx" if status else "none", app or "none")
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (
-                self.requests.labels(*key), self.duration.labels(key[0]), self.ttfb.labels(key[0]))
+                self.requests.labels(*key),
+                self.duration.labels(key[0]),
+                self.ttfb.labels(key[0]),
+            )
         requests, duration_child, ttfb_child = children
         requests.inc()
         duration_child.observe(duration)
@@ -75,7 +113,9 @@ class AppLabels:
         self.limit = limit
         self.seen: set[str] = set()
 
-    def __call__(self, admitted_by: str | None, path: str | None, upstream_status: int | None) -> str:
+    def __call__(
+        self, admitted_by: str | None, path: str | None, upstream_status: int | None
+    ) -> str:
         if admitted_by is None:
             return "none"
         if admitted_by != "*":

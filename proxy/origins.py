@@ -46,7 +46,9 @@ class OriginPolicy:
     allow_headers: str  # the Access-Control-Allow-Headers value
 
     @classmethod
-    def build(cls, origins: list[str], extra_headers: list[str], auth_header: str | None) -> OriginPolicy:
+    def build(
+        cls, origins: list[str], extra_headers: list[str], auth_header: str | None
+    ) -> OriginPolicy:
         names = [*SDK_REQUEST_HEADERS, *([auth_header] if auth_header else []), *extra_headers]
         unique = list(dict.fromkeys(n.lower() for n in names))
         return cls(frozenset(normalise_origin(o) for o in origins), ", ".join(unique))
@@ -55,8 +57,15 @@ class OriginPolicy:
 def normalise_origin(origin: str) -> str:
     """``HTTPS://App.example:443`` → ``https://app.example``; raises ValueError if not an origin."""
     parts = urlsplit(origin.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
-            or parts.query or parts.fragment or parts.username or parts.password:
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username
+        or parts.password
+    ):
         raise ValueError(origin)
     port = parts.port  # raises ValueError on a bad port
     default = {"http": 80, "https": 443}[parts.scheme]
@@ -104,8 +113,11 @@ def check_origin(origin: str | None, host: str | None, policy: OriginPolicy) -> 
     try:
         normal = normalise_origin(origin)
     except ValueError:
-        raise Forbidden("origin not allowed", "the Origin header is not a web origin (e.g. 'null')",
-                        reason="origin_refused") from None
+        raise Forbidden(
+            "origin not allowed",
+            "the Origin header is not a web origin (e.g. 'null')",
+            reason="origin_refused",
+        ) from None
     if normal in policy.allowed:
         return normal
     # Same origin: the page was served from the host it is calling. Compared on host and
@@ -113,11 +125,17 @@ def check_origin(origin: str | None, host: str | None, policy: OriginPolicy) -> 
     # Only for an IP address or localhost: with a domain name, a DNS-rebinding page
     # (evil.example re-pointed at this proxy) would be "same origin" with itself. Serve
     # the page under a name? List its origin in FAL_PROXY_ALLOWED_ORIGINS.
-    if host is not None and _is_address(host) \
-            and _strip_default_port(_host_of(normal)) == _strip_default_port(host.lower()):
+    if (
+        host is not None
+        and _is_address(host)
+        and _strip_default_port(_host_of(normal)) == _strip_default_port(host.lower())
+    ):
         return None
-    raise Forbidden("origin not allowed",
-                    f"{normal} is not in FAL_PROXY_ALLOWED_ORIGINS", reason="origin_refused")
+    raise Forbidden(
+        "origin not allowed",
+        f"{normal} is not in FAL_PROXY_ALLOWED_ORIGINS",
+        reason="origin_refused",
+    )
 
 
 def _referer_origin(referer: str | None) -> str | None:
@@ -133,8 +151,13 @@ def _referer_origin(referer: str | None) -> str | None:
         return None
 
 
-def check_browser_request(origin: str | None, referer: str | None, fetch_site: str | None,
-                          host: str | None, policy: OriginPolicy) -> str | None:
+def check_browser_request(
+    origin: str | None,
+    referer: str | None,
+    fetch_site: str | None,
+    host: str | None,
+    policy: OriginPolicy,
+) -> str | None:
     """Decide whether a request may have come from a page that is allowed to spend credits.
 
     Browsers send ``Origin`` on cross-origin fetches, every POST and WebSocket handshakes,
@@ -162,13 +185,23 @@ def check_browser_request(origin: str | None, referer: str | None, fetch_site: s
     if page is not None:
         check_origin(page, host, policy)
         return None
-    if site == "same-origin" and host is not None and (
-            _is_address(host) or any(_strip_default_port(_host_of(o)) == _strip_default_port(host.lower())
-                                     for o in policy.allowed)):
+    if (
+        site == "same-origin"
+        and host is not None
+        and (
+            _is_address(host)
+            or any(
+                _strip_default_port(_host_of(o)) == _strip_default_port(host.lower())
+                for o in policy.allowed
+            )
+        )
+    ):
         return None
-    raise Forbidden("cross-site request refused",
-                    "a browser request from a page that is neither this proxy's nor in FAL_PROXY_ALLOWED_ORIGINS",
-                    reason="origin_refused")
+    raise Forbidden(
+        "cross-site request refused",
+        "a browser request from a page that is neither this proxy's nor in FAL_PROXY_ALLOWED_ORIGINS",
+        reason="origin_refused",
+    )
 
 
 def cors_headers(origin: str) -> list[tuple[bytes, bytes]]:

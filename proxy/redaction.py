@@ -31,8 +31,16 @@ _MIN_SECRET = 6  # shorter values would redact ordinary words
 _secrets: set[str] = set()
 _secret_list: tuple[str, ...] = ()  # the same, for plain substring tests (faster than the regex)
 _secret_pattern: re.Pattern[str] | None = None
-_header_names = {"authorization", "proxy-authorization", "cf-aig-authorization", "x-proxy-authorization",
-                 "cookie", "set-cookie", "x-fal-key", "fal-api-key"}
+_header_names = {
+    "authorization",
+    "proxy-authorization",
+    "cf-aig-authorization",
+    "x-proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-fal-key",
+    "fal-api-key",
+}
 
 _SHAPES: list[tuple[re.Pattern[str], Any]] = []
 _QUERY_PARAM = re.compile(r"(^|[?&;\s])([^=&\s?]{1,128})=([^&\s\"']*)")
@@ -52,10 +60,17 @@ def _build_shapes() -> None:
         # "authorization: Key …", "('cf-aig-authorization', 'Bearer …')", "x-proxy-authorization=…"
         (re.compile(rf"(?i)\b({names})(['\"]?\s*[:=,]\s*['\"]?)[^\r\n'\"]*"), rf"\1\2{REDACTED}"),
         # A credential sub-protocol, e.g. in Sec-WebSocket-Protocol or a list of offers.
-        (re.compile(r"(?i)\b(fal-api-key|cf-aig-authorization|proxy-authorization)\.[^\s,'\"\]\)]+"),
-         rf"\1.{REDACTED}"),
+        (
+            re.compile(
+                r"(?i)\b(fal-api-key|cf-aig-authorization|proxy-authorization)\.[^\s,'\"\]\)]+"
+            ),
+            rf"\1.{REDACTED}",
+        ),
         # "Key <id:secret>" and "Bearer <token>" wherever they stand.
-        (re.compile(r"\b(Key|Bearer|key|bearer|KEY|BEARER)\s+[A-Za-z0-9._~+/=:%-]{6,}"), rf"\1 {REDACTED}"),
+        (
+            re.compile(r"\b(Key|Bearer|key|bearer|KEY|BEARER)\s+[A-Za-z0-9._~+/=:%-]{6,}"),
+            rf"\1 {REDACTED}",
+        ),
         # Token-like query parameters: fal_jwt_token (any case, percent-encoded too), *token*, *key*...
         # The name is bounded and matched in a callback: a nested "[^=]*(token|key)[^=]*="
         # backtracks quadratically on a long hostile path (measured: 0.3 s for 8 KiB).
@@ -74,7 +89,7 @@ def register_secret(*values: str | None) -> None:
             _secrets.add(value)
             for prefix in ("Key ", "Bearer "):
                 if value.startswith(prefix) and len(value) - len(prefix) >= _MIN_SECRET:
-                    _secrets.add(value[len(prefix):])
+                    _secrets.add(value[len(prefix) :])
     if _secrets:
         ordered = sorted(_secrets, key=len, reverse=True)
         _secret_pattern = re.compile("|".join(re.escape(s) for s in ordered))

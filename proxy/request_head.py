@@ -20,7 +20,9 @@ from collections.abc import Iterable
 SERVED_VERSIONS = ("1.0", "1.1")
 
 
-def head_problem(target: bytes, http_version: str, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+def head_problem(
+    target: bytes, http_version: str, headers: Iterable[tuple[bytes, bytes]]
+) -> str | None:
     """Why this request head must be refused with 400, or None if it is well-formed.
 
     ``target`` is the request-target as received, ``headers`` the (lower-cased) header pairs.

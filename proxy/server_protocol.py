@@ -35,8 +35,10 @@ class _BadHead(Exception):
 
 def _response(status: int, reason: bytes, message: str, detail: str) -> bytes:
     body = json.dumps({"message": message, "detail": detail}).encode()
-    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % (status, reason, len(body))) + body
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n" % (status, reason, len(body))
+    ) + body
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -69,8 +71,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # read (usually it does, and no timer is needed). One pipelined behind a response
         # still streaming waits for it (uvicorn reads it only then): its clock starts at that
         # response's end, so a slow pipelined head never cuts a stream short.
-        if self._reading_head and self._head_timer is None and not self.transport.is_closing() \
-                and (self.cycle is None or self.cycle.response_complete):
+        if (
+            self._reading_head
+            and self._head_timer is None
+            and not self.transport.is_closing()
+            and (self.cycle is None or self.cycle.response_complete)
+        ):
             self._arm()
 
     def on_response_complete(self) -> None:
@@ -93,8 +99,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         detail = self._refusal or "the request could not be parsed as HTTP/1.1"
-        log.info("request", status=400, error="bad_request_head", detail=detail,
-                 client_ip=self.client[0] if self.client else None)
+        log.info(
+            "request",
+            status=400,
+            error="bad_request_head",
+            detail=detail,
+            client_ip=self.client[0] if self.client else None,
+        )
         if not self._abandon_cycles():  # a 400 now would read as the answer to the request before
             self.transport.write(_response(400, b"Bad Request", "invalid HTTP request", detail))
         self.transport.close()
@@ -125,15 +136,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
-        log.info("request", status=408, error="header_timeout",
-                 client_ip=self.client[0] if self.client else None)
+        log.info(
+            "request",
+            status=408,
+            error="header_timeout",
+            client_ip=self.client[0] if self.client else None,
+        )
         if not self._abandon_cycles():  # nothing else is being written
-            self.transport.write(_response(
-                408, b"Request Timeout", "request headers too slow",
-                f"the request head must arrive within {self.header_timeout:g}s (FAL_PROXY_HEADER_TIMEOUT)"))
+            self.transport.write(
+                _response(
+                    408,
+                    b"Request Timeout",
+                    "request headers too slow",
+                    f"the request head must arrive within {self.header_timeout:g}s (FAL_PROXY_HEADER_TIMEOUT)",
+                )
+            )
         self.transport.close()
 
 
 def guarded_protocol(header_timeout: float) -> type[GuardedHttpToolsProtocol]:
     """The protocol class for uvicorn's ``http=``, with this server's header timeout."""
-    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"header_timeout": header_timeout})
+    return type(
+        "GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), {"header_timeout": header_timeout}
+    )

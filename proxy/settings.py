@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .access_settings import ACCESS_VARIABLES, AccessSettings
-from .envvars import SettingsError, _check_header_safe, _choice, _get, _int, _read_secret_file, _seconds
+from .envvars import (
+    SettingsError,
+    _check_header_safe,
+    _choice,
+    _get,
+    _int,
+    _read_secret_file,
+    _seconds,
+)
 
 GATEWAY_HOST = "https://gateway.ai.cloudflare.com"
 DEFAULT_ROUTE = "/api/fal/proxy"
@@ -24,8 +32,6 @@ _ACCOUNT_ID = re.compile(r"[0-9a-f]{32}")
 _GATEWAY_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _LOG_FORMATS = ("auto", "json", "console")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
 
 
 class Secret:
@@ -84,8 +90,10 @@ class Settings:
         """Validate ``env`` (usually ``os.environ``) and return the settings."""
         settings = cls._from_env(env)
         if settings.workers > 1 and settings.metrics_port is not None:
-            raise SettingsError("FAL_PROXY_METRICS_PORT works with one worker only (FAL_PROXY_WORKERS=1): "
-                                "each worker would need the port")
+            raise SettingsError(
+                "FAL_PROXY_METRICS_PORT works with one worker only (FAL_PROXY_WORKERS=1): "
+                "each worker would need the port"
+            )
         return settings
 
     @classmethod
@@ -106,7 +114,9 @@ class Settings:
             log_format=_choice(env, "FAL_PROXY_LOG_FORMAT", "auto", _LOG_FORMATS),
             log_level=_choice(env, "FAL_PROXY_LOG_LEVEL", "info", _LOG_LEVELS),
             ws_max_bytes=_int(env, "FAL_PROXY_WS_MAX_BYTES", 16 * 1024 * 1024, low=1024),
-            realtime_direct=_choice(env, "FAL_PROXY_REALTIME_DIRECT", "false", ("true", "false", "1", "0"))
+            realtime_direct=_choice(
+                env, "FAL_PROXY_REALTIME_DIRECT", "false", ("true", "false", "1", "0")
+            )
             in ("true", "1"),
             fal_key_file=_get(env, "FAL_KEY_FILE"),
             cf_aig_token_file=_get(env, "CF_AIG_TOKEN_FILE"),
@@ -122,10 +132,18 @@ class Settings:
 DOCUMENTED_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_KEY", "(required)", "fal API key, sent upstream as 'Authorization: Key <key>'"),
     ("FAL_KEY_FILE", "", "file holding the fal key (a mounted secret); instead of FAL_KEY"),
-    ("FAL_KEY_ID, FAL_KEY_SECRET", "", "key id and secret, sent as 'Key id:secret'; instead of FAL_KEY"),
+    (
+        "FAL_KEY_ID, FAL_KEY_SECRET",
+        "",
+        "key id and secret, sent as 'Key id:secret'; instead of FAL_KEY",
+    ),
     ("CF_ACCOUNT_ID", "(required)", "Cloudflare account id, 32 hex characters"),
     ("CF_GATEWAY_ID", "(required)", "AI Gateway name"),
-    ("FAL_PROXY_GATEWAY_URL", "", "replaces the whole gateway base URL (then CF_ACCOUNT_ID/CF_GATEWAY_ID are not needed)"),
+    (
+        "FAL_PROXY_GATEWAY_URL",
+        "",
+        "replaces the whole gateway base URL (then CF_ACCOUNT_ID/CF_GATEWAY_ID are not needed)",
+    ),
     ("CF_AIG_TOKEN", "", "gateway token, sent as 'cf-aig-authorization: Bearer <token>'"),
     ("CF_AIG_TOKEN_FILE", "", "file holding the gateway token; instead of CF_AIG_TOKEN"),
     ("FAL_PROXY_HOST", "127.0.0.1", "address to listen on (--host)"),
@@ -134,22 +152,51 @@ DOCUMENTED_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_PROXY_CONNECT_TIMEOUT", "10", "seconds to open a connection to the gateway"),
     ("FAL_PROXY_FIRST_BYTE_TIMEOUT", "600", "seconds to wait for the gateway's response headers"),
     ("FAL_PROXY_IDLE_TIMEOUT", "300", "seconds allowed between two body chunks, either way"),
-    ("FAL_PROXY_HEADER_TIMEOUT", "10", "seconds a client has to send a whole request head (then 408, closed)"),
-    ("FAL_PROXY_MAX_BODY_BYTES", str(100 * 1024 * 1024), "largest request body accepted (413 above)"),
-    ("FAL_PROXY_UPSTREAM_CONNECTIONS", "0", "most connections to the gateway at once, 0 = no limit"),
+    (
+        "FAL_PROXY_HEADER_TIMEOUT",
+        "10",
+        "seconds a client has to send a whole request head (then 408, closed)",
+    ),
+    (
+        "FAL_PROXY_MAX_BODY_BYTES",
+        str(100 * 1024 * 1024),
+        "largest request body accepted (413 above)",
+    ),
+    (
+        "FAL_PROXY_UPSTREAM_CONNECTIONS",
+        "0",
+        "most connections to the gateway at once, 0 = no limit",
+    ),
     ("FAL_PROXY_LOG_FORMAT", "auto", "auto (console on a terminal, else JSON), json or console"),
     ("FAL_PROXY_LOG_LEVEL", "info", "debug, info, warning or error"),
-    ("FAL_PROXY_METRICS_PORT", "", "serve /metrics on this port (on the listen address) instead of the main one"),
-    ("FAL_PROXY_WORKERS", "1", "processes sharing the port (--workers); share limits with FAL_PROXY_REDIS_URL"),
-    ("FAL_PROXY_DRAIN_SECONDS", "30", "on SIGTERM, how long in-flight requests and streams may finish"),
-    ("FAL_PROXY_SECRET_RELOAD_SECONDS", "10", "how often FAL_KEY_FILE / CF_AIG_TOKEN_FILE are checked for a new value"),
+    (
+        "FAL_PROXY_METRICS_PORT",
+        "",
+        "serve /metrics on this port (on the listen address) instead of the main one",
+    ),
+    (
+        "FAL_PROXY_WORKERS",
+        "1",
+        "processes sharing the port (--workers); share limits with FAL_PROXY_REDIS_URL",
+    ),
+    (
+        "FAL_PROXY_DRAIN_SECONDS",
+        "30",
+        "on SIGTERM, how long in-flight requests and streams may finish",
+    ),
+    (
+        "FAL_PROXY_SECRET_RELOAD_SECONDS",
+        "10",
+        "how often FAL_KEY_FILE / CF_AIG_TOKEN_FILE are checked for a new value",
+    ),
     ("FAL_PROXY_WS_MAX_BYTES", str(16 * 1024 * 1024), "largest WebSocket message, either way"),
-    ("FAL_PROXY_REALTIME_DIRECT", "false", "send .../realtime sockets straight to wss://fal.run, not via the gateway"),
+    (
+        "FAL_PROXY_REALTIME_DIRECT",
+        "false",
+        "send .../realtime sockets straight to wss://fal.run, not via the gateway",
+    ),
     *ACCESS_VARIABLES,
 )
-
-
-
 
 
 def _fal_key(env: Mapping[str, str]) -> Secret:
@@ -191,7 +238,9 @@ def _gateway_url(env: Mapping[str, str]) -> str:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SettingsError("FAL_PROXY_GATEWAY_URL must be an absolute http(s) URL")
         if parts.query or parts.fragment or parts.username or parts.password:
-            raise SettingsError("FAL_PROXY_GATEWAY_URL must not have a query, fragment or user info")
+            raise SettingsError(
+                "FAL_PROXY_GATEWAY_URL must not have a query, fragment or user info"
+            )
         return override.rstrip("/")
     account, gateway = _get(env, "CF_ACCOUNT_ID"), _get(env, "CF_GATEWAY_ID")
     if account is None:
@@ -209,11 +258,8 @@ def _nonempty(env: Mapping[str, str], name: str, default: str) -> str:
     return _get(env, name) or default
 
 
-
 def _port(env: Mapping[str, str], name: str, default: int) -> int:
     return _int(env, name, default, low=0, high=65535)
-
-
 
 
 def _route(env: Mapping[str, str]) -> str:

@@ -99,10 +99,14 @@ def _parse_target_url(value: str) -> tuple[str, str, str]:
         raise BadRequest("invalid x-fal-target-url", "backslashes and fragments are not allowed")
     match = _ABSOLUTE.fullmatch(value)
     if match is None:
-        raise BadRequest("invalid x-fal-target-url", "not an absolute URL like https://fal.run/fal-ai/fast-sdxl")
+        raise BadRequest(
+            "invalid x-fal-target-url", "not an absolute URL like https://fal.run/fal-ai/fast-sdxl"
+        )
     scheme, authority, rest = match.groups()
     if scheme.lower() != "https":
-        raise Forbidden("target not allowed", f"only https targets are forwarded, not {scheme.lower()}")
+        raise Forbidden(
+            "target not allowed", f"only https targets are forwarded, not {scheme.lower()}"
+        )
     if "@" in authority:
         raise Forbidden("target not allowed", "user info in the target URL is not allowed")
     if not authority:
@@ -146,19 +150,26 @@ def _check_path(path: str) -> None:
         if any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
             raise BadRequest("invalid path", "percent-encoded control characters are not allowed")
     if "\\" in decoded or decoded.startswith("//"):
-        raise BadRequest("invalid path", "backslashes and a leading '//' are not allowed, encoded or not")
+        raise BadRequest(
+            "invalid path", "backslashes and a leading '//' are not allowed, encoded or not"
+        )
     if "." in decoded:
         for segment in _SEGMENT_SPLIT.split(decoded):
             if segment in (".", ".."):
-                raise BadRequest("invalid path", "dot segments ('.', '..') are not allowed, encoded or not")
+                raise BadRequest(
+                    "invalid path", "dot segments ('.', '..') are not allowed, encoded or not"
+                )
 
 
 def check_method(method: str, target: Target) -> None:
     """``rest.fal.ai`` calls are POSTs (upload initiation, tokens) and a token call has no
     query: anything else would reach fal's account API unchecked."""
     if target.host == REST_HOST and method != "POST":
-        raise MethodNotAllowed(f"method {method} not allowed", f"{target.path} on {REST_HOST} takes POST only",
-                               allow="POST")
+        raise MethodNotAllowed(
+            f"method {method} not allowed",
+            f"{target.path} on {REST_HOST} takes POST only",
+            allow="POST",
+        )
     if target.kind == "token" and target.query:
         raise BadRequest("invalid token request", "a token request has no query string")
 
@@ -191,12 +202,16 @@ def _route(host: str, path: str, query: str, gateway_url: str) -> Target:
     suffix = f"?{query}" if query else ""
     if host == RUN_HOST:
         if path == "/":
-            raise Forbidden("target not allowed", "the target names no fal app (https://fal.run/<app>)")
+            raise Forbidden(
+                "target not allowed", "the target names no fal app (https://fal.run/<app>)"
+            )
         kind = "stream" if path.endswith("/stream") else "run"
         return Target(kind, host, path, query, f"{gateway_url}{path}{suffix}", None)
     if host == QUEUE_HOST:
         if path == "/":
-            raise Forbidden("target not allowed", "the target names no fal app (https://queue.fal.run/<app>)")
+            raise Forbidden(
+                "target not allowed", "the target names no fal app (https://queue.fal.run/<app>)"
+            )
         kind = "queue"
     else:
         if path not in REST_PATHS:

@@ -10,7 +10,9 @@ import pytest
 
 SDK_DIR = Path(__file__).resolve().parent / "sdk"
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-CHROMIUM_HINT = "install Debian's Chromium: `apt-get update && apt-get install -y chromium` (.ci/run does it)"
+CHROMIUM_HINT = (
+    "install Debian's Chromium: `apt-get update && apt-get install -y chromium` (.ci/run does it)"
+)
 NPM_HINT = "run `npm ci --prefix tests/sdk` (needs node >= 20 and npm)"
 
 

@@ -70,7 +70,9 @@ class Process:
                 seen = len(self.lines)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.proc.poll() is not None and seen == len(self.lines)):
-                    raise AssertionError("process did not log the expected line:\n" + "\n".join(self.lines))
+                    raise AssertionError(
+                        "process did not log the expected line:\n" + "\n".join(self.lines)
+                    )
                 self._cond.wait(min(remaining, 0.5))
 
     def json_lines(self) -> list[dict[str, Any]]:
@@ -92,7 +94,9 @@ class Process:
 
 def child_env(**extra: str) -> dict[str, str]:
     """A clean environment: nothing from the developer's shell that could change behaviour."""
-    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR")}
+    env = {
+        k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR")
+    }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -146,8 +150,19 @@ TIME_SCALE = "0.05"
 
 def start_fake_gateway(*extra_args: str) -> FakeGateway:
     process = Process(
-        [sys.executable, "-m", "proxy", "emulator", "--port", "0", "--key", FAL_KEY,
-         "--time-scale", TIME_SCALE, *extra_args],
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "emulator",
+            "--port",
+            "0",
+            "--key",
+            FAL_KEY,
+            "--time-scale",
+            TIME_SCALE,
+            *extra_args,
+        ],
         child_env(FAL_PROXY_LOG_FORMAT="json"),
     )
     line = process.wait_for_json(lambda r: r.get("event") == "listening")

@@ -40,9 +40,13 @@ def create_demo_app(settings: Settings, emulator_config: EmulatorConfig) -> Any:
             await index(scope, receive, send)
         elif scope["type"] == "http" and path.startswith("/demo/"):
             try:
-                await static({**scope, "path": path[len("/demo"):], "root_path": ""}, receive, send)
+                await static(
+                    {**scope, "path": path[len("/demo") :], "root_path": ""}, receive, send
+                )
             except HTTPException as exc:  # StaticFiles raises 404/405 instead of answering
-                await PlainTextResponse(exc.detail, status_code=exc.status_code)(scope, receive, send)
+                await PlainTextResponse(exc.detail, status_code=exc.status_code)(
+                    scope, receive, send
+                )
         else:
             await proxy(scope, receive, send)
 

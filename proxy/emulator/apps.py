@@ -69,13 +69,23 @@ class App:
 
     def validate(self, data: Any) -> dict[str, Any]:
         if not isinstance(data, dict):
-            raise InvalidInput([{"loc": ["body"], "msg": "the input must be a JSON object", "type": "type_error.dict"}])
+            raise InvalidInput(
+                [
+                    {
+                        "loc": ["body"],
+                        "msg": "the input must be a JSON object",
+                        "type": "type_error.dict",
+                    }
+                ]
+            )
         return data
 
     def log_lines(self, data: dict[str, Any]) -> list[str]:
         return ["Starting", "Done"]
 
-    async def run(self, data: dict[str, Any], files: Files, base_url: str, seed: int) -> dict[str, Any]:
+    async def run(
+        self, data: dict[str, Any], files: Files, base_url: str, seed: int
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -89,17 +99,29 @@ class TextToImage(App):
         if prompt is None:
             errors.append(field_error("prompt", "field required", "value_error.missing"))
         elif not isinstance(prompt, str) or not prompt.strip():
-            errors.append(field_error("prompt", "the prompt must be a non-empty string", "value_error"))
+            errors.append(
+                field_error("prompt", "the prompt must be a non-empty string", "value_error")
+            )
         size = data.get("image_size", "square")
         if isinstance(size, dict):
             w, h = size.get("width"), size.get("height")
-            if not (isinstance(w, int) and isinstance(h, int) and 16 <= w <= 1024 and 16 <= h <= 1024):
-                errors.append(field_error("image_size", "width and height must be 16-1024", "value_error"))
+            if not (
+                isinstance(w, int) and isinstance(h, int) and 16 <= w <= 1024 and 16 <= h <= 1024
+            ):
+                errors.append(
+                    field_error("image_size", "width and height must be 16-1024", "value_error")
+                )
         elif size not in IMAGE_SIZES:
-            errors.append(field_error("image_size", f"must be one of {', '.join(IMAGE_SIZES)}", "value_error.const"))
+            errors.append(
+                field_error(
+                    "image_size", f"must be one of {', '.join(IMAGE_SIZES)}", "value_error.const"
+                )
+            )
         count = data.get("num_images", 1)
         if not isinstance(count, int) or not 1 <= count <= 4:
-            errors.append(field_error("num_images", "must be an integer from 1 to 4", "value_error"))
+            errors.append(
+                field_error("num_images", "must be an integer from 1 to 4", "value_error")
+            )
         if "seed" in data and not isinstance(data["seed"], int):
             errors.append(field_error("seed", "must be an integer", "type_error.integer"))
         if errors:
@@ -107,22 +129,44 @@ class TextToImage(App):
         return data
 
     def log_lines(self, data: dict[str, Any]) -> list[str]:
-        return ["Loading model (emulated)", "Encoding prompt", "Denoising step 1/4", "Denoising step 2/4",
-                "Denoising step 3/4", "Denoising step 4/4", "Decoding image"]
+        return [
+            "Loading model (emulated)",
+            "Encoding prompt",
+            "Denoising step 1/4",
+            "Denoising step 2/4",
+            "Denoising step 3/4",
+            "Denoising step 4/4",
+            "Decoding image",
+        ]
 
-    async def run(self, data: dict[str, Any], files: Files, base_url: str, seed: int) -> dict[str, Any]:
+    async def run(
+        self, data: dict[str, Any], files: Files, base_url: str, seed: int
+    ) -> dict[str, Any]:
         size = data.get("image_size", "square")
-        width, height = (size["width"], size["height"]) if isinstance(size, dict) else IMAGE_SIZES[size]
+        width, height = (
+            (size["width"], size["height"]) if isinstance(size, dict) else IMAGE_SIZES[size]
+        )
         seed = data.get("seed", seed)
         images = []
         for i in range(data.get("num_images", 1)):
             # Pure-Python drawing takes a few hundred ms: keep it off the event loop.
             png = await asyncio.to_thread(render, data["prompt"], seed + i, width, height)
             name = files.add(png, "image/png", ".png")
-            images.append({"url": f"{base_url}/_emulator/files/{name}", "width": width, "height": height,
-                           "content_type": "image/png"})
-        return {"images": images, "seed": seed, "prompt": data["prompt"], "has_nsfw_concepts": [False] * len(images),
-                "timings": {"inference": self.duration}}
+            images.append(
+                {
+                    "url": f"{base_url}/_emulator/files/{name}",
+                    "width": width,
+                    "height": height,
+                    "content_type": "image/png",
+                }
+            )
+        return {
+            "images": images,
+            "seed": seed,
+            "prompt": data["prompt"],
+            "has_nsfw_concepts": [False] * len(images),
+            "timings": {"inference": self.duration},
+        }
 
 
 class Echo(App):

@@ -27,8 +27,13 @@ async def read_body(receive: Any, limit: int | None = None) -> tuple[bytes, int,
 
 
 async def send_raw(send: Any, status: int, body: bytes, headers: Headers) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -38,14 +43,28 @@ async def send_json(send: Any, status: int, data: Any, headers: Headers | None =
 
 
 async def start_sse(send: Any, headers: Headers | None = None) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [
-        (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), *(headers or [])]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream"),
+                (b"cache-control", b"no-cache"),
+                *(headers or []),
+            ],
+        }
+    )
 
 
 async def send_event(send: Any, data: Any, event: str | None = None) -> None:
     prefix = f"event: {event}\n" if event else ""
-    await send({"type": "http.response.body", "body": f"{prefix}data: {json.dumps(data)}\n\n".encode(),
-                "more_body": True})
+    await send(
+        {
+            "type": "http.response.body",
+            "body": f"{prefix}data: {json.dumps(data)}\n\n".encode(),
+            "more_body": True,
+        }
+    )
 
 
 async def end_body(send: Any) -> None:

@@ -58,7 +58,9 @@ def audio_chunk(index: int) -> bytes:
     return MP3_FRAME_HEADER + payload
 
 
-async def until_released_or_gone(recorder: Recorder, gate: str, receive: Any, request_id: str) -> None:
+async def until_released_or_gone(
+    recorder: Recorder, gate: str, receive: Any, request_id: str
+) -> None:
     release = asyncio.ensure_future(recorder.gates[gate].wait())
     gone = asyncio.ensure_future(receive())
     done, pending = await asyncio.wait({release, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -68,15 +70,25 @@ async def until_released_or_gone(recorder: Recorder, gate: str, receive: Any, re
         recorder.events.append(f"disconnected:{gate}:{request_id}")
 
 
-async def serve_fault(name: str, args: dict[str, str], record: dict[str, Any], recorder: Recorder,
-                      receive: Any, send: Any, headers: list[tuple[bytes, bytes]], request_id: str) -> bool:
+async def serve_fault(
+    name: str,
+    args: dict[str, str],
+    record: dict[str, Any],
+    recorder: Recorder,
+    receive: Any,
+    send: Any,
+    headers: list[tuple[bytes, bytes]],
+    request_id: str,
+) -> bool:
     """Serve fault app ``name`` (the path after ``emulator/``); False if there is none."""
     kind, _, rest = name.partition("/")
     if kind == "status" and rest.isdigit():
         code = int(rest)
         detail: Any = "boom"
         if code == 422:
-            detail = [{"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}]
+            detail = [
+                {"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}
+            ]
         extra = [(b"x-fal-request-timeout-type", b"user")] if code == 504 else []
         await send_json(send, code, {"detail": detail}, headers + extra)
     elif kind == "text404":
@@ -95,13 +107,23 @@ async def serve_fault(name: str, args: dict[str, str], record: dict[str, Any], r
             if gated and i > 1:
                 await recorder.gates[f"sse-{i}"].wait()
             name_line = "event: done\n" if i == count else ""
-            await send({"type": "http.response.body", "body": f'{name_line}data: {{"n": {i}}}\n\n'.encode(),
-                        "more_body": True})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": f'{name_line}data: {{"n": {i}}}\n\n'.encode(),
+                    "more_body": True,
+                }
+            )
         await end_body(send)
     elif kind == "audio":
         count, gated = int(args.get("chunks", "3")), args.get("gated", "1") == "1"
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"audio/mpeg"), *headers]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"audio/mpeg"), *headers],
+            }
+        )
         for i in range(1, count + 1):
             if gated and i > 1:
                 await recorder.gates[f"audio-{i}"].wait()
@@ -110,22 +132,47 @@ async def serve_fault(name: str, args: dict[str, str], record: dict[str, Any], r
     elif kind == "bytes":
         await _bytes(int(args.get("size", "0")), send, headers)
     elif kind == "sink":
-        await send_json(send, 200, {"len": record["body_len"], "sha256": record["body_sha256"]}, headers)
+        await send_json(
+            send, 200, {"len": record["body_len"], "sha256": record["body_sha256"]}, headers
+        )
     elif kind == "gzip":
         data = gzip.compress(json.dumps({"compressed": True, "pad": "x" * 2000}).encode())
-        await send_raw(send, 200, data, [(b"content-type", b"application/json"), (b"content-encoding", b"gzip"),
-                                         *headers])
+        await send_raw(
+            send,
+            200,
+            data,
+            [(b"content-type", b"application/json"), (b"content-encoding", b"gzip"), *headers],
+        )
     elif kind == "cookie":
         cookie = next((v for k, v in record["headers"] if k == "cookie"), "")
-        await send_json(send, 200, {"cookie_seen": cookie},
-                        [*headers, (b"set-cookie", b"session=secret-from-upstream; Path=/")])
+        await send_json(
+            send,
+            200,
+            {"cookie_seen": cookie},
+            [*headers, (b"set-cookie", b"session=secret-from-upstream; Path=/")],
+        )
     elif kind == "hop":
-        await send_json(send, 200, {"ok": True}, [
-            *headers, (b"connection", b"x-custom-hop"), (b"x-custom-hop", b"1"), (b"keep-alive", b"timeout=5"),
-            (b"alt-svc", b'h3=":443"'), (b"x-end-to-end", b"kept")])
+        await send_json(
+            send,
+            200,
+            {"ok": True},
+            [
+                *headers,
+                (b"connection", b"x-custom-hop"),
+                (b"x-custom-hop", b"1"),
+                (b"keep-alive", b"timeout=5"),
+                (b"alt-svc", b'h3=":443"'),
+                (b"x-end-to-end", b"kept"),
+            ],
+        )
     elif kind == "notmodified":
-        await send({"type": "http.response.start", "status": 304,
-                    "headers": [(b"content-length", b"1234"), (b"etag", b'"v1"'), *headers]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 304,
+                "headers": [(b"content-length", b"1234"), (b"etag", b'"v1"'), *headers],
+            }
+        )
         await end_body(send)
     elif kind == "hang":
         await until_released_or_gone(recorder, "hang", receive, request_id)
@@ -136,8 +183,17 @@ async def serve_fault(name: str, args: dict[str, str], record: dict[str, Any], r
         await until_released_or_gone(recorder, "stall", receive, request_id)
         await end_body(send)
     elif kind == "die":
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/octet-stream"), (b"content-length", b"1000"), *headers]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/octet-stream"),
+                    (b"content-length", b"1000"),
+                    *headers,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
         raise ConnectionAbortedError("emulator/die: dropping the connection mid-body, as asked")
     else:
@@ -146,8 +202,17 @@ async def serve_fault(name: str, args: dict[str, str], record: dict[str, Any], r
 
 
 async def _bytes(size: int, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": 200, "headers": [
-        (b"content-type", b"application/octet-stream"), (b"content-length", str(size).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/octet-stream"),
+                (b"content-length", str(size).encode()),
+                *headers,
+            ],
+        }
+    )
     sent = 0
     while sent < size:
         chunk = PATTERN[: min(len(PATTERN), size - sent)]

@@ -21,7 +21,12 @@ def encode_png(width: int, height: int, rgb_rows: list[bytes]) -> bytes:
     """Encode 8-bit RGB rows (each ``3 * width`` bytes) as a PNG file."""
     raw = b"".join(b"\x00" + row for row in rgb_rows)  # filter type 0 on every row
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(raw, 6))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def render(prompt: str, seed: int, width: int, height: int) -> bytes:

@@ -40,7 +40,11 @@ class Job:
 
     def urls(self) -> dict[str, str]:
         base = f"{QUEUE_URL}/{self.owner_alias}/requests/{self.request_id}"
-        return {"status_url": f"{base}/status", "response_url": base, "cancel_url": f"{base}/cancel"}
+        return {
+            "status_url": f"{base}/status",
+            "response_url": base,
+            "cancel_url": f"{base}/cancel",
+        }
 
     def state(self, now: float) -> str:
         elapsed = now - self.submitted
@@ -56,12 +60,20 @@ class Job:
         if with_logs:
             shown = now - self.submitted - self.wait
             started = self.wall_offset + self.submitted + self.wait  # wall-clock start of the run
-            body["logs"] = [
-                {"message": message, "level": "INFO", "source": "user",
-                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started + at))}
-                for at, message in self.logs
-                if at <= shown or state == "COMPLETED"
-            ] if not self.cancelled else []
+            body["logs"] = (
+                [
+                    {
+                        "message": message,
+                        "level": "INFO",
+                        "source": "user",
+                        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started + at)),
+                    }
+                    for at, message in self.logs
+                    if at <= shown or state == "COMPLETED"
+                ]
+                if not self.cancelled
+                else []
+            )
         if state == "COMPLETED":
             body["metrics"] = {"inference_time": self.run}
         return body
@@ -85,8 +97,17 @@ class Queue:
         run = app.duration * self.time_scale
         lines = app.log_lines(data)
         logs = [(run * (i + 0.5) / len(lines), line) for i, line in enumerate(lines)]
-        job = Job(request_id, app_id, owner_alias(app_id), app, data, time.monotonic(),
-                  QUEUE_WAIT * self.time_scale, run, logs)
+        job = Job(
+            request_id,
+            app_id,
+            owner_alias(app_id),
+            app,
+            data,
+            time.monotonic(),
+            QUEUE_WAIT * self.time_scale,
+            run,
+            logs,
+        )
         self.jobs[request_id] = job
         while len(self.jobs) > MAX_JOBS:  # a long-running emulator forgets the oldest
             del self.jobs[next(iter(self.jobs))]
@@ -94,7 +115,9 @@ class Queue:
 
     def find(self, owner_alias_path: str, request_id: str) -> Job | None:
         job = self.jobs.get(request_id)
-        if job is None or not (job.owner_alias == owner_alias_path or job.app_id == owner_alias_path):
+        if job is None or not (
+            job.owner_alias == owner_alias_path or job.app_id == owner_alias_path
+        ):
             return None
         return job
 

@@ -41,7 +41,9 @@ SCRIPTED = "emulator/ws/realtime"  # the test-behaviour socket (see the module d
 SCRIPTED_APP = "emulator/echo/realtime"  # whose catalogue entry it borrows
 
 
-async def serve_realtime(emulator: Emulator, scope: dict[str, Any], receive: Any, send: Any, fal_path: str) -> None:
+async def serve_realtime(
+    emulator: Emulator, scope: dict[str, Any], receive: Any, send: Any, fal_path: str
+) -> None:
     message = await receive()
     if message["type"] != "websocket.connect":
         return
@@ -60,14 +62,21 @@ async def serve_realtime(emulator: Emulator, scope: dict[str, Any], receive: Any
     offered = scope.get("subprotocols") or []
     # An authenticated gateway wants its token on WebSockets too: a header, or (browsers)
     # the sub-protocol "cf-aig-authorization.<token>".
-    if cf_token is not None and headers.get("cf-aig-authorization") != f"Bearer {cf_token}" \
-            and f"cf-aig-authorization.{cf_token}" not in offered:
+    if (
+        cf_token is not None
+        and headers.get("cf-aig-authorization") != f"Bearer {cf_token}"
+        and f"cf-aig-authorization.{cf_token}" not in offered
+    ):
         await send({"type": "websocket.close", "code": 1008, "reason": "Unauthorized"})
         return
     if not auth and any(p.startswith("fal-api-key.") for p in offered):
-        auth = "Key " + next(p for p in offered if p.startswith("fal-api-key."))[len("fal-api-key."):]
-    if not ((token and emulator.storage.check_token(token, alias))
-            or (auth.startswith("Key ") and (key is None or auth == f"Key {key}"))):
+        auth = (
+            "Key " + next(p for p in offered if p.startswith("fal-api-key."))[len("fal-api-key.") :]
+        )
+    if not (
+        (token and emulator.storage.check_token(token, alias))
+        or (auth.startswith("Key ") and (key is None or auth == f"Key {key}"))
+    ):
         await send({"type": "websocket.close", "code": 4001, "reason": "Unauthorized"})
         return
     await send({"type": "websocket.accept"})
@@ -82,13 +91,25 @@ async def serve_realtime(emulator: Emulator, scope: dict[str, Any], receive: Any
             return
         binary = message.get("bytes") is not None
         try:
-            data = msgpack.unpackb(message["bytes"]) if binary else json.loads(message.get("text") or "")
+            data = (
+                msgpack.unpackb(message["bytes"])
+                if binary
+                else json.loads(message.get("text") or "")
+            )
             data = app.validate(data)
             reply: Any = await app.run(data, emulator.files, base, emulator.config.seed)
         except InvalidInput as exc:
-            reply = {"type": "x-fal-error", "error": "INVALID_INPUT", "reason": json.dumps(exc.errors)}
+            reply = {
+                "type": "x-fal-error",
+                "error": "INVALID_INPUT",
+                "reason": json.dumps(exc.errors),
+            }
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-            reply = {"type": "x-fal-error", "error": "INVALID_MESSAGE", "reason": "could not decode the frame"}
+            reply = {
+                "type": "x-fal-error",
+                "error": "INVALID_MESSAGE",
+                "reason": "could not decode the frame",
+            }
         if binary:
             await send({"type": "websocket.send", "bytes": msgpack.packb(reply)})
         else:
@@ -96,7 +117,9 @@ async def serve_realtime(emulator: Emulator, scope: dict[str, Any], receive: Any
 
 
 def _record_close(emulator: Emulator, message: dict[str, Any]) -> None:
-    emulator.recorder.events.append(f"ws-closed:{message.get('code')}:{message.get('reason') or ''}")
+    emulator.recorder.events.append(
+        f"ws-closed:{message.get('code')}:{message.get('reason') or ''}"
+    )
 
 
 async def _scripted(emulator: Emulator, receive: Any, send: Any) -> None:
@@ -114,8 +137,13 @@ async def _scripted(emulator: Emulator, receive: Any, send: Any) -> None:
             except ValueError:
                 command = None
         if isinstance(command, dict) and "close" in command:
-            await send({"type": "websocket.close", "code": int(command["close"]),
-                        "reason": str(command.get("reason", ""))})
+            await send(
+                {
+                    "type": "websocket.close",
+                    "code": int(command["close"]),
+                    "reason": str(command.get("reason", "")),
+                }
+            )
             return
         if isinstance(command, dict) and command.get("drop"):
             return  # no close frame: uvicorn closes the TCP connection under a returning app

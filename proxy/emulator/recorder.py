@@ -25,12 +25,22 @@ class Recorder:
         self.gates: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.calls: dict[str, int] = defaultdict(int)  # per-path call counters (flaky apps)
 
-    def record(self, scope: dict[str, Any], body_head: bytes, body_len: int, digest: str, *,
-               kind: str, target_url: str | None = None) -> dict[str, Any]:
+    def record(
+        self,
+        scope: dict[str, Any],
+        body_head: bytes,
+        body_len: int,
+        digest: str,
+        *,
+        kind: str,
+        target_url: str | None = None,
+    ) -> dict[str, Any]:
         record = {
             "kind": kind,
             "time": time.time(),
-            "method": scope.get("method", "GET"),  # a WebSocket scope has none: its handshake is a GET
+            "method": scope.get(
+                "method", "GET"
+            ),  # a WebSocket scope has none: its handshake is a GET
             "path": (scope.get("raw_path") or scope["path"].encode()).decode("latin-1"),
             "query": scope["query_string"].decode("latin-1"),
             "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]],

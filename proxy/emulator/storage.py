@@ -13,8 +13,15 @@ from urllib.parse import quote
 
 from .apps import Files
 
-MIME_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "audio/mpeg": ".mp3",
-               "video/mp4": ".mp4", "application/json": ".json", "text/plain": ".txt"}
+MIME_SUFFIX = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "audio/mpeg": ".mp3",
+    "video/mp4": ".mp4",
+    "application/json": ".json",
+    "text/plain": ".txt",
+}
 
 
 @dataclass
@@ -47,8 +54,10 @@ class Storage:
         # name with a space, "#", "?" or non-ASCII is one path segment that matches as requested.
         name = quote(f"{token}-{file_name.rsplit('/', 1)[-1]}", safe="")
         self.uploads[token].file_name = name
-        return {"upload_url": f"{base_url}/_emulator/uploads/{token}?signature=emulated",
-                "file_url": f"{base_url}/_emulator/files/{name}"}
+        return {
+            "upload_url": f"{base_url}/_emulator/uploads/{token}?signature=emulated",
+            "file_url": f"{base_url}/_emulator/files/{name}",
+        }
 
     def put(self, token: str, data: bytes) -> bool:
         upload = self.uploads.get(token)

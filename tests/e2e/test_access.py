@@ -35,41 +35,66 @@ def line_for(proxy: RunningProxy, r: httpx.Response) -> dict:
 
 @pytest.fixture
 def cors_proxy(start_proxy) -> RunningProxy:
-    return start_proxy(FAL_PROXY_ALLOWED_ORIGINS=f"{APP}, http://localhost:3000",
-                       FAL_PROXY_CORS_EXTRA_HEADERS="x-custom")
+    return start_proxy(
+        FAL_PROXY_ALLOWED_ORIGINS=f"{APP}, http://localhost:3000",
+        FAL_PROXY_CORS_EXTRA_HEADERS="x-custom",
+    )
 
 
-def test_preflight_from_a_listed_origin_allows_the_sdk_headers(cors_proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_preflight_from_a_listed_origin_allows_the_sdk_headers(
+    cors_proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     with httpx.Client(base_url=cors_proxy.url, trust_env=False) as c:
-        r = c.options("/api/fal/proxy", headers={
-            "origin": APP, "access-control-request-method": "POST",
-            "access-control-request-headers": "content-type,x-fal-target-url,x-fal-queue-priority"})
+        r = c.options(
+            "/api/fal/proxy",
+            headers={
+                "origin": APP,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "content-type,x-fal-target-url,x-fal-queue-priority",
+            },
+        )
     assert r.status_code == 204
     assert r.headers["access-control-allow-origin"] == APP
     allowed = r.headers["access-control-allow-headers"].split(", ")
-    assert {"content-type", "x-fal-target-url", "x-fal-queue-priority", "x-custom", "x-proxy-authorization"} <= set(allowed)
+    assert {
+        "content-type",
+        "x-fal-target-url",
+        "x-fal-queue-priority",
+        "x-custom",
+        "x-proxy-authorization",
+    } <= set(allowed)
     assert "POST" in r.headers["access-control-allow-methods"]
     assert fake_gateway.requests() == []
 
 
-def test_actual_request_from_a_listed_origin_exposes_the_fal_headers(cors_proxy: RunningProxy) -> None:
+def test_actual_request_from_a_listed_origin_exposes_the_fal_headers(
+    cors_proxy: RunningProxy,
+) -> None:
     r = post(cors_proxy, headers={"origin": APP})
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == APP
-    assert r.headers["access-control-expose-headers"] == "x-fal-request-id, x-fal-request-timeout-type"
+    assert (
+        r.headers["access-control-expose-headers"] == "x-fal-request-id, x-fal-request-timeout-type"
+    )
     refused = post(cors_proxy, "/api/fal/proxy", headers={"origin": APP})  # errors carry CORS too
     assert refused.status_code == 400 and refused.headers["access-control-allow-origin"] == APP
 
 
-@pytest.mark.parametrize("origin", ["https://evil.example", "null", "https://app.example.com.evil.example"])
+@pytest.mark.parametrize(
+    "origin", ["https://evil.example", "null", "https://app.example.com.evil.example"]
+)
 def test_other_origins_are_refused_before_anything_goes_upstream(
     cors_proxy: RunningProxy, fake_gateway: FakeGateway, origin: str
 ) -> None:
-    r = post(cors_proxy, headers={"origin": origin})  # a "simple" cross-site POST needs no preflight
+    r = post(
+        cors_proxy, headers={"origin": origin}
+    )  # a "simple" cross-site POST needs no preflight
     assert r.status_code == 403 and r.json()["message"] == "origin not allowed"
     assert "access-control-allow-origin" not in r.headers
     with httpx.Client(base_url=cors_proxy.url, trust_env=False) as c:
-        pre = c.options("/api/fal/proxy", headers={"origin": origin, "access-control-request-method": "POST"})
+        pre = c.options(
+            "/api/fal/proxy", headers={"origin": origin, "access-control-request-method": "POST"}
+        )
     assert pre.status_code == 403
     assert fake_gateway.requests() == []
     assert line_for(cors_proxy, r)["error"] == "origin_refused"
@@ -83,7 +108,9 @@ def test_same_origin_and_no_origin_pass(cors_proxy: RunningProxy) -> None:
 def test_dns_rebinding_is_not_same_origin(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     # evil.example re-pointed at 127.0.0.1: the browser sends matching Host and Origin.
     port = proxy.url.rsplit(":", 1)[1]
-    r = post(proxy, headers={"host": f"evil.example:{port}", "origin": f"http://evil.example:{port}"})
+    r = post(
+        proxy, headers={"host": f"evil.example:{port}", "origin": f"http://evil.example:{port}"}
+    )
     assert r.status_code == 403 and r.json()["message"] == "origin not allowed"
     assert fake_gateway.requests() == []
 
@@ -107,7 +134,9 @@ def token_proxy(start_proxy, tmp_path: Path) -> RunningProxy:
 def test_token_callers(token_proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     missing = post(token_proxy)
     wrong = post(token_proxy, headers={"x-proxy-authorization": "Bearer tok-nope-0123456789abcdef"})
-    fal_style = post(token_proxy, headers={"authorization": f"Bearer {TOKEN}"})  # not the caller header
+    fal_style = post(
+        token_proxy, headers={"authorization": f"Bearer {TOKEN}"}
+    )  # not the caller header
     assert [r.status_code for r in (missing, wrong, fal_style)] == [401, 401, 401]
     assert fake_gateway.requests() == []
     ok = post(token_proxy, headers={"x-proxy-authorization": f"Bearer {TOKEN}"})
@@ -120,11 +149,21 @@ def test_token_callers(token_proxy: RunningProxy, fake_gateway: FakeGateway) -> 
 
 def test_jwt_callers(start_proxy, fake_gateway: FakeGateway) -> None:
     secret = "j" * 40
-    proxy = start_proxy(FAL_PROXY_AUTH="jwt", FAL_PROXY_JWT_SECRET=secret, FAL_PROXY_JWT_AUDIENCE="fal-proxy",
-                        FAL_PROXY_AUTH_HEADER="x-session")
-    good = jwt.encode({"sub": "user-42", "aud": "fal-proxy", "exp": int(time.time()) + 60}, secret, "HS256")
-    expired = jwt.encode({"sub": "user-42", "aud": "fal-proxy", "exp": int(time.time()) - 600}, secret, "HS256")
-    other_aud = jwt.encode({"sub": "user-42", "aud": "x", "exp": int(time.time()) + 60}, secret, "HS256")
+    proxy = start_proxy(
+        FAL_PROXY_AUTH="jwt",
+        FAL_PROXY_JWT_SECRET=secret,
+        FAL_PROXY_JWT_AUDIENCE="fal-proxy",
+        FAL_PROXY_AUTH_HEADER="x-session",
+    )
+    good = jwt.encode(
+        {"sub": "user-42", "aud": "fal-proxy", "exp": int(time.time()) + 60}, secret, "HS256"
+    )
+    expired = jwt.encode(
+        {"sub": "user-42", "aud": "fal-proxy", "exp": int(time.time()) - 600}, secret, "HS256"
+    )
+    other_aud = jwt.encode(
+        {"sub": "user-42", "aud": "x", "exp": int(time.time()) + 60}, secret, "HS256"
+    )
     for bad in (expired, other_aud):
         assert post(proxy, headers={"x-session": f"Bearer {bad}"}).status_code == 401
     assert fake_gateway.requests() == []
@@ -137,20 +176,31 @@ def test_jwt_callers(start_proxy, fake_gateway: FakeGateway) -> None:
 
 
 def test_allowed_apps_apply_to_every_kind_of_call(start_proxy, fake_gateway: FakeGateway) -> None:
-    proxy = start_proxy(FAL_PROXY_ALLOWED_APPS="fal-ai/flux/*, fal-ai/fast-lcm-diffusion/*",
-                        FAL_PROXY_TOKEN_MAX_EXPIRATION="300")
+    proxy = start_proxy(
+        FAL_PROXY_ALLOWED_APPS="fal-ai/flux/*, fal-ai/fast-lcm-diffusion/*",
+        FAL_PROXY_TOKEN_MAX_EXPIRATION="300",
+    )
     tiny = {"prompt": "cat", "image_size": {"width": 16, "height": 16}}
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
+
         def sdk(method: str, target: str, body=None) -> httpx.Response:
-            return c.request(method, "/api/fal/proxy", headers={"x-fal-target-url": target},
-                             content=json.dumps(body).encode() if body is not None else None)
+            return c.request(
+                method,
+                "/api/fal/proxy",
+                headers={"x-fal-target-url": target},
+                content=json.dumps(body).encode() if body is not None else None,
+            )
 
         assert c.post("/fal-ai/flux/schnell", json=tiny).status_code == 200
         submit = sdk("POST", "https://queue.fal.run/fal-ai/flux/dev", tiny)
         assert submit.status_code == 200
         status = sdk("GET", submit.json()["status_url"])
         assert status.status_code == 200
-        token = sdk("POST", "https://rest.fal.ai/tokens/", {"allowed_apps": ["fast-lcm-diffusion"], "token_expiration": 120})
+        token = sdk(
+            "POST",
+            "https://rest.fal.ai/tokens/",
+            {"allowed_apps": ["fast-lcm-diffusion"], "token_expiration": 120},
+        )
         assert token.status_code == 201
         allowed = len(fake_gateway.requests())
         refused = [
@@ -159,8 +209,16 @@ def test_allowed_apps_apply_to_every_kind_of_call(start_proxy, fake_gateway: Fak
             sdk("POST", "https://queue.fal.run/fal-ai/fast-sdxl", tiny),
             sdk("GET", "https://queue.fal.run/fal-ai/fast-sdxl/requests/abc/status"),
             sdk("PUT", "https://queue.fal.run/fal-ai/fast-sdxl/requests/abc/cancel"),
-            sdk("POST", "https://rest.fal.ai/tokens/", {"allowed_apps": ["fast-sdxl"], "token_expiration": 120}),
-            sdk("POST", "https://rest.fal.ai/tokens/", {"allowed_apps": ["fast-lcm-diffusion"], "token_expiration": 3600}),
+            sdk(
+                "POST",
+                "https://rest.fal.ai/tokens/",
+                {"allowed_apps": ["fast-sdxl"], "token_expiration": 120},
+            ),
+            sdk(
+                "POST",
+                "https://rest.fal.ai/tokens/",
+                {"allowed_apps": ["fast-lcm-diffusion"], "token_expiration": 3600},
+            ),
         ]
     assert [r.status_code for r in refused] == [403] * len(refused)
     assert all(r.json()["detail"] for r in refused)
@@ -168,13 +226,18 @@ def test_allowed_apps_apply_to_every_kind_of_call(start_proxy, fake_gateway: Fak
 
 
 def test_every_app_allowed_by_default_with_a_warning(proxy: RunningProxy) -> None:
-    assert any(line.get("setting") == "FAL_PROXY_ALLOWED_APPS" and line["level"] == "warning"
-               for line in proxy.logs())
+    assert any(
+        line.get("setting") == "FAL_PROXY_ALLOWED_APPS" and line["level"] == "warning"
+        for line in proxy.logs()
+    )
 
 
 def test_open_auth_on_a_public_address_warns(start_proxy) -> None:
     proxy = start_proxy(FAL_PROXY_HOST="0.0.0.0")
-    assert any(line.get("setting") == "FAL_PROXY_AUTH" and line["level"] == "warning" for line in proxy.logs())
+    assert any(
+        line.get("setting") == "FAL_PROXY_AUTH" and line["level"] == "warning"
+        for line in proxy.logs()
+    )
 
 
 # --- rate limits --------------------------------------------------------------------------
@@ -193,7 +256,9 @@ def test_requests_per_minute(start_proxy, fake_gateway: FakeGateway) -> None:
 def test_concurrent_requests(start_proxy, fake_gateway: FakeGateway) -> None:
     proxy = start_proxy(FAL_PROXY_MAX_CONCURRENT="1")
     results: list[int] = []
-    holder = threading.Thread(target=lambda: results.append(post(proxy, "/emulator/hang").status_code))
+    holder = threading.Thread(
+        target=lambda: results.append(post(proxy, "/emulator/hang").status_code)
+    )
     holder.start()
     deadline = time.monotonic() + 5
     while not fake_gateway.requests():  # wait until the first request is really in flight
@@ -212,10 +277,20 @@ GENERATIONS = [  # (method, x-fal-target-url or None for a fal.run path, path, b
     ("POST", None, "/fal-ai/flux/dev", {"prompt": "cat"}),  # sync run
     ("GET", None, "/fal-ai/flux/dev?prompt=cat", None),  # a GET on fal.run runs the model too
     ("POST", "https://fal.run/fal-ai/flux/dev/stream", None, {"prompt": "cat"}),
-    ("POST", "https://queue.fal.run/fal-ai/flux/requests/abc", None, {"prompt": "cat"}),  # not status/cancel
+    (
+        "POST",
+        "https://queue.fal.run/fal-ai/flux/requests/abc",
+        None,
+        {"prompt": "cat"},
+    ),  # not status/cancel
     ("PUT", "https://queue.fal.run/fal-ai/flux/requests/abc", None, {}),
     ("GET", "https://queue.fal.run/fal-ai/flux/dev", None, None),
-    ("POST", "https://rest.fal.ai/tokens/", None, {"allowed_apps": ["flux"], "token_expiration": 60}),
+    (
+        "POST",
+        "https://rest.fal.ai/tokens/",
+        None,
+        {"allowed_apps": ["flux"], "token_expiration": 60},
+    ),
 ]
 
 
@@ -225,11 +300,14 @@ def test_every_call_that_can_start_a_generation_counts_against_the_hourly_cap(
 ) -> None:
     proxy = start_proxy(FAL_PROXY_SUBMITS_PER_HOUR="1", FAL_PROXY_ALLOWED_APPS="fal-ai/flux/*")
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
+
         def call() -> httpx.Response:
             content = json.dumps(body).encode() if body is not None else None
             if target is None:
                 return c.request(method, path or "/", content=content)
-            return c.request(method, "/api/fal/proxy", headers={"x-fal-target-url": target}, content=content)
+            return c.request(
+                method, "/api/fal/proxy", headers={"x-fal-target-url": target}, content=content
+            )
 
         assert call().status_code != 429
         refused = call()
@@ -241,9 +319,14 @@ def test_reading_and_cancelling_a_request_are_not_generations(start_proxy) -> No
     proxy = start_proxy(FAL_PROXY_SUBMITS_PER_HOUR="1")
     tiny = {"prompt": "cat", "image_size": {"width": 16, "height": 16}}
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
+
         def sdk(method: str, target: str, body=None) -> httpx.Response:
-            return c.request(method, "/api/fal/proxy", headers={"x-fal-target-url": target},
-                             content=json.dumps(body).encode() if body is not None else None)
+            return c.request(
+                method,
+                "/api/fal/proxy",
+                headers={"x-fal-target-url": target},
+                content=json.dumps(body).encode() if body is not None else None,
+            )
 
         first = sdk("POST", "https://queue.fal.run/fal-ai/flux/dev", tiny)
         assert first.status_code == 200
@@ -257,7 +340,9 @@ def test_reading_and_cancelling_a_request_are_not_generations(start_proxy) -> No
         assert c.post("/emulator/echo", json={}).status_code == 429  # a sync run is one
 
 
-def test_limits_are_per_client_ip_without_auth_and_forwarded_for_needs_a_trusted_peer(start_proxy) -> None:
+def test_limits_are_per_client_ip_without_auth_and_forwarded_for_needs_a_trusted_peer(
+    start_proxy,
+) -> None:
     trusting = start_proxy(FAL_PROXY_RATE_LIMIT_RPM="1", FAL_PROXY_TRUSTED_PROXIES="127.0.0.1")
     a = post(trusting, headers={"x-forwarded-for": "198.51.100.1"})
     b = post(trusting, headers={"x-forwarded-for": "198.51.100.2"})
@@ -293,16 +378,24 @@ def fresh_db(redis_server, db: int) -> str:
     return f"redis://127.0.0.1:{redis_server.port}/{db}"
 
 
-def test_two_proxy_processes_share_one_limit_in_redis(start_proxy, redis_server, fake_gateway: FakeGateway) -> None:
+def test_two_proxy_processes_share_one_limit_in_redis(
+    start_proxy, redis_server, fake_gateway: FakeGateway
+) -> None:
     url = fresh_db(redis_server, 7)
-    a = start_proxy(FAL_PROXY_REDIS_URL=url, FAL_PROXY_RATE_LIMIT_RPM="3", FAL_PROXY_MAX_CONCURRENT="1")
-    b = start_proxy(FAL_PROXY_REDIS_URL=url, FAL_PROXY_RATE_LIMIT_RPM="3", FAL_PROXY_MAX_CONCURRENT="1")
+    a = start_proxy(
+        FAL_PROXY_REDIS_URL=url, FAL_PROXY_RATE_LIMIT_RPM="3", FAL_PROXY_MAX_CONCURRENT="1"
+    )
+    b = start_proxy(
+        FAL_PROXY_REDIS_URL=url, FAL_PROXY_RATE_LIMIT_RPM="3", FAL_PROXY_MAX_CONCURRENT="1"
+    )
     assert [post(p).status_code for p in (a, b, a, b)] == [200, 200, 200, 429]
     assert post(a).status_code == 429  # the count is one, whichever replica asks
     assert len(fake_gateway.requests()) == 3
 
 
-def test_concurrency_is_shared_across_replicas(start_proxy, redis_server, fake_gateway: FakeGateway) -> None:
+def test_concurrency_is_shared_across_replicas(
+    start_proxy, redis_server, fake_gateway: FakeGateway
+) -> None:
     url = fresh_db(redis_server, 8)
     a = start_proxy(FAL_PROXY_REDIS_URL=url, FAL_PROXY_MAX_CONCURRENT="1")
     b = start_proxy(FAL_PROXY_REDIS_URL=url, FAL_PROXY_MAX_CONCURRENT="1")
@@ -319,7 +412,9 @@ def test_concurrency_is_shared_across_replicas(start_proxy, redis_server, fake_g
     assert results == [200] and post(b).status_code == 200
 
 
-def test_redis_going_away_fails_closed_by_default_or_open_when_asked(start_proxy, own_redis) -> None:
+def test_redis_going_away_fails_closed_by_default_or_open_when_asked(
+    start_proxy, own_redis
+) -> None:
     closed = start_proxy(FAL_PROXY_REDIS_URL=own_redis.url)
     opened = start_proxy(FAL_PROXY_REDIS_URL=own_redis.url, FAL_PROXY_REDIS_FAILURE="open")
     assert (post(closed).status_code, post(opened).status_code) == (200, 200)

@@ -64,8 +64,6 @@ TOKEN = "tok-browser-0123456789abcdef"
 OTHER_TOKEN = "tok-other-caller-fedcba9876543210"
 
 
-
-
 @pytest.fixture(scope="module")
 def fake_gateway() -> Iterator[FakeGateway]:
     """The shared emulator fixture, on a slower clock (time scale 0.2 instead of 0.05).
@@ -142,10 +140,20 @@ class Pages:
                 shutil.copyfile(PAGE_DIR / name, directory / name)
             built = subprocess.run(
                 [node, str(BUILD_SCRIPT), str(directory / "fal-client.js")],
-                cwd=SDK_DIR, env=child_env(), capture_output=True, text=True, timeout=60, check=False,
+                cwd=SDK_DIR,
+                env=child_env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
             )
-            assert built.returncode == 0, f"build-demo-bundle.mjs failed:\n{built.stdout}\n{built.stderr}"
-            assert "@fal-ai/client 1.10.1" in (directory / "fal-client.js").read_text(encoding="utf-8")[:400]
+            assert built.returncode == 0, (
+                f"build-demo-bundle.mjs failed:\n{built.stdout}\n{built.stderr}"
+            )
+            assert (
+                "@fal-ai/client 1.10.1"
+                in (directory / "fal-client.js").read_text(encoding="utf-8")[:400]
+            )
             self._site = directory
         return self._site
 
@@ -181,9 +189,16 @@ def run_browser(tmp_path: Path, runs: list[dict[str, Any]]) -> dict[str, dict[st
     spec.write_text(json.dumps({"runs": runs}), encoding="utf-8")
     completed = subprocess.run(
         [node, str(SCRIPT), str(spec)],
-        cwd=SDK_DIR, env=child_env(), capture_output=True, text=True, timeout=NODE_TIMEOUT, check=False,
+        cwd=SDK_DIR,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT,
+        check=False,
     )
-    (tmp_path / "browser-report.json").write_text(completed.stdout, encoding="utf-8")  # kept for debugging
+    (tmp_path / "browser-report.json").write_text(
+        completed.stdout, encoding="utf-8"
+    )  # kept for debugging
     try:
         report = json.loads(completed.stdout)
     except ValueError:
@@ -213,7 +228,9 @@ def origin_of(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def proxy_traffic(run: dict[str, Any], proxy: RunningProxy) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def proxy_traffic(
+    run: dict[str, Any], proxy: RunningProxy
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(preflights, actual requests) the browser sent to the proxy's SDK route."""
     ours = [e for e in run["network"] if e["url"] and e["url"].startswith(proxy.url + ROUTE)]
     preflights = [e for e in ours if e["method"] == "OPTIONS"]
@@ -228,13 +245,21 @@ def proxy_line(proxy: RunningProxy, entry: dict[str, Any]) -> dict[str, Any]:
     return proxy.wait_for_request_log(request_id)
 
 
-def assert_preflights_passed(preflights: list[dict[str, Any]], page_origin: str, proxy: RunningProxy,
-                             *, caller_header: bool = False) -> None:
+def assert_preflights_passed(
+    preflights: list[dict[str, Any]],
+    page_origin: str,
+    proxy: RunningProxy,
+    *,
+    caller_header: bool = False,
+) -> None:
     assert preflights, "the browser sent no CORS preflight to the proxy"
     for pre in preflights:
         assert pre["type"] == "Preflight", pre
         assert pre["requestHeaders"].get("origin") == page_origin, pre
-        asked = {h.strip() for h in pre["requestHeaders"].get("access-control-request-headers", "").split(",")}
+        asked = {
+            h.strip()
+            for h in pre["requestHeaders"].get("access-control-request-headers", "").split(",")
+        }
         assert "x-fal-target-url" in asked, pre
         assert ("x-proxy-authorization" in asked) == caller_header, pre
         assert pre["status"] == 204, pre
@@ -248,8 +273,14 @@ def assert_preflights_passed(preflights: list[dict[str, Any]], page_origin: str,
         assert line["method"] == "OPTIONS" and line["status"] == 204 and "error" not in line, line
 
 
-def assert_subscribe_succeeded(run: dict[str, Any], page_origin: str, proxy: RunningProxy,
-                               fake_gateway: FakeGateway, *, caller_header: bool = False) -> str:
+def assert_subscribe_succeeded(
+    run: dict[str, Any],
+    page_origin: str,
+    proxy: RunningProxy,
+    fake_gateway: FakeGateway,
+    *,
+    caller_header: bool = False,
+) -> str:
     """Everything a successful cross-origin fal.subscribe must show; returns the request id."""
     summary = run["summary"]
     assert summary["error"] is None, summary["error"]
@@ -261,10 +292,14 @@ def assert_subscribe_succeeded(run: dict[str, Any], page_origin: str, proxy: Run
     request_id = summary["requestId"]
     assert request_id, "the SDK could not read x-fal-request-id: the CORS answer does not expose it"
     assert request_id == summary["enqueuedRequestId"], summary
-    assert summary["statuses"][0] == "SUBMITTING" and summary["statuses"][-1] == "COMPLETED", summary["statuses"]
+    assert summary["statuses"][0] == "SUBMITTING" and summary["statuses"][-1] == "COMPLETED", (
+        summary["statuses"]
+    )
     # The status polls showed the job's progress (IN_QUEUE for 0.2 s, then IN_PROGRESS for
     # 0.4 s at this module's emulator time scale; the page polls every 25 ms).
-    assert set(summary["statuses"]) <= {"SUBMITTING", "IN_QUEUE", "IN_PROGRESS", "COMPLETED"}, summary["statuses"]
+    assert set(summary["statuses"]) <= {"SUBMITTING", "IN_QUEUE", "IN_PROGRESS", "COMPLETED"}, (
+        summary["statuses"]
+    )
     assert "IN_PROGRESS" in summary["statuses"], summary["statuses"]
     assert summary["logs"], "no queue logs reached the page"
 
@@ -291,7 +326,11 @@ def assert_subscribe_succeeded(run: dict[str, Any], page_origin: str, proxy: Run
         assert "authorization" not in call["requestHeaders"], call  # no fal key in the page
         assert ("x-proxy-authorization" in call["requestHeaders"]) == caller_header, call
         line = proxy_line(proxy, call)
-        assert line["status"] == 200 and line["route"] == "queue" and line["target_host"] == "queue.fal.run", line
+        assert (
+            line["status"] == 200
+            and line["route"] == "queue"
+            and line["target_host"] == "queue.fal.run"
+        ), line
     targets = [e["requestHeaders"].get("x-fal-target-url") for e in actual]
     assert targets[0] == SUBMIT_TARGET and len(targets) >= 3, targets
     assert set(targets[1:-1]) == {f"{REQUESTS_TARGET}/{request_id}/status?logs=1"}, targets
@@ -299,14 +338,22 @@ def assert_subscribe_succeeded(run: dict[str, Any], page_origin: str, proxy: Run
 
     # The emulated gateway: exactly the calls the browser made, and nothing else.
     received = fake_gateway.requests()
-    assert [(r["method"], r["target_url"]) for r in received] == [(e["method"], t) for e, t in zip(actual, targets)], (
-        received, targets)
+    assert [(r["method"], r["target_url"]) for r in received] == [
+        (e["method"], t) for e, t in zip(actual, targets)
+    ], (received, targets)
     submit = json.loads(received[0]["body"])
-    assert submit["prompt"] == run["prompt"] and submit["image_size"] == {"width": 64, "height": 64}, submit
+    assert submit["prompt"] == run["prompt"] and submit["image_size"] == {
+        "width": 64,
+        "height": 64,
+    }, submit
     for record in received:
-        assert record["header_map"].get("authorization") == f"Key {FAL_KEY}", record  # added by the proxy
+        assert record["header_map"].get("authorization") == f"Key {FAL_KEY}", (
+            record
+        )  # added by the proxy
         names = {name for name, _ in record["headers"]}
-        assert not names & {"origin", "x-proxy-authorization"}, names  # browser context stays at the proxy
+        assert not names & {"origin", "x-proxy-authorization"}, (
+            names
+        )  # browser context stays at the proxy
     return request_id
 
 
@@ -320,7 +367,9 @@ def test_listed_origin_subscribes_cross_origin_through_the_proxy(
     proxy = start_proxy(FAL_PROXY_ALLOWED_ORIGINS=app_page.origin)
     proxy_url = proxy.url + ROUTE
     assert origin_of(proxy_url) != app_page.origin  # cross-origin for real
-    runs = run_browser(tmp_path, [{"name": "allowed", "pageUrl": app_page.url, "proxyUrl": proxy_url}])
+    runs = run_browser(
+        tmp_path, [{"name": "allowed", "pageUrl": app_page.url, "proxyUrl": proxy_url}]
+    )
     run = runs["allowed"]
     print(f"screenshot: {run['screenshot']}")
     request_id = assert_subscribe_succeeded(run, app_page.origin, proxy, fake_gateway)
@@ -332,11 +381,15 @@ def test_unlisted_origin_is_refused_in_the_browser_and_nothing_goes_upstream(
     start_proxy: Any, fake_gateway: FakeGateway, pages: Pages, tmp_path: Path
 ) -> None:
     app_page = pages.server("app")
-    other_page = pages.server("other")  # the very same page on a third port: an origin nobody listed
+    other_page = pages.server(
+        "other"
+    )  # the very same page on a third port: an origin nobody listed
     assert other_page.origin != app_page.origin
     proxy = start_proxy(FAL_PROXY_ALLOWED_ORIGINS=app_page.origin)
     proxy_url = proxy.url + ROUTE
-    runs = run_browser(tmp_path, [{"name": "unlisted", "pageUrl": other_page.url, "proxyUrl": proxy_url}])
+    runs = run_browser(
+        tmp_path, [{"name": "unlisted", "pageUrl": other_page.url, "proxyUrl": proxy_url}]
+    )
     run = runs["unlisted"]
     summary = run["summary"]
 
@@ -360,11 +413,15 @@ def test_unlisted_origin_is_refused_in_the_browser_and_nothing_goes_upstream(
     assert post["method"] == "POST" and post["status"] is None, post
     # Chromium names the first preflight check that failed (the missing allow-origin header).
     assert post["failed"] is not None and post["failed"]["corsError"] in PREFLIGHT_CORS_ERRORS, post
-    assert any("blocked by CORS policy" in message for message in run["consoleErrors"]), run["consoleErrors"]
+    assert any("blocked by CORS policy" in message for message in run["consoleErrors"]), run[
+        "consoleErrors"
+    ]
 
     # The proxy refused it on the origin check, and the gateway saw nothing.
     line = proxy_line(proxy, pre)
-    assert (line["method"], line["status"], line["error"]) == ("OPTIONS", 403, "origin_refused"), line
+    assert (line["method"], line["status"], line["error"]) == ("OPTIONS", 403, "origin_refused"), (
+        line
+    )
     assert [r["status"] for r in proxy.request_logs()] == [403], proxy.request_logs()
     assert fake_gateway.requests() == []
 
@@ -374,7 +431,9 @@ def test_caller_token_from_request_middleware(
 ) -> None:
     app_page = pages.server("app")
     tokens = tmp_path / "tokens.txt"
-    tokens.write_text(f"# caller-id token\n{CALLER} {TOKEN}\nsomeone-else {OTHER_TOKEN}\n", encoding="utf-8")
+    tokens.write_text(
+        f"# caller-id token\n{CALLER} {TOKEN}\nsomeone-else {OTHER_TOKEN}\n", encoding="utf-8"
+    )
     proxy = start_proxy(
         FAL_PROXY_ALLOWED_ORIGINS=app_page.origin,
         FAL_PROXY_AUTH="token",
@@ -383,12 +442,22 @@ def test_caller_token_from_request_middleware(
     proxy_url = proxy.url + ROUTE
 
     # Refused first, so that anything the gateway then holds belongs to the good call.
-    refused = run_browser(tmp_path, [
-        {"name": "no-token", "pageUrl": app_page.url, "proxyUrl": proxy_url},
-        {"name": "wrong-token", "pageUrl": app_page.url, "proxyUrl": proxy_url,
-         "token": "tok-not-listed-00000000000000"},
-    ])
-    for name, reason, header_sent in (("no-token", "caller_missing", False), ("wrong-token", "caller_refused", True)):
+    refused = run_browser(
+        tmp_path,
+        [
+            {"name": "no-token", "pageUrl": app_page.url, "proxyUrl": proxy_url},
+            {
+                "name": "wrong-token",
+                "pageUrl": app_page.url,
+                "proxyUrl": proxy_url,
+                "token": "tok-not-listed-00000000000000",
+            },
+        ],
+    )
+    for name, reason, header_sent in (
+        ("no-token", "caller_missing", False),
+        ("wrong-token", "caller_refused", True),
+    ):
         run = refused[name]
         summary = run["summary"]
         error = summary["error"]
@@ -399,23 +468,33 @@ def test_caller_token_from_request_middleware(
         preflights, actual = proxy_traffic(run, proxy)
         assert_preflights_passed(preflights, app_page.origin, proxy, caller_header=header_sent)
         assert [(e["method"], e["status"]) for e in actual] == [("POST", 401)], (name, actual)
-        assert actual[0]["responseHeaders"].get("access-control-allow-origin") == app_page.origin, actual
+        assert actual[0]["responseHeaders"].get("access-control-allow-origin") == app_page.origin, (
+            actual
+        )
         line = proxy_line(proxy, actual[0])
         assert (line["status"], line["error"]) == (401, reason), line
         assert "caller" not in line, line
     assert fake_gateway.requests() == [], "a refused caller's request reached the gateway"
 
-    allowed = run_browser(tmp_path, [
-        {"name": "with-token", "pageUrl": app_page.url, "proxyUrl": proxy_url, "token": TOKEN},
-    ])
+    allowed = run_browser(
+        tmp_path,
+        [
+            {"name": "with-token", "pageUrl": app_page.url, "proxyUrl": proxy_url, "token": TOKEN},
+        ],
+    )
     run = allowed["with-token"]
     print(f"screenshot: {run['screenshot']}")
-    request_id = assert_subscribe_succeeded(run, app_page.origin, proxy, fake_gateway, caller_header=True)
+    request_id = assert_subscribe_succeeded(
+        run, app_page.origin, proxy, fake_gateway, caller_header=True
+    )
     _, actual = proxy_traffic(run, proxy)
     for call in actual:
         assert call["requestHeaders"]["x-proxy-authorization"] == f"Bearer {TOKEN}", call
         assert proxy_line(proxy, call).get("caller") == CALLER
-    assert any(r.get("fal_request_id") == request_id and r.get("caller") == CALLER for r in proxy.request_logs())
+    assert any(
+        r.get("fal_request_id") == request_id and r.get("caller") == CALLER
+        for r in proxy.request_logs()
+    )
     # The token stays at the proxy: no log line carries it.
     assert TOKEN not in "\n".join(proxy.process.lines)
 
@@ -432,8 +511,10 @@ def test_a_drive_by_page_runs_nothing_through_the_proxy(
     the gateway, unless the page's origin is listed."""
     page = pages.server("drive-by")
     proxy = start_proxy(**({"FAL_PROXY_ALLOWED_ORIGINS": page.origin} if listed else {}))
-    runs = run_browser(tmp_path, [{"name": "drive-by", "kind": "driveby", "pageUrl": page.url,
-                                   "proxyUrl": proxy.url}])
+    runs = run_browser(
+        tmp_path,
+        [{"name": "drive-by", "kind": "driveby", "pageUrl": page.url, "proxyUrl": proxy.url}],
+    )
     ours = [e for e in runs["drive-by"]["network"] if e["url"] and e["url"].startswith(proxy.url)]
     assert len(ours) == 4, ours  # the browser did send all four
     for entry in ours:
@@ -445,8 +526,10 @@ def test_a_drive_by_page_runs_nothing_through_the_proxy(
         else:
             expected = "origin_refused"
         assert line.get("error") == expected, (entry["url"], line)
-    prompts = sorted(json.loads(r["body"]).get("prompt", "") if r["body"] else r["query"]
-                     for r in fake_gateway.requests())
+    prompts = sorted(
+        json.loads(r["body"]).get("prompt", "") if r["body"] else r["query"]
+        for r in fake_gateway.requests()
+    )
     if listed:
         assert len(prompts) == 3, prompts
     else:

@@ -13,8 +13,12 @@ from tests.conftest import ROOT, child_env
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy", *args], cwd=ROOT, env=child_env(**env),
-        capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "proxy", *args],
+        cwd=ROOT,
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
 
 
@@ -32,11 +36,23 @@ def test_help_documents_every_setting() -> None:
     [
         ({}, "FAL_KEY"),
         ({"FAL_KEY": "sekrit-value"}, "CF_ACCOUNT_ID"),
-        ({"FAL_KEY": "sekrit-value", "CF_ACCOUNT_ID": "xyz", "CF_GATEWAY_ID": "g"}, "CF_ACCOUNT_ID"),
-        ({"FAL_KEY": "sekrit-value", "FAL_PROXY_GATEWAY_URL": "http://h/x", "FAL_PROXY_PORT": "x"}, "FAL_PROXY_PORT"),
+        (
+            {"FAL_KEY": "sekrit-value", "CF_ACCOUNT_ID": "xyz", "CF_GATEWAY_ID": "g"},
+            "CF_ACCOUNT_ID",
+        ),
+        (
+            {
+                "FAL_KEY": "sekrit-value",
+                "FAL_PROXY_GATEWAY_URL": "http://h/x",
+                "FAL_PROXY_PORT": "x",
+            },
+            "FAL_PROXY_PORT",
+        ),
     ],
 )
-def test_bad_configuration_exits_2_with_one_line_naming_the_variable(env: dict[str, str], variable: str) -> None:
+def test_bad_configuration_exits_2_with_one_line_naming_the_variable(
+    env: dict[str, str], variable: str
+) -> None:
     out = run_cli(**env)
     assert out.returncode == 2
     assert out.stdout == ""
@@ -47,5 +63,7 @@ def test_bad_configuration_exits_2_with_one_line_naming_the_variable(env: dict[s
 
 
 def test_port_flag_overrides_the_environment() -> None:
-    out = run_cli("--port", "99999", FAL_KEY="k", FAL_PROXY_GATEWAY_URL="http://h/x", FAL_PROXY_PORT="8000")
+    out = run_cli(
+        "--port", "99999", FAL_KEY="k", FAL_PROXY_GATEWAY_URL="http://h/x", FAL_PROXY_PORT="8000"
+    )
     assert out.returncode == 2 and "FAL_PROXY_PORT" in out.stderr

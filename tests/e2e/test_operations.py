@@ -26,10 +26,14 @@ def test_readyz_says_when_redis_is_unreachable(start_proxy) -> None:
         assert c.get("/healthz").status_code == 200  # alive, just not ready
 
 
-def test_a_rotated_key_file_is_used_without_dropping_traffic(start_proxy, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+def test_a_rotated_key_file_is_used_without_dropping_traffic(
+    start_proxy, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     key_file = tmp_path / "fal_key"
     key_file.write_text("old-key-revoked\n")
-    proxy = start_proxy(FAL_KEY="", FAL_KEY_FILE=str(key_file), FAL_PROXY_SECRET_RELOAD_SECONDS="0.2")
+    proxy = start_proxy(
+        FAL_KEY="", FAL_KEY_FILE=str(key_file), FAL_PROXY_SECRET_RELOAD_SECONDS="0.2"
+    )
     statuses: list[int] = []
     stop = threading.Event()
 
@@ -55,7 +59,7 @@ def test_a_rotated_key_file_is_used_without_dropping_traffic(start_proxy, fake_g
         stop.set()
         worker.join(10)
     assert set(statuses) <= {401, 200}  # every request answered: nothing dropped
-    assert statuses[statuses.index(200):] == [200] * (len(statuses) - statuses.index(200))
+    assert statuses[statuses.index(200) :] == [200] * (len(statuses) - statuses.index(200))
     assert any(line.get("event") == "secret_reloaded" for line in proxy.logs())
     assert all(FAL_KEY not in str(line) for line in proxy.logs())
 
@@ -66,13 +70,23 @@ def _check(*args: str, **env: str):
 
     from tests.conftest import ROOT, child_env
 
-    return subprocess.run([sys.executable, "-m", "proxy", "check", *args], cwd=ROOT, env=child_env(**env),
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "check", *args],
+        cwd=ROOT,
+        env=child_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_check_prints_the_settings_with_secrets_masked(fake_gateway: FakeGateway) -> None:
-    out = _check(FAL_KEY="sk-SENTINEL-check", CF_AIG_TOKEN="cf-SENTINEL-check",
-                 FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url, FAL_PROXY_REDIS_URL="redis://:pw-SENTINEL@h:1/0")
+    out = _check(
+        FAL_KEY="sk-SENTINEL-check",
+        CF_AIG_TOKEN="cf-SENTINEL-check",
+        FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url,
+        FAL_PROXY_REDIS_URL="redis://:pw-SENTINEL@h:1/0",
+    )
     assert out.returncode == 0, out.stderr
     assert "configuration: valid" in out.stdout and "fal_key = ********" in out.stdout
     assert "SENTINEL" not in out.stdout + out.stderr
@@ -81,7 +95,9 @@ def test_check_prints_the_settings_with_secrets_masked(fake_gateway: FakeGateway
 def test_check_probe_reports_the_gateway(fake_gateway: FakeGateway) -> None:
     good = _check("--probe", FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url)
     assert good.returncode == 0 and "ok    gateway: reachable" in good.stdout
-    unreachable = _check("--probe", FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal")
+    unreachable = _check(
+        "--probe", FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal"
+    )
     assert unreachable.returncode == 1 and "FAIL  gateway: not reachable" in unreachable.stdout
 
 
@@ -90,7 +106,12 @@ def test_check_probe_names_a_refused_gateway_token() -> None:
 
     gateway = start_fake_gateway("--cf-token", "the-right-one")
     try:
-        out = _check("--probe", FAL_KEY=FAL_KEY, CF_AIG_TOKEN="wrong", FAL_PROXY_GATEWAY_URL=gateway.gateway_url)
+        out = _check(
+            "--probe",
+            FAL_KEY=FAL_KEY,
+            CF_AIG_TOKEN="wrong",
+            FAL_PROXY_GATEWAY_URL=gateway.gateway_url,
+        )
     finally:
         gateway.stop()
     assert out.returncode == 1 and "2009" in out.stdout and "CF_AIG_TOKEN" in out.stdout
@@ -108,23 +129,44 @@ def test_metrics_in_prometheus_format(start_proxy, fake_gateway: FakeGateway) ->
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
         for _ in range(2):
             assert c.post("/emulator/echo", json={}).status_code == 200
-        assert c.post("/api/fal/proxy", headers={"x-fal-target-url": "https://evil.example/"}).status_code == 403
+        assert (
+            c.post(
+                "/api/fal/proxy", headers={"x-fal-target-url": "https://evil.example/"}
+            ).status_code
+            == 403
+        )
         assert c.post("/emulator/echo", json={}).status_code == 200
         assert c.post("/emulator/echo", json={}).status_code == 429  # a refusal is not counted: 4th
         text = c.get("/metrics").text
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for family in text_string_to_metric_families(text) for s in family.samples}
-    assert samples[("fal_proxy_requests_total", (("app", "emulator/echo"), ("route", "run"), ("status", "2xx")))] == 3
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert (
+        samples[
+            (
+                "fal_proxy_requests_total",
+                (("app", "emulator/echo"), ("route", "run"), ("status", "2xx")),
+            )
+        ]
+        == 3
+    )
     assert samples[("fal_proxy_refusals_total", (("reason", "target_refused"),))] == 1
     assert samples[("fal_proxy_refusals_total", (("reason", "rate_limited"),))] == 1
     assert samples[("fal_proxy_request_duration_seconds_count", (("route", "run"),))] >= 3
     assert samples[("fal_proxy_upstream_ttfb_seconds_count", (("route", "run"),))] == 3
     assert samples[("fal_proxy_body_bytes_total", (("direction", "out"),))] > 0
-    assert ("fal_proxy_in_flight_requests", ()) in samples and ("fal_proxy_open_websockets", ()) in samples
+    assert ("fal_proxy_in_flight_requests", ()) in samples and (
+        "fal_proxy_open_websockets",
+        (),
+    ) in samples
     assert fake_gateway.requests() and "/metrics" not in str(fake_gateway.requests())
 
 
-def test_sigterm_lets_a_running_stream_finish_then_exits_0(start_proxy, fake_gateway: FakeGateway) -> None:
+def test_sigterm_lets_a_running_stream_finish_then_exits_0(
+    start_proxy, fake_gateway: FakeGateway
+) -> None:
     import signal
 
     proxy = start_proxy(FAL_PROXY_DRAIN_SECONDS="20")
@@ -133,7 +175,9 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(start_proxy, fake_gat
             lines = r.iter_lines()
             assert next(lines) == 'data: {"n": 1}'
             proxy.process.proc.send_signal(signal.SIGTERM)  # mid-stream
-            proxy.process.wait_for_json(lambda line: "Shutting down" in str(line.get("event")), timeout=10)
+            proxy.process.wait_for_json(
+                lambda line: "Shutting down" in str(line.get("event")), timeout=10
+            )
             with httpx.Client(trust_env=False, timeout=2) as other:  # no new connections meanwhile
                 try:
                     other.get(proxy.url + "/healthz")
@@ -149,7 +193,8 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(start_proxy, fake_gat
 
 
 def test_a_stream_cut_when_the_drain_runs_out_is_logged_as_cut_without_a_traceback(
-        start_proxy, fake_gateway: FakeGateway) -> None:
+    start_proxy, fake_gateway: FakeGateway
+) -> None:
     import signal
 
     proxy = start_proxy(FAL_PROXY_DRAIN_SECONDS="1")
@@ -175,12 +220,19 @@ def test_workers_share_one_port_and_all_drain_on_sigterm(fake_gateway: FakeGatew
 
     from tests.conftest import Process, child_env
 
-    process = Process([sys.executable, "-m", "proxy", "--port", "0", "--workers", "2"],
-                      child_env(FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url,
-                                FAL_PROXY_LOG_FORMAT="json"))
+    process = Process(
+        [sys.executable, "-m", "proxy", "--port", "0", "--workers", "2"],
+        child_env(
+            FAL_KEY=FAL_KEY,
+            FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url,
+            FAL_PROXY_LOG_FORMAT="json",
+        ),
+    )
     try:
         first = process.wait_for_json(lambda r: r.get("event") == "listening")
-        process.wait_for_json(lambda r: r.get("event") == "listening" and r.get("pid") != first["pid"])
+        process.wait_for_json(
+            lambda r: r.get("event") == "listening" and r.get("pid") != first["pid"]
+        )
         with httpx.Client(base_url=first["url"], trust_env=False, timeout=10) as c:
             for _ in range(6):
                 with httpx.Client(base_url=first["url"], trust_env=False, timeout=10) as fresh:

@@ -28,7 +28,7 @@ import json
 import re
 import shutil
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +72,14 @@ def require_sdk(sdk_dir: Path = SDK_DIR) -> str:
     """Return the node binary, or fail the test saying how to install the SDK."""
     node = shutil.which("node")
     if node is None:
-        pytest.fail(f"node is not on PATH; install Node.js >= 20, then {INSTALL_HINT}", pytrace=False)
+        pytest.fail(
+            f"node is not on PATH; install Node.js >= 20, then {INSTALL_HINT}", pytrace=False
+        )
     manifest = sdk_dir / "node_modules" / "@fal-ai" / "client" / "package.json"
     if not manifest.is_file():
-        pytest.fail(f"{sdk_dir / 'node_modules'} is missing the fal JS SDK: {INSTALL_HINT}", pytrace=False)
+        pytest.fail(
+            f"{sdk_dir / 'node_modules'} is missing the fal JS SDK: {INSTALL_HINT}", pytrace=False
+        )
     version = json.loads(manifest.read_text(encoding="utf-8")).get("version")
     if version != SDK_VERSION:
         pytest.fail(
@@ -112,7 +116,9 @@ def run_sdk(proxy: RunningProxy, fake_gateway: FakeGateway, scenario: str) -> di
     try:
         report = json.loads(completed.stdout)
     except ValueError:
-        raise AssertionError(f"no JSON on stdout:\n{completed.stdout}\n{completed.stderr}") from None
+        raise AssertionError(
+            f"no JSON on stdout:\n{completed.stdout}\n{completed.stderr}"
+        ) from None
     outcome = report[scenario]
     assert outcome["ok"], json.dumps(outcome["error"], indent=2)
     return outcome
@@ -121,7 +127,9 @@ def run_sdk(proxy: RunningProxy, fake_gateway: FakeGateway, scenario: str) -> di
 # --- what the SDK sent to the proxy --------------------------------------------------------
 
 
-def assert_sent_via_proxy(outcome: dict[str, Any], proxy: RunningProxy, *targets: tuple[str, str]) -> None:
+def assert_sent_via_proxy(
+    outcome: dict[str, Any], proxy: RunningProxy, *targets: tuple[str, str]
+) -> None:
     """The SDK sent exactly ``targets`` ((method, x-fal-target-url) pairs) to the proxy route."""
     sent = outcome["sent"]
     assert [(s["method"], s["headers"].get("x-fal-target-url")) for s in sent] == list(targets)
@@ -135,7 +143,9 @@ def assert_sent_without_credentials(outcome: dict[str, Any]) -> None:
         assert "authorization" not in request["headers"]
 
 
-def assert_sent_direct(sent: dict[str, Any], record: dict[str, Any], fake_gateway: FakeGateway) -> None:
+def assert_sent_direct(
+    sent: dict[str, Any], record: dict[str, Any], fake_gateway: FakeGateway
+) -> None:
     """A request the SDK sent straight to a signed upload URL (``record``), not to the proxy."""
     assert sent["method"] == record["method"]
     assert sent["url"] == f"{emulator_origin(fake_gateway)}{record['path']}?{record['query']}"
@@ -143,7 +153,12 @@ def assert_sent_direct(sent: dict[str, Any], record: dict[str, Any], fake_gatewa
     assert "authorization" not in sent["headers"]
     # And it did not pass through the proxy on the way: none of the headers the proxy adds.
     names = {name for name, _ in record["headers"]}
-    assert not names & {"authorization", "x-fal-target-url", "x-fal-client-proxy", "cf-aig-event-id"}, names
+    assert not names & {
+        "authorization",
+        "x-fal-target-url",
+        "x-fal-client-proxy",
+        "cf-aig-event-id",
+    }, names
     assert record["path"].startswith("/_emulator/uploads/")
     assert record["query"] == "signature=emulated"  # the signed URL's query, kept by the SDK
 
@@ -184,8 +199,12 @@ def assert_target_mode(record: dict[str, Any], method: str, target_url: str) -> 
     assert record["header_map"]["cf-aig-max-attempts"] == "1"
 
 
-def assert_queue_sequence(outcome: dict[str, Any], proxy: RunningProxy, fake_gateway: FakeGateway,
-                          expected: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def assert_queue_sequence(
+    outcome: dict[str, Any],
+    proxy: RunningProxy,
+    fake_gateway: FakeGateway,
+    expected: list[tuple[str, str]],
+) -> list[dict[str, Any]]:
     """The SDK sent exactly ``expected`` (method, target) through the proxy, and the gateway
     received the same calls in target mode, in order. Returns the gateway's records."""
     assert_sent_via_proxy(outcome, proxy, *expected)
@@ -196,7 +215,9 @@ def assert_queue_sequence(outcome: dict[str, Any], proxy: RunningProxy, fake_gat
     return records
 
 
-def assert_initiated(record: dict[str, Any], target: str, content_type: str, extension: str) -> None:
+def assert_initiated(
+    record: dict[str, Any], target: str, content_type: str, extension: str
+) -> None:
     """An upload initiation: through the gateway in target mode, with what the SDK names the file."""
     assert_target_mode(record, "POST", target)
     body = json.loads(record["body"])
@@ -251,10 +272,14 @@ def test_run_post(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     assert_path_mode(seen, "POST", "/emulator/echo")
     assert seen["body"] == b'{"prompt":"cat"}'
     assert seen["header_map"]["accept"] == "application/json"
-    assert seen["header_map"]["cf-aig-max-attempts"] == "1"  # a POST is never retried by the gateway
+    assert (
+        seen["header_map"]["cf-aig-max-attempts"] == "1"
+    )  # a POST is never retried by the gateway
 
 
-def test_run_get_puts_the_input_in_the_query(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_run_get_puts_the_input_in_the_query(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     outcome = run_sdk(proxy, fake_gateway, "run_get")
 
     # The emulated app read its input back from the query (n as a number, as fal does).
@@ -296,7 +321,9 @@ def test_run_with_path_and_query(proxy: RunningProxy, fake_gateway: FakeGateway)
     assert seen["body"] == b'{"prompt":"cat"}'
 
 
-def test_gzip_response_is_decoded_by_the_sdk(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_gzip_response_is_decoded_by_the_sdk(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     outcome = run_sdk(proxy, fake_gateway, "gzip")
 
     assert outcome["data"] == {"compressed": True, "pad": "x" * 2000}
@@ -340,10 +367,10 @@ def test_queue_status_result_cancel(proxy: RunningProxy, fake_gateway: FakeGatew
     status = outcome["status"]
     assert (status["status"], status["request_id"]) == ("COMPLETED", request_id)
     assert [log["message"] for log in status["logs"]] == JOB_LOGS  # logs=1: every line, once
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for log in status["logs"]:  # UTC wall-clock times of this run
         stamp = datetime.strptime(log["timestamp"], "%Y-%m-%dT%H:%M:%S")
-        assert abs(now - stamp.replace(tzinfo=timezone.utc)) < timedelta(minutes=5), log
+        assert abs(now - stamp.replace(tzinfo=UTC)) < timedelta(minutes=5), log
     assert outcome["result"]["requestId"] == request_id
     assert_generated_image(outcome["result"]["data"], fake_gateway)
     assert outcome["cancelled"] == "undefined"  # 202 CANCELLATION_REQUESTED; no return value
@@ -406,7 +433,9 @@ def test_subscribe_streaming_status(proxy: RunningProxy, fake_gateway: FakeGatew
     assert "text/event-stream" in status_stream["header_map"]["accept"]
 
 
-def test_workflow_subscribe_keeps_the_namespace(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_workflow_subscribe_keeps_the_namespace(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     outcome = run_sdk(proxy, fake_gateway, "workflow_subscribe")
 
     (request_id,) = outcome["enqueued"]
@@ -447,7 +476,9 @@ def test_stream_sse(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     assert seen["header_map"]["cf-aig-max-attempts"] == "1"
 
 
-def test_stream_events_reach_the_sdk_one_by_one(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_stream_events_reach_the_sdk_one_by_one(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     # The emulator emits event i+1 only once the SDK process, having received event i,
     # releases the gate: a proxy that buffered the stream would deadlock (and time out).
     outcome = run_sdk(proxy, fake_gateway, "stream_incremental")
@@ -463,7 +494,9 @@ def test_stream_events_reach_the_sdk_one_by_one(proxy: RunningProxy, fake_gatewa
     assert "text/event-stream" in seen["header_map"]["accept"]
 
 
-def test_stream_binary_chunks_reach_the_sdk_unchanged(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_stream_binary_chunks_reach_the_sdk_unchanged(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     # audio/mpeg, not SSE: the SDK emits raw Uint8Array chunks. Chunk i+1 leaves the emulator
     # only once the SDK process holds all of chunk i, so no chunk can span two upstream ones.
     outcome = run_sdk(proxy, fake_gateway, "stream_binary")
@@ -484,10 +517,14 @@ def test_stream_binary_chunks_reach_the_sdk_unchanged(proxy: RunningProxy, fake_
     seen = fake_gateway.only_request()
     assert_path_mode(seen, "POST", "/emulator/audio/stream", "chunks=3")
     assert seen["body"] == b'{"prompt":"cat"}'
-    assert seen["header_map"]["accept"] == "application/json, audio/mpeg"  # the stream's `accept` option
+    assert (
+        seen["header_map"]["accept"] == "application/json, audio/mpeg"
+    )  # the stream's `accept` option
 
 
-def test_stream_abort_closes_the_upstream_request(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_stream_abort_closes_the_upstream_request(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     outcome = run_sdk(proxy, fake_gateway, "stream_abort")
 
     assert outcome["events"] == [{"n": 1}]
@@ -498,7 +535,9 @@ def test_stream_abort_closes_the_upstream_request(proxy: RunningProxy, fake_gate
     assert_path_mode(fake_gateway.only_request(), "POST", "/emulator/stall/stream")
     # The emulator saw its client (the proxy) leave while the SDK process was still alive, so
     # the abort itself, not the process exiting, closed the upstream request.
-    assert outcome["disconnectSeenAfterMs"] is not None, "the upstream request was not closed within 5 s"
+    assert outcome["disconnectSeenAfterMs"] is not None, (
+        "the upstream request was not closed within 5 s"
+    )
     assert outcome["disconnectSeenAfterMs"] < 2000
     assert f"disconnected:stall:{request_id}" in fake_gateway.events()
 
@@ -568,7 +607,9 @@ def test_multipart_upload_initiates_through_the_proxy_and_sends_the_parts_direct
     complete = uploads[-1]
     assert_sent_direct(direct[-1], complete, fake_gateway)
     assert (complete["method"], complete["path"]) == ("POST", f"{upload_path}/complete")
-    assert [p["partNumber"] for p in json.loads(complete["body"])["parts"]] == list(range(1, len(parts) + 1))
+    assert [p["partNumber"] for p in json.loads(complete["body"])["parts"]] == list(
+        range(1, len(parts) + 1)
+    )
 
     # The file URL serves the parts joined: compared by digest, streamed, not held twice.
     digest, size = hashlib.sha256(), 0
@@ -592,7 +633,10 @@ def test_auto_upload_replaces_a_blob_input_by_its_file_url(
     assert REQUEST_ID.fullmatch(outcome["requestId"])
     initiate_sent, put_sent, run_sent = outcome["sent"]  # in this order: upload first, then run
     assert_sent_via_proxy(
-        {"sent": [initiate_sent, run_sent]}, proxy, ("POST", INITIATE), ("POST", "https://fal.run/emulator/echo")
+        {"sent": [initiate_sent, run_sent]},
+        proxy,
+        ("POST", INITIATE),
+        ("POST", "https://fal.run/emulator/echo"),
     )
 
     initiate, run = fake_gateway.requests()
@@ -652,7 +696,9 @@ def test_realtime_token_refused_by_the_proxy_opens_no_socket(
     assert_sent_via_proxy(outcome, refusing, ("POST", TOKENS))
     assert outcome["sent"][0]["status"] == 403  # a policy refusal: the SDK does not retry it
     assert fake_gateway.requests() == []  # refused before anything went upstream
-    line = refusing.process.wait_for_json(lambda r: r.get("event") == "request" and r.get("route") == "token")
+    line = refusing.process.wait_for_json(
+        lambda r: r.get("event") == "request" and r.get("route") == "token"
+    )
     assert (line["status"], line["error"]) == (403, reason)
     assert outcome["opened"] == [] and outcome["frames"] == []
     # @fal-ai/client 1.10.1 drops a failed token request silently (its state machine goes
@@ -664,7 +710,9 @@ def test_realtime_token_refused_by_the_proxy_opens_no_socket(
 # --- a string proxyUrl: browser only -------------------------------------------------------
 
 
-def test_string_proxy_url_is_ignored_in_node(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_string_proxy_url_is_ignored_in_node(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     logged_before = len(proxy.request_logs())
     outcome = run_sdk(proxy, fake_gateway, "node_string_proxy_url")
 
@@ -680,7 +728,9 @@ def test_string_proxy_url_is_ignored_in_node(proxy: RunningProxy, fake_gateway: 
     assert len(proxy.request_logs()) == logged_before
 
 
-def test_string_proxy_url_is_used_in_a_browser(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_string_proxy_url_is_used_in_a_browser(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     outcome = run_sdk(proxy, fake_gateway, "browser_string_proxy_url")
 
     assert outcome["data"] == {"input": {"prompt": "cat"}}
@@ -711,7 +761,11 @@ def test_422_becomes_a_validation_error(proxy: RunningProxy, fake_gateway: FakeG
     assert error["constructor"] == "ValidationError"
     assert error["isValidationError"] and error["isApiError"]
     assert error["status"] == 422
-    field_error = {"loc": ["body", "prompt"], "msg": "field required", "type": "value_error.missing"}
+    field_error = {
+        "loc": ["body", "prompt"],
+        "msg": "field required",
+        "type": "value_error.missing",
+    }
     assert error["body"] == {"detail": [field_error]}
     assert error["fieldErrors"] == [field_error]
     assert error["promptErrors"] == [field_error]
@@ -722,7 +776,9 @@ def test_422_becomes_a_validation_error(proxy: RunningProxy, fake_gateway: FakeG
     assert seen["body"] == b'{"foo":1}'
 
 
-def test_500_becomes_an_api_error_with_the_body(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_500_becomes_an_api_error_with_the_body(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     outcome = run_sdk(proxy, fake_gateway, "error_500")
 
     error = outcome["thrown"]

@@ -104,7 +104,9 @@ def assert_no_key(*things: Any) -> None:
 # --- frames -----------------------------------------------------------------------------------
 
 
-def test_msgpack_and_json_echo_keep_their_frame_types(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_msgpack_and_json_echo_keep_their_frame_types(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     async def go() -> list[Any]:
         seen: list[Any] = []
         async with open_ws(ws_url(proxy)) as ws:
@@ -114,7 +116,9 @@ def test_msgpack_and_json_echo_keep_their_frame_types(proxy: RunningProxy, fake_
             await ws.send(json.dumps({"prompt": "dog"}))
             text = await recv(ws)
             seen += [binary, text]
-            assert isinstance(binary, bytes) and msgpack.unpackb(binary) == {"input": {"prompt": "cat", "n": 1}}
+            assert isinstance(binary, bytes) and msgpack.unpackb(binary) == {
+                "input": {"prompt": "cat", "n": 1}
+            }
             assert isinstance(text, str) and json.loads(text) == {"input": {"prompt": "dog"}}
         seen.append((ws.close_code, ws.close_reason))
         return seen
@@ -158,7 +162,9 @@ def test_200_concurrent_sockets_each_echo(start_proxy: Any) -> None:
 # --- closes -----------------------------------------------------------------------------------
 
 
-def test_client_close_code_and_reason_reach_the_upstream(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_client_close_code_and_reason_reach_the_upstream(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     async def go() -> None:
         async with open_ws(ws_url(proxy)) as ws:
             await ws.send(json.dumps({"x": 1}))
@@ -191,7 +197,9 @@ def test_upstream_crash_closes_the_client_with_1011(proxy: RunningProxy) -> None
     assert_no_key(reason)
 
 
-def test_upstream_refusing_the_handshake_is_relayed_as_its_status(start_proxy: Any, fake_gateway: FakeGateway) -> None:
+def test_upstream_refusing_the_handshake_is_relayed_as_its_status(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
     proxy = start_proxy(FAL_KEY="fal-wrong-key:0000")
     status = run(refused_status(ws_url(proxy)))
     assert status == 403  # the emulator closes before accepting: uvicorn answers 403
@@ -234,7 +242,9 @@ def test_a_slow_reader_keeps_the_proxy_memory_bounded(start_proxy: Any) -> None:
 # --- credentials ------------------------------------------------------------------------------
 
 
-def test_credential_subprotocols_are_stripped(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_credential_subprotocols_are_stripped(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     async def go() -> Any:
         async with open_ws(ws_url(proxy), subprotocols=["fal-api-key.CLIENTKEY", "v1"]) as ws:
             await ws.send(json.dumps(1))
@@ -248,7 +258,9 @@ def test_credential_subprotocols_are_stripped(proxy: RunningProxy, fake_gateway:
     assert "CLIENTKEY" not in json.dumps(upstream_record(fake_gateway)["headers"])
 
 
-def test_a_client_fal_jwt_token_is_not_forwarded(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_a_client_fal_jwt_token_is_not_forwarded(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     async def go() -> None:
         async with open_ws(ws_url(proxy, query="fal_jwt_token=client-jwt&keep=1")) as ws:
             await ws.send(json.dumps(2))
@@ -265,7 +277,8 @@ def test_a_client_fal_jwt_token_is_not_forwarded(proxy: RunningProxy, fake_gatew
 
 
 def test_an_origin_not_allowed_is_refused_before_anything_goes_upstream(
-        proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     status = run(refused_status(ws_url(proxy), origin="https://evil.example"))
     assert status == 403
     assert fake_gateway.requests("websocket") == []
@@ -277,7 +290,9 @@ def test_an_app_not_allowed_is_refused(start_proxy: Any, fake_gateway: FakeGatew
     assert fake_gateway.requests("websocket") == []
 
 
-def test_token_callers_on_upgrades(start_proxy: Any, fake_gateway: FakeGateway, tmp_path: Path) -> None:
+def test_token_callers_on_upgrades(
+    start_proxy: Any, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"web-app {TOKEN}\n")
     proxy = start_proxy(FAL_PROXY_AUTH="token", FAL_PROXY_CLIENT_TOKENS_FILE=str(tokens))
@@ -289,7 +304,14 @@ def test_token_callers_on_upgrades(start_proxy: Any, fake_gateway: FakeGateway, 
             return ws.subprotocol
 
     assert run(refused_status(ws_url(proxy))) == 401
-    assert run(refused_status(ws_url(proxy), subprotocols=["proxy-authorization.tok-nope-0123456789abcdef"])) == 401
+    assert (
+        run(
+            refused_status(
+                ws_url(proxy), subprotocols=["proxy-authorization.tok-nope-0123456789abcdef"]
+            )
+        )
+        == 401
+    )
     assert fake_gateway.requests("websocket") == []
 
     run(echo(additional_headers={"x-proxy-authorization": f"Bearer {TOKEN}"}))
@@ -300,12 +322,16 @@ def test_token_callers_on_upgrades(start_proxy: Any, fake_gateway: FakeGateway, 
     record = upstream_record(fake_gateway)
     assert record["header_map"]["sec-websocket-protocol"] == "v1"
     assert TOKEN not in json.dumps([record["headers"], record["query"]])
-    lines = poll(lambda: len(websocket_lines(proxy)) >= 4 and websocket_lines(proxy), "four websocket lines")
+    lines = poll(
+        lambda: len(websocket_lines(proxy)) >= 4 and websocket_lines(proxy), "four websocket lines"
+    )
     assert [line.get("caller") for line in lines[2:4]] == ["web-app", "web-app"]
     assert all(TOKEN not in json.dumps(line) for line in proxy.logs())
 
 
-def test_concurrency_limit_refuses_a_second_socket(start_proxy: Any, fake_gateway: FakeGateway) -> None:
+def test_concurrency_limit_refuses_a_second_socket(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
     proxy = start_proxy(FAL_PROXY_MAX_CONCURRENT="1")
 
     async def go() -> None:
@@ -313,6 +339,7 @@ def test_concurrency_limit_refuses_a_second_socket(start_proxy: Any, fake_gatewa
             await ws.send(json.dumps(1))
             await recv(ws)
             assert await refused_status(ws_url(proxy)) == 429
+
         # the slot is released when the session ends
         async def free() -> None:
             async with open_ws(ws_url(proxy)) as again:
@@ -346,10 +373,15 @@ def test_ws_max_bytes_applies_to_client_frames(start_proxy: Any, fake_gateway: F
             return await closed(ws)
 
     assert run(go())[0] == 1009
-    poll(lambda: any(e.startswith("ws-closed:") for e in fake_gateway.events()), "the upstream to be closed")
+    poll(
+        lambda: any(e.startswith("ws-closed:") for e in fake_gateway.events()),
+        "the upstream to be closed",
+    )
 
 
-def test_ws_max_bytes_applies_to_upstream_frames(start_proxy: Any, fake_gateway: FakeGateway) -> None:
+def test_ws_max_bytes_applies_to_upstream_frames(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
     proxy = start_proxy(FAL_PROXY_WS_MAX_BYTES=str(64 * 1024))
 
     async def go() -> tuple[Any, Any]:
@@ -362,7 +394,9 @@ def test_ws_max_bytes_applies_to_upstream_frames(start_proxy: Any, fake_gateway:
 
     code, _ = run(go())
     # The proxy refused the upstream's message: the upstream is told 1009, and so is the client.
-    poll(lambda: any(e.startswith("ws-closed:1009:") for e in fake_gateway.events()), "1009 upstream")
+    poll(
+        lambda: any(e.startswith("ws-closed:1009:") for e in fake_gateway.events()), "1009 upstream"
+    )
     assert code == 1009
 
 
@@ -384,14 +418,24 @@ def test_one_canonical_log_line_per_session(start_proxy: Any) -> None:
             await closed(ws)
 
     run(go())
-    lines = poll(lambda: len(websocket_lines(proxy)) >= 2 and websocket_lines(proxy), "two websocket lines")
+    lines = poll(
+        lambda: len(websocket_lines(proxy)) >= 2 and websocket_lines(proxy), "two websocket lines"
+    )
     first, second = lines
     assert first["target_path"] == f"/{SCRIPTED}"
-    assert (first["frames_in"], first["frames_out"], first["bytes_in"], first["bytes_out"]) == (2, 2, 8, 8)
+    assert (first["frames_in"], first["frames_out"], first["bytes_in"], first["bytes_out"]) == (
+        2,
+        2,
+        8,
+        8,
+    )
     assert (first["client_close"], first["upstream_close"]) == (4001, 4001)
     assert "error" not in first
     assert (second["frames_in"], second["frames_out"]) == (1, 0)
-    assert second["upstream_close"] == 4003 and second["client_close"] in (None, 4003)  # 4003: the echo
+    assert second["upstream_close"] == 4003 and second["client_close"] in (
+        None,
+        4003,
+    )  # 4003: the echo
     assert len(websocket_lines(proxy)) == 2
 
 

@@ -88,8 +88,10 @@ def load_corpus() -> list[Case]:
 
 # The server's answer to bytes its HTTP parser refuses (proxy/server_protocol.py; uvicorn's
 # own plain-text one on servers without that protocol).
-_SERVER_PARSER_400 = (b'{"message": "invalid HTTP request", "detail": "the request could not be parsed as HTTP/1.1"}',
-                      b"Invalid HTTP request received.")
+_SERVER_PARSER_400 = (
+    b'{"message": "invalid HTTP request", "detail": "the request could not be parsed as HTTP/1.1"}',
+    b"Invalid HTTP request received.",
+)
 
 
 @dataclass
@@ -184,7 +186,7 @@ class RawHTTP:
         if length is not None:
             while len(self.buffer) < int(length):
                 self._fill()
-            response.body, self.buffer = self.buffer[: int(length)], self.buffer[int(length):]
+            response.body, self.buffer = self.buffer[: int(length)], self.buffer[int(length) :]
         elif (response.header(b"transfer-encoding") or b"").lower() == b"chunked":
             response.body = self._read_chunked()
         else:  # delimited by the end of the connection
@@ -207,7 +209,7 @@ class RawHTTP:
             while len(self.buffer) < size + 2:
                 self._fill()
             body += self.buffer[:size]
-            self.buffer = self.buffer[size + 2:]
+            self.buffer = self.buffer[size + 2 :]
             if size == 0:  # (no trailers from these servers)
                 return body
 

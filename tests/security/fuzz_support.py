@@ -48,8 +48,11 @@ def app_allowed(path: str) -> bool:
     """A fal.run path (``/fal-ai/flux/dev/stream``) names an allowed app: the endpoint id,
     or a longer prefix of the path, matches an allowed glob."""
     segments = path.strip("/").split("/")
-    return any(fnmatchcase("/".join(segments[:end]), pattern)
-               for end in range(1, len(segments) + 1) for pattern in ALLOWED_APPS)
+    return any(
+        fnmatchcase("/".join(segments[:end]), pattern)
+        for end in range(1, len(segments) + 1)
+        for pattern in ALLOWED_APPS
+    )
 
 
 def owner_alias_allowed(prefix: str) -> bool:
@@ -58,8 +61,10 @@ def owner_alias_allowed(prefix: str) -> bool:
     if app_allowed(prefix):
         return True
     depth = prefix.count("/") + 1
-    return any(len(p.split("/")) > depth and fnmatchcase(prefix, "/".join(p.split("/")[:depth]))
-               for p in ALLOWED_APPS)
+    return any(
+        len(p.split("/")) > depth and fnmatchcase(prefix, "/".join(p.split("/")[:depth]))
+        for p in ALLOWED_APPS
+    )
 
 
 def fully_decoded(text: str) -> str:
@@ -147,7 +152,11 @@ def token_body_verdict(body: bytes) -> bool | None:
     if not all(a in TOKEN_ALIASES for a in apps):
         return False
     expiration = data.get("token_expiration", 120)
-    if not isinstance(expiration, int) or isinstance(expiration, bool) or not 0 < expiration <= TOKEN_MAX_EXPIRATION:
+    if (
+        not isinstance(expiration, int)
+        or isinstance(expiration, bool)
+        or not 0 < expiration <= TOKEN_MAX_EXPIRATION
+    ):
         return False
     if odd or data.duplicates or _any_nested_duplicate(data) or _depth(text) > 32:
         return None
@@ -186,31 +195,56 @@ class Record:
 
     def text(self) -> str:
         """Everything in the record, for substring searches."""
-        return "\n".join([self.path, self.query, self.target_url or "",
-                          *(f"{n}: {v}" for n, v in self.headers), self.body.decode("latin-1")])
+        return "\n".join(
+            [
+                self.path,
+                self.query,
+                self.target_url or "",
+                *(f"{n}: {v}" for n, v in self.headers),
+                self.body.decode("latin-1"),
+            ]
+        )
 
     def short(self) -> str:
-        return (f"{self.kind} {self.method} {self.path}{'?' + self.query if self.query else ''} "
-                f"target={self.target_url!r} headers={self.headers!r} body={self.body[:200]!r}")
+        return (
+            f"{self.kind} {self.method} {self.path}{'?' + self.query if self.query else ''} "
+            f"target={self.target_url!r} headers={self.headers!r} body={self.body[:200]!r}"
+        )
 
 
 def gateway_records(gateway: FakeGateway) -> list[Record]:
     out = []
     for r in gateway.client.get("/_emulator/requests").json():
-        out.append(Record(r["kind"], r["method"], r["path"], r["query"], [(n, v) for n, v in r["headers"]],
-                          base64.b64decode(r["body_b64"]), r["body_len"], r["target_url"]))
+        out.append(
+            Record(
+                r["kind"],
+                r["method"],
+                r["path"],
+                r["query"],
+                [(n, v) for n, v in r["headers"]],
+                base64.b64decode(r["body_b64"]),
+                r["body_len"],
+                r["target_url"],
+            )
+        )
     return out
 
 
-def record_problems(record: Record, secrets: Iterable[str], caller_header: str = "x-proxy-authorization",
-                    cf_token: str | None = CF_TOKEN) -> list[str]:
+def record_problems(
+    record: Record,
+    secrets: Iterable[str],
+    caller_header: str = "x-proxy-authorization",
+    cf_token: str | None = CF_TOKEN,
+) -> list[str]:
     """Why ``record`` should never have reached the gateway (empty: it is fine)."""
     problems: list[str] = []
     if record.kind not in ("gateway", "websocket"):
         return [f"unexpected record kind {record.kind}"]
     # The proxy's key, once; the gateway token, once; no client credential under any name.
     if record.values("authorization") != [f"Key {FAL_KEY}"]:
-        problems.append(f"authorization is {record.values('authorization')!r}, not the proxy's key once")
+        problems.append(
+            f"authorization is {record.values('authorization')!r}, not the proxy's key once"
+        )
     if cf_token is not None and record.values("cf-aig-authorization") != [f"Bearer {cf_token}"]:
         problems.append(f"cf-aig-authorization is {record.values('cf-aig-authorization')!r}")
     for name, _ in record.headers:
@@ -228,7 +262,7 @@ def record_problems(record: Record, secrets: Iterable[str], caller_header: str =
         problems.append("more than one x-fal-target-url")
     if not record.path.startswith(PREFIX):
         return [*problems, f"path outside the gateway prefix: {record.path!r}"]
-    fal_path = record.path[len(PREFIX):]
+    fal_path = record.path[len(PREFIX) :]
 
     if record.kind == "websocket":
         if not _fal_path_ok(fal_path):
@@ -254,14 +288,21 @@ def record_problems(record: Record, secrets: Iterable[str], caller_header: str =
     except ValueError:
         return [*problems, f"unparseable target {record.target_url!r}"]
     host = (parts.hostname or "").lower()
-    if parts.scheme != "https" or port not in (None, 443) or parts.username is not None or parts.password is not None:
+    if (
+        parts.scheme != "https"
+        or port not in (None, 443)
+        or parts.username is not None
+        or parts.password is not None
+    ):
         problems.append(f"target not https on fal's default port: {record.target_url!r}")
     if has_dot_segment(parts.path) or re.search(r"[\x00-\x20\x7f]", fully_decoded(parts.path)):
         problems.append(f"target path with dot segments or controls: {parts.path!r}")
     if host in ("fal.run", "queue.fal.run"):
         match = re.fullmatch(r"/(.+?)/requests/[^/]+(?:/.*)?", parts.path)
         if host == "queue.fal.run" and match:
-            if not owner_alias_allowed(match[1]) or not owner_alias_allowed(fully_decoded(match[1])):
+            if not owner_alias_allowed(match[1]) or not owner_alias_allowed(
+                fully_decoded(match[1])
+            ):
                 problems.append(f"queue call for an app not allowed: {parts.path!r}")
         elif not _fal_path_ok(parts.path):
             problems.append(f"call for an app not allowed: {record.target_url!r}")
@@ -314,15 +355,23 @@ class Outcome:
         return [r for r in self.replies if r.status >= 200 or r.status == 101]
 
     def summary(self) -> str:
-        return (f"statuses={[r.status for r in self.replies]} timed_out={self.timed_out} reset={self.reset} "
-                f"received={self.received[:400]!r}")
+        return (
+            f"statuses={[r.status for r in self.replies]} timed_out={self.timed_out} reset={self.reset} "
+            f"received={self.received[:400]!r}"
+        )
 
 
 _CLOSE_FRAME = b"\x88\x82\x01\x02\x03\x04" + bytes(b ^ m for b, m in zip(b"\x03\xe8", b"\x01\x02"))
 
 
-def send_raw(address: tuple[str, int], data: bytes, *, method: str = "GET", half_close: bool = False,
-             timeout: float = 10.0) -> Outcome:
+def send_raw(
+    address: tuple[str, int],
+    data: bytes,
+    *,
+    method: str = "GET",
+    half_close: bool = False,
+    timeout: float = 10.0,
+) -> Outcome:
     """Write ``data`` on a fresh connection and read what comes back.
 
     After the first final response the write side is shut down, so anything the server
@@ -432,7 +481,7 @@ def _parse_reply(buf: bytes, pos: int, method: str, eof: bool) -> tuple[Reply, i
                 break
             if len(buf) < line_end + 2 + size + 2:
                 break
-            body += buf[line_end + 2:line_end + 2 + size]
+            body += buf[line_end + 2 : line_end + 2 + size]
             at = line_end + 2 + size + 2
             if size == 0:
                 reply.body = bytes(body)
@@ -444,7 +493,7 @@ def _parse_reply(buf: bytes, pos: int, method: str, eof: bool) -> tuple[Reply, i
     length = get(b"content-length")
     if length is not None and length.isdigit():
         if len(buf) - start >= int(length):
-            reply.body = buf[start:start + int(length)]
+            reply.body = buf[start : start + int(length)]
             return reply, start + int(length)
         if eof:
             reply.body, reply.complete = buf[start:], False
@@ -483,18 +532,31 @@ class Barrier:
 
     def settle(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
-        request = b"GET /metrics HTTP/1.1\r\nhost: " + self.hostport + b"\r\nconnection: close\r\n\r\n"
+        request = (
+            b"GET /metrics HTTP/1.1\r\nhost: " + self.hostport + b"\r\nconnection: close\r\n\r\n"
+        )
         while True:
             outcome = send_raw(self.address, request, timeout=timeout)
-            gauges = {m[0]: float(m[1]) for m in _GAUGE.findall(outcome.final[0].body)} if outcome.final else {}
+            gauges = (
+                {m[0]: float(m[1]) for m in _GAUGE.findall(outcome.final[0].body)}
+                if outcome.final
+                else {}
+            )
             if gauges and all(v == 0 for v in gauges.values()):
                 break
             if time.monotonic() > deadline:
                 raise AssertionError(f"the proxy never became idle: {gauges} {outcome.summary()}")
             time.sleep(0.005)  # poll interval
         start = len(self.proxy.process.lines)
-        marker = send_raw(self.address, b"GET /api/fal/proxy HTTP/1.1\r\nhost: " + self.hostport
-                          + b"\r\n" + self.marker_headers + b"connection: close\r\n\r\n", timeout=timeout)
+        marker = send_raw(
+            self.address,
+            b"GET /api/fal/proxy HTTP/1.1\r\nhost: "
+            + self.hostport
+            + b"\r\n"
+            + self.marker_headers
+            + b"connection: close\r\n\r\n",
+            timeout=timeout,
+        )
         request_id = marker.final[0].header(b"x-proxy-request-id") if marker.final else None
         assert request_id is not None, f"the marker request got no request id: {marker.summary()}"
         self.wait_for_line(request_id.decode(), start, deadline)
@@ -528,7 +590,11 @@ def log_errors(lines: list[str]) -> list[str]:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and str(record.get("level", "")).lower() in ("error", "critical", "exception"):
+        if isinstance(record, dict) and str(record.get("level", "")).lower() in (
+            "error",
+            "critical",
+            "exception",
+        ):
             bad.append(line)
     return bad
 
@@ -582,8 +648,9 @@ class Keys:
     def rsa_public_pem(self) -> bytes:
         from cryptography.hazmat.primitives import serialization
 
-        return self.rsa.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+        return self.rsa.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
 
 def sign(method: str, signing_input: bytes, keys: Keys) -> bytes:
@@ -598,7 +665,9 @@ def sign(method: str, signing_input: bytes, keys: Keys) -> bytes:
     if method == "hs":
         return hmac.new(keys.hs_secret.encode(), signing_input, hashlib.sha256).digest()
     if method == "hs-wrong":
-        return hmac.new(b"not-the-secret-0123456789abcdefghij", signing_input, hashlib.sha256).digest()
+        return hmac.new(
+            b"not-the-secret-0123456789abcdefghij", signing_input, hashlib.sha256
+        ).digest()
     if method == "hs-rsa-pem":  # the classic alg confusion: HMAC keyed with the public key
         return hmac.new(keys.rsa_public_pem(), signing_input, hashlib.sha256).digest()
     if method == "none":
@@ -615,7 +684,9 @@ def build_jwt(header: dict[str, Any], claims: dict[str, Any], method: str, keys:
     return f"{head}.{body}.{b64url(sign(method, signing_input, keys))}"
 
 
-def jwt_acceptable(token: str, *, keys: Keys, mode: str, audience: str | None, issuer: str | None) -> bool:
+def jwt_acceptable(
+    token: str, *, keys: Keys, mode: str, audience: str | None, issuer: str | None
+) -> bool:
     """Could a correct verifier accept this token? (README: RS256/ES256 keys from the JWKS, or
     an HS256 secret; ``exp`` required; ``aud``/``iss`` when configured; the caller claim
     ``sub`` a non-empty string or number.) Generous on purpose: it only decides when a
@@ -635,8 +706,15 @@ def jwt_acceptable(token: str, *, keys: Keys, mode: str, audience: str | None, i
         if header.get("alg") != alg:
             continue
         try:
-            claims = jwt.decode(token, key, algorithms=[alg], audience=audience, issuer=issuer, leeway=30,
-                                options={"require": required})
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=audience,
+                issuer=issuer,
+                leeway=30,
+                options={"require": required},
+            )
         except Exception:
             continue
         sub = claims.get("sub")

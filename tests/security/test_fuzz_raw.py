@@ -95,9 +95,13 @@ def fuzz_settings(examples: int) -> settings:
         database=None,
         deadline=None,
         print_blob=False,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                               HealthCheck.data_too_large, HealthCheck.large_base_example,
-                               HealthCheck.filter_too_much],
+        suppress_health_check=[
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+            HealthCheck.filter_too_much,
+        ],
     )
 
 
@@ -162,53 +166,70 @@ class Harness:
         self.last_secrets = plan.secrets
         start = len(self.proxy.process.lines)
         data = self.barrier.render(plan.data)
-        outcome = send_raw(self.barrier.address, data, method=plan.method, half_close=plan.half_close)
+        outcome = send_raw(
+            self.barrier.address, data, method=plan.method, half_close=plan.half_close
+        )
         self.barrier.settle()
         end = len(self.proxy.process.lines)
         lines = self.proxy.process.lines[start:end]
         self.judged.append((start, end))
         records = gateway_records(self.gateway)
         self.gateway.clear()
-        for text in (f"sent {data!r}", f"got {outcome.summary()}",
-                     f"gateway received {[r.short() for r in records]}"):
+        for text in (
+            f"sent {data!r}",
+            f"got {outcome.summary()}",
+            f"gateway received {[r.short() for r in records]}",
+        ):
             note(text) if currently_in_test_context() else print(text)
         if currently_in_test_context():
-            event(f"status {outcome.final[0].status if outcome.final else 'none'}; "
-                  f"{'forwarded' if records else 'not forwarded'}")
+            event(
+                f"status {outcome.final[0].status if outcome.final else 'none'}; "
+                f"{'forwarded' if records else 'not forwarded'}"
+            )
         check(plan, outcome, lines, records)
 
 
 def check(plan: Plan, outcome: Outcome, lines: list[str], records: list[Any]) -> None:
     # A hang is a failure of its own: every plan is framed so the proxy can always answer.
-    assert not outcome.timed_out, f"the proxy neither answered nor closed the connection: {outcome.summary()}"
+    assert not outcome.timed_out, (
+        f"the proxy neither answered nor closed the connection: {outcome.summary()}"
+    )
     # 1. no 500 (nor any 5xx of the proxy's own but 502/503/504)
     for reply in outcome.replies:
         if 500 <= reply.status <= 599:
             request_id = (reply.header(b"x-proxy-request-id") or b"").decode()
             line = request_line(lines, request_id) if request_id else None
             relayed = line is not None and line.get("upstream_status") == reply.status
-            assert relayed or reply.status in (502, 503, 504), f"property 1: the proxy answered {reply!r}"
+            assert relayed or reply.status in (502, 503, 504), (
+                f"property 1: the proxy answered {reply!r}"
+            )
     assert b"internal proxy error" not in outcome.received, f"property 1: {outcome.summary()}"
     # 2. no traceback or error in the proxy's log
     errors = log_errors(lines)
-    assert not errors, "property 2: error lines in the proxy's log:\n" + "\n".join(e[:1500] for e in errors)
+    assert not errors, "property 2: error lines in the proxy's log:\n" + "\n".join(
+        e[:1500] for e in errors
+    )
     # 3. no server secret in any response; no secret, server's or client's, in the log
     assert not leaked(outcome.received, SERVER_SECRETS), (
-        f"property 3: a server secret in the response: {outcome.summary()}")
+        f"property 3: a server secret in the response: {outcome.summary()}"
+    )
     log_text = "\n".join(lines)
     in_log = leaked(log_text, SERVER_SECRETS + tuple(s for s in plan.secrets if len(s) >= 16))
     assert not in_log, f"property 3: {in_log} in the proxy's log:\n" + "\n".join(
-        line[:600] for line in lines if any(s in line for s in in_log))
+        line[:600] for line in lines if any(s in line for s in in_log)
+    )
     # 4. the gateway saw only valid, allowed requests with the proxy's credentials
     problems = [(r.short(), p) for r in records for p in record_problems(r, plan.secrets)]
     assert not problems, f"property 4: the gateway received {problems}"
     assert not (plan.refuse and records), (
-        f"property 4: forwarded although {list(plan.refuse)}: {[r.short() for r in records]}")
+        f"property 4: forwarded although {list(plan.refuse)}: {[r.short() for r in records]}"
+    )
     # Not vacuous: the clean requests do go through.
     if plan.expect is not None:
         statuses = [r.status for r in outcome.final]
         assert statuses[:1] == [plan.expect] and records, (
-            f"a clean request was not served: expected {plan.expect}, got {outcome.summary()}")
+            f"a clean request was not served: expected {plan.expect}, got {outcome.summary()}"
+        )
     assert records or not plan.forward, f"a clean request was not forwarded: {outcome.summary()}"
 
 
@@ -230,20 +251,28 @@ def open_harness(fake_gateway: FakeGateway) -> Iterator[Harness]:
 
 @pytest.fixture(scope="module")
 def keys() -> Keys:
-    return Keys(rsa=rsa.generate_private_key(public_exponent=65537, key_size=2048),
-                ec=ec.generate_private_key(ec.SECP256R1()),
-                other_rsa=rsa.generate_private_key(public_exponent=65537, key_size=2048),
-                other_ec=ec.generate_private_key(ec.SECP256R1()),
-                hs_secret=JWT_SECRET)
+    return Keys(
+        rsa=rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        ec=ec.generate_private_key(ec.SECP256R1()),
+        other_rsa=rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        other_ec=ec.generate_private_key(ec.SECP256R1()),
+        hs_secret=JWT_SECRET,
+    )
 
 
 @pytest.fixture(scope="module")
-def jwks_harness(fake_gateway: FakeGateway, keys: Keys,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+def jwks_harness(
+    fake_gateway: FakeGateway, keys: Keys, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Harness]:
     jwks = tmp_path_factory.mktemp("jwks") / "jwks.json"
     jwks.write_text(keys.jwks())
-    yield from _harness(fake_gateway, FAL_PROXY_AUTH="jwt", FAL_PROXY_JWT_JWKS_FILE=str(jwks),
-                        FAL_PROXY_JWT_AUDIENCE=AUDIENCE, FAL_PROXY_JWT_ISSUER=ISSUER)
+    yield from _harness(
+        fake_gateway,
+        FAL_PROXY_AUTH="jwt",
+        FAL_PROXY_JWT_JWKS_FILE=str(jwks),
+        FAL_PROXY_JWT_AUDIENCE=AUDIENCE,
+        FAL_PROXY_JWT_ISSUER=ISSUER,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -258,51 +287,109 @@ SECRETS = st.integers(0, 999_999).map(lambda i: f"client-cred-{i:06d}-zq")
 
 # fal.run-shaped paths: True = allowed (may go upstream), False = must not, None = no claim.
 PATHS: list[tuple[bytes, bool | None]] = [
-    (b"/emulator/echo", True), (b"/emulator/echo?x=1&y=%0d%0a", True), (b"/emulator/echo/sub/path", True),
-    (b"/emulator/echo/;x", True), (b"/fal-ai/fast-sdxl", True), (b"/fal-ai/flux/schnell", True),
-    (b"/fal-ai/flux/dev/stream", True), (b"/emulator/echo?fal_jwt_token=abc", True), (b"/emulator/die", True),
-    (b"/fal-ai/fast-lcm-diffusion", False), (b"/emulator/status/500", False), (b"/emulator/cookie", False),
-    (b"/emulator/echo/../status/500", False), (b"/emulator/echo/%2e%2e/status/500", False),
-    (b"/emulator/echo/%252e%252e/status/500", False), (b"/emulator/echo\xc3\xa9", False),
-    (b"/emulator/echo%00", False), (b"/fal-ai/fast-sdxlx", False), (b"/FAL-AI/FAST-SDXL", False),
-    (b"/", False), (b"/healthz", False), (b"/metrics", False), (b"/readyz", False), (b"//emulator/echo", None),
-    (b"/emulator/echo#frag", None), (b"/api/fal/proxy", False), (b"/api/fal/proxy?ignored=1", False),
+    (b"/emulator/echo", True),
+    (b"/emulator/echo?x=1&y=%0d%0a", True),
+    (b"/emulator/echo/sub/path", True),
+    (b"/emulator/echo/;x", True),
+    (b"/fal-ai/fast-sdxl", True),
+    (b"/fal-ai/flux/schnell", True),
+    (b"/fal-ai/flux/dev/stream", True),
+    (b"/emulator/echo?fal_jwt_token=abc", True),
+    (b"/emulator/die", True),
+    (b"/fal-ai/fast-lcm-diffusion", False),
+    (b"/emulator/status/500", False),
+    (b"/emulator/cookie", False),
+    (b"/emulator/echo/../status/500", False),
+    (b"/emulator/echo/%2e%2e/status/500", False),
+    (b"/emulator/echo/%252e%252e/status/500", False),
+    (b"/emulator/echo\xc3\xa9", False),
+    (b"/emulator/echo%00", False),
+    (b"/fal-ai/fast-sdxlx", False),
+    (b"/FAL-AI/FAST-SDXL", False),
+    (b"/", False),
+    (b"/healthz", False),
+    (b"/metrics", False),
+    (b"/readyz", False),
+    (b"//emulator/echo", None),
+    (b"/emulator/echo#frag", None),
+    (b"/api/fal/proxy", False),
+    (b"/api/fal/proxy?ignored=1", False),
     (b"/some/other/path", False),
 ]
 RESERVED = (b"/healthz", b"/metrics", b"/readyz")
 # x-fal-target-url values; "token": the realtime token endpoint (the body decides).
-TARGET_URLS: list[tuple[bytes, bool | None | str]] = [
-    (b"https://fal.run/emulator/echo", True), (b"https://fal.run/fal-ai/fast-sdxl", True),
-    (b"https://fal.run/fal-ai/flux/schnell", True), (b"https://FAL.RUN/emulator/echo?x=1", True),
+TARGET_URLS: list[tuple[bytes, bool | str | None]] = [
+    (b"https://fal.run/emulator/echo", True),
+    (b"https://fal.run/fal-ai/fast-sdxl", True),
+    (b"https://fal.run/fal-ai/flux/schnell", True),
+    (b"https://FAL.RUN/emulator/echo?x=1", True),
     (b"https://fal.run/emulator/die", True),
-    (b"https://fal.run:443/emulator/echo", True), (b"https://queue.fal.run/fal-ai/flux/dev", True),
-    (b"https://queue.fal.run/emulator/echo", True), (b"https://queue.fal.run/fal-ai/flux/requests/abc/status", True),
+    (b"https://fal.run:443/emulator/echo", True),
+    (b"https://queue.fal.run/fal-ai/flux/dev", True),
+    (b"https://queue.fal.run/emulator/echo", True),
+    (b"https://queue.fal.run/fal-ai/flux/requests/abc/status", True),
     (b"https://queue.fal.run/fal-ai/fast-sdxl/requests/abc", True),
     (b"https://rest.fal.ai/storage/upload/initiate?storage_type=fal-cdn-v3", True),
     (b"https://rest.fal.ai/tokens/", "token"),
-    (b"https://fal.run/fal-ai/fast-lcm-diffusion", False), (b"https://fal.run/emulator/status/500", False),
+    (b"https://fal.run/fal-ai/fast-lcm-diffusion", False),
+    (b"https://fal.run/emulator/status/500", False),
     (b"https://queue.fal.run/fal-ai/fast-lcm-diffusion", False),
     (b"https://queue.fal.run/fal-ai/fast-lcm-diffusion/requests/abc/status", False),
-    (b"http://fal.run/emulator/echo", False), (b"https://fal.run.evil.example/emulator/echo", False),
-    (b"https://evil.example/emulator/echo", False), (b"https://fal.run:8443/emulator/echo", False),
-    (b"https://user:pw@fal.run/emulator/echo", False), (b"https://fal.run/emulator/echo/../status/500", False),
-    (b"https://fal.run/emulator/echo/%2e%2e/status/500", False), (b"https://rest.fal.ai/users/me", False),
-    (b"https://rest.fal.ai/tokens", False), (b"https://fal.run/emulator/\xc3\xa9cho", False), (b"", False),
+    (b"http://fal.run/emulator/echo", False),
+    (b"https://fal.run.evil.example/emulator/echo", False),
+    (b"https://evil.example/emulator/echo", False),
+    (b"https://fal.run:8443/emulator/echo", False),
+    (b"https://user:pw@fal.run/emulator/echo", False),
+    (b"https://fal.run/emulator/echo/../status/500", False),
+    (b"https://fal.run/emulator/echo/%2e%2e/status/500", False),
+    (b"https://rest.fal.ai/users/me", False),
+    (b"https://rest.fal.ai/tokens", False),
+    (b"https://fal.run/emulator/\xc3\xa9cho", False),
+    (b"", False),
 ]
-CORPUS_TARGETS = [c.value.encode("utf-8") for c in load_corpus()]  # all hostile (hostile_targets.txt)
-target_urls = st.one_of(st.sampled_from(TARGET_URLS), st.sampled_from(CORPUS_TARGETS).map(lambda v: (v, False)))
+CORPUS_TARGETS = [
+    c.value.encode("utf-8") for c in load_corpus()
+]  # all hostile (hostile_targets.txt)
+target_urls = st.one_of(
+    st.sampled_from(TARGET_URLS), st.sampled_from(CORPUS_TARGETS).map(lambda v: (v, False))
+)
 
 SAME_ORIGINS = [b"http://" + HOSTPORT, b"http://localhost:" + PORT]
 FOREIGN_ORIGINS = [b"https://evil.example", b"null", b"http://evil.example:" + PORT]
-CRED_NAMES = [b"authorization", b"Authorization", b"x-proxy-authorization", b"X-Proxy-Authorization",
-              b"proxy-authorization", b"cf-aig-authorization", b"CF-AIG-Authorization", b"cookie", b"Cookie",
-              b"cookie2", b"cf_aig_authorization", b"CF_AIG_AUTHORIZATION", b"x_proxy_authorization",
-              b"proxy_authorization"]
-INJECTIONS = [b"a\r\nb", b"a\nb", b"a\rb", b"a\x00b", b"\xff\xfe", b"caf\xc3\xa9", b"\xe9t\xe9", b"a\r\n b",
-              b"\r\n\r\nGET /emulator/status/500 HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\n\r\n", b"  padded  ", b"\t"]
+CRED_NAMES = [
+    b"authorization",
+    b"Authorization",
+    b"x-proxy-authorization",
+    b"X-Proxy-Authorization",
+    b"proxy-authorization",
+    b"cf-aig-authorization",
+    b"CF-AIG-Authorization",
+    b"cookie",
+    b"Cookie",
+    b"cookie2",
+    b"cf_aig_authorization",
+    b"CF_AIG_AUTHORIZATION",
+    b"x_proxy_authorization",
+    b"proxy_authorization",
+]
+INJECTIONS = [
+    b"a\r\nb",
+    b"a\nb",
+    b"a\rb",
+    b"a\x00b",
+    b"\xff\xfe",
+    b"caf\xc3\xa9",
+    b"\xe9t\xe9",
+    b"a\r\n b",
+    b"\r\n\r\nGET /emulator/status/500 HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\n\r\n",
+    b"  padded  ",
+    b"\t",
+]
 generic_values = st.one_of(
     st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=24).map(str.encode),
-    st.text(st.characters(blacklist_categories=("Cs",)), max_size=8).map(lambda s: s.encode("utf-8")),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=8).map(
+        lambda s: s.encode("utf-8")
+    ),
     st.binary(max_size=12),
     st.sampled_from(INJECTIONS),
 )
@@ -321,38 +408,92 @@ def credential_headers(draw: st.DrawFn) -> tuple[bytes, bytes, str]:
 
 
 other_headers = st.one_of(
-    st.tuples(st.sampled_from([b"content-type", b"Content-Type"]),
-              st.sampled_from([b"application/json", b"text/plain", b"application/json; charset=utf-16"])),
-    st.tuples(st.sampled_from([b"accept", b"user-agent", b"x-fal-queue-priority", b"x-fal-runner-hint",
-                               b"x-fal-request-timeout", b"x-custom", b"X-Custom", b"x-forwarded-for",
-                               b"forwarded", b"x-real-ip", b"cf-aig-cache-key", b"cf-connecting-ip",
-                               b"x-fal-client-proxy", b"x_custom", b"fal_key", b"x-fal-store-io"]), generic_values),
-    st.tuples(st.sampled_from([b"origin", b"Origin"]), st.sampled_from(SAME_ORIGINS + FOREIGN_ORIGINS + [b""])),
-    st.tuples(st.just(b"referer"), st.sampled_from([b"https://evil.example/page", b"http://" + HOSTPORT + b"/"])),
-    st.tuples(st.just(b"sec-fetch-site"), st.sampled_from([b"cross-site", b"same-origin", b"none"])),
-    st.tuples(st.just(b"connection"),
-              st.sampled_from([b"close", b"keep-alive", b"x-custom", b"close, x-custom", b"te"])),
-    st.tuples(st.sampled_from([b"keep-alive", b"expect", b"te", b"trailer", b"upgrade"]),
-              st.sampled_from([b"timeout=5", b"100-continue", b"nope", b"trailers", b"x-custom", b"h2c",
-                               b"websocket"])),
+    st.tuples(
+        st.sampled_from([b"content-type", b"Content-Type"]),
+        st.sampled_from([b"application/json", b"text/plain", b"application/json; charset=utf-16"]),
+    ),
+    st.tuples(
+        st.sampled_from(
+            [
+                b"accept",
+                b"user-agent",
+                b"x-fal-queue-priority",
+                b"x-fal-runner-hint",
+                b"x-fal-request-timeout",
+                b"x-custom",
+                b"X-Custom",
+                b"x-forwarded-for",
+                b"forwarded",
+                b"x-real-ip",
+                b"cf-aig-cache-key",
+                b"cf-connecting-ip",
+                b"x-fal-client-proxy",
+                b"x_custom",
+                b"fal_key",
+                b"x-fal-store-io",
+            ]
+        ),
+        generic_values,
+    ),
+    st.tuples(
+        st.sampled_from([b"origin", b"Origin"]),
+        st.sampled_from(SAME_ORIGINS + FOREIGN_ORIGINS + [b""]),
+    ),
+    st.tuples(
+        st.just(b"referer"),
+        st.sampled_from([b"https://evil.example/page", b"http://" + HOSTPORT + b"/"]),
+    ),
+    st.tuples(
+        st.just(b"sec-fetch-site"), st.sampled_from([b"cross-site", b"same-origin", b"none"])
+    ),
+    st.tuples(
+        st.just(b"connection"),
+        st.sampled_from([b"close", b"keep-alive", b"x-custom", b"close, x-custom", b"te"]),
+    ),
+    st.tuples(
+        st.sampled_from([b"keep-alive", b"expect", b"te", b"trailer", b"upgrade"]),
+        st.sampled_from(
+            [b"timeout=5", b"100-continue", b"nope", b"trailers", b"x-custom", b"h2c", b"websocket"]
+        ),
+    ),
     st.tuples(st.just(b"cf-aig-skip-cache"), st.sampled_from([b"true", b"false"])),
     st.tuples(st.just(b"accept-encoding"), st.sampled_from([b"identity", b"gzip", b"br"])),
-    st.tuples(st.sampled_from([b"x_fal_target_url", b"X_FAL_TARGET_URL"]), target_urls.map(lambda t: t[0])),
-    st.tuples(st.sampled_from([b"content_length", b"transfer_encoding", b"content_type"]),
-              st.sampled_from([b"0", b"5", b"chunked", b"application/json"])),
+    st.tuples(
+        st.sampled_from([b"x_fal_target_url", b"X_FAL_TARGET_URL"]), target_urls.map(lambda t: t[0])
+    ),
+    st.tuples(
+        st.sampled_from([b"content_length", b"transfer_encoding", b"content_type"]),
+        st.sampled_from([b"0", b"5", b"chunked", b"application/json"]),
+    ),
     st.tuples(st.text(TOKEN_CHARS, min_size=1, max_size=16).map(str.encode), generic_values),
 )
 
 PIPELINED = [  # (hypothesis draws the first entries most often)
-    b"GET /emulator/status/500 HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\n\r\n\x16\x03\x01\x00",  # then garbage
+    b"GET /emulator/status/500 HTTP/1.1\r\nhost: "
+    + HOSTPORT
+    + b"\r\n\r\n\x16\x03\x01\x00",  # then garbage
     b"GET /emulator/status/500 HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\n\r\nnot a request\r\n\r\n",
     b"GET /emulator/status/500 HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\n\r\n",
-    b"POST /fal-ai/fast-lcm-diffusion HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\ncontent-length: 2\r\n\r\n{}",
+    b"POST /fal-ai/fast-lcm-diffusion HTTP/1.1\r\nhost: "
+    + HOSTPORT
+    + b"\r\ncontent-length: 2\r\n\r\n{}",
     b"GET /emulator/status/500 HTTP/1.1\r\n",  # a head that never ends
     b"\x16\x03\x01\x00",
 ]
-BAD_LENGTHS = [b"-1", b"+5", b"0x5", b"5a", b"", b" 5", b"5,5", b"05", b"99999999999999999999", b"104857601",
-               b"\xd9\xa5", b"5\x00"]
+BAD_LENGTHS = [
+    b"-1",
+    b"+5",
+    b"0x5",
+    b"5a",
+    b"",
+    b" 5",
+    b"5,5",
+    b"05",
+    b"99999999999999999999",
+    b"104857601",
+    b"\xd9\xa5",
+    b"5\x00",
+]
 
 
 @dataclass
@@ -367,7 +508,7 @@ class Framed:
 def chunk(body: bytes, sizes: list[int], upper: bool, extension: bool) -> bytes:
     out, at = bytearray(), 0
     for size in sizes:
-        piece = body[at:at + size]
+        piece = body[at : at + size]
         if not piece:
             break
         at += len(piece)
@@ -381,8 +522,22 @@ def chunk(body: bytes, sizes: list[int], upper: bool, extension: bool) -> bytes:
 
 @st.composite
 def framings(draw: st.DrawFn, body: bytes) -> Framed:
-    kind = draw(st.sampled_from(["pipelined", "short", "long", "chunked", "chunked-cut", "cl+te", "dup-cl",
-                                 "bad-cl", "exact", "none"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "pipelined",
+                "short",
+                "long",
+                "chunked",
+                "chunked-cut",
+                "cl+te",
+                "dup-cl",
+                "bad-cl",
+                "exact",
+                "none",
+            ]
+        )
+    )
     cl = draw(st.sampled_from([b"content-length", b"Content-Length"]))
     te = (b"transfer-encoding", draw(st.sampled_from([b"chunked", b"Chunked", b"gzip, chunked"])))
     if kind == "none":
@@ -395,25 +550,35 @@ def framings(draw: st.DrawFn, body: bytes) -> Framed:
     if kind == "short":  # announces less than it sends: the rest is a second "request"
         body = body or b"{}"
         k = draw(st.integers(1, len(body)))
-        return Framed([(cl, str(len(body) - k).encode())], body, delivered=body[:len(body) - k])
+        return Framed([(cl, str(len(body) - k).encode())], body, delivered=body[: len(body) - k])
     if kind == "long":  # announces more than it sends, then stops sending
         k = draw(st.integers(1, 1000))
-        return Framed([(cl, str(len(body) + k).encode())], body, half_close=True,
-                      refuse=("the body is shorter than its content-length",))
+        return Framed(
+            [(cl, str(len(body) + k).encode())],
+            body,
+            half_close=True,
+            refuse=("the body is shorter than its content-length",),
+        )
     sizes = draw(st.lists(st.integers(1, 16), min_size=1, max_size=4))
     encoded = chunk(body, sizes, draw(st.booleans()), draw(st.booleans()))
     if kind == "chunked":
         return Framed([te], encoded, delivered=body if te[1].lower() == b"chunked" else None)
     if kind == "chunked-cut":
         cut = draw(st.integers(0, len(encoded) - 1))
-        return Framed([te], encoded[:cut], half_close=True, refuse=("the chunked body was cut short",))
+        return Framed(
+            [te], encoded[:cut], half_close=True, refuse=("the chunked body was cut short",)
+        )
     if kind == "cl+te":  # both: either reading takes the same bytes
         return Framed([(cl, str(len(encoded)).encode()), te], encoded)
     if kind == "dup-cl":
         k = draw(st.integers(0, 3))
         headers = [(cl, str(len(body)).encode()), (b"content-length", str(len(body) + k).encode())]
-        return Framed(headers, body + b"x" * k, delivered=body if k == 0 else None,
-                      refuse=("two different content-lengths",) if k else ())
+        return Framed(
+            headers,
+            body + b"x" * k,
+            delivered=body if k == 0 else None,
+            refuse=("two different content-lengths",) if k else (),
+        )
     value = draw(st.sampled_from(BAD_LENGTHS))
     body = (body + b"     ")[:5]
     refuse = ("content-length over FAL_PROXY_MAX_BODY_BYTES",) if value == b"104857601" else ()
@@ -421,12 +586,24 @@ def framings(draw: st.DrawFn, body: bytes) -> Framed:
 
 
 bodies = st.one_of(
-    st.sampled_from([b"", TINY_PROMPT, b"{}", b'{"prompt": ""}', b'{"allowed_apps":["echo"]}',
-                     b'{"allowed_apps":["fast-lcm-diffusion"],"token_expiration":60}']),
+    st.sampled_from(
+        [
+            b"",
+            TINY_PROMPT,
+            b"{}",
+            b'{"prompt": ""}',
+            b'{"allowed_apps":["echo"]}',
+            b'{"allowed_apps":["fast-lcm-diffusion"],"token_expiration":60}',
+        ]
+    ),
     st.binary(max_size=40),
-    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=6),
-                 lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                 max_leaves=6).map(lambda v: json.dumps(v).encode()),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+        ),
+        max_leaves=6,
+    ).map(lambda v: json.dumps(v).encode()),
 )
 
 
@@ -438,53 +615,159 @@ ALLOWED_PATHS = [p for p, label in PATHS if label is True]
 ALLOWED_TARGETS = [(t, label) for t, label in TARGET_URLS if label is True]
 benign_headers = st.one_of(
     st.tuples(st.just(b"content-type"), st.just(b"application/json")),
-    st.tuples(st.sampled_from([b"accept", b"user-agent", b"x-fal-queue-priority", b"x-fal-runner-hint", b"x-custom",
-                               b"X-Custom", b"x-forwarded-for", b"cf-aig-cache-key"]),
-              st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=16).map(str.encode)),
+    st.tuples(
+        st.sampled_from(
+            [
+                b"accept",
+                b"user-agent",
+                b"x-fal-queue-priority",
+                b"x-fal-runner-hint",
+                b"x-custom",
+                b"X-Custom",
+                b"x-forwarded-for",
+                b"cf-aig-cache-key",
+            ]
+        ),
+        st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=16).map(str.encode),
+    ),
     st.tuples(st.just(b"connection"), st.sampled_from([b"close", b"keep-alive"])),
     st.tuples(st.just(b"accept-encoding"), st.just(b"identity")),
     st.tuples(st.just(b"cf-aig-skip-cache"), st.just(b"true")),
 )
-UNDERSCORED = [b"cf_aig_authorization", b"CF_AIG_AUTHORIZATION", b"x_proxy_authorization", b"proxy_authorization",
-               b"x_fal_target_url", b"content_length", b"transfer_encoding", b"x_custom", b"fal_key"]
+UNDERSCORED = [
+    b"cf_aig_authorization",
+    b"CF_AIG_AUTHORIZATION",
+    b"x_proxy_authorization",
+    b"proxy_authorization",
+    b"x_fal_target_url",
+    b"content_length",
+    b"transfer_encoding",
+    b"x_custom",
+    b"fal_key",
+]
 # Each example is a clean, allowed request with up to three of these things changed (and, one
 # time in four or so, its body framed oddly), so a defect that needs a request valid in every
 # other respect is reached.
-HTTP_PERTURBATIONS = ["method", "version", "form", "host", "target", "headers", "underscore", "origin", "body"]
+HTTP_PERTURBATIONS = [
+    "method",
+    "version",
+    "form",
+    "host",
+    "target",
+    "headers",
+    "underscore",
+    "origin",
+    "body",
+]
 
 
 @st.composite
 def http_plans(draw: st.DrawFn) -> Plan:
     changes = draw(st.sampled_from([0, 1, 1, 1, 2, 2, 3]))
-    change = set(draw(st.lists(st.sampled_from(HTTP_PERTURBATIONS), min_size=changes, max_size=changes, unique=True)))
-    method = draw(st.sampled_from(["GET", "POST", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE",
-                                   "CONNECT", "PROPFIND", "get", "Post"] if "method" in change else ["POST", "GET"]))
-    version = draw(st.sampled_from([b"HTTP/1.0", b"HTTP/0.9", b"HTTP/2.0", b"HTTP/1.2", b"HTTP/3", b"http/1.1",
-                                    b"HTTP/1.1 x", b""])) if "version" in change else b"HTTP/1.1"
+    change = set(
+        draw(
+            st.lists(
+                st.sampled_from(HTTP_PERTURBATIONS), min_size=changes, max_size=changes, unique=True
+            )
+        )
+    )
+    method = draw(
+        st.sampled_from(
+            [
+                "GET",
+                "POST",
+                "POST",
+                "PUT",
+                "PATCH",
+                "DELETE",
+                "HEAD",
+                "OPTIONS",
+                "TRACE",
+                "CONNECT",
+                "PROPFIND",
+                "get",
+                "Post",
+            ]
+            if "method" in change
+            else ["POST", "GET"]
+        )
+    )
+    version = (
+        draw(
+            st.sampled_from(
+                [
+                    b"HTTP/1.0",
+                    b"HTTP/0.9",
+                    b"HTTP/2.0",
+                    b"HTTP/1.2",
+                    b"HTTP/3",
+                    b"http/1.1",
+                    b"HTTP/1.1 x",
+                    b"",
+                ]
+            )
+        )
+        if "version" in change
+        else b"HTTP/1.1"
+    )
     if "target" in change:
         path, path_label = draw(st.sampled_from(PATHS))
-        targets = [(draw(st.sampled_from([b"x-fal-target-url", b"X-Fal-Target-Url"])), draw(target_urls))
-                   for _ in range(draw(st.sampled_from([0, 1, 1, 2])))]
+        targets = [
+            (draw(st.sampled_from([b"x-fal-target-url", b"X-Fal-Target-Url"])), draw(target_urls))
+            for _ in range(draw(st.sampled_from([0, 1, 1, 2])))
+        ]
     elif draw(st.booleans()):
         path, path_label, targets = draw(st.sampled_from(ALLOWED_PATHS)), True, []
     else:
-        path, path_label = draw(st.sampled_from([b"/api/fal/proxy", b"/api/fal/proxy?ignored=1"])), False
+        path, path_label = (
+            draw(st.sampled_from([b"/api/fal/proxy", b"/api/fal/proxy?ignored=1"])),
+            False,
+        )
         targets = [(b"x-fal-target-url", draw(st.sampled_from(ALLOWED_TARGETS)))]
-    form = draw(st.sampled_from(["absolute", "absolute", "authority", "asterisk"])) if "form" in change else "origin"
+    form = (
+        draw(st.sampled_from(["absolute", "absolute", "authority", "asterisk"]))
+        if "form" in change
+        else "origin"
+    )
     if form == "origin":
         target = path
     elif form == "absolute":
-        target = draw(st.sampled_from([b"http://" + HOSTPORT, b"https://fal.run", b"http://evil.example",
-                                       b"HTTP://" + HOSTPORT])) + path
+        target = (
+            draw(
+                st.sampled_from(
+                    [
+                        b"http://" + HOSTPORT,
+                        b"https://fal.run",
+                        b"http://evil.example",
+                        b"HTTP://" + HOSTPORT,
+                    ]
+                )
+            )
+            + path
+        )
     elif form == "authority":
         target = draw(st.sampled_from([HOSTPORT, b"fal.run:443"]))
     else:
         target = b"*"
     if "host" in change:
-        hosts = [(draw(st.sampled_from([b"host", b"Host", b"HOST"])),
-                  draw(st.sampled_from([HOSTPORT, b"evil.example", b"localhost:" + PORT, b"127.0.0.1", b"",
-                                        b"fal.run"])))
-                 for _ in range(draw(st.sampled_from([0, 0, 1, 2, 2, 3])))]
+        hosts = [
+            (
+                draw(st.sampled_from([b"host", b"Host", b"HOST"])),
+                draw(
+                    st.sampled_from(
+                        [
+                            HOSTPORT,
+                            b"evil.example",
+                            b"localhost:" + PORT,
+                            b"127.0.0.1",
+                            b"",
+                            b"fal.run",
+                        ]
+                    )
+                ),
+            )
+            for _ in range(draw(st.sampled_from([0, 0, 1, 2, 2, 3])))
+        ]
     else:
         hosts = [(b"host", HOSTPORT)]
     creds = draw(st.lists(credential_headers(), max_size=3))
@@ -498,26 +781,65 @@ def http_plans(draw: st.DrawFn) -> Plan:
             secret = draw(SECRETS)
             creds.append((name, b"Bearer " + secret.encode(), secret))
     if "origin" in change:
-        others.append((draw(st.sampled_from([b"origin", b"Origin"])),
-                       draw(st.sampled_from(SAME_ORIGINS + FOREIGN_ORIGINS))))
+        others.append(
+            (
+                draw(st.sampled_from([b"origin", b"Origin"])),
+                draw(st.sampled_from(SAME_ORIGINS + FOREIGN_ORIGINS)),
+            )
+        )
         if draw(st.booleans()):
-            others.append(draw(st.sampled_from([(b"referer", b"https://evil.example/page"),
-                                                (b"sec-fetch-site", b"cross-site"), (b"origin", b"null")])))
+            others.append(
+                draw(
+                    st.sampled_from(
+                        [
+                            (b"referer", b"https://evil.example/page"),
+                            (b"sec-fetch-site", b"cross-site"),
+                            (b"origin", b"null"),
+                        ]
+                    )
+                )
+            )
     if "body" in change:
         body = draw(bodies)
     else:
-        body = draw(st.sampled_from([TINY_PROMPT, b"{}", b'{"x":[1,"y"]}'])) if method != "GET" else b""
-    odd_framing = draw(st.integers(0, 3)) == 0  # (not one of the changes: any request may be framed oddly)
-    framed = draw(framings(body)) if odd_framing else (
-        Framed([(b"content-length", str(len(body)).encode())], body, delivered=body) if body or method != "GET"
-        else Framed([], b"", delivered=b""))
-    headers = hosts + [(n, v) for n, (v, _) in targets] + [(n, v) for n, v, _ in creds] + others + framed.headers
+        body = (
+            draw(st.sampled_from([TINY_PROMPT, b"{}", b'{"x":[1,"y"]}']))
+            if method != "GET"
+            else b""
+        )
+    odd_framing = (
+        draw(st.integers(0, 3)) == 0
+    )  # (not one of the changes: any request may be framed oddly)
+    framed = (
+        draw(framings(body))
+        if odd_framing
+        else (
+            Framed([(b"content-length", str(len(body)).encode())], body, delivered=body)
+            if body or method != "GET"
+            else Framed([], b"", delivered=b"")
+        )
+    )
+    headers = (
+        hosts
+        + [(n, v) for n, (v, _) in targets]
+        + [(n, v) for n, v, _ in creds]
+        + others
+        + framed.headers
+    )
     headers = draw(st.permutations(headers))
     request_line = method.encode() + b" " + target + (b" " + version if version else b"")
-    data = request_line + b"\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n" + framed.body
+    data = (
+        request_line
+        + b"\r\n"
+        + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+        + b"\r\n"
+        + framed.body
+    )
 
     refuse = list(framed.refuse)
-    if not _has_crlf(headers):  # (a CR or LF in a value re-frames the head: no structural claim then)
+    if not _has_crlf(
+        headers
+    ):  # (a CR or LF in a value re-frames the head: no structural claim then)
         if method not in FORWARDED_METHODS:
             refuse.append(f"method {method}")
         if version not in (b"HTTP/1.1", b"HTTP/1.0"):
@@ -536,13 +858,26 @@ def http_plans(draw: st.DrawFn) -> Plan:
         label = targets[0][1][1] if targets else path_label
         if label is False:
             refuse.append("target or app not allowed")
-        if label == "token" and framed.delivered is not None and token_body_verdict(framed.delivered) is False:
+        if (
+            label == "token"
+            and framed.delivered is not None
+            and token_body_verdict(framed.delivered) is False
+        ):
             refuse.append("a token body that must be refused")
     # Nothing changed: the request must go through (rest.fal.ai takes only POSTs).
-    forward = (not change and not odd_framing
-               and (method == "POST" or not any(b"rest.fal.ai" in v for _, (v, _) in targets)))
-    return Plan(data, method=method, half_close=framed.half_close, refuse=tuple(refuse),
-                secrets=tuple(s for _, _, s in creds), forward=forward)
+    forward = (
+        not change
+        and not odd_framing
+        and (method == "POST" or not any(b"rest.fal.ai" in v for _, (v, _) in targets))
+    )
+    return Plan(
+        data,
+        method=method,
+        half_close=framed.half_close,
+        refuse=tuple(refuse),
+        secrets=tuple(s for _, _, s in creds),
+        forward=forward,
+    )
 
 
 def _http(method: str, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> bytes:
@@ -555,10 +890,25 @@ def _http(method: str, path: bytes, headers: list[tuple[bytes, bytes]], body: by
 
 @fuzz_settings(500)
 @given(plan=http_plans())
-@example(plan=Plan(_http("POST", b"/emulator/echo", [(b"content-type", b"application/json")], b'{"x":1}'),
-                   method="POST", expect=200))
-@example(plan=Plan(_http("POST", b"/api/fal/proxy", [(b"x-fal-target-url", b"https://queue.fal.run/fal-ai/flux/dev")],
-                         TINY_PROMPT), method="POST", expect=200))
+@example(
+    plan=Plan(
+        _http("POST", b"/emulator/echo", [(b"content-type", b"application/json")], b'{"x":1}'),
+        method="POST",
+        expect=200,
+    )
+)
+@example(
+    plan=Plan(
+        _http(
+            "POST",
+            b"/api/fal/proxy",
+            [(b"x-fal-target-url", b"https://queue.fal.run/fal-ai/flux/dev")],
+            TINY_PROMPT,
+        ),
+        method="POST",
+        expect=200,
+    )
+)
 def test_raw_http_requests(open_harness: Harness, plan: Plan) -> None:
     open_harness.run(plan)
 
@@ -566,9 +916,14 @@ def test_raw_http_requests(open_harness: Harness, plan: Plan) -> None:
 # --- WebSocket handshakes -----------------------------------------------------------------------
 
 WS_PATHS: list[tuple[bytes, bool | None]] = [
-    (b"/emulator/echo/realtime", True), (b"/emulator/echo/realtime", True), (b"/fal-ai/fast-sdxl/realtime", True),
-    (b"/fal-ai/flux/dev/realtime", True), (b"/fal-ai/fast-lcm-diffusion/realtime", False),
-    (b"/emulator/ws/realtime", False), (b"/api/fal/proxy", False), (b"/emulator/echo/../ws/realtime", False),
+    (b"/emulator/echo/realtime", True),
+    (b"/emulator/echo/realtime", True),
+    (b"/fal-ai/fast-sdxl/realtime", True),
+    (b"/fal-ai/flux/dev/realtime", True),
+    (b"/fal-ai/fast-lcm-diffusion/realtime", False),
+    (b"/emulator/ws/realtime", False),
+    (b"/api/fal/proxy", False),
+    (b"/emulator/echo/../ws/realtime", False),
 ]
 WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -577,10 +932,21 @@ WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 def query_params(draw: st.DrawFn) -> tuple[bytes, str | None]:
     """``key=value``, and the value when it is a fal_jwt_token a parser would read."""
     secret = draw(SECRETS)
-    key, is_token = draw(st.sampled_from([
-        (b"fal_jwt_token", True), (b"fal_jwt_token", True), (b"fal%5Fjwt%5Ftoken", True), (b"%66al_jwt_token", True),
-        (b"fal_jwt_token%00", False), (b"FAL_JWT_TOKEN", False), (b"fal_jwt_token[]", False), (b"keep", False),
-        (b"fal-jwt-token", False)]))
+    key, is_token = draw(
+        st.sampled_from(
+            [
+                (b"fal_jwt_token", True),
+                (b"fal_jwt_token", True),
+                (b"fal%5Fjwt%5Ftoken", True),
+                (b"%66al_jwt_token", True),
+                (b"fal_jwt_token%00", False),
+                (b"FAL_JWT_TOKEN", False),
+                (b"fal_jwt_token[]", False),
+                (b"keep", False),
+                (b"fal-jwt-token", False),
+            ]
+        )
+    )
     if not is_token:
         return key + b"=" + draw(st.sampled_from([b"1", b"", b"a%20b"])), None
     return key + b"=" + secret.encode(), secret
@@ -589,48 +955,109 @@ def query_params(draw: st.DrawFn) -> tuple[bytes, str | None]:
 @st.composite
 def subprotocols(draw: st.DrawFn) -> tuple[bytes, str | None]:
     secret = draw(SECRETS)
-    template, is_secret = draw(st.sampled_from([
-        ("v1", False), ("msgpack", False), ("fal-api-key.{}", True), ("Fal-Api-Key.{}", True),
-        ("FAL-API-KEY.{}", True), ("proxy-authorization.{}", True), ("Proxy-Authorization.{}", True),
-        ("cf-aig-authorization.{}", True), ("CF-AIG-Authorization.{}", True), ("fal-api-key.", False)]))
+    template, is_secret = draw(
+        st.sampled_from(
+            [
+                ("v1", False),
+                ("msgpack", False),
+                ("fal-api-key.{}", True),
+                ("Fal-Api-Key.{}", True),
+                ("FAL-API-KEY.{}", True),
+                ("proxy-authorization.{}", True),
+                ("Proxy-Authorization.{}", True),
+                ("cf-aig-authorization.{}", True),
+                ("CF-AIG-Authorization.{}", True),
+                ("fal-api-key.", False),
+            ]
+        )
+    )
     return template.format(secret).encode(), secret if is_secret else None
 
 
-WS_PERTURBATIONS = ["path", "method", "version", "form", "host", "handshake", "origin", "creds", "spacing", "headers"]
+WS_PERTURBATIONS = [
+    "path",
+    "method",
+    "version",
+    "form",
+    "host",
+    "handshake",
+    "origin",
+    "creds",
+    "spacing",
+    "headers",
+]
 
 
 @st.composite
 def ws_plans(draw: st.DrawFn) -> Plan:
     changes = draw(st.sampled_from([0, 1, 1, 1, 2]))
-    change = set(draw(st.lists(st.sampled_from(WS_PERTURBATIONS), min_size=changes, max_size=changes, unique=True)))
-    path, label = draw(st.sampled_from(WS_PATHS if "path" in change else [p for p in WS_PATHS if p[1]]))
+    change = set(
+        draw(
+            st.lists(
+                st.sampled_from(WS_PERTURBATIONS), min_size=changes, max_size=changes, unique=True
+            )
+        )
+    )
+    path, label = draw(
+        st.sampled_from(WS_PATHS if "path" in change else [p for p in WS_PATHS if p[1]])
+    )
     params = draw(st.lists(query_params(), max_size=3))
     query = b"&".join(p for p, _ in params)
     method = draw(st.sampled_from(["POST", "HEAD", "PUT"])) if "method" in change else "GET"
-    version = draw(st.sampled_from([b"HTTP/1.0", b"HTTP/0.9", b"HTTP/2.0"])) if "version" in change else b"HTTP/1.1"
+    version = (
+        draw(st.sampled_from([b"HTTP/1.0", b"HTTP/0.9", b"HTTP/2.0"]))
+        if "version" in change
+        else b"HTTP/1.1"
+    )
     absolute = "form" in change
     target = (b"http://" + HOSTPORT if absolute else b"") + path + (b"?" + query if query else b"")
     offered = draw(st.lists(subprotocols(), max_size=4))
-    headers = ([(draw(st.sampled_from([b"host", b"Host"])), HOSTPORT) for _ in range(draw(st.sampled_from([0, 2])))]
-               if "host" in change else [(b"host", HOSTPORT)])
+    headers = (
+        [
+            (draw(st.sampled_from([b"host", b"Host"])), HOSTPORT)
+            for _ in range(draw(st.sampled_from([0, 2])))
+        ]
+        if "host" in change
+        else [(b"host", HOSTPORT)]
+    )
     headers.append((b"upgrade", draw(st.sampled_from([b"websocket", b"websocket", b"WebSocket"]))))
-    headers.append((b"connection", draw(st.sampled_from([b"Upgrade", b"upgrade", b"keep-alive, Upgrade"]))))
+    headers.append(
+        (b"connection", draw(st.sampled_from([b"Upgrade", b"upgrade", b"keep-alive, Upgrade"])))
+    )
     key, ws_version = WS_KEY, b"13"
     if "handshake" in change:
-        key, ws_version = draw(st.sampled_from([(b"", b"13"), (b"short", b"13"), (b"!!!!", b"13"), (WS_KEY, b"8"),
-                                                (WS_KEY, b"14")]))
+        key, ws_version = draw(
+            st.sampled_from(
+                [(b"", b"13"), (b"short", b"13"), (b"!!!!", b"13"), (WS_KEY, b"8"), (WS_KEY, b"14")]
+            )
+        )
     headers += [(b"sec-websocket-key", key), (b"sec-websocket-version", ws_version)]
     names = [p for p, _ in offered]
-    style = draw(st.sampled_from(["each", "spaces", "trailing-comma", "leading-comma", "empty-element", "comma-only"]
-                                 if "spacing" in change else ["one"]))
+    style = draw(
+        st.sampled_from(
+            ["each", "spaces", "trailing-comma", "leading-comma", "empty-element", "comma-only"]
+            if "spacing" in change
+            else ["one"]
+        )
+    )
     if style == "each":
-        headers += [(draw(st.sampled_from([b"sec-websocket-protocol", b"Sec-WebSocket-Protocol"])), n) for n in names]
+        headers += [
+            (draw(st.sampled_from([b"sec-websocket-protocol", b"Sec-WebSocket-Protocol"])), n)
+            for n in names
+        ]
     elif names or style != "one":
-        joined = {"one": b", ", "spaces": b" ,  ", "empty-element": b",,"}.get(style, b",").join(names)
-        value = {"trailing-comma": joined + b" , ", "leading-comma": b", " + joined,
-                 "comma-only": joined + b","}.get(style, joined)
+        joined = {"one": b", ", "spaces": b" ,  ", "empty-element": b",,"}.get(style, b",").join(
+            names
+        )
+        value = {
+            "trailing-comma": joined + b" , ",
+            "leading-comma": b", " + joined,
+            "comma-only": joined + b",",
+        }.get(style, joined)
         headers.append((b"sec-websocket-protocol", value))
-    creds = draw(st.lists(credential_headers(), min_size=1, max_size=3)) if "creds" in change else []
+    creds = (
+        draw(st.lists(credential_headers(), min_size=1, max_size=3)) if "creds" in change else []
+    )
     headers += [(n, v) for n, v, _ in creds]
     origin = draw(st.sampled_from(SAME_ORIGINS + FOREIGN_ORIGINS)) if "origin" in change else None
     if origin is not None:
@@ -639,8 +1066,16 @@ def ws_plans(draw: st.DrawFn) -> Plan:
     extra = [(n, v) for n, v in extra if n.lower() not in (b"origin", b"connection", b"upgrade")]
     headers += extra
     headers = draw(st.permutations(headers))
-    data = (method.encode() + b" " + target + b" " + version + b"\r\n"
-            + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n")
+    data = (
+        method.encode()
+        + b" "
+        + target
+        + b" "
+        + version
+        + b"\r\n"
+        + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+        + b"\r\n"
+    )
 
     refuse = []
     if label is False:
@@ -649,7 +1084,9 @@ def ws_plans(draw: st.DrawFn) -> Plan:
         if method != "GET":
             refuse.append(f"method {method}")
         if version != b"HTTP/1.1":
-            refuse.append(f"WebSocket handshake over {version.decode()} (RFC 6455: HTTP/1.1 or higher)")
+            refuse.append(
+                f"WebSocket handshake over {version.decode()} (RFC 6455: HTTP/1.1 or higher)"
+            )
         if absolute:
             refuse.append("absolute-form request target")
         host_count = sum(1 for n, _ in headers if n.lower() == b"host")
@@ -661,15 +1098,35 @@ def ws_plans(draw: st.DrawFn) -> Plan:
             refuse.append("not a valid handshake")
     secrets = [s for _, s in params if s] + [s for _, s in offered if s] + [s for _, _, s in creds]
     clean = not (change - {"creds"})  # a clean handshake for an allowed app is bridged
-    return Plan(data, method=method, refuse=tuple(refuse), secrets=tuple(secrets), expect=101 if clean else None)
+    return Plan(
+        data,
+        method=method,
+        refuse=tuple(refuse),
+        secrets=tuple(secrets),
+        expect=101 if clean else None,
+    )
 
 
-def _ws(path: bytes, protocols: bytes | None = None, extra: list[tuple[bytes, bytes]] = ()) -> bytes:
-    headers = [(b"host", HOSTPORT), (b"upgrade", b"websocket"), (b"connection", b"Upgrade"),
-               (b"sec-websocket-key", WS_KEY), (b"sec-websocket-version", b"13"), *extra]
+def _ws(
+    path: bytes, protocols: bytes | None = None, extra: list[tuple[bytes, bytes]] = ()
+) -> bytes:
+    headers = [
+        (b"host", HOSTPORT),
+        (b"upgrade", b"websocket"),
+        (b"connection", b"Upgrade"),
+        (b"sec-websocket-key", WS_KEY),
+        (b"sec-websocket-version", b"13"),
+        *extra,
+    ]
     if protocols is not None:
         headers.append((b"sec-websocket-protocol", protocols))
-    return b"GET " + path + b" HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n"
+    return (
+        b"GET "
+        + path
+        + b" HTTP/1.1\r\n"
+        + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+        + b"\r\n"
+    )
 
 
 @fuzz_settings(400)
@@ -681,45 +1138,118 @@ def test_raw_websocket_handshakes(open_harness: Harness, plan: Plan) -> None:
 
 # --- realtime token bodies --------------------------------------------------------------------
 
-APP_ITEMS = ["fast-sdxl", "flux", "echo", "fast-lcm-diffusion", "*", "", "flux*", "FLUX", "Fast-SDXL",
-             "echo\u0000", "fast-sdxl ", 1, None, ["flux"]]
-EXPIRATIONS = ["1", "120", "300", "301", "0", "-1", "1.5", "120.0", "1e2", "true", "null", '"120"', "NaN",
-               "Infinity", "99999999999999999999999", "-0"]
-KEYS = ["allowed_apps", "token_expiration", "Allowed_Apps", "ALLOWED_APPS", "token_Expiration",
-        "\\u0061llowed_apps", "x", "allowed_apps "]
+APP_ITEMS = [
+    "fast-sdxl",
+    "flux",
+    "echo",
+    "fast-lcm-diffusion",
+    "*",
+    "",
+    "flux*",
+    "FLUX",
+    "Fast-SDXL",
+    "echo\u0000",
+    "fast-sdxl ",
+    1,
+    None,
+    ["flux"],
+]
+EXPIRATIONS = [
+    "1",
+    "120",
+    "300",
+    "301",
+    "0",
+    "-1",
+    "1.5",
+    "120.0",
+    "1e2",
+    "true",
+    "null",
+    '"120"',
+    "NaN",
+    "Infinity",
+    "99999999999999999999999",
+    "-0",
+]
+KEYS = [
+    "allowed_apps",
+    "token_expiration",
+    "Allowed_Apps",
+    "ALLOWED_APPS",
+    "token_Expiration",
+    "\\u0061llowed_apps",
+    "x",
+    "allowed_apps ",
+]
 
 
 @st.composite
 def token_texts(draw: st.DrawFn) -> str:
     kind = draw(st.sampled_from(["object"] * 6 + ["deep", "garbage"]))
     if kind == "garbage":
-        return draw(st.sampled_from(["", "null", "[]", '"allowed_apps"', "{", '{"allowed_apps":["echo"]',
-                                     '{"allowed_apps":["echo"]}{"allowed_apps":["fast-lcm-diffusion"]}',
-                                     "{'allowed_apps':['echo']}", '{"allowed_apps":["echo"],}']))
+        return draw(
+            st.sampled_from(
+                [
+                    "",
+                    "null",
+                    "[]",
+                    '"allowed_apps"',
+                    "{",
+                    '{"allowed_apps":["echo"]',
+                    '{"allowed_apps":["echo"]}{"allowed_apps":["fast-lcm-diffusion"]}',
+                    "{'allowed_apps':['echo']}",
+                    '{"allowed_apps":["echo"],}',
+                ]
+            )
+        )
     if kind == "deep":
         n = draw(st.sampled_from([10, 100, 1000, 30_000]))
-        return draw(st.sampled_from([
-            "[" * n, "[" * n + "]" * n, "{\"a\":" * n + "1" + "}" * n,
-            '{"allowed_apps":["echo"],"x":' + "[" * n + "]" * n + "}",
-            '{"allowed_apps":' + "[" * n + '"echo"' + "]" * n + "}",
-        ]))
-    apps = draw(st.one_of(st.lists(st.sampled_from(["fast-sdxl", "flux", "echo"]), min_size=1, max_size=3),
-                          st.lists(st.sampled_from(APP_ITEMS), max_size=3)))
+        return draw(
+            st.sampled_from(
+                [
+                    "[" * n,
+                    "[" * n + "]" * n,
+                    '{"a":' * n + "1" + "}" * n,
+                    '{"allowed_apps":["echo"],"x":' + "[" * n + "]" * n + "}",
+                    '{"allowed_apps":' + "[" * n + '"echo"' + "]" * n + "}",
+                ]
+            )
+        )
+    apps = draw(
+        st.one_of(
+            st.lists(st.sampled_from(["fast-sdxl", "flux", "echo"]), min_size=1, max_size=3),
+            st.lists(st.sampled_from(APP_ITEMS), max_size=3),
+        )
+    )
     members = [("allowed_apps", json.dumps(apps))]
     if draw(st.booleans()):
-        members.append(("token_expiration", draw(st.sampled_from(["120", "60", "300"] + EXPIRATIONS))))
+        members.append(
+            ("token_expiration", draw(st.sampled_from(["120", "60", "300"] + EXPIRATIONS)))
+        )
     for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):  # duplicates, case variants, extras
         key = draw(st.sampled_from(KEYS))
-        value = (json.dumps(draw(st.lists(st.sampled_from(APP_ITEMS), max_size=2))) if "apps" in key.lower()
-                 or "u0061" in key else draw(st.sampled_from(EXPIRATIONS)))
+        value = (
+            json.dumps(draw(st.lists(st.sampled_from(APP_ITEMS), max_size=2)))
+            if "apps" in key.lower() or "u0061" in key
+            else draw(st.sampled_from(EXPIRATIONS))
+        )
         members.append((key, value))
     members = draw(st.permutations(members))
     space = draw(st.sampled_from(["", " ", "\n", "\t "]))
-    return (space + "{" + ("," + space).join(f'"{k}":{space}{v}' for k, v in members) + "}" + space)
+    return space + "{" + ("," + space).join(f'"{k}":{space}{v}' for k, v in members) + "}" + space
 
 
-ENCODINGS = ["utf-8"] * 6 + ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "latin-1+xff",
-                             "nul-prefix", "padded"]
+ENCODINGS = ["utf-8"] * 6 + [
+    "utf-8-sig",
+    "utf-16",
+    "utf-16-le",
+    "utf-16-be",
+    "utf-32",
+    "latin-1+xff",
+    "nul-prefix",
+    "padded",
+]
 
 
 @st.composite
@@ -738,8 +1268,11 @@ def token_bodies(draw: st.DrawFn) -> bytes:
 
 
 TOKEN_URLS = [b"https://rest.fal.ai/tokens/"] * 6 + [
-    b"https://REST.FAL.AI/tokens/", b"https://rest.fal.ai:443/tokens/", b"https://rest.fal.ai/tokens/?x=1",
-    b"https://rest.fal.ai/tokens"]
+    b"https://REST.FAL.AI/tokens/",
+    b"https://rest.fal.ai:443/tokens/",
+    b"https://rest.fal.ai/tokens/?x=1",
+    b"https://rest.fal.ai/tokens",
+]
 
 
 @st.composite
@@ -747,8 +1280,16 @@ def token_plans(draw: st.DrawFn) -> Plan:
     body = draw(token_bodies())
     url = draw(st.sampled_from(TOKEN_URLS))
     method = draw(st.sampled_from(["POST"] * 8 + ["PUT", "GET"]))
-    content_type = draw(st.sampled_from([b"application/json", b"application/json", b"text/plain",
-                                         b"application/json; charset=utf-16"]))
+    content_type = draw(
+        st.sampled_from(
+            [
+                b"application/json",
+                b"application/json",
+                b"text/plain",
+                b"application/json; charset=utf-16",
+            ]
+        )
+    )
     chunked = draw(st.integers(0, 4)) == 0
     headers = [(b"host", HOSTPORT), (b"x-fal-target-url", url), (b"content-type", content_type)]
     if chunked:
@@ -757,25 +1298,46 @@ def token_plans(draw: st.DrawFn) -> Plan:
     else:
         headers.append((b"content-length", str(len(body)).encode()))
         payload = body
-    data = (method.encode() + b" /api/fal/proxy HTTP/1.1\r\n"
-            + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n" + payload)
+    data = (
+        method.encode()
+        + b" /api/fal/proxy HTTP/1.1\r\n"
+        + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+        + b"\r\n"
+        + payload
+    )
     verdict = token_body_verdict(body)
     refuse = []
     if verdict is False:
         refuse.append("a token body that must be refused")
     if url == b"https://rest.fal.ai/tokens":
         refuse.append("not the token endpoint")
-    clean = (verdict is True and url == TOKEN_URLS[0] and method == "POST" and content_type == b"application/json"
-             and len(body) <= 64 * 1024)
+    clean = (
+        verdict is True
+        and url == TOKEN_URLS[0]
+        and method == "POST"
+        and content_type == b"application/json"
+        and len(body) <= 64 * 1024
+    )
     return Plan(data, method=method, refuse=tuple(refuse), expect=201 if clean else None)
 
 
 def _token(body: bytes) -> Plan:
-    data = _http("POST", b"/api/fal/proxy", [(b"x-fal-target-url", b"https://rest.fal.ai/tokens/"),
-                                               (b"content-type", b"application/json")], body)
+    data = _http(
+        "POST",
+        b"/api/fal/proxy",
+        [
+            (b"x-fal-target-url", b"https://rest.fal.ai/tokens/"),
+            (b"content-type", b"application/json"),
+        ],
+        body,
+    )
     verdict = token_body_verdict(body)
-    return Plan(data, method="POST", refuse=("a token body that must be refused",) if verdict is False else (),
-                expect=201 if verdict is True else None)
+    return Plan(
+        data,
+        method="POST",
+        refuse=("a token body that must be refused",) if verdict is False else (),
+        expect=201 if verdict is True else None,
+    )
 
 
 @fuzz_settings(300)
@@ -826,7 +1388,7 @@ def mutate(token: str, how: str) -> str:
     flip = {"A": "B", "B": "A"}
 
     def flip_at(part: str, i: int) -> str:
-        return part[:i] + flip.get(part[i], "A") + part[i + 1:] if part else "A"
+        return part[:i] + flip.get(part[i], "A") + part[i + 1 :] if part else "A"
 
     return {
         "none": token,
@@ -849,21 +1411,72 @@ def mutate(token: str, how: str) -> str:
 JWKS_BASES = [JwtSpec(), JwtSpec(alg="ES256", kid="ec-1", method="ec"), JwtSpec(kid=MISSING)]
 HS_BASES = [JwtSpec(alg="HS256", kid=MISSING, method="hs", aud=MISSING, iss=MISSING)]
 PERTURBATIONS: dict[str, list[Any]] = {
-    "alg": ["RS256", "ES256", "HS256", "none", "None", "RS512", "PS256", "ES384", "HS512", "", None],
+    "alg": [
+        "RS256",
+        "ES256",
+        "HS256",
+        "none",
+        "None",
+        "RS512",
+        "PS256",
+        "ES384",
+        "HS512",
+        "",
+        None,
+    ],
     "kid": ["rsa-1", "ec-1", "nope", MISSING, 7, "", ["rsa-1"], "../../jwks"],
-    "method": ["rsa", "ec", "hs", "hs-rsa-pem", "none", "garbage", "other-rsa", "other-ec", "hs-wrong"],
+    "method": [
+        "rsa",
+        "ec",
+        "hs",
+        "hs-rsa-pem",
+        "none",
+        "garbage",
+        "other-rsa",
+        "other-ec",
+        "hs-wrong",
+    ],
     "sub": ["user-1", "", 42, MISSING, ["x"], None],
     "exp": [300, -600, MISSING, "soon", 10**12, 1.5],
     "aud": [AUDIENCE, "other", MISSING, ["other", AUDIENCE]],
     "iss": [ISSUER, "https://evil.example", MISSING],
     "nbf": [MISSING, 600],
-    "extra": [(), (("crit", ["exp"]),), (("jku", "https://evil.example/jwks"),), (("x5u", "https://evil.example/x"),),
-              (("b64", False),), (("jwk", {"kty": "oct", "k": "c2VjcmV0"}),)],
-    "mutation": ["flip-header", "flip-payload", "flip-sig", "drop-sig", "extra-segment", "two-segments", "garbage",
-                 "empty", "spaces", "non-ascii", "long", "trailing-dot", "header-not-object"],
+    "extra": [
+        (),
+        (("crit", ["exp"]),),
+        (("jku", "https://evil.example/jwks"),),
+        (("x5u", "https://evil.example/x"),),
+        (("b64", False),),
+        (("jwk", {"kty": "oct", "k": "c2VjcmV0"}),),
+    ],
+    "mutation": [
+        "flip-header",
+        "flip-payload",
+        "flip-sig",
+        "drop-sig",
+        "extra-segment",
+        "two-segments",
+        "garbage",
+        "empty",
+        "spaces",
+        "non-ascii",
+        "long",
+        "trailing-dot",
+        "header-not-object",
+    ],
     "prefix": ["Bearer ", "bearer ", "BEARER ", "", "Bearer  ", "Basic ", "Token "],
-    "placement": ["header", "header-case", "authorization", "underscore", "dup-first", "dup-last", "none",
-                  "ws-subprotocol", "ws-subprotocol-case", "ws-header"],
+    "placement": [
+        "header",
+        "header-case",
+        "authorization",
+        "underscore",
+        "dup-first",
+        "dup-last",
+        "none",
+        "ws-subprotocol",
+        "ws-subprotocol-case",
+        "ws-header",
+    ],
 }
 
 
@@ -872,8 +1485,13 @@ def jwt_specs(draw: st.DrawFn, bases: list[JwtSpec]) -> JwtSpec:
     spec = draw(st.sampled_from(bases))
     for name in draw(st.lists(st.sampled_from(sorted(PERTURBATIONS)), max_size=3, unique=True)):
         spec = JwtSpec(**{**spec.__dict__, name: draw(st.sampled_from(PERTURBATIONS[name]))})
-    if spec.placement in ("header", "header-case", "ws-subprotocol", "ws-header") and draw(st.integers(0, 3)) == 0:
-        spec = JwtSpec(**{**spec.__dict__, "placement": draw(st.sampled_from(PERTURBATIONS["placement"]))})
+    if (
+        spec.placement in ("header", "header-case", "ws-subprotocol", "ws-header")
+        and draw(st.integers(0, 3)) == 0
+    ):
+        spec = JwtSpec(
+            **{**spec.__dict__, "placement": draw(st.sampled_from(PERTURBATIONS["placement"]))}
+        )
     return spec
 
 
@@ -884,8 +1502,13 @@ def jwt_plan(spec: JwtSpec, keys: Keys, mode: str) -> Plan:
         encoded = credential.encode("latin-1")
     except UnicodeEncodeError:
         encoded = credential.encode("utf-8")
-    acceptable = jwt_acceptable(token, keys=keys, mode=mode, audience=AUDIENCE if mode == "jwks" else None,
-                                issuer=ISSUER if mode == "jwks" else None)
+    acceptable = jwt_acceptable(
+        token,
+        keys=keys,
+        mode=mode,
+        audience=AUDIENCE if mode == "jwks" else None,
+        issuer=ISSUER if mode == "jwks" else None,
+    )
     bearer_ok = spec.prefix.lower().startswith("bearer ") or spec.prefix == ""
     valid = acceptable and bearer_ok
     garbage = b"Bearer not-a-jwt-at-all"
@@ -912,22 +1535,34 @@ def jwt_plan(spec: JwtSpec, keys: Keys, mode: str) -> Plan:
         refuse.append("no caller credential")
     ws = placement.startswith("ws-")
     if placement in ("ws-subprotocol", "ws-subprotocol-case"):
-        name = "Proxy-Authorization." if placement == "ws-subprotocol-case" else "proxy-authorization."
+        name = (
+            "Proxy-Authorization." if placement == "ws-subprotocol-case" else "proxy-authorization."
+        )
         headers.append((b"sec-websocket-protocol", (name + token).encode("utf-8") + b", v1"))
         if not acceptable:  # (a sub-protocol carries the bare token: no prefix)
             refuse.append("the caller JWT is not valid")
         valid = acceptable
     # Not vacuous: a valid token, unmodified, where the README says it goes, is accepted. (Without
     # a kid, a JWKS of two keys leaves the key ambiguous: a proxy may refuse such a token.)
-    clean = (valid and spec.mutation == "none"
-             and placement in ("header", "header-case", "ws-subprotocol", "ws-header")
-             and (mode == "hs" or spec.kid is not MISSING))
+    clean = (
+        valid
+        and spec.mutation == "none"
+        and placement in ("header", "header-case", "ws-subprotocol", "ws-header")
+        and (mode == "hs" or spec.kid is not MISSING)
+    )
     if ws:
-        data = _ws(b"/emulator/echo/realtime", None, headers) if placement == "ws-header" else _ws(
-            b"/emulator/echo/realtime", headers[-1][1], headers[:-1])
+        data = (
+            _ws(b"/emulator/echo/realtime", None, headers)
+            if placement == "ws-header"
+            else _ws(b"/emulator/echo/realtime", headers[-1][1], headers[:-1])
+        )
         return Plan(data, refuse=tuple(refuse), secrets=(token,), expect=101 if clean else None)
-    data = _http("POST", b"/emulator/echo", [(b"content-type", b"application/json"), *headers], b'{"n":1}')
-    return Plan(data, method="POST", refuse=tuple(refuse), secrets=(token,), expect=200 if clean else None)
+    data = _http(
+        "POST", b"/emulator/echo", [(b"content-type", b"application/json"), *headers], b'{"n":1}'
+    )
+    return Plan(
+        data, method="POST", refuse=tuple(refuse), secrets=(token,), expect=200 if clean else None
+    )
 
 
 @fuzz_settings(200)
@@ -954,60 +1589,158 @@ def test_caller_jwts_with_an_hs256_secret(hs_harness: Harness, keys: Keys, spec:
 # and reported by name (a failing @example would stop hypothesis before it generates).
 
 SHAPES: dict[str, tuple[str, Any]] = {
-    "underscore credential headers": ("open_harness", lambda keys: Plan(
-        _http("POST", b"/emulator/echo", [(b"cf_aig_authorization", b"Bearer client-cred-000001-zq"),
-                                          (b"x_proxy_authorization", b"client-cred-000002-zq")], b"{}"),
-        method="POST", secrets=("client-cred-000001-zq", "client-cred-000002-zq"))),
-    "absolute-form target": ("open_harness", lambda keys: Plan(
-        b"GET http://evil.example/emulator/echo HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\n\r\n",
-        refuse=("absolute-form request target",))),
-    "asterisk-form target": ("open_harness", lambda keys: Plan(
-        b"GET * HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\nx-fal-target-url: https://fal.run/emulator/echo\r\n\r\n",
-        refuse=("asterisk-form request target",))),
-    "HTTP/0.9": ("open_harness", lambda keys: Plan(
-        b"GET /emulator/echo HTTP/0.9\r\nhost: " + HOSTPORT + b"\r\n\r\n", refuse=("version HTTP/0.9",))),
-    "no HTTP version": ("open_harness", lambda keys: Plan(b"GET /emulator/echo\r\n\r\n", refuse=("no version",))),
-    "HTTP/1.1 without Host": ("open_harness", lambda keys: Plan(
-        b"GET /emulator/echo HTTP/1.1\r\n\r\n", refuse=("HTTP/1.1 without Host",))),
-    "two Host headers": ("open_harness", lambda keys: Plan(
-        b"GET /emulator/echo HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\nhost: evil.example\r\n\r\n",
-        refuse=("two Host headers",))),
-    "an upstream dying mid-body": ("open_harness", lambda keys: Plan(
-        _http("POST", b"/emulator/die", [(b"content-type", b"application/json")], b"{}"), method="POST",
-        forward=True)),
-    "two pipelined requests, then bytes that are no request": ("open_harness", lambda keys: Plan(
-        _http("POST", b"/emulator/echo", [], b"{}") + b"GET /emulator/status/500 HTTP/1.1\r\nhost: " + HOSTPORT
-        + b"\r\n\r\n\x16\x03\x01\x00", method="POST")),
-    "WebSocket credential sub-protocol in other letter case": ("open_harness", lambda keys: Plan(
-        _ws(b"/emulator/echo/realtime", b"Fal-Api-Key.client-cred-000003-zq, v1"),
-        secrets=("client-cred-000003-zq",))),
-    "WebSocket percent-encoded fal_jwt_token": ("open_harness", lambda keys: Plan(
-        _ws(b"/emulator/echo/realtime?fal%5Fjwt%5Ftoken=client-cred-000004-zq"), secrets=("client-cred-000004-zq",))),
-    "WebSocket fal_jwt_token": ("open_harness", lambda keys: Plan(
-        _ws(b"/emulator/echo/realtime?fal_jwt_token=client-cred-000005-zq"), secrets=("client-cred-000005-zq",))),
-    "WebSocket sub-protocol list with an empty element": ("open_harness", lambda keys: Plan(
-        _ws(b"/emulator/echo/realtime", b"v1, fal-api-key.client-cred-000006-zq,"),
-        secrets=("client-cred-000006-zq",))),
-    "WebSocket handshake with a non-ASCII header value": ("open_harness", lambda keys: Plan(
-        _ws(b"/emulator/echo/realtime", None, [(b"x-custom", b"caf\xc3\xa9")]))),
-    "WebSocket handshake over HTTP/1.0": ("open_harness", lambda keys: Plan(
-        _ws(b"/emulator/echo/realtime").replace(b"HTTP/1.1", b"HTTP/1.0", 1), refuse=("HTTP/1.0 handshake",))),
-    "token body with a duplicate key": ("open_harness", lambda keys: _token(
-        b'{"allowed_apps":["fast-lcm-diffusion"],"allowed_apps":["echo"]}')),
-    "token body with a case-folded duplicate key": ("open_harness", lambda keys: _token(
-        b'{"allowed_apps":["echo"],"Allowed_Apps":["fast-lcm-diffusion"]}')),
-    "token body with a BOM": ("open_harness", lambda keys: _token(b'\xef\xbb\xbf{"allowed_apps":["echo"]}')),
-    "token body in UTF-16": ("open_harness", lambda keys: _token('{"allowed_apps":["echo"]}'.encode("utf-16"))),
+    "underscore credential headers": (
+        "open_harness",
+        lambda keys: Plan(
+            _http(
+                "POST",
+                b"/emulator/echo",
+                [
+                    (b"cf_aig_authorization", b"Bearer client-cred-000001-zq"),
+                    (b"x_proxy_authorization", b"client-cred-000002-zq"),
+                ],
+                b"{}",
+            ),
+            method="POST",
+            secrets=("client-cred-000001-zq", "client-cred-000002-zq"),
+        ),
+    ),
+    "absolute-form target": (
+        "open_harness",
+        lambda keys: Plan(
+            b"GET http://evil.example/emulator/echo HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\n\r\n",
+            refuse=("absolute-form request target",),
+        ),
+    ),
+    "asterisk-form target": (
+        "open_harness",
+        lambda keys: Plan(
+            b"GET * HTTP/1.1\r\nhost: "
+            + HOSTPORT
+            + b"\r\nx-fal-target-url: https://fal.run/emulator/echo\r\n\r\n",
+            refuse=("asterisk-form request target",),
+        ),
+    ),
+    "HTTP/0.9": (
+        "open_harness",
+        lambda keys: Plan(
+            b"GET /emulator/echo HTTP/0.9\r\nhost: " + HOSTPORT + b"\r\n\r\n",
+            refuse=("version HTTP/0.9",),
+        ),
+    ),
+    "no HTTP version": (
+        "open_harness",
+        lambda keys: Plan(b"GET /emulator/echo\r\n\r\n", refuse=("no version",)),
+    ),
+    "HTTP/1.1 without Host": (
+        "open_harness",
+        lambda keys: Plan(
+            b"GET /emulator/echo HTTP/1.1\r\n\r\n", refuse=("HTTP/1.1 without Host",)
+        ),
+    ),
+    "two Host headers": (
+        "open_harness",
+        lambda keys: Plan(
+            b"GET /emulator/echo HTTP/1.1\r\nhost: " + HOSTPORT + b"\r\nhost: evil.example\r\n\r\n",
+            refuse=("two Host headers",),
+        ),
+    ),
+    "an upstream dying mid-body": (
+        "open_harness",
+        lambda keys: Plan(
+            _http("POST", b"/emulator/die", [(b"content-type", b"application/json")], b"{}"),
+            method="POST",
+            forward=True,
+        ),
+    ),
+    "two pipelined requests, then bytes that are no request": (
+        "open_harness",
+        lambda keys: Plan(
+            _http("POST", b"/emulator/echo", [], b"{}")
+            + b"GET /emulator/status/500 HTTP/1.1\r\nhost: "
+            + HOSTPORT
+            + b"\r\n\r\n\x16\x03\x01\x00",
+            method="POST",
+        ),
+    ),
+    "WebSocket credential sub-protocol in other letter case": (
+        "open_harness",
+        lambda keys: Plan(
+            _ws(b"/emulator/echo/realtime", b"Fal-Api-Key.client-cred-000003-zq, v1"),
+            secrets=("client-cred-000003-zq",),
+        ),
+    ),
+    "WebSocket percent-encoded fal_jwt_token": (
+        "open_harness",
+        lambda keys: Plan(
+            _ws(b"/emulator/echo/realtime?fal%5Fjwt%5Ftoken=client-cred-000004-zq"),
+            secrets=("client-cred-000004-zq",),
+        ),
+    ),
+    "WebSocket fal_jwt_token": (
+        "open_harness",
+        lambda keys: Plan(
+            _ws(b"/emulator/echo/realtime?fal_jwt_token=client-cred-000005-zq"),
+            secrets=("client-cred-000005-zq",),
+        ),
+    ),
+    "WebSocket sub-protocol list with an empty element": (
+        "open_harness",
+        lambda keys: Plan(
+            _ws(b"/emulator/echo/realtime", b"v1, fal-api-key.client-cred-000006-zq,"),
+            secrets=("client-cred-000006-zq",),
+        ),
+    ),
+    "WebSocket handshake with a non-ASCII header value": (
+        "open_harness",
+        lambda keys: Plan(_ws(b"/emulator/echo/realtime", None, [(b"x-custom", b"caf\xc3\xa9")])),
+    ),
+    "WebSocket handshake over HTTP/1.0": (
+        "open_harness",
+        lambda keys: Plan(
+            _ws(b"/emulator/echo/realtime").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+            refuse=("HTTP/1.0 handshake",),
+        ),
+    ),
+    "token body with a duplicate key": (
+        "open_harness",
+        lambda keys: _token(b'{"allowed_apps":["fast-lcm-diffusion"],"allowed_apps":["echo"]}'),
+    ),
+    "token body with a case-folded duplicate key": (
+        "open_harness",
+        lambda keys: _token(b'{"allowed_apps":["echo"],"Allowed_Apps":["fast-lcm-diffusion"]}'),
+    ),
+    "token body with a BOM": (
+        "open_harness",
+        lambda keys: _token(b'\xef\xbb\xbf{"allowed_apps":["echo"]}'),
+    ),
+    "token body in UTF-16": (
+        "open_harness",
+        lambda keys: _token('{"allowed_apps":["echo"]}'.encode("utf-16")),
+    ),
     "token body of 30,000 [": ("open_harness", lambda keys: _token(b"[" * 30_000)),
-    "JWT alg none": ("jwks_harness", lambda keys: jwt_plan(JwtSpec(alg="none", method="none"), keys, "jwks")),
-    "JWT HS256 keyed with the RSA public key": ("jwks_harness", lambda keys: jwt_plan(
-        JwtSpec(alg="HS256", method="hs-rsa-pem"), keys, "jwks")),
-    "JWT ES256 with the RSA key's kid": ("jwks_harness", lambda keys: jwt_plan(
-        JwtSpec(alg="ES256", kid="rsa-1", method="ec"), keys, "jwks")),
-    "JWT RS256 with the EC key's kid": ("jwks_harness", lambda keys: jwt_plan(
-        JwtSpec(alg="RS256", kid="ec-1", method="rsa"), keys, "jwks")),
-    "JWT HS512 with the secret": ("hs_harness", lambda keys: jwt_plan(
-        JwtSpec(alg="HS512", kid=MISSING, method="hs", aud=MISSING, iss=MISSING), keys, "hs")),
+    "JWT alg none": (
+        "jwks_harness",
+        lambda keys: jwt_plan(JwtSpec(alg="none", method="none"), keys, "jwks"),
+    ),
+    "JWT HS256 keyed with the RSA public key": (
+        "jwks_harness",
+        lambda keys: jwt_plan(JwtSpec(alg="HS256", method="hs-rsa-pem"), keys, "jwks"),
+    ),
+    "JWT ES256 with the RSA key's kid": (
+        "jwks_harness",
+        lambda keys: jwt_plan(JwtSpec(alg="ES256", kid="rsa-1", method="ec"), keys, "jwks"),
+    ),
+    "JWT RS256 with the EC key's kid": (
+        "jwks_harness",
+        lambda keys: jwt_plan(JwtSpec(alg="RS256", kid="ec-1", method="rsa"), keys, "jwks"),
+    ),
+    "JWT HS512 with the secret": (
+        "hs_harness",
+        lambda keys: jwt_plan(
+            JwtSpec(alg="HS512", kid=MISSING, method="hs", aud=MISSING, iss=MISSING), keys, "hs"
+        ),
+    ),
 }
 
 
@@ -1022,8 +1755,9 @@ def test_known_shapes(request: pytest.FixtureRequest, keys: Keys, shape: str) ->
 
 
 @pytest.mark.parametrize("which", ["open_harness", "jwks_harness", "hs_harness"])
-def test_log_lines_outside_the_examples_hold_no_secret_and_no_error(request: pytest.FixtureRequest,
-                                                                     which: str) -> None:
+def test_log_lines_outside_the_examples_hold_no_secret_and_no_error(
+    request: pytest.FixtureRequest, which: str
+) -> None:
     """Properties 2 and 3 for the lines no example was judged on: start-up, and anything
     logged late (asyncio's "Task exception was never retrieved" comes at garbage collection)."""
     harness: Harness = request.getfixturevalue(which)
@@ -1040,8 +1774,14 @@ def test_fuzz_helpers_judge_records_independently() -> None:
     and each kind of leak is caught."""
     from tests.security.fuzz_support import PREFIX, Record
 
-    def record(path: str = f"{PREFIX}/emulator/echo", headers: list[tuple[str, str]] | None = None,
-               target: str | None = None, body: bytes = b"", kind: str = "gateway", query: str = "") -> Record:
+    def record(
+        path: str = f"{PREFIX}/emulator/echo",
+        headers: list[tuple[str, str]] | None = None,
+        target: str | None = None,
+        body: bytes = b"",
+        kind: str = "gateway",
+        query: str = "",
+    ) -> Record:
         base = [("authorization", f"Key {FAL_KEY}"), ("cf-aig-authorization", f"Bearer {CF_TOKEN}")]
         return Record(kind, "POST", path, query, base + (headers or []), body, len(body), target)
 
@@ -1050,15 +1790,41 @@ def test_fuzz_helpers_judge_records_independently() -> None:
     assert record_problems(record(f"{PREFIX}/fal-ai/fast-lcm-diffusion"), [])
     assert record_problems(record(headers=[("cf_aig_authorization", "x")]), [])
     assert record_problems(record(headers=[("x-custom", "Key client-cred-1")]), ["client-cred-1"])
-    assert record_problems(record(PREFIX, target="https://queue.fal.run/fal-ai/flux/requests/a/status"), []) == []
-    assert record_problems(record(PREFIX, target="https://queue.fal.run/fal-ai/fast-lcm-diffusion/requests/a"), [])
-    assert record_problems(record(PREFIX, target="https://rest.fal.ai/tokens/", body=b'{"allowed_apps":["echo"]}'),
-                           []) == []
-    assert record_problems(record(PREFIX, target="https://rest.fal.ai/tokens/",
-                                  body=b'{"allowed_apps":["echo"],"allowed_apps":["x"]}'), [])
-    assert record_problems(record(f"{PREFIX}/emulator/echo/realtime", kind="websocket",
-                                  headers=[("sec-websocket-protocol", "Fal-Api-Key.k, v1")]), [])
-    assert record_problems(record(f"{PREFIX}/emulator/echo/realtime", kind="websocket",
-                                  query="fal%5Fjwt%5Ftoken=abc"), [])
+    assert (
+        record_problems(
+            record(PREFIX, target="https://queue.fal.run/fal-ai/flux/requests/a/status"), []
+        )
+        == []
+    )
+    assert record_problems(
+        record(PREFIX, target="https://queue.fal.run/fal-ai/fast-lcm-diffusion/requests/a"), []
+    )
+    assert (
+        record_problems(
+            record(PREFIX, target="https://rest.fal.ai/tokens/", body=b'{"allowed_apps":["echo"]}'),
+            [],
+        )
+        == []
+    )
+    assert record_problems(
+        record(
+            PREFIX,
+            target="https://rest.fal.ai/tokens/",
+            body=b'{"allowed_apps":["echo"],"allowed_apps":["x"]}',
+        ),
+        [],
+    )
+    assert record_problems(
+        record(
+            f"{PREFIX}/emulator/echo/realtime",
+            kind="websocket",
+            headers=[("sec-websocket-protocol", "Fal-Api-Key.k, v1")],
+        ),
+        [],
+    )
+    assert record_problems(
+        record(f"{PREFIX}/emulator/echo/realtime", kind="websocket", query="fal%5Fjwt%5Ftoken=abc"),
+        [],
+    )
     assert token_body_verdict('{"allowed_apps":["echo"]}'.encode("utf-16")) is False
     assert token_body_verdict(b"[" * 30_000) in (False, None)

@@ -112,15 +112,21 @@ def test_the_websocket_bridge_never_follows_a_redirect(where: str) -> None:
     elsewhere = RecordingServer(lambda n: b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
 
     def redirect(_n: int) -> bytes:
-        location = (f"http://127.0.0.1:{elsewhere.port}/steal" if where == "cross-origin"
-                    else "/v1/acct/gw/openai/steal")
+        location = (
+            f"http://127.0.0.1:{elsewhere.port}/steal"
+            if where == "cross-origin"
+            else "/v1/acct/gw/openai/steal"
+        )
         return f"HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n".encode()
 
     gateway = RecordingServer(redirect)
     proxy = launch_proxy(f"http://127.0.0.1:{gateway.port}/v1/acct/gw/fal", CF_AIG_TOKEN=CF_TOKEN)
     try:
         assert refused_status(ws_url(proxy)) == 302  # relayed, not followed
-        assert len(gateway.heads) == 1 and b"/v1/acct/gw/fal/emulator/echo/realtime" in gateway.heads[0]
+        assert (
+            len(gateway.heads) == 1
+            and b"/v1/acct/gw/fal/emulator/echo/realtime" in gateway.heads[0]
+        )
         assert elsewhere.heads == []
     finally:
         proxy.process.stop()
@@ -132,25 +138,50 @@ def test_the_websocket_bridge_never_follows_a_redirect(where: str) -> None:
 
 
 @pytest.mark.parametrize("level", ["debug", "info", "warning", "error"])
-def test_no_log_level_prints_a_secret(fake_gateway: FakeGateway, tmp_path: Path, level: str) -> None:
+def test_no_log_level_prints_a_secret(
+    fake_gateway: FakeGateway, tmp_path: Path, level: str
+) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"web-app {CALLER_TOKEN}\n")
-    proxy = launch_quiet_proxy(fake_gateway.gateway_url, CF_AIG_TOKEN=CF_TOKEN, FAL_PROXY_LOG_LEVEL=level,
-                               FAL_PROXY_AUTH="token", FAL_PROXY_CLIENT_TOKENS_FILE=str(tokens))
+    proxy = launch_quiet_proxy(
+        fake_gateway.gateway_url,
+        CF_AIG_TOKEN=CF_TOKEN,
+        FAL_PROXY_LOG_LEVEL=level,
+        FAL_PROXY_AUTH="token",
+        FAL_PROXY_CLIENT_TOKENS_FILE=str(tokens),
+    )
     try:
         bearer = {"x-proxy-authorization": f"Bearer {CALLER_TOKEN}"}
         with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
             assert c.post(ECHO, json={"a": 1}, headers=bearer).status_code == 200
-            assert c.post(ECHO, json={"a": 1}, headers={"x-proxy-authorization": "Bearer wrong-0123456789"}
-                          ).status_code == 401
+            assert (
+                c.post(
+                    ECHO,
+                    json={"a": 1},
+                    headers={"x-proxy-authorization": "Bearer wrong-0123456789"},
+                ).status_code
+                == 401
+            )
             c.get(f"/fal-ai/flux/dev?fal_jwt_token={CLIENT_JWT}&prompt=x", headers=bearer)
-        for query in (f"fal_jwt_token={CLIENT_JWT}", f"FAL_JWT_TOKEN={CLIENT_JWT}&x=1",
-                      f"fal%5Fjwt%5Ftoken={CLIENT_JWT}"):
-            assert echo_ws(ws_url(proxy, query=query),
-                           subprotocols=[f"proxy-authorization.{CALLER_TOKEN}", f"fal-api-key.{CLIENT_FAL_KEY}",
-                                         f"Cf-Aig-Authorization.{CLIENT_FAL_KEY}", "v1"]) == {"input": "hi"}
+        for query in (
+            f"fal_jwt_token={CLIENT_JWT}",
+            f"FAL_JWT_TOKEN={CLIENT_JWT}&x=1",
+            f"fal%5Fjwt%5Ftoken={CLIENT_JWT}",
+        ):
+            assert echo_ws(
+                ws_url(proxy, query=query),
+                subprotocols=[
+                    f"proxy-authorization.{CALLER_TOKEN}",
+                    f"fal-api-key.{CLIENT_FAL_KEY}",
+                    f"Cf-Aig-Authorization.{CLIENT_FAL_KEY}",
+                    "v1",
+                ],
+            ) == {"input": "hi"}
         assert echo_ws(ws_url(proxy), additional_headers=bearer) == {"input": "hi"}
-        assert refused_status(ws_url(proxy), subprotocols=[f"proxy-authorization.{CALLER_TOKEN}x"]) == 401
+        assert (
+            refused_status(ws_url(proxy), subprotocols=[f"proxy-authorization.{CALLER_TOKEN}x"])
+            == 401
+        )
         if level in ("debug", "info"):
             # The sessions' own lines come last: once there, everything above was logged.
             deadline = time.monotonic() + DEADLINE
@@ -162,11 +193,22 @@ def test_no_log_level_prints_a_secret(fake_gateway: FakeGateway, tmp_path: Path,
     text = log_text(proxy)
     if level == "debug":  # the libraries did log the handshakes: what we look at was there
         assert "sec-websocket-protocol" in text.lower() or "Sec-WebSocket-Protocol" in text
-    for secret in (FAL_KEY, CF_TOKEN, CALLER_TOKEN, CLIENT_JWT, CLIENT_FAL_KEY, FAL_KEY.split(":")[1]):
+    for secret in (
+        FAL_KEY,
+        CF_TOKEN,
+        CALLER_TOKEN,
+        CLIENT_JWT,
+        CLIENT_FAL_KEY,
+        FAL_KEY.split(":")[1],
+    ):
         assert secret not in text, f"{secret} in the {level} log"
     # Nor from the upstream's side of the handshake (the emulator saw none of the client's).
     recorded = json.dumps([r["headers"] for r in fake_gateway.requests("websocket")])
-    assert CALLER_TOKEN not in recorded and CLIENT_JWT not in recorded and CLIENT_FAL_KEY not in recorded
+    assert (
+        CALLER_TOKEN not in recorded
+        and CLIENT_JWT not in recorded
+        and CLIENT_FAL_KEY not in recorded
+    )
 
 
 def _listening_port(pid: int) -> int | None:
@@ -191,7 +233,12 @@ def launch_quiet_proxy(gateway_url: str, **env: str) -> RunningProxy:
     """Like ``launch_proxy``, for any log level: the port comes from /proc, not the log."""
     from tests.conftest import Process, child_env
 
-    base = {"FAL_KEY": FAL_KEY, "FAL_PROXY_GATEWAY_URL": gateway_url, "FAL_PROXY_LOG_FORMAT": "json", **env}
+    base = {
+        "FAL_KEY": FAL_KEY,
+        "FAL_PROXY_GATEWAY_URL": gateway_url,
+        "FAL_PROXY_LOG_FORMAT": "json",
+        **env,
+    }
     process = Process([sys.executable, "-m", "proxy", "--port", "0"], child_env(**base))
     try:
         deadline = time.monotonic() + 20
@@ -254,13 +301,17 @@ def test_a_browser_request_from_another_site_never_goes_upstream(
         assert fake_gateway.requests() == []
 
 
-def test_a_rebinding_page_on_its_own_name_is_refused(start_proxy: Any, fake_gateway: FakeGateway) -> None:
+def test_a_rebinding_page_on_its_own_name_is_refused(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
     # evil.example re-pointed at 127.0.0.1: the browser calls it same-origin, the Host says otherwise.
     proxy = start_proxy()
     port = proxy.url.rsplit(":", 1)[1]
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
-        r = c.get("/emulator/echo?prompt=x",
-                  headers={**browser("same-origin"), "host": f"evil.example:{port}"})
+        r = c.get(
+            "/emulator/echo?prompt=x",
+            headers={**browser("same-origin"), "host": f"evil.example:{port}"},
+        )
     assert r.status_code == 403
     assert fake_gateway.requests() == []
 
@@ -268,8 +319,10 @@ def test_a_rebinding_page_on_its_own_name_is_refused(start_proxy: Any, fake_gate
 # --- 4. a declared body that never comes holds nothing, and times out ---------------------------
 
 
-@pytest.mark.parametrize(("path", "target"), [("/fal-ai/fast-sdxl", None),
-                                              ("/api/fal/proxy", "https://rest.fal.ai/tokens/")])
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [("/fal-ai/fast-sdxl", None), ("/api/fal/proxy", "https://rest.fal.ai/tokens/")],
+)
 def test_a_body_that_never_arrives_holds_no_slot_and_gets_408(
     start_proxy: Any, fake_gateway: FakeGateway, path: str, target: str | None
 ) -> None:
@@ -277,7 +330,9 @@ def test_a_body_that_never_arrives_holds_no_slot_and_gets_408(
     host, port = proxy.url.split("://")[1].split(":")
     stalled = socket.create_connection((host, int(port)), timeout=DEADLINE)
     head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n"
-    stalled.sendall((head + (f"x-fal-target-url: {target}\r\n" if target else "") + "\r\n").encode())
+    stalled.sendall(
+        (head + (f"x-fal-target-url: {target}\r\n" if target else "") + "\r\n").encode()
+    )
     started = time.monotonic()
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
         # The same client (one IP, concurrency 1) is served while the other waits for its body.
@@ -307,7 +362,9 @@ def test_made_up_paths_do_not_grow_the_metrics(start_proxy: Any, apps: str) -> N
         after = c.get("/metrics").text
     assert "o17/a17" not in after
     assert len(after) - len(before) < 2000, len(after) - len(before)
-    labels = {line.split('app="')[1].split('"')[0] for line in after.splitlines() if 'app="' in line}
+    labels = {
+        line.split('app="')[1].split('"')[0] for line in after.splitlines() if 'app="' in line
+    }
     expected = {"none", "other", "emulator/echo"} if not apps else {"none", "emulator/*"}
     assert labels <= expected, labels
 
@@ -326,7 +383,9 @@ def test_a_jwt_claiming_another_algorithm_for_an_rsa_kid_is_a_401(
     start_proxy: Any, fake_gateway: FakeGateway, tmp_path: Path
 ) -> None:
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    proxy = start_proxy(FAL_PROXY_AUTH="jwt", FAL_PROXY_JWT_JWKS_FILE=jwks_file(tmp_path, rsa_key, "r1"))
+    proxy = start_proxy(
+        FAL_PROXY_AUTH="jwt", FAL_PROXY_JWT_JWKS_FILE=jwks_file(tmp_path, rsa_key, "r1")
+    )
     claims = {"sub": "mallory", "exp": int(time.time()) + 300}
     forged = [
         jwt.encode(claims, ec.generate_private_key(ec.SECP256R1()), "ES256", headers={"kid": "r1"}),
@@ -337,9 +396,14 @@ def test_a_jwt_claiming_another_algorithm_for_an_rsa_kid_is_a_401(
         for token in forged:
             r = c.post(ECHO, json={}, headers={"x-proxy-authorization": f"Bearer {token}"})
             assert r.status_code == 401, r.text
-            assert refused_status(ws_url(proxy), subprotocols=[f"proxy-authorization.{token}"]) == 401
+            assert (
+                refused_status(ws_url(proxy), subprotocols=[f"proxy-authorization.{token}"]) == 401
+            )
         good = jwt.encode(claims, rsa_key, "RS256", headers={"kid": "r1"})
-        assert c.post(ECHO, json={}, headers={"x-proxy-authorization": f"Bearer {good}"}).status_code == 200
+        assert (
+            c.post(ECHO, json={}, headers={"x-proxy-authorization": f"Bearer {good}"}).status_code
+            == 200
+        )
     assert len(fake_gateway.requests()) == 1
     assert_no_error_lines(proxy)
 
@@ -349,7 +413,11 @@ def test_a_deeply_nested_token_body_is_a_400(
     proxy: RunningProxy, fake_gateway: FakeGateway, body: bytes
 ) -> None:
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
-        r = c.post("/api/fal/proxy", content=body, headers={"x-fal-target-url": "https://rest.fal.ai/tokens/"})
+        r = c.post(
+            "/api/fal/proxy",
+            content=body,
+            headers={"x-fal-target-url": "https://rest.fal.ai/tokens/"},
+        )
     assert r.status_code in (400, 413), r.text
     assert fake_gateway.requests() == []
     assert_no_error_lines(proxy)
@@ -358,37 +426,66 @@ def test_a_deeply_nested_token_body_is_a_400(
 # --- 8. the token body: checked once, forwarded as checked ------------------------------------
 
 
-@pytest.mark.parametrize("body", [
-    b'{"allowed_apps":["kling-video"],"allowed_apps":["flux"]}',
-    b'{"Allowed_Apps":["kling-video"],"allowed_apps":["flux"]}',
-    b'\xef\xbb\xbf{"allowed_apps":["flux"]}',
-    '{"allowed_apps":["flux"]}'.encode("utf-16"),
-])
-def test_an_ambiguous_token_body_is_refused(start_proxy: Any, fake_gateway: FakeGateway, body: bytes) -> None:
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"allowed_apps":["kling-video"],"allowed_apps":["flux"]}',
+        b'{"Allowed_Apps":["kling-video"],"allowed_apps":["flux"]}',
+        b'\xef\xbb\xbf{"allowed_apps":["flux"]}',
+        '{"allowed_apps":["flux"]}'.encode("utf-16"),
+    ],
+)
+def test_an_ambiguous_token_body_is_refused(
+    start_proxy: Any, fake_gateway: FakeGateway, body: bytes
+) -> None:
     proxy = start_proxy(FAL_PROXY_ALLOWED_APPS="fal-ai/flux/*")
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
-        r = c.post("/api/fal/proxy", content=body, headers={"x-fal-target-url": "https://rest.fal.ai/tokens/"})
+        r = c.post(
+            "/api/fal/proxy",
+            content=body,
+            headers={"x-fal-target-url": "https://rest.fal.ai/tokens/"},
+        )
     assert r.status_code == 400, r.text
     assert fake_gateway.requests() == []
 
 
-def test_the_token_body_forwarded_is_the_checked_one(start_proxy: Any, fake_gateway: FakeGateway) -> None:
+def test_the_token_body_forwarded_is_the_checked_one(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
     proxy = start_proxy(FAL_PROXY_ALLOWED_APPS="fal-ai/flux/*")
     body = b'{ "allowed_apps" : ["flux"], "token_expiration": 60, "scopes": ["*"] }'
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
-        r = c.post("/api/fal/proxy", content=body, headers={
-            "x-fal-target-url": "https://rest.fal.ai/tokens/", "content-type": "text/plain"})
+        r = c.post(
+            "/api/fal/proxy",
+            content=body,
+            headers={
+                "x-fal-target-url": "https://rest.fal.ai/tokens/",
+                "content-type": "text/plain",
+            },
+        )
         assert r.status_code in (200, 201), r.text
         sent = fake_gateway.only_request()
         assert sent["body"] == b'{"allowed_apps":["flux"],"token_expiration":60}'
         assert sent["header_map"]["content-type"] == "application/json"
         fake_gateway.clear()
         target = {"x-fal-target-url": "https://rest.fal.ai/tokens/?allowed_apps=kling-video"}
-        assert c.post("/api/fal/proxy", content=b'{"allowed_apps":["flux"]}', headers=target).status_code == 400
+        assert (
+            c.post(
+                "/api/fal/proxy", content=b'{"allowed_apps":["flux"]}', headers=target
+            ).status_code
+            == 400
+        )
         for method in ("GET", "PUT", "DELETE"):
-            r = c.request(method, "/api/fal/proxy", headers={"x-fal-target-url": "https://rest.fal.ai/tokens/"})
+            r = c.request(
+                method,
+                "/api/fal/proxy",
+                headers={"x-fal-target-url": "https://rest.fal.ai/tokens/"},
+            )
             assert (r.status_code, r.headers["allow"]) == (405, "POST")
-        r = c.get("/api/fal/proxy", headers={"x-fal-target-url": "https://rest.fal.ai/storage/upload/initiate"})
+        r = c.get(
+            "/api/fal/proxy",
+            headers={"x-fal-target-url": "https://rest.fal.ai/storage/upload/initiate"},
+        )
         assert r.status_code == 405
     assert fake_gateway.requests() == []
 
@@ -408,17 +505,20 @@ def raw_exchange(proxy: RunningProxy, data: bytes) -> bytes:
             answer += chunk
 
 
-@pytest.mark.parametrize("head", [
-    b"GET /emulator/echo HTTP/0.9\r\nhost: x\r\n\r\n",
-    b"GET http://evil.example/emulator/echo HTTP/1.1\r\nhost: x\r\n\r\n",
-    b"GET http://127.0.0.1/emulator/echo HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
-    b"GET /emulator/echo HTTP/1.1\r\n\r\n",
-    b"GET /emulator/echo HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
-    b"GET /emulator/echo HTTP/1.0\r\nhost: a\r\nhost: a\r\n\r\n",
-    b"CONNECT evil.example:443 HTTP/1.1\r\nhost: evil.example:443\r\n\r\n",
-    b"GET /emulator/echo HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
-    b"host: y\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /emulator/echo HTTP/0.9\r\nhost: x\r\n\r\n",
+        b"GET http://evil.example/emulator/echo HTTP/1.1\r\nhost: x\r\n\r\n",
+        b"GET http://127.0.0.1/emulator/echo HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+        b"GET /emulator/echo HTTP/1.1\r\n\r\n",
+        b"GET /emulator/echo HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n",
+        b"GET /emulator/echo HTTP/1.0\r\nhost: a\r\nhost: a\r\n\r\n",
+        b"CONNECT evil.example:443 HTTP/1.1\r\nhost: evil.example:443\r\n\r\n",
+        b"GET /emulator/echo HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
+        b"host: y\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+    ],
+)
 def test_malformed_request_heads_are_refused_before_anything_goes_upstream(
     proxy: RunningProxy, fake_gateway: FakeGateway, head: bytes
 ) -> None:
@@ -430,20 +530,36 @@ def test_malformed_request_heads_are_refused_before_anything_goes_upstream(
     assert fake_gateway.requests() == [] and fake_gateway.requests("websocket") == []
 
 
-def test_http_1_0_without_host_is_still_served(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_http_1_0_without_host_is_still_served(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     answer = raw_exchange(proxy, b"GET /emulator/echo?x=1 HTTP/1.0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200"), answer
 
 
-def test_allowed_hosts_pins_the_names_the_proxy_answers_to(start_proxy: Any, fake_gateway: FakeGateway) -> None:
+def test_allowed_hosts_pins_the_names_the_proxy_answers_to(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
     proxy = start_proxy(FAL_PROXY_ALLOWED_HOSTS="proxy.example.com,*.internal.example")
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
-        for host in ("proxy.example.com", "PROXY.example.com:8787", "a.internal.example", "b.a.internal.example"):
+        for host in (
+            "proxy.example.com",
+            "PROXY.example.com:8787",
+            "a.internal.example",
+            "b.a.internal.example",
+        ):
             assert c.post(ECHO, json={}, headers={"host": host}).status_code == 200, host
-        for host in ("evil.example", "127.0.0.1", "internal.example", "proxy.example.com.evil.example"):
+        for host in (
+            "evil.example",
+            "127.0.0.1",
+            "internal.example",
+            "proxy.example.com.evil.example",
+        ):
             r = c.post(ECHO, json={}, headers={"host": host})
             assert r.status_code == 421 and r.json()["detail"], host
-        assert c.get("/healthz", headers={"host": "evil.example"}).status_code == 200  # probes use the pod IP
+        assert (
+            c.get("/healthz", headers={"host": "evil.example"}).status_code == 200
+        )  # probes use the pod IP
     assert refused_status(ws_url(proxy)) == 421  # Host: 127.0.0.1:<port>
     assert len(fake_gateway.requests()) == 4 and fake_gateway.requests("websocket") == []
 
@@ -468,7 +584,7 @@ def test_slow_header_senders_are_closed_after_the_header_timeout(start_proxy: An
             if i in closed_at:
                 continue
             try:
-                sock.send(trickle[sent:sent + 1])
+                sock.send(trickle[sent : sent + 1])
                 data = sock.recv(4096)
             except BlockingIOError:
                 continue
@@ -479,7 +595,9 @@ def test_slow_header_senders_are_closed_after_the_header_timeout(start_proxy: An
                 closed_at[i] = time.monotonic() - started
         sent += 1
         time.sleep(0.1)  # the attack's own pace: one byte per connection every 100 ms
-    assert len(closed_at) == len(socks), f"{len(socks) - len(closed_at)} trickling connections still open"
+    assert len(closed_at) == len(socks), (
+        f"{len(socks) - len(closed_at)} trickling connections still open"
+    )
     assert all(0.8 < t < 4 for t in closed_at.values()), closed_at
     assert all(a.startswith(b"HTTP/1.1 408") for a in answers.values() if a), answers
     silent.settimeout(4)
@@ -491,12 +609,16 @@ def test_slow_header_senders_are_closed_after_the_header_timeout(start_proxy: An
         assert c.post(ECHO, json={}).status_code == 200
 
 
-def test_a_slow_pipelined_head_never_cuts_the_stream_before_it(start_proxy: Any, fake_gateway: FakeGateway) -> None:
+def test_a_slow_pipelined_head_never_cuts_the_stream_before_it(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
     proxy = start_proxy(FAL_PROXY_HEADER_TIMEOUT="1")
     host, port = proxy.url.split("://")[1].split(":")
     sock = socket.create_connection((host, int(port)), timeout=DEADLINE)
-    sock.sendall(b"POST /emulator/stall HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
-                 b"GET /healthz HTTP/1.1\r\nHo")  # the next request's head, never finished
+    sock.sendall(
+        b"POST /emulator/stall HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+        b"GET /healthz HTTP/1.1\r\nHo"
+    )  # the next request's head, never finished
     received = b""
     while b"data:" not in received:  # the head and the first event
         chunk = sock.recv(65536)
@@ -538,21 +660,38 @@ def test_the_open_files_limit_is_raised_and_logged(proxy: RunningProxy) -> None:
 # --- 11. the smaller ones ---------------------------------------------------------------------
 
 
-def test_header_names_with_underscores_are_dropped(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_header_names_with_underscores_are_dropped(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
-        r = c.post(ECHO, json={}, headers={"cf_aig_authorization": "Bearer mine", "x_fal_target_url": "x",
-                                           "cf_aig_cache_key": "shared", "x-custom_header": "1", "x-kept": "1"})
+        r = c.post(
+            ECHO,
+            json={},
+            headers={
+                "cf_aig_authorization": "Bearer mine",
+                "x_fal_target_url": "x",
+                "cf_aig_cache_key": "shared",
+                "x-custom_header": "1",
+                "x-kept": "1",
+            },
+        )
     assert r.status_code == 200
     names = [n for n, _ in fake_gateway.only_request()["headers"]]
     assert not [n for n in names if "_" in n], names
     assert "x-kept" in names
 
 
-@pytest.mark.parametrize(("subprotocol", "query"), [
-    ("Fal-Api-Key.CLIENTKEY", "FAL_JWT_TOKEN=CLIENTJWT&keep=a%20b"),
-    ("FAL-API-KEY.CLIENTKEY", "fal%5Fjwt%5Ftoken=CLIENTJWT&keep=a%20b"),
-    ("PROXY-AUTHORIZATION.CLIENTKEY", "Fal_Jwt_Token=CLIENTJWT&keep=a%20b&fal_jwt_token=CLIENTJWT"),
-])
+@pytest.mark.parametrize(
+    ("subprotocol", "query"),
+    [
+        ("Fal-Api-Key.CLIENTKEY", "FAL_JWT_TOKEN=CLIENTJWT&keep=a%20b"),
+        ("FAL-API-KEY.CLIENTKEY", "fal%5Fjwt%5Ftoken=CLIENTJWT&keep=a%20b"),
+        (
+            "PROXY-AUTHORIZATION.CLIENTKEY",
+            "Fal_Jwt_Token=CLIENTJWT&keep=a%20b&fal_jwt_token=CLIENTJWT",
+        ),
+    ],
+)
 def test_websocket_credentials_are_stripped_in_any_case_or_encoding(
     proxy: RunningProxy, fake_gateway: FakeGateway, subprotocol: str, query: str
 ) -> None:
@@ -567,12 +706,17 @@ def test_websocket_credentials_are_stripped_in_any_case_or_encoding(
 def test_queue_paths_must_name_owner_and_alias(start_proxy: Any, fake_gateway: FakeGateway) -> None:
     proxy = start_proxy(FAL_PROXY_ALLOWED_APPS="fal-ai/flux/dev")
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
-        for target in ("https://queue.fal.run/fal-ai/requests/abc/status",
-                       "https://queue.fal.run/fal-ai/requests/abc",
-                       "https://queue.fal.run/workflows/fal-ai/requests/abc"):
+        for target in (
+            "https://queue.fal.run/fal-ai/requests/abc/status",
+            "https://queue.fal.run/fal-ai/requests/abc",
+            "https://queue.fal.run/workflows/fal-ai/requests/abc",
+        ):
             r = c.get("/api/fal/proxy", headers={"x-fal-target-url": target})
             assert r.status_code == 403, target
-        ok = c.get("/api/fal/proxy", headers={"x-fal-target-url": "https://queue.fal.run/fal-ai/flux/requests/abc"})
+        ok = c.get(
+            "/api/fal/proxy",
+            headers={"x-fal-target-url": "https://queue.fal.run/fal-ai/flux/requests/abc"},
+        )
         assert ok.status_code != 403
     assert len(fake_gateway.requests()) == 1
 
@@ -582,11 +726,17 @@ def test_an_ipv4_mapped_forwarded_address_shares_its_ipv4_bucket(start_proxy: An
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
         assert c.post(ECHO, json={}, headers={"x-forwarded-for": "198.51.100.7"}).status_code == 200
         for spelling in ("::ffff:198.51.100.7", "::FFFF:c633:6407", "0:0:0:0:0:ffff:198.51.100.7"):
-            assert c.post(ECHO, json={}, headers={"x-forwarded-for": spelling}).status_code == 429, spelling
+            assert (
+                c.post(ECHO, json={}, headers={"x-forwarded-for": spelling}).status_code == 429
+            ), spelling
         # Addresses in one IPv6 /64 are one client too.
         assert c.post(ECHO, json={}, headers={"x-forwarded-for": "2001:db8::1"}).status_code == 200
-        assert c.post(ECHO, json={}, headers={"x-forwarded-for": "2001:db8::2:3"}).status_code == 429
-        assert c.post(ECHO, json={}, headers={"x-forwarded-for": "2001:db8:0:1::1"}).status_code == 200
+        assert (
+            c.post(ECHO, json={}, headers={"x-forwarded-for": "2001:db8::2:3"}).status_code == 429
+        )
+        assert (
+            c.post(ECHO, json={}, headers={"x-forwarded-for": "2001:db8:0:1::1"}).status_code == 200
+        )
 
 
 def test_an_upstream_dying_mid_body_is_one_warning_not_an_error(proxy: RunningProxy) -> None:

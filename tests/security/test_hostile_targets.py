@@ -50,7 +50,10 @@ def test_corpus_escapes_decode_as_documented() -> None:
         with pytest.raises(ValueError):
             decode_value(bad)
     cases = parse_corpus("# comment\n\n  https://x/\\x20  # a comment\nhttps://y/\n")
-    assert [(c.value, c.comment, c.line) for c in cases] == [("https://x/ ", "a comment", 3), ("https://y/", "", 4)]
+    assert [(c.value, c.comment, c.line) for c in cases] == [
+        ("https://x/ ", "a comment", 3),
+        ("https://y/", "", 4),
+    ]
     with pytest.raises(ValueError, match="line 1"):
         parse_corpus("https://x/ trailing words\n")
 
@@ -67,7 +70,9 @@ def test_corpus_entries_stay_hostile_as_the_http_parser_delivers_them() -> None:
         if "\r\n" in case.value:
             before, after = case.value.split("\r\n", 1)
             next_line = after.split("\r\n", 1)[0]
-            assert refused(before.strip(" \t")) or (next_line and not header_line.fullmatch(next_line)), case
+            assert refused(before.strip(" \t")) or (
+                next_line and not header_line.fullmatch(next_line)
+            ), case
 
 
 # --- unit: resolve_target ------------------------------------------------------------------
@@ -120,9 +125,13 @@ def test_hostile_targets_are_refused_end_to_end_and_nothing_reaches_the_gateway(
                 except ValueError:
                     failures.append(f"refusal is not JSON: {where}")
                     continue
-                if not (isinstance(payload, dict) and payload.get("message") and payload.get("detail")):
+                if not (
+                    isinstance(payload, dict) and payload.get("message") and payload.get("detail")
+                ):
                     failures.append(f"refusal lacks message/detail: {where}")
-                if r.header(b"content-type") != b"application/json" or not r.header(b"x-proxy-request-id"):
+                if r.header(b"content-type") != b"application/json" or not r.header(
+                    b"x-proxy-request-id"
+                ):
                     failures.append(f"refusal headers: {where}")
     assert not failures, "\n".join(failures)
     assert parser_refusals < len(CORPUS)  # most entries reach the proxy's own checks

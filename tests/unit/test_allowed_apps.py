@@ -10,11 +10,15 @@ from proxy.allowed_apps import AppPolicy
 from proxy.errors import Forbidden, ProxyError
 from proxy.targets import resolve_target
 
-POLICY = AppPolicy(("fal-ai/flux/*", "fal-ai/fast-sdxl", "workflows/acme/*", "fal-ai/fast-lcm-diffusion/*"))
+POLICY = AppPolicy(
+    ("fal-ai/flux/*", "fal-ai/fast-sdxl", "workflows/acme/*", "fal-ai/fast-lcm-diffusion/*")
+)
 
 
 def target(url: str):
-    return resolve_target("/api/fal/proxy", "", url, gateway_url="https://gw/v1/a/g/fal", proxy_route="/api/fal/proxy")
+    return resolve_target(
+        "/api/fal/proxy", "", url, gateway_url="https://gw/v1/a/g/fal", proxy_route="/api/fal/proxy"
+    )
 
 
 @pytest.mark.parametrize(
@@ -90,7 +94,11 @@ def token(apps, expiration=120) -> bytes:
         ('{"allowed_apps":["fast-sdxl"]}'.encode("utf-16"), 400, "token_refused"),
         ('{"allowed_apps":["fast-sdxl"]}'.encode("utf-32-le"), 400, "token_refused"),
         (b"[" * 30_000, 400, "token_refused"),  # RecursionError in json, unguarded
-        (b'{"allowed_apps":["fast-sdxl"],"x":' + b"[" * 20 + b"]" * 20 + b"}", 400, "token_refused"),
+        (
+            b'{"allowed_apps":["fast-sdxl"],"x":' + b"[" * 20 + b"]" * 20 + b"}",
+            400,
+            "token_refused",
+        ),
     ],
 )
 def test_token_requests(body: bytes, status: int | None, reason: str | None) -> None:
@@ -103,11 +111,18 @@ def test_token_requests(body: bytes, status: int | None, reason: str | None) -> 
 
 
 def test_the_token_body_forwarded_is_only_what_was_checked() -> None:
-    body = b'{"allowed_apps": ["fast-sdxl"], "token_expiration": 60, "other": {"allowed_apps": ["x"]}}'
-    assert json.loads(POLICY.check_token(body, 300)) == {"allowed_apps": ["fast-sdxl"], "token_expiration": 60}
+    body = (
+        b'{"allowed_apps": ["fast-sdxl"], "token_expiration": 60, "other": {"allowed_apps": ["x"]}}'
+    )
+    assert json.loads(POLICY.check_token(body, 300)) == {
+        "allowed_apps": ["fast-sdxl"],
+        "token_expiration": 60,
+    }
     # No token_expiration: the SDK's 120 s, written out (fal's own default is not ours to guess).
     assert json.loads(POLICY.check_token(b'{"allowed_apps":["fast-sdxl"]}', 300)) == {
-        "allowed_apps": ["fast-sdxl"], "token_expiration": 120}
+        "allowed_apps": ["fast-sdxl"],
+        "token_expiration": 120,
+    }
 
 
 def test_token_expiration_is_capped_even_when_every_app_is_allowed() -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.bridge_ws import caller_from_subprotocols, gateway_ws_url, is_credential_subprotocol, upstream_ws_url, without_token
+from proxy.bridge_ws import (
+    caller_from_subprotocols,
+    gateway_ws_url,
+    is_credential_subprotocol,
+    upstream_ws_url,
+    without_token,
+)
 
 GW = gateway_ws_url("https://gateway.ai.cloudflare.com/v1/acct/gw/fal")
 
@@ -17,10 +23,24 @@ def test_gateway_ws_url_follows_the_gateway_scheme() -> None:
 @pytest.mark.parametrize(
     ("path", "query", "direct", "expected"),
     [
-        ("/fal-ai/fast-lcm-diffusion/realtime", "", False, (f"{GW}/fal-ai/fast-lcm-diffusion/realtime", False)),
-        ("/fal-ai/fast-lcm-diffusion/realtime", "max_buffering=5", True,
-         ("wss://fal.run/fal-ai/fast-lcm-diffusion/realtime?max_buffering=5", True)),
-        ("/fal-ai/some-app/ws", "", True, (f"{GW}/fal-ai/some-app/ws", False)),  # only realtime goes direct
+        (
+            "/fal-ai/fast-lcm-diffusion/realtime",
+            "",
+            False,
+            (f"{GW}/fal-ai/fast-lcm-diffusion/realtime", False),
+        ),
+        (
+            "/fal-ai/fast-lcm-diffusion/realtime",
+            "max_buffering=5",
+            True,
+            ("wss://fal.run/fal-ai/fast-lcm-diffusion/realtime?max_buffering=5", True),
+        ),
+        (
+            "/fal-ai/some-app/ws",
+            "",
+            True,
+            (f"{GW}/fal-ai/some-app/ws", False),
+        ),  # only realtime goes direct
     ],
 )
 def test_upstream_ws_url(path: str, query: str, direct: bool, expected: tuple[str, bool]) -> None:
@@ -49,10 +69,16 @@ def test_a_client_fal_jwt_token_never_travels_upstream(query: str, kept: str) ->
 @pytest.mark.parametrize(
     ("protocol", "credential"),
     [
-        ("fal-api-key.x", True), ("Fal-Api-Key.x", True), ("FAL-API-KEY.x", True),
-        ("cf-aig-authorization.x", True), ("CF-AIG-Authorization.x", True),
-        ("proxy-authorization.x", True), ("Proxy-Authorization.x", True),
-        ("v1", False), ("fal-api-keyx", False), ("msgpack", False),
+        ("fal-api-key.x", True),
+        ("Fal-Api-Key.x", True),
+        ("FAL-API-KEY.x", True),
+        ("cf-aig-authorization.x", True),
+        ("CF-AIG-Authorization.x", True),
+        ("proxy-authorization.x", True),
+        ("Proxy-Authorization.x", True),
+        ("v1", False),
+        ("fal-api-keyx", False),
+        ("msgpack", False),
     ],
 )
 def test_credential_subprotocols_in_any_case(protocol: str, credential: bool) -> None:
@@ -67,8 +93,14 @@ def test_the_caller_subprotocol_in_any_case() -> None:
 @pytest.mark.parametrize(
     ("gateway", "ws"),
     [
-        ("https://gateway.ai.cloudflare.com/v1/a/g/fal", "wss://gateway.ai.cloudflare.com/v1/a/g/fal"),
-        ("HTTPS://gateway.ai.cloudflare.com/v1/a/g/fal", "wss://gateway.ai.cloudflare.com/v1/a/g/fal"),
+        (
+            "https://gateway.ai.cloudflare.com/v1/a/g/fal",
+            "wss://gateway.ai.cloudflare.com/v1/a/g/fal",
+        ),
+        (
+            "HTTPS://gateway.ai.cloudflare.com/v1/a/g/fal",
+            "wss://gateway.ai.cloudflare.com/v1/a/g/fal",
+        ),
         ("http://127.0.0.1:9000/v1/a/g/fal", "ws://127.0.0.1:9000/v1/a/g/fal"),
         ("Http://127.0.0.1:9000/v1/a/g/fal", "ws://127.0.0.1:9000/v1/a/g/fal"),
     ],

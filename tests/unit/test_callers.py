@@ -26,7 +26,9 @@ def test_no_auth_names_nobody() -> None:
     assert run(NoAuth().authenticate(None)) is None
 
 
-TOKENS = load_tokens("# callers\nweb-app  tok-web-0123456789abcdef\nmobile tok-mob-0123456789abcdef\n", "f")
+TOKENS = load_tokens(
+    "# callers\nweb-app  tok-web-0123456789abcdef\nmobile tok-mob-0123456789abcdef\n", "f"
+)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +43,10 @@ def test_static_tokens_name_their_caller(credential: str, caller: str) -> None:
     assert run(TokenAuth(TOKENS, HEADER).authenticate(credential)) == caller
 
 
-@pytest.mark.parametrize("credential", [None, "", "Bearer ", "Bearer tok-web-0123456789abcde", "tok-other-0123456789abcdef"])
+@pytest.mark.parametrize(
+    "credential",
+    [None, "", "Bearer ", "Bearer tok-web-0123456789abcde", "tok-other-0123456789abcdef"],
+)
 def test_unknown_or_missing_tokens_are_401(credential: str | None) -> None:
     with pytest.raises(Unauthorized) as info:
         run(TokenAuth(TOKENS, HEADER).authenticate(credential))
@@ -84,7 +89,12 @@ def test_hs256_session_token_names_its_subject() -> None:
         future(iss="https://app.example", aud="other"),
         future(iss="https://evil.example", aud="fal-proxy"),
         {"sub": "u", "iss": "https://app.example", "aud": "fal-proxy"},  # no exp
-        {"sub": "u", "iss": "https://app.example", "aud": "fal-proxy", "exp": int(time.time()) - 3600},
+        {
+            "sub": "u",
+            "iss": "https://app.example",
+            "aud": "fal-proxy",
+            "exp": int(time.time()) - 3600,
+        },
         future(aud="fal-proxy"),  # no iss
         {"iss": "https://app.example", "aud": "fal-proxy", "exp": int(time.time()) + 300},  # no sub
         "not-a-jwt",
@@ -99,7 +109,9 @@ def test_bad_session_tokens_are_401(claims_or_token) -> None:
 def test_wrong_secret_and_alg_none_are_refused() -> None:
     with pytest.raises(Unauthorized):
         run(HS.authenticate(hs(future(iss="https://app.example", aud="fal-proxy"), "x" * 40)))
-    unsigned = jwt.encode(future(iss="https://app.example", aud="fal-proxy"), None, algorithm="none")
+    unsigned = jwt.encode(
+        future(iss="https://app.example", aud="fal-proxy"), None, algorithm="none"
+    )
     with pytest.raises(Unauthorized):
         run(HS.authenticate(unsigned))
 
@@ -107,8 +119,11 @@ def test_wrong_secret_and_alg_none_are_refused() -> None:
 def jwks_file(tmp_path: Path, *keys) -> str:
     entries = []
     for kid, key in keys:
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()) if isinstance(key, rsa.RSAPrivateKey)
-                         else jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+        jwk = json.loads(
+            jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())
+            if isinstance(key, rsa.RSAPrivateKey)
+            else jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())
+        )
         jwk["kid"] = kid
         entries.append(jwk)
     path = tmp_path / "jwks.json"
@@ -120,13 +135,25 @@ def test_rs256_and_es256_from_a_jwks_file(tmp_path: Path) -> None:
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ec_key = ec.generate_private_key(ec.SECP256R1())
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    auth = JwtAuth(JwtConfig(jwks_file=jwks_file(tmp_path, ("r1", rsa_key), ("e1", ec_key)),
-                             caller_claim="uid"), HEADER)
+    auth = JwtAuth(
+        JwtConfig(
+            jwks_file=jwks_file(tmp_path, ("r1", rsa_key), ("e1", ec_key)), caller_claim="uid"
+        ),
+        HEADER,
+    )
     claims = {"uid": "alice", "exp": int(time.time()) + 60}
-    assert run(auth.authenticate(jwt.encode(claims, rsa_key, "RS256", headers={"kid": "r1"}))) == "alice"
-    assert run(auth.authenticate(jwt.encode(claims, ec_key, "ES256", headers={"kid": "e1"}))) == "alice"
-    for bad in (jwt.encode(claims, other, "RS256", headers={"kid": "r1"}),  # signed by someone else
-                jwt.encode(claims, other, "RS256", headers={"kid": "nope"}),  # unknown kid
-                hs(claims)):  # HS256 where public keys are configured
+    assert (
+        run(auth.authenticate(jwt.encode(claims, rsa_key, "RS256", headers={"kid": "r1"})))
+        == "alice"
+    )
+    assert (
+        run(auth.authenticate(jwt.encode(claims, ec_key, "ES256", headers={"kid": "e1"})))
+        == "alice"
+    )
+    for bad in (
+        jwt.encode(claims, other, "RS256", headers={"kid": "r1"}),  # signed by someone else
+        jwt.encode(claims, other, "RS256", headers={"kid": "nope"}),  # unknown kid
+        hs(claims),
+    ):  # HS256 where public keys are configured
         with pytest.raises(Unauthorized):
             run(auth.authenticate(bad))

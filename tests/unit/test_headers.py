@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.headers import CLIENT_PROXY_ID, InjectedHeaders, downstream_response_headers, upstream_request_headers
+from proxy.headers import (
+    CLIENT_PROXY_ID,
+    InjectedHeaders,
+    downstream_response_headers,
+    upstream_request_headers,
+)
 from proxy.targets import resolve_target
 
 GW = "https://gw/v1/a/g/fal"
@@ -15,7 +20,9 @@ def target(url: str):
     return resolve_target("/api/fal/proxy", "", url, gateway_url=GW, proxy_route="/api/fal/proxy")
 
 
-def upstream(client: list[tuple[str, str]], url: str = "https://fal.run/fal-ai/x", method: str = "POST"):
+def upstream(
+    client: list[tuple[str, str]], url: str = "https://fal.run/fal-ai/x", method: str = "POST"
+):
     raw = [(k.encode(), v.encode()) for k, v in client]
     return upstream_request_headers(raw, target(url), INJECTED, method=method, request_id="rid")
 
@@ -108,7 +115,9 @@ def test_proxy_sets_its_own_credentials_once() -> None:
 
 def test_no_gateway_token_header_without_a_token() -> None:
     injected = InjectedHeaders(authorization="Key k", cf_aig_authorization=None)
-    out = upstream_request_headers([], target("https://fal.run/fal-ai/x"), injected, method="GET", request_id="r")
+    out = upstream_request_headers(
+        [], target("https://fal.run/fal-ai/x"), injected, method="GET", request_id="r"
+    )
     assert "cf-aig-authorization" not in names(out)
     assert "server-key" not in repr(INJECTED)
 
@@ -125,7 +134,9 @@ def test_no_gateway_token_header_without_a_token() -> None:
         ("https://rest.fal.ai/storage/upload/initiate", "POST", True, True, True),
     ],
 )
-def test_gateway_controls_per_kind(url: str, method: str, target_header: bool, skip_cache: bool, max_attempts: bool) -> None:
+def test_gateway_controls_per_kind(
+    url: str, method: str, target_header: bool, skip_cache: bool, max_attempts: bool
+) -> None:
     out = upstream([], url, method)
     assert (("x-fal-target-url", url) in out) is target_header
     assert (("cf-aig-skip-cache", "true") in out) is skip_cache
@@ -174,22 +185,35 @@ def test_bodiless_responses_lose_their_content_length(status: int, kept: bool) -
 
 def test_non_ascii_header_values_travel_unchanged() -> None:
     out = upstream_request_headers(
-        [(b"x-fal-runner-hint", "café".encode())], target("https://fal.run/fal-ai/x"), INJECTED,
-        method="POST", request_id="r",
+        [(b"x-fal-runner-hint", "café".encode())],
+        target("https://fal.run/fal-ai/x"),
+        INJECTED,
+        method="POST",
+        request_id="r",
     )
     assert ("x-fal-runner-hint", "café") in out
     with pytest.raises(UnicodeDecodeError):
-        upstream_request_headers([(b"x-a", b"\xff")], target("https://fal.run/fal-ai/x"), INJECTED,
-                                 method="POST", request_id="r")
+        upstream_request_headers(
+            [(b"x-a", b"\xff")],
+            target("https://fal.run/fal-ai/x"),
+            INJECTED,
+            method="POST",
+            request_id="r",
+        )
 
 
 def test_injected_credentials_are_masked_in_any_repr() -> None:
     from proxy.headers import InjectedHeaders as IH
     from proxy.settings import Settings
 
-    injected = IH.from_settings(Settings.from_env({"FAL_KEY": "sk-abc", "CF_AIG_TOKEN": "tok-xyz",
-                                                   "FAL_PROXY_GATEWAY_URL": "http://h/x"}))
-    out = upstream_request_headers([], target("https://fal.run/fal-ai/x"), injected, method="GET", request_id="r")
+    injected = IH.from_settings(
+        Settings.from_env(
+            {"FAL_KEY": "sk-abc", "CF_AIG_TOKEN": "tok-xyz", "FAL_PROXY_GATEWAY_URL": "http://h/x"}
+        )
+    )
+    out = upstream_request_headers(
+        [], target("https://fal.run/fal-ai/x"), injected, method="GET", request_id="r"
+    )
     assert ("authorization", "Key sk-abc") in out  # the wire value is intact
     assert "sk-abc" not in repr(out) and "tok-xyz" not in repr(out)
 
@@ -197,14 +221,20 @@ def test_injected_credentials_are_masked_in_any_repr() -> None:
 @pytest.mark.parametrize(
     ("body", "encoding", "expected"),
     [
-        (b'{"success":false,"error":[{"code":2009,"message":"Unauthorized"}]}', "", "cf_gateway_unauthorized_2009"),
+        (
+            b'{"success":false,"error":[{"code":2009,"message":"Unauthorized"}]}',
+            "",
+            "cf_gateway_unauthorized_2009",
+        ),
         (b'[{"code":2009,"message":"Unauthorized"}]', "", "cf_gateway_unauthorized_2009"),
         (b'{"name":"AiGatewayError","internalCode":2009}', "", "cf_gateway_unauthorized_2009"),
         (b'{"detail":"Invalid fal key"}', "", None),
         (b'{"detail":"request 2009 failed"}', "", None),
     ],
 )
-def test_gateway_401_is_told_from_a_fal_401_even_compressed(body: bytes, encoding: str, expected) -> None:
+def test_gateway_401_is_told_from_a_fal_401_even_compressed(
+    body: bytes, encoding: str, expected
+) -> None:
     import gzip
     import zlib
 
@@ -217,14 +247,28 @@ def test_gateway_401_is_told_from_a_fal_401_even_compressed(body: bytes, encodin
 
 
 def test_a_configured_caller_header_is_never_forwarded() -> None:
-    injected = InjectedHeaders(authorization="Key k", cf_aig_authorization=None, caller_header="x-session")
-    out = upstream_request_headers([(b"x-session", b"Bearer user-jwt")], target("https://fal.run/fal-ai/x"),
-                                   injected, method="POST", request_id="r")
+    injected = InjectedHeaders(
+        authorization="Key k", cf_aig_authorization=None, caller_header="x-session"
+    )
+    out = upstream_request_headers(
+        [(b"x-session", b"Bearer user-jwt")],
+        target("https://fal.run/fal-ai/x"),
+        injected,
+        method="POST",
+        request_id="r",
+    )
     assert "x-session" not in names(out)
 
 
 def test_header_names_with_underscores_never_travel() -> None:
-    sent = upstream([("cf_aig_authorization", "Bearer mine"), ("x_fal_target_url", "https://evil"),
-                     ("Authorization_", "Key mine"), ("x-custom_header", "1"), ("x-kept", "1")])
+    sent = upstream(
+        [
+            ("cf_aig_authorization", "Bearer mine"),
+            ("x_fal_target_url", "https://evil"),
+            ("Authorization_", "Key mine"),
+            ("x-custom_header", "1"),
+            ("x-kept", "1"),
+        ]
+    )
     assert [n for n in names(sent) if "_" in n] == []
     assert "x-kept" in names(sent)

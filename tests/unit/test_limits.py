@@ -160,13 +160,15 @@ async def test_callers_are_independent(limits: dict[str, int], submit: bool) -> 
 
 async def test_concurrent_admits_never_exceed_the_limits() -> None:
     async with running(concurrent=5) as limiter:
-        results = await asyncio.gather(*[limiter.admit("web", submit=False) for _ in range(50)],
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *[limiter.admit("web", submit=False) for _ in range(50)], return_exceptions=True
+        )
         assert sum(isinstance(r, Lease) for r in results) == 5
         assert all(isinstance(r, (Lease, RateLimited)) for r in results)
     async with running(requests_per_minute=10) as limiter:
-        results = await asyncio.gather(*[limiter.admit("web", submit=False) for _ in range(50)],
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *[limiter.admit("web", submit=False) for _ in range(50)], return_exceptions=True
+        )
         assert sum(isinstance(r, Lease) for r in results) == 10
 
 

@@ -12,7 +12,10 @@ from proxy.logs import redact_query
         ("logs=1", "logs=1"),
         ("storage_type=fal-cdn-v3", "storage_type=fal-cdn-v3"),
         ("fal_jwt_token=eyJabc", "fal_jwt_token=[redacted]"),
-        ("fal_webhook=https%3A%2F%2Fx.com%2Fh%3Fsecret%3D1&logs=0", "fal_webhook=[redacted]&logs=0"),
+        (
+            "fal_webhook=https%3A%2F%2Fx.com%2Fh%3Fsecret%3D1&logs=0",
+            "fal_webhook=[redacted]&logs=0",
+        ),
         ("prompt=a%20private%20thing&flag", "prompt=[redacted]&flag"),
     ],
 )

@@ -14,7 +14,9 @@ from proxy.origins import (
     preflight_headers,
 )
 
-POLICY = OriginPolicy.build(["https://app.example.com", "http://localhost:3000"], ["x-custom"], "x-proxy-authorization")
+POLICY = OriginPolicy.build(
+    ["https://app.example.com", "http://localhost:3000"], ["x-custom"], "x-proxy-authorization"
+)
 
 
 @pytest.mark.parametrize(
@@ -62,9 +64,19 @@ def test_no_origin_is_listed_by_default() -> None:
 def test_preflight_allows_what_the_sdk_sends() -> None:
     headers = dict(preflight_headers("https://app.example.com", POLICY))
     allowed = headers[b"access-control-allow-headers"].decode().split(", ")
-    for name in ("content-type", "accept", "authorization", "x-fal-target-url", "x-fal-queue-priority",
-                 "x-fal-runner-hint", "x-fal-request-timeout", "x-fal-object-lifecycle",
-                 "x-fal-object-lifecycle-preference", "x-proxy-authorization", "x-custom"):
+    for name in (
+        "content-type",
+        "accept",
+        "authorization",
+        "x-fal-target-url",
+        "x-fal-queue-priority",
+        "x-fal-runner-hint",
+        "x-fal-request-timeout",
+        "x-fal-object-lifecycle",
+        "x-fal-object-lifecycle-preference",
+        "x-proxy-authorization",
+        "x-custom",
+    ):
         assert name in allowed
     assert headers[b"access-control-allow-methods"] == b"GET, HEAD, POST, PUT, PATCH, DELETE"
     assert headers[b"access-control-allow-origin"] == b"https://app.example.com"
@@ -73,11 +85,15 @@ def test_preflight_allows_what_the_sdk_sends() -> None:
 
 def test_responses_expose_the_headers_the_sdk_reads() -> None:
     headers = dict(cors_headers("https://app.example.com"))
-    assert headers[b"access-control-expose-headers"] == b"x-fal-request-id, x-fal-request-timeout-type"
+    assert (
+        headers[b"access-control-expose-headers"] == b"x-fal-request-id, x-fal-request-timeout-type"
+    )
     assert headers[b"vary"] == b"Origin"
 
 
-@pytest.mark.parametrize("bad", ["app.example.com", "ftp://x", "https://", "https://a.com/x", "https://a.com:99999"])
+@pytest.mark.parametrize(
+    "bad", ["app.example.com", "ftp://x", "https://", "https://a.com/x", "https://a.com:99999"]
+)
 def test_normalise_origin_refuses_non_origins(bad: str) -> None:
     with pytest.raises(ValueError):
         normalise_origin(bad)
@@ -121,7 +137,13 @@ LISTED = "https://app.example.com"
         (None, None, "same-origin", "app.example.com", True),  # served under a listed name
         (None, "about:client", "cross-site", "127.0.0.1:8787", False),
         (None, "not a url", "cross-site", "127.0.0.1:8787", False),
-        (None, "http://[::1", "cross-site", "127.0.0.1:8787", False),  # urlsplit raises: still a 403
+        (
+            None,
+            "http://[::1",
+            "cross-site",
+            "127.0.0.1:8787",
+            False,
+        ),  # urlsplit raises: still a 403
         (None, "http://[zz]/", "same-origin", "127.0.0.1:8787", True),  # no origin: Host decides
         (None, "http://a:99999/", "cross-site", "127.0.0.1:8787", False),
         ("https://evil.example", None, "cross-site", "127.0.0.1:8787", False),

@@ -26,13 +26,15 @@ register_header_names(["x-my-auth"])
         "> sec-websocket-protocol: Fal-Api-Key.caller-SECRET-1",
         "> x-my-auth: caller-SECRET-1",
         "> x-proxy-authorization: Bearer caller-SECRET-1",
-        "127.0.0.1:5 - \"WebSocket /fal-ai/x/realtime?fal_jwt_token=caller-SECRET-1&a=1\" [accepted]",
+        '127.0.0.1:5 - "WebSocket /fal-ai/x/realtime?fal_jwt_token=caller-SECRET-1&a=1" [accepted]',
         "GET /x?FAL_JWT_TOKEN=caller-SECRET-1 HTTP/1.1",
         "GET /x?fal%5Fjwt%5Ftoken=caller-SECRET-1 HTTP/1.1",
         "headers=[('authorization', 'Key caller-SECRET-1')]",
         "the raw key cf-unit-SENTINEL-42 in a message",
         f"the raw key {FAL} in a message",
-        "GET /x?" + "keyk" * 4000 + "&api_key=caller-SECRET-1 HTTP/1.1",  # long, hostile, still linear
+        "GET /x?"
+        + "keyk" * 4000
+        + "&api_key=caller-SECRET-1 HTTP/1.1",  # long, hostile, still linear
     ],
 )
 def test_secrets_and_credential_shapes_are_redacted(line: str) -> None:
@@ -54,14 +56,18 @@ def test_every_logger_and_traceback_is_redacted(fmt: str) -> None:
     configure_logging(fmt, "debug", stream)
     try:
         logging.getLogger("websockets.client").debug("> %s: %s", "authorization", f"Key {FAL}")
-        logging.getLogger("uvicorn.error").info('"WebSocket /a?fal_jwt_token=%s" [accepted]', "caller-SECRET-2")
+        logging.getLogger("uvicorn.error").info(
+            '"WebSocket /a?fal_jwt_token=%s" [accepted]', "caller-SECRET-2"
+        )
         try:
             raise RuntimeError(f"failed with Key {FAL}")
         except RuntimeError:
             logging.getLogger("aiohttp.client").exception("boom")
             get_logger("proxy").exception("internal_error")
         get_logger("proxy").info("request", target_path=f"/x/{FAL}")
-        logging.getLogger("uvicorn.error").error("ASGI callable returned without completing response.")
+        logging.getLogger("uvicorn.error").error(
+            "ASGI callable returned without completing response."
+        )
     finally:
         structlog.reset_defaults()
         logging.getLogger().handlers.clear()

@@ -34,7 +34,9 @@ def test_head_problems(target: bytes, version: str, headers, refused: bool) -> N
     assert (head_problem(target, version, headers) is not None) == refused
 
 
-PATTERNS = tuple(normalise_host_pattern(p) for p in ("Proxy.Example.com", "*.internal.example", "[::1]"))
+PATTERNS = tuple(
+    normalise_host_pattern(p) for p in ("Proxy.Example.com", "*.internal.example", "[::1]")
+)
 
 
 @pytest.mark.parametrize(
@@ -73,5 +75,9 @@ def test_an_upgrade_needs_http_1_1() -> None:
     upgrade = [*H, (b"connection", b"upgrade"), (b"upgrade", b"websocket")]
     assert head_problem(b"/x/realtime", "1.0", upgrade) is not None
     assert head_problem(b"/x/realtime", "1.1", upgrade) is None
-    assert head_problem(b"/x/realtime", "1.1", [*upgrade, (b"x-custom", "café".encode())]) is not None
-    assert head_problem(b"/x", "1.1", [*H, (b"x-custom", "café".encode())]) is None  # plain HTTP: forwarded
+    assert (
+        head_problem(b"/x/realtime", "1.1", [*upgrade, (b"x-custom", "café".encode())]) is not None
+    )
+    assert (
+        head_problem(b"/x", "1.1", [*H, (b"x-custom", "café".encode())]) is None
+    )  # plain HTTP: forwarded

@@ -21,7 +21,9 @@ def test_minimal_settings() -> None:
 
 
 def test_gateway_url_built_from_account_and_gateway() -> None:
-    s = Settings.from_env({"FAL_KEY": "k", "CF_ACCOUNT_ID": ACCOUNT.upper(), "CF_GATEWAY_ID": "my-gw"})
+    s = Settings.from_env(
+        {"FAL_KEY": "k", "CF_ACCOUNT_ID": ACCOUNT.upper(), "CF_GATEWAY_ID": "my-gw"}
+    )
     assert s.gateway_url == f"https://gateway.ai.cloudflare.com/v1/{ACCOUNT}/my-gw/fal"
 
 
@@ -33,13 +35,17 @@ def test_key_id_and_secret_make_one_key() -> None:
 def test_key_and_token_files(tmp_path: Path) -> None:
     (tmp_path / "key").write_text("file-key\n")
     (tmp_path / "tok").write_text(" tok \n")
-    s = Settings.from_env({"FAL_KEY_FILE": str(tmp_path / "key"), "CF_AIG_TOKEN_FILE": str(tmp_path / "tok"), **GW})
+    s = Settings.from_env(
+        {"FAL_KEY_FILE": str(tmp_path / "key"), "CF_AIG_TOKEN_FILE": str(tmp_path / "tok"), **GW}
+    )
     assert s.fal_key.reveal() == "file-key"
     assert s.cf_aig_token is not None and s.cf_aig_token.reveal() == "tok"
 
 
 def test_secrets_never_show_in_repr() -> None:
-    s = Settings.from_env({"FAL_KEY": "super-secret-key", "CF_AIG_TOKEN": "super-secret-token", **GW})
+    s = Settings.from_env(
+        {"FAL_KEY": "super-secret-key", "CF_AIG_TOKEN": "super-secret-token", **GW}
+    )
     assert "super-secret" not in repr(s)
     assert "super-secret" not in str(s.fal_key) and "super-secret" not in f"{s.cf_aig_token}"
     assert Secret("a") == Secret("a")
@@ -72,14 +78,23 @@ BAD = [
     ({"FAL_KEY": "k", "FAL_PROXY_IDLE_TIMEOUT": "-1", **GW}, "FAL_PROXY_IDLE_TIMEOUT"),
     ({"FAL_KEY": "k", "FAL_PROXY_IDLE_TIMEOUT": "nan", **GW}, "FAL_PROXY_IDLE_TIMEOUT"),
     ({"FAL_KEY": "k", "FAL_PROXY_MAX_BODY_BYTES": "1e6", **GW}, "FAL_PROXY_MAX_BODY_BYTES"),
-    ({"FAL_KEY": "k", "FAL_PROXY_UPSTREAM_CONNECTIONS": "-5", **GW}, "FAL_PROXY_UPSTREAM_CONNECTIONS"),
+    (
+        {"FAL_KEY": "k", "FAL_PROXY_UPSTREAM_CONNECTIONS": "-5", **GW},
+        "FAL_PROXY_UPSTREAM_CONNECTIONS",
+    ),
     ({"FAL_KEY": "k", "FAL_PROXY_LOG_FORMAT": "xml", **GW}, "FAL_PROXY_LOG_FORMAT"),
     ({"FAL_KEY": "k", "FAL_PROXY_LOG_LEVEL": "loud", **GW}, "FAL_PROXY_LOG_LEVEL"),
     ({"FAL_KEY": "k", "FAL_PROXY_WORKERS": "0", **GW}, "FAL_PROXY_WORKERS"),
-    ({"FAL_KEY": "k", "FAL_PROXY_WORKERS": "2", "FAL_PROXY_METRICS_PORT": "9100", **GW}, "FAL_PROXY_METRICS_PORT"),
+    (
+        {"FAL_KEY": "k", "FAL_PROXY_WORKERS": "2", "FAL_PROXY_METRICS_PORT": "9100", **GW},
+        "FAL_PROXY_METRICS_PORT",
+    ),
     ({"FAL_KEY": "k", "FAL_PROXY_HEADER_TIMEOUT": "0", **GW}, "FAL_PROXY_HEADER_TIMEOUT"),
     ({"FAL_KEY": "k", "FAL_PROXY_HEADER_TIMEOUT": "inf", **GW}, "FAL_PROXY_HEADER_TIMEOUT"),
-    ({"FAL_KEY": "k", "FAL_PROXY_ALLOWED_HOSTS": "ok.example,a/b", **GW}, "FAL_PROXY_ALLOWED_HOSTS"),
+    (
+        {"FAL_KEY": "k", "FAL_PROXY_ALLOWED_HOSTS": "ok.example,a/b", **GW},
+        "FAL_PROXY_ALLOWED_HOSTS",
+    ),
     ({"FAL_KEY": "k", "FAL_PROXY_ALLOWED_HOSTS": "a.*.example", **GW}, "FAL_PROXY_ALLOWED_HOSTS"),
     ({"FAL_KEY": "k", "FAL_PROXY_ALLOWED_HOSTS": "[zz]", **GW}, "FAL_PROXY_ALLOWED_HOSTS"),
 ]

@@ -18,10 +18,20 @@ def resolve(target: str | None, path: str = ROUTE, query: str = ""):
 VALID = [
     # (x-fal-target-url, kind, upstream URL, x-fal-target-url sent upstream)
     ("https://fal.run/fal-ai/fast-sdxl", "run", f"{GW}/fal-ai/fast-sdxl", None),
-    ("https://fal.run/fal-ai/fast-sdxl?prompt=cat&n=2", "run", f"{GW}/fal-ai/fast-sdxl?prompt=cat&n=2", None),
+    (
+        "https://fal.run/fal-ai/fast-sdxl?prompt=cat&n=2",
+        "run",
+        f"{GW}/fal-ai/fast-sdxl?prompt=cat&n=2",
+        None,
+    ),
     ("https://FAL.RUN/fal-ai/x/custom?q=1", "run", f"{GW}/fal-ai/x/custom?q=1", None),
     ("https://fal.run:443/fal-ai/x", "run", f"{GW}/fal-ai/x", None),
-    ("https://fal.run/fal-ai/llavav15-13b/stream", "stream", f"{GW}/fal-ai/llavav15-13b/stream", None),
+    (
+        "https://fal.run/fal-ai/llavav15-13b/stream",
+        "stream",
+        f"{GW}/fal-ai/llavav15-13b/stream",
+        None,
+    ),
     ("https://fal.run/fal-ai/a%2Fb/c", "run", f"{GW}/fal-ai/a%2Fb/c", None),
     ("https://fal.run/fal-ai/v1.5/x", "run", f"{GW}/fal-ai/v1.5/x", None),
     (
@@ -58,8 +68,12 @@ VALID = [
 ]
 
 
-@pytest.mark.parametrize(("header", "kind", "upstream", "sent_target"), VALID, ids=[v[0] for v in VALID])
-def test_allowed_targets_resolve(header: str, kind: str, upstream: str, sent_target: str | None) -> None:
+@pytest.mark.parametrize(
+    ("header", "kind", "upstream", "sent_target"), VALID, ids=[v[0] for v in VALID]
+)
+def test_allowed_targets_resolve(
+    header: str, kind: str, upstream: str, sent_target: str | None
+) -> None:
     target = resolve(header)
     assert (target.kind, target.upstream_url, target.target_url) == (kind, upstream, sent_target)
 
@@ -120,7 +134,9 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize(("header", "error", "words"), HOSTILE, ids=[repr(h[0])[:60] for h in HOSTILE])
+@pytest.mark.parametrize(
+    ("header", "error", "words"), HOSTILE, ids=[repr(h[0])[:60] for h in HOSTILE]
+)
 def test_hostile_targets_are_refused(header: str, error: type, words: str) -> None:
     with pytest.raises(error) as info:
         resolve(header)
@@ -217,7 +233,9 @@ def test_which_calls_can_start_a_generation(method: str, url: str, generation: b
         ("DELETE", "https://queue.fal.run/fal-ai/flux/requests/a", None),
     ],
 )
-def test_rest_calls_are_posts_and_tokens_have_no_query(method: str, url: str, error: type | None) -> None:
+def test_rest_calls_are_posts_and_tokens_have_no_query(
+    method: str, url: str, error: type | None
+) -> None:
     if error is None:
         check_method(method, resolve(url))
     else:
