@@ -205,7 +205,8 @@ ACCESS_VARIABLES: tuple[tuple[str, str, str], ...] = (
     (
         "FAL_PROXY_SUBMITS_PER_HOUR",
         "1000",
-        "calls that can start a generation (runs, queue submits, streams, realtime tokens, sockets) per hour per caller (0 = no limit)",
+        "calls that can start a generation (runs, queue submits, streams, realtime tokens, "
+        "sockets) per hour per caller (0 = no limit)",
     ),
     ("FAL_PROXY_REDIS_URL", "", "share the limits across replicas in Redis (redis://...)"),
     ("FAL_PROXY_REDIS_FAILURE", "closed", "when Redis fails: closed (refuse, 503) or open (serve)"),

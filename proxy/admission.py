@@ -11,7 +11,8 @@ the request's canonical line. The policies themselves are pure functions in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
+from starlette.types import Scope
 
 from .allowed_apps import AppPolicy
 from .callers import CallerAuth, JwtAuth, NoAuth, TokenAuth
@@ -101,7 +102,7 @@ class Admission:
             )
         )
 
-    def check_sizes(self, scope: dict[str, Any], headers: RequestHeaders) -> None:
+    def check_sizes(self, scope: Scope, headers: RequestHeaders) -> None:
         url = len(scope.get("raw_path") or b"") + len(scope["query_string"])
         if url > self.access.max_url_bytes:
             raise URITooLong("URL too long", f"{url} bytes; at most {self.access.max_url_bytes}")
@@ -136,7 +137,7 @@ class Admission:
     async def caller(self, headers: RequestHeaders) -> str | None:
         return await self.auth.authenticate(headers.credential)
 
-    def client(self, scope: dict[str, Any], headers: RequestHeaders) -> str:
+    def client(self, scope: Scope, headers: RequestHeaders) -> str:
         peer = scope.get("client")
         return client_ip(
             peer[0] if peer else None, headers.forwarded_for, self.access.trusted_proxies

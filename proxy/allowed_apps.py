@@ -97,7 +97,8 @@ class AppPolicy:
         ):
             raise Forbidden(
                 "token request refused",
-                f"token_expiration must be 1-{max_expiration} seconds (FAL_PROXY_TOKEN_MAX_EXPIRATION)",
+                f"token_expiration must be 1-{max_expiration} seconds "
+                "(FAL_PROXY_TOKEN_MAX_EXPIRATION)",
                 reason="token_refused",
             )
         if not self.allows_all:

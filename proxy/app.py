@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from .admission import Admission
 from .bridge_ws import Bridge
@@ -32,7 +33,7 @@ from .settings import RESERVED_PATHS, Settings
 from .upstream import create_session
 
 
-def create_app(settings: Settings) -> Any:
+def create_app(settings: Settings) -> ProxyApp:
     """Build the proxy's ASGI app for ``settings``."""
     register_secret(
         settings.fal_key.reveal(),
@@ -114,18 +115,31 @@ def create_app(settings: Settings) -> Any:
         lifespan=lifespan,
     )
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    return ProxyApp(forwarder, bridge, starlette, draining)
+
+
+class ProxyApp:
+    """The proxy's ASGI app: forwarded HTTP, bridged WebSockets, Starlette for the rest.
+
+    ``bridge`` and ``draining`` are the server's handles for shutdown: the CLI closes every
+    bridged socket with 1001 and sets ``draining`` (``/readyz`` then answers 503).
+    """
+
+    def __init__(self, forwarder: Forwarder, bridge: Bridge, starlette: Starlette,
+                 draining: asyncio.Event) -> None:  # fmt: skip
+        self.forwarder = forwarder
+        self.bridge = bridge
+        self.starlette = starlette
+        self.draining = draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http" and scope["path"] not in RESERVED_PATHS:
-            await forwarder(scope, receive, send)
+            await self.forwarder(scope, receive, send)
         elif kind == "websocket" and scope["path"] not in RESERVED_PATHS:
-            await bridge(scope, receive, send)
+            await self.bridge(scope, receive, send)
         else:
-            await starlette(scope, receive, send)
-
-    app.bridge = bridge  # type: ignore[attr-defined]  # the CLI closes sockets with 1001 first
-    app.draining = draining  # type: ignore[attr-defined]  # set by the CLI when SIGTERM arrives
-    return app
+            await self.starlette(scope, receive, send)
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -1,4 +1,4 @@
-"""WebSocket bridge: ``ws://<proxy>/<fal path>`` ↔ ``wss://<gateway>/fal/<fal path>``, key added here.
+"""WebSocket bridge: ``ws://<proxy>/<fal path>`` ↔ ``wss://<gateway>/fal/<fal path>``, key added.
 
 Browsers cannot set headers on a WebSocket, so a page holding no key could not talk to
 fal's socket endpoints itself; through the proxy it can. The upgrade passes the same
@@ -30,11 +30,12 @@ import json
 import os
 import re
 import time
-from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
+from starlette.types import Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
 
 from .admission import Admission, RequestHeaders
 from .errors import ProxyError
@@ -102,7 +103,7 @@ class Session:
         self.error: str | None = None
         self.caller: str | None = None
         self.upstream: ClientConnection | None = None
-        self.client_send: Any = None
+        self.client_send: Send | None = None
 
 
 class Bridge:
@@ -115,7 +116,7 @@ class Bridge:
         self.sessions: set[Session] = set()
         self.log = get_logger("proxy.websocket")
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         session = Session(os.urandom(8).hex(), scope["path"])
         lease = None
         try:
@@ -167,9 +168,9 @@ class Bridge:
 
     async def _bridge(
         self,
-        scope: dict[str, Any],
-        receive: Any,
-        send: Any,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
         session: Session,
         path: str,
         query: str,
@@ -191,7 +192,7 @@ class Bridge:
             upstream = await _connect_without_redirects(
                 url,
                 additional_headers=headers,
-                subprotocols=passable or None,  # type: ignore[arg-type]
+                subprotocols=[Subprotocol(p) for p in passable] or None,
                 max_size=settings.ws_max_bytes,
                 open_timeout=settings.connect_timeout,
                 proxy=None,
@@ -202,8 +203,7 @@ class Bridge:
             )
         except InvalidStatus as exc:
             session.error = "upstream_refused"
-            body = exc.response.body or b""
-            await _refuse(scope, send, exc.response.status_code, body)
+            await _refuse(scope, send, exc.response.status_code, bytes(exc.response.body or b""))
             return
         except (TimeoutError, InvalidHandshake, OSError) as exc:
             session.error = "upstream_unavailable"
@@ -232,14 +232,16 @@ class Bridge:
             self.sessions.discard(session)
 
     async def _relay(
-        self, receive: Any, send: Any, upstream: ClientConnection, session: Session
+        self, receive: Receive, send: Send, upstream: ClientConnection, session: Session
     ) -> None:
         loop = asyncio.get_running_loop()
         idle = self.settings.idle_timeout
         last = [loop.time()]  # last frame either way, for the idle timeout
 
         async def close_when_idle() -> None:
-            while (left := idle - (loop.time() - last[0])) > 0:
+            # Sleeps until the idle deadline, re-armed by the frames seen meanwhile: one timer
+            # per idle period, not one per frame.
+            while (left := idle - (loop.time() - last[0])) > 0:  # noqa: ASYNC110 - a deadline
                 await asyncio.sleep(left)
             session.error = "idle_timeout"
             session.client_close = session.upstream_close = 1001
@@ -255,11 +257,8 @@ class Bridge:
                         _sendable(session.client_close), message.get("reason") or ""
                     )
                     return
-                data = (
-                    message.get("bytes")
-                    if message.get("bytes") is not None
-                    else message.get("text", "")
-                )
+                raw = message.get("bytes")  # an empty binary frame stays binary
+                data: str | bytes = raw if raw is not None else (message.get("text") or "")
                 session.frames_in += 1
                 session.bytes_in += len(data)
                 last[0] = loop.time()
@@ -300,7 +299,7 @@ class Bridge:
             asyncio.ensure_future(close_when_idle()),
         ]
         try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if tasks[0] in done and not tasks[1].done():  # the client left: let the upstream's
                 await asyncio.wait([tasks[1]], timeout=5)  # close handshake finish, briefly
         finally:
@@ -312,9 +311,10 @@ class Bridge:
         """Close every bridged session (both sides) before the server goes down."""
         for session in list(self.sessions):
             try:
-                await session.client_send(
-                    {"type": "websocket.close", "code": code, "reason": reason}
-                )
+                if session.client_send is not None:
+                    await session.client_send(
+                        {"type": "websocket.close", "code": code, "reason": reason}
+                    )
             except Exception:  # the client is gone already
                 pass
             if session.upstream is not None:
@@ -388,7 +388,7 @@ def _json_error(message: str, detail: str) -> bytes:
     return json.dumps({"message": message, "detail": detail}).encode()
 
 
-async def _refuse(scope: dict[str, Any], send: Any, status: int, body: bytes) -> None:
+async def _refuse(scope: Scope, send: Send, status: int, body: bytes) -> None:
     """Refuse the upgrade with an HTTP status where the server allows it, else close (→ 403)."""
     if "websocket.http.response" in (scope.get("extensions") or {}):
         await send(

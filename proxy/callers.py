@@ -130,7 +130,7 @@ class JwtAuth(CallerAuth):
                     Path(config.jwks_file).read_text(encoding="utf-8")
                 )
             else:
-                # Keys are fetched on first use and cached; a token with an unknown kid refreshes them.
+                # Keys are fetched on first use and cached; an unknown kid refreshes them.
                 self._client = jwt.PyJWKClient(
                     config.jwks_url or "", cache_keys=True, lifespan=300, timeout=5
                 )

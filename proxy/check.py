@@ -19,14 +19,17 @@ def _shown(name: str, value: Any) -> str:
         return f"{len(value)} caller token(s)"
     if name == "jwt" and value is not None:
         mode = "HS256 secret" if value.secret else ("JWKS file" if value.jwks_file else "JWKS URL")
-        return f"{mode}, issuer={value.issuer}, audience={value.audience}, caller claim={value.caller_claim}"
+        return (
+            f"{mode}, issuer={value.issuer}, audience={value.audience}, "
+            f"caller claim={value.caller_claim}"
+        )
     if name == "redis_url" and value:
         parts = urlsplit(value)
         if parts.password:  # redis://:password@host
             netloc = f"{parts.username or ''}:********@{parts.hostname}" + (
                 f":{parts.port}" if parts.port else ""
             )
-            return urlunsplit(parts._replace(netloc=netloc))
+            return str(urlunsplit(parts._replace(netloc=netloc)))
     if isinstance(value, tuple):
         return ", ".join(str(v) for v in value) or "(none)"
     return str(value)
@@ -63,7 +66,8 @@ def probe(settings: Settings) -> list[tuple[bool, str]]:
             results.append(
                 (
                     False,
-                    "gateway: refused cf-aig-authorization (Cloudflare code 2009): check CF_AIG_TOKEN",
+                    "gateway: refused cf-aig-authorization (Cloudflare code 2009): "
+                    "check CF_AIG_TOKEN",
                 )
             )
         else:

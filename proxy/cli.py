@@ -18,8 +18,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from starlette.types import ASGIApp
+
 from . import __version__
-from .settings import DOCUMENTED_VARIABLES, Settings, SettingsError
+from .envvars import SettingsError
+from .settings import DOCUMENTED_VARIABLES, Settings
 
 PROG = "fal-gateway-proxy"
 
@@ -67,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     emulator = commands.add_parser(
         "emulator",
         help="run the offline fal + Cloudflare AI Gateway emulator",
-        description="Serve an offline emulator of Cloudflare AI Gateway in front of fal. Point a proxy at "
-        "FAL_PROXY_GATEWAY_URL=http://HOST:PORT/v1/<account>/<gateway>/fal. No real fal call is ever made.",
+        description="Serve an offline emulator of Cloudflare AI Gateway in front of fal. "
+        "Point a proxy at FAL_PROXY_GATEWAY_URL=http://HOST:PORT/v1/<account>/<gateway>/fal. "
+        "No real fal call is ever made.",
     )
     emulator.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
@@ -98,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check",
         help="validate the configuration and print it (secrets masked)",
-        description="Load the settings from the environment, print them with secrets masked, and exit "
-        "non-zero on a problem. With --probe, also ask the gateway (and Redis) whether they answer.",
+        description="Load the settings from the environment, print them with secrets masked, "
+        "and exit non-zero on a problem. With --probe, also ask the gateway (and Redis) "
+        "whether they answer.",
     )
     check.add_argument("--probe", action="store_true", help="contact the gateway and Redis")
 
@@ -209,7 +214,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _run_uvicorn(
-    app: Any,
+    app: ASGIApp,
     settings_host: str,
     sock: socket.socket | None,
     port: int,
@@ -225,10 +230,12 @@ def _run_uvicorn(
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
             # uvicorn would fail open sockets with 1012; bridged sessions get a proper 1001.
-            draining = getattr(app, "draining", None)
+            from .app import ProxyApp
+
+            draining = app.draining if isinstance(app, ProxyApp) else None
             if draining is not None:
                 draining.set()  # /readyz answers 503 from now on
-            bridge = getattr(app, "bridge", None)
+            bridge = app.bridge if isinstance(app, ProxyApp) else None
             if bridge is not None:
                 await bridge.close_all()
             await super().shutdown(sockets)
@@ -256,7 +263,9 @@ def _run_uvicorn(
         proxy_headers=False,  # X-Forwarded-For is not trusted by default
         # On SIGTERM: stop accepting, let in-flight requests and streams finish for up to this
         # long (uvicorn closes idle keep-alive connections at once), then cut what is left.
-        timeout_graceful_shutdown=drain_seconds,
+        # uvicorn annotates it int, but hands it to asyncio.wait_for, which takes seconds as a
+        # float: FAL_PROXY_DRAIN_SECONDS=2.5 means 2.5 s.
+        timeout_graceful_shutdown=drain_seconds,  # type: ignore[arg-type]
         # The legacy implementation, deprecated: "websockets-sansio" (uvicorn 0.54) logs an error
         # after every refusal sent as websocket.http.response, which the bridge relies on.
         ws="websockets",
@@ -413,7 +422,8 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     emulator = EmulatorConfig(fal_key=key, time_scale=args.time_scale, public_url=origin)
     log.warning(
         "DEMO MODE: the proxy forwards to the built-in offline emulator; no real fal call is made "
-        "and FAL_KEY / CF_* are ignored. Run without 'demo' to use fal through Cloudflare AI Gateway.",
+        "and FAL_KEY / CF_* are ignored. Run without 'demo' to use fal through Cloudflare "
+        "AI Gateway.",
     )
 
     def listening(bound_host: str, bound_port: int) -> None:

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
 from .admission import Admission, RequestHeaders
@@ -44,8 +45,6 @@ from .metrics import Metrics
 from .settings import Settings
 from .targets import Target, check_method, resolve_target
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 # What the fal SDKs send (run with a custom method included); anything else is refused.
 FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
@@ -89,13 +88,19 @@ class Exchange:
     def __init__(self, method: str) -> None:
         self.request_id = os.urandom(8).hex()
         self.method = method
-        self.kind = self.host = self.path = self.query = None
-        self.status = self.upstream_status = None
+        self.kind: str | None = None
+        self.host: str | None = None
+        self.path: str | None = None
+        self.query: str | None = None
+        self.status: int | None = None
+        self.upstream_status: int | None = None
         self.bytes_in = self.bytes_out = 0
         self.started = time.perf_counter()
         self.ttfb: float | None = None
         self.error: str | None = None
-        self.fal_request_id = self.cf_aig_log_id = self.gateway_error = None
+        self.fal_request_id: str | None = None
+        self.cf_aig_log_id: str | None = None
+        self.gateway_error: str | None = None
         self.body_error: ProxyError | None = None
         self.body_phase: str | None = None  # "receive" | "send" while a streamed body moves
         self.response_done = False
@@ -146,7 +151,7 @@ class Forwarder:
         self.session: aiohttp.ClientSession | None = None
         self.log = get_logger("proxy.request")
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = Exchange(scope["method"])
         self.metrics.in_flight.inc()
         try:
@@ -204,7 +209,7 @@ class Forwarder:
         else:
             self.log.info("request", **ex.log_fields())
 
-    async def _send_error(self, send: Any, exc: ProxyError, ex: Exchange) -> None:
+    async def _send_error(self, send: Send, exc: ProxyError, ex: Exchange) -> None:
         body = exc.body()
         ex.status = exc.status
         await send(
@@ -232,7 +237,7 @@ class Forwarder:
         await send({"type": "http.response.body", "body": body})
         ex.bytes_out += len(body)
 
-    async def _handle(self, scope: Scope, receive: Any, send: Any, ex: Exchange) -> None:
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, ex: Exchange) -> None:
         settings, admission = self.settings, self.admission
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         seen = RequestHeaders.read(raw_headers, admission.auth_header)
@@ -299,7 +304,7 @@ class Forwarder:
         finally:
             await lease.release()
 
-    async def _receive_body(self, receive: Any) -> Message:
+    async def _receive_body(self, receive: Receive) -> Message:
         """The next body message, within the idle timeout (408); raises _ClientGone."""
         # uvicorn's receive() is its request cycle's method: when the whole body is in
         # (the usual small JSON), it answers at once and the timer (~6 µs) is not needed.
@@ -321,7 +326,9 @@ class Forwarder:
             raise _ClientGone()
         return message
 
-    async def _read_small_body(self, receive: Any, ex: Exchange, limit: int = 16 * 1024) -> bytes:
+    async def _read_small_body(
+        self, receive: Receive, ex: Exchange, limit: int = 16 * 1024
+    ) -> bytes:
         body, more = bytearray(), True
         while more:
             message = await self._receive_body(receive)
@@ -335,7 +342,7 @@ class Forwarder:
         return bytes(body)
 
     async def _send_preflight(
-        self, send: Any, headers: list[tuple[bytes, bytes]], ex: Exchange
+        self, send: Send, headers: list[tuple[bytes, bytes]], ex: Exchange
     ) -> None:
         ex.status, ex.kind = 204, "preflight"
         await send(
@@ -351,8 +358,8 @@ class Forwarder:
         self,
         target: Target,
         headers: list[tuple[str, str]],
-        receive: Any,
-        send: Any,
+        receive: Receive,
+        send: Send,
         ex: Exchange,
         first: Message,
     ) -> None:
@@ -453,7 +460,7 @@ class Forwarder:
                     response.close()  # drop the connection: the upstream sees the abort
 
     async def _stream_body(
-        self, first_chunk: bytes, receive: Any, ex: Exchange, progress: Any
+        self, first_chunk: bytes, receive: Receive, ex: Exchange, progress: Any
     ) -> AsyncIterator[bytes]:
         """Yield the request body as the client sends it, within the size limit.
 
@@ -491,7 +498,7 @@ class Forwarder:
         progress(done=True)
 
     async def _relay_response(
-        self, response: aiohttp.ClientResponse, send: Any, ex: Exchange
+        self, response: aiohttp.ClientResponse, send: Send, ex: Exchange
     ) -> None:
         ex.ttfb = time.perf_counter() - ex.started
         ex.upstream_status = ex.status = response.status

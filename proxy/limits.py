@@ -135,7 +135,8 @@ class Limiter:
                 await self._hit(
                     self._per_hour,
                     key,
-                    "generations per hour (runs, queue submits, streams, realtime tokens and sockets)",
+                    "generations per hour "
+                    "(runs, queue submits, streams, realtime tokens and sockets)",
                 )
             if not self.settings.concurrent:
                 return Lease()
@@ -231,8 +232,10 @@ class RedisLimiter(Limiter):
 
     async def start(self) -> None:
         """Connect lazily (start-up never fails on Redis) and start renewing leases."""
+        url = self.settings.redis_url
+        assert url is not None, "RedisLimiter needs a redis_url"
         self._redis = aioredis.Redis.from_url(
-            self.settings.redis_url,  # type: ignore[arg-type]
+            url,
             socket_timeout=REDIS_TIMEOUT,
             socket_connect_timeout=REDIS_TIMEOUT,
             # Explicit (redis-py's defaults differ between versions and constructors): one
@@ -277,6 +280,8 @@ class RedisLimiter(Limiter):
             wrap_exceptions=True,
             implementation="redispy",
             key_prefix=f"{self.settings.key_prefix}:window",
+            # limits types this as its own (sync-or-async) pool; redis.asyncio's is what its
+            # "redispy" implementation uses at run time (tests/e2e/test_limits_redis.py).
             connection_pool=self._redis.connection_pool,  # type: ignore[arg-type]
         )
 

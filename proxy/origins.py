@@ -199,7 +199,8 @@ def check_browser_request(
         return None
     raise Forbidden(
         "cross-site request refused",
-        "a browser request from a page that is neither this proxy's nor in FAL_PROXY_ALLOWED_ORIGINS",
+        "a browser request from a page that is neither this proxy's "
+        "nor in FAL_PROXY_ALLOWED_ORIGINS",
         reason="origin_refused",
     )
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 REDACTED = "[redacted]"
@@ -71,7 +71,8 @@ def _build_shapes() -> None:
             re.compile(r"\b(Key|Bearer|key|bearer|KEY|BEARER)\s+[A-Za-z0-9._~+/=:%-]{6,}"),
             rf"\1 {REDACTED}",
         ),
-        # Token-like query parameters: fal_jwt_token (any case, percent-encoded too), *token*, *key*...
+        # Token-like query parameters: fal_jwt_token (any case, percent-encoded too),
+        # *token*, *key*...
         # The name is bounded and matched in a callback: a nested "[^=]*(token|key)[^=]*="
         # backtracks quadratically on a long hostile path (measured: 0.3 s for 8 KiB).
         (_QUERY_PARAM, _redact_param),
@@ -118,7 +119,9 @@ def redact(text: str) -> str:
     return text
 
 
-def redact_event(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+def redact_event(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """structlog processor: exact secrets from every string field; shapes from tracebacks.
 
     On the hot path (the canonical line of every request): one substring test per secret

@@ -50,7 +50,9 @@ def head_problem(
 
 
 def normalise_host_pattern(pattern: str) -> str:
-    """``App.Example.com`` → ``app.example.com``; ``*.example.com`` and ``[::1]`` kept; raises ValueError."""
+    """``App.Example.com`` → ``app.example.com``; ``*.example.com`` and ``[::1]`` kept.
+
+    Raises ValueError for anything else."""
     value = pattern.strip().lower()
     if value.startswith("[") and value.endswith("]"):  # an IPv6 literal, as Host writes it
         return f"[{ipaddress.IPv6Address(value[1:-1])}]"

@@ -53,6 +53,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # newest (a pipelined one replaces the one still streaming).
         self._open_cycles: list[Any] = []
 
+    # uvicorn narrows BaseTransport to Transport in the same signature (and ignores it too).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
@@ -148,7 +149,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                     408,
                     b"Request Timeout",
                     "request headers too slow",
-                    f"the request head must arrive within {self.header_timeout:g}s (FAL_PROXY_HEADER_TIMEOUT)",
+                    f"the request head must arrive within {self.header_timeout:g}s "
+                    "(FAL_PROXY_HEADER_TIMEOUT)",
                 )
             )
         self.transport.close()

@@ -69,7 +69,8 @@ def resolve_target(
     elif raw_path == proxy_route or raw_path == proxy_route + "/":
         raise BadRequest(
             "missing x-fal-target-url header",
-            f"{proxy_route} is the fal SDK proxyUrl route: the SDK names the fal URL in x-fal-target-url",
+            f"{proxy_route} is the fal SDK proxyUrl route: "
+            "the SDK names the fal URL in x-fal-target-url",
         )
     elif raw_path in ("", "/"):
         raise NotFound(

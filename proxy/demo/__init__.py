@@ -10,11 +10,11 @@ page's SDK calls take exactly the path they would take in production: browser â†
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..app import create_app
 from ..emulator import EmulatorConfig, create_emulator
@@ -23,13 +23,13 @@ from ..settings import Settings
 STATIC = Path(__file__).parent / "static"
 
 
-def create_demo_app(settings: Settings, emulator_config: EmulatorConfig) -> Any:
+def create_demo_app(settings: Settings, emulator_config: EmulatorConfig) -> ASGIApp:
     proxy = create_app(settings)
     emulator = create_emulator(emulator_config)
     static = StaticFiles(directory=STATIC)
     index = FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await proxy(scope, receive, send)  # the emulator needs no start-up
             return

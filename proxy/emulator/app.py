@@ -18,6 +18,8 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from starlette.types import Receive, Scope, Send
+
 from .apps import CATALOGUE, Files, InvalidInput, find_app, find_queue_app
 from .asgi import (
     base_url,
@@ -64,7 +66,7 @@ class Emulator:
     def _id(self) -> str:
         return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             while (message := await receive())["type"] != "lifespan.shutdown":
                 if message["type"] == "lifespan.startup":
@@ -88,8 +90,9 @@ class Emulator:
                 send,
                 200,
                 {
-                    "emulator": "offline fal + Cloudflare AI Gateway; no real fal call is ever made",
-                    "gateway_url": f"{base_url(scope, self.config.public_url)}/v1/emulator/emulator/fal",
+                    "emulator": "offline fal + Cloudflare AI Gateway; no real fal call is made",
+                    "gateway_url": f"{base_url(scope, self.config.public_url)}"
+                    "/v1/emulator/emulator/fal",
                     "apps": sorted(CATALOGUE),
                     "requests": "/_emulator/requests",
                 },
@@ -103,7 +106,7 @@ class Emulator:
 
     # --- control paths -------------------------------------------------------------------
 
-    async def _control(self, scope: dict[str, Any], path: str, receive: Any, send: Any) -> None:
+    async def _control(self, scope: Scope, path: str, receive: Receive, send: Send) -> None:
         method, recorder = scope["method"], self.recorder
         if path == "requests" and method == "DELETE":
             recorder.clear()
@@ -128,7 +131,7 @@ class Emulator:
         else:
             await send_json(send, 404, {"detail": "unknown emulator control path"})
 
-    async def _upload(self, scope: dict[str, Any], rest: str, receive: Any, send: Any) -> None:
+    async def _upload(self, scope: Scope, rest: str, receive: Receive, send: Send) -> None:
         """The signed-URL side of storage: the client PUTs bytes here directly, not via a proxy."""
         body, size, digest, gone = await read_and_digest_full(receive)
         if gone:
@@ -151,7 +154,7 @@ class Emulator:
 
     # --- the gateway ---------------------------------------------------------------------
 
-    async def _gateway(self, scope: dict[str, Any], fal_path: str, receive: Any, send: Any) -> None:
+    async def _gateway(self, scope: Scope, fal_path: str, receive: Receive, send: Send) -> None:
         if fal_path.startswith("/emulator/noread"):
             # Never read the body (calling receive() would): the sender's buffers fill up.
             await self.recorder.gates["noread"].wait()
@@ -212,18 +215,18 @@ class Emulator:
 
     async def _run(self, ctx: Call, method: str, path: str, query: str) -> None:
         args = dict(parse_qsl(query, keep_blank_values=True))
-        if path.startswith("/emulator/") and not path.startswith("/emulator/echo"):
-            if await serve_fault(
-                path[len("/emulator/") :],
-                args,
-                ctx.record,
-                self.recorder,
-                ctx.receive,
-                ctx.send,
-                ctx.headers,
-                ctx.request_id,
-            ):
-                return
+        is_fault = path.startswith("/emulator/") and not path.startswith("/emulator/echo")
+        if is_fault and await serve_fault(
+            path[len("/emulator/") :],
+            args,
+            ctx.record,
+            self.recorder,
+            ctx.receive,
+            ctx.send,
+            ctx.headers,
+            ctx.request_id,
+        ):
+            return
         found = find_app(path)
         if found is None:
             await send_json(
@@ -423,9 +426,9 @@ class Call:
     def __init__(
         self,
         emulator: Emulator,
-        scope: dict[str, Any],
-        receive: Any,
-        send: Any,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
         headers: list[tuple[bytes, bytes]],
         request_id: str,
         record: dict[str, Any],
@@ -459,7 +462,7 @@ def query_input(args: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-async def read_and_digest_full(receive: Any) -> tuple[bytes, int, str, bool]:
+async def read_and_digest_full(receive: Receive) -> tuple[bytes, int, str, bool]:
     """Uploads are kept whole (they become files)."""
     body, size, gone = await read_body(receive)
     return body, size, hashlib.sha256(body).hexdigest(), gone

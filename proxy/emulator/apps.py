@@ -2,8 +2,9 @@
 
 * Text to image (``fal-ai/fast-sdxl``, ``fal-ai/flux/dev``, ``fal-ai/flux/schnell``,
   ``fal-ai/fast-lcm-diffusion``, and the workflow ``workflows/fal-ai/sdxl-sticker``, whose
-  queue URLs keep the ``workflows/`` namespace): needs a non-empty ``prompt``; returns real PNGs drawn
-  from the prompt and seed, served from the emulator's own ``/_emulator/files/`` URLs.
+  queue URLs keep the ``workflows/`` namespace): needs a non-empty ``prompt``; returns real
+  PNGs drawn from the prompt and seed, served from the emulator's own ``/_emulator/files/``
+  URLs.
 * Echo (``emulator/echo``): returns its input as ``{"input": ...}``.
 
 An unknown app answers 404 as fal does. Invalid input answers 422 with fal's
@@ -51,7 +52,7 @@ class Files:
     """Bytes the emulator serves at ``/_emulator/files/<name>``: generated images, uploads."""
 
     items: dict[str, tuple[str, bytes]] = field(default_factory=dict)
-    counter: itertools.count = field(default_factory=itertools.count)
+    counter: itertools.count[int] = field(default_factory=itertools.count)
 
     def add(self, data: bytes, content_type: str, suffix: str) -> str:
         # Named by content and order: the same seed and inputs give the same URLs.
@@ -92,8 +93,8 @@ class App:
 class TextToImage(App):
     duration = 2.0
 
-    def validate(self, data: Any) -> dict[str, Any]:
-        data = super().validate(data)
+    def validate(self, raw: Any) -> dict[str, Any]:
+        data = super().validate(raw)
         errors = []
         prompt = data.get("prompt")
         if prompt is None:
@@ -202,7 +203,8 @@ def find_app(path: str) -> tuple[str, App, str] | None:
 
 
 def find_queue_app(owner_alias: str) -> tuple[str, App] | None:
-    """The SDK drops the sub-path on queue status calls: ``fal-ai/flux`` stands for ``fal-ai/flux/*``."""
+    """The SDK drops the sub-path on queue status calls: ``fal-ai/flux`` stands for
+    ``fal-ai/flux/*``."""
     for app_id, app in CATALOGUE.items():
         if app_id == owner_alias or app_id.startswith(owner_alias + "/"):
             return app_id, app

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from starlette.types import Receive, Scope, Send
+
 Headers = list[tuple[bytes, bytes]]
 
 
-async def read_body(receive: Any, limit: int | None = None) -> tuple[bytes, int, bool]:
+async def read_body(receive: Receive, limit: int | None = None) -> tuple[bytes, int, bool]:
     """Read the whole request body; keep at most ``limit`` bytes of it.
 
     Returns ``(kept, total_length, disconnected)``.
@@ -26,7 +28,7 @@ async def read_body(receive: Any, limit: int | None = None) -> tuple[bytes, int,
     return bytes(kept), total, False
 
 
-async def send_raw(send: Any, status: int, body: bytes, headers: Headers) -> None:
+async def send_raw(send: Send, status: int, body: bytes, headers: Headers) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -37,12 +39,12 @@ async def send_raw(send: Any, status: int, body: bytes, headers: Headers) -> Non
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_json(send: Any, status: int, data: Any, headers: Headers | None = None) -> None:
+async def send_json(send: Send, status: int, data: Any, headers: Headers | None = None) -> None:
     body = json.dumps(data).encode()
     await send_raw(send, status, body, [(b"content-type", b"application/json"), *(headers or [])])
 
 
-async def start_sse(send: Any, headers: Headers | None = None) -> None:
+async def start_sse(send: Send, headers: Headers | None = None) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -56,7 +58,7 @@ async def start_sse(send: Any, headers: Headers | None = None) -> None:
     )
 
 
-async def send_event(send: Any, data: Any, event: str | None = None) -> None:
+async def send_event(send: Send, data: Any, event: str | None = None) -> None:
     prefix = f"event: {event}\n" if event else ""
     await send(
         {
@@ -67,11 +69,11 @@ async def send_event(send: Any, data: Any, event: str | None = None) -> None:
     )
 
 
-async def end_body(send: Any) -> None:
+async def end_body(send: Send) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def header_map(scope: dict[str, Any]) -> dict[str, str]:
+def header_map(scope: Scope) -> dict[str, str]:
     """First value of each request header, names lower-case."""
     out: dict[str, str] = {}
     for name, value in scope["headers"]:
@@ -79,7 +81,7 @@ def header_map(scope: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def base_url(scope: dict[str, Any], configured: str | None) -> str:
+def base_url(scope: Scope, configured: str | None) -> str:
     """The emulator's own origin, for URLs it hands out (files, uploads)."""
     if configured:
         return configured.rstrip("/")

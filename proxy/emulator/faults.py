@@ -35,6 +35,8 @@ import gzip
 import json
 from typing import Any
 
+from starlette.types import Receive, Send
+
 from .asgi import end_body, send_json, send_raw, start_sse
 from .recorder import Recorder
 
@@ -59,7 +61,7 @@ def audio_chunk(index: int) -> bytes:
 
 
 async def until_released_or_gone(
-    recorder: Recorder, gate: str, receive: Any, request_id: str
+    recorder: Recorder, gate: str, receive: Receive, request_id: str
 ) -> None:
     release = asyncio.ensure_future(recorder.gates[gate].wait())
     gone = asyncio.ensure_future(receive())
@@ -75,8 +77,8 @@ async def serve_fault(
     args: dict[str, str],
     record: dict[str, Any],
     recorder: Recorder,
-    receive: Any,
-    send: Any,
+    receive: Receive,
+    send: Send,
     headers: list[tuple[bytes, bytes]],
     request_id: str,
 ) -> bool:
@@ -201,7 +203,7 @@ async def serve_fault(
     return True
 
 
-async def _bytes(size: int, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
+async def _bytes(size: int, send: Send, headers: list[tuple[bytes, bytes]]) -> None:
     await send(
         {
             "type": "http.response.start",

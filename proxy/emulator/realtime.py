@@ -3,9 +3,10 @@
 Authentication, as fal takes it: a ``fal_jwt_token`` query parameter issued by the
 emulator's ``/tokens/`` for the app's alias (the second id segment), or the key in an
 ``authorization: Key …`` handshake header (or a ``fal-api-key.<key>`` sub-protocol, the
-gateway's browser form). An authenticated gateway also wants ``cf-aig-authorization``. Each binary frame is a msgpack input object
-and gets a msgpack result; a text frame is JSON in, JSON out. Invalid input gets fal's
-``{"type": "x-fal-error", "error": …, "reason": …}`` message, not a close.
+gateway's browser form). An authenticated gateway also wants ``cf-aig-authorization``.
+Each binary frame is a msgpack input object and gets a msgpack result; a text frame is JSON
+in, JSON out. Invalid input gets fal's ``{"type": "x-fal-error", "error": …, "reason": …}``
+message, not a close.
 
 For tests of what sits in front (the proxy's WebSocket bridge):
 
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import msgpack
+from starlette.types import Message, Receive, Scope, Send
 
 from .apps import InvalidInput, find_app
 from .asgi import base_url, header_map
@@ -42,7 +44,7 @@ SCRIPTED_APP = "emulator/echo/realtime"  # whose catalogue entry it borrows
 
 
 async def serve_realtime(
-    emulator: Emulator, scope: dict[str, Any], receive: Any, send: Any, fal_path: str
+    emulator: Emulator, scope: Scope, receive: Receive, send: Send, fal_path: str
 ) -> None:
     message = await receive()
     if message["type"] != "websocket.connect":
@@ -116,13 +118,13 @@ async def serve_realtime(
             await send({"type": "websocket.send", "text": json.dumps(reply)})
 
 
-def _record_close(emulator: Emulator, message: dict[str, Any]) -> None:
+def _record_close(emulator: Emulator, message: Message) -> None:
     emulator.recorder.events.append(
         f"ws-closed:{message.get('code')}:{message.get('reason') or ''}"
     )
 
 
-async def _scripted(emulator: Emulator, receive: Any, send: Any) -> None:
+async def _scripted(emulator: Emulator, receive: Receive, send: Send) -> None:
     """``emulator/ws/realtime``: echo, or obey a close / drop / flood command."""
     while True:
         message = await receive()

@@ -15,6 +15,8 @@ import time
 from collections import defaultdict, deque
 from typing import Any
 
+from starlette.types import Receive, Scope
+
 KEEP_BODY = 64 * 1024  # bytes of each body kept verbatim; the digest covers all of it
 
 
@@ -27,7 +29,7 @@ class Recorder:
 
     def record(
         self,
-        scope: dict[str, Any],
+        scope: Scope,
         body_head: bytes,
         body_len: int,
         digest: str,
@@ -59,7 +61,7 @@ class Recorder:
         self.calls.clear()
 
 
-async def read_and_digest(receive: Any) -> tuple[bytes, int, str, bool]:
+async def read_and_digest(receive: Receive) -> tuple[bytes, int, str, bool]:
     """Read a request body as it streams in: (head, length, sha256, disconnected)."""
     digest, head, size, more = hashlib.sha256(), bytearray(), 0, True
     while more:
