@@ -1,8 +1,8 @@
 """A fast fake AI Gateway for the benchmark: it must never be the bottleneck.
 
 A raw asyncio ``BufferedProtocol`` HTTP/1.1 server (uvloop when available, ``httptools``
-for parsing), keep-alive and pipelining, no framework. Routing is by the last path segment, so the same
-paths work straight at the gateway (``/v1/acct/gw/fal/bytes``) and through the proxy
+for parsing), keep-alive and pipelining, no framework. Routing is by the last path segment,
+so the same paths work straight at the gateway (``/v1/acct/gw/fal/bytes``) and through the proxy
 (``/fal-ai/bytes`` upstream becomes ``/v1/acct/gw/fal/fal-ai/bytes``):
 
 * ``GET  …/bytes?size=N``  a streamed N-byte body (content-length set), written in 1 MiB

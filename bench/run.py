@@ -388,14 +388,18 @@ def rows_from(r: dict[str, Any]) -> list[Row]:
             "{:.3f}"),
         Row("p99 latency ms, 1 conn", d["latency"]["p99_us"] / 1e3, p["latency"]["p99_us"] / 1e3,
             "{:.3f}"),
-        Row("64 MiB download MB/s (best of 3)", d["download"]["mb_per_s"], p["download"]["mb_per_s"],
+        Row("64 MiB download MB/s (best of 3)",
+            d["download"]["mb_per_s"], p["download"]["mb_per_s"],
             "{:.0f}", f"≥ {TARGET_MBPS:.0f}", p["download"]["mb_per_s"] >= TARGET_MBPS),
-        Row("64 MiB download peak RSS MiB", d["download"]["peak_rss_mib"], p["download"]["peak_rss_mib"],
-            "{:.1f}", f"< {TARGET_RSS_MIB:.0f}", p["download"]["peak_rss_mib"] < TARGET_RSS_MIB, False),
+        Row("64 MiB download peak RSS MiB",
+            d["download"]["peak_rss_mib"], p["download"]["peak_rss_mib"],
+            "{:.1f}", f"< {TARGET_RSS_MIB:.0f}",
+            p["download"]["peak_rss_mib"] < TARGET_RSS_MIB, False),
         Row("32 MiB upload MB/s (best of 3)", d["upload"]["mb_per_s"], p["upload"]["mb_per_s"],
             "{:.0f}", f"≥ {TARGET_MBPS:.0f}", p["upload"]["mb_per_s"] >= TARGET_MBPS),
         Row("32 MiB upload peak RSS MiB", d["upload"]["peak_rss_mib"], p["upload"]["peak_rss_mib"],
-            "{:.1f}", f"< {TARGET_RSS_MIB:.0f}", p["upload"]["peak_rss_mib"] < TARGET_RSS_MIB, False),
+            "{:.1f}", f"< {TARGET_RSS_MIB:.0f}",
+            p["upload"]["peak_rss_mib"] < TARGET_RSS_MIB, False),
         Row("RSS after start-up MiB", d["baseline_rss_mib"], p["baseline_rss_mib"], "{:.1f}",
             f"< {TARGET_RSS_MIB:.0f}", p["baseline_rss_mib"] < TARGET_RSS_MIB, False),
     ]  # fmt: skip
@@ -407,7 +411,7 @@ def markdown_table(rows: list[Row]) -> str:
         "|---|---:|---:|---:|---:|:---:|",
     ]
     for row in rows:
-        show = lambda v: "—" if v is None else row.fmt.format(v)  # noqa: E731
+        show = lambda v, row=row: "—" if v is None else row.fmt.format(v)  # noqa: E731
         ratio = f"{row.proxy / row.direct:.2f}×" if row.ratio and row.direct and row.proxy else "—"
         ok = "" if row.ok is None else ("pass" if row.ok else "**FAIL**")
         cells = [row.metric, show(row.direct), show(row.proxy), ratio, row.target, ok]
@@ -429,7 +433,8 @@ def clients_table(results: dict[str, Any]) -> str:
         cpu, rps = load[f"{who}_cpu_us_per_req"], load["req_per_s"]
         label = "direct (fake gateway's CPU)" if name == "direct" else name
         cells = [label, f"{cpu:.0f}", f"{cpu / ref['proxy_cpu_us_per_req']:.2f}×", f"{rps:.0f}",
-                 f"{rps / ref['req_per_s']:.2f}×", f"{100 * load[f'{who}_cpu_util']:.0f}%"]  # fmt: skip
+                 f"{rps / ref['req_per_s']:.2f}×",
+                 f"{100 * load[f'{who}_cpu_util']:.0f}%"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -561,8 +566,9 @@ def measure(
                     {} if name == "direct" else {"proxy": child.pid}
                 )
                 before = yardstick_ms(proxy_cpus)
-                result = small_load(base + "/fal-ai/x", script, watched, connections=LOAD_CONNECTIONS,
-                                    threads=LOAD_THREADS, seconds=load_s)  # fmt: skip
+                result = small_load(base + "/fal-ai/x", script, watched,
+                                    connections=LOAD_CONNECTIONS, threads=LOAD_THREADS,
+                                    seconds=load_s)  # fmt: skip
                 result["yardstick_ms"] = (before + yardstick_ms(proxy_cpus)) / 2
                 results[name].setdefault("load_rounds", []).append(result)
         for name in load_modes:
@@ -613,13 +619,15 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
     idle = meta["yardstick_idle_ms"]
     noisy = (f" vs {idle:.1f} ms before the runs: the host was slower than idle, by up to "
              f"{100 * (max(sticks) / idle - 1):.0f}% (noisy neighbours?), and so are the figures"
-             if max(sticks) > 1.1 * idle else f" ({idle:.1f} ms before the runs: steady)")  # fmt: skip
+             if max(sticks) > 1.1 * idle
+             else f" ({idle:.1f} ms before the runs: steady)")  # fmt: skip
     print(f"\n## fal-gateway-proxy benchmark ({meta['time']})\n")
     print(markdown_table(rows))
     print(
         f"\n- {meta['cpu']}, {meta['cpus']} CPUs; {meta['pinning']}. "
         f"Python {meta['python']}; {meta['wrk']}.\n"
-        f'- 64-connection runs: wrk -t{LOAD_THREADS} -c{LOAD_CONNECTIONS}, POST {{"prompt":"cat"}}, '
+        f"- 64-connection runs: wrk -t{LOAD_THREADS} -c{LOAD_CONNECTIONS}, "
+        f'POST {{"prompt":"cat"}}, '
         f"{meta['rounds']} x {meta['load_seconds']} s per mode, median shown; proxy CPU µs/request "
         f"in each round: {rounds('proxy', 'proxy_cpu_us_per_req')}, "
         f"req/s: {rounds('proxy', 'req_per_s')}; "
@@ -632,7 +640,8 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
         f"req/s is the proxy's limit); the fake gateway used {pl['gateway_cpu_us_per_req']:.0f} "
         f"µs/request ({pct(pl['gateway_cpu_util'])} of its CPU). Direct run: fake gateway at "
         f"{pct(dl['gateway_cpu_util'])} of its CPU (which it shares with wrk).\n"
-        f"- transfers, CPU use during the best run: proxy down {pct(proxy['download']['cpu_util'])}, "
+        f"- transfers, CPU use during the best run: proxy down "
+        f"{pct(proxy['download']['cpu_util'])}, "
         f"up {pct(proxy['upload']['cpu_util'])}; fake gateway (direct) down "
         f"{pct(direct['download']['cpu_util'])}, up {pct(direct['upload']['cpu_util'])}. All runs, "
         f"MB/s: direct down {speeds(direct['download'])}, up {speeds(direct['upload'])}; "
@@ -642,7 +651,8 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
     missed = [row.metric for row in rows if row.ok is False]
     print(f"\nTargets missed: {'; '.join(missed)}" if missed else "\nAll targets met.")
     if args.clients:
-        each = "; ".join(f"{name} µs/request in each round: {rounds(name, 'proxy_cpu_us_per_req')}, "
+        each = "; ".join(f"{name} µs/request in each round: "
+                         f"{rounds(name, 'proxy_cpu_us_per_req')}, "
                          f"req/s: {rounds(name, 'req_per_s')}" for name in BASELINES)  # fmt: skip
         versions = ", ".join(
             f"{k} {v or 'NOT installed'}" for k, v in meta["client_versions"].items()

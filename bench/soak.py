@@ -214,7 +214,8 @@ async def run(args: argparse.Namespace) -> list[Row]:
         await check_health(proxies, before, row)
         DONE.append(row)
         print(
-            f"soak: {row.key:8} {'pass' if row.ok else 'FAIL'} in {row.seconds:5.1f} s: {row.measured}",
+            f"soak: {row.key:8} {'pass' if row.ok else 'FAIL'} in {row.seconds:5.1f} s: "
+            f"{row.measured}",
             file=sys.stderr,
             flush=True,
         )
@@ -250,8 +251,8 @@ async def check_health(proxies: dict[str, Child], before: dict[str, Any], row: R
             samples += [f"{name} proxy, {s}" for s in child.samples]
     unhealthy = {n: h for n, h in health.items() if h != 200 and not str(h).startswith("exited 0")}
     row.after = (
-        f"healthz {'200' if not unhealthy else unhealthy} · 500s {fives} · tracebacks {tracebacks} · "
-        f"key {leaks}"
+        f"healthz {unhealthy if unhealthy else '200'} · 500s {fives} · "
+        f"tracebacks {tracebacks} · key {leaks}"
     )
     row.details["after"] = {
         "healthz": health,
@@ -298,7 +299,8 @@ def report(rows: list[Row], args: argparse.Namespace, meta: dict[str, Any]) -> N
     complaints = {name: child.complaints for name, child in CHILDREN.items() if child.complaints}
     if complaints:
         print(
-            "\nProxy log lines at warning level or above, besides request lines (count, level, event):"
+            "\nProxy log lines at warning level or above, besides request lines "
+            "(count, level, event):"
         )
         for name, counter in complaints.items():
             for (level, event), count in counter.most_common(8):

@@ -68,7 +68,8 @@ async def row_refused(ctx: Ctx) -> Row:
         "all 502 'the gateway could not be reached', each in < 0.5 s; no key in any answer"
     )
     row.measured = (
-        f"{right}/{n} right 502 {dict(codes)}; p50 {ms(pct(times, 50))} ms, p99 {ms(pct(times, 99))} ms, "
+        f"{right}/{n} right 502 {dict(codes)}; p50 {ms(pct(times, 50))} ms, "
+        f"p99 {ms(pct(times, 99))} ms, "
         f"max {ms(max(times))} ms; key in {leaked} answers"
     )
     row.ok = right == n and max(times) < 0.5 and not leaked
@@ -99,15 +100,16 @@ async def row_silent(ctx: Ctx) -> Row:
         for r in got
         if r.status == 504 and FIRST_BYTE_TIMEOUT - 0.05 <= r.seconds <= FIRST_BYTE_TIMEOUT + LATE
     )
-    gone, gone_s = await ctx.wait_events("disconnected:hang:", n, 10)
+    gone, _gone_s = await ctx.wait_events("disconnected:hang:", n, 10)
     leaked = key_in(got, ctx.secret)
     row.expected = (
-        f"all 504 after {FIRST_BYTE_TIMEOUT:g}–{FIRST_BYTE_TIMEOUT + LATE:g} s; the upstream sees all "
-        f"{n} requests closed; no key in any answer"
+        f"all 504 after {FIRST_BYTE_TIMEOUT:g}–{FIRST_BYTE_TIMEOUT + LATE:g} s; "
+        f"the upstream sees all {n} requests closed; no key in any answer"
     )
     row.measured = (
-        f"{on_time}/{n} 504 in time {dict(codes)}; after min {min(times):.2f} / p50 {pct(times, 50):.2f} "
-        f"/ max {max(times):.2f} s; upstream saw {gone}/{n} closed; key in {leaked} answers"
+        f"{on_time}/{n} 504 in time {dict(codes)}; after min {min(times):.2f} "
+        f"/ p50 {pct(times, 50):.2f} / max {max(times):.2f} s; "
+        f"upstream saw {gone}/{n} closed; key in {leaked} answers"
     )
     row.ok = on_time == n and gone == n and not leaked
     row.details = {
@@ -132,7 +134,10 @@ async def row_die(ctx: Ctx) -> Row:
     await proxy.settle()
     logged = delta(proxy, before, 200, "upstream_unavailable")
     times = [r.seconds for r in got]
-    row.expected = f"all {n}: 200, 10 bytes, then the connection cut (never a clean end); logged upstream_unavailable"
+    row.expected = (
+        f"all {n}: 200, 10 bytes, then the connection cut (never a clean end); "
+        "logged upstream_unavailable"
+    )
     row.measured = (
         f"{cut}/{n} cut after 10 bytes, {clean} ended cleanly; max {ms(max(times))} ms; "
         f"logged 200/upstream_unavailable ×{logged}"
@@ -160,7 +165,7 @@ async def row_leave(ctx: Ctx) -> Row:
 
     async def leave_hang(i: int) -> None:
         try:
-            reader, writer = await asyncio.open_connection(HOST, proxy.port)
+            _reader, writer = await asyncio.open_connection(HOST, proxy.port)
             writer.write(request_head("POST", "/emulator/hang", proxy.port, body=b"{}"))
             await asyncio.sleep(0.3)  # well inside the first-byte timeout
             writer.transport.abort()
@@ -175,12 +180,15 @@ async def row_leave(ctx: Ctx) -> Row:
         if st is not None:
             st.writer.transport.abort()
     await asyncio.gather(*(leave_hang(i) for i in range(n)))
-    stall, stall_s = await ctx.wait_events("disconnected:stall:", n, 10)
+    stall, _stall_s = await ctx.wait_events("disconnected:stall:", n, 10)
     hang, _ = await ctx.wait_events("disconnected:hang:", n, 10)
     all_s = time.monotonic() - left
     await proxy.settle()
     logged = delta(proxy, before, 499, "client_gone")
-    row.expected = f"the upstream sees all {2 * n} requests closed within 5 s; proxy logs {2 * n}× 499 client_gone"
+    row.expected = (
+        f"the upstream sees all {2 * n} requests closed within 5 s; "
+        f"proxy logs {2 * n}× 499 client_gone"
+    )
     row.measured = (
         f"upstream saw {stall}/{n} mid-stream and {hang}/{n} waiting requests closed "
         f"(all within {all_s:.1f} s){' ' + repr(dict(failures)) if failures else ''}; "
@@ -266,7 +274,8 @@ async def row_uploads(ctx: Ctx) -> Row:
     stalled_codes = collections.Counter(r.status or r.error for r, _, _ in stalled_got)
     row.expected = (
         f"slow: {n}/{n} 200, the gateway gets every byte (sha256); stalled: {n}/{n} 408 "
-        f"{IDLE_TIMEOUT:g}–{IDLE_TIMEOUT + LATE:g} s after the last byte, never a complete body upstream"
+        f"{IDLE_TIMEOUT:g}–{IDLE_TIMEOUT + LATE:g} s after the last byte, "
+        "never a complete body upstream"
     )
     row.measured = (
         f"slow: {slow_ok}/{n} right {dict(slow_codes)}; stalled: {stalled_ok}/{n} 408 in time "
@@ -348,15 +357,16 @@ async def row_slow_headers(ctx: Ctx) -> Row:
     closed = [t for t, _ in got if t is not None]
     answers = collections.Counter(a for _, a in got)
     in_time = sum(1 for t in closed if HEADER_TIMEOUT - 0.25 <= t <= HEADER_TIMEOUT + LATE)
-    fds1, waited, fds_ok = await fd_state(ctx, "fault")
+    fds1, _waited, fds_ok = await fd_state(ctx, "fault")
     note = (
         ""
         if ctx.header_timeout_known
         else " (FAL_PROXY_HEADER_TIMEOUT is not in this proxy's settings table)"
     )
     row.expected = (
-        f"all {n} closed by the proxy {HEADER_TIMEOUT:g}–{HEADER_TIMEOUT + LATE:g} s after connecting; "
-        f"other requests still served meanwhile; fds back to ≤ {ctx.fd_baseline['fault'] + FD_SLACK}"
+        f"all {n} closed by the proxy {HEADER_TIMEOUT:g}–{HEADER_TIMEOUT + LATE:g} s "
+        "after connecting; other requests still served meanwhile; "
+        f"fds back to ≤ {ctx.fd_baseline['fault'] + FD_SLACK}"
     )
     times = (
         f"after min {min(closed):.2f} / p50 {pct(closed, 50):.2f} / max {max(closed):.2f} s"
@@ -366,7 +376,8 @@ async def row_slow_headers(ctx: Ctx) -> Row:
     row.measured = (
         f"{len(closed)}/{n} closed ({in_time} in time), {times}; answered: {dict(answers)}; "
         f"{n - len(closed)} still open at {window:g} s{note}; probe meanwhile "
-        f"{probe.status or probe.error} in {ms(probe.seconds)} ms; fds {fds0} → {fds_during} → {fds1}"
+        f"{probe.status or probe.error} in {ms(probe.seconds)} ms; "
+        f"fds {fds0} → {fds_during} → {fds1}"
     )
     row.ok = in_time == n and probe.status == 200 and fds_ok
     row.details = {
@@ -475,12 +486,13 @@ async def row_sigterm(ctx: Ctx) -> Row:
         code = None
     exit_s = time.monotonic() - sent
     row.expected = (
-        f"{k}/{k} streams finish after the signal, WebSockets closed 1001, new connections refused, "
-        f"exit 0 within {DRAIN_SECONDS:g} s"
+        f"{k}/{k} streams finish after the signal, WebSockets closed 1001, "
+        f"new connections refused, exit 0 within {DRAIN_SECONDS:g} s"
     )
     row.measured = (
-        f"{complete}/{k} finished{' ' + repr(dict(failures)) if failures else ''}; WebSocket close codes "
-        f"{dict(codes)}; 'Shutting down' logged: {shutting is not None}; new connection "
+        f"{complete}/{k} finished{' ' + repr(dict(failures)) if failures else ''}; "
+        f"WebSocket close codes {dict(codes)}; "
+        f"'Shutting down' logged: {shutting is not None}; new connection "
         f"{'refused' if refused else 'ACCEPTED'}; exit code {code} after {exit_s:.1f} s"
     )
     row.ok = (
@@ -535,8 +547,8 @@ async def row_drain_expiry(ctx: Ctx) -> Row:
         f"{status}/{error}": count for (status, error), count in proxy.snapshot().statuses.items()
     }
     row.expected = (
-        f"{k}/{k} streams cut at the deadline (no last chunk), the upstream sees {k} closes, exit 0 "
-        f"{EXPIRY_DRAIN:g}–{EXPIRY_DRAIN + 1:g} s after the signal"
+        f"{k}/{k} streams cut at the deadline (no last chunk), the upstream sees {k} closes, "
+        f"exit 0 {EXPIRY_DRAIN:g}–{EXPIRY_DRAIN + 1:g} s after the signal"
     )
     row.measured = (
         f"{cut}/{len(streams)} cut{' ' + repr(dict(failures)) if failures else ''}; upstream saw "

@@ -100,9 +100,9 @@ class Ctx:
         found = (await self.emu("GET", "/_emulator/events")).json() or []
         return sum(1 for e in found if e.startswith(prefix))
 
-    async def wait_events(self, prefix: str, count: int, timeout: float) -> tuple[int, float]:
+    async def wait_events(self, prefix: str, count: int, timeout: float) -> tuple[int, float]:  # noqa: ASYNC109 - a poll budget: returns the partial count
         started = time.monotonic()
-        while (seen := await self.events(prefix)) < count and time.monotonic() - started < timeout:
+        while (seen := await self.events(prefix)) < count and time.monotonic() - started < timeout:  # noqa: ASYNC110 - polls the emulator over HTTP
             await asyncio.sleep(0.1)
         return seen, time.monotonic() - started
 
@@ -172,7 +172,8 @@ async def row_load(ctx: Ctx) -> Row:
     limit = RSS_LIMIT_MIB["load"]
     row.expected = (
         f"{n}/{n} answered 200 with the echo, 0 errors; peak RSS < {limit:.0f} MiB; "
-        f"fds back to ≤ {ctx.fd_baseline['load'] + FD_SLACK} (idle {ctx.fd_baseline['load']} + {FD_SLACK})"
+        f"fds back to ≤ {ctx.fd_baseline['load'] + FD_SLACK} "
+        f"(idle {ctx.fd_baseline['load']} + {FD_SLACK})"
     )
     row.measured = (
         f"{ok}/{n} ok, {sum(bad.values())} errors{' ' + dict(bad).__repr__() if bad else ''}; "
@@ -244,7 +245,7 @@ def stream_complete(buffer: bytearray) -> bool:
     )
 
 
-async def finish_stream(stream: Stream, timeout: float = 30) -> bool:
+async def finish_stream(stream: Stream, timeout: float = 30) -> bool:  # noqa: ASYNC109 - per-stream budget, then abort
     try:
         async with asyncio.timeout(timeout):
             await read_to_eof(stream.reader, stream.buffer)
@@ -269,7 +270,8 @@ async def row_sse(ctx: Ctx) -> Row:
     n_cut = n - n_done
     row = Row(
         "sse",
-        f"SSE: {n} streams open at once ({n_done} finished by the upstream, {n_cut} closed by clients)",
+        f"SSE: {n} streams open at once "
+        f"({n_done} finished by the upstream, {n_cut} closed by clients)",
     )
     fds0, rss0 = fd_count(pid), rss_mib(pid)
     reset_peak_rss(pid)
@@ -278,8 +280,9 @@ async def row_sse(ctx: Ctx) -> Row:
     gate = asyncio.Semaphore(64)
     started = time.perf_counter()
     opened = await asyncio.gather(*(
-        open_stream(port, "/emulator/sse?n=3" if i < n_done else "/emulator/stall", "sse" if i < n_done else "stall",
-                    gate, failures) for i in range(n)))  # fmt: skip
+        open_stream(port, "/emulator/sse?n=3" if i < n_done else "/emulator/stall",
+                    "sse" if i < n_done else "stall", gate, failures)
+        for i in range(n)))  # fmt: skip
     streams = [st for st in opened if st is not None]
     open_s = time.perf_counter() - started
     in_flight = await metric(port, "fal_proxy_in_flight_requests")
@@ -306,7 +309,8 @@ async def row_sse(ctx: Ctx) -> Row:
     row.measured = (
         f"{len(streams)}/{n} open in {open_s:.1f} s{' ' + repr(dict(failures)) if failures else ''}"
         f" (proxy in-flight gauge {in_flight:.0f}); {complete}/{n_done} complete; upstream saw "
-        f"{gone}/{n_cut} disconnects ({gone_s:.1f} s); logged 200×{logged_done}, 499×{logged_gone}; "
+        f"{gone}/{n_cut} disconnects ({gone_s:.1f} s); "
+        f"logged 200×{logged_done}, 499×{logged_gone}; "
         f"RSS {rss0:.0f} → {rss_open:.0f} all open, peak {peak:.0f} MiB; fds {fds0} → {fds_open} "
         f"all open → {fds1} after {waited:.1f} s"
     )
@@ -418,7 +422,8 @@ async def row_ws(ctx: Ctx) -> Row:
     others = {what: count for what, count in outcome.items() if what != "clean close"}
     row.expected = (
         f"{n}/{n} open at once, every echo right, closed 1000 both ways (upstream sees {n}× 1000); "
-        f"{n} log lines; peak RSS < {limit:.0f} MiB; fds back to ≤ {ctx.fd_baseline['load'] + FD_SLACK}"
+        f"{n} log lines; peak RSS < {limit:.0f} MiB; "
+        f"fds back to ≤ {ctx.fd_baseline['load'] + FD_SLACK}"
     )
     row.measured = (
         f"{opened[0]}/{n} open in {open_s:.1f} s (open-sockets gauge {gauge:.0f}); {clean}/{n} "

@@ -41,7 +41,7 @@ class SoakError(RuntimeError):
 # -- /proc: bench/procfs.py -------------------------------------------------------------
 
 
-async def wait_fds(pid: int, limit: int, timeout: float) -> tuple[int, float]:
+async def wait_fds(pid: int, limit: int, timeout: float) -> tuple[int, float]:  # noqa: ASYNC109 - a poll budget: returns the fds then
     """Wait until ``pid`` holds at most ``limit`` fds; (fds then, seconds waited)."""
     started = time.monotonic()
     while True:
@@ -198,7 +198,7 @@ class Child:
             records = list(self.records)
         return next((r for r in records if predicate(r)), None)
 
-    async def wait_listening(self, timeout: float = 40.0) -> None:
+    async def wait_listening(self, timeout: float = 40.0) -> None:  # noqa: ASYNC109 - a start-up deadline with its own error
         deadline = time.monotonic() + timeout
         while not self.port:
             if not self.alive or time.monotonic() > deadline:
@@ -207,13 +207,13 @@ class Child:
                 )
             await asyncio.sleep(0.05)
 
-    async def wait_log(self, predicate: Any, timeout: float) -> dict[str, Any] | None:
+    async def wait_log(self, predicate: Any, timeout: float) -> dict[str, Any] | None:  # noqa: ASYNC109 - a poll budget: None if not logged
         deadline = time.monotonic() + timeout
-        while (found := self.find(predicate)) is None and time.monotonic() < deadline:
+        while (found := self.find(predicate)) is None and time.monotonic() < deadline:  # noqa: ASYNC110 - log lines arrive without an event
             await asyncio.sleep(0.05)
         return found
 
-    async def settle(self, quiet: float = 0.3, timeout: float = 5.0) -> None:
+    async def settle(self, quiet: float = 0.3, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - a poll budget, never raises
         """Wait until the child's output has been quiet for ``quiet`` s (its log lines are in)."""
         deadline = time.monotonic() + timeout
         seen = -1
@@ -313,7 +313,12 @@ async def read_body(reader: asyncio.StreamReader, response: Response) -> None:
 
 
 async def http_request(
-    port: int, method: str, path: str, *, body: bytes | None = None, timeout: float = 30.0
+    port: int,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    timeout: float = 30.0,  # noqa: ASYNC109 - never raises: a timeout is recorded in the Response
 ) -> Response:
     """One request on a fresh connection (``Connection: close``); never raises."""
     response = Response()

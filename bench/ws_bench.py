@@ -182,8 +182,9 @@ def measure(
         "echo server", [sys.executable, str(Path(__file__).resolve()), "--serve-echo"], env, stack
     )
     gateway_url = f"http://127.0.0.1:{echo.port}{GATEWAY_PREFIX}"
-    proxy_env = dict(env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=gateway_url, FAL_PROXY_LOG_FORMAT="json",
-                     FAL_PROXY_RATE_LIMIT_RPM="1000000000", FAL_PROXY_MAX_CONCURRENT="100000",
+    proxy_env = dict(env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=gateway_url,
+                     FAL_PROXY_LOG_FORMAT="json", FAL_PROXY_RATE_LIMIT_RPM="1000000000",
+                     FAL_PROXY_MAX_CONCURRENT="100000",
                      FAL_PROXY_SUBMITS_PER_HOUR="1000000000")  # fmt: skip
     proxy = start_child("proxy", [sys.executable, "-m", "proxy", "--port", "0"], proxy_env, stack)
     pin(proxy.pid, proxy_cpus)
@@ -252,12 +253,16 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     rows = [
         (f"messages/s, 1 conn, {WINDOW} in flight, {SMALL} B", d["load"]["msgs_per_s"],
          p["load"]["msgs_per_s"], ".0f"),
-        (f"round trip p50 µs, 1 conn, sequential {SMALL} B", d["latency"]["p50_us"], p["latency"]["p50_us"], ".0f"),
-        (f"round trip p99 µs, 1 conn, sequential {SMALL} B", d["latency"]["p99_us"], p["latency"]["p99_us"], ".0f"),
-        (f"MB/s each way, 1 MiB messages, {BIG_WINDOW} in flight", d["big"]["mb_per_s"], p["big"]["mb_per_s"], ".0f"),
+        (f"round trip p50 µs, 1 conn, sequential {SMALL} B", d["latency"]["p50_us"],
+         p["latency"]["p50_us"], ".0f"),
+        (f"round trip p99 µs, 1 conn, sequential {SMALL} B", d["latency"]["p99_us"],
+         p["latency"]["p99_us"], ".0f"),
+        (f"MB/s each way, 1 MiB messages, {BIG_WINDOW} in flight", d["big"]["mb_per_s"],
+         p["big"]["mb_per_s"], ".0f"),
         ("CPU µs per message (echoed; direct: echo server's, proxy: proxy's)",
          d["load"]["echo_cpu_us_per_msg"], p["load"]["proxy_cpu_us_per_msg"], ".1f"),
-        ("CPU µs per 1 MiB message (same)", d["big"]["echo_cpu_us_per_msg"], p["big"]["proxy_cpu_us_per_msg"], ".0f"),
+        ("CPU µs per 1 MiB message (same)", d["big"]["echo_cpu_us_per_msg"],
+         p["big"]["proxy_cpu_us_per_msg"], ".0f"),
     ]  # fmt: skip
     lines = ["| WebSocket measure | direct | proxy | proxy / direct |", "|---|---:|---:|---:|"]
     for label, a, b, spec in rows:
@@ -286,17 +291,21 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
         f"- {meta['cpu']}, {meta['cpus']} CPUs; {meta['pinning']}. Python {meta['python']}, "
         f"websockets {meta['websockets']}, uvicorn {meta['uvicorn']}.",
         f"- A message is one {SMALL}-byte binary frame to the echo server and its echo back, so "
-        f"the proxy relays 2 frames per message. Latency added by the proxy: p50 {added50:+.0f} µs, "
+        f"the proxy relays 2 frames per message. Latency added by the proxy: "
+        f"p50 {added50:+.0f} µs, "
         f"p99 {added99:+.0f} µs per round trip ({p['latency']['round_trips']} proxied / "
         f"{d['latency']['round_trips']} direct round trips).",
         f"- messages/s: {meta['rounds']} x {meta['msgs_seconds']} s per mode, alternating, median "
         f"shown (direct: {each('direct')}; proxy: {each('proxy')}). During the proxied run the "
-        f"proxy used {pct(pl['proxy_cpu_util'])} of its CPU, the echo server {pct(pl['echo_cpu_util'])} "
+        f"proxy used {pct(pl['proxy_cpu_util'])} of its CPU, "
+        f"the echo server {pct(pl['echo_cpu_util'])} "
         f"and the client {pct(pl['client_cpu_util'])} of theirs (shared); direct: echo server "
-        f"{pct(dl['echo_cpu_util'])}, client {pct(dl['client_cpu_util'])}. A proxy near 100% is the "
+        f"{pct(dl['echo_cpu_util'])}, client {pct(dl['client_cpu_util'])}. "
+        f"A proxy near 100% is the "
         f"bottleneck; CPU µs from /proc/<pid>/task/*/schedstat.{bound}",
         f"- 1 MiB: {p['big']['messages']} proxied / {d['big']['messages']} direct messages in "
-        f"{meta['big_seconds']} s; proxy at {pct(p['big']['proxy_cpu_util'])} of its CPU. MB = 10^6 bytes. "
+        f"{meta['big_seconds']} s; proxy at {pct(p['big']['proxy_cpu_util'])} of its CPU. "
+        f"MB = 10^6 bytes. "
         f"Proxy RSS: {p['baseline_rss_mib']:.0f} MiB after start-up, {p['rss_after_mib']:.0f} MiB "
         f"after the runs, peak {p['peak_rss_mib']:.0f} MiB.",
     ]  # fmt: skip
@@ -353,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         proxy_cpus = set(cpus)
         pinning = "NOT pinned: only one CPU available, everything shares it"
     meta = {
-        "cpu": cpu_model(), "cpus": len(cpus), "pinning": pinning, "python": platform.python_version(),
+        "cpu": cpu_model(), "cpus": len(cpus), "pinning": pinning,
+        "python": platform.python_version(),
         "websockets": package_version("websockets"), "uvicorn": package_version("uvicorn"),
         "rounds": args.rounds, "msgs_seconds": args.msgs_s, "latency_seconds": args.latency_s,
         "big_seconds": args.big_s, "quick": args.quick,

@@ -50,7 +50,9 @@ def test_preflight_from_a_listed_origin_allows_the_sdk_headers(
             headers={
                 "origin": APP,
                 "access-control-request-method": "POST",
-                "access-control-request-headers": "content-type,x-fal-target-url,x-fal-queue-priority",
+                "access-control-request-headers": (
+                    "content-type,x-fal-target-url,x-fal-queue-priority"
+                ),
             },
         )
     assert r.status_code == 204

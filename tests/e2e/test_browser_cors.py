@@ -207,7 +207,8 @@ def run_browser(tmp_path: Path, runs: list[dict[str, Any]]) -> dict[str, dict[st
             f"{completed.stdout}\n{completed.stderr}"
         ) from None
     assert completed.returncode == 0 and report["ok"], (
-        f"browser-cors.mjs failed (exit {completed.returncode}):\n{json.dumps(report, indent=2)}\n{completed.stderr}"
+        f"browser-cors.mjs failed (exit {completed.returncode}):\n"
+        f"{json.dumps(report, indent=2)}\n{completed.stderr}"
     )
     for run in report["runs"]:
         assert run["pageErrors"] == [], run["pageErrors"]
@@ -339,7 +340,7 @@ def assert_subscribe_succeeded(
     # The emulated gateway: exactly the calls the browser made, and nothing else.
     received = fake_gateway.requests()
     assert [(r["method"], r["target_url"]) for r in received] == [
-        (e["method"], t) for e, t in zip(actual, targets)
+        (e["method"], t) for e, t in zip(actual, targets, strict=True)
     ], (received, targets)
     submit = json.loads(received[0]["body"])
     assert submit["prompt"] == run["prompt"] and submit["image_size"] == {

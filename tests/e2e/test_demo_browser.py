@@ -106,7 +106,8 @@ def run_browser(
             f"{completed.stdout}\n{completed.stderr}"
         ) from None
     assert completed.returncode == 0 and report["ok"], (
-        f"browser-demo.mjs failed (exit {completed.returncode}):\n{json.dumps(report, indent=2)}\n{completed.stderr}"
+        f"browser-demo.mjs failed (exit {completed.returncode}):\n"
+        f"{json.dumps(report, indent=2)}\n{completed.stderr}"
         f"\ndemo process output:\n" + "\n".join(demo.process.lines)
     )
     return report

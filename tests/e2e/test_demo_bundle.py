@@ -52,7 +52,8 @@ def require_node_modules() -> str:
         installed = json.loads(manifest.read_text(encoding="utf-8")).get("version")
         if installed != entry["version"]:
             pytest.fail(
-                f"tests/sdk/{key} is {installed}, the lockfile says {entry['version']}: {INSTALL_HINT}",
+                f"tests/sdk/{key} is {installed}, the lockfile says {entry['version']}: "
+                f"{INSTALL_HINT}",
                 pytrace=False,
             )
     return node
@@ -87,12 +88,13 @@ def test_vendored_bundle_is_the_build_of_the_locked_sdk(fresh_bundle: Path) -> N
     vendored = VENDORED.read_bytes()
     if fresh != vendored:
         at = next(
-            (i for i, (a, b) in enumerate(zip(fresh, vendored)) if a != b),
+            (i for i, (a, b) in enumerate(zip(fresh, vendored, strict=False)) if a != b),
             min(len(fresh), len(vendored)),
         )
         pytest.fail(
             f"{VENDORED.relative_to(ROOT)} differs from a fresh build of the locked packages "
-            f"(first difference at byte {at}; fresh {len(fresh)} bytes, vendored {len(vendored)} bytes): "
+            f"(first difference at byte {at}; fresh {len(fresh)} bytes, "
+            f"vendored {len(vendored)} bytes): "
             f"{REBUILD_HINT}",
             pytrace=False,
         )
@@ -135,7 +137,8 @@ console.log(JSON.stringify({{
   subscribe: typeof client.subscribe,
   falSubscribe: typeof m.fal.subscribe,
   falConfig: typeof m.fal.config,
-  validationIsApi: new m.ValidationError({{ message: "x", status: 422, body: {{}} }}) instanceof m.ApiError,
+  validationIsApi:
+    new m.ValidationError({{ message: "x", status: 422, body: {{}} }}) instanceof m.ApiError,
 }}));
 """
     completed = subprocess.run(

@@ -201,7 +201,8 @@ def test_path_mode_runs_the_app_on_fal_run(fake_gateway: FakeGateway) -> None:
 def test_target_mode_reaches_each_fal_host(
     fake_gateway: FakeGateway, target: str, check: Any
 ) -> None:
-    """The bare ``/fal`` URL plus ``x-fal-target-url`` reaches fal.run, queue.fal.run, rest.fal.ai."""
+    """The bare ``/fal`` URL plus ``x-fal-target-url`` reaches fal.run, queue.fal.run,
+    rest.fal.ai."""
     r = call(fake_gateway, "POST", target, json={"a": 1})
     assert r.status_code == 200 and check(r.json()), r.text
     assert fake_gateway.only_request()["target_url"] == target
@@ -790,7 +791,7 @@ def test_the_same_seed_gives_the_same_ids() -> None:
     assert tokens[0] == tokens[1] != tokens[2]
 
 
-# --- fault apps (emulator/…) ------------------------------------------------------------------------
+# --- fault apps (emulator/…) --------------------------------------------------------------------
 
 SINK_BODY = bytes(range(256)) * 40
 

@@ -352,10 +352,12 @@ def test_cookies_and_hop_headers_are_dropped_and_never_carried_over(
 def test_client_abort_mid_stream_closes_the_upstream_request(
     proxy: RunningProxy, fake_gateway: FakeGateway
 ) -> None:
-    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=5) as c:
-        with c.stream("POST", "/emulator/stall", json={}) as r:
-            request_id = r.headers["x-proxy-request-id"]
-            assert next(r.iter_lines()) == 'data: {"n": 1}'
+    with (
+        httpx.Client(base_url=proxy.url, trust_env=False, timeout=5) as c,
+        c.stream("POST", "/emulator/stall", json={}) as r,
+    ):
+        request_id = r.headers["x-proxy-request-id"]
+        assert next(r.iter_lines()) == 'data: {"n": 1}'
         # leaving the block closes the connection mid-stream
     deadline = time.monotonic() + 5
     while not any(e.startswith("disconnected:stall") for e in fake_gateway.events()):
@@ -370,9 +372,11 @@ def test_client_abort_mid_stream_closes_the_upstream_request(
 def test_client_abort_while_waiting_for_headers_closes_the_upstream_request(
     proxy: RunningProxy, fake_gateway: FakeGateway
 ) -> None:
-    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=httpx.Timeout(5, read=0.5)) as c:
-        with pytest.raises(httpx.ReadTimeout):
-            c.post("/emulator/hang", json={})
+    with (
+        httpx.Client(base_url=proxy.url, trust_env=False, timeout=httpx.Timeout(5, read=0.5)) as c,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        c.post("/emulator/hang", json={})
     deadline = time.monotonic() + 5
     while not any(e.startswith("disconnected:hang") for e in fake_gateway.events()):
         assert time.monotonic() < deadline, (
@@ -400,7 +404,8 @@ def test_stalled_upload_from_the_client_is_408(start_proxy, fake_gateway: FakeGa
     port = int(proxy.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(
-            b"POST /emulator/sink HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n4\r\nabcd\r\n"
+            b"POST /emulator/sink HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"4\r\nabcd\r\n"
         )
         # ...then send nothing more: the proxy must give up and answer.
         response = b""

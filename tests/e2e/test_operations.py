@@ -170,24 +170,26 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_0(
     import signal
 
     proxy = start_proxy(FAL_PROXY_DRAIN_SECONDS="20")
-    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=httpx.Timeout(20, read=10)) as c:
-        with c.stream("POST", "/emulator/sse?n=3", json={}) as r:
-            lines = r.iter_lines()
-            assert next(lines) == 'data: {"n": 1}'
-            proxy.process.proc.send_signal(signal.SIGTERM)  # mid-stream
-            proxy.process.wait_for_json(
-                lambda line: "Shutting down" in str(line.get("event")), timeout=10
-            )
-            with httpx.Client(trust_env=False, timeout=2) as other:  # no new connections meanwhile
-                try:
-                    other.get(proxy.url + "/healthz")
-                    accepted = True
-                except httpx.TransportError:
-                    accepted = False
-            assert not accepted
-            fake_gateway.release("sse-2")
-            fake_gateway.release("sse-3")
-            rest = [line for line in lines if line]
+    with (
+        httpx.Client(base_url=proxy.url, trust_env=False, timeout=httpx.Timeout(20, read=10)) as c,
+        c.stream("POST", "/emulator/sse?n=3", json={}) as r,
+    ):
+        lines = r.iter_lines()
+        assert next(lines) == 'data: {"n": 1}'
+        proxy.process.proc.send_signal(signal.SIGTERM)  # mid-stream
+        proxy.process.wait_for_json(
+            lambda line: "Shutting down" in str(line.get("event")), timeout=10
+        )
+        with httpx.Client(trust_env=False, timeout=2) as other:  # no new connections meanwhile
+            try:
+                other.get(proxy.url + "/healthz")
+                accepted = True
+            except httpx.TransportError:
+                accepted = False
+        assert not accepted
+        fake_gateway.release("sse-2")
+        fake_gateway.release("sse-3")
+        rest = [line for line in lines if line]
     assert rest == ['data: {"n": 2}', "event: done", 'data: {"n": 3}']  # not cut by the shutdown
     assert proxy.process.proc.wait(15) == 0
 
@@ -198,14 +200,16 @@ def test_a_stream_cut_when_the_drain_runs_out_is_logged_as_cut_without_a_traceba
     import signal
 
     proxy = start_proxy(FAL_PROXY_DRAIN_SECONDS="1")
-    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=httpx.Timeout(20, read=10)) as c:
-        with c.stream("POST", "/emulator/stall", json={}) as r:  # one event, then nothing
-            lines = r.iter_lines()
-            assert next(lines).startswith("data:")
-            proxy.process.proc.send_signal(signal.SIGTERM)
-            with pytest.raises(httpx.RemoteProtocolError):  # cut: no last chunk
-                for _ in lines:
-                    pass
+    with (
+        httpx.Client(base_url=proxy.url, trust_env=False, timeout=httpx.Timeout(20, read=10)) as c,
+        c.stream("POST", "/emulator/stall", json={}) as r,  # one event, then nothing
+    ):
+        lines = r.iter_lines()
+        assert next(lines).startswith("data:")
+        proxy.process.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(httpx.RemoteProtocolError):  # cut: no last chunk
+            for _ in lines:
+                pass
     assert proxy.process.proc.wait(15) == 0
     [line] = [r for r in proxy.request_logs() if r.get("target_path") == "/emulator/stall"]
     assert line["error"] == "shutdown" and line["level"] == "warning"

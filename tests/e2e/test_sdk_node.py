@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import re
 import shutil
@@ -83,7 +84,8 @@ def require_sdk(sdk_dir: Path = SDK_DIR) -> str:
     version = json.loads(manifest.read_text(encoding="utf-8")).get("version")
     if version != SDK_VERSION:
         pytest.fail(
-            f"tests/sdk has @fal-ai/client {version}, the tests are written for {SDK_VERSION}: {INSTALL_HINT}",
+            f"tests/sdk has @fal-ai/client {version}, the tests are written for {SDK_VERSION}: "
+            f"{INSTALL_HINT}",
             pytrace=False,
         )
     return node
@@ -189,7 +191,8 @@ def assert_path_mode(record: dict[str, Any], method: str, fal_path: str, query: 
 
 
 def assert_target_mode(record: dict[str, Any], method: str, target_url: str) -> None:
-    """A queue.fal.run target: sent to the bare gateway URL with x-fal-target-url, never cached or retried."""
+    """A queue.fal.run target: sent to the bare gateway URL with x-fal-target-url, never cached
+    or retried."""
     assert_upstream_common(record)
     assert record["method"] == method
     assert record["path"] == PREFIX
@@ -218,7 +221,8 @@ def assert_queue_sequence(
 def assert_initiated(
     record: dict[str, Any], target: str, content_type: str, extension: str
 ) -> None:
-    """An upload initiation: through the gateway in target mode, with what the SDK names the file."""
+    """An upload initiation: through the gateway in target mode, with what the SDK names the
+    file."""
     assert_target_mode(record, "POST", target)
     body = json.loads(record["body"])
     assert body["content_type"] == content_type
@@ -397,7 +401,7 @@ def test_subscribe_polls_until_completed(proxy: RunningProxy, fake_gateway: Fake
     # One update per poll (every 20 ms over a ~150 ms job): each state seen, in order.
     assert statuses([u["status"] for u in updates]) == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
     # logs=1: the log lines arrive while the job runs; each poll has all of them so far.
-    for before, after in zip(updates, updates[1:]):
+    for before, after in itertools.pairwise(updates):
         assert after["logs"][: len(before["logs"])] == before["logs"]
     assert all(u["logs"] == [] for u in updates if u["status"] == "IN_QUEUE")
     assert updates[-1]["logs"] == JOB_LOGS
@@ -429,7 +433,7 @@ def test_subscribe_streaming_status(proxy: RunningProxy, fake_gateway: FakeGatew
         ("GET", f"{base}/status/stream?logs=0"),
         ("GET", base),
     ]
-    submit, status_stream, result = assert_queue_sequence(outcome, proxy, fake_gateway, expected)
+    _submit, status_stream, _result = assert_queue_sequence(outcome, proxy, fake_gateway, expected)
     assert "text/event-stream" in status_stream["header_map"]["accept"]
 
 
@@ -600,7 +604,7 @@ def test_multipart_upload_initiates_through_the_proxy_and_sends_the_parts_direct
     uploads = fake_gateway.requests("upload")
     assert len(uploads) == len(direct) == len(parts) + 1
     upload_path = uploads[0]["path"].rsplit("/", 1)[0]  # <upload_url path>/<n>?<its query>
-    for number, (part, record, sent) in enumerate(zip(parts, uploads, direct), 1):
+    for number, (part, record, sent) in enumerate(zip(parts, uploads, direct, strict=False), 1):
         assert_sent_direct(sent, record, fake_gateway)
         assert (record["method"], record["path"]) == ("PUT", f"{upload_path}/{number}")
         assert (record["body_len"], record["body_sha256"]) == (part["size"], part["sha256"])

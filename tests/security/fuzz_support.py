@@ -356,12 +356,15 @@ class Outcome:
 
     def summary(self) -> str:
         return (
-            f"statuses={[r.status for r in self.replies]} timed_out={self.timed_out} reset={self.reset} "
+            f"statuses={[r.status for r in self.replies]} timed_out={self.timed_out} "
+            f"reset={self.reset} "
             f"received={self.received[:400]!r}"
         )
 
 
-_CLOSE_FRAME = b"\x88\x82\x01\x02\x03\x04" + bytes(b ^ m for b, m in zip(b"\x03\xe8", b"\x01\x02"))
+_CLOSE_FRAME = b"\x88\x82\x01\x02\x03\x04" + bytes(
+    b ^ m for b, m in zip(b"\x03\xe8", b"\x01\x02", strict=True)
+)
 
 
 def send_raw(

@@ -1225,7 +1225,7 @@ def token_texts(draw: st.DrawFn) -> str:
     members = [("allowed_apps", json.dumps(apps))]
     if draw(st.booleans()):
         members.append(
-            ("token_expiration", draw(st.sampled_from(["120", "60", "300"] + EXPIRATIONS)))
+            ("token_expiration", draw(st.sampled_from(["120", "60", "300", *EXPIRATIONS])))
         )
     for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):  # duplicates, case variants, extras
         key = draw(st.sampled_from(KEYS))

@@ -304,7 +304,8 @@ def test_a_browser_request_from_another_site_never_goes_upstream(
 def test_a_rebinding_page_on_its_own_name_is_refused(
     start_proxy: Any, fake_gateway: FakeGateway
 ) -> None:
-    # evil.example re-pointed at 127.0.0.1: the browser calls it same-origin, the Host says otherwise.
+    # evil.example re-pointed at 127.0.0.1: the browser calls it same-origin, the Host says
+    # otherwise.
     proxy = start_proxy()
     port = proxy.url.rsplit(":", 1)[1]
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
@@ -329,7 +330,10 @@ def test_a_body_that_never_arrives_holds_no_slot_and_gets_408(
     proxy = start_proxy(FAL_PROXY_IDLE_TIMEOUT="1.5", FAL_PROXY_MAX_CONCURRENT="1")
     host, port = proxy.url.split("://")[1].split(":")
     stalled = socket.create_connection((host, int(port)), timeout=DEADLINE)
-    head = f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        "content-length: 100\r\n"
+    )
     stalled.sendall(
         (head + (f"x-fal-target-url: {target}\r\n" if target else "") + "\r\n").encode()
     )
@@ -516,7 +520,8 @@ def raw_exchange(proxy: RunningProxy, data: bytes) -> bytes:
         b"GET /emulator/echo HTTP/1.0\r\nhost: a\r\nhost: a\r\n\r\n",
         b"CONNECT evil.example:443 HTTP/1.1\r\nhost: evil.example:443\r\n\r\n",
         b"GET /emulator/echo HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n"
-        b"host: y\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        b"host: y\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"sec-websocket-version: 13\r\n\r\n",
     ],
 )
 def test_malformed_request_heads_are_refused_before_anything_goes_upstream(

@@ -142,7 +142,7 @@ def random_case(draw: st.DrawFn, name: str) -> str:
     if not draw(st.booleans()):
         return name
     flags = draw(st.lists(st.booleans(), min_size=len(name), max_size=len(name)))
-    return "".join(c.upper() if f else c for c, f in zip(name, flags))
+    return "".join(c.upper() if f else c for c, f in zip(name, flags, strict=True))
 
 
 header_names = st.one_of(
@@ -295,7 +295,8 @@ def test_upstream_headers_never_carry_client_credentials_or_gateway_controls(
     # Everything else is a client header the policy lets through, unchanged.
     forwarded = [(n, v) for n, v in out if n not in OWNED]
     event(
-        f"client credentials sent: {any(n in CREDENTIALS or n == injected.caller_header for n, _ in sent)}, "
+        "client credentials sent: "
+        f"{any(n in CREDENTIALS or n == injected.caller_header for n, _ in sent)}, "
         f"forwarded any: {bool(forwarded)}"
     )
     caller = injected.caller_header
@@ -362,8 +363,9 @@ def test_upstream_headers_refuse_non_utf8_only_when_forwarding_it(
 
 # --- response headers ---------------------------------------------------------------------------
 
-RESPONSE_DROPPED = HOP_BY_HOP + ("set-cookie", "set-cookie2", "alt-svc")
-RESPONSE_NAMES = RESPONSE_DROPPED + (
+RESPONSE_DROPPED = (*HOP_BY_HOP, "set-cookie", "set-cookie2", "alt-svc")
+RESPONSE_NAMES = (
+    *RESPONSE_DROPPED,
     "content-type",
     "content-length",
     "content-encoding",
@@ -919,7 +921,7 @@ def _no_secret(blob: bytes) -> bool:
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(request=e2e_requests())
-def test_end_to_end_the_key_never_reaches_the_client_or_the_logs_and_client_credentials_never_go_upstream(
+def test_end_to_end_the_key_never_reaches_the_client_or_the_logs_and_client_credentials_never_go_upstream(  # noqa: E501 - a test name cannot be wrapped
     proxy: RunningProxy,
     fake_gateway: FakeGateway,
     request: tuple[str, str, str, list[tuple[str, str]]],
