@@ -6,12 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SDK_DIR := tests/sdk
 
-.PHONY: install demo run emulator test test-unit test-e2e bench soak clean
+.PHONY: install demo run emulator check test test-unit test-e2e bench soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[test,bench,check]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +32,12 @@ emulator: install
 # Run the proxy with the settings in the environment (see README: FAL_KEY, CF_ACCOUNT_ID, ...).
 run: install
 	$(VENV)/bin/fal-gateway-proxy
+
+# Lint, format and types (pinned in pyproject's "check" extra); CI runs it before the tests.
+check: install
+	$(VENV)/bin/ruff check proxy tests bench
+	$(VENV)/bin/ruff format --check proxy tests bench
+	$(VENV)/bin/mypy
 
 test: install $(SDK_DIR)/node_modules/.package-lock.json
 	$(PY) -m pytest

@@ -18,7 +18,16 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
 
 
 def _read_secret_file(env: Mapping[str, str], name: str) -> str:
-    path = Path(env[name].strip())
+    return read_secret_file(name, env[name].strip())
+
+
+def read_secret_file(name: str, file: str) -> str:
+    """The secret in ``file`` (named by variable ``name``), checked as start-up checks it.
+
+    The one reader for start-up and for rotation (:mod:`proxy.secrets_reload`), so a rotated
+    value gets the same header-safety check. Raises SettingsError naming ``name``.
+    """
+    path = Path(file)
     try:
         value = path.read_text(encoding="utf-8").strip()
     except OSError as exc:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from .envvars import SettingsError, read_secret_file
 from .headers import InjectedHeaders
 from .logs import get_logger
 from .settings import Secret, Settings
@@ -23,14 +23,15 @@ from .settings import Secret, Settings
 log = get_logger("proxy.secrets")
 
 
-def _read(path: str | None) -> str | None:
+def _read(name: str, path: str | None) -> str | None:
+    """The file's value, checked as at start-up; None (and a warning) if it is not usable."""
     if path is None:
         return None
     try:
-        value = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
+        return read_secret_file(name, path)
+    except SettingsError as exc:  # the message names the variable and file, never the value
+        log.warning("secret_file_unusable", problem=str(exc), keeping="the previous value")
         return None
-    return value or None
 
 
 async def watch_secret_files(settings: Settings, install: Callable[[InjectedHeaders], Any]) -> None:
@@ -40,8 +41,8 @@ async def watch_secret_files(settings: Settings, install: Callable[[InjectedHead
     current = settings
     while True:
         await asyncio.sleep(settings.secret_reload_seconds)
-        key = _read(settings.fal_key_file)
-        token = _read(settings.cf_aig_token_file)
+        key = _read("FAL_KEY_FILE", settings.fal_key_file)
+        token = _read("CF_AIG_TOKEN_FILE", settings.cf_aig_token_file)
         changes: dict[str, Any] = {}
         for name, path, value, old in (
             ("fal_key", settings.fal_key_file, key, current.fal_key),
@@ -50,8 +51,8 @@ async def watch_secret_files(settings: Settings, install: Callable[[InjectedHead
             if path is None:
                 continue
             if value is None:
-                log.warning("secret_file_unreadable", file=path, keeping="the previous value")
-            elif old is None or value != old.reveal():
+                continue  # (_read said why)
+            if old is None or value != old.reveal():
                 changes[name] = Secret(value)
         if changes:
             current = dataclasses.replace(current, **changes)

@@ -64,6 +64,27 @@ def test_a_rotated_key_file_is_used_without_dropping_traffic(
     assert all(FAL_KEY not in str(line) for line in proxy.logs())
 
 
+def test_a_rotated_key_that_start_up_would_refuse_is_not_used(
+    start_proxy, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "fal_key"
+    key_file.write_text(FAL_KEY + "\n")
+    proxy = start_proxy(
+        FAL_KEY="", FAL_KEY_FILE=str(key_file), FAL_PROXY_SECRET_RELOAD_SECONDS="0.2"
+    )
+    key_file.write_text("new-key\r\nx-evil: 1\n")  # a header injection, one reader later
+    proxy.process.wait_for_json(
+        lambda line: line.get("event") == "secret_file_unusable", timeout=10
+    )
+    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
+        assert c.post("/emulator/echo", json={}).status_code == 200  # still the old, good key
+    sent = fake_gateway.requests()[-1]["header_map"]
+    assert sent["authorization"] == f"Key {FAL_KEY}" and "x-evil" not in sent
+    assert not any(line.get("event") == "secret_reloaded" for line in proxy.logs())
+    [warning] = [line for line in proxy.logs() if line.get("event") == "secret_file_unusable"][:1]
+    assert "FAL_KEY_FILE" in warning["problem"] and "new-key" not in str(warning)
+
+
 def _check(*args: str, **env: str):
     import subprocess
     import sys
