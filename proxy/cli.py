@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     table = "\n".join(
         f"  {name:<{width}}  {meaning}"
         + (
-            f" ({default})"
+            f" {default}"  # already in brackets: "(required)", "(all)"
             if default.startswith("(")
             else f" (default {default})"
             if default

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from proxy.errors import LimiterUnavailable, RateLimited
 from proxy.limits import REDIS_TIMEOUT, Lease, Limiter, LimitSettings, RedisLimiter, create_limiter
@@ -212,7 +213,7 @@ async def test_renewal_keeps_a_held_lease_past_its_ttl(redis_server: RedisServer
             await refused(other)
             await asyncio.sleep(0.1)
         await lease.release()
-        await other.admit("web", submit=False)
+        assert isinstance(await other.admit("web", submit=False), Lease)
 
 
 async def test_a_release_cancelled_midway_still_frees_the_slot(redis_server: RedisServer) -> None:
@@ -270,8 +271,12 @@ async def test_unreachable_redis_fails_open_when_asked() -> None:
         url, requests_per_minute=1, concurrent=1, submits_per_hour=1, redis_failure="open"
     )
     async with running(lenient) as limiter:
-        # Admitted unchecked, not refused: three over every limit of one.
-        leases = [await limiter.admit("web", submit=True) for _ in range(3)]
+        # Admitted unchecked, not refused: three over every limit of one, each said in the log.
+        with structlog.testing.capture_logs() as logged:
+            leases = [await limiter.admit("web", submit=True) for _ in range(3)]
+        assert all(isinstance(lease, Lease) for lease in leases)
+        unchecked = [e for e in logged if e["event"] == "limiter_unavailable"]
+        assert len(unchecked) == 3 and all(e.get("admitted_unchecked") for e in unchecked)
         for lease in leases:
             await lease.release()
 

@@ -63,8 +63,9 @@ def test_apps_per_kind_of_call(url: str, allowed: bool) -> None:
 
 
 def test_no_patterns_allow_everything() -> None:
-    AppPolicy(()).check(target("https://fal.run/anything/at-all"))
-    AppPolicy(("*",)).check(target("https://fal.run/anything/at-all"))
+    assert AppPolicy(()).check(target("https://fal.run/anything/at-all")) == "*"
+    assert AppPolicy(("*",)).check(target("https://fal.run/anything/at-all")) == "*"
+    assert AppPolicy(("*",)).allows_all and not POLICY.allows_all
 
 
 def token(apps, expiration=120) -> bytes:

@@ -178,6 +178,7 @@ async def test_zero_means_unlimited() -> None:
     try:
         # None released until the end, submits and not.
         leases = [await limiter.admit("web", submit=i % 2 == 0) for i in range(2000)]
+        assert len(leases) == 2000 and all(isinstance(lease, Lease) for lease in leases)
         for lease in leases:
             await lease.release()
     finally:
