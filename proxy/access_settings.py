@@ -188,7 +188,11 @@ ACCESS_VARIABLES: tuple[tuple[str, str, str], ...] = (
     ("FAL_PROXY_AUTH", "none", "how callers prove who they are: none, token or jwt"),
     ("FAL_PROXY_AUTH_HEADER", "x-proxy-authorization", "header carrying the caller's credential"),
     ("FAL_PROXY_CLIENT_TOKENS_FILE", "", "with auth=token: file of '<caller-id> <token>' lines"),
-    ("FAL_PROXY_JWT_SECRET, FAL_PROXY_JWT_SECRET_FILE", "", "with auth=jwt: HS256 secret (32+ characters)"),
+    (
+        "FAL_PROXY_JWT_SECRET, FAL_PROXY_JWT_SECRET_FILE",
+        "",
+        "with auth=jwt: HS256 secret (32+ characters)",
+    ),
     ("FAL_PROXY_JWT_JWKS_FILE", "", "with auth=jwt: JWKS file of RS256/ES256 public keys"),
     ("FAL_PROXY_JWT_JWKS_URL", "", "with auth=jwt: JWKS URL (https)"),
     ("FAL_PROXY_JWT_ISSUER", "", "with auth=jwt: required iss"),

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.redis_support import RedisServer, free_port, stop_process
+from tests.redis_support import RedisServer, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 # Sentinels: if either string shows up in a response or a log line, a secret leaked.
@@ -245,7 +245,7 @@ def client(proxy: RunningProxy) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis") / "redis.log").start()
+    server = RedisServer(0, tmp_path_factory.mktemp("redis") / "redis.log").start()
     yield server
     server.stop()
 
@@ -253,6 +253,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A server this test may stop and restart."""
-    server = RedisServer(free_port(), tmp_path / "redis.log").start()
+    server = RedisServer(0, tmp_path / "redis.log").start()
     yield server
     server.stop()

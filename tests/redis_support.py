@@ -44,38 +44,50 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        """Start the server; with ``port`` 0, on a free port of its own.
+
+        redis-server cannot bind port 0, so a free port is picked first, and another process
+        may take it in between: then the server exits, and another port is tried. A PING is
+        only believed from this process's own server (its ``process_id``), never from
+        whatever else might already listen there.
+        """
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail(
                 "redis-server is not installed: apt-get install redis-server "
                 "(.ci/run installs it when missing)"
             )
+        choose = self.port == 0
+        for _attempt in range(5):
+            if choose:
+                self.port = free_port()
+            if self._start_on(binary):
+                return self
+            if not choose:
+                break
+        pytest.fail(f"redis-server did not start:\n{self.log.read_text()}")
+
+    def _start_on(self, binary: str) -> bool:
+        """True once our server answers PING on ``self.port``; False if it exited."""
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-            )
+            )  # fmt: skip
         client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
         deadline = time.monotonic() + START_TIMEOUT
         try:
             while True:
                 try:
-                    if client.ping():
-                        return self
+                    if int(client.info("server")["process_id"]) == self.proc.pid:
+                        return True
                 except redis.ConnectionError:
                     pass
-                if self.proc.poll() is not None or time.monotonic() > deadline:
+                if self.proc.poll() is not None:  # e.g. the port was taken meanwhile
+                    return False
+                if time.monotonic() > deadline:
                     self.stop()
                     pytest.fail(f"redis-server did not answer PING:\n{self.log.read_text()}")
                 time.sleep(0.02)
