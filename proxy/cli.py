@@ -15,6 +15,7 @@ import secrets
 import signal
 import socket
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -226,6 +227,11 @@ def _run_uvicorn(
     import uvicorn
 
     from .server_protocol import guarded_protocol
+
+    # The "websockets" implementation is deprecated, but its replacement (websockets-sansio,
+    # uvicorn 0.54) logs an error after every refused upgrade: see the ws= setting below. Say
+    # so once here rather than warn every operator at every start.
+    warnings.filterwarnings("ignore", message="The `websockets` implementation is deprecated")
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: Any = None) -> None:
