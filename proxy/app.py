@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from .admission import Admission
 from .bridge_ws import Bridge
+from .errors import NotFound
 from .forward import Forwarder
 from .headers import InjectedHeaders
 from .logs import get_logger
@@ -99,10 +100,9 @@ def create_app(settings: Settings) -> ProxyApp:
 
     async def metrics_endpoint(_request: Request) -> Response:
         if settings.metrics_port is not None:
-            return JSONResponse(
-                {"message": "not found", "detail": "metrics are on FAL_PROXY_METRICS_PORT"},
-                status_code=404,
-            )
+            error = NotFound("not found", "metrics are on FAL_PROXY_METRICS_PORT")
+            body = error.body()
+            return Response(body, error.status, headers={"content-type": "application/json"})
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

@@ -26,7 +26,6 @@ ways until either side closes.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import time
@@ -38,7 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.typing import Subprotocol
 
 from .admission import Admission, RequestHeaders
-from .errors import ProxyError
+from .errors import ProxyError, UpstreamUnavailable
 from .headers import CLIENT_PROXY_ID, InjectedHeaders
 from .logs import get_logger
 from .metrics import Metrics
@@ -148,19 +147,15 @@ class Bridge:
             await self._bridge(scope, receive, send, session, target.path, query, offered)
         except ProxyError as exc:
             session.error = exc.reason
-            await _refuse(scope, send, exc.status, exc.body())
+            await _refuse(scope, send, exc)
         except Exception:
             # A bug, not hostile input we know: logged here (uvicorn would print "Exception in
             # ASGI application"), and the client refused or closed with 1011.
             session.error = "internal"
             self.log.exception("internal_error", request_id=session.request_id)
             if session.upstream is None:
-                await _refuse(
-                    scope,
-                    send,
-                    500,
-                    _json_error("internal proxy error", f"request id {session.request_id}"),
-                )
+                internal = ProxyError("internal proxy error", f"request id {session.request_id}")
+                await _refuse(scope, send, internal)
         finally:
             if lease is not None:
                 await lease.release()
@@ -203,16 +198,18 @@ class Bridge:
             )
         except InvalidStatus as exc:
             session.error = "upstream_refused"
-            await _refuse(scope, send, exc.response.status_code, bytes(exc.response.body or b""))
+            # The upstream's own refusal, relayed as it came (status and body).
+            body = bytes(exc.response.body or b"")
+            relayed = [(b"content-type", b"application/json"),
+                       (b"content-length", str(len(body)).encode())]  # fmt: skip
+            await _send_refusal(scope, send, exc.response.status_code, relayed, body)
             return
         except (TimeoutError, InvalidHandshake, OSError) as exc:
             session.error = "upstream_unavailable"
-            await _refuse(
-                scope,
-                send,
-                502,
-                _json_error("the gateway could not be reached", type(exc).__name__),
+            unreachable = UpstreamUnavailable(
+                "the gateway could not be reached", type(exc).__name__
             )
+            await _refuse(scope, send, unreachable)
             return
         session.upstream, session.client_send = upstream, send
         # One of the client's own offers: the upstream's choice, else a non-credential one, else
@@ -384,23 +381,18 @@ def _sendable(code: int | None) -> int:
     return code
 
 
-def _json_error(message: str, detail: str) -> bytes:
-    return json.dumps({"message": message, "detail": detail}).encode()
+async def _refuse(scope: Scope, send: Send, exc: ProxyError) -> None:
+    """Refuse the upgrade with the proxy's own JSON error."""
+    body = exc.body()
+    await _send_refusal(scope, send, exc.status, exc.headers(body), body)
 
 
-async def _refuse(scope: Scope, send: Send, status: int, body: bytes) -> None:
-    """Refuse the upgrade with an HTTP status where the server allows it, else close (→ 403)."""
+async def _send_refusal(
+    scope: Scope, send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    """Refuse with an HTTP status where the server allows it, else close (→ 403)."""
     if "websocket.http.response" in (scope.get("extensions") or {}):
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008 if status < 500 else 1011})

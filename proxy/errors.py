@@ -24,6 +24,7 @@ secret (the proxy never puts header values in them).
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 
 class ProxyError(Exception):
@@ -41,6 +42,34 @@ class ProxyError(Exception):
 
     def body(self) -> bytes:
         return json.dumps({"message": self.message, "detail": self.detail}).encode()
+
+    def headers(self, body: bytes) -> list[tuple[bytes, bytes]]:
+        """The response headers for this error with ``body``: its type and length, and what
+        its status calls for (``Retry-After``, ``Allow``)."""
+        return [(b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()), *self.extra_headers()]  # fmt: skip
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return []
+
+    def http_response(self) -> bytes:
+        """The whole answer as HTTP/1.1 bytes, for the server protocol (before any ASGI
+        app runs); the connection closes after it."""
+        body = self.body()
+        head = [b"HTTP/1.1 %d %s" % (self.status, HTTPStatus(self.status).phrase.encode())]
+        head += [name + b": " + value for name, value in self.headers(body)]
+        return b"\r\n".join([*head, b"connection: close", b"", b""]) + body
+
+
+class _RetryLater(ProxyError):
+    """A refusal that says when to come back (``Retry-After``)."""
+
+    def __init__(self, message: str, detail: str = "", *, retry_after: int = 1) -> None:
+        super().__init__(message, detail)
+        self.retry_after = retry_after
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(self.retry_after).encode())]
 
 
 class BadRequest(ProxyError):
@@ -67,9 +96,12 @@ class MethodNotAllowed(ProxyError):
     status = 405
     reason = "method_not_allowed"
 
-    def __init__(self, message: str, detail: str = "", *, allow: str | None = None) -> None:
+    def __init__(self, message: str, detail: str = "", *, allow: str) -> None:
         super().__init__(message, detail)
-        self.allow = allow  # the Allow header; None: every method the proxy forwards
+        self.allow = allow  # the Allow header
+
+    def extra_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"allow", self.allow.encode())]
 
 
 class RequestTimeout(ProxyError):
@@ -92,15 +124,11 @@ class MisdirectedRequest(ProxyError):
     reason = "host_refused"
 
 
-class RateLimited(ProxyError):
+class RateLimited(_RetryLater):
     """A limit in :mod:`proxy.limits` was reached; ``retry_after`` feeds the Retry-After header."""
 
     status = 429
     reason = "rate_limited"
-
-    def __init__(self, message: str, detail: str = "", *, retry_after: int = 1) -> None:
-        super().__init__(message, detail)
-        self.retry_after = retry_after
 
 
 class HeadersTooLarge(ProxyError):
@@ -113,15 +141,11 @@ class UpstreamUnavailable(ProxyError):
     reason = "upstream_unavailable"
 
 
-class LimiterUnavailable(ProxyError):
+class LimiterUnavailable(_RetryLater):
     """Redis failed and FAL_PROXY_REDIS_FAILURE is "closed": refuse rather than admit unchecked."""
 
     status = 503
     reason = "limiter_unavailable"
-
-    def __init__(self, message: str, detail: str = "", *, retry_after: int = 1) -> None:
-        super().__init__(message, detail)
-        self.retry_after = retry_after
 
 
 class ShuttingDown(ProxyError):

@@ -45,10 +45,9 @@ from .metrics import Metrics
 from .settings import Settings
 from .targets import Target, check_method, resolve_target
 
-_JSON_HEADERS = [(b"content-type", b"application/json")]
 # What the fal SDKs send (run with a custom method included); anything else is refused.
 FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
-_ALLOW = ", ".join(sorted(FORWARDED_METHODS)).encode()
+_ALLOW = ", ".join(sorted(FORWARDED_METHODS))
 
 
 class _ClientGone(Exception):
@@ -212,28 +211,8 @@ class Forwarder:
     async def _send_error(self, send: Send, exc: ProxyError, ex: Exchange) -> None:
         body = exc.body()
         ex.status = exc.status
-        await send(
-            {
-                "type": "http.response.start",
-                "status": exc.status,
-                "headers": [
-                    *_JSON_HEADERS,
-                    (b"content-length", str(len(body)).encode()),
-                    (b"x-proxy-request-id", ex.request_id.encode()),
-                    *(
-                        [(b"allow", (getattr(exc, "allow", None) or _ALLOW.decode()).encode())]
-                        if exc.status == 405
-                        else []
-                    ),
-                    *(
-                        [(b"retry-after", str(retry).encode())]
-                        if (retry := getattr(exc, "retry_after", None)) is not None
-                        else []
-                    ),
-                    *ex.cors,
-                ],
-            }
-        )
+        headers = [*exc.headers(body), (b"x-proxy-request-id", ex.request_id.encode()), *ex.cors]
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         ex.bytes_out += len(body)
 
@@ -249,7 +228,9 @@ class Forwarder:
             return
         ex.cors = admission.cors(admission.cors_origin(seen))
         if ex.method not in FORWARDED_METHODS:
-            raise MethodNotAllowed(f"method {ex.method} not allowed", f"allowed: {_ALLOW.decode()}")
+            raise MethodNotAllowed(
+                f"method {ex.method} not allowed", f"allowed: {_ALLOW}", allow=_ALLOW
+            )
         ex.caller = await admission.caller(seen)
         declared_length: int | None = None
         if seen.content_length is not None:

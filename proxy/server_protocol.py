@@ -18,11 +18,11 @@ Everything else (parsing, flow control, keep-alive, upgrades) is uvicorn's.
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .errors import BadRequest, RequestTimeout
 from .logs import get_logger
 from .request_head import head_problem
 
@@ -31,14 +31,6 @@ log = get_logger("proxy.request")
 
 class _BadHead(Exception):
     """Raised inside a parser callback: httptools wraps it and uvicorn answers 400."""
-
-
-def _response(status: int, reason: bytes, message: str, detail: str) -> bytes:
-    body = json.dumps({"message": message, "detail": detail}).encode()
-    return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n" % (status, reason, len(body))
-    ) + body
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -108,7 +100,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             client_ip=self.client[0] if self.client else None,
         )
         if not self._abandon_cycles():  # a 400 now would read as the answer to the request before
-            self.transport.write(_response(400, b"Bad Request", "invalid HTTP request", detail))
+            self.transport.write(BadRequest("invalid HTTP request", detail).http_response())
         self.transport.close()
 
     def _abandon_cycles(self) -> bool:
@@ -144,15 +136,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             client_ip=self.client[0] if self.client else None,
         )
         if not self._abandon_cycles():  # nothing else is being written
-            self.transport.write(
-                _response(
-                    408,
-                    b"Request Timeout",
-                    "request headers too slow",
-                    f"the request head must arrive within {self.header_timeout:g}s "
-                    "(FAL_PROXY_HEADER_TIMEOUT)",
-                )
+            timeout = RequestTimeout(
+                "request headers too slow",
+                f"the request head must arrive within {self.header_timeout:g}s "
+                "(FAL_PROXY_HEADER_TIMEOUT)",
             )
+            self.transport.write(timeout.http_response())
         self.transport.close()
 
 
