@@ -1,11 +1,14 @@
 """Admission: may this request go upstream at all? Every check before the first byte leaves.
 
-The order is cheapest and least revealing first: sizes → origin → caller → (target
-resolution, in the forwarder) → app → rate limits. Each refusal is a
+One path for both transports (:meth:`Admission.admit`; the HTTP forwarder and the WebSocket
+bridge both call it), in one order, cheapest and least revealing first: sizes → host →
+browser context → method → caller → target → app; then, once the request is ready to go,
+a concurrency slot and the rate windows (:meth:`Admission.take_slot`). Each refusal is a
 :class:`~proxy.errors.ProxyError` with its own reason tag, answered as JSON and logged on
 the request's canonical line. The policies themselves are pure functions in
-:mod:`proxy.origins`, :mod:`proxy.callers`, :mod:`proxy.allowed_apps` and
-:mod:`proxy.client_ip`; this module only reads the request's headers once and applies them.
+:mod:`proxy.origins`, :mod:`proxy.callers`, :mod:`proxy.targets`, :mod:`proxy.allowed_apps`
+and :mod:`proxy.client_ip`; this module only reads the request's headers once and applies
+them.
 """
 
 from __future__ import annotations
@@ -17,18 +20,17 @@ from starlette.types import Scope
 from .allowed_apps import AppPolicy
 from .callers import CallerAuth, JwtAuth, NoAuth, TokenAuth
 from .client_ip import client_ip, limit_key
-from .errors import HeadersTooLarge, MisdirectedRequest, URITooLong
-from .limits import Limiter, LimitSettings, create_limiter
+from .errors import BadRequest, HeadersTooLarge, MethodNotAllowed, MisdirectedRequest, URITooLong
+from .limits import Lease, Limiter, LimitSettings, create_limiter
 from .origins import (
     OriginPolicy,
     check_browser_request,
     check_origin,
-    cors_headers,
     preflight_headers,
 )
 from .request_head import host_allowed
 from .settings import Settings
-from .targets import Target, starts_generation
+from .targets import Target, check_method, resolve_target, starts_generation
 
 
 @dataclass
@@ -75,8 +77,27 @@ class RequestHeaders:
         return out
 
 
+# What the fal SDKs send (run with a custom method included); anything else is refused.
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+ALLOWED_METHODS = ", ".join(sorted(FORWARDED_METHODS))
+
+
+@dataclass
+class Admitted:
+    """What admission has learned of a request, filled in as each check passes (so a refused
+    request's log line still shows what was known when it was refused)."""
+
+    client_ip: str = "unknown"
+    cors_origin: str | None = None  # a listed cross-origin caller, to answer with CORS headers
+    caller: str | None = None
+    declared_length: int | None = None  # the content-length, parsed
+    target: Target | None = None
+    app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
+
+
 class Admission:
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         access = settings.access
         self.access = access
         self.origins = OriginPolicy.build(
@@ -100,6 +121,54 @@ class Admission:
                 redis_url=access.redis_url,
                 redis_failure=access.redis_failure,
             )
+        )
+
+    async def admit(
+        self, scope: Scope, seen: RequestHeaders, admitted: Admitted, *, method: str, query: str,
+        target_header: str | None, websocket: bool = False,
+    ) -> Admitted:  # fmt: skip
+        """Every check but the slot, in order; fills ``admitted`` as it goes, raises a refusal.
+
+        ``query`` is the raw query string (a WebSocket's without its ``fal_jwt_token``),
+        ``target_header`` the SDK's ``x-fal-target-url`` (None on sockets).
+        """
+        admitted.client_ip = self.client(scope, seen)
+        self.check_sizes(scope, seen)
+        self.check_host(seen)
+        # Browsers apply no CORS to sockets, so the browser check is what refuses a page there.
+        admitted.cors_origin = self.cors_origin(seen)
+        if not websocket and method not in FORWARDED_METHODS:
+            raise MethodNotAllowed(
+                f"method {method} not allowed", f"allowed: {ALLOWED_METHODS}", allow=ALLOWED_METHODS
+            )
+        admitted.caller = await self.caller(seen)
+        if seen.content_length is not None:
+            try:
+                admitted.declared_length = int(seen.content_length)
+            except ValueError:
+                raise BadRequest("invalid content-length header") from None
+        raw_path = scope.get("raw_path")
+        admitted.target = target = resolve_target(
+            raw_path.decode("latin-1") if raw_path else scope["path"],
+            query,
+            target_header,
+            gateway_url=self.settings.gateway_url,
+            proxy_route=self.settings.proxy_route,
+        )
+        if not websocket:
+            check_method(method, target)
+        admitted.app = self.check_app(target)
+        return admitted
+
+    async def take_slot(self, admitted: Admitted, method: str, *, websocket: bool = False) -> Lease:
+        """The rate windows and a concurrency slot, once the request is ready to go.
+
+        A WebSocket session can run the app as often as it sends: it counts as a generation.
+        """
+        assert admitted.target is not None, "admit() first"
+        generation = websocket or starts_generation(method, admitted.target)
+        return await self.limiter.admit(
+            self.limit_key(admitted.caller, admitted.client_ip), submit=generation
         )
 
     def check_sizes(self, scope: Scope, headers: RequestHeaders) -> None:
@@ -126,13 +195,12 @@ class Admission:
             headers.origin, headers.referer, headers.fetch_site, headers.host, self.origins
         )
 
-    def preflight(self, headers: RequestHeaders) -> list[tuple[bytes, bytes]]:
+    def preflight(self, scope: Scope, headers: RequestHeaders) -> list[tuple[bytes, bytes]]:
+        """The answer to a CORS preflight (sizes, host and origin checked first)."""
+        self.check_sizes(scope, headers)
+        self.check_host(headers)
         origin = check_origin(headers.origin, headers.host, self.origins)
         return preflight_headers(origin or headers.origin or "", self.origins)
-
-    @staticmethod
-    def cors(origin: str | None) -> list[tuple[bytes, bytes]]:
-        return cors_headers(origin) if origin else []
 
     async def caller(self, headers: RequestHeaders) -> str | None:
         return await self.auth.authenticate(headers.credential)
@@ -155,7 +223,3 @@ class Admission:
     def check_token_body(self, body: bytes) -> bytes:
         """The token request body to forward (re-serialised), or raise."""
         return self.apps.check_token(body, self.access.token_max_expiration)
-
-    @staticmethod
-    def starts_generation(method: str, target: Target) -> bool:
-        return starts_generation(method, target)

@@ -36,13 +36,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from .admission import Admission, RequestHeaders
+from .admission import Admission, Admitted, RequestHeaders
 from .errors import ProxyError, UpstreamUnavailable
 from .headers import CLIENT_PROXY_ID, InjectedHeaders
 from .logs import get_logger
 from .metrics import Metrics
 from .settings import Settings
-from .targets import resolve_target
 
 CREDENTIAL_SUBPROTOCOLS = ("fal-api-key.", "cf-aig-authorization.", "proxy-authorization.")
 CALLER_SUBPROTOCOL = "proxy-authorization."
@@ -125,25 +124,16 @@ class Bridge:
             offered: list[str] = list(scope.get("subprotocols") or [])
             if seen.credential is None:  # browsers: the caller credential as a sub-protocol
                 seen.credential = caller_from_subprotocols(offered)
-            self.admission.check_sizes(scope, seen)
-            self.admission.check_host(seen)
-            self.admission.cors_origin(seen)  # browsers apply no CORS to sockets: refuse here
-            session.caller = await self.admission.caller(seen)
-            raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
             query = without_token(scope["query_string"].decode("latin-1"))
-            target = resolve_target(
-                raw_path,
-                query,
-                None,
-                gateway_url=self.settings.gateway_url,
-                proxy_route=self.settings.proxy_route,
-            )
-            self.admission.check_app(target)
-            client_ip = self.admission.client(scope, seen)
-            # A session can run the app as often as it sends: it counts as a generation.
-            lease = await self.admission.limiter.admit(
-                self.admission.limit_key(session.caller, client_ip), submit=True
-            )
+            admitted = Admitted()
+            try:
+                await self.admission.admit(scope, seen, admitted, method="GET", query=query,
+                                           target_header=None, websocket=True)  # fmt: skip
+            finally:
+                session.caller = admitted.caller
+            target = admitted.target
+            assert target is not None
+            lease = await self.admission.take_slot(admitted, "GET", websocket=True)
             await self._bridge(scope, receive, send, session, target.path, query, offered)
         except ProxyError as exc:
             session.error = exc.reason

@@ -28,10 +28,9 @@ import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
-from .admission import Admission, RequestHeaders
+from .admission import Admission, Admitted, RequestHeaders
 from .errors import (
     BadRequest,
-    MethodNotAllowed,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
@@ -42,12 +41,9 @@ from .errors import (
 from .headers import InjectedHeaders, downstream_response_headers, upstream_request_headers
 from .logs import get_logger, redact_query
 from .metrics import Metrics
+from .origins import cors_headers
 from .settings import Settings
-from .targets import Target, check_method, resolve_target
-
-# What the fal SDKs send (run with a custom method included); anything else is refused.
-FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
-_ALLOW = ", ".join(sorted(FORWARDED_METHODS))
+from .targets import Target
 
 
 class _ClientGone(Exception):
@@ -108,6 +104,14 @@ class Exchange:
         self.client_ip: str | None = None
         self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for a listed cross-origin caller
         self.app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
+
+    def record(self, admitted: Admitted) -> None:
+        """Take what admission learned (the log line shows it even for a refusal)."""
+        self.client_ip, self.caller, self.app = admitted.client_ip, admitted.caller, admitted.app
+        self.cors = cors_headers(admitted.cors_origin) if admitted.cors_origin else []
+        if (target := admitted.target) is not None:
+            self.kind, self.host, self.path, self.query = (
+                target.kind, target.host, target.path, target.query)  # fmt: skip
 
     def log_fields(self) -> dict[str, Any]:
         now = time.perf_counter()
@@ -220,41 +224,24 @@ class Forwarder:
         settings, admission = self.settings, self.admission
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         seen = RequestHeaders.read(raw_headers, admission.auth_header)
-        ex.client_ip = admission.client(scope, seen)
-        admission.check_sizes(scope, seen)
-        admission.check_host(seen)
         if ex.method == "OPTIONS" and seen.origin and seen.preflight_method:
-            await self._send_preflight(send, admission.preflight(seen), ex)
+            ex.client_ip = admission.client(scope, seen)
+            await self._send_preflight(send, admission.preflight(scope, seen), ex)
             return
-        ex.cors = admission.cors(admission.cors_origin(seen))
-        if ex.method not in FORWARDED_METHODS:
-            raise MethodNotAllowed(
-                f"method {ex.method} not allowed", f"allowed: {_ALLOW}", allow=_ALLOW
-            )
-        ex.caller = await admission.caller(seen)
-        declared_length: int | None = None
-        if seen.content_length is not None:
-            try:
-                declared_length = int(seen.content_length)
-            except ValueError:
-                raise BadRequest("invalid content-length header") from None
-
-        raw_path = scope.get("raw_path")
-        path = raw_path.decode("latin-1") if raw_path else scope["path"]
-        target = resolve_target(
-            path,
-            scope["query_string"].decode("latin-1"),
-            seen.target,
-            gateway_url=settings.gateway_url,
-            proxy_route=settings.proxy_route,
-        )
-        ex.kind, ex.host, ex.path, ex.query = target.kind, target.host, target.path, target.query
-        check_method(ex.method, target)
-        ex.app = admission.check_app(target)
-        if declared_length is not None and declared_length > settings.max_body_bytes:
+        admitted = Admitted()
+        try:
+            await admission.admit(scope, seen, admitted, method=ex.method,
+                                  query=scope["query_string"].decode("latin-1"),
+                                  target_header=seen.target)  # fmt: skip
+        finally:  # what was learned, for the log line, refused or not
+            ex.record(admitted)
+        target = admitted.target
+        assert target is not None
+        declared = admitted.declared_length
+        if declared is not None and declared > settings.max_body_bytes:
             raise PayloadTooLarge(
                 "request body too large",
-                f"{declared_length} bytes; this proxy accepts at most {settings.max_body_bytes}",
+                f"{declared} bytes; this proxy accepts at most {settings.max_body_bytes}",
             )
         try:
             headers = upstream_request_headers(
@@ -276,10 +263,7 @@ class Forwarder:
             first: Message = {"type": "http.request", "body": body, "more_body": False}
         else:
             first = await self._receive_body(receive)
-        lease = await admission.limiter.admit(
-            admission.limit_key(ex.caller, ex.client_ip),
-            submit=admission.starts_generation(ex.method, target),
-        )
+        lease = await admission.take_slot(admitted, ex.method)
         try:
             await self._exchange(target, headers, receive, send, ex, first)
         finally:
