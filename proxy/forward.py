@@ -18,11 +18,8 @@ not keep a generation, or a connection, alive).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-import zlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
@@ -35,112 +32,16 @@ from .errors import (
     ProxyError,
     RequestTimeout,
     ShuttingDown,
-    UpstreamTimeout,
-    UpstreamUnavailable,
 )
-from .headers import InjectedHeaders, downstream_response_headers, upstream_request_headers
-from .logs import get_logger, redact_query
+from .exchange import Exchange
+from .failures import ClientGone, client_error, timeout_error
+from .headers import InjectedHeaders, upstream_request_headers
+from .logs import get_logger
 from .metrics import Metrics
-from .origins import cors_headers
+from .relay import relay_response
 from .settings import Settings
 from .targets import Target
-
-
-class _ClientGone(Exception):
-    """The client disconnected; nothing more can be sent to it."""
-
-
-class Exchange:
-    """Per-request state, and the fields of the request's canonical log line."""
-
-    __slots__ = (
-        "app",
-        "body_error",
-        "body_phase",
-        "bytes_in",
-        "bytes_out",
-        "caller",
-        "cf_aig_log_id",
-        "client_gone",
-        "client_ip",
-        "cors",
-        "error",
-        "fal_request_id",
-        "gateway_error",
-        "host",
-        "kind",
-        "method",
-        "path",
-        "query",
-        "request_id",
-        "response_done",
-        "started",
-        "status",
-        "ttfb",
-        "upstream_status",
-    )  # fmt: skip
-
-    def __init__(self, method: str) -> None:
-        self.request_id = os.urandom(8).hex()
-        self.method = method
-        self.kind: str | None = None
-        self.host: str | None = None
-        self.path: str | None = None
-        self.query: str | None = None
-        self.status: int | None = None
-        self.upstream_status: int | None = None
-        self.bytes_in = self.bytes_out = 0
-        self.started = time.perf_counter()
-        self.ttfb: float | None = None
-        self.error: str | None = None
-        self.fal_request_id: str | None = None
-        self.cf_aig_log_id: str | None = None
-        self.gateway_error: str | None = None
-        self.body_error: ProxyError | None = None
-        self.body_phase: str | None = None  # "receive" | "send" while a streamed body moves
-        self.response_done = False
-        self.client_gone = False
-        self.caller: str | None = None
-        self.client_ip: str | None = None
-        self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for a listed cross-origin caller
-        self.app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
-
-    def record(self, admitted: Admitted) -> None:
-        """Take what admission learned (the log line shows it even for a refusal)."""
-        self.client_ip, self.caller, self.app = admitted.client_ip, admitted.caller, admitted.app
-        self.cors = cors_headers(admitted.cors_origin) if admitted.cors_origin else []
-        if (target := admitted.target) is not None:
-            self.kind, self.host, self.path, self.query = (
-                target.kind, target.host, target.path, target.query)  # fmt: skip
-
-    def log_fields(self) -> dict[str, Any]:
-        now = time.perf_counter()
-        fields = {
-            "request_id": self.request_id,
-            "method": self.method,
-            "route": self.kind,
-            "target_host": self.host,
-            "target_path": self.path,
-            "target_query": redact_query(self.query) if self.query else None,
-            "status": self.status,
-            "upstream_status": self.upstream_status,
-            "ttfb_ms": round(self.ttfb * 1000, 2) if self.ttfb is not None else None,
-            "duration_ms": round((now - self.started) * 1000, 2),
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-        }
-        for name in (
-            "caller",
-            "client_ip",
-            "fal_request_id",
-            "cf_aig_log_id",
-            "error",
-            "gateway_error",
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                fields[name] = value
-        return fields
+from .upload import UploadDeadline, stream_body
 
 
 class Forwarder:
@@ -163,7 +64,7 @@ class Forwarder:
             ex.error = exc.reason
             if ex.status is None:  # nothing sent yet: answer with the error
                 await self._send_error(send, exc, ex)
-        except _ClientGone:
+        except ClientGone:
             ex.error, ex.status = "client_gone", 499
         except asyncio.CancelledError:
             # The server cancelled the request: the drain deadline (FAL_PROXY_DRAIN_SECONDS)
@@ -270,14 +171,14 @@ class Forwarder:
             await lease.release()
 
     async def _receive_body(self, receive: Receive) -> Message:
-        """The next body message, within the idle timeout (408); raises _ClientGone."""
+        """The next body message, within the idle timeout (408); raises ClientGone."""
         # uvicorn's receive() is its request cycle's method: when the whole body is in
         # (the usual small JSON), it answers at once and the timer (~6 µs) is not needed.
         cycle = getattr(receive, "__self__", None)
         if cycle is not None and getattr(cycle, "more_body", True) is False:
             message: Message = await receive()
             if message["type"] == "http.disconnect":
-                raise _ClientGone()
+                raise ClientGone()
             return message
         idle = self.settings.idle_timeout
         try:
@@ -288,7 +189,7 @@ class Forwarder:
                 "request body stalled", f"nothing received for {idle:g}s"
             ) from None
         if message["type"] == "http.disconnect":
-            raise _ClientGone()
+            raise ClientGone()
         return message
 
     async def _read_small_body(
@@ -343,36 +244,29 @@ class Forwarder:
                 ex.client_gone = True
                 task.cancel()
 
+        def start_watcher() -> None:
+            nonlocal watcher
+            if watcher is None:
+                watcher = loop.create_task(watch_disconnect())
+
         body: bytes | AsyncIterator[bytes] | None
         first_chunk = first.get("body", b"")
         ex.bytes_in = len(first_chunk)
         if ex.bytes_in > settings.max_body_bytes:
             raise PayloadTooLarge("request body too large", f"over {settings.max_body_bytes} bytes")
 
-        waiting_for_headers = True
-        body_done = False
+        upload: UploadDeadline | None = None
         if first.get("more_body", False):
-            # While the body streams, the deadline is the idle timeout, pushed back on every
-            # chunk that moves (client to proxy, or proxy to gateway); the first-byte clock
-            # starts once the body is sent, so a big upload is not cut short by it.
-            deadline = asyncio.timeout(None)
-
-            def progress(done: bool = False) -> None:
-                nonlocal watcher, body_done
-                if waiting_for_headers:
-                    wait = settings.first_byte_timeout if done else settings.idle_timeout
-                    deadline.reschedule(loop.time() + wait)
-                if done:
-                    body_done = True
-                    if watcher is None:
-                        watcher = loop.create_task(watch_disconnect())
-
-            body = self._stream_body(first_chunk, receive, ex, progress)
+            upload = UploadDeadline(
+                settings.idle_timeout, settings.first_byte_timeout, start_watcher
+            )
+            deadline = upload.timeout
+            body = stream_body(first_chunk, receive, ex, upload, settings.max_body_bytes)
         else:
             # The whole body is here already (the usual small JSON): no streaming needed.
             body = first_chunk or None
             deadline = asyncio.timeout(settings.first_byte_timeout)
-            watcher = loop.create_task(watch_disconnect())
+            start_watcher()
 
         response: aiohttp.ClientResponse | None = None
         try:
@@ -386,34 +280,26 @@ class Forwarder:
                         allow_redirects=False,
                     )
             except TimeoutError:
-                if ex.body_error is not None:
-                    raise ex.body_error from None
-                if ex.body_phase == "receive":
-                    raise RequestTimeout(
-                        "request body stalled", f"nothing received for {settings.idle_timeout:g}s"
-                    ) from None
-                if ex.body_phase == "send":
-                    raise UpstreamTimeout(
-                        "the gateway stopped reading the request body",
-                        f"no progress for {settings.idle_timeout:g}s",
-                    ) from None
-                raise UpstreamTimeout(
-                    "the gateway did not answer in time",
-                    f"no response headers within {settings.first_byte_timeout:g}s"
-                    if deadline.expired()
-                    else f"no connection within {settings.connect_timeout:g}s",
-                ) from None
+                raise timeout_error(
+                    body_error=ex.body_error, body_phase=ex.body_phase,
+                    first_byte_expired=deadline.expired(), idle=settings.idle_timeout,
+                    first_byte=settings.first_byte_timeout, connect=settings.connect_timeout,
+                ) from None  # fmt: skip
             except aiohttp.ClientError as exc:
-                raise _failure(ex, exc, "the gateway could not be reached") from None
+                raise client_error(
+                    exc, client_gone=ex.client_gone, body_error=ex.body_error,
+                    message="the gateway could not be reached",
+                ) from None  # fmt: skip
             finally:
-                waiting_for_headers = False
-            if watcher is None and body_done:  # (else the body iterator will start it)
-                watcher = loop.create_task(watch_disconnect())
-            await self._relay_response(response, send, ex)
+                if upload is not None:
+                    upload.waiting_for_headers = False
+            if upload is not None and upload.body_sent:  # (else the body iterator starts it)
+                start_watcher()
+            await relay_response(response, send, ex, settings.idle_timeout)
         except asyncio.CancelledError:
             if ex.client_gone:
                 task.uncancel()
-                raise _ClientGone() from None
+                raise ClientGone() from None
             raise
         finally:
             if watcher is not None:
@@ -423,145 +309,3 @@ class Forwarder:
                     response.release()
                 else:
                     response.close()  # drop the connection: the upstream sees the abort
-
-    async def _stream_body(
-        self, first_chunk: bytes, receive: Receive, ex: Exchange, progress: Any
-    ) -> AsyncIterator[bytes]:
-        """Yield the request body as the client sends it, within the size limit.
-
-        Runs inside aiohttp's writer task. ``progress()`` pushes the request's deadline
-        back each time a chunk moves; ``ex.body_phase`` tells, if the deadline fires, who
-        stalled. A failure is recorded on ``ex`` and raised: aiohttp then drops the
-        upstream connection without finishing the body, so the upstream never takes a
-        truncated body for a complete one.
-        """
-        progress()
-        if first_chunk:
-            ex.body_phase = "send"
-            yield first_chunk
-        more = True
-        while more:
-            progress()
-            ex.body_phase = "receive"
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                ex.client_gone = True
-                raise _ClientGone()
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
-            ex.bytes_in += len(chunk)
-            if ex.bytes_in > self.settings.max_body_bytes:
-                ex.body_error = PayloadTooLarge(
-                    "request body too large", f"over {self.settings.max_body_bytes} bytes"
-                )
-                raise ex.body_error
-            if chunk:
-                progress()
-                ex.body_phase = "send"
-                yield chunk
-        ex.body_phase = None
-        progress(done=True)
-
-    async def _relay_response(
-        self, response: aiohttp.ClientResponse, send: Send, ex: Exchange
-    ) -> None:
-        ex.ttfb = time.perf_counter() - ex.started
-        ex.upstream_status = ex.status = response.status
-        raw = response.raw_headers
-        for name, value in raw:
-            lname = name.lower()
-            if lname == b"x-fal-request-id":
-                ex.fal_request_id = value.decode("latin-1")
-            elif lname == b"cf-aig-log-id":
-                ex.cf_aig_log_id = value.decode("latin-1")
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status,
-                "headers": downstream_response_headers(
-                    raw, status=response.status, request_id=ex.request_id
-                )
-                + ex.cors,
-            }
-        )
-        remaining = response.content_length  # known length: finish with the last chunk
-        idle = self.settings.idle_timeout
-        content = response.content
-        first_chunk = True
-        while True:
-            try:
-                if content.is_eof():
-                    # The whole rest of the body is buffered (a small body arrives with its
-                    # headers): take it without arming a timer.
-                    chunk = content.read_nowait()
-                else:
-                    # Waiting here (rather than taking whatever few bytes are buffered right
-                    # now) lets chunks grow: measured 4x faster on a 64 MiB download.
-                    async with asyncio.timeout(idle):
-                        chunk = await content.readany()
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    "the gateway stalled mid-response", f"nothing received for {idle:g}s"
-                ) from None
-            except aiohttp.ClientError as exc:
-                # The upload may still be running after an early answer: its failure
-                # surfaces here, wrapped by aiohttp.
-                raise _failure(ex, exc, "the gateway broke the response") from None
-            if first_chunk:
-                first_chunk = False
-                if response.status == 401:
-                    ex.gateway_error = _gateway_auth_error(
-                        chunk, response.headers.get("content-encoding", "")
-                    )
-            if not chunk:
-                ex.response_done = True
-                await send({"type": "http.response.body", "body": b""})
-                return
-            ex.bytes_out += len(chunk)
-            if remaining is not None:
-                remaining -= len(chunk)
-                if remaining <= 0:
-                    ex.response_done = True
-                    await send({"type": "http.response.body", "body": chunk})
-                    return
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-
-def _failure(ex: Exchange, exc: aiohttp.ClientError, message: str) -> Exception:
-    """What an aiohttp error really was: the client leaving or its body failing (both raised
-    inside aiohttp's writer task and wrapped by it), else the gateway's fault."""
-    if ex.client_gone:
-        return _ClientGone()
-    if ex.body_error is not None:
-        return ex.body_error
-    return UpstreamUnavailable(message, _describe(exc))
-
-
-def _describe(exc: BaseException) -> str:
-    """A description of a connection failure for the caller; no URLs, no headers."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"connection failed: {exc.os_error.strerror or type(exc.os_error).__name__}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the gateway closed the connection"
-    return type(exc).__name__
-
-
-def _gateway_auth_error(first_chunk: bytes, content_encoding: str) -> str | None:
-    """Tell a Cloudflare gateway 401 (code 2009: bad cf-aig-authorization) from a fal 401.
-
-    Bodies pass through compressed, so a gzip/deflate head is inflated (2 KiB at most)
-    just for this check.
-    """
-    head = first_chunk[:4096]
-    if content_encoding.strip().lower() in ("gzip", "deflate", "x-gzip"):
-        try:
-            # wbits 47: accept a zlib or a gzip header.
-            head = zlib.decompressobj(47).decompress(head, 2048)
-        except zlib.error:
-            return None
-    head = head[:2048]
-    if b"2009" in head and (
-        b'"code"' in head or b"AiGatewayError" in head or b"internalCode" in head
-    ):
-        return "cf_gateway_unauthorized_2009"
-    return None

@@ -238,7 +238,7 @@ def test_gateway_401_is_told_from_a_fal_401_even_compressed(
     import gzip
     import zlib
 
-    from proxy.forward import _gateway_auth_error
+    from proxy.failures import gateway_auth_error as _gateway_auth_error
 
     assert _gateway_auth_error(body, encoding) == expected
     assert _gateway_auth_error(gzip.compress(body), "gzip") == expected

@@ -1,0 +1,110 @@
+"""One forwarded request's state, and the fields of its canonical log line.
+
+The forwarder (:mod:`proxy.forward`), the upload (:mod:`proxy.upload`) and the response
+relay (:mod:`proxy.relay`) each write what they learn here; :meth:`Exchange.log_fields`
+turns it into the one line per request.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .admission import Admitted
+from .errors import ProxyError
+from .logs import redact_query
+from .origins import cors_headers
+
+
+class Exchange:
+    """Per-request state, and the fields of the request's canonical log line."""
+
+    __slots__ = (
+        "app",
+        "body_error",
+        "body_phase",
+        "bytes_in",
+        "bytes_out",
+        "caller",
+        "cf_aig_log_id",
+        "client_gone",
+        "client_ip",
+        "cors",
+        "error",
+        "fal_request_id",
+        "gateway_error",
+        "host",
+        "kind",
+        "method",
+        "path",
+        "query",
+        "request_id",
+        "response_done",
+        "started",
+        "status",
+        "ttfb",
+        "upstream_status",
+    )  # fmt: skip
+
+    def __init__(self, method: str) -> None:
+        self.request_id = os.urandom(8).hex()
+        self.method = method
+        self.kind: str | None = None
+        self.host: str | None = None
+        self.path: str | None = None
+        self.query: str | None = None
+        self.status: int | None = None
+        self.upstream_status: int | None = None
+        self.bytes_in = self.bytes_out = 0
+        self.started = time.perf_counter()
+        self.ttfb: float | None = None
+        self.error: str | None = None
+        self.fal_request_id: str | None = None
+        self.cf_aig_log_id: str | None = None
+        self.gateway_error: str | None = None
+        self.body_error: ProxyError | None = None
+        self.body_phase: str | None = None  # "receive" | "send" while a streamed body moves
+        self.response_done = False
+        self.client_gone = False
+        self.caller: str | None = None
+        self.client_ip: str | None = None
+        self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for a listed cross-origin caller
+        self.app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
+
+    def record(self, admitted: Admitted) -> None:
+        """Take what admission learned (the log line shows it even for a refusal)."""
+        self.client_ip, self.caller, self.app = admitted.client_ip, admitted.caller, admitted.app
+        self.cors = cors_headers(admitted.cors_origin) if admitted.cors_origin else []
+        if (target := admitted.target) is not None:
+            self.kind, self.host, self.path, self.query = (
+                target.kind, target.host, target.path, target.query)  # fmt: skip
+
+    def log_fields(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        fields = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "route": self.kind,
+            "target_host": self.host,
+            "target_path": self.path,
+            "target_query": redact_query(self.query) if self.query else None,
+            "status": self.status,
+            "upstream_status": self.upstream_status,
+            "ttfb_ms": round(self.ttfb * 1000, 2) if self.ttfb is not None else None,
+            "duration_ms": round((now - self.started) * 1000, 2),
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
+        for name in (
+            "caller",
+            "client_ip",
+            "fal_request_id",
+            "cf_aig_log_id",
+            "error",
+            "gateway_error",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
+        return fields

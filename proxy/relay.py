@@ -1,0 +1,92 @@
+"""The response on its way down: the gateway's status, headers and body to the client.
+
+Chunks are sent as the gateway sends them (SSE event by event, large files without
+buffering), with the idle timeout between two; a known length ends with its last chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+from starlette.types import Send
+
+from .errors import UpstreamTimeout
+from .exchange import Exchange
+from .failures import client_error, gateway_auth_error
+from .headers import downstream_response_headers
+
+
+async def relay_response(
+    response: aiohttp.ClientResponse, send: Send, ex: Exchange, idle: float
+) -> None:
+    """Send the gateway's response to the client as it arrives, chunk by chunk.
+
+    Records the status, time to first byte, fal's and the gateway's ids and the bytes on
+    ``ex``; raises UpstreamTimeout when the gateway stalls for ``idle`` seconds.
+    """
+    ex.ttfb = time.perf_counter() - ex.started
+    ex.upstream_status = ex.status = response.status
+    raw = response.raw_headers
+    for name, value in raw:
+        lname = name.lower()
+        if lname == b"x-fal-request-id":
+            ex.fal_request_id = value.decode("latin-1")
+        elif lname == b"cf-aig-log-id":
+            ex.cf_aig_log_id = value.decode("latin-1")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": response.status,
+            "headers": downstream_response_headers(
+                raw, status=response.status, request_id=ex.request_id
+            )
+            + ex.cors,
+        }
+    )
+    remaining = response.content_length  # known length: finish with the last chunk
+    content = response.content
+    first_chunk = True
+    while True:
+        try:
+            if content.is_eof():
+                # The whole rest of the body is buffered (a small body arrives with its
+                # headers): take it without arming a timer.
+                chunk = content.read_nowait()
+            else:
+                # Waiting here (rather than taking whatever few bytes are buffered right
+                # now) lets chunks grow: measured 4x faster on a 64 MiB download.
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
+        except TimeoutError:
+            raise UpstreamTimeout(
+                "the gateway stalled mid-response", f"nothing received for {idle:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            # The upload may still be running after an early answer: its failure
+            # surfaces here, wrapped by aiohttp.
+            raise client_error(
+                exc,
+                client_gone=ex.client_gone,
+                body_error=ex.body_error,
+                message="the gateway broke the response",
+            ) from None
+        if first_chunk:
+            first_chunk = False
+            if response.status == 401:
+                ex.gateway_error = gateway_auth_error(
+                    chunk, response.headers.get("content-encoding", "")
+                )
+        if not chunk:
+            ex.response_done = True
+            await send({"type": "http.response.body", "body": b""})
+            return
+        ex.bytes_out += len(chunk)
+        if remaining is not None:
+            remaining -= len(chunk)
+            if remaining <= 0:
+                ex.response_done = True
+                await send({"type": "http.response.body", "body": chunk})
+                return
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
