@@ -95,7 +95,10 @@ class Process:
 def child_env(**extra: str) -> dict[str, str]:
     """A clean environment: nothing from the developer's shell that could change behaviour."""
     env = {
-        k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR")
+        k: v
+        for k, v in os.environ.items()
+        # COVERAGE_*: coverage measures the child too (make test runs under coverage)
+        if k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") or k.startswith("COVERAGE_")
     }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
