@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import fcntl
 import importlib.metadata
 import json
 import os
@@ -42,21 +41,24 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from procfs import (
-    cpu_seconds,
-    cpu_seconds_fine,
-    reset_peak_rss,
-    status_kib,
-)  # bench/ is sys.path[0]
+# bench/ is sys.path[0]: these are bench/bench_common.py and bench/procfs.py.
+from bench_common import (
+    GATEWAY_PREFIX,
+    ROOT,
+    BenchError,
+    Child,
+    cpu_model,
+    pin,
+    start_child,
+    step,
+)
+from procfs import cpu_seconds, cpu_seconds_fine, reset_peak_rss, status_kib
 
-ROOT = Path(__file__).resolve().parent.parent
-GATEWAY_PREFIX = "/v1/acct/gw/fal"  # the fake gateway's "/v1/<account>/<gateway>/fal"
 MIB = 1 << 20
 DOWNLOAD_BYTES = 64 * MIB
 UPLOAD_BYTES = 32 * MIB
@@ -89,11 +91,7 @@ end
 """
 
 
-class BenchError(RuntimeError):
-    """A measurement could not be made or came out invalid."""
-
-
-# -- /proc: bench/procfs.py -------------------------------------------------------------
+# -- the host's speed (/proc readers: bench/procfs.py; pinning: bench/bench_common.py) ---
 
 
 def yardstick_ms(cpus: set[int]) -> float:
@@ -115,87 +113,6 @@ def yardstick_ms(cpus: set[int]) -> float:
         return best * 1e3
     finally:
         os.sched_setaffinity(0, saved)
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    """Pin every thread of ``pid`` (affinity is per thread) to ``cpus``."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), cpus)
-
-
-# -- child processes --------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    """A long-running child (fake gateway or proxy) whose output is drained by a thread."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int = 0
-    tail: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=64))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output_tail(self) -> str:
-        return b"".join(self.tail).decode("utf-8", "replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_child(
-    name: str, argv: list[str], env: dict[str, str], stack: contextlib.ExitStack
-) -> Child:
-    """Start ``argv``, wait for its ``"event": "listening"`` JSON line, then drain its output.
-
-    stdout and stderr share one pipe, read by a thread that keeps only a short tail (for
-    error messages): the proxy writes a log line per request, and a full pipe would
-    stall it. The child gets its own session, so a Ctrl-C here reaches only this
-    script, whose clean-up then stops the child.
-    """
-    proc = subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    child = Child(name, proc)
-    stack.callback(child.stop)
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    with contextlib.suppress(OSError):  # a bigger pipe absorbs log bursts; best effort
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-    listening = threading.Event()
-
-    def drain() -> None:
-        pending = b""
-        while chunk := os.read(fd, 1 << 16):
-            child.tail.append(chunk)
-            if listening.is_set():
-                continue
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                with contextlib.suppress(ValueError, AttributeError):
-                    record = json.loads(line)
-                    if record.get("event") == "listening":
-                        child.port = int(record["port"])
-                        listening.set()
-
-    threading.Thread(target=drain, name=f"drain-{name}", daemon=True).start()
-    deadline = time.monotonic() + 30
-    while not listening.wait(0.1):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise BenchError(f"{name} did not start (exit {proc.poll()}):\n{child.output_tail()}")
-    return child
 
 
 # -- load generators --------------------------------------------------------------------
@@ -446,14 +363,6 @@ def package_version(name: str) -> str | None:
         return None
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def tool_version(cmd: list[str]) -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
@@ -494,10 +403,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
     return args
-
-
-def step(label: str) -> None:
-    print(f"bench: {label}", file=sys.stderr, flush=True)
 
 
 def measure(

@@ -90,7 +90,7 @@ async def pipelined(
     url: str, size: int, window: int, seconds: float, watch: dict[str, int]
 ) -> dict[str, Any]:
     """Keep ``window`` messages of ``size`` bytes in flight on one connection for ``seconds``."""
-    from run import cpu_seconds_fine
+    from procfs import cpu_seconds_fine
 
     payload = os.urandom(size)
     ws = await _connect(url)
@@ -174,7 +174,8 @@ def measure(
     args: argparse.Namespace, proxy_cpus: set[int], stack: contextlib.ExitStack
 ) -> dict[str, Any]:
     import uvloop
-    from run import GATEWAY_PREFIX, pin, start_child, status_kib, step
+    from bench_common import GATEWAY_PREFIX, pin, start_child, step
+    from procfs import status_kib
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "CF_"))}
     env["PYTHONUNBUFFERED"] = "1"
@@ -343,8 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_echo:
         serve_echo()
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `import run`
-    from run import BenchError, cpu_model
+    # For bench_common and procfs (imported where needed, so the --serve-echo child stays lean).
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_common import BenchError, cpu_model
     from websockets.exceptions import WebSocketException
 
     args.rounds = args.rounds or (1 if args.quick else 3)

@@ -4,6 +4,7 @@ Authentication, as fal takes it: a ``fal_jwt_token`` query parameter issued by t
 emulator's ``/tokens/`` for the app's alias (the second id segment), or the key in an
 ``authorization: Key …`` handshake header (or a ``fal-api-key.<key>`` sub-protocol, the
 gateway's browser form). An authenticated gateway also wants ``cf-aig-authorization``.
+The check is the gateway's own, shared with HTTP: :mod:`proxy.emulator.credentials`.
 Each binary frame is a msgpack input object and gets a msgpack result; a text frame is JSON
 in, JSON out. Invalid input gets fal's ``{"type": "x-fal-error", "error": …, "reason": …}``
 message, not a close.
@@ -27,7 +28,7 @@ For tests of what sits in front (the proxy's WebSocket bridge):
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
 import msgpack
@@ -35,21 +36,20 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .apps import InvalidInput, find_app
 from .asgi import base_url, header_map
-
-if TYPE_CHECKING:
-    from .app import Emulator
+from .context import EmulatorState
+from .credentials import Refusal, check_credentials
 
 SCRIPTED = "emulator/ws/realtime"  # the test-behaviour socket (see the module docstring)
 SCRIPTED_APP = "emulator/echo/realtime"  # whose catalogue entry it borrows
 
 
 async def serve_realtime(
-    emulator: Emulator, scope: Scope, receive: Receive, send: Send, fal_path: str
+    state: EmulatorState, scope: Scope, receive: Receive, send: Send, fal_path: str
 ) -> None:
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    emulator.recorder.record(scope, b"", 0, "", kind="websocket")
+    state.recorder.record(scope, b"", 0, "", kind="websocket")
     scripted = fal_path.strip("/") == SCRIPTED
     found = find_app(SCRIPTED_APP) if scripted else find_app(fal_path)
     if found is None or found[2] != "/realtime":
@@ -57,39 +57,30 @@ async def serve_realtime(
         return
     app_id, app, _ = found
     alias = app_id.split("/")[1]
-    token = dict(parse_qsl(scope["query_string"].decode("latin-1"))).get("fal_jwt_token")
-    headers = header_map(scope)
-    auth = headers.get("authorization", "")
-    key, cf_token = emulator.config.fal_key, emulator.config.cf_token
-    offered = scope.get("subprotocols") or []
-    # An authenticated gateway wants its token on WebSockets too: a header, or (browsers)
-    # the sub-protocol "cf-aig-authorization.<token>".
-    if (
-        cf_token is not None
-        and headers.get("cf-aig-authorization") != f"Bearer {cf_token}"
-        and f"cf-aig-authorization.{cf_token}" not in offered
-    ):
+    token = dict(parse_qsl(scope["query_string"].decode("latin-1"))).get("fal_jwt_token", "")
+    # An authenticated gateway wants its token on WebSockets too (a header, or the browsers'
+    # sub-protocol); fal takes its key, or a token from /tokens/ for this app's alias.
+    refusal = check_credentials(
+        state.config,
+        scope,
+        header_map(scope),
+        lambda: bool(token) and state.storage.check_token(token, alias),
+    )
+    if refusal is Refusal.GATEWAY:
         await send({"type": "websocket.close", "code": 1008, "reason": "Unauthorized"})
         return
-    if not auth and any(p.startswith("fal-api-key.") for p in offered):
-        auth = (
-            "Key " + next(p for p in offered if p.startswith("fal-api-key."))[len("fal-api-key.") :]
-        )
-    if not (
-        (token and emulator.storage.check_token(token, alias))
-        or (auth.startswith("Key ") and (key is None or auth == f"Key {key}"))
-    ):
+    if refusal is Refusal.FAL_KEY:
         await send({"type": "websocket.close", "code": 4001, "reason": "Unauthorized"})
         return
     await send({"type": "websocket.accept"})
     if scripted:
-        await _scripted(emulator, receive, send)
+        await _scripted(state, receive, send)
         return
-    base = base_url(scope, emulator.config.public_url)
+    base = base_url(scope, state.config.public_url)
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
-            _record_close(emulator, message)
+            _record_close(state, message)
             return
         binary = message.get("bytes") is not None
         try:
@@ -99,7 +90,7 @@ async def serve_realtime(
                 else json.loads(message.get("text") or "")
             )
             data = app.validate(data)
-            reply: Any = await app.run(data, emulator.files, base, emulator.config.seed)
+            reply: Any = await app.run(data, state.files, base, state.config.seed)
         except InvalidInput as exc:
             reply = {
                 "type": "x-fal-error",
@@ -118,18 +109,16 @@ async def serve_realtime(
             await send({"type": "websocket.send", "text": json.dumps(reply)})
 
 
-def _record_close(emulator: Emulator, message: Message) -> None:
-    emulator.recorder.events.append(
-        f"ws-closed:{message.get('code')}:{message.get('reason') or ''}"
-    )
+def _record_close(state: EmulatorState, message: Message) -> None:
+    state.recorder.events.append(f"ws-closed:{message.get('code')}:{message.get('reason') or ''}")
 
 
-async def _scripted(emulator: Emulator, receive: Receive, send: Send) -> None:
+async def _scripted(state: EmulatorState, receive: Receive, send: Send) -> None:
     """``emulator/ws/realtime``: echo, or obey a close / drop / flood command."""
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
-            _record_close(emulator, message)
+            _record_close(state, message)
             return
         text = message.get("text")
         command: Any = None

@@ -1,0 +1,89 @@
+"""The emulated Cloudflare AI Gateway, ``/v1/{account}/{gateway}/fal`` over HTTP: record the
+request, check its credentials (:mod:`proxy.emulator.credentials`), resolve the fal URL
+(path mode, or ``x-fal-target-url`` on the bare ``/fal`` URL) and hand the request to that
+fal host: ``fal.run`` (:mod:`proxy.emulator.fal_run`), ``queue.fal.run``
+(:mod:`proxy.emulator.fal_queue`) or ``rest.fal.ai`` (:mod:`proxy.emulator.fal_rest`).
+
+Every answer carries the gateway's ``cf-aig-log-id`` and ``cf-aig-cache-status``; fal's
+``x-fal-request-id`` only once fal is reached (the gateway's own refusals, 2009 and a bad
+target, never got that far).
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from starlette.types import Receive, Scope, Send
+
+from .asgi import header_map, send_json
+from .context import Call, EmulatorState
+from .credentials import Refusal, check_credentials
+from .fal_queue import serve_queue
+from .fal_rest import serve_rest
+from .fal_run import serve_run
+from .recorder import read_and_digest
+
+GATEWAY_PATH = re.compile(r"/v1/([^/]+)/([^/]+)/fal(/.*)?")
+# Cloudflare's answer when an authenticated gateway gets no or a wrong cf-aig-authorization.
+GATEWAY_401 = {
+    "success": False,
+    "result": [],
+    "messages": [],
+    "error": [{"code": 2009, "message": "Unauthorized"}],
+}
+TARGET_HOSTS = ("fal.run", "queue.fal.run", "rest.fal.ai")
+
+
+async def serve_gateway(
+    state: EmulatorState, scope: Scope, fal_path: str, receive: Receive, send: Send
+) -> None:
+    """One HTTP request to the gateway; ``fal_path`` is what follows ``…/fal``."""
+    if fal_path.startswith("/emulator/noread"):
+        # Never read the body (calling receive() would): the sender's buffers fill up.
+        await state.recorder.gates["noread"].wait()
+        return
+    headers = header_map(scope)
+    target = headers.get("x-fal-target-url")
+    body, size, digest, gone = await read_and_digest(receive)
+    if gone:
+        return
+    record = state.recorder.record(scope, body, size, digest, kind="gateway", target_url=target)
+    request_id = state.new_request_id()
+    gateway_headers = [
+        (b"cf-aig-log-id", state.new_log_id().encode()),
+        (b"cf-aig-cache-status", b"MISS"),
+    ]
+    common = [(b"x-fal-request-id", request_id.encode()), *gateway_headers]
+    refusal = check_credentials(state.config, scope, headers)
+    if refusal is Refusal.GATEWAY:
+        await send_json(send, 401, GATEWAY_401, gateway_headers)
+        return
+    if refusal is Refusal.FAL_KEY:
+        await send_json(send, 401, {"detail": "Invalid Key authorization header"}, common)
+        return
+    if target is not None:
+        if fal_path not in ("", "/"):
+            await send_json(
+                send,
+                400,
+                {"detail": "x-fal-target-url goes with the bare /fal URL"},
+                gateway_headers,
+            )
+            return
+        parts = urlsplit(target)
+        if parts.scheme != "https" or parts.hostname not in TARGET_HOSTS or parts.port:
+            await send_json(
+                send, 400, {"detail": "x-fal-target-url must be a fal URL"}, gateway_headers
+            )
+            return
+        host, path, query = parts.hostname, parts.path or "/", parts.query
+    else:
+        host, path, query = "fal.run", fal_path or "/", scope["query_string"].decode("latin-1")
+    ctx = Call(state, scope, receive, send, common, request_id, record, body)
+    if host == "queue.fal.run":
+        await serve_queue(ctx, scope["method"], path, query)
+    elif host == "rest.fal.ai":
+        await serve_rest(ctx, path)
+    else:
+        await serve_run(ctx, scope["method"], path, query)
