@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from proxy.settings import Secret, Settings, SettingsError
+from proxy.settings import DOCUMENTED_VARIABLES, Secret, Settings, SettingsError
 
 GW = {"FAL_PROXY_GATEWAY_URL": "http://127.0.0.1:9000/v1/acct/gw/fal"}
 ACCOUNT = "0123456789abcdef0123456789abcdef"
@@ -109,3 +110,28 @@ def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> N
     assert "\n" not in message
     for secret in ("bad\nkey", "a\rb"):
         assert secret not in message
+
+
+def _readme_rows() -> dict[str, str]:
+    """Variable → its Default cell, from every ``| `NAME` … | default | meaning |`` row."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    rows: dict[str, str] = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0]):
+                rows.setdefault(name, cells[1])
+    return rows
+
+
+def _plain(default: str) -> str:
+    """`600` → 600, required¹ → required, `104857600` (100 MiB) → 104857600, (all) → all."""
+    return re.sub(r"[`¹²()]| \(.*\)$", "", re.sub(r" \(.*\)$", "", default)).strip()
+
+
+def test_the_readme_tables_list_every_variable_with_its_default() -> None:
+    rows = _readme_rows()
+    for names, default, _meaning in DOCUMENTED_VARIABLES:
+        for name in re.split(r", | / ", names):
+            assert name in rows, f"{name} has no row in the README's settings tables"
+            assert _plain(rows[name]) == _plain(default), (name, rows[name], default)
