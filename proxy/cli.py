@@ -9,23 +9,23 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import secrets
-import signal
-import socket
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-from starlette.types import ASGIApp
 
 from . import __version__
 from .envvars import SettingsError
+from .server import (
+    PROG,
+    bind_socket,
+    exit_cleanly_on_signals,
+    proxy_server,
+    raise_open_files_limit,
+    run_uvicorn,
+)
 from .settings import DOCUMENTED_VARIABLES, Settings
-
-PROG = "fal-gateway-proxy"
+from .workers import Supervisor
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,176 +157,20 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return serve(settings, settings.workers)
 
 
-def tune_gc() -> None:
-    """Make the cyclic garbage collector cheaper for a long-running proxy.
-
-    Everything alive after start-up (modules, the app, the session) is moved out of
-    the collector's sight, and the youngest generation is collected less often: each
-    request allocates a few hundred short-lived objects, and the default threshold of
-    700 ran a collection every couple of requests (about 7% of CPU under load, measured
-    with py-spy; see bench/). Reference counting still frees almost everything at once.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
-
-
-def raise_open_files_limit(log: Any) -> None:
-    """Raise the soft open-files limit to the hard one, and say both.
-
-    Every proxied request holds two sockets (client and gateway) and a WebSocket two more;
-    the usual soft limit of 1024 would cap a proxy at a few hundred streams while the
-    hard limit (often 1,048,576 in containers) allows far more.
-    """
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    raised = soft
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            raised = target
-        except (ValueError, OSError):
-            pass
-    log.info(
-        "open_files_limit",
-        soft_before=soft,
-        soft=raised,
-        hard=-1 if hard == resource.RLIM_INFINITY else hard,
-    )
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """Bind before building the app, so the port (with --port 0) is known to it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        print(f"{PROG}: error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
-        raise SystemExit(2) from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def _run_uvicorn(
-    app: ASGIApp,
-    settings_host: str,
-    sock: socket.socket | None,
-    port: int,
-    on_listening: Any,
-    ws_max_bytes: int = 16 * 1024 * 1024,
-    drain_seconds: float = 10.0,
-    header_timeout: float | None = None,
-) -> None:
-    import uvicorn
-
-    from .server_protocol import guarded_protocol
-
-    # The "websockets" implementation is deprecated, but its replacement (websockets-sansio,
-    # uvicorn 0.54) logs an error after every refused upgrade: see the ws= setting below. Say
-    # so once here rather than warn every operator at every start.
-    warnings.filterwarnings("ignore", message="The `websockets` implementation is deprecated")
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets: Any = None) -> None:
-            # uvicorn would fail open sockets with 1012; bridged sessions get a proper 1001.
-            from .app import ProxyApp
-
-            draining = app.draining if isinstance(app, ProxyApp) else None
-            if draining is not None:
-                draining.set()  # /readyz answers 503 from now on
-            bridge = app.bridge if isinstance(app, ProxyApp) else None
-            if bridge is not None:
-                await bridge.close_all()
-            await super().shutdown(sockets)
-
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets)
-            tune_gc()
-            for server in self.servers:
-                for bound in server.sockets:
-                    host, bound_port = bound.getsockname()[:2]
-                    on_listening(host, bound_port)
-
-    config = uvicorn.Config(
-        app,
-        host=settings_host,
-        port=port,
-        loop="uvloop",
-        # The proxy's own servers refuse malformed heads and slow header senders.
-        http=guarded_protocol(header_timeout) if header_timeout is not None else "httptools",
-        lifespan="on",
-        log_config=None,  # structlog owns logging
-        access_log=False,  # the forwarder writes its own canonical line
-        server_header=False,  # the upstream's headers pass through, not ours
-        date_header=False,
-        proxy_headers=False,  # X-Forwarded-For is not trusted by default
-        # On SIGTERM: stop accepting, let in-flight requests and streams finish for up to this
-        # long (uvicorn closes idle keep-alive connections at once), then cut what is left.
-        # uvicorn annotates it int, but hands it to asyncio.wait_for, which takes seconds as a
-        # float: FAL_PROXY_DRAIN_SECONDS=2.5 means 2.5 s.
-        timeout_graceful_shutdown=drain_seconds,  # type: ignore[arg-type]
-        # The legacy implementation, deprecated: "websockets-sansio" (uvicorn 0.54) logs an error
-        # after every refusal sent as websocket.http.response, which the bridge relies on.
-        ws="websockets",
-        ws_max_size=ws_max_bytes,  # the same limit the bridge sets on the upstream side
-        ws_ping_interval=20,
-        ws_ping_timeout=20,
-    )
-    # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises the signal to
-    # whatever handler was there before; make that a clean exit, so a drained shutdown exits 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_cleanly)
-    Server(config).run(sockets=[sock] if sock is not None else None)
-
-
-def _exit_cleanly(_signum: int, _frame: Any) -> None:
-    raise SystemExit(0)
-
-
 def serve(settings: Settings, workers: int = 1) -> int:
     """Run the proxy under uvicorn until interrupted; with ``workers`` > 1, in that many
-    processes sharing one listening socket (the kernel spreads connections between them)."""
-    from .app import create_app
+    processes sharing one listening socket (the kernel spreads connections between them),
+    under uvicorn's supervisor, which replaces a worker that dies (:class:`Supervisor`)."""
     from .logs import configure_logging, get_logger
 
     configure_logging(settings.log_format, settings.log_level)
     log = get_logger("proxy")
-    raise_open_files_limit(log)
-
-    def listening(host: str, port: int) -> None:
-        # Tests and scripts read the bound port (with --port 0) from this line.
-        log.info(
-            "listening",
-            role="proxy",
-            host=host,
-            port=port,
-            url=f"http://{host}:{port}",
-            proxy_route=settings.proxy_route,
-            version=__version__,
-            pid=os.getpid(),
-        )
-
-    def run(sock: socket.socket | None) -> None:
-        _run_uvicorn(
-            create_app(settings),
-            settings.host,
-            sock,
-            settings.port,
-            listening,
-            settings.ws_max_bytes,
-            settings.drain_seconds,
-            settings.header_timeout,
-        )
+    raise_open_files_limit(log)  # the workers inherit the raised limit
 
     if workers <= 1:
-        run(None)
+        server = proxy_server(settings)
+        exit_cleanly_on_signals()
+        server.run()
         return 0
     if settings.access.redis_url is None:
         log.warning(
@@ -334,35 +178,15 @@ def serve(settings: Settings, workers: int = 1) -> int:
             "set FAL_PROXY_REDIS_URL to share them",
             setting="FAL_PROXY_REDIS_URL",
         )
-    sock = _bind(settings.host, settings.port)
-    children = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:  # a worker: serve on the shared socket, never return into the parent's code
-            code = 0
-            try:
-                run(sock)
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 0
-            finally:
-                os._exit(code)
-        children.append(pid)
-    sock.close()
-
-    def forward(signum: int, _frame: Any) -> None:  # the parent passes SIGTERM/SIGINT on
-        for child in children:
-            try:
-                os.kill(child, signum)
-            except ProcessLookupError:
-                pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    failed = 0
-    for child in children:
-        _, status = os.waitpid(child, 0)
-        failed |= os.waitstatus_to_exitcode(status) != 0
-    return 1 if failed else 0
+    supervisor = Supervisor(settings, bind_socket(settings.host, settings.port), workers)
+    try:
+        supervisor.run()
+    except BaseException:  # the supervisor itself failed: never leave workers without it
+        supervisor.should_exit.set()
+        supervisor.terminate_all()
+        supervisor.join_all()
+        raise
+    return supervisor.exit_code()
 
 
 def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -381,7 +205,7 @@ def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         time_scale=args.time_scale,
         public_url=args.public_url,
     )
-    sock = _bind(args.host, args.port)
+    sock = bind_socket(args.host, args.port)
 
     def listening(host: str, port: int) -> None:
         log.info(
@@ -394,7 +218,7 @@ def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             note="offline emulator: no real fal call is made",
         )
 
-    _run_uvicorn(create_emulator(config), args.host, sock, args.port, listening)
+    run_uvicorn(create_emulator(config), args.host, sock, args.port, listening)
     return 0
 
 
@@ -410,7 +234,7 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     log_format = environ.get("FAL_PROXY_LOG_FORMAT", "auto")
     configure_logging(log_format if log_format in ("auto", "json", "console") else "auto", "info")
     log = get_logger("proxy")
-    sock = _bind(args.host, args.port)
+    sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     origin = f"http://{host}:{port}"
     key = secrets.token_urlsafe(16)  # a throwaway key shared by the two halves
@@ -445,7 +269,7 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         log.info("listening", role="emulator", url=origin, gateway_url=settings.gateway_url)
         log.info(f"demo page: open {origin}/ in a browser", url=f"{origin}/")
 
-    _run_uvicorn(
+    run_uvicorn(
         create_demo_app(settings, emulator),
         host,
         sock,

@@ -239,36 +239,6 @@ def test_a_stream_cut_when_the_drain_runs_out_is_logged_as_cut_without_a_traceba
     fake_gateway.release("stall")
 
 
-def test_workers_share_one_port_and_all_drain_on_sigterm(fake_gateway: FakeGateway) -> None:
-    import signal
-    import sys
-
-    from tests.conftest import Process, child_env
-
-    process = Process(
-        [sys.executable, "-m", "proxy", "--port", "0", "--workers", "2"],
-        child_env(
-            FAL_KEY=FAL_KEY,
-            FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url,
-            FAL_PROXY_LOG_FORMAT="json",
-        ),
-    )
-    try:
-        first = process.wait_for_json(lambda r: r.get("event") == "listening")
-        process.wait_for_json(
-            lambda r: r.get("event") == "listening" and r.get("pid") != first["pid"]
-        )
-        with httpx.Client(base_url=first["url"], trust_env=False, timeout=10) as c:
-            for _ in range(6):
-                with httpx.Client(base_url=first["url"], trust_env=False, timeout=10) as fresh:
-                    assert fresh.post("/emulator/echo", json={}).status_code == 200
-            assert c.get("/healthz").status_code == 200
-        process.proc.send_signal(signal.SIGTERM)
-        assert process.proc.wait(20) == 0
-    finally:
-        process.stop()
-
-
 def test_metrics_can_live_on_a_port_of_their_own(start_proxy) -> None:
     from tests.redis_support import free_port
 
