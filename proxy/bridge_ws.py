@@ -171,8 +171,7 @@ class Bridge:
         ]
         if self.injected.cf_aig_authorization is not None and not direct:
             headers.append(("cf-aig-authorization", self.injected.cf_aig_authorization))
-        # Only well-formed offers: websockets refuses to send an empty or non-token one.
-        passable = [p for p in offered if _TOKEN.fullmatch(p) and not is_credential_subprotocol(p)]
+        passable = upstream_subprotocols(offered)
         try:
             upstream = await _connect_without_redirects(
                 url,
@@ -202,13 +201,7 @@ class Bridge:
             await _refuse(scope, send, unreachable)
             return
         session.upstream, session.client_send = upstream, send
-        # One of the client's own offers: the upstream's choice, else a non-credential one, else
-        # (only credential ones were offered) the first, which echoes the client's own value.
-        chosen = (
-            upstream.subprotocol
-            if upstream.subprotocol in offered
-            else next(iter(passable or [p for p in offered if _TOKEN.fullmatch(p)]), None)
-        )
+        chosen = client_subprotocol(offered, upstream.subprotocol)
         await send({"type": "websocket.accept", "subprotocol": chosen})
         self.sessions.add(session)
         self.metrics.open_websockets.inc()
@@ -261,24 +254,15 @@ class Bridge:
                     await send({"type": "websocket.send", key: data})
             except ConnectionClosed:
                 pass
-            rcvd = upstream.close_code
-            if rcvd in (None, 1006) and upstream.protocol.close_sent is not None:
-                # The proxy closed the upstream itself (e.g. 1009, a message over
-                # FAL_PROXY_WS_MAX_BYTES): tell the client that, not "connection lost".
-                rcvd = upstream.protocol.close_sent.code
+            sent = upstream.protocol.close_sent
+            rcvd, code, reason = client_close(
+                upstream.close_code,
+                upstream.close_reason,
+                (sent.code, sent.reason) if sent is not None else None,
+            )
             session.upstream_close = rcvd
             if session.client_close is None:
-                # 1006 (no close frame: the upstream died) becomes 1011 for the client.
-                code = _sendable(rcvd) if rcvd not in (None, 1006) else 1011
-                reason = upstream.close_reason or (
-                    "upstream connection lost" if code == 1011 else ""
-                )
-                if (
-                    upstream.protocol.close_sent is not None
-                    and upstream.protocol.close_sent.code == rcvd
-                ):
-                    reason = upstream.protocol.close_sent.reason or reason
-                await send({"type": "websocket.close", "code": code, "reason": reason[:120]})
+                await send({"type": "websocket.close", "code": code, "reason": reason})
 
         tasks = [
             asyncio.ensure_future(client_to_upstream()),
@@ -362,6 +346,42 @@ def without_token(query: str) -> str:
         if unquote_plus(part.partition("=")[0]).strip().lower() != "fal_jwt_token"
     ]
     return "&".join(kept)
+
+
+def upstream_subprotocols(offered: list[str]) -> list[str]:
+    """The client's offers that may travel upstream: well-formed tokens (websockets refuses
+    to send an empty or non-token one) that carry no credential."""
+    return [p for p in offered if _TOKEN.fullmatch(p) and not is_credential_subprotocol(p)]
+
+
+def client_subprotocol(offered: list[str], upstream_choice: str | None) -> str | None:
+    """The sub-protocol to accept the client with: always one of its own offers (Chrome aborts
+    the handshake otherwise). The upstream's choice, else the first that went upstream, else
+    (only credential ones were offered) the first well-formed one, which echoes its own value.
+    """
+    if upstream_choice in offered:
+        return upstream_choice
+    return next(iter(upstream_subprotocols(offered) or [p for p in offered if _TOKEN.fullmatch(p)]),
+                None)  # fmt: skip
+
+
+def client_close(
+    received: int | None, reason: str | None, sent: tuple[int, str] | None
+) -> tuple[int | None, int, str]:
+    """How an ended upstream socket closes the client: ``(upstream code, code, reason)``.
+
+    ``received`` and ``reason`` are the upstream's close frame (None/1006: there was none);
+    ``sent`` the proxy's own close of the upstream, if any. When the proxy closed the
+    upstream itself (e.g. 1009, a message over FAL_PROXY_WS_MAX_BYTES) the client is told
+    that, not "connection lost"; an upstream that died (no close frame) becomes 1011.
+    """
+    if received in (None, 1006) and sent is not None:
+        received = sent[0]
+    code = _sendable(received) if received not in (None, 1006) else 1011
+    text = reason or ("upstream connection lost" if code == 1011 else "")
+    if sent is not None and sent[0] == received:
+        text = sent[1] or text
+    return received, code, text[:120]
 
 
 def _sendable(code: int | None) -> int:

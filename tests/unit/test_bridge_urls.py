@@ -6,8 +6,11 @@ import pytest
 
 from proxy.bridge_ws import (
     caller_from_subprotocols,
+    client_close,
+    client_subprotocol,
     gateway_ws_url,
     is_credential_subprotocol,
+    upstream_subprotocols,
     upstream_ws_url,
     without_token,
 )
@@ -107,3 +110,38 @@ def test_the_caller_subprotocol_in_any_case() -> None:
 )
 def test_gateway_ws_url_any_scheme_case(gateway: str, ws: str) -> None:
     assert gateway_ws_url(gateway) == ws
+
+
+@pytest.mark.parametrize(
+    ("offered", "upstream_choice", "sent_up", "accepted"),
+    [
+        (["v1"], "v1", ["v1"], "v1"),
+        (["fal-api-key.K", "v1"], None, ["v1"], "v1"),  # the credential stays here
+        (["Proxy-Authorization.T", "msgpack", "v1"], "v1", ["msgpack", "v1"], "v1"),
+        (["proxy-authorization.T"], None, [], "proxy-authorization.T"),  # only credentials: echo
+        (["", "v1 ", "v1"], None, ["v1"], "v1"),  # malformed offers never go up
+        ([""], None, [], None),
+        ([], None, [], None),
+        (["v1", "v2"], "v3", ["v1", "v2"], "v1"),  # an upstream choice not offered is not echoed
+    ],
+)
+def test_subprotocols_up_and_back(offered, upstream_choice, sent_up, accepted) -> None:
+    assert upstream_subprotocols(offered) == sent_up
+    assert client_subprotocol(offered, upstream_choice) == accepted
+
+
+@pytest.mark.parametrize(
+    ("received", "reason", "sent", "expected"),
+    [
+        (1000, "bye", None, (1000, 1000, "bye")),
+        (4003, "nope", None, (4003, 4003, "nope")),  # application codes relayed
+        (1006, None, None, (1006, 1011, "upstream connection lost")),  # the upstream died
+        (None, None, None, (None, 1011, "upstream connection lost")),
+        (1005, "", None, (1005, 1000, "")),  # "no status" may not be sent: 1000
+        (None, None, (1009, "message too big"), (1009, 1009, "message too big")),  # ours
+        (1006, None, (1001, "idle timeout"), (1001, 1001, "idle timeout")),
+        (1000, "x" * 200, None, (1000, 1000, "x" * 120)),  # a close reason fits a frame
+    ],
+)
+def test_how_an_ended_upstream_closes_the_client(received, reason, sent, expected) -> None:
+    assert client_close(received, reason, sent) == expected
