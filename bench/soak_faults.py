@@ -25,6 +25,7 @@ from soak_rows import (
     LATE,
     Ctx,
     Row,
+    Stream,
     delta,
     fd_state,
     finish_stream,
@@ -47,6 +48,17 @@ from soak_support import (
 )
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
+
+
+async def open_streams(
+    port: int, path: str, kind: str, k: int, failures: collections.Counter[str]
+) -> list[Stream]:
+    """``k`` streams opened at once (64 connecting at a time); the failures are counted."""
+    gate = asyncio.Semaphore(64)
+    opened = await asyncio.gather(
+        *(open_stream(port, path, kind, gate, failures) for _ in range(k))
+    )
+    return [stream for stream in opened if stream is not None]
 
 
 async def row_refused(ctx: Ctx) -> Row:
@@ -439,13 +451,7 @@ async def row_sigterm(ctx: Ctx) -> Row:
     )
     proxy = await ctx.start_proxy("sigterm", FAL_PROXY_DRAIN_SECONDS=f"{DRAIN_SECONDS:g}")
     failures: collections.Counter[str] = collections.Counter()
-    opened = await asyncio.gather(
-        *(
-            open_stream(proxy.port, "/emulator/sse?n=3", "sse", asyncio.Semaphore(64), failures)
-            for _ in range(k)
-        )
-    )
-    streams = [st for st in opened if st is not None]
+    streams = await open_streams(proxy.port, "/emulator/sse?n=3", "sse", k, failures)
     sockets = []
     for i in range(n_ws):
         ws = await ws_connect(
@@ -525,13 +531,7 @@ async def row_drain_expiry(ctx: Ctx) -> Row:
     )
     proxy = await ctx.start_proxy("expiry", FAL_PROXY_DRAIN_SECONDS=f"{EXPIRY_DRAIN:g}")
     failures: collections.Counter[str] = collections.Counter()
-    opened = await asyncio.gather(
-        *(
-            open_stream(proxy.port, "/emulator/stall", "stall", asyncio.Semaphore(64), failures)
-            for _ in range(k)
-        )
-    )
-    streams = [st for st in opened if st is not None]
+    streams = await open_streams(proxy.port, "/emulator/stall", "stall", k, failures)
     sent = time.monotonic()
     os.kill(proxy.pid, signal.SIGTERM)
     try:

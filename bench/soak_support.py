@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_common import stop_process
 from procfs import cpu_seconds, fd_count, peak_rss_mib, reset_peak_rss, rss_mib, status_kib  # noqa: F401
 
 try:
@@ -224,13 +225,7 @@ class Child:
             await asyncio.sleep(quiet)
 
     def stop(self) -> None:
-        if self.alive:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 # -- a raw HTTP/1.1 client --------------------------------------------------------------
