@@ -9,71 +9,175 @@ default, and the CLI warns about both at start-up.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .callers import JwtConfig, load_tokens
 from .client_ip import Network, parse_networks
-from .envvars import SettingsError, _choice, _get, _int, _read_secret_file
+from .envvars import (
+    Doc,
+    SettingsError,
+    _get,
+    _read_secret_file,
+    choice,
+    declared,
+    read_fields,
+    whole,
+)
 from .origins import normalise_origin
 from .request_head import normalise_host_pattern
 
+_AUTH_HEADER = "x-proxy-authorization"
 _HEADER_NAME = "abcdefghijklmnopqrstuvwxyz0123456789-_!#$%&'*+.^`|~"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AccessSettings:
-    allowed_origins: tuple[str, ...] = ()
-    cors_extra_headers: tuple[str, ...] = ()
-    auth: str = "none"  # none | token | jwt
-    auth_header: str = "x-proxy-authorization"
-    tokens: tuple[tuple[bytes, str], ...] = field(default=(), repr=False)  # (sha256 digest, caller)
-    jwt: JwtConfig | None = field(default=None, repr=False)
-    allowed_apps: tuple[str, ...] = ()  # empty = every app
-    token_max_expiration: int = 300
-    requests_per_minute: int = 600
-    concurrent: int = 32
-    submits_per_hour: int = 1000
-    redis_url: str | None = field(default=None, repr=False)  # may hold a password
-    redis_failure: str = "closed"
-    max_header_bytes: int = 32 * 1024
-    max_url_bytes: int = 16 * 1024
-    trusted_proxies: tuple[Network, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()  # Host names the proxy answers to; empty = any
+    """Who may call, what, how often. Each field declares its variable once (see envvars)."""
+
+    allowed_origins: tuple[str, ...] = declared(
+        lambda env, _: _origins(env),
+        Doc(
+            "FAL_PROXY_ALLOWED_ORIGINS",
+            "",
+            "exact origins (comma-separated) whose pages may call the proxy cross-origin",
+        ),
+        default=(),
+    )
+    cors_extra_headers: tuple[str, ...] = declared(
+        lambda env, _: tuple(h.lower() for h in _list(env, "FAL_PROXY_CORS_EXTRA_HEADERS")),
+        Doc(
+            "FAL_PROXY_CORS_EXTRA_HEADERS",
+            "",
+            "request headers to allow in preflights besides the fal SDK's",
+        ),
+        default=(),
+    )
+    auth: str = choice(  # none | token | jwt
+        "FAL_PROXY_AUTH",
+        "none",
+        ("none", "token", "jwt"),
+        "how callers prove who they are: none, token or jwt",
+    )
+    auth_header: str = declared(
+        lambda env, _: _auth_header(env),
+        Doc("FAL_PROXY_AUTH_HEADER", _AUTH_HEADER, "header carrying the caller's credential"),
+        default=_AUTH_HEADER,
+    )
+    # (sha256 digest, caller), read only with auth=token
+    tokens: tuple[tuple[bytes, str], ...] = declared(
+        lambda env, got: _tokens(env) if got["auth"] == "token" else (),
+        Doc(
+            "FAL_PROXY_CLIENT_TOKENS_FILE",
+            "",
+            "with auth=token: file of '<caller-id> <token>' lines",
+        ),
+        default=(),
+        secret=True,
+    )
+    jwt: JwtConfig | None = declared(
+        lambda env, got: _jwt(env) if got["auth"] == "jwt" else None,
+        Doc(
+            "FAL_PROXY_JWT_SECRET, FAL_PROXY_JWT_SECRET_FILE",
+            "",
+            "with auth=jwt: HS256 secret (32+ characters)",
+        ),
+        Doc("FAL_PROXY_JWT_JWKS_FILE", "", "with auth=jwt: JWKS file of RS256/ES256 public keys"),
+        Doc("FAL_PROXY_JWT_JWKS_URL", "", "with auth=jwt: JWKS URL (https)"),
+        Doc("FAL_PROXY_JWT_ISSUER", "", "with auth=jwt: required iss"),
+        Doc("FAL_PROXY_JWT_AUDIENCE", "", "with auth=jwt: required aud"),
+        Doc("FAL_PROXY_JWT_CALLER_CLAIM", "sub", "with auth=jwt: claim naming the caller"),
+        default=None,
+        secret=True,
+    )
+    allowed_apps: tuple[str, ...] = declared(  # empty = every app
+        lambda env, _: tuple(_list(env, "FAL_PROXY_ALLOWED_APPS")),
+        Doc(
+            "FAL_PROXY_ALLOWED_APPS",
+            "(all)",
+            "glob patterns of fal endpoint ids, e.g. fal-ai/flux/*",
+        ),
+        default=(),
+    )
+    token_max_expiration: int = whole(
+        "FAL_PROXY_TOKEN_MAX_EXPIRATION",
+        300,
+        "longest token_expiration a realtime token request may ask",
+        low=1,
+        high=86400,
+    )
+    requests_per_minute: int = whole(
+        "FAL_PROXY_RATE_LIMIT_RPM", 600, "requests per minute per caller (0 = no limit)", low=0
+    )
+    concurrent: int = whole(
+        "FAL_PROXY_MAX_CONCURRENT",
+        32,
+        "in-flight requests and streams per caller (0 = no limit)",
+        low=0,
+    )
+    submits_per_hour: int = whole(
+        "FAL_PROXY_SUBMITS_PER_HOUR",
+        1000,
+        "calls that can start a generation (runs, queue submits, streams, realtime tokens, "
+        "sockets) per hour per caller (0 = no limit)",
+        low=0,
+    )
+    redis_url: str | None = declared(  # may hold a password
+        lambda env, _: _redis_url(env),
+        Doc("FAL_PROXY_REDIS_URL", "", "share the limits across replicas in Redis (redis://...)"),
+        default=None,
+        secret=True,
+    )
+    redis_failure: str = choice(
+        "FAL_PROXY_REDIS_FAILURE",
+        "closed",
+        ("closed", "open"),
+        "when Redis fails: closed (refuse, 503) or open (serve)",
+    )
+    max_header_bytes: int = whole(
+        "FAL_PROXY_MAX_HEADER_BYTES",
+        32 * 1024,
+        "largest request header block (431 above)",
+        low=1024,
+    )
+    max_url_bytes: int = whole(
+        "FAL_PROXY_MAX_URL_BYTES", 16 * 1024, "longest path + query (414 above)", low=256
+    )
+    trusted_proxies: tuple[Network, ...] = declared(
+        lambda env, _: _trusted(env),
+        Doc(
+            "FAL_PROXY_TRUSTED_PROXIES",
+            "",
+            "addresses/CIDRs whose X-Forwarded-For is believed",
+        ),
+        default=(),
+    )
+    allowed_hosts: tuple[str, ...] = declared(  # Host names the proxy answers to; empty = any
+        lambda env, _: _hosts(env),
+        Doc(
+            "FAL_PROXY_ALLOWED_HOSTS",
+            "(any)",
+            "Host names the proxy answers to (421 otherwise), e.g. proxy.example.com,*.internal",
+        ),
+        default=(),
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AccessSettings:
-        auth = _choice(env, "FAL_PROXY_AUTH", "none", ("none", "token", "jwt"))
-        header = (_get(env, "FAL_PROXY_AUTH_HEADER") or "x-proxy-authorization").lower()
-        if not all(c in _HEADER_NAME for c in header) or header in (
-            "authorization",
-            "cookie",
-            "host",
-        ):
-            raise SettingsError(
-                "FAL_PROXY_AUTH_HEADER must be a header name other than authorization/cookie/host"
-            )
-        return cls(
-            allowed_origins=_origins(env),
-            cors_extra_headers=tuple(h.lower() for h in _list(env, "FAL_PROXY_CORS_EXTRA_HEADERS")),
-            auth=auth,
-            auth_header=header,
-            tokens=_tokens(env) if auth == "token" else (),
-            jwt=_jwt(env) if auth == "jwt" else None,
-            allowed_apps=tuple(_list(env, "FAL_PROXY_ALLOWED_APPS")),
-            token_max_expiration=_int(
-                env, "FAL_PROXY_TOKEN_MAX_EXPIRATION", 300, low=1, high=86400
-            ),
-            requests_per_minute=_int(env, "FAL_PROXY_RATE_LIMIT_RPM", 600, low=0),
-            concurrent=_int(env, "FAL_PROXY_MAX_CONCURRENT", 32, low=0),
-            submits_per_hour=_int(env, "FAL_PROXY_SUBMITS_PER_HOUR", 1000, low=0),
-            redis_url=_redis_url(env),
-            redis_failure=_choice(env, "FAL_PROXY_REDIS_FAILURE", "closed", ("closed", "open")),
-            max_header_bytes=_int(env, "FAL_PROXY_MAX_HEADER_BYTES", 32 * 1024, low=1024),
-            max_url_bytes=_int(env, "FAL_PROXY_MAX_URL_BYTES", 16 * 1024, low=256),
-            trusted_proxies=_trusted(env),
-            allowed_hosts=_hosts(env),
+        return cls(**read_fields(cls, env))
+
+
+def _auth_header(env: Mapping[str, str]) -> str:
+    header = (_get(env, "FAL_PROXY_AUTH_HEADER") or _AUTH_HEADER).lower()
+    if not all(c in _HEADER_NAME for c in header) or header in (
+        "authorization",
+        "cookie",
+        "host",
+    ):
+        raise SettingsError(
+            "FAL_PROXY_AUTH_HEADER must be a header name other than authorization/cookie/host"
         )
+    return header
 
 
 def _list(env: Mapping[str, str], name: str) -> list[str]:
@@ -172,54 +276,3 @@ def _trusted(env: Mapping[str, str]) -> tuple[Network, ...]:
         return parse_networks(_list(env, "FAL_PROXY_TRUSTED_PROXIES"))
     except ValueError as exc:
         raise SettingsError(f"FAL_PROXY_TRUSTED_PROXIES: {exc}") from None
-
-
-ACCESS_VARIABLES: tuple[tuple[str, str, str], ...] = (
-    (
-        "FAL_PROXY_ALLOWED_ORIGINS",
-        "",
-        "exact origins (comma-separated) whose pages may call the proxy cross-origin",
-    ),
-    (
-        "FAL_PROXY_CORS_EXTRA_HEADERS",
-        "",
-        "request headers to allow in preflights besides the fal SDK's",
-    ),
-    ("FAL_PROXY_AUTH", "none", "how callers prove who they are: none, token or jwt"),
-    ("FAL_PROXY_AUTH_HEADER", "x-proxy-authorization", "header carrying the caller's credential"),
-    ("FAL_PROXY_CLIENT_TOKENS_FILE", "", "with auth=token: file of '<caller-id> <token>' lines"),
-    (
-        "FAL_PROXY_JWT_SECRET, FAL_PROXY_JWT_SECRET_FILE",
-        "",
-        "with auth=jwt: HS256 secret (32+ characters)",
-    ),
-    ("FAL_PROXY_JWT_JWKS_FILE", "", "with auth=jwt: JWKS file of RS256/ES256 public keys"),
-    ("FAL_PROXY_JWT_JWKS_URL", "", "with auth=jwt: JWKS URL (https)"),
-    ("FAL_PROXY_JWT_ISSUER", "", "with auth=jwt: required iss"),
-    ("FAL_PROXY_JWT_AUDIENCE", "", "with auth=jwt: required aud"),
-    ("FAL_PROXY_JWT_CALLER_CLAIM", "sub", "with auth=jwt: claim naming the caller"),
-    ("FAL_PROXY_ALLOWED_APPS", "(all)", "glob patterns of fal endpoint ids, e.g. fal-ai/flux/*"),
-    (
-        "FAL_PROXY_TOKEN_MAX_EXPIRATION",
-        "300",
-        "longest token_expiration a realtime token request may ask",
-    ),
-    ("FAL_PROXY_RATE_LIMIT_RPM", "600", "requests per minute per caller (0 = no limit)"),
-    ("FAL_PROXY_MAX_CONCURRENT", "32", "in-flight requests and streams per caller (0 = no limit)"),
-    (
-        "FAL_PROXY_SUBMITS_PER_HOUR",
-        "1000",
-        "calls that can start a generation (runs, queue submits, streams, realtime tokens, "
-        "sockets) per hour per caller (0 = no limit)",
-    ),
-    ("FAL_PROXY_REDIS_URL", "", "share the limits across replicas in Redis (redis://...)"),
-    ("FAL_PROXY_REDIS_FAILURE", "closed", "when Redis fails: closed (refuse, 503) or open (serve)"),
-    ("FAL_PROXY_MAX_HEADER_BYTES", "32768", "largest request header block (431 above)"),
-    ("FAL_PROXY_MAX_URL_BYTES", "16384", "longest path + query (414 above)"),
-    ("FAL_PROXY_TRUSTED_PROXIES", "", "addresses/CIDRs whose X-Forwarded-For is believed"),
-    (
-        "FAL_PROXY_ALLOWED_HOSTS",
-        "(any)",
-        "Host names the proxy answers to (421 otherwise), e.g. proxy.example.com,*.internal",
-    ),
-)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T")
 
 
 class SettingsError(ValueError):
@@ -80,3 +87,99 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     if value not in choices:
         raise SettingsError(f"{name} must be one of: {', '.join(choices)}")
     return value
+
+
+# Declaring a setting once --------------------------------------------------------------
+# Each setting is a dataclass field whose metadata holds how it is read from the environment
+# and how it is documented, next to its default; ``read_fields`` builds the settings from
+# those declarations and ``documented`` writes the --help and README table from them.
+
+Reader = Callable[[Mapping[str, str], Mapping[str, Any]], Any]
+_READ, _DOCS = "proxy.read", "proxy.docs"
+
+
+class Doc(NamedTuple):
+    """One row of the settings table: variable name(s), default as shown, meaning."""
+
+    names: str
+    default: str
+    meaning: str
+
+
+def declared(read: Reader, *docs: Doc, default: T, secret: bool = False) -> T:
+    """A field read by ``read(env, values read so far)``, documented by ``docs``.
+
+    ``secret`` keeps the value out of the settings' ``repr`` (a token list, a Redis password).
+    """
+    return field(default=default, repr=not secret, metadata={_READ: read, _DOCS: docs})
+
+
+def declared_required(read: Reader, *docs: Doc) -> Any:
+    """A field with no default: ``read`` raises SettingsError when it is missing."""
+    return field(metadata={_READ: read, _DOCS: docs})
+
+
+def declared_factory(read: Reader, *docs: Doc, factory: Callable[[], T]) -> T:
+    return field(default_factory=factory, metadata={_READ: read, _DOCS: docs})
+
+
+def seconds(name: str, default: float, meaning: str) -> float:
+    return declared(
+        lambda env, _: _seconds(env, name, default),
+        Doc(name, shown(default), meaning),
+        default=default,
+    )
+
+
+def whole(name: str, default: int, meaning: str, *, low: int, high: int | None = None) -> int:
+    return declared(
+        lambda env, _: _int(env, name, default, low=low, high=high),
+        Doc(name, shown(default), meaning),
+        default=default,
+    )
+
+
+def choice(name: str, default: str, choices: tuple[str, ...], meaning: str) -> str:
+    return declared(
+        lambda env, _: _choice(env, name, default, choices),
+        Doc(name, default, meaning),
+        default=default,
+    )
+
+
+def text(name: str, default: str, meaning: str) -> str:
+    return declared(
+        lambda env, _: _get(env, name) or default, Doc(name, default, meaning), default=default
+    )
+
+
+def flag(name: str, default: bool, meaning: str) -> bool:
+    def read(env: Mapping[str, str], _: Mapping[str, Any]) -> bool:
+        word = _choice(env, name, shown(default), ("true", "false", "1", "0"))
+        return word in ("true", "1")
+
+    return declared(read, Doc(name, shown(default), meaning), default=default)
+
+
+def shown(default: object) -> str:
+    """A default as the table shows it: 10.0 → 10, True → true, None or () → empty."""
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, float):
+        return f"{default:g}"
+    if default is None or default == ():
+        return ""
+    return str(default)
+
+
+def read_fields(cls: type[DataclassInstance], env: Mapping[str, str]) -> dict[str, Any]:
+    """Every declared field of ``cls`` read from ``env``, in declaration order."""
+    values: dict[str, Any] = {}
+    for item in fields(cls):
+        values[item.name] = item.metadata[_READ](env, values)
+    return values
+
+
+def documented(cls: type[DataclassInstance]) -> tuple[Doc, ...]:
+    """The settings table of ``cls``, in declaration order."""
+    return tuple(doc for item in fields(cls) for doc in item.metadata[_DOCS])

@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from .access_settings import ACCESS_VARIABLES, AccessSettings
+from .access_settings import AccessSettings
 from .envvars import (
+    Doc,
     SettingsError,
     _check_header_safe,
-    _choice,
     _get,
     _int,
     _read_secret_file,
-    _seconds,
+    choice,
+    declared,
+    declared_factory,
+    declared_required,
+    documented,
+    flag,
+    read_fields,
+    seconds,
+    text,
+    whole,
 )
 
 GATEWAY_HOST = "https://gateway.ai.cloudflare.com"
@@ -30,8 +39,6 @@ RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _ACCOUNT_ID = re.compile(r"[0-9a-f]{32}")
 # Cloudflare gateway names: lower-case letters, digits, hyphens, at most 64 characters.
 _GATEWAY_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_LOG_FORMATS = ("auto", "json", "console")
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Secret:
@@ -57,38 +64,139 @@ class Secret:
         return hash(self._value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    """Everything the proxy needs, valid once built. Build with :meth:`from_env`."""
+    """Everything the proxy needs, valid once built. Build with :meth:`from_env`.
 
-    fal_key: Secret
-    gateway_url: str  # no trailing slash, e.g. https://gateway.ai.cloudflare.com/v1/a/g/fal
-    cf_aig_token: Secret | None = None
-    host: str = "127.0.0.1"
-    port: int = 8787
-    proxy_route: str = DEFAULT_ROUTE
-    connect_timeout: float = 10.0
-    first_byte_timeout: float = 600.0
-    idle_timeout: float = 300.0
-    header_timeout: float = 10.0  # the whole request head must arrive within this (408)
-    max_body_bytes: int = 100 * 1024 * 1024
-    upstream_connections: int = 0  # 0 = no limit on the pool
-    log_format: str = "auto"
-    log_level: str = "info"
-    ws_max_bytes: int = 16 * 1024 * 1024
-    realtime_direct: bool = False
-    fal_key_file: str | None = None  # re-read when it changes (rotation)
-    cf_aig_token_file: str | None = None
-    secret_reload_seconds: float = 10.0
-    drain_seconds: float = 30.0
-    workers: int = 1
-    metrics_port: int | None = None  # None: /metrics on the main port
-    access: AccessSettings = field(default_factory=AccessSettings)
+    Each field declares its variable, parser, default and meaning once; ``from_env``,
+    ``--help`` and the README test are all driven by these declarations.
+    """
+
+    fal_key: Secret = declared_required(
+        lambda env, _: _fal_key(env),
+        Doc("FAL_KEY", "(required)", "fal API key, sent upstream as 'Authorization: Key <key>'"),
+        Doc("FAL_KEY_FILE", "", "file holding the fal key (a mounted secret); instead of FAL_KEY"),
+        Doc(
+            "FAL_KEY_ID, FAL_KEY_SECRET",
+            "",
+            "key id and secret, sent as 'Key id:secret'; instead of FAL_KEY",
+        ),
+    )
+    fal_key_file: str | None = declared(lambda env, _: _get(env, "FAL_KEY_FILE"), default=None)
+    # No trailing slash, e.g. https://gateway.ai.cloudflare.com/v1/a/g/fal
+    gateway_url: str = declared_required(
+        lambda env, _: _gateway_url(env),
+        Doc("CF_ACCOUNT_ID", "(required)", "Cloudflare account id, 32 hex characters"),
+        Doc("CF_GATEWAY_ID", "(required)", "AI Gateway name"),
+        Doc(
+            "FAL_PROXY_GATEWAY_URL",
+            "",
+            "replaces the whole gateway base URL (then CF_ACCOUNT_ID/CF_GATEWAY_ID are not needed)",
+        ),
+    )
+    cf_aig_token: Secret | None = declared(
+        lambda env, _: _optional_secret(env, "CF_AIG_TOKEN"),
+        Doc("CF_AIG_TOKEN", "", "gateway token, sent as 'cf-aig-authorization: Bearer <token>'"),
+        Doc("CF_AIG_TOKEN_FILE", "", "file holding the gateway token; instead of CF_AIG_TOKEN"),
+        default=None,
+    )
+    cf_aig_token_file: str | None = declared(
+        lambda env, _: _get(env, "CF_AIG_TOKEN_FILE"), default=None
+    )
+    host: str = text("FAL_PROXY_HOST", "127.0.0.1", "address to listen on (--host)")
+    port: int = whole(
+        "FAL_PROXY_PORT", 8787, "port to listen on, 0 = any free port (--port)", low=0, high=65535
+    )
+    proxy_route: str = declared(
+        lambda env, _: _route(env),
+        Doc("FAL_PROXY_ROUTE", DEFAULT_ROUTE, "path of the fal SDK proxyUrl route"),
+        default=DEFAULT_ROUTE,
+    )
+    connect_timeout: float = seconds(
+        "FAL_PROXY_CONNECT_TIMEOUT", 10.0, "seconds to open a connection to the gateway"
+    )
+    first_byte_timeout: float = seconds(
+        "FAL_PROXY_FIRST_BYTE_TIMEOUT", 600.0, "seconds to wait for the gateway's response headers"
+    )
+    idle_timeout: float = seconds(
+        "FAL_PROXY_IDLE_TIMEOUT", 300.0, "seconds allowed between two body chunks, either way"
+    )
+    header_timeout: float = seconds(
+        "FAL_PROXY_HEADER_TIMEOUT",
+        10.0,
+        "seconds a client has to send a whole request head (then 408, closed)",
+    )
+    max_body_bytes: int = whole(
+        "FAL_PROXY_MAX_BODY_BYTES",
+        100 * 1024 * 1024,
+        "largest request body accepted (413 above)",
+        low=0,
+    )
+    upstream_connections: int = whole(
+        "FAL_PROXY_UPSTREAM_CONNECTIONS",
+        0,
+        "most connections to the gateway at once, 0 = no limit",
+        low=0,
+    )
+    log_format: str = choice(
+        "FAL_PROXY_LOG_FORMAT",
+        "auto",
+        ("auto", "json", "console"),
+        "auto (console on a terminal, else JSON), json or console",
+    )
+    log_level: str = choice(
+        "FAL_PROXY_LOG_LEVEL",
+        "info",
+        ("debug", "info", "warning", "error"),
+        "debug, info, warning or error",
+    )
+    metrics_port: int | None = declared(  # None: /metrics on the main port
+        lambda env, _: _int(env, "FAL_PROXY_METRICS_PORT", 0, low=0, high=65535) or None,
+        Doc(
+            "FAL_PROXY_METRICS_PORT",
+            "",
+            "serve /metrics on this port (on the listen address) instead of the main one",
+        ),
+        default=None,
+    )
+    workers: int = whole(
+        "FAL_PROXY_WORKERS",
+        1,
+        "processes sharing the port (--workers); share limits with FAL_PROXY_REDIS_URL",
+        low=1,
+        high=64,
+    )
+    drain_seconds: float = seconds(
+        "FAL_PROXY_DRAIN_SECONDS",
+        30.0,
+        "on SIGTERM, how long in-flight requests and streams may finish",
+    )
+    secret_reload_seconds: float = seconds(
+        "FAL_PROXY_SECRET_RELOAD_SECONDS",
+        10.0,
+        "how often FAL_KEY_FILE / CF_AIG_TOKEN_FILE are checked for a new value",
+    )
+    ws_max_bytes: int = whole(
+        "FAL_PROXY_WS_MAX_BYTES",
+        16 * 1024 * 1024,
+        "largest WebSocket message, either way",
+        low=1024,
+    )
+    realtime_direct: bool = flag(
+        "FAL_PROXY_REALTIME_DIRECT",
+        False,
+        "send .../realtime sockets straight to wss://fal.run, not via the gateway",
+    )
+    access: AccessSettings = declared_factory(
+        lambda env, _: AccessSettings.from_env(env),
+        *documented(AccessSettings),
+        factory=AccessSettings,
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Validate ``env`` (usually ``os.environ``) and return the settings."""
-        settings = cls._from_env(env)
+        settings = cls(**read_fields(cls, env))
         if settings.workers > 1 and settings.metrics_port is not None:
             raise SettingsError(
                 "FAL_PROXY_METRICS_PORT works with one worker only (FAL_PROXY_WORKERS=1): "
@@ -96,107 +204,9 @@ class Settings:
             )
         return settings
 
-    @classmethod
-    def _from_env(cls, env: Mapping[str, str]) -> Settings:
-        return cls(
-            fal_key=_fal_key(env),
-            gateway_url=_gateway_url(env),
-            cf_aig_token=_optional_secret(env, "CF_AIG_TOKEN"),
-            host=_nonempty(env, "FAL_PROXY_HOST", "127.0.0.1"),
-            port=_port(env, "FAL_PROXY_PORT", 8787),
-            proxy_route=_route(env),
-            connect_timeout=_seconds(env, "FAL_PROXY_CONNECT_TIMEOUT", 10.0),
-            first_byte_timeout=_seconds(env, "FAL_PROXY_FIRST_BYTE_TIMEOUT", 600.0),
-            idle_timeout=_seconds(env, "FAL_PROXY_IDLE_TIMEOUT", 300.0),
-            header_timeout=_seconds(env, "FAL_PROXY_HEADER_TIMEOUT", 10.0),
-            max_body_bytes=_int(env, "FAL_PROXY_MAX_BODY_BYTES", 100 * 1024 * 1024, low=0),
-            upstream_connections=_int(env, "FAL_PROXY_UPSTREAM_CONNECTIONS", 0, low=0),
-            log_format=_choice(env, "FAL_PROXY_LOG_FORMAT", "auto", _LOG_FORMATS),
-            log_level=_choice(env, "FAL_PROXY_LOG_LEVEL", "info", _LOG_LEVELS),
-            ws_max_bytes=_int(env, "FAL_PROXY_WS_MAX_BYTES", 16 * 1024 * 1024, low=1024),
-            realtime_direct=_choice(
-                env, "FAL_PROXY_REALTIME_DIRECT", "false", ("true", "false", "1", "0")
-            )
-            in ("true", "1"),
-            fal_key_file=_get(env, "FAL_KEY_FILE"),
-            cf_aig_token_file=_get(env, "CF_AIG_TOKEN_FILE"),
-            secret_reload_seconds=_seconds(env, "FAL_PROXY_SECRET_RELOAD_SECONDS", 10.0),
-            drain_seconds=_seconds(env, "FAL_PROXY_DRAIN_SECONDS", 30.0),
-            workers=_int(env, "FAL_PROXY_WORKERS", 1, low=1, high=64),
-            metrics_port=_port(env, "FAL_PROXY_METRICS_PORT", 0) or None,
-            access=AccessSettings.from_env(env),
-        )
-
 
 # The table the CLI's --help and the README are written from: (variable, default, meaning).
-DOCUMENTED_VARIABLES: tuple[tuple[str, str, str], ...] = (
-    ("FAL_KEY", "(required)", "fal API key, sent upstream as 'Authorization: Key <key>'"),
-    ("FAL_KEY_FILE", "", "file holding the fal key (a mounted secret); instead of FAL_KEY"),
-    (
-        "FAL_KEY_ID, FAL_KEY_SECRET",
-        "",
-        "key id and secret, sent as 'Key id:secret'; instead of FAL_KEY",
-    ),
-    ("CF_ACCOUNT_ID", "(required)", "Cloudflare account id, 32 hex characters"),
-    ("CF_GATEWAY_ID", "(required)", "AI Gateway name"),
-    (
-        "FAL_PROXY_GATEWAY_URL",
-        "",
-        "replaces the whole gateway base URL (then CF_ACCOUNT_ID/CF_GATEWAY_ID are not needed)",
-    ),
-    ("CF_AIG_TOKEN", "", "gateway token, sent as 'cf-aig-authorization: Bearer <token>'"),
-    ("CF_AIG_TOKEN_FILE", "", "file holding the gateway token; instead of CF_AIG_TOKEN"),
-    ("FAL_PROXY_HOST", "127.0.0.1", "address to listen on (--host)"),
-    ("FAL_PROXY_PORT", "8787", "port to listen on, 0 = any free port (--port)"),
-    ("FAL_PROXY_ROUTE", DEFAULT_ROUTE, "path of the fal SDK proxyUrl route"),
-    ("FAL_PROXY_CONNECT_TIMEOUT", "10", "seconds to open a connection to the gateway"),
-    ("FAL_PROXY_FIRST_BYTE_TIMEOUT", "600", "seconds to wait for the gateway's response headers"),
-    ("FAL_PROXY_IDLE_TIMEOUT", "300", "seconds allowed between two body chunks, either way"),
-    (
-        "FAL_PROXY_HEADER_TIMEOUT",
-        "10",
-        "seconds a client has to send a whole request head (then 408, closed)",
-    ),
-    (
-        "FAL_PROXY_MAX_BODY_BYTES",
-        str(100 * 1024 * 1024),
-        "largest request body accepted (413 above)",
-    ),
-    (
-        "FAL_PROXY_UPSTREAM_CONNECTIONS",
-        "0",
-        "most connections to the gateway at once, 0 = no limit",
-    ),
-    ("FAL_PROXY_LOG_FORMAT", "auto", "auto (console on a terminal, else JSON), json or console"),
-    ("FAL_PROXY_LOG_LEVEL", "info", "debug, info, warning or error"),
-    (
-        "FAL_PROXY_METRICS_PORT",
-        "",
-        "serve /metrics on this port (on the listen address) instead of the main one",
-    ),
-    (
-        "FAL_PROXY_WORKERS",
-        "1",
-        "processes sharing the port (--workers); share limits with FAL_PROXY_REDIS_URL",
-    ),
-    (
-        "FAL_PROXY_DRAIN_SECONDS",
-        "30",
-        "on SIGTERM, how long in-flight requests and streams may finish",
-    ),
-    (
-        "FAL_PROXY_SECRET_RELOAD_SECONDS",
-        "10",
-        "how often FAL_KEY_FILE / CF_AIG_TOKEN_FILE are checked for a new value",
-    ),
-    ("FAL_PROXY_WS_MAX_BYTES", str(16 * 1024 * 1024), "largest WebSocket message, either way"),
-    (
-        "FAL_PROXY_REALTIME_DIRECT",
-        "false",
-        "send .../realtime sockets straight to wss://fal.run, not via the gateway",
-    ),
-    *ACCESS_VARIABLES,
-)
+DOCUMENTED_VARIABLES: tuple[Doc, ...] = documented(Settings)
 
 
 def _fal_key(env: Mapping[str, str]) -> Secret:
@@ -252,14 +262,6 @@ def _gateway_url(env: Mapping[str, str]) -> str:
     if not _GATEWAY_ID.fullmatch(gateway):
         raise SettingsError("CF_GATEWAY_ID must be 1-64 lower-case letters, digits, '-' or '_'")
     return f"{GATEWAY_HOST}/v1/{account.lower()}/{gateway}/fal"
-
-
-def _nonempty(env: Mapping[str, str], name: str, default: str) -> str:
-    return _get(env, name) or default
-
-
-def _port(env: Mapping[str, str], name: str, default: int) -> int:
-    return _int(env, name, default, low=0, high=65535)
 
 
 def _route(env: Mapping[str, str]) -> str:

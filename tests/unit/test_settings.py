@@ -135,3 +135,63 @@ def test_the_readme_tables_list_every_variable_with_its_default() -> None:
         for name in re.split(r", | / ", names):
             assert name in rows, f"{name} has no row in the README's settings tables"
             assert _plain(rows[name]) == _plain(default), (name, rows[name], default)
+
+
+class _Recording(dict[str, str]):
+    """An environment that remembers every variable the settings code asks for."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__(values)
+        self.asked: set[str] = set()
+
+    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.asked.add(str(key))
+        return super().__contains__(key)
+
+
+def _documented_names() -> set[str]:
+    return {name for doc in DOCUMENTED_VARIABLES for name in re.split(r", | / ", doc.names)}
+
+
+def test_every_variable_the_settings_read_is_documented(tmp_path: Path) -> None:
+    """Read the settings through every branch and compare what was asked with the table."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice " + "t" * 32 + "\n", encoding="utf-8")
+    key_file = tmp_path / "key"
+    key_file.write_text("k" * 32, encoding="utf-8")
+    envs = [
+        {"FAL_KEY": "k", "CF_ACCOUNT_ID": ACCOUNT, "CF_GATEWAY_ID": "g"},
+        {"FAL_KEY_ID": "i", "FAL_KEY_SECRET": "s", **GW, "FAL_PROXY_AUTH": "token"}
+        | {"FAL_PROXY_CLIENT_TOKENS_FILE": str(tokens)},
+        {"FAL_KEY_FILE": str(key_file), **GW, "FAL_PROXY_AUTH": "jwt"}
+        | {"FAL_PROXY_JWT_SECRET_FILE": str(key_file)},
+        {"FAL_KEY": "k", **GW, "FAL_PROXY_AUTH": "jwt", "FAL_PROXY_JWT_SECRET": "s" * 32},
+    ]
+    asked: set[str] = set()
+    for values in envs:
+        env = _Recording(values)
+        Settings.from_env(env)
+        asked |= env.asked
+    assert asked - _documented_names() == set(), "read but not documented"
+    assert _documented_names() - asked == set(), "documented but never read"
+
+
+def test_defaults_in_the_table_are_the_defaults_the_settings_take() -> None:
+    """A default written in the table is the value an unset variable gives."""
+    settings = Settings.from_env({"FAL_KEY": "k", **GW})
+    shown = {doc.names: doc.default for doc in DOCUMENTED_VARIABLES}
+    assert shown["FAL_PROXY_IDLE_TIMEOUT"] == f"{settings.idle_timeout:g}"
+    assert shown["FAL_PROXY_MAX_BODY_BYTES"] == str(settings.max_body_bytes)
+    assert shown["FAL_PROXY_RATE_LIMIT_RPM"] == str(settings.access.requests_per_minute)
+    assert shown["FAL_PROXY_ROUTE"] == settings.proxy_route
+    assert shown["FAL_PROXY_REALTIME_DIRECT"] == "false" and not settings.realtime_direct
+    assert shown["FAL_PROXY_AUTH_HEADER"] == settings.access.auth_header
+    assert len(shown) == len(DOCUMENTED_VARIABLES)  # one row per variable
