@@ -11,6 +11,7 @@
     ├── URITooLong        414  path + query over FAL_PROXY_MAX_URL_BYTES
     ├── MisdirectedRequest 421 a Host outside FAL_PROXY_ALLOWED_HOSTS
     ├── RateLimited       429  a caller's rate or concurrency limit was reached (Retry-After)
+    │   └── QuotaExceeded 429  a caller's quota is used up until its period ends
     ├── HeadersTooLarge   431  request headers over FAL_PROXY_MAX_HEADER_BYTES
     ├── UpstreamUnavailable 502  the gateway could not be reached or broke the connection
     ├── LimiterUnavailable 503  the shared rate-limit store (Redis) failed (Retry-After)
@@ -25,6 +26,10 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .quotas import Quota
 
 
 class ProxyError(Exception):
@@ -129,6 +134,32 @@ class RateLimited(_RetryLater):
 
     status = 429
     reason = "rate_limited"
+
+
+class QuotaExceeded(RateLimited):
+    """A caller's quota (:mod:`proxy.quotas`) is used up until its period ends.
+
+    The body names the quota (``quota``: its apps, limit, period and reset time) so an app
+    can tell its user "50 images a day; more tomorrow", not just "slow down".
+    """
+
+    reason = "quota_exceeded"
+
+    def __init__(self, quota: Quota, resets_at: str, *, retry_after: int) -> None:
+        super().__init__(
+            "quota exceeded", f"{quota.describe()}; resets at {resets_at}", retry_after=retry_after
+        )
+        self.quota = {
+            "apps": quota.pattern,
+            "limit": quota.limit,
+            "period": quota.period,
+            "resets_at": resets_at,
+        }
+
+    def body(self) -> bytes:
+        return json.dumps(
+            {"message": self.message, "detail": self.detail, "quota": self.quota}
+        ).encode()
 
 
 class HeadersTooLarge(ProxyError):

@@ -1,71 +1,43 @@
-"""Per-caller limits: requests per minute, generations per hour, concurrent requests.
+"""Per-caller limits: requests per minute, generations per hour, quotas, concurrent requests.
 
-Two kinds of limit, two mechanisms, neither written here:
+Every admitted call is checked against all of its limits at once and, only if every one
+has room, counted against all of them (a call refused for one limit spends nothing of
+the others):
 
-* **Windows** (requests per minute, submits per hour) are counted by the `limits` library
-  with its moving-window strategy: exact (the N+1th hit inside any 60 s is refused, with no
-  burst at a fixed window's edge, so a test or a caller sees the same count every time), and
-  the library's window reset time becomes ``Retry-After``. In memory for one process
-  (``limits.storage.MemoryStorage``); in Redis (``RedisStorage``), where each hit is one
-  of the library's own Lua scripts, atomic across replicas.
-* **Concurrency** (in-flight requests and streams) is a lease, not a counter, because a
-  counter leaks forever when a replica crashes between increment and decrement. In Redis each
-  caller has a sorted set of lease id → expiry time; taking a slot is one MULTI/EXEC
-  transaction (drop expired leases, add ours, count, refresh the key's TTL), and if the count
-  is over the limit the lease is removed again and the request refused. A lease expires after
-  ``lease_ttl`` unless renewed: one background task per limiter renews every lease it holds
-  every ``lease_ttl / 3`` (``ZADD XX``, so a lease released meanwhile is never brought back).
-  Under contention at the limit a request can be refused while another's refused lease is
-  briefly in the set (over-refusal, never over-admission). In memory a lease is a count.
+* **requests per minute** (every call) and **generations per hour** (calls that can
+  start a generation): sliding window counters (:mod:`proxy.windows`), the algorithm of
+  the `limits` library's sliding-window-counter strategy. The refusal's ``Retry-After`` is
+  the time until the call would pass.
+* **quotas** (generations per calendar hour/day/week/month, per app pattern, by plan;
+  :mod:`proxy.quotas`): a counter per caller and period; ``Retry-After`` points at the
+  next period.
+* **concurrency** (in-flight requests and streams): a lease, given back by
+  :meth:`Lease.release`.
 
-Checks run in order: requests/minute (always), submits/hour (submits only), then the
-concurrency slot. A hit counted by an earlier check stays counted when a later one refuses
-(an rpm hit spent on a request refused for concurrency): undoing it is not atomic, and it
-errs on the side of refusing.
+Two backends with the same answers: :class:`MemoryLimiter` (one process; O(1) per call
+and per caller, no thread, nothing walks the callers) and
+:class:`~proxy.limits_redis.RedisLimiter` (shared by replicas: one Lua script, one round
+trip per call). Usage (:mod:`proxy.usage`) is summed in the same store.
 
-**Failure modes.** If Redis fails (refused, reset, timeout; after one immediate retry on a
-fresh connection, and at most ``REDIS_TIMEOUT`` per operation), ``redis_failure="closed"``
-refuses with :class:`~proxy.errors.LimiterUnavailable` (503) and ``"open"`` admits with a
-warning and no lease. A lease whose state is unknown (transaction sent, answer lost, or a
-failed release) frees itself within ``lease_ttl``. Leases still held at :meth:`Limiter.close`
-are not released (as after a crash); they expire. Leases use each replica's clock, as the
-`limits` moving window does: clocks must agree to well under ``lease_ttl``. If Redis loses
-its data, leases held at that moment are forgotten (their requests finish uncounted).
-
-Caller ids can hold any character and may be sensitive: Redis keys use a BLAKE2b digest of
-them, and refusals name the limit and its value, never the caller.
+Caller ids can hold any character and may be sensitive: refusals name the limit and its
+value, never the caller, and Redis keys use a digest of them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute
-from limits.aio.storage import RedisStorage, Storage
-from limits.aio.strategies import MovingWindowRateLimiter
-from limits.errors import StorageError
-from limits.storage import MemoryStorage as SyncMemoryStorage
-from limits.strategies import MovingWindowRateLimiter as SyncMovingWindow
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from .errors import QuotaExceeded, RateLimited
+from .quotas import Quota
+from .usage import QuotaUse, UsageBook, UsageReport, iso
+from .windows import PeriodCounts, SlidingWindows, retry_after
 
-from .errors import LimiterUnavailable, RateLimited
-from .logs import get_logger
-
-REDIS_TIMEOUT = 2.0  # seconds for any one Redis operation (connect or command)
-UNAVAILABLE_RETRY_AFTER = 5  # Retry-After (s) on a 503 while Redis is down
-_STORE_ERRORS = (RedisError, StorageError, OSError, asyncio.TimeoutError)
-
-log = get_logger("proxy.limits")
+MINUTE, HOUR = 60, 3600
+GENERATIONS = "generations per hour (runs, queue submits, streams, realtime tokens and sockets)"
 
 
 @dataclass(frozen=True)
@@ -104,17 +76,14 @@ class Lease:
 
 
 class Limiter:
-    """The limits of :class:`LimitSettings`; the backends below decide where state lives."""
+    """The limits of :class:`LimitSettings`; the backends decide where the counts live."""
 
     def __init__(self, settings: LimitSettings) -> None:
         self.settings = settings
-        rpm, per_hour = settings.requests_per_minute, settings.submits_per_hour
-        self._per_minute = RateLimitItemPerMinute(rpm, namespace="rpm") if rpm else None
-        self._per_hour = RateLimitItemPerHour(per_hour, namespace="submits") if per_hour else None
-        self._windows: MovingWindowRateLimiter | None = None  # set by start()
+        self.clock: Callable[[], float] = time.time  # epoch seconds: windows are calendar-aligned
 
     async def start(self) -> None:
-        self._windows = MovingWindowRateLimiter(self._storage())
+        pass
 
     async def close(self) -> None:
         pass
@@ -122,235 +91,122 @@ class Limiter:
     async def ready(self) -> bool:
         return True
 
-    async def admit(self, caller: str, *, submit: bool) -> Lease:
-        """Check requests/minute, submits/hour (if ``submit``), then take a concurrency slot.
+    async def admit(
+        self, caller: str, *, submit: bool, quotas: tuple[Quota, ...] = (),
+        app: str | None = None,
+    ) -> Lease:  # fmt: skip
+        """Check every limit of the call; if all have room, count it and take a slot.
 
-        Raises :class:`RateLimited` (429) or, when Redis fails under "closed",
-        :class:`LimiterUnavailable` (503).
+        ``submit``: the call can start a generation (the hourly window and ``quotas``, the
+        caller's quotas that apply to it, count it; usage sums it under ``app``). Raises
+        :class:`RateLimited` or :class:`QuotaExceeded` (429) or, when Redis fails under
+        "closed", :class:`~proxy.errors.LimiterUnavailable` (503).
         """
-        key = caller_key(caller)
-        try:
-            await self._hit(self._per_minute, key, "requests per minute")
-            if submit:
-                await self._hit(
-                    self._per_hour,
-                    key,
-                    "generations per hour "
-                    "(runs, queue submits, streams, realtime tokens and sockets)",
-                )
-            if not self.settings.concurrent:
-                return Lease()
-            lease = await self._take_slot(key, self.settings.concurrent)
-        except _STORE_ERRORS as exc:
-            if self.settings.redis_failure != "open":
-                log.warning("limiter_unavailable", error=_describe(exc), refused=True)
-                raise LimiterUnavailable(
-                    "rate limiter unavailable",
-                    "the shared limit store did not answer; retry later",
-                    retry_after=UNAVAILABLE_RETRY_AFTER,
-                ) from None
-            log.warning("limiter_unavailable", error=_describe(exc), admitted_unchecked=True)
-            return Lease()
-        if lease is None:
-            raise RateLimited(
-                "rate limit exceeded",
-                f"at most {self.settings.concurrent} concurrent requests",
-                retry_after=1,  # a slot frees when any of the caller's requests ends
-            )
-        return lease
-
-    async def _hit(self, item: RateLimitItem | None, key: str, what: str) -> None:
-        if item is None:
-            return
-        assert self._windows is not None, "Limiter.start() was not called"
-        if await self._windows.hit(item, key):
-            return
-        stats = await self._windows.get_window_stats(item, key)
-        # remaining > 0: the window moved on between the two calls; a retry now will pass.
-        retry = 1 if stats.remaining > 0 else seconds_until(stats.reset_time, time.time())
-        raise RateLimited("rate limit exceeded", f"at most {item.amount} {what}", retry_after=retry)
-
-    def _storage(self) -> Storage:
         raise NotImplementedError
 
-    async def _take_slot(self, key: str, limit: int) -> Lease | None:
-        """A lease on one of ``limit`` slots, or None if all are taken."""
+    async def add_units(self, caller: str, app: str | None, units: float) -> None:
+        """Add fal's billable units (from a response) to the caller's usage."""
         raise NotImplementedError
+
+    async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:
+        """The caller's ``quotas`` with what is used of each, and this month's usage."""
+        raise NotImplementedError
+
+    def window_refusal(self, limit: int, what: str, wait: float) -> RateLimited:
+        return RateLimited(
+            "rate limit exceeded", f"at most {limit} {what}", retry_after=retry_after(wait)
+        )
+
+    def quota_refusal(self, quota: Quota, resets_at: float, now: float) -> QuotaExceeded:
+        return QuotaExceeded(quota, iso(resets_at), retry_after=seconds_until(resets_at, now))
+
+    def concurrency_refusal(self) -> RateLimited:
+        return RateLimited(
+            "rate limit exceeded",
+            f"at most {self.settings.concurrent} concurrent requests",
+            retry_after=1,  # a slot frees when any of the caller's requests ends
+        )
 
 
 class MemoryLimiter(Limiter):
-    """One process: windows in ``limits``' synchronous MemoryStorage, slots as a count per caller.
-
-    The synchronous storage, not ``limits.aio``'s: the async one schedules an expiry sweep
-    through a thread on every hit, which cost ~70 µs of CPU per request (measured with
-    ``make bench``); the synchronous one never blocks (a dict under a lock) and sweeps on a
-    timer of its own.
-    """
+    """One process. Every structure is a dict keyed by caller id, touched O(1) times per
+    call; state a window no longer needs is dropped when the window rolls over
+    (:mod:`proxy.windows`), so idle callers cost nothing after the longest window."""
 
     def __init__(self, settings: LimitSettings) -> None:
         super().__init__(settings)
+        rpm, per_hour = settings.requests_per_minute, settings.submits_per_hour
+        self._per_minute = SlidingWindows(rpm, MINUTE) if rpm else None
+        self._per_hour = SlidingWindows(per_hour, HOUR) if per_hour else None
+        self._quotas: dict[str, PeriodCounts] = {}  # Quota.key → counts
         self._in_use: dict[str, int] = {}
-        self._sync_windows: SyncMovingWindow | None = None
+        self._usage = UsageBook()
 
-    async def start(self) -> None:
-        self._sync_windows = SyncMovingWindow(SyncMemoryStorage())
+    async def admit(
+        self, caller: str, *, submit: bool, quotas: tuple[Quota, ...] = (),
+        app: str | None = None,
+    ) -> Lease:  # fmt: skip
+        # No await until the counts are taken: the check and the count are one atomic step.
+        now = self.clock()
+        if self._per_minute is not None and (wait := self._per_minute.wait(caller, now)):
+            raise self.window_refusal(self._per_minute.limit, "requests per minute", wait)
+        if submit:
+            if self._per_hour is not None and (wait := self._per_hour.wait(caller, now)):
+                raise self.window_refusal(self._per_hour.limit, GENERATIONS, wait)
+            for quota in quotas:
+                counts = self._counts(quota)
+                if counts.count(caller, now) >= quota.limit:
+                    raise self.quota_refusal(quota, counts.bounds(now)[2], now)
+        limit = self.settings.concurrent
+        if limit and self._in_use.get(caller, 0) >= limit:
+            raise self.concurrency_refusal()
+        if self._per_minute is not None:
+            self._per_minute.add(caller, now)
+        if submit:
+            if self._per_hour is not None:
+                self._per_hour.add(caller, now)
+            for quota in quotas:
+                self._counts(quota).add(caller, now)
+            self._usage.add(caller, app, now, 1, 0.0)
+        if not limit:
+            return Lease()
+        self._in_use[caller] = self._in_use.get(caller, 0) + 1
+        return Lease(lambda: self._release(caller))
 
-    async def _hit(self, item: RateLimitItem | None, key: str, what: str) -> None:
-        if item is None:
-            return
-        assert self._sync_windows is not None, "Limiter.start() was not called"
-        if self._sync_windows.hit(item, key):
-            return
-        stats = self._sync_windows.get_window_stats(item, key)
-        retry = 1 if stats.remaining > 0 else seconds_until(stats.reset_time, time.time())
-        raise RateLimited("rate limit exceeded", f"at most {item.amount} {what}", retry_after=retry)
+    async def _release(self, caller: str) -> None:
+        left = self._in_use[caller] - 1
+        if left:
+            self._in_use[caller] = left
+        else:
+            del self._in_use[caller]
 
-    async def _take_slot(self, key: str, limit: int) -> Lease | None:
-        if self._in_use.get(key, 0) >= limit:
-            return None
-        self._in_use[key] = self._in_use.get(key, 0) + 1
+    async def add_units(self, caller: str, app: str | None, units: float) -> None:
+        self._usage.add(caller, app, self.clock(), 0, units)
 
-        async def release() -> None:
-            left = self._in_use[key] - 1
-            if left:
-                self._in_use[key] = left
-            else:
-                del self._in_use[key]
+    async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:
+        now = self.clock()
+        uses = []
+        for quota in quotas:
+            counts = self._counts(quota)
+            uses.append(QuotaUse(quota, counts.count(caller, now), counts.bounds(now)[2]))
+        start, end, apps = self._usage.read(caller, now)
+        return UsageReport(plan, uses, start, end, apps)
 
-        return Lease(release)
-
-
-class RedisLimiter(Limiter):
-    """Shared by every replica using the same Redis and ``key_prefix``."""
-
-    def __init__(self, settings: LimitSettings) -> None:
-        super().__init__(settings)
-        assert settings.redis_url is not None
-        self._redis: aioredis.Redis | None = None
-        self._held: dict[str, str] = {}  # lease id → its sorted set's key, renewed while here
-        self._renewer: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        """Connect lazily (start-up never fails on Redis) and start renewing leases."""
-        url = self.settings.redis_url
-        assert url is not None, "RedisLimiter needs a redis_url"
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=REDIS_TIMEOUT,
-            socket_connect_timeout=REDIS_TIMEOUT,
-            # Explicit (redis-py's defaults differ between versions and constructors): one
-            # immediate retry when a connection breaks (Redis restarted), none on a timeout,
-            # so a hung Redis costs one REDIS_TIMEOUT per request, not several.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        await super().start()
-        self._renewer = asyncio.create_task(self._renew_forever(), name="limits-lease-renewal")
-        if not await self.ready():
-            log.warning("limiter_redis_unreachable", failure_mode=self.settings.redis_failure)
-
-    async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            try:
-                await self._renewer
-            except asyncio.CancelledError:
-                pass
-            self._renewer = None
-        self._held.clear()
-        if self._redis is not None:
-            await self._redis.aclose()
-            self._redis = None
-
-    async def ready(self) -> bool:
-        if self._redis is None:
-            return False
-        try:
-            return bool(await self._redis.ping())
-        except _STORE_ERRORS:
-            return False
-
-    def _storage(self) -> Storage:
-        assert self._redis is not None
-        # unix:// must be spelled redis+unix:// for limits to pick its Redis (not Valkey) client.
-        url = self.settings.redis_url or ""
-        url = "redis+unix://" + url.removeprefix("unix://") if url.startswith("unix://") else url
-        # Share our connection pool (and its timeouts); closing our client closes it.
-        return RedisStorage(
-            url,
-            wrap_exceptions=True,
-            implementation="redispy",
-            key_prefix=f"{self.settings.key_prefix}:window",
-            # limits types this as its own (sync-or-async) pool; redis.asyncio's is what its
-            # "redispy" implementation uses at run time (tests/e2e/test_limits_redis.py).
-            connection_pool=self._redis.connection_pool,  # type: ignore[arg-type]
+    def keys_held(self) -> int:
+        """Entries held for callers, over every structure (tests, the benchmark)."""
+        windows = [w for w in (self._per_minute, self._per_hour) if w is not None]
+        return (
+            sum(w.keys_held() for w in windows)
+            + sum(c.keys_held() for c in self._quotas.values())
+            + len(self._in_use)
+            + self._usage.keys_held()
         )
 
-    def _leases_key(self, key: str) -> str:
-        return f"{self.settings.key_prefix}:leases:{key}"
-
-    def _key_ttl(self) -> int:
-        return math.ceil(self.settings.lease_ttl) + 1
-
-    async def _take_slot(self, key: str, limit: int) -> Lease | None:
-        assert self._redis is not None, "Limiter.start() was not called"
-        leases, lease_id = self._leases_key(key), os.urandom(12).hex()
-        now = time.time()
-        async with self._redis.pipeline(transaction=True) as tx:
-            tx.zremrangebyscore(leases, "-inf", now)
-            tx.zadd(leases, {lease_id: now + self.settings.lease_ttl})
-            tx.zcard(leases)
-            tx.expire(leases, self._key_ttl())
-            _, _, count, _ = await tx.execute()
-        if count > limit:
-            await self._remove(self._redis, leases, lease_id)  # on failure it expires by itself
-            return None
-        self._held[lease_id] = leases
-        return Lease(lambda: self._release(lease_id))
-
-    async def _release(self, lease_id: str) -> None:
-        leases = self._held.pop(lease_id, None)  # stop renewing it at once
-        if leases is not None and self._redis is not None:
-            # Shielded: a cancelled request still gives its slot back.
-            await asyncio.shield(self._remove(self._redis, leases, lease_id))
-
-    @staticmethod
-    async def _remove(client: aioredis.Redis, leases: str, lease_id: str) -> None:
-        try:
-            await client.zrem(leases, lease_id)
-        except _STORE_ERRORS as exc:
-            log.warning(
-                "lease_release_failed",
-                error=_describe(exc),
-                note="the slot frees itself within lease_ttl",
-            )
-
-    async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.lease_ttl / 3)
-            try:
-                await self.renew()
-            except _STORE_ERRORS as exc:
-                log.warning("lease_renewal_failed", error=_describe(exc), leases=len(self._held))
-            except Exception:  # a bug: keep renewing, or every held slot would expire
-                log.exception("lease_renewal_error")
-
-    async def renew(self) -> None:
-        """Push back the expiry of every lease held here (called every ``lease_ttl / 3``)."""
-        held = list(self._held.items())
-        if not held or self._redis is None:
-            return
-        expiry = time.time() + self.settings.lease_ttl
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for lease_id, leases in held:
-                pipe.zadd(leases, {lease_id: expiry}, xx=True)  # XX: never revive a released lease
-            for leases in {leases for _, leases in held}:
-                pipe.expire(leases, self._key_ttl())
-            await pipe.execute()
-
-
-def _describe(exc: BaseException) -> str:
-    exc = getattr(exc, "storage_error", exc)  # limits wraps the Redis error in StorageError
-    return f"{type(exc).__name__}: {exc}"
+    def _counts(self, quota: Quota) -> PeriodCounts:
+        counts = self._quotas.get(quota.key)
+        if counts is None:
+            counts = self._quotas[quota.key] = PeriodCounts(quota.period)
+        return counts
 
 
 def create_limiter(settings: LimitSettings) -> Limiter:
@@ -361,4 +217,8 @@ def create_limiter(settings: LimitSettings) -> Limiter:
         raise ValueError("limits must be 0 (unlimited) or more")
     if not settings.lease_ttl > 0:
         raise ValueError("lease_ttl must be positive")
-    return RedisLimiter(settings) if settings.redis_url else MemoryLimiter(settings)
+    if settings.redis_url:
+        from .limits_redis import RedisLimiter
+
+        return RedisLimiter(settings)
+    return MemoryLimiter(settings)

@@ -98,6 +98,10 @@ class RedisServer:
         if self.proc is not None:
             stop_process(self.proc)
 
+    def client(self) -> redis.Redis:
+        """A synchronous client (strings, not bytes) for the test to look into the server."""
+        return redis.Redis(port=self.port, decode_responses=True)
+
     def keys(self) -> list[str]:
         with redis.Redis(port=self.port, decode_responses=True) as client:
             return sorted(client.keys("*"))

@@ -20,7 +20,9 @@ import pytest
 import structlog.testing
 
 from proxy.errors import LimiterUnavailable, RateLimited
-from proxy.limits import REDIS_TIMEOUT, Lease, Limiter, LimitSettings, RedisLimiter, create_limiter
+from proxy.limits import Lease, Limiter, LimitSettings, create_limiter
+from proxy.limits_redis import REDIS_TIMEOUT, RedisLimiter
+from proxy.quotas import Quota
 from tests.redis_support import START_TIMEOUT, RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
@@ -43,10 +45,17 @@ def settings(url: str, prefix: str | None = None, **overrides: object) -> LimitS
     return LimitSettings(**fields)  # type: ignore[arg-type]
 
 
+# A frozen clock 15 s into the current hour (near real time: quota keys expire at the end
+# of their period in Redis's own time), so every window's answer is exact.
+NOW = float(int(time.time()) // 3600 * 3600 + 15)
+
+
 @asynccontextmanager
-async def running(limit_settings: LimitSettings) -> AsyncIterator[Limiter]:
+async def running(limit_settings: LimitSettings, *, frozen: bool = True) -> AsyncIterator[Limiter]:
     limiter = create_limiter(limit_settings)
     assert isinstance(limiter, RedisLimiter)
+    if frozen:
+        limiter.clock = lambda: NOW
     await limiter.start()
     try:
         yield limiter
@@ -70,7 +79,7 @@ async def test_requests_per_minute(redis_server: RedisServer) -> None:
             await (await limiter.admit("web", submit=False)).release()
         err = await refused(limiter)
         assert err.status == 429 and "requests per minute" in err.detail and "3" in err.detail
-        assert 55 <= err.retry_after <= 60
+        assert err.retry_after == 45  # as in memory: see tests/unit/test_limits.py
         await limiter.admit("mobile", submit=False)  # another caller has its own window
 
 
@@ -81,7 +90,7 @@ async def test_submits_per_hour_count_only_submits(redis_server: RedisServer) ->
         await limiter.admit("web", submit=True)
         await limiter.admit("web", submit=True)
         err = await refused(limiter, submit=True)
-        assert "generations per hour" in err.detail and 3595 <= err.retry_after <= 3600
+        assert "generations per hour" in err.detail and err.retry_after == 3600 - 15
         await limiter.admit("web", submit=False)
 
 
@@ -93,7 +102,7 @@ async def test_concurrency_and_idempotent_release(redis_server: RedisServer) -> 
         assert "concurrent requests" in err.detail and "2" in err.detail and err.retry_after == 1
         await first.release()
         await first.release()  # idempotent: frees one slot, not two
-        await limiter.admit("web", submit=False)
+        await limiter.admit("web", submit=False)  # the release rides on this call
         await refused(limiter)
         await limiter.admit("mobile", submit=False)
 
@@ -106,7 +115,10 @@ async def test_keys_never_hold_the_caller_id(redis_server: RedisServer) -> None:
     ) as limiter:
         await limiter.admit(caller, submit=True)
         keys = [k for k in redis_server.keys() if k.startswith(prefix)]  # noqa: SIM118 - not a dict: runs KEYS *
-        assert len(keys) == 3, keys  # per-minute window, per-hour window, leases
+        # This minute's and this hour's window, the leases, this month's usage: O(1) per
+        # caller (no entry per hit), and every key expires.
+        assert len(keys) == 4, keys
+        assert all(redis_server.client().ttl(k) > 0 for k in keys)
         assert not any("SENTINEL" in k for k in keys)
 
 
@@ -145,14 +157,18 @@ async def test_a_unix_socket_url(tmp_path: Path) -> None:
 
 
 async def test_two_replicas_share_every_limit(redis_server: RedisServer) -> None:
-    shared = settings(redis_server.url, concurrent=2, requests_per_minute=5, submits_per_hour=1)
+    shared = settings(redis_server.url, concurrent=2, requests_per_minute=4, submits_per_hour=1)
     async with running(shared) as a, running(shared) as b:
-        on_a = await a.admit("web", submit=True)  # rpm 1, submit 1
-        await b.admit("web", submit=False)  # rpm 2
-        assert "concurrent" in (await refused(a)).detail  # rpm 3
-        assert "concurrent" in (await refused(b)).detail  # rpm 4
+        on_a = await a.admit("web", submit=True)  # request 1, generation 1
+        await b.admit("web", submit=False)  # request 2
+        assert "concurrent" in (await refused(a)).detail  # both slots held, on either replica
+        assert "concurrent" in (await refused(b)).detail  # (refusals spend nothing)
         await on_a.release()
-        assert "submits" in (await refused(b, submit=True)).detail  # rpm 5, submit refused on B
+        await a.flush()  # what A owes Redis, sent now rather than with its next call
+        assert "generations per hour" in (await refused(b, submit=True)).detail
+        await (await b.admit("web", submit=False)).release()  # request 3, in A's freed slot
+        await b.flush()
+        await (await a.admit("web", submit=False)).release()  # request 4
         assert "requests per minute" in (await refused(a)).detail
         assert "requests per minute" in (await refused(b)).detail
 
@@ -213,25 +229,50 @@ async def test_renewal_keeps_a_held_lease_past_its_ttl(redis_server: RedisServer
             await refused(other)
             await asyncio.sleep(0.1)
         await lease.release()
+        await holder.flush()
         assert isinstance(await other.admit("web", submit=False), Lease)
 
 
-async def test_a_release_cancelled_midway_still_frees_the_slot(redis_server: RedisServer) -> None:
-    async with running(settings(redis_server.url, concurrent=1)) as limiter:
+async def test_one_round_trip_per_admitted_call(redis_server: RedisServer) -> None:
+    """Windows, quotas, the lease, usage and the last call's release: one command each."""
+    quotas = (Quota("*", 100, "day"), Quota("fal-ai/*", 50, "month"))
+    limits = settings(redis_server.url, requests_per_minute=100, submits_per_hour=100, concurrent=1)
+    async with running(limits) as limiter:
+        assert isinstance(limiter, RedisLimiter) and limiter._redis is not None
+        client = limiter._redis
+        sent: list[str] = []
+        execute = client.execute_command
+
+        async def counted(*args: object, **options: object) -> object:
+            sent.append(str(args[0]))
+            return await execute(*args, **options)
+
+        def no_pipelines(*_args: object, **_kwargs: object) -> None:
+            raise AssertionError("a pipeline on the request path")
+
+        client.execute_command = counted  # type: ignore[method-assign]
+        client.pipeline = no_pipelines  # type: ignore[method-assign,assignment]
+        lease = await limiter.admit("web", submit=True, quotas=quotas, app="fal-ai/flux")
+        sent.clear()  # the first call also loads the script (NOSCRIPT, SCRIPT LOAD)
+        for _ in range(20):
+            await lease.release()  # owed, not sent: it rides on the next call
+            lease = await limiter.admit("web", submit=True, quotas=quotas, app="fal-ai/flux")
+        assert sent == ["EVALSHA"] * 20
+        leases = next(k for k in redis_server.keys() if k.startswith(f"{limits.key_prefix}:leases"))  # noqa: SIM118
+        assert redis_server.client().zcard(leases) == 1  # the 20 releases all arrived
+        del client.execute_command, client.pipeline
+
+
+async def test_a_release_no_call_carries_is_sent_soon(redis_server: RedisServer) -> None:
+    prefix = f"test-{uuid.uuid4().hex}"
+    async with running(settings(redis_server.url, prefix, concurrent=1)) as limiter:
         lease = await limiter.admit("web", submit=False)
-        releasing = asyncio.create_task(lease.release())
-        await asyncio.sleep(0)  # one loop step: the release is now waiting on Redis
-        releasing.cancel()  # as when the request's task is cancelled in its finally block
-        with pytest.raises(asyncio.CancelledError):  # redis-py alone would swallow the cancel
-            await releasing
-        deadline = time.monotonic() + 5  # lease_ttl is 300 s: only the release can free it
-        while True:
-            try:
-                await limiter.admit("web", submit=False)
-                break
-            except RateLimited:
-                assert time.monotonic() < deadline, "the cancelled release left the slot taken"
-                await asyncio.sleep(0.01)
+        await lease.release()
+        leases = next(k for k in redis_server.keys() if k.startswith(f"{prefix}:leases"))  # noqa: SIM118
+        deadline = time.monotonic() + 5  # FLUSH_DELAY is 20 ms: only the flush can free it
+        while redis_server.client().zcard(leases):
+            assert time.monotonic() < deadline, "the release was never sent"
+            await asyncio.sleep(0.01)
 
 
 # --- Redis failures -------------------------------------------------------------------------

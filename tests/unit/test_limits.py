@@ -1,4 +1,8 @@
-"""The in-memory limiter: each limit refuses at the right count, with a sane Retry-After."""
+"""The in-memory limiter: each limit refuses at the right count, with the right Retry-After.
+
+The limiter's clock is frozen at ``NOW`` (15 s into a minute and into an hour), so every
+window's answer is exact; tests move it by hand.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from proxy.limits import (
 pytestmark = pytest.mark.anyio
 
 UNLIMITED = LimitSettings(requests_per_minute=0, concurrent=0, submits_per_hour=0)
+NOW = 1_764_000_000.0 + 15  # 1764000000 is on an hour's edge
 
 
 @pytest.fixture
@@ -33,6 +38,7 @@ def anyio_backend() -> str:
 async def running(**limits: int) -> AsyncIterator[Limiter]:
     settings = {"requests_per_minute": 0, "concurrent": 0, "submits_per_hour": 0, **limits}
     limiter = create_limiter(LimitSettings(**settings))
+    limiter.clock = lambda: NOW
     await limiter.start()
     try:
         yield limiter
@@ -93,7 +99,8 @@ async def test_requests_per_minute_refuse_the_fourth_of_three() -> None:
         err = info.value
         assert (err.status, err.reason) == (429, "rate_limited")
         assert "requests per minute" in err.detail and "3" in err.detail
-        assert 55 <= err.retry_after <= 60  # the oldest hit leaves the 60 s window then
+        # 45 s to the next minute, where 3 hits weigh 3 * (60 - t)/60: under 3 at once.
+        assert err.retry_after == 45
         with pytest.raises(RateLimited):  # still refused, and refusals are not counted as hits
             await limiter.admit("web", submit=True)
         assert await limiter.ready()
@@ -108,7 +115,7 @@ async def test_submits_per_hour_refuse_the_third_of_two_and_only_count_submits()
         with pytest.raises(RateLimited) as info:
             await limiter.admit("web", submit=True)
         assert "generations per hour" in info.value.detail and "2" in info.value.detail
-        assert 3595 <= info.value.retry_after <= 3600
+        assert info.value.retry_after == 3600 - 15
         await admit_and_release(limiter, submit=False)  # non-submits still pass
 
 
@@ -185,15 +192,17 @@ async def test_zero_means_unlimited() -> None:
         await limiter.close()
 
 
-async def test_an_rpm_hit_stays_counted_when_concurrency_refuses() -> None:
-    # Documented: checks are not undone when a later one refuses.
-    async with running(requests_per_minute=3, concurrent=1) as limiter:
+async def test_a_refused_call_spends_nothing() -> None:
+    # Every limit is checked before any is counted: a call refused for concurrency does not
+    # use up a request of the minute.
+    async with running(requests_per_minute=2, concurrent=1) as limiter:
         held = await limiter.admit("web", submit=False)  # hit 1
-        with pytest.raises(RateLimited) as info:  # hit 2, refused for concurrency
-            await limiter.admit("web", submit=False)
-        assert "concurrent" in info.value.detail
+        for _ in range(5):  # refused for concurrency: not hits
+            with pytest.raises(RateLimited) as info:
+                await limiter.admit("web", submit=False)
+            assert "concurrent" in info.value.detail
         await held.release()
-        await admit_and_release(limiter)  # hit 3
+        await admit_and_release(limiter)  # hit 2
         with pytest.raises(RateLimited) as info:
             await limiter.admit("web", submit=False)
         assert "requests per minute" in info.value.detail
