@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.bridge_ws import (
+from proxy.bridge_pump import client_close
+from proxy.bridge_upstream import (
     caller_from_subprotocols,
-    client_close,
     client_subprotocol,
     gateway_ws_url,
     is_credential_subprotocol,

@@ -1,0 +1,176 @@
+"""One bridged session once both sides are open: frames both ways until either side closes or
+the session idles out, each close relayed to the other side; and the session's record.
+
+Frames keep their type and order. Backpressure: each pump awaits the other side's send, and
+both libraries bound their receive queues, so a slow reader stalls its writer instead of
+growing memory. How an upstream close reaches the client is the pure :func:`client_close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from starlette.types import Receive, Send
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+
+class Session:
+    """One bridged socket: counters for its canonical log line, and what closes it."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "caller",
+        "client_close",
+        "client_send",
+        "error",
+        "frames_in",
+        "frames_out",
+        "path",
+        "request_id",
+        "started",
+        "upstream",
+        "upstream_close",
+    )
+
+    def __init__(self, request_id: str, path: str) -> None:
+        self.request_id, self.path, self.started = request_id, path, time.perf_counter()
+        self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
+        self.client_close: int | None = None
+        self.upstream_close: int | None = None
+        self.error: str | None = None
+        self.caller: str | None = None
+        self.upstream: ClientConnection | None = None
+        self.client_send: Send | None = None
+
+    def log_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "request_id": self.request_id,
+            "route": "websocket",
+            "target_path": self.path,
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 2),
+            "frames_in": self.frames_in,
+            "frames_out": self.frames_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "client_close": self.client_close,
+            "upstream_close": self.upstream_close,
+        }
+        if self.caller is not None:
+            fields["caller"] = self.caller
+        if self.error is not None:
+            fields["error"] = self.error
+        return fields
+
+
+class Pump:
+    """Frames both ways for one session: :meth:`run` returns once either side has closed (or
+    the session idled out), with the upstream closed."""
+
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        upstream: ClientConnection,
+        session: Session,
+        idle: float,
+    ) -> None:
+        self.receive, self.send, self.upstream = receive, send, upstream
+        self.session, self.idle = session, idle
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()  # last frame either way, for the idle timeout
+
+    async def run(self) -> None:
+        tasks = [
+            asyncio.ensure_future(self.client_to_upstream()),
+            asyncio.ensure_future(self.upstream_to_client()),
+            asyncio.ensure_future(self.close_when_idle()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if tasks[0] in done and not tasks[1].done():  # the client left: let the upstream's
+                await asyncio.wait([tasks[1]], timeout=5)  # close handshake finish, briefly
+        finally:
+            for task in tasks:
+                task.cancel()
+            await self.upstream.close()
+
+    async def client_to_upstream(self) -> None:
+        """Client frames up until the client leaves; its close code and reason go up too."""
+        receive, upstream, session, loop = self.receive, self.upstream, self.session, self.loop
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                session.client_close = message.get("code", 1005)
+                await upstream.close(_sendable(session.client_close), message.get("reason") or "")
+                return
+            raw = message.get("bytes")  # an empty binary frame stays binary
+            data: str | bytes = raw if raw is not None else (message.get("text") or "")
+            session.frames_in += 1
+            session.bytes_in += len(data)
+            self.last = loop.time()
+            await upstream.send(data)  # waits while the upstream is not reading: backpressure
+
+    async def upstream_to_client(self) -> None:
+        """Upstream frames down until the upstream socket ends; then the client is closed with
+        what :func:`client_close` makes of it, unless the client closed first."""
+        send, upstream, session, loop = self.send, self.upstream, self.session, self.loop
+        try:
+            async for data in upstream:
+                session.frames_out += 1
+                session.bytes_out += len(data)
+                self.last = loop.time()
+                key = "bytes" if isinstance(data, bytes) else "text"
+                await send({"type": "websocket.send", key: data})
+        except ConnectionClosed:
+            pass
+        sent = upstream.protocol.close_sent
+        rcvd, code, reason = client_close(
+            upstream.close_code,
+            upstream.close_reason,
+            (sent.code, sent.reason) if sent is not None else None,
+        )
+        session.upstream_close = rcvd
+        if session.client_close is None:
+            await send({"type": "websocket.close", "code": code, "reason": reason})
+
+    async def close_when_idle(self) -> None:
+        """Close both sides with 1001 after ``idle`` seconds with no frame either way."""
+        # Sleeps until the idle deadline, re-armed by the frames seen meanwhile: one timer
+        # per idle period, not one per frame.
+        loop, session = self.loop, self.session
+        while (left := self.idle - (loop.time() - self.last)) > 0:  # noqa: ASYNC110 - a deadline
+            await asyncio.sleep(left)
+        session.error = "idle_timeout"
+        session.client_close = session.upstream_close = 1001
+        await self.send({"type": "websocket.close", "code": 1001, "reason": "idle timeout"})
+        await self.upstream.close(1001, "idle timeout")
+
+
+def client_close(
+    received: int | None, reason: str | None, sent: tuple[int, str] | None
+) -> tuple[int | None, int, str]:
+    """How an ended upstream socket closes the client: ``(upstream code, code, reason)``.
+
+    ``received`` and ``reason`` are the upstream's close frame (None/1006: there was none);
+    ``sent`` the proxy's own close of the upstream, if any. When the proxy closed the
+    upstream itself (e.g. 1009, a message over FAL_PROXY_WS_MAX_BYTES) the client is told
+    that, not "connection lost"; an upstream that died (no close frame) becomes 1011.
+    """
+    if received in (None, 1006) and sent is not None:
+        received = sent[0]
+    code = _sendable(received) if received not in (None, 1006) else 1011
+    text = reason or ("upstream connection lost" if code == 1011 else "")
+    if sent is not None and sent[0] == received:
+        text = sent[1] or text
+    return received, code, text[:120]
+
+
+def _sendable(code: int | None) -> int:
+    """Codes that may not be sent in a close frame (1005, 1006, 1015, unset) become 1000."""
+    if code is None or code in (1005, 1006, 1015):
+        return 1000
+    return code

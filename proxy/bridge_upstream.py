@@ -1,0 +1,169 @@
+"""A bridged socket's upstream side: where it goes, what of the client's handshake travels,
+the handshake itself, and a failed one as the client's refusal.
+
+The rules are pure: the URL (the gateway, or ``wss://fal.run`` for realtime when
+``FAL_PROXY_REALTIME_DIRECT`` is on), the query without a client ``fal_jwt_token``, the
+sub-protocols that may go up (no credential) and the one the client is accepted with.
+:func:`open_upstream` then opens the socket with the proxy's key, never following a
+redirect; it fails with :class:`UpstreamRefused` (the upstream's own status and body) or
+:class:`~proxy.errors.UpstreamUnavailable` (502), both answered by :func:`refuse`.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote_plus, urlsplit
+
+from starlette.types import Scope, Send
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
+
+from .errors import ProxyError, UpstreamUnavailable
+from .headers import CLIENT_PROXY_ID, InjectedHeaders
+from .settings import Settings
+
+CREDENTIAL_SUBPROTOCOLS = ("fal-api-key.", "cf-aig-authorization.", "proxy-authorization.")
+CALLER_SUBPROTOCOL = "proxy-authorization."
+DIRECT_FAL = "wss://fal.run"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: what a sub-protocol may be
+
+
+class UpstreamRefused(ProxyError):
+    """The upstream answered the handshake with an HTTP status (a redirect included): relayed
+    to the client as it came, its status and body."""
+
+    reason = "upstream_refused"
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__("the upstream refused the handshake", f"HTTP {status}")
+        self.status = status
+        self.upstream_body = body
+
+    def body(self) -> bytes:
+        return self.upstream_body
+
+
+class _connect_without_redirects(connect):
+    """websockets' ``connect`` that never follows a redirect on the upstream handshake.
+
+    It would follow up to 10, with the fal key on a same-origin ``Location`` (outside the
+    gateway's ``/fal`` too) and ``cf-aig-authorization`` even cross-origin. A 3xx is
+    relayed to the client like any other refusal.
+    """
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+async def open_upstream(
+    path: str, query: str, offered: list[str], *,
+    gateway_ws: str, injected: InjectedHeaders, settings: Settings,
+) -> ClientConnection:  # fmt: skip
+    """The upstream socket for ``path`` and ``query``, the proxy's credentials in its handshake
+    and only the client's non-credential sub-protocols offered.
+
+    Raises UpstreamRefused (any HTTP answer but 101) or UpstreamUnavailable (unreachable,
+    timed out, a broken handshake).
+    """
+    url, direct = upstream_ws_url(gateway_ws, path, query, realtime_direct=settings.realtime_direct)
+    headers = [
+        ("authorization", injected.authorization),
+        ("x-fal-client-proxy", CLIENT_PROXY_ID),
+    ]
+    if injected.cf_aig_authorization is not None and not direct:
+        headers.append(("cf-aig-authorization", injected.cf_aig_authorization))
+    passable = upstream_subprotocols(offered)
+    try:
+        return await _connect_without_redirects(
+            url,
+            additional_headers=headers,
+            subprotocols=[Subprotocol(p) for p in passable] or None,
+            max_size=settings.ws_max_bytes,
+            open_timeout=settings.connect_timeout,
+            proxy=None,
+            ping_interval=20,
+            ping_timeout=20,
+            compression=None,
+            user_agent_header=CLIENT_PROXY_ID,
+        )
+    except InvalidStatus as exc:
+        raise UpstreamRefused(exc.response.status_code, bytes(exc.response.body or b"")) from None
+    except (TimeoutError, InvalidHandshake, OSError) as exc:
+        raise UpstreamUnavailable("the gateway could not be reached", type(exc).__name__) from None
+
+
+async def refuse(scope: Scope, send: Send, exc: ProxyError) -> None:
+    """Refuse the upgrade with ``exc``'s status and JSON body where the server allows it (ASGI's
+    ``websocket.http.response``), else close before accepting (the server answers 403)."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        body = exc.body()
+        start = {"type": "websocket.http.response.start", "status": exc.status,
+                 "headers": exc.headers(body)}  # fmt: skip
+        await send(start)
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008 if exc.status < 500 else 1011})
+
+
+def is_credential_subprotocol(protocol: str) -> bool:
+    """Sub-protocols that carry a credential, in any letter case (tokens are case-insensitive)."""
+    return protocol.lower().startswith(CREDENTIAL_SUBPROTOCOLS)
+
+
+def caller_from_subprotocols(offered: list[str]) -> str | None:
+    """A browser's caller credential, sent as the sub-protocol ``proxy-authorization.<token>``."""
+    return next(
+        (p[len(CALLER_SUBPROTOCOL) :] for p in offered if p.lower().startswith(CALLER_SUBPROTOCOL)),
+        None,
+    )
+
+
+def upstream_ws_url(
+    gateway_ws: str, path: str, query: str, *, realtime_direct: bool
+) -> tuple[str, bool]:
+    """Where a bridged socket goes: ``(url, straight_to_fal)``. Pure.
+
+    ``…/realtime`` paths go straight to ``wss://fal.run`` when ``FAL_PROXY_REALTIME_DIRECT``
+    is on (the gateway documents only fal's HTTP-over-WebSocket protocol); everything
+    else goes to the gateway's WebSocket URL.
+    """
+    direct = realtime_direct and path.endswith("/realtime")
+    return (DIRECT_FAL if direct else gateway_ws) + path + (f"?{query}" if query else ""), direct
+
+
+def gateway_ws_url(gateway_url: str) -> str:
+    """``https://gateway…/fal`` → ``wss://gateway…/fal``; ``http://…`` → ``ws://…`` (any case)."""
+    parts = urlsplit(gateway_url)
+    scheme = "wss" if parts.scheme.lower() == "https" else "ws"
+    return f"{scheme}://{parts.netloc}{parts.path}"
+
+
+def without_token(query: str) -> str:
+    """Drop every client ``fal_jwt_token`` (any case, any percent-encoding of the name): the
+    proxy's key authenticates the upstream socket. The rest goes on byte for byte."""
+    if not query:
+        return query
+    kept = [
+        part
+        for part in query.split("&")
+        if unquote_plus(part.partition("=")[0]).strip().lower() != "fal_jwt_token"
+    ]
+    return "&".join(kept)
+
+
+def upstream_subprotocols(offered: list[str]) -> list[str]:
+    """The client's offers that may travel upstream: well-formed tokens (websockets refuses
+    to send an empty or non-token one) that carry no credential."""
+    return [p for p in offered if _TOKEN.fullmatch(p) and not is_credential_subprotocol(p)]
+
+
+def client_subprotocol(offered: list[str], upstream_choice: str | None) -> str | None:
+    """The sub-protocol to accept the client with: always one of its own offers (Chrome aborts
+    the handshake otherwise). The upstream's choice, else the first that went upstream, else
+    (only credential ones were offered) the first well-formed one, which echoes its own value.
+    """
+    if upstream_choice in offered:
+        return upstream_choice
+    return next(iter(upstream_subprotocols(offered) or [p for p in offered if _TOKEN.fullmatch(p)]),
+                None)  # fmt: skip
