@@ -25,9 +25,11 @@ from .envvars import (
     whole,
 )
 from .origins import normalise_origin
+from .quotas import Plans, parse_plans, parse_quotas
 from .request_head import normalise_host_pattern
 
 _AUTH_HEADER = "x-proxy-authorization"
+_USAGE_ROUTE = "/api/fal/usage"
 _HEADER_NAME = "abcdefghijklmnopqrstuvwxyz0123456789-_!#$%&'*+.^`|~"
 
 
@@ -87,6 +89,11 @@ class AccessSettings:
         Doc("FAL_PROXY_JWT_ISSUER", "", "with auth=jwt: required iss"),
         Doc("FAL_PROXY_JWT_AUDIENCE", "", "with auth=jwt: required aud"),
         Doc("FAL_PROXY_JWT_CALLER_CLAIM", "sub", "with auth=jwt: claim naming the caller"),
+        Doc(
+            "FAL_PROXY_JWT_PLAN_CLAIM",
+            "",
+            "with auth=jwt: claim naming the caller's plan (FAL_PROXY_PLANS_FILE)",
+        ),
         default=None,
         secret=True,
     )
@@ -121,6 +128,31 @@ class AccessSettings:
         "calls that can start a generation (runs, queue submits, streams, realtime tokens, "
         "sockets) per hour per caller (0 = no limit)",
         low=0,
+    )
+    plans: Plans = declared(
+        lambda env, _: _plans(env),
+        Doc(
+            "FAL_PROXY_QUOTAS",
+            "(none)",
+            "generations per period for callers without a plan, e.g. "
+            "fal-ai/flux/*=50/day,*=500/month (periods: hour, day, week, month; UTC)",
+        ),
+        Doc(
+            "FAL_PROXY_PLANS_FILE",
+            "",
+            'TOML file of named plans ([plans] free = "*=50/day") and callers\' plans '
+            '([callers] "user-1" = "pro")',
+        ),
+        default=Plans(),
+    )
+    usage_route: str = declared(
+        lambda env, _: _usage_route(env),
+        Doc(
+            "FAL_PROXY_USAGE_ROUTE",
+            _USAGE_ROUTE,
+            "path where a caller reads their own quotas and usage (GET)",
+        ),
+        default=_USAGE_ROUTE,
     )
     redis_url: str | None = declared(  # may hold a password
         lambda env, _: _redis_url(env),
@@ -165,6 +197,32 @@ class AccessSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AccessSettings:
         return cls(**read_fields(cls, env))
+
+
+def _plans(env: Mapping[str, str]) -> Plans:
+    try:
+        default = parse_quotas(_get(env, "FAL_PROXY_QUOTAS") or "", "FAL_PROXY_QUOTAS")
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    name = "FAL_PROXY_PLANS_FILE"
+    file = _get(env, name)
+    if file is None:
+        return Plans(default=default)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{name}: cannot read {file}: {exc}") from None
+    try:
+        return parse_plans(text, name, default)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _usage_route(env: Mapping[str, str]) -> str:
+    route = _get(env, "FAL_PROXY_USAGE_ROUTE") or _USAGE_ROUTE
+    if not route.startswith("/") or any(c in route for c in "?# \t"):
+        raise SettingsError("FAL_PROXY_USAGE_ROUTE must be a path like /api/fal/usage")
+    return route.rstrip("/") or "/"
 
 
 def _auth_header(env: Mapping[str, str]) -> str:
@@ -252,6 +310,7 @@ def _jwt(env: Mapping[str, str]) -> JwtConfig:
         issuer=_get(env, "FAL_PROXY_JWT_ISSUER"),
         audience=_get(env, "FAL_PROXY_JWT_AUDIENCE"),
         caller_claim=_get(env, "FAL_PROXY_JWT_CALLER_CLAIM") or "sub",
+        plan_claim=_get(env, "FAL_PROXY_JWT_PLAN_CLAIM"),
     )
 
 

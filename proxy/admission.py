@@ -13,6 +13,7 @@ them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from starlette.types import Scope
@@ -22,6 +23,8 @@ from .callers import CallerAuth, JwtAuth, NoAuth, TokenAuth
 from .client_ip import client_ip, limit_key
 from .errors import BadRequest, HeadersTooLarge, MethodNotAllowed, MisdirectedRequest, URITooLong
 from .limits import Lease, Limiter, LimitSettings, create_limiter
+from .logs import get_logger
+from .metrics import app_label
 from .origins import (
     OriginPolicy,
     check_browser_request,
@@ -31,6 +34,7 @@ from .origins import (
 from .request_head import host_allowed
 from .settings import Settings
 from .targets import Target, check_method, resolve_target, starts_generation
+from .usage import UsageReport
 
 
 @dataclass
@@ -77,6 +81,17 @@ class RequestHeaders:
         return out
 
 
+log = get_logger("proxy.admission")
+
+
+def usage_app(target: Target) -> str:
+    """The app a generation's usage is summed under: ``owner/alias``; a realtime token
+    request (which names bare aliases) under ``realtime-tokens``."""
+    if target.kind == "token":
+        return "realtime-tokens"
+    return app_label(target.path) or "other"
+
+
 # What the fal SDKs send (run with a custom method included); anything else is refused.
 FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 ALLOWED_METHODS = ", ".join(sorted(FORWARDED_METHODS))
@@ -93,6 +108,10 @@ class Admitted:
     declared_length: int | None = None  # the content-length, parsed
     target: Target | None = None
     app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
+    claimed_plan: str | None = None  # the plan the caller's credential claims (JWT)
+    token_apps: tuple[str, ...] = ()  # a realtime token request's aliases
+    limit_key: str | None = None  # whose limits, quotas and usage it counts against (slot taken)
+    generation: bool = False  # counted as a call that can start a generation
 
 
 class Admission:
@@ -113,6 +132,8 @@ class Admission:
         else:
             self.auth = NoAuth()
         self.apps = AppPolicy(access.allowed_apps)
+        self.plans = access.plans
+        self._unknown_plans: set[str] = set()
         self.limiter: Limiter = create_limiter(
             LimitSettings(
                 requests_per_minute=access.requests_per_minute,
@@ -141,7 +162,7 @@ class Admission:
             raise MethodNotAllowed(
                 f"method {method} not allowed", f"allowed: {ALLOWED_METHODS}", allow=ALLOWED_METHODS
             )
-        admitted.caller = await self.caller(seen)
+        admitted.caller, admitted.claimed_plan = await self.auth.identify(seen.credential)
         if seen.content_length is not None:
             try:
                 admitted.declared_length = int(seen.content_length)
@@ -161,15 +182,49 @@ class Admission:
         return admitted
 
     async def take_slot(self, admitted: Admitted, method: str, *, websocket: bool = False) -> Lease:
-        """The rate windows and a concurrency slot, once the request is ready to go.
-
-        A WebSocket session can run the app as often as it sends: it counts as a generation.
-        """
-        assert admitted.target is not None, "admit() first"
-        generation = websocket or starts_generation(method, admitted.target)
-        return await self.limiter.admit(
-            self.limit_key(admitted.caller, admitted.client_ip), submit=generation
+        """The rate windows, the quotas and a concurrency slot, once the request is ready
+        to go. A WebSocket session can run the app as often as it sends: it counts as a
+        generation."""
+        target = admitted.target
+        assert target is not None, "admit() first"
+        generation = websocket or starts_generation(method, target)
+        key = admitted.limit_key = self.limit_key(admitted.caller, admitted.client_ip)
+        if not generation:
+            return await self.limiter.admit(key, submit=False)
+        admitted.generation = True
+        app = target.path if target.kind != "token" else None
+        quotas = tuple(
+            quota
+            for quota in self.plans.quotas(self.plan_of(key, admitted.claimed_plan))
+            if quota.applies(app, admitted.token_apps)
         )
+        return await self.limiter.admit(key, submit=True, quotas=quotas, app=usage_app(target))
+
+    def plan_of(self, key: str, claimed: str | None) -> str:
+        """The caller's plan; a claimed plan this configuration lacks is said once."""
+        if (
+            claimed is not None
+            and self.plans.unknown(claimed)
+            and claimed not in self._unknown_plans
+            and len(self._unknown_plans) < 100  # a bounded set, whatever tokens claim
+        ):
+            self._unknown_plans.add(claimed)
+            log.warning(
+                "unknown_plan",
+                plan=claimed,
+                note="not in FAL_PROXY_PLANS_FILE: the caller gets FAL_PROXY_QUOTAS",
+            )
+        return self.plans.plan_of(key, claimed)
+
+    async def usage(self, key: str, claimed: str | None) -> UsageReport:
+        """The caller's plan, quotas and this month's usage (see :mod:`proxy.usage_routes`)."""
+        plan = self.plan_of(key, claimed)
+        return await self.limiter.usage(key, plan, self.plans.quotas(plan))
+
+    async def record_units(self, admitted: Admitted, path: str | None, units: float) -> None:
+        """fal's billable units for an admitted call, added to its caller's usage."""
+        if units and admitted.limit_key is not None:
+            await self.limiter.add_units(admitted.limit_key, app_label(path), units)
 
     def check_sizes(self, scope: Scope, headers: RequestHeaders) -> None:
         url = len(scope.get("raw_path") or b"") + len(scope["query_string"])
@@ -220,6 +275,8 @@ class Admission:
         """Raise Forbidden for an app not allowed; else the pattern that allowed it."""
         return self.apps.check(target)
 
-    def check_token_body(self, body: bytes) -> bytes:
-        """The token request body to forward (re-serialised), or raise."""
-        return self.apps.check_token(body, self.access.token_max_expiration)
+    def check_token_body(self, body: bytes, admitted: Admitted) -> bytes:
+        """The token request body to forward (re-serialised), or raise; notes its apps."""
+        checked = self.apps.check_token(body, self.access.token_max_expiration)
+        admitted.token_apps = tuple(json.loads(checked)["allowed_apps"])
+        return checked

@@ -14,12 +14,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from prometheus_client import start_http_server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admission import Admission
 from .bridge_ws import Bridge
@@ -32,6 +31,7 @@ from .redaction import register_header_names, register_secret
 from .secrets_reload import watch_secret_files
 from .settings import RESERVED_PATHS, Settings
 from .upstream import create_session
+from .usage_routes import CallerUsage, any_caller_usage
 
 
 def create_app(settings: Settings) -> ProxyApp:
@@ -58,19 +58,10 @@ def create_app(settings: Settings) -> ProxyApp:
         await admission.limiter.start()
         forwarder.session = create_session(settings)
         reloader = asyncio.ensure_future(watch_secret_files(settings, install_headers))
-        metrics_server = None
-        if settings.metrics_port is not None:  # a port of its own, never routed publicly
-            metrics_server, _ = start_http_server(
-                settings.metrics_port, settings.host, metrics.registry
-            )
-            log.info("metrics", url=f"http://{settings.host}:{metrics_server.server_port}/metrics")
         try:
             yield
         finally:
             reloader.cancel()
-            if metrics_server is not None:
-                metrics_server.shutdown()
-                metrics_server.server_close()
             await forwarder.session.close()
             forwarder.session = None
             await admission.limiter.close()
@@ -103,8 +94,19 @@ def create_app(settings: Settings) -> ProxyApp:
             error = NotFound("not found", "metrics are on FAL_PROXY_METRICS_PORT")
             body = error.body()
             return Response(body, error.status, headers={"content-type": "application/json"})
+        return render_metrics()
+
+    def render_metrics(_request: Request | None = None) -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    # FAL_PROXY_METRICS_PORT: the server's second socket, for the operator only.
+    admin = Starlette(
+        routes=[
+            Route("/metrics", render_metrics, methods=["GET"]),
+            Route("/usage/{caller:path}", any_caller_usage(admission), methods=["GET"]),
+        ]
+    )
 
     starlette = Starlette(
         routes=[
@@ -115,7 +117,11 @@ def create_app(settings: Settings) -> ProxyApp:
         lifespan=lifespan,
     )
 
-    return ProxyApp(forwarder, bridge, starlette, draining)
+    return ProxyApp(
+        forwarder, bridge, starlette, draining,
+        usage=(settings.access.usage_route, CallerUsage(admission)),
+        admin=(settings.metrics_port, admin) if settings.metrics_port is not None else None,
+    )  # fmt: skip
 
 
 class ProxyApp:
@@ -126,20 +132,36 @@ class ProxyApp:
     """
 
     def __init__(self, forwarder: Forwarder, bridge: Bridge, starlette: Starlette,
-                 draining: asyncio.Event) -> None:  # fmt: skip
+                 draining: asyncio.Event, *, usage: tuple[str, ASGIApp] | None = None,
+                 admin: tuple[int, ASGIApp] | None = None) -> None:  # fmt: skip
         self.forwarder = forwarder
         self.bridge = bridge
         self.starlette = starlette
         self.draining = draining
+        # A caller's own usage, on the public port.
+        self.usage_route: str | None = usage[0] if usage else None
+        self.usage: ASGIApp | None = usage[1] if usage else None
+        # FAL_PROXY_METRICS_PORT (the server's second socket): /metrics, /usage/<caller>.
+        self.admin_port: int | None = admin[0] if admin else None
+        self.admin: ASGIApp | None = admin[1] if admin else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http" and scope["path"] not in RESERVED_PATHS:
+        if self.admin is not None and kind != "lifespan" and _local_port(scope) == self.admin_port:
+            await self.admin(scope, receive, send)
+        elif kind == "http" and scope["path"] == self.usage_route and self.usage is not None:
+            await self.usage(scope, receive, send)
+        elif kind == "http" and scope["path"] not in RESERVED_PATHS:
             await self.forwarder(scope, receive, send)
         elif kind == "websocket" and scope["path"] not in RESERVED_PATHS:
             await self.bridge(scope, receive, send)
         else:
             await self.starlette(scope, receive, send)
+
+
+def _local_port(scope: Scope) -> int | None:
+    server = scope.get("server")
+    return server[1] if server else None
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -3,8 +3,9 @@
 * ``none``: nobody is asked; limits then apply per client IP. Only sensible when the
   proxy is reachable from loopback alone (the CLI warns otherwise).
 * ``token``: static bearer tokens from ``FAL_PROXY_CLIENT_TOKENS_FILE``, one
-  ``<caller-id> <token>`` per line. Compared in constant time, on SHA-256 digests, against
-  every stored token (no early exit), so timing says nothing about which one is close.
+  ``<caller-id> <token>`` per line, looked up by their SHA-256 digest in a dict: constant
+  time whatever the number of callers, and timing says nothing useful (the dict compares
+  digests, whose prefixes a caller cannot steer towards a stored token's).
 * ``jwt``: the app's own session JWT, verified with PyJWT: an HS256 secret, or RS256/ES256
   public keys from a JWKS file or URL; expiry always required, issuer and audience when
   configured; the caller id is a configured claim (default ``sub``).
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,11 @@ class CallerAuth:
     header: bytes = b"x-proxy-authorization"
 
     async def authenticate(self, credential: str | None) -> str | None:
-        return None
+        return (await self.identify(credential))[0]
+
+    async def identify(self, credential: str | None) -> tuple[str | None, str | None]:
+        """(caller id, the plan the credential claims, if it can claim one)."""
+        return None, None
 
 
 class NoAuth(CallerAuth):
@@ -86,22 +90,19 @@ def load_tokens(text: str, source: str) -> list[tuple[bytes, str]]:
 
 class TokenAuth(CallerAuth):
     def __init__(self, entries: list[tuple[bytes, str]], header: str) -> None:
-        self.entries = entries
+        self.callers = dict(entries)  # SHA-256 digest → caller id
         self.header = header.encode()
 
-    async def authenticate(self, credential: str | None) -> str | None:
+    async def identify(self, credential: str | None) -> tuple[str | None, str | None]:
         presented = hashlib.sha256(_bearer(credential, self.header).encode()).digest()
-        found = None
-        for digest, caller in self.entries:  # every entry, always: no early exit
-            if hmac.compare_digest(digest, presented):
-                found = caller
+        found = self.callers.get(presented)
         if found is None:
             raise Unauthorized(
                 "caller token not accepted",
                 "the token is not in FAL_PROXY_CLIENT_TOKENS_FILE",
                 reason="caller_refused",
             )
-        return found
+        return found, None
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ class JwtConfig:
     issuer: str | None = None
     audience: str | None = None
     caller_claim: str = "sub"
+    plan_claim: str | None = None  # FAL_PROXY_JWT_PLAN_CLAIM
     leeway: float = 30.0
 
 
@@ -178,7 +180,7 @@ class JwtAuth(CallerAuth):
             )
         return jwk.key, [algorithm]
 
-    async def authenticate(self, credential: str | None) -> str | None:
+    async def identify(self, credential: str | None) -> tuple[str | None, str | None]:
         token = _bearer(credential, self.header)
         key, algorithms = await self._key(token)
         config = self.config
@@ -219,4 +221,5 @@ class JwtAuth(CallerAuth):
                 f"the token has no '{config.caller_claim}' claim",
                 reason="caller_refused",
             )
-        return str(caller)
+        plan = claims.get(config.plan_claim) if config.plan_claim else None
+        return str(caller), plan if isinstance(plan, str) else None

@@ -21,6 +21,7 @@ from .server import (
     bind_socket,
     exit_cleanly_on_signals,
     proxy_server,
+    proxy_sockets,
     raise_open_files_limit,
     run_uvicorn,
 )
@@ -170,7 +171,7 @@ def serve(settings: Settings, workers: int = 1) -> int:
     if workers <= 1:
         server = proxy_server(settings)
         exit_cleanly_on_signals()
-        server.run()
+        server.run(sockets=proxy_sockets(settings))
         return 0
     if settings.access.redis_url is None:
         log.warning(

@@ -22,6 +22,7 @@ class Exchange:
 
     __slots__ = (
         "app",
+        "billable_units",
         "body_error",
         "body_phase",
         "bytes_in",
@@ -34,6 +35,7 @@ class Exchange:
         "error",
         "fal_request_id",
         "gateway_error",
+        "generation",
         "host",
         "kind",
         "method",
@@ -71,6 +73,8 @@ class Exchange:
         self.client_ip: str | None = None
         self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for a listed cross-origin caller
         self.app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
+        self.billable_units = 0.0  # fal's x-fal-billable-units on a success
+        self.generation = False  # admitted as a call that can start a generation
 
     def record(self, admitted: Admitted) -> None:
         """Take what admission learned (the log line shows it even for a refusal)."""
@@ -96,6 +100,8 @@ class Exchange:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
         }
+        if self.billable_units:
+            fields["billable_units"] = self.billable_units
         for name in (
             "caller",
             "client_ip",

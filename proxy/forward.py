@@ -94,10 +94,13 @@ class Forwarder:
 
     def _log(self, ex: Exchange) -> None:
         status = ex.status or 0
+        app = self.metrics.app_labels(ex.app, ex.path, ex.upstream_status)
+        if ex.generation:
+            self.metrics.observe_generation(app, ex.billable_units)
         self.metrics.observe(
             ex.kind,
             status,
-            self.metrics.app_labels(ex.app, ex.path, ex.upstream_status),
+            app,
             time.perf_counter() - ex.started,
             ex.ttfb,
             ex.bytes_in,
@@ -158,17 +161,20 @@ class Forwarder:
         if target.kind == "token":
             # The body says which apps the token is for: read it (it is small), check it, and
             # forward what was checked, re-serialised, never the client's own bytes.
-            body = admission.check_token_body(await self._read_small_body(receive, ex))
+            body = admission.check_token_body(await self._read_small_body(receive, ex), admitted)
             headers = [(n, v) for n, v in headers if n not in ("content-length", "content-type")]
             headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
             first: Message = {"type": "http.request", "body": body, "more_body": False}
         else:
             first = await self._receive_body(receive)
         lease = await admission.take_slot(admitted, ex.method)
+        ex.generation = admitted.generation
         try:
             await self._exchange(target, headers, receive, send, ex, first)
         finally:
             await lease.release()
+            if ex.billable_units:
+                await admission.record_units(admitted, target.path, ex.billable_units)
 
     async def _receive_body(self, receive: Receive) -> Message:
         """The next body message, within the idle timeout (408); raises ClientGone."""

@@ -25,6 +25,7 @@ value, never the caller, and Redis keys use a digest of them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import time
@@ -141,6 +142,7 @@ class MemoryLimiter(Limiter):
         self._quotas: dict[str, PeriodCounts] = {}  # Quota.key → counts
         self._in_use: dict[str, int] = {}
         self._usage = UsageBook()
+        self._timer: asyncio.TimerHandle | None = None
 
     async def admit(
         self, caller: str, *, submit: bool, quotas: tuple[Quota, ...] = (),
@@ -148,6 +150,8 @@ class MemoryLimiter(Limiter):
     ) -> Lease:  # fmt: skip
         # No await until the counts are taken: the check and the count are one atomic step.
         now = self.clock()
+        if self._timer is None:
+            self._forget_later(now)
         if self._per_minute is not None and (wait := self._per_minute.wait(caller, now)):
             raise self.window_refusal(self._per_minute.limit, "requests per minute", wait)
         if submit:
@@ -194,13 +198,37 @@ class MemoryLimiter(Limiter):
 
     def keys_held(self) -> int:
         """Entries held for callers, over every structure (tests, the benchmark)."""
+        return sum(part.keys_held() for part in self._parts()) + len(self._in_use)
+
+    def forget(self, now: float) -> None:
+        """Roll every structure to ``now``: what no window or period needs is dropped."""
+        for part in self._parts():
+            part.roll(now)
+
+    def _parts(self) -> list[SlidingWindows | PeriodCounts | UsageBook]:
         windows = [w for w in (self._per_minute, self._per_hour) if w is not None]
-        return (
-            sum(w.keys_held() for w in windows)
-            + sum(c.keys_held() for c in self._quotas.values())
-            + len(self._in_use)
-            + self._usage.keys_held()
-        )
+        return [*windows, *self._quotas.values(), self._usage]
+
+    def _forget_later(self, now: float) -> None:
+        """Arm one timer for the next time a structure holding callers rolls over, so an
+        idle process forgets them too. Nothing runs while nothing is held; under traffic
+        the timer is already armed and this costs one attribute test per call."""
+        when = min(part.next_change() for part in self._parts())
+        if when == math.inf:
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(when - now, 0.0) + 0.01, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self.clock()
+        self.forget(now)
+        self._forget_later(now)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _counts(self, quota: Quota) -> PeriodCounts:
         counts = self._quotas.get(quota.key)

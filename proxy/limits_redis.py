@@ -317,14 +317,22 @@ class RedisLimiter(Limiter):
         now, who = self.clock(), caller_key(caller)
         bounds = [period_bounds(q.period, now) for q in quotas]
         usage_key, _ = self._usage_key(who, now)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for quota, (index, _, _) in zip(quotas, bounds, strict=True):
-                pipe.get(self._key("q", quota.key, index, who))
-            pipe.hgetall(usage_key)
-            answers = await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for quota, (index, _, _) in zip(quotas, bounds, strict=True):
+                    pipe.get(self._key("q", quota.key, index, who))
+                pipe.hgetall(usage_key)
+                answers = await pipe.execute()
+        except _STORE_ERRORS as exc:
+            log.warning("limiter_unavailable", error=_describe(exc), reading="usage")
+            raise LimiterUnavailable(
+                "usage unavailable",
+                "the shared limit store did not answer; retry later",
+                retry_after=UNAVAILABLE_RETRY_AFTER,
+            ) from None
         uses = [
             QuotaUse(quota, int(used or 0), end)
-            for quota, used, (_, _, end) in zip(quotas, answers, bounds, strict=True)
+            for quota, used, (_, _, end) in zip(quotas, answers[:-1], bounds, strict=True)
         ]
         apps: dict[str, tuple[int, float]] = {}
         for name, value in answers[-1].items():

@@ -52,6 +52,19 @@ class Metrics:
         self.open_websockets = Gauge(
             "fal_proxy_open_websockets", "Bridged WebSocket sessions", registry=registry
         )
+        # By app, never by caller (unbounded labels): per-caller figures are on /usage.
+        self.generations = Counter(
+            "fal_proxy_generations",
+            "Admitted calls that can start a generation (quota-counted), by app",
+            ["app"],
+            registry=registry,
+        )
+        self.billable_units = Counter(
+            "fal_proxy_billable_units",
+            "fal's x-fal-billable-units on successful responses, summed by app",
+            ["app"],
+            registry=registry,
+        )
         self.refusals = Counter(
             "fal_proxy_refusals",
             "Requests the proxy answered itself, by reason",
@@ -92,6 +105,12 @@ class Metrics:
         self._bytes_out.inc(bytes_out)
         if error is not None:
             self.refusals.labels(error).inc()
+
+    def observe_generation(self, app: str, units: float) -> None:
+        """A generation admitted under ``app`` (a bounded label), with its billable units."""
+        self.generations.labels(app).inc()
+        if units:
+            self.billable_units.labels(app).inc(units)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -16,6 +16,7 @@ from .errors import UpstreamTimeout
 from .exchange import Exchange
 from .failures import client_error, gateway_auth_error
 from .headers import downstream_response_headers
+from .usage import parse_units
 
 
 async def relay_response(
@@ -35,6 +36,8 @@ async def relay_response(
             ex.fal_request_id = value.decode("latin-1")
         elif lname == b"cf-aig-log-id":
             ex.cf_aig_log_id = value.decode("latin-1")
+        elif lname == b"x-fal-billable-units" and response.status < 400:
+            ex.billable_units = parse_units(value)
     await send(
         {
             "type": "http.response.start",

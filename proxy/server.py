@@ -185,6 +185,18 @@ def _exit_cleanly(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
+def proxy_sockets(settings: Settings) -> list[socket.socket] | None:
+    """With ``FAL_PROXY_METRICS_PORT``, the two sockets the one server listens on: the
+    public port and the metrics port (the app tells them apart by the local port). Else
+    None: uvicorn binds the public port itself."""
+    if settings.metrics_port is None:
+        return None
+    return [
+        bind_socket(settings.host, settings.port),
+        bind_socket(settings.host, settings.metrics_port),
+    ]
+
+
 def proxy_server(settings: Settings) -> ProxyServer:
     """The proxy's server for ``settings``: what the single process, or each worker, runs."""
     from .app import create_app
@@ -193,6 +205,9 @@ def proxy_server(settings: Settings) -> ProxyServer:
     log = get_logger("proxy")
 
     def listening(host: str, port: int) -> None:
+        if port == settings.metrics_port:  # the second socket: /metrics and /usage only
+            log.info("metrics", url=f"http://{host}:{port}/metrics")
+            return
         # Tests and scripts read the bound port (with --port 0) from this line.
         log.info(
             "listening",

@@ -197,6 +197,14 @@ class Settings:
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Validate ``env`` (usually ``os.environ``) and return the settings."""
         settings = cls(**read_fields(cls, env))
+        usage = settings.access.usage_route
+        if usage == settings.proxy_route or usage in RESERVED_PATHS:
+            raise SettingsError(
+                "FAL_PROXY_USAGE_ROUTE must differ from FAL_PROXY_ROUTE and /healthz, /readyz, "
+                "/metrics"
+            )
+        if settings.metrics_port is not None and settings.metrics_port == settings.port:
+            raise SettingsError("FAL_PROXY_METRICS_PORT must differ from FAL_PROXY_PORT")
         if settings.workers > 1 and settings.metrics_port is not None:
             raise SettingsError(
                 "FAL_PROXY_METRICS_PORT works with one worker only (FAL_PROXY_WORKERS=1): "

@@ -106,6 +106,12 @@ class UsageBook:
     def keys_held(self) -> int:
         return len(self._apps)
 
+    def next_change(self) -> float:
+        return self._end if self._apps else float("inf")
+
+    def roll(self, now: float) -> None:
+        self._roll(now)
+
     def _roll(self, now: float) -> None:
         if not self._start <= now < self._end:
             _, self._start, self._end = period_bounds(USAGE_PERIOD, now)

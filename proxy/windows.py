@@ -71,6 +71,14 @@ class SlidingWindows:
         """Entries held in memory (for tests and the benchmark)."""
         return len(self._current) + len(self._previous)
 
+    def next_change(self) -> float:
+        """When rolling over would next forget something (inf if nothing is held)."""
+        return (self._index + 1) * float(self.period) if self.keys_held() else math.inf
+
+    def roll(self, now: float) -> None:
+        """Move to the window holding ``now`` (dropping what no longer counts)."""
+        self._roll(now)
+
     def _roll(self, now: float) -> None:
         index = int(now / self.period)
         if index == self._index:
@@ -143,6 +151,12 @@ class PeriodCounts:
 
     def keys_held(self) -> int:
         return len(self._counts)
+
+    def next_change(self) -> float:
+        return self._end if self._counts else math.inf
+
+    def roll(self, now: float) -> None:
+        self._roll(now)
 
     def _roll(self, now: float) -> None:
         if self._start <= now < self._end:

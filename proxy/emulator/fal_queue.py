@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl
 from .apps import InvalidInput, find_app, find_queue_app
 from .asgi import end_body, send_event, send_json, start_sse
 from .context import BAD_JSON, Call, invalid_json_errors
+from .fal_run import billable_units
 
 _QUEUE_PATH = re.compile(
     r"/(?P<owner>.+?)/requests/(?P<id>[^/]+)(?P<action>/status/stream|/status|/cancel)?"
@@ -61,7 +62,11 @@ async def serve_queue(ctx: Call, method: str, path: str, query: str) -> None:
                 ctx.send,
                 200,
                 result,
-                [(b"x-fal-request-id", job.request_id.encode()), *ctx.headers[1:]],
+                [
+                    (b"x-fal-request-id", job.request_id.encode()),
+                    *ctx.headers[1:],
+                    billable_units(result),
+                ],
             )
     else:
         await send_json(ctx.send, 405, {"detail": "Method not allowed"}, ctx.headers)

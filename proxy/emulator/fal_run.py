@@ -53,7 +53,14 @@ async def serve_run(ctx: Call, method: str, path: str, query: str) -> None:
         await send_json(ctx.send, 404, {"detail": f"{app_id} has no path {rest!r}"}, ctx.headers)
     else:
         result = await app.run(data, state.files, ctx.base, state.config.seed)
-        await send_json(ctx.send, 200, result, ctx.headers)
+        await send_json(ctx.send, 200, result, [*ctx.headers, billable_units(result)])
+
+
+def billable_units(result: Any) -> tuple[bytes, bytes]:
+    """fal's ``x-fal-billable-units`` on a result: here one unit per image (or one)."""
+    images = result.get("images") if isinstance(result, dict) else None
+    units = len(images) if isinstance(images, list) and images else 1
+    return (b"x-fal-billable-units", str(units).encode())
 
 
 async def _stream(ctx: Call, app: App, data: Any) -> None:
