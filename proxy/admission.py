@@ -82,6 +82,7 @@ class RequestHeaders:
 
 
 log = get_logger("proxy.admission")
+UNTRUSTED_FORWARDS = 20  # requests with an ignored X-Forwarded-For before the one warning
 
 
 def usage_app(target: Target) -> str:
@@ -134,6 +135,7 @@ class Admission:
         self.apps = AppPolicy(access.allowed_apps)
         self.plans = access.plans
         self._unknown_plans: set[str] = set()
+        self._forwarded_ignored = 0  # requests whose X-Forwarded-For an untrusted peer sent
         self.limiter: Limiter = create_limiter(
             LimitSettings(
                 requests_per_minute=access.requests_per_minute,
@@ -262,9 +264,38 @@ class Admission:
 
     def client(self, scope: Scope, headers: RequestHeaders) -> str:
         peer = scope.get("client")
-        return client_ip(
+        address = client_ip(
             peer[0] if peer else None, headers.forwarded_for, self.access.trusted_proxies
         )
+        if (
+            headers.forwarded_for
+            and address != "unknown"
+            and self._forwarded_ignored < UNTRUSTED_FORWARDS
+        ):
+            self._note_ignored_forward(address, headers)
+        return address
+
+    def _note_ignored_forward(self, address: str, headers: RequestHeaders) -> None:
+        """Say once when an untrusted peer keeps sending X-Forwarded-For: a web server in
+        front of the proxy that is not in FAL_PROXY_TRUSTED_PROXIES makes every user behind
+        it one client (one rate-limit bucket with FAL_PROXY_AUTH=none)."""
+        if address in self._forwarded_from(headers):
+            return  # believed: a trusted peer told us the address
+        self._forwarded_ignored += 1
+        if self._forwarded_ignored == UNTRUSTED_FORWARDS:
+            log.warning(
+                "x_forwarded_for_ignored",
+                peer=address,
+                requests=UNTRUSTED_FORWARDS,
+                hint="requests from this peer carry X-Forwarded-For, but it is not in "
+                "FAL_PROXY_TRUSTED_PROXIES: every user behind it counts as one client "
+                "(one set of limits with FAL_PROXY_AUTH=none). Add it if it is your web "
+                "server or load balancer.",
+            )
+
+    @staticmethod
+    def _forwarded_from(headers: RequestHeaders) -> set[str]:
+        return {hop.strip() for value in headers.forwarded_for for hop in value.split(",")}
 
     @staticmethod
     def limit_key(caller: str | None, client: str) -> str:

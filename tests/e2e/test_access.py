@@ -20,6 +20,8 @@ from tests.conftest import FakeGateway, RunningProxy
 ECHO = "/emulator/echo"
 APP = "https://app.example.com"
 
+pytestmark = pytest.mark.usefixtures("clear_of_window_edges")
+
 
 def post(proxy: RunningProxy, path: str = ECHO, **kwargs) -> httpx.Response:
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
@@ -355,6 +357,24 @@ def test_limits_are_per_client_ip_without_auth_and_forwarded_for_needs_a_trusted
     first = post(untrusting, headers={"x-forwarded-for": "198.51.100.1"})
     assert line_for(untrusting, first)["client_ip"] == "127.0.0.1"
     assert post(untrusting, headers={"x-forwarded-for": "198.51.100.2"}).status_code == 429
+
+
+def test_an_untrusted_peer_that_keeps_forwarding_is_warned_about_once(start_proxy) -> None:
+    """A web server in front of the proxy, not listed in FAL_PROXY_TRUSTED_PROXIES, makes
+    all its users one client: said once, after a few requests, never per request."""
+    untrusting = start_proxy(FAL_PROXY_RATE_LIMIT_RPM="0")
+    for n in range(45):
+        post(untrusting, headers={"x-forwarded-for": f"198.51.100.{n}"})
+    warnings = [
+        line for line in untrusting.logs() if line.get("event") == "x_forwarded_for_ignored"
+    ]
+    assert len(warnings) == 1
+    assert warnings[0]["peer"] == "127.0.0.1" and "FAL_PROXY_TRUSTED_PROXIES" in warnings[0]["hint"]
+    assert warnings[0]["level"] == "warning"
+    trusting = start_proxy(FAL_PROXY_RATE_LIMIT_RPM="0", FAL_PROXY_TRUSTED_PROXIES="127.0.0.1")
+    for n in range(45):
+        post(trusting, headers={"x-forwarded-for": f"198.51.100.{n}"})
+    assert not [line for line in trusting.logs() if line.get("event") == "x_forwarded_for_ignored"]
 
 
 # --- sizes --------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ def test_check_refuses_bad_configuration_with_one_line() -> None:
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "CF_ACCOUNT_ID" in out.stderr
 
 
+@pytest.mark.usefixtures("clear_of_window_edges")
 def test_metrics_in_prometheus_format(start_proxy, fake_gateway: FakeGateway) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -726,6 +726,7 @@ def test_queue_paths_must_name_owner_and_alias(start_proxy: Any, fake_gateway: F
     assert len(fake_gateway.requests()) == 1
 
 
+@pytest.mark.usefixtures("clear_of_window_edges")
 def test_an_ipv4_mapped_forwarded_address_shares_its_ipv4_bucket(start_proxy: Any) -> None:
     proxy = start_proxy(FAL_PROXY_RATE_LIMIT_RPM="1", FAL_PROXY_TRUSTED_PROXIES="127.0.0.1")
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
