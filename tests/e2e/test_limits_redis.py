@@ -14,10 +14,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import structlog.testing
+from hypothesis import HealthCheck, given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 
 from proxy.errors import LimiterUnavailable, RateLimited
 from proxy.limits import Lease, Limiter, LimitSettings, create_limiter
@@ -339,3 +343,74 @@ async def test_redis_going_away_and_coming_back(own_redis: RedisServer) -> None:
         await limiter.admit("web", submit=False)  # pooled connections to the old server recovered
         await limiter.admit("web", submit=False)
         await refused(limiter)
+
+
+# --- the same answers as memory -------------------------------------------------------------
+
+steps = st.lists(
+    st.tuples(
+        st.floats(min_value=0.0, max_value=40.0, allow_nan=False),  # seconds since the last
+        st.sampled_from(["alice", "bob"]),
+        st.booleans(),  # a generation?
+        st.booleans(),  # hold the slot (else give it back at once)?
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@examples(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rpm=st.integers(min_value=1, max_value=4),
+    per_hour=st.integers(min_value=1, max_value=4),
+    concurrent=st.integers(min_value=0, max_value=2),
+    quota=st.integers(min_value=0, max_value=3),
+    sequence=steps,
+)
+def test_redis_gives_the_memory_limiters_answers(
+    redis_server: RedisServer,
+    rpm: int,
+    per_hour: int,
+    concurrent: int,
+    quota: int,
+    sequence: list[tuple[float, str, bool, bool]],
+) -> None:
+    """Windows, quotas and slots: the script's answers are the memory limiter's, call by call."""
+    quotas = (Quota("*", quota, "day"),)
+    limits = settings(
+        redis_server.url, requests_per_minute=rpm, submits_per_hour=per_hour, concurrent=concurrent
+    )
+
+    async def outcomes(limiter: Limiter) -> list[object]:
+        clock = [NOW]
+        limiter.clock = lambda: clock[0]
+        await limiter.start()
+        held: list[Lease] = []
+        seen: list[object] = []
+        try:
+            for step, caller, generation, hold in sequence:
+                clock[0] += step
+                try:
+                    lease = await limiter.admit(caller, submit=generation, quotas=quotas)
+                except RateLimited as refusal:
+                    seen.append((type(refusal).__name__, refusal.detail, refusal.retry_after))
+                    continue
+                seen.append("admitted")
+                if hold:
+                    held.append(lease)
+                else:
+                    await lease.release()
+                    if isinstance(limiter, RedisLimiter):
+                        await limiter.flush()  # memory gives a slot back at once: so must this
+        finally:
+            await limiter.close()
+        return seen
+
+    async def both() -> None:
+        memory = await outcomes(create_limiter(replace(limits, redis_url=None)))
+        shared = await outcomes(create_limiter(limits))
+        assert shared == memory
+
+    asyncio.run(both())
