@@ -24,6 +24,8 @@ FLUX = "/fal-ai/flux/dev"
 TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab"}
 SECRET = "s" * 40
 
+pytestmark = pytest.mark.usefixtures("clear_of_window_edges")
+
 
 def tokens_file(tmp_path: Path) -> str:
     path = tmp_path / "tokens"
@@ -273,3 +275,26 @@ def test_a_month_quota_resets_at_the_next_month_in_retry_after(start_proxy, tmp_
     reset = calendar.timegm((*after, 1, 0, 0, 0))
     assert r.status_code == 429
     assert abs(int(r.headers["retry-after"]) - (reset - time.time())) <= 2
+
+
+def test_the_usage_route_refuses_what_any_proxied_call_would(
+    quota_proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
+    url = f"{quota_proxy.url}/api/fal/usage"
+    with httpx.Client(trust_env=False, timeout=20) as c:
+        # A page on another site cannot read a user's usage (nor spend a request of theirs).
+        cross = c.get(url, headers={**as_caller("alice"), "origin": "https://evil.example"})
+        assert cross.status_code == 403 and cross.json()["message"]
+        drive_by = c.get(url, headers={"sec-fetch-site": "cross-site", **as_caller("alice")})
+        assert drive_by.status_code == 403
+        assert c.post(url, headers=as_caller("alice")).status_code == 405
+        assert (
+            c.get(url, headers={"x-proxy-authorization": "Bearer wrong-token-000000"}).status_code
+            == 401
+        )
+        head = c.head(url, headers=as_caller("alice"))
+        assert head.status_code == 200 and head.content == b""
+    assert fake_gateway.requests() == []  # the usage route never goes upstream
+    lines = [line for line in quota_proxy.request_logs() if line.get("route") == "usage"]
+    assert {line["status"] for line in lines} == {403, 405, 401, 200}
+    assert all("alice-token" not in str(line) for line in quota_proxy.logs())

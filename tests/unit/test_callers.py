@@ -157,3 +157,23 @@ def test_rs256_and_es256_from_a_jwks_file(tmp_path: Path) -> None:
     ):  # HS256 where public keys are configured
         with pytest.raises(Unauthorized):
             run(auth.authenticate(bad))
+
+
+@pytest.mark.parametrize(
+    ("claim", "plan"),
+    [("pro", "pro"), (None, None), (7, None), ({"name": "pro"}, None), (["pro"], None)],
+)
+def test_the_plan_claim_is_a_string_or_nothing(claim: object, plan: str | None) -> None:
+    auth = JwtAuth(JwtConfig(secret=SECRET, plan_claim="plan"), HEADER)
+    claims = future() if claim is None else future(plan=claim)
+    assert run(auth.identify(hs(claims))) == ("user-1", plan)
+
+
+def test_token_lookup_is_by_digest_for_any_number_of_callers() -> None:
+    many = load_tokens(
+        "".join(f"caller-{n} token-{n:012d}-abcdef\n" for n in range(20_000)), "tokens"
+    )
+    auth = TokenAuth(many, HEADER)
+    assert run(auth.authenticate("Bearer token-000000019999-abcdef")) == "caller-19999"
+    with pytest.raises(Unauthorized):
+        run(auth.authenticate("Bearer token-000000019999-abcdeF"))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.errors import QuotaExceeded, RateLimited
 from proxy.limits import LimitSettings, MemoryLimiter
@@ -185,3 +187,25 @@ def test_idle_callers_are_forgotten_after_the_longest_window() -> None:
         await memory.close()
 
     asyncio.run(scenario())
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text(max_size=80))
+def test_any_quota_text_parses_or_names_the_variable(text: str) -> None:
+    """Whatever an operator types: quotas, or a ValueError naming the variable; never a
+    crash at start-up with a traceback."""
+    try:
+        quotas = parse_quotas(text, "FAL_PROXY_QUOTAS")
+    except ValueError as exc:
+        assert str(exc).startswith("FAL_PROXY_QUOTAS")
+        return
+    assert all(q.limit >= 0 and q.period in ("hour", "day", "week", "month") for q in quotas)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=120))
+def test_any_plans_file_parses_or_names_the_variable(text: str) -> None:
+    try:
+        parse_plans(text, "FAL_PROXY_PLANS_FILE", ())
+    except ValueError as exc:
+        assert str(exc).startswith("FAL_PROXY_PLANS_FILE")
