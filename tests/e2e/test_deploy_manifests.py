@@ -1,5 +1,8 @@
 """deploy/: the Kubernetes manifests validate offline against the bundled schemas, and the
-compose example wires the proxy sidecar, Redis, healthchecks and the FAL_KEY file secret."""
+compose example wires the proxy sidecar, Redis, healthchecks and the FAL_KEY file secret.
+Both sidecar deployments put nginx (deploy/nginx/fal-proxy.conf) in front of the proxy on
+loopback, and the proxy trusts loopback: each user of the site is a client of their own
+(tests/e2e/test_sidecar_nginx.py runs that conf)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from tests.conftest import ROOT
 
 K8S_VERSION = "1.30.0"
 MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+NGINX_CONF = ROOT / "deploy" / "nginx" / "fal-proxy.conf"
+NGINX_CONF_PATH = "/etc/nginx/conf.d/default.conf"
+LOOPBACK = "127.0.0.1/32,::1/128"
 
 
 def documents(path: Path) -> list[dict]:
@@ -61,5 +67,49 @@ def test_compose_wires_sidecar_redis_and_secret() -> None:
     assert proxy["environment"]["FAL_PROXY_REDIS_URL"].startswith("redis://redis:")
     assert "FAL_KEY" not in proxy["environment"]
     assert compose["secrets"]["fal_key"]["file"]
-    assert services["web"]["depends_on"]["fal-proxy"]["condition"] == "service_healthy"
     assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_compose_puts_nginx_before_the_proxy_on_loopback() -> None:
+    compose_file = ROOT / "deploy" / "docker-compose.yml"
+    services = yaml.safe_load(compose_file.read_text())["services"]
+    web, proxy = services["web"], services["fal-proxy"]
+    assert web["image"].startswith("nginxinc/nginx-unprivileged:")
+    assert web["ports"] == ["8080:8080"]
+    assert "8080" in " ".join(web["healthcheck"]["test"])
+    source, target, mode = web["volumes"][0].split(":")
+    assert (compose_file.parent / source).resolve() == NGINX_CONF
+    assert (target, mode) == (NGINX_CONF_PATH, "ro")
+    # The proxy shares web's network namespace: nginx reaches it on 127.0.0.1, as in the pod.
+    assert proxy["network_mode"] == "service:web"
+    assert "ports" not in proxy and "networks" not in proxy
+    assert proxy["environment"]["FAL_PROXY_HOST"] == "127.0.0.1"
+    assert proxy["environment"]["FAL_PROXY_TRUSTED_PROXIES"] == LOOPBACK
+    # web must not wait for the proxy: the proxy starts inside web's namespace (a cycle).
+    assert "depends_on" not in web
+    assert proxy["depends_on"]["web"]["condition"] == "service_started"
+
+
+def test_sidecar_pod_puts_nginx_before_the_proxy_on_loopback() -> None:
+    docs = {d["kind"]: d for d in documents(ROOT / "deploy" / "k8s" / "sidecar-pod.yaml")}
+    pod = docs["Pod"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    web, proxy = containers["web"], containers["fal-proxy"]
+    (mount,) = web["volumeMounts"]
+    assert (mount["mountPath"], mount["readOnly"]) == (NGINX_CONF_PATH, True)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config_map = docs["ConfigMap"]
+    assert volumes[mount["name"]]["configMap"]["name"] == config_map["metadata"]["name"]
+    # The ConfigMap is the shipped conf, byte for byte: the one the nginx test runs.
+    assert config_map["data"][mount["subPath"]] == NGINX_CONF.read_text()
+    assert "proxy_pass http://127.0.0.1:8787;" in NGINX_CONF.read_text()
+    env = {e["name"]: e.get("value") for e in proxy["env"]}
+    assert env["FAL_PROXY_HOST"] == "127.0.0.1"
+    assert env["FAL_PROXY_TRUSTED_PROXIES"] == LOOPBACK
+    # Every security setting the pod had stays.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    for container in (web, proxy):
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
