@@ -414,3 +414,19 @@ def test_redis_gives_the_memory_limiters_answers(
         assert shared == memory
 
     asyncio.run(both())
+
+
+async def test_more_calls_in_flight_than_connections_wait_for_one(
+    redis_server: RedisServer,
+) -> None:
+    """300 calls at once on a pool of 64 connections: each waits its turn, none is refused
+    (the default pool fails at once beyond its size: a 503 under load)."""
+    limits = settings(redis_server.url, requests_per_minute=10_000, concurrent=1_000)
+    async with running(limits) as limiter:
+        results = await asyncio.gather(
+            *[limiter.admit(f"caller-{n % 7}", submit=True) for n in range(300)],
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, Lease) for r in results), [
+            r for r in results if not isinstance(r, Lease)
+        ][:3]
