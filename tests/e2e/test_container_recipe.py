@@ -15,9 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -137,31 +139,133 @@ def as_unprivileged(argv: list[str]) -> list[str]:
     return [setpriv, f"--reuid={user}", f"--regid={group}", "--clear-groups", *argv]
 
 
-def unprivileged_python() -> tuple[str, tuple[int, ...]]:
-    """A Python >= 3.11 the unprivileged user can run (the test's own may live under /root)."""
-    candidates = [
-        os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
-        shutil.which("python3.11"),
-        shutil.which("python3"),
+def readable_by_all(top: Path) -> None:
+    for path in [top, *top.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode | 0o044 | (0o011 if path.is_dir() else 0))
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """The Python running these tests, as a path the unprivileged user can run."""
+
+    executable: str
+    version: tuple[int, ...]
+    env: dict[str, str]  # what it needs in the environment: LD_LIBRARY_PATH for a copy's libpython
+
+
+def identify(executable: str, env: dict[str, str]) -> list[str] | str:
+    """[sys.version, sys.base_prefix] as `executable` reports them to the unprivileged user,
+    or what went wrong."""
+    probe = subprocess.run(
+        as_unprivileged(
+            [
+                executable,
+                "-I",
+                "-c",
+                "import json, sys; print(json.dumps([sys.version, sys.base_prefix]))",
+            ]
+        ),
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
+    if probe.returncode != 0:
+        return f"exit {probe.returncode}: {probe.stderr.strip()}"
+    reported = json.loads(probe.stdout)
+    return [reported[0], os.path.realpath(reported[1])]
+
+
+def this_executable() -> str:
+    """The interpreter running the tests (the one a venv was made from, if in one)."""
+    return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+
+
+STDLIB_LEFT_OUT = {"site-packages", "test", "idlelib", "tkinter", "turtledemo"}
+
+
+def copy_of_this_python(dest: Path) -> tuple[str, dict[str, str]]:
+    """The running interpreter's installation (executable, standard library, shared libpython),
+    minus what the proxy cannot use, copied under `dest` with the same layout, so it finds its
+    standard library relative to its executable as the original does."""
+    prefix = Path(os.path.realpath(sys.base_prefix))
+    executable = Path(this_executable())
+
+    def under_dest(path: Path) -> Path:
+        path = Path(os.path.realpath(path))
+        if not path.is_relative_to(prefix):
+            pytest.fail(f"{path} is outside {prefix}: cannot copy this Python's installation")
+        return dest / path.relative_to(prefix)
+
+    under_dest(executable).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(executable, under_dest(executable))
+    # Where this process imports the standard library from (lib/python3.X, its lib-dynload);
+    # in a venv sysconfig's "stdlib" would name the venv.
+    found = {
+        Path(os.path.realpath(entry))
+        for entry in sys.path
+        if entry and Path(entry).is_dir() and Path(os.path.realpath(entry)).is_relative_to(prefix)
+    }
+    stdlibs = [
+        d for d in found if d.name not in STDLIB_LEFT_OUT and not any(o in d.parents for o in found)
     ]
-    for candidate in filter(None, candidates):
-        probe = subprocess.run(
-            as_unprivileged([candidate, "-c", "import sys; print(*sys.version_info[:3])"]),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd="/",
+    for stdlib in sorted(stdlibs):
+
+        def left_out(directory: str, names: list[str], top: Path = stdlib) -> set[str]:
+            if Path(directory) != top:
+                return set()
+            return {n for n in names if n in STDLIB_LEFT_OUT or n.startswith("config-")}
+
+        shutil.copytree(stdlib, under_dest(stdlib), ignore=left_out, dirs_exist_ok=True)
+    env: dict[str, str] = {}
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        # The one this process loaded (sysconfig's LIBDIR is where it was built for, which a
+        # relocatable build is not). The copied launcher's RUNPATH still names the original
+        # directory, which the unprivileged user may not reach, and the loader then silently
+        # takes any other libpython of that name (the system's): LD_LIBRARY_PATH comes first.
+        soname = sysconfig.get_config_var("INSTSONAME")
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        loaded = {Path(f[5]) for f in map(str.split, maps) if len(f) == 6 and f[5].endswith(soname)}
+        if len(loaded) != 1:
+            pytest.fail(f"cannot tell which {soname} this process runs on: {loaded}")
+        (libpython,) = loaded
+        (dest / "lib").mkdir(exist_ok=True)
+        shutil.copy2(libpython, dest / "lib" / soname)
+        env["LD_LIBRARY_PATH"] = str(dest / "lib")
+    return str(under_dest(executable)), env
+
+
+def unprivileged_python(base: Path) -> Interpreter:
+    """The running interpreter if the unprivileged user can run it, else a copy under `base`.
+
+    Runnable means it reports this very build and installation: a launcher under a private
+    home (pyenv in /root) may start but fail to load its shared libpython, or load another
+    one (the system's) and run as a different Python. Never another interpreter from PATH:
+    the suite under Python 3.13 must test the wheel under 3.13.
+    """
+    executable = this_executable()
+    this = [sys.version, os.path.realpath(sys.base_prefix)]
+    reported = identify(executable, {})
+    if reported == this:
+        return Interpreter(executable, sys.version_info[:3], {})
+    copy = base / "python"
+    copied, env = copy_of_this_python(copy)
+    readable_by_all(copy)
+    from_copy = identify(copied, env)
+    if from_copy != [sys.version, os.path.realpath(copy)]:
+        pytest.fail(
+            f"{UNPRIVILEGED[0]} cannot run this Python ({executable}: {reported}),"
+            f" nor its copy ({copied}: {from_copy}); is {base} reachable?"
         )
-        if probe.returncode == 0:
-            version = tuple(int(v) for v in probe.stdout.split())
-            if version >= (3, 11):
-                return candidate, version
-    pytest.fail(f"no Python >= 3.11 runnable by {UNPRIVILEGED[0]} among {candidates}")
+    return Interpreter(copied, sys.version_info[:3], env)
 
 
 @pytest.fixture(scope="module")
-def installed_venv() -> Iterator[Path]:
-    """A fresh venv holding the project's wheel (not the editable checkout) and its dependencies."""
+def installed_venv() -> Iterator[tuple[Path, dict[str, str]]]:
+    """A fresh venv holding the project's wheel (not the editable checkout) and its dependencies,
+    and the environment its interpreter needs."""
     base = Path(tempfile.mkdtemp(prefix="fal-proxy-recipe-"))
     try:
         base.chmod(0o755)  # readable by the unprivileged user
@@ -193,9 +297,13 @@ def installed_venv() -> Iterator[Path]:
         assert built.returncode == 0, built.stdout + built.stderr
         (wheel,) = wheels.glob("fal_gateway_proxy-*.whl")
         venv = base / "venv"
-        base_python, version = unprivileged_python()
+        python = unprivileged_python(base)
+        root_env = {**os.environ, **python.env}
         subprocess.run(
-            [base_python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60
+            [python.executable, "-m", "venv", "--without-pip", str(venv)],
+            check=True,
+            timeout=60,
+            env=root_env,
         )
         site = Path(
             subprocess.run(
@@ -207,13 +315,14 @@ def installed_venv() -> Iterator[Path]:
                 check=True,
                 capture_output=True,
                 text=True,
+                env=root_env,
             ).stdout.strip()
         )
         # Like the image: the wheel plus its declared dependencies, resolved by pip (from PyPI or
         # the local pip cache), so a dependency missing from pyproject.toml fails here.
         # redis-py 8 imports async_timeout on Python < 3.11.3 without declaring it; the image's
-        # python:3.11-slim is newer, but an older system interpreter here needs it added.
-        extra = ["async-timeout"] if version < (3, 11, 3) else []
+        # python:3.11-slim is newer, but an older interpreter here (Debian 12's) needs it added.
+        extra = ["async-timeout"] if python.version < (3, 11, 3) else []
         installed = subprocess.run(
             [
                 sys.executable,
@@ -229,22 +338,22 @@ def installed_venv() -> Iterator[Path]:
             capture_output=True,
             text=True,
             timeout=240,
+            env=root_env,
         )
         assert installed.returncode == 0, installed.stdout + installed.stderr
         assert not (site / "proxy" / "__init__.py").is_symlink()
-        for path in [base, *base.rglob("*")]:
-            if not path.is_symlink():
-                path.chmod(path.stat().st_mode | 0o044 | (0o011 if path.is_dir() else 0))
-        yield venv
+        readable_by_all(base)
+        yield venv, python.env
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
 
 def test_entrypoint_and_healthcheck_work_from_the_wheel_as_non_root(
     recipe: list[tuple[str, str]],
-    installed_venv: Path,
+    installed_venv: tuple[Path, dict[str, str]],
 ) -> None:
-    bin_dir = installed_venv / "bin"
+    venv, python_env = installed_venv
+    bin_dir = venv / "bin"
     entrypoint = json.loads(one(recipe, "ENTRYPOINT"))
     env = env_of(recipe)
     # Inside the container 0.0.0.0:8787 is private to it; here the host's network is shared,
@@ -258,7 +367,8 @@ def test_entrypoint_and_healthcheck_work_from_the_wheel_as_non_root(
         FAL_KEY="test",
         FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal",
     )
-    workdir = installed_venv.parent
+    env.update(python_env)  # empty unless the interpreter is a copy (see unprivileged_python)
+    workdir = venv.parent
     check = subprocess.run(
         as_unprivileged([str(bin_dir / "python"), "-c", "import proxy; print(proxy.__file__)"]),
         env=env,
@@ -268,9 +378,7 @@ def test_entrypoint_and_healthcheck_work_from_the_wheel_as_non_root(
         timeout=30,
     )
     assert check.returncode == 0, check.stderr
-    assert check.stdout.strip().startswith(str(installed_venv)), (
-        "the wheel, not the checkout, must be tested"
-    )
+    assert check.stdout.strip().startswith(str(venv)), "the wheel, not the checkout, must be tested"
 
     entry = shutil.which(entrypoint[0], path=str(bin_dir))
     assert entry is not None and entry.startswith(str(bin_dir))

@@ -29,6 +29,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,17 @@ from websockets.sync.client import connect as ws_connect
 from proxy.emulator.apps import CATALOGUE
 from proxy.emulator.faults import MP3_FRAME_BYTES, audio_chunk
 from proxy.emulator.queue import QUEUE_WAIT
-from tests.conftest import FAL_KEY, PREFIX, ROOT, TIME_SCALE, FakeGateway, RunningProxy, child_env
+from tests.conftest import (
+    FAL_KEY,
+    PREFIX,
+    ROOT,
+    TIME_SCALE,
+    FakeGateway,
+    RunningProxy,
+    child_env,
+    launch_proxy,
+    start_fake_gateway,
+)
 
 SDK_DIR = ROOT / "tests" / "sdk"
 SCRIPT = SDK_DIR / "scenarios.mjs"
@@ -392,13 +403,27 @@ def test_queue_status_result_cancel(proxy: RunningProxy, fake_gateway: FakeGatew
         assert record["body"] == b""
 
 
-def test_subscribe_polls_until_completed(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+@pytest.fixture(scope="module")
+def slow_queue() -> Iterator[tuple[RunningProxy, FakeGateway]]:
+    """An emulator whose jobs wait 0.5 s in the queue (not 50 ms): the SDK's first status
+    request, sent after the submit's answer, must see IN_QUEUE even on a loaded machine
+    (at 50 ms, a busy 2-core runner sometimes missed it)."""
+    gateway = start_fake_gateway("--time-scale", "0.5")
+    running = launch_proxy(gateway.gateway_url)
+    yield running, gateway
+    running.process.stop()
+    gateway.stop()
+
+
+def test_subscribe_polls_until_completed(slow_queue: tuple[RunningProxy, FakeGateway]) -> None:
+    proxy, fake_gateway = slow_queue
+    fake_gateway.clear()
     outcome = run_sdk(proxy, fake_gateway, "subscribe_polling")
 
     (request_id,) = outcome["enqueued"]
     assert REQUEST_ID.fullmatch(request_id)
     updates = outcome["updates"]
-    # One update per poll (every 20 ms over a ~150 ms job): each state seen, in order.
+    # One update per poll (every 20 ms over a ~2 s job): each state seen, in order.
     assert statuses([u["status"] for u in updates]) == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
     # logs=1: the log lines arrive while the job runs; each poll has all of them so far.
     for before, after in itertools.pairwise(updates):
@@ -417,7 +442,9 @@ def test_subscribe_polls_until_completed(proxy: RunningProxy, fake_gateway: Fake
     assert_queue_sequence(outcome, proxy, fake_gateway, expected)
 
 
-def test_subscribe_streaming_status(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
+def test_subscribe_streaming_status(slow_queue: tuple[RunningProxy, FakeGateway]) -> None:
+    proxy, fake_gateway = slow_queue
+    fake_gateway.clear()
     outcome = run_sdk(proxy, fake_gateway, "subscribe_streaming")
 
     (request_id,) = outcome["enqueued"]
