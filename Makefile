@@ -6,9 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SDK_DIR := tests/sdk
 
-.PHONY: install demo run emulator check test test-unit test-e2e bench soak clean
+.PHONY: install venv-matches-python demo run emulator check test test-unit test-e2e bench bench-callers soak clean
 
-$(VENV)/.installed: pyproject.toml
+# A PYTHON given for an existing $(VENV) made by another Python would silently not be used
+# (and the venv not rebuilt): refuse, so `make test PYTHON=python3.13` really runs 3.13.
+venv-matches-python:
+	@[ "$(origin PYTHON)" = file ] || [ ! -e $(PY) ] || \
+	[ "$$($(PYTHON) -c 'import sys; print(sys.version)')" = "$$($(PY) -c 'import sys; print(sys.version)')" ] || \
+	{ echo "$(VENV) was made by another Python than $(PYTHON): add VENV=.venv-<version>" >&2; exit 1; }
+
+$(VENV)/.installed: pyproject.toml | venv-matches-python
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,bench,check]'
@@ -52,11 +59,22 @@ test-unit: install
 test-e2e: install $(SDK_DIR)/node_modules/.package-lock.json
 	$(PY) -m pytest tests/e2e
 
-# Benchmark the proxy against a local fake gateway (bench/README.md). Needs wrk, installed
-# here if missing. BENCH_ARGS: e.g. --quick, --json bench/results/latest.json, --profile PATH.
+# Benchmark the proxy against a local fake gateway (bench/README.md), then how its per-caller
+# auth, limits and quotas scale with 1 to 100,000 callers (bench/callers.py, ~15 min). Needs
+# wrk and redis-server, installed here if missing. BENCH_ARGS: e.g. --quick, --json
+# bench/results/latest.json, --profile PATH. CALLERS_ARGS: e.g. --quick, --callers 1,1000.
 bench: install
 	command -v wrk >/dev/null || { apt-get update && apt-get install -y wrk; }
+	command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/callers.py $(CALLERS_ARGS)
+
+# The per-caller scaling benchmark alone (bench/README.md). BENCH_ARGS: e.g. --quick,
+# --callers 1,100000 --auth jwt --backend memory, --seconds 30, --json PATH.
+bench-callers: install
+	command -v wrk >/dev/null || { apt-get update && apt-get install -y wrk; }
+	command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
+	$(PY) bench/callers.py $(BENCH_ARGS)
 
 # Soak and fault runs on loopback (bench/README.md): 10,000 requests at 256 connections,
 # 1,000 SSE streams, 300 WebSockets, upstream and client faults, SIGTERM; a pass/fail table.
