@@ -4,6 +4,9 @@ the session idles out, each close relayed to the other side; and the session's r
 Frames keep their type and order. Backpressure: each pump awaits the other side's send, and
 both libraries bound their receive queues, so a slow reader stalls its writer instead of
 growing memory. How an upstream close reaches the client is the pure :func:`client_close`.
+The client gets at most one close (:meth:`Session.close_client`), whoever sends it, and no
+frame after it. What a pump task raised is not lost: :meth:`Pump.run` raises it once both
+sides are closed (:class:`ClientGone` when the client could not be sent to).
 """
 
 from __future__ import annotations
@@ -12,20 +15,48 @@ import asyncio
 import time
 from typing import Any
 
-from starlette.types import Receive, Send
+from starlette.types import Message, Receive, Send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+SHUTDOWN = 1001, "proxy shutting down"
+INTERNAL = 1011, "internal proxy error"
+GONE = 1001, "client gone"
+
+
+class ClientGone(Exception):
+    """A send to the client failed with OSError, the ASGI spec's "the client is gone" (uvicorn
+    raises ClientDisconnected, an OSError)."""
+
+
+def client_sender(send: Send) -> Send:
+    """``send`` raising :class:`ClientGone` where the server says the client is gone."""
+
+    async def send_to_client(message: Message) -> None:
+        try:
+            await send(message)
+        except OSError as exc:
+            raise ClientGone(type(exc).__name__) from None
+
+    return send_to_client
+
 
 class Session:
-    """One bridged socket: counters for its canonical log line, and what closes it."""
+    """One bridged socket: counters for its canonical log line, and what closes it.
+
+    ``answered``: the client's handshake was answered (an accept or a refusal was sent, or
+    tried); ``accepted``: with an accept; ``close_sent``: the client was sent its close.
+    """
 
     __slots__ = (
+        "accepted",
+        "answered",
         "bytes_in",
         "bytes_out",
         "caller",
         "client_close",
         "client_send",
+        "close_sent",
         "error",
         "frames_in",
         "frames_out",
@@ -45,6 +76,16 @@ class Session:
         self.caller: str | None = None
         self.upstream: ClientConnection | None = None
         self.client_send: Send | None = None
+        self.answered = self.accepted = self.close_sent = False
+
+    async def close_client(self, code: int, reason: str) -> None:
+        """Close the accepted client with ``code`` and ``reason``, unless it was sent a close
+        already (uvicorn rejects a second one with a RuntimeError) or has left."""
+        if not self.accepted or self.close_sent or self.client_close is not None:
+            return
+        self.close_sent = True  # first: a pump must send no frame after it, even meanwhile
+        assert self.client_send is not None
+        await self.client_send({"type": "websocket.close", "code": code, "reason": reason})
 
     def log_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -68,7 +109,10 @@ class Session:
 
 class Pump:
     """Frames both ways for one session: :meth:`run` returns once either side has closed (or
-    the session idled out), with the upstream closed."""
+    the session idled out), with the upstream closed.
+
+    ``send`` must raise :class:`ClientGone` for a gone client (:func:`client_sender`).
+    """
 
     def __init__(
         self,
@@ -84,19 +128,37 @@ class Pump:
         self.last = self.loop.time()  # last frame either way, for the idle timeout
 
     async def run(self) -> None:
+        """Pump until a side closes; then stop the pumps, collect what they raised, and close
+        the upstream: 1001 when the server cancels (shutdown), 1001 for a client gone, 1011
+        for a bug. Raises the first pump failure (ClientGone, or a bug) after all that."""
         tasks = [
             asyncio.ensure_future(self.client_to_upstream()),
             asyncio.ensure_future(self.upstream_to_client()),
             asyncio.ensure_future(self.close_when_idle()),
         ]
+        closing = 1000, ""
+        failure: Exception | None = None
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            if tasks[0] in done and not tasks[1].done():  # the client left: let the upstream's
-                await asyncio.wait([tasks[1]], timeout=5)  # close handshake finish, briefly
+            first = tasks[0]
+            if first in done and first.exception() is None and not tasks[1].done():
+                # The client left: let the upstream's close handshake finish, briefly.
+                await asyncio.wait([tasks[1]], timeout=5)
+        except asyncio.CancelledError:
+            closing = SHUTDOWN
+            raise
         finally:
             for task in tasks:
                 task.cancel()
-            await self.upstream.close()
+            # Every outcome collected (else a failure is lost and the session looks clean);
+            # a task cancelled here ends with CancelledError, which is not a failure.
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            failure = next((o for o in outcomes if isinstance(o, Exception)), None)
+            if failure is not None and closing != SHUTDOWN:
+                closing = GONE if isinstance(failure, ClientGone) else INTERNAL
+            await self.upstream.close(*closing)
+        if failure is not None:
+            raise failure
 
     async def client_to_upstream(self) -> None:
         """Client frames up until the client leaves; its close code and reason go up too."""
@@ -112,7 +174,10 @@ class Pump:
             session.frames_in += 1
             session.bytes_in += len(data)
             self.last = loop.time()
-            await upstream.send(data)  # waits while the upstream is not reading: backpressure
+            try:
+                await upstream.send(data)  # waits while the upstream is not reading: backpressure
+            except ConnectionClosed:  # the upstream ended: the other pump relays its close
+                return
 
     async def upstream_to_client(self) -> None:
         """Upstream frames down until the upstream socket ends; then the client is closed with
@@ -120,6 +185,8 @@ class Pump:
         send, upstream, session, loop = self.send, self.upstream, self.session, self.loop
         try:
             async for data in upstream:
+                if session.close_sent:  # too late for the client: read on to the upstream's close
+                    continue
                 session.frames_out += 1
                 session.bytes_out += len(data)
                 self.last = loop.time()
@@ -134,8 +201,7 @@ class Pump:
             (sent.code, sent.reason) if sent is not None else None,
         )
         session.upstream_close = rcvd
-        if session.client_close is None:
-            await send({"type": "websocket.close", "code": code, "reason": reason})
+        await session.close_client(code, reason)  # unless the client left or was closed already
 
     async def close_when_idle(self) -> None:
         """Close both sides with 1001 after ``idle`` seconds with no frame either way."""
@@ -145,8 +211,8 @@ class Pump:
         while (left := self.idle - (loop.time() - self.last)) > 0:  # noqa: ASYNC110 - a deadline
             await asyncio.sleep(left)
         session.error = "idle_timeout"
+        await session.close_client(1001, "idle timeout")
         session.client_close = session.upstream_close = 1001
-        await self.send({"type": "websocket.close", "code": 1001, "reason": "idle timeout"})
         await self.upstream.close(1001, "idle timeout")
 
 

@@ -5,13 +5,17 @@ The rules are pure: the URL (the gateway, or ``wss://fal.run`` for realtime when
 ``FAL_PROXY_REALTIME_DIRECT`` is on), the query without a client ``fal_jwt_token``, the
 sub-protocols that may go up (no credential) and the one the client is accepted with.
 :func:`open_upstream` then opens the socket with the proxy's key, never following a
-redirect; it fails with :class:`UpstreamRefused` (the upstream's own status and body) or
-:class:`~proxy.errors.UpstreamUnavailable` (502), both answered by :func:`refuse`.
+redirect; it fails with :class:`UpstreamRefused` (the upstream's own status and body, a
+non-standard status made standard by :func:`client_status`, two headers kept by
+:func:`refusal_headers`) or :class:`~proxy.errors.UpstreamUnavailable` (502), both answered
+by :func:`refuse`.
 """
 
 from __future__ import annotations
 
+import http
 import re
+from collections.abc import Iterable
 from urllib.parse import unquote_plus, urlsplit
 
 from starlette.types import Scope, Send
@@ -27,21 +31,94 @@ CREDENTIAL_SUBPROTOCOLS = ("fal-api-key.", "cf-aig-authorization.", "proxy-autho
 CALLER_SUBPROTOCOL = "proxy-authorization."
 DIRECT_FAL = "wss://fal.run"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token: what a sub-protocol may be
+_T = _TOKEN.pattern
+# RFC 9110 media type: type/subtype, then ;name=value parameters (a token, or a quoted string
+# of printable ASCII without quoted-pairs): nothing that could end the header or the line.
+_MEDIA_TYPE = re.compile(rf'{_T}/{_T}(?:[ \t]*;[ \t]*{_T}=(?:{_T}|"[ !#-\[\]-~]*"))*')
+# RFC 9110 Retry-After: delay-seconds, or an IMF-fixdate.
+_RETRY_AFTER = re.compile(r"[0-9]{1,9}|[A-Z][a-z]{2}, [0-9]{2} [A-Z][a-z]{2} [0-9]{4} "
+                          r"[0-9]{2}:[0-9]{2}:[0-9]{2} GMT")  # fmt: skip
+_MAX_CONTENT_TYPE = 200
 
 
 class UpstreamRefused(ProxyError):
     """The upstream answered the handshake with an HTTP status (a redirect included): relayed
-    to the client as it came, its status and body."""
+    to the client with its status, body, type and ``Retry-After``
+    (:func:`refusal_headers`); a status the client's server cannot send
+    (:func:`client_status`) becomes a standard one with the proxy's JSON body naming it."""
 
     reason = "upstream_refused"
 
-    def __init__(self, status: int, body: bytes) -> None:
-        super().__init__("the upstream refused the handshake", f"HTTP {status}")
-        self.status = status
-        self.upstream_body = body
+    def __init__(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> None:
+        relayed = client_status(status)
+        kept = refusal_headers(headers)
+        if relayed == status:
+            super().__init__("the upstream refused the handshake", f"HTTP {status}")
+            self.upstream_body: bytes | None = body
+            self.kept = kept
+        else:
+            detail = f"the upstream answered HTTP {status}, not a standard status"
+            super().__init__("the upstream refused the handshake", detail)
+            self.upstream_body = None  # the proxy's JSON, which says what the upstream said
+            self.kept = [(n, v) for n, v in kept if n != b"content-type"]
+        self.status = relayed
 
     def body(self) -> bytes:
-        return self.upstream_body
+        return super().body() if self.upstream_body is None else self.upstream_body
+
+    def headers(self, body: bytes) -> list[tuple[bytes, bytes]]:
+        if self.upstream_body is None:
+            return [*super().headers(body), *self.kept]
+        kept = dict(self.kept)
+        out = [(b"content-type", kept[b"content-type"])] if b"content-type" in kept else []
+        out.append((b"content-length", str(len(body)).encode()))
+        if b"retry-after" in kept:
+            out.append((b"retry-after", kept[b"retry-after"]))
+        return out
+
+
+def client_status(status: int) -> int:
+    """The status an upstream refusal reaches the client with. Pure.
+
+    The upstream's own when it is a standard final status (2xx to 5xx). Any other cannot be
+    sent at all by uvicorn's WebSocket implementation (it calls ``http.HTTPStatus(status)``:
+    a ValueError, then a 500 and a traceback), and means little to a client: Cloudflare's
+    520-527 and 530 (its origin failed), or anything else outside 4xx, become 502, a bad
+    gateway, which clients treat as worth a retry later. An unknown 4xx becomes 400: the
+    upstream still blamed the request. Except 499 ("client closed request", nginx's code):
+    the client that closed was the proxy, as the upstream saw it; the real client did
+    nothing wrong and may well succeed if it retries, so 502 too (400 would tell it not to
+    retry the same request).
+    """
+    try:
+        standard = http.HTTPStatus(status)
+    except ValueError:
+        return 400 if 400 <= status < 500 and status != 499 else 502
+    return status if 200 <= standard < 600 else 502
+
+
+def refusal_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """The upstream refusal's headers that reach the client: ``content-type`` (a single,
+    well-formed media type) and ``Retry-After`` (delay-seconds or an HTTP date), at most
+    one each, as lowercase byte pairs. Pure.
+
+    An allowlist, not :func:`proxy.headers.downstream_response_headers`' denylist: that one
+    passes ``Location``, which would hand the client the gateway's own path (account and
+    gateway id) and invite it to follow a redirect the proxy refuses to, and every other
+    header a refusal carries (``www-authenticate``, ``cf-ray``, …), none of which is any use
+    to a socket that never opened.
+    """
+    found: dict[str, list[str]] = {}
+    for name, value in headers:
+        if name.lower() in ("content-type", "retry-after"):
+            found.setdefault(name.lower(), []).append(value.strip(" \t"))
+    out: list[tuple[bytes, bytes]] = []
+    types = found.get("content-type", [])
+    if len(types) == 1 and len(types[0]) <= _MAX_CONTENT_TYPE and _MEDIA_TYPE.fullmatch(types[0]):
+        out.append((b"content-type", types[0].encode("ascii")))
+    if len(delays := found.get("retry-after", [])) == 1 and _RETRY_AFTER.fullmatch(delays[0]):
+        out.append((b"retry-after", delays[0].encode("ascii")))
+    return out
 
 
 class _connect_without_redirects(connect):
@@ -88,7 +165,10 @@ async def open_upstream(
             user_agent_header=CLIENT_PROXY_ID,
         )
     except InvalidStatus as exc:
-        raise UpstreamRefused(exc.response.status_code, bytes(exc.response.body or b"")) from None
+        response = exc.response
+        raise UpstreamRefused(
+            response.status_code, bytes(response.body or b""), response.headers.raw_items()
+        ) from None
     except (TimeoutError, InvalidHandshake, OSError) as exc:
         raise UpstreamUnavailable("the gateway could not be reached", type(exc).__name__) from None
 

@@ -10,9 +10,10 @@ Every wait is on an event (a message sent, a handshake or a close seen), never a
 from __future__ import annotations
 
 import asyncio
+import http
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -80,9 +81,14 @@ def disconnect(code: int, reason: str | None = None) -> dict[str, Any]:
     return message
 
 
-def refusal(status: int, body: bytes) -> list[dict[str, Any]]:
-    """What a refused upgrade sends: the status with a JSON type and the length, the body."""
-    headers = [JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+def refusal(
+    status: int, body: bytes, *, content_type: bytes | None = b"application/json", **more: bytes
+) -> list[dict[str, Any]]:
+    """What a refused upgrade sends: the status with its type (JSON: the proxy's own body) and
+    length, ``more`` headers (``retry_after=b"3"``), the body."""
+    headers = [(b"content-type", content_type)] if content_type is not None else []
+    headers.append((b"content-length", str(len(body)).encode()))
+    headers += [(name.replace("_", "-").encode(), value) for name, value in more.items()]
     return [
         {"type": "websocket.http.response.start", "status": status, "headers": headers},
         {"type": "websocket.http.response.body", "body": body},
@@ -90,21 +96,41 @@ def refusal(status: int, body: bytes) -> list[dict[str, Any]]:
 
 
 class Client:
-    """receive() hands out the queued messages, then waits (as a live client does)."""
+    """receive() hands out the queued messages, then waits (as a live client does).
 
-    def __init__(self, *messages: Message) -> None:
+    send() checks what uvicorn's ("websockets", legacy) implementation checks: a refusal's
+    status must be an ``http.HTTPStatus`` (ValueError otherwise), and nothing may follow a
+    close (RuntimeError; uvicorn raises it, and the message lands in ``rejected``). ``fail``:
+    the message type whose send raises that exception (OSError: the ASGI spec's "client
+    gone"), after being recorded.
+    """
+
+    def __init__(self, *messages: Message, fail: tuple[str, BaseException] | None = None) -> None:
         self.queue: asyncio.Queue[Message] = asyncio.Queue()
         for message in messages:
             self.queue.put_nowait(message)
         self.sent: list[Message] = []
         self.changed = asyncio.Event()
+        self.fail = fail
+        self.rejected: list[Message] = []
 
     async def receive(self) -> Message:
         return await self.queue.get()
 
     async def send(self, message: Message) -> None:
+        if message["type"] == "websocket.http.response.start":
+            http.HTTPStatus(message["status"])
+        if any(m["type"] == "websocket.close" for m in self.sent):
+            self.rejected.append(message)
+            raise RuntimeError(f"Unexpected ASGI message {message['type']!r} after a close")
         self.sent.append(message)
         self.changed.set()
+        if self.fail is not None and message["type"] == self.fail[0]:
+            raise self.fail[1]
+
+    def leave(self, code: int = 1006) -> None:
+        """The client goes away: its next receive() is the disconnect."""
+        self.queue.put_nowait(disconnect(code))
 
     async def sent_count(self, n: int) -> None:
         """Wait (on the sends, not a timer) until the bridge has sent ``n`` messages."""
@@ -125,6 +151,9 @@ class Log:
     def exception(self, event: str, **fields: Any) -> None:
         self.lines.append((event, fields))
 
+    def events(self) -> list[str]:
+        return [event for event, _ in self.lines]
+
     def session(self) -> dict[str, Any]:
         """The one canonical line of the one session."""
         lines = [fields for event, fields in self.lines if event == "websocket"]
@@ -143,9 +172,11 @@ async def echo(ws: ServerConnection) -> None:
 class Upstream:
     """A loopback websockets server standing in for the gateway.
 
-    Records each handshake request and the close frame it got (None: none came); per test,
-    ``hold`` keeps the handshake waiting, ``answer`` refuses it with a status, and
-    ``script`` is what the socket does once open (echo by default).
+    Records each handshake request (and its connection) and the close frame it got (None:
+    none came); per test, ``hold`` keeps the handshake waiting, ``answer`` refuses it with a
+    status (any, Cloudflare's 520 too), a body (text/plain unless a ``content-type`` is
+    given; None: no such header) and headers, and ``script`` is what the socket does once
+    open (echo by default).
     """
 
     def __init__(self) -> None:
@@ -153,23 +184,27 @@ class Upstream:
         self.handshakes: list[Request] = []
         self.handshake_seen = asyncio.Event()
         self.hold: asyncio.Event | None = None
-        self.answer: tuple[int, str, dict[str, str]] | None = None
+        self.answer: tuple[int, str, Mapping[str, str | None]] | None = None
         self.script: Script = echo
         self.closes: list[tuple[int | None, str | None]] = []
         self.closed = asyncio.Event()
+        self.connections: list[ServerConnection] = []
 
     async def process_request(self, connection: ServerConnection, request: Request) -> Any:
         self.handshakes.append(request)
+        self.connections.append(connection)
         self.handshake_seen.set()
         if self.hold is not None:
             await self.hold.wait()
         if self.answer is None:
             return None
-        status, body, headers = self.answer
-        response: Response = connection.respond(status, body)
-        for name, value in headers.items():
-            response.headers[name] = value
-        return response
+        status, text, headers = self.answer
+        body = text.encode()
+        fields = {"content-type": "text/plain; charset=utf-8", **headers}
+        pairs = [(name, value) for name, value in fields.items() if value is not None]
+        # Built by hand: websockets' own respond() takes only statuses http.HTTPStatus knows.
+        return Response(status, "Refused", Headers([*pairs, ("content-length", str(len(body)))]),
+                        body)  # fmt: skip
 
     async def handler(self, ws: ServerConnection) -> None:
         try:
@@ -257,27 +292,54 @@ async def test_frames_go_both_ways_keeping_their_type_with_the_key_and_no_client
     assert not bridge.sessions and open_sockets(bridge) == 0
 
 
-async def test_a_client_gone_during_the_upstream_handshake_gets_the_upstream_closed(
+async def test_a_client_gone_during_the_upstream_handshake_aborts_it_and_frees_the_slot(
     upstream: Upstream,
 ) -> None:
-    # The bridge does not read the client while the upstream handshake runs: it accepts
-    # (to a client already gone), reads the disconnect, and closes the upstream (1006 cannot
-    # be sent: 1000). The slot is held until then.
+    # The client is watched while the upstream handshake runs: when it leaves, the handshake
+    # is abandoned at once (its TCP connection closed), not after FAL_PROXY_CONNECT_TIMEOUT
+    # (10 s here, longer than WAIT), its slot is freed, and no accept goes to the gone client.
+    upstream.hold = asyncio.Event()  # the upstream never answers this one
+    bridge = await make_bridge(settings(upstream.gateway, FAL_PROXY_MAX_CONCURRENT="1"))
+    client = Client(CONNECT)
+    task = asyncio.ensure_future(bridge(scope(), client.receive, client.send))
+    await asyncio.wait_for(upstream.handshake_seen.wait(), WAIT)
+    client.leave(1006)
+    await asyncio.wait_for(task, WAIT)
+    await asyncio.wait_for(upstream.connections[0].wait_closed(), WAIT)
+
+    # A close before any accept ends the server's half of the handshake (uvicorn logs an
+    # error for a handler that returns without one); it reaches nobody.
+    assert client.sent == [{"type": "websocket.close", "code": 1000}]
+    line = logged(bridge).session()
+    assert (line["client_close"], line["upstream_close"], line["error"]) == (
+        1006, None, "client_gone")  # fmt: skip
+    assert not bridge.sessions
+
+    upstream.hold.set()
+    second = Client(CONNECT)  # the slot is free: admitted, not refused with 429
+    task = asyncio.ensure_future(bridge(scope(), second.receive, second.send))
+    await second.sent_count(1)
+    second.leave(1000)
+    await asyncio.wait_for(task, WAIT)
+    assert second.sent == [accept()]
+
+
+async def test_a_client_message_during_the_upstream_handshake_is_kept_for_the_session(
+    upstream: Upstream,
+) -> None:
+    # The watch reads the client while the upstream handshake runs; what it reads that is not
+    # a disconnect is the session's first frame, not lost.
     upstream.hold = asyncio.Event()
     bridge = await make_bridge(settings(upstream.gateway))
     client = Client(CONNECT)
     task = asyncio.ensure_future(bridge(scope(), client.receive, client.send))
     await asyncio.wait_for(upstream.handshake_seen.wait(), WAIT)
-    client.queue.put_nowait(disconnect(1006))
-    assert client.sent == []
+    client.queue.put_nowait({"type": "websocket.receive", "text": "early"})
     upstream.hold.set()
+    await client.sent_count(2)
+    client.leave(1000)
     await asyncio.wait_for(task, WAIT)
-
-    assert client.sent == [accept()]
-    assert await upstream.close_seen() == (1000, "")
-    line = logged(bridge).session()
-    assert (line["client_close"], line["upstream_close"], line["frames_in"]) == (1006, 1000, 0)
-    assert "error" not in line
+    assert client.sent == [accept(), {"type": "websocket.send", "text": "early"}]
 
 
 async def test_a_client_that_leaves_before_connecting_gets_nothing(upstream: Upstream) -> None:
@@ -291,29 +353,101 @@ async def test_a_client_that_leaves_before_connecting_gets_nothing(upstream: Ups
 # --- refusals -----------------------------------------------------------------------------------
 
 
+TEXT = b"text/plain; charset=utf-8"
+
+
 @pytest.mark.parametrize(
-    ("status", "body", "headers"),
+    ("status", "body", "headers", "relayed"),
     [
-        (403, '{"detail":"bad key"}', {}),
-        (429, "slow down", {"retry-after": "3"}),
-        (503, "", {}),
-        # Never followed: the key would go along to wherever it points.
-        (302, "", {"location": f"/v1/a/g/fal{PATH}?followed=1"}),
+        (403, '{"detail":"bad key"}', {"content-type": "application/json"},
+         {"content_type": b"application/json"}),
+        (429, "slow down", {"retry-after": "3"}, {"content_type": TEXT, "retry_after": b"3"}),
+        (503, "", {"retry-after": "Wed, 21 Oct 2026 07:28:00 GMT", "content-type": None},
+         {"content_type": None, "retry_after": b"Wed, 21 Oct 2026 07:28:00 GMT"}),
+        # Never followed, and its Location not relayed: it names the gateway's own path.
+        (302, "", {"location": f"/v1/a/g/fal{PATH}?followed=1"}, {"content_type": TEXT}),
     ],
-)
-async def test_an_upstream_refusal_is_relayed_with_its_status_and_body(
-    upstream: Upstream, status: int, body: str, headers: dict[str, str]
+)  # fmt: skip
+async def test_an_upstream_refusal_is_relayed_with_its_status_body_type_and_retry_after(
+    upstream: Upstream,
+    status: int,
+    body: str,
+    headers: dict[str, str | None],
+    relayed: dict[str, Any],
 ) -> None:
     upstream.answer = (status, body, headers)
     bridge = await make_bridge(settings(upstream.gateway))
     client = Client(CONNECT)
     await bridge(scope(), client.receive, client.send)
-    # The upstream's own body, labelled JSON; its other headers (retry-after, location) are
-    # not relayed.
-    assert client.sent == refusal(status, body.encode())
+    # The upstream's own body with its own type (none if it gave none) and Retry-After.
+    assert client.sent == refusal(status, body.encode(), **relayed)
     assert upstream.handshake()[0] == f"/v1/a/g/fal{PATH}"  # one handshake: no redirect taken
     assert logged(bridge).session()["error"] == "upstream_refused"
     assert not bridge.sessions
+
+
+async def test_a_refusal_relays_no_other_upstream_header(upstream: Upstream) -> None:
+    upstream.answer = (401, "no", {
+        "www-authenticate": 'Key realm="fal"', "set-cookie": "session=secret",
+        "location": "https://elsewhere.example/", "cf-ray": "8a1b", "x-fal-anything": "1",
+        "authorization": "Key upstream-echo", "content-length-extra": "5",
+    })  # fmt: skip
+    bridge = await make_bridge(settings(upstream.gateway))
+    client = Client(CONNECT)
+    await bridge(scope(), client.receive, client.send)
+    assert client.sent == refusal(401, b"no", content_type=TEXT)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "retry_after", "relayed"),
+    [
+        ("text/html; charset=UTF-8", "120", {"content_type": b"text/html; charset=UTF-8",
+                                             "retry_after": b"120"}),
+        ('application/problem+json; profile="x y"', "0",
+         {"content_type": b'application/problem+json; profile="x y"', "retry_after": b"0"}),
+        ("not a media type", "soon", {"content_type": None}),
+        ("text/html, text/plain", "-1", {"content_type": None}),
+        ("text/" + "x" * 300, "1" * 20, {"content_type": None}),
+    ],
+)  # fmt: skip
+async def test_a_refusal_relays_the_upstream_type_and_retry_after_only_when_well_formed(
+    upstream: Upstream, content_type: str, retry_after: str, relayed: dict[str, Any]
+) -> None:
+    upstream.answer = (503, "busy", {"content-type": content_type, "retry-after": retry_after})
+    bridge = await make_bridge(settings(upstream.gateway))
+    client = Client(CONNECT)
+    await bridge(scope(), client.receive, client.send)
+    assert client.sent == refusal(503, b"busy", **relayed)
+
+
+@pytest.mark.parametrize(
+    ("status", "relayed"),
+    [
+        (520, 502), (521, 502), (522, 502), (523, 502), (524, 502), (525, 502), (526, 502),
+        (527, 502), (530, 502),  # Cloudflare's: the origin failed, so a bad gateway
+        (499, 502),  # "client closed request": the proxy did not; not the client's fault
+        (460, 400),  # an unknown 4xx still blames the request
+        (299, 502),  # not a standard status at all (600 and up: not HTTP, 502 "InvalidMessage")
+    ],
+)  # fmt: skip
+async def test_a_non_standard_upstream_status_is_relayed_as_a_standard_one(
+    upstream: Upstream, status: int, relayed: int
+) -> None:
+    # uvicorn's legacy implementation turns the status into an http.HTTPStatus: a 520 there
+    # was a ValueError, a traceback and a 500 "internal proxy error" (Client checks the same).
+    upstream.answer = (status, "<html>origin error</html>", {"content-type": "text/html",
+                                                             "retry-after": "5"})  # fmt: skip
+    bridge = await make_bridge(settings(upstream.gateway))
+    client = Client(CONNECT)
+    await bridge(scope(), client.receive, client.send)
+    body = json.dumps({
+        "message": "the upstream refused the handshake",
+        "detail": f"the upstream answered HTTP {status}, not a standard status",
+    }).encode()  # fmt: skip
+    assert client.sent == refusal(relayed, body, retry_after=b"5")
+    line = logged(bridge).session()
+    assert line["error"] == "upstream_refused"
+    assert "internal_error" not in logged(bridge).events()
 
 
 async def test_an_unreachable_upstream_is_a_json_502() -> None:
@@ -441,8 +575,11 @@ async def test_a_client_close_reaches_the_upstream(
     upstream: Upstream, message: dict[str, Any], seen: tuple[int, str]
 ) -> None:
     bridge = await make_bridge(settings(upstream.gateway))
-    client = Client(CONNECT, message)
-    await asyncio.wait_for(bridge(scope(), client.receive, client.send), WAIT)
+    client = Client(CONNECT)
+    task = asyncio.ensure_future(bridge(scope(), client.receive, client.send))
+    await client.sent_count(1)
+    client.queue.put_nowait(message)
+    await asyncio.wait_for(task, WAIT)
     assert client.sent == [accept()]  # nothing more to a client that left
     assert await upstream.close_seen() == seen
     line = logged(bridge).session()
@@ -486,7 +623,9 @@ async def test_an_idle_session_is_closed_both_ways_with_1001(upstream: Upstream)
 # --- shutdown -----------------------------------------------------------------------------------
 
 
-async def test_close_all_closes_both_sides_with_1001(upstream: Upstream) -> None:
+async def test_close_all_closes_both_sides_with_1001_and_the_client_once(
+    upstream: Upstream,
+) -> None:
     bridge = await make_bridge(settings(upstream.gateway))
     client = Client(CONNECT)  # a client that never answers the close
     task = asyncio.ensure_future(bridge(scope(), client.receive, client.send))
@@ -494,15 +633,49 @@ async def test_close_all_closes_both_sides_with_1001(upstream: Upstream) -> None
     await bridge.close_all()
     await asyncio.wait_for(task, WAIT)  # the upstream's close ends the session
     assert await upstream.close_seen() == (1001, "proxy shutting down")
-    # The second close comes from the upstream-to-client pump, which does not know that
-    # close_all closed the client already (uvicorn would refuse it). Kept as found.
-    assert client.sent == [accept(), *[close(1001, "proxy shutting down")] * 2]
+    # One close: the upstream-to-client pump, ending with the upstream's close, knows the
+    # client was closed already (uvicorn would reject a second with a RuntimeError).
+    assert client.sent == [accept(), close(1001, "proxy shutting down")]
+    assert client.rejected == []
     line = logged(bridge).session()
     assert (line["client_close"], line["upstream_close"]) == (None, 1001)
+    assert "error" not in line
     assert not bridge.sessions and open_sockets(bridge) == 0
 
 
-async def test_a_server_cancel_mid_session_closes_the_upstream_and_frees_the_slot(
+async def test_nothing_reaches_the_client_after_its_close(upstream: Upstream) -> None:
+    # Frames the upstream sends once the client was closed (close_all's first step, before
+    # the upstream's close completes) cannot reach it: dropped, not sent (uvicorn would
+    # reject them, and the session would end as a failure); nor is the upstream's close.
+    release = asyncio.Event()
+
+    async def late(ws: ServerConnection) -> None:
+        await release.wait()
+        for _ in range(3):
+            await ws.send("late")
+        await ws.close(4000, "done")
+
+    upstream.script = late
+    bridge = await make_bridge(settings(upstream.gateway))
+    client = Client(CONNECT)
+    task = asyncio.ensure_future(bridge(scope(), client.receive, client.send))
+    await client.sent_count(1)
+    try:
+        (session,) = bridge.sessions
+        await session.close_client(1001, "proxy shutting down")
+        release.set()
+        await asyncio.wait_for(task, WAIT)
+    finally:  # (both done already, unless the test failed)
+        release.set()
+        task.cancel()
+    assert client.sent == [accept(), close(1001, "proxy shutting down")]
+    assert client.rejected == []
+    line = logged(bridge).session()
+    assert (line["upstream_close"], line["frames_out"]) == (4000, 0)
+    assert "error" not in line
+
+
+async def test_a_server_cancel_mid_session_ends_it_quietly_with_1001_both_ways(
     upstream: Upstream,
 ) -> None:
     bridge = await make_bridge(settings(upstream.gateway, FAL_PROXY_MAX_CONCURRENT="1"))
@@ -510,15 +683,85 @@ async def test_a_server_cancel_mid_session_closes_the_upstream_and_frees_the_slo
     task = asyncio.ensure_future(bridge(scope(), client.receive, client.send))
     await client.sent_count(2)  # accepted, and the echo is through
     task.cancel()  # what uvicorn does to a task still running past the drain deadline
-    with pytest.raises(asyncio.CancelledError):  # not swallowed, unlike the forwarder's
-        await asyncio.wait_for(task, WAIT)
-    assert client.sent == [accept(), {"type": "websocket.send", "text": "hi"}]
-    assert await upstream.close_seen() == (1000, "")
+    # Ended quietly, as the forwarder does: re-raised, uvicorn logs "Exception in ASGI
+    # application" with a traceback for every session still open.
+    assert await asyncio.wait_for(task, WAIT) is None
+    assert client.sent == [
+        accept(), {"type": "websocket.send", "text": "hi"}, close(1001, "proxy shutting down")
+    ]  # fmt: skip
+    assert await upstream.close_seen() == (1001, "proxy shutting down")
     line = logged(bridge).session()
     assert (line["frames_in"], line["frames_out"], line["client_close"]) == (1, 1, None)
+    assert line["error"] == "shutdown"
     assert not bridge.sessions and open_sockets(bridge) == 0
 
     # The concurrency slot was released: a second session is admitted, not refused (429).
-    second = Client(CONNECT, disconnect(1000))
-    await asyncio.wait_for(bridge(scope(), second.receive, second.send), WAIT)
+    second = Client(CONNECT)
+    task = asyncio.ensure_future(bridge(scope(), second.receive, second.send))
+    await second.sent_count(1)
+    second.leave(1000)
+    await asyncio.wait_for(task, WAIT)
     assert second.sent == [accept()]
+
+
+async def test_a_server_cancel_during_the_upstream_handshake_is_a_503(upstream: Upstream) -> None:
+    upstream.hold = asyncio.Event()  # never answered
+    bridge = await make_bridge(settings(upstream.gateway))
+    client = Client(CONNECT)
+    task = asyncio.ensure_future(bridge(scope(), client.receive, client.send))
+    await asyncio.wait_for(upstream.handshake_seen.wait(), WAIT)
+    task.cancel()
+    assert await asyncio.wait_for(task, WAIT) is None
+    await asyncio.wait_for(upstream.connections[0].wait_closed(), WAIT)  # the handshake dropped
+    body = json.dumps({"message": "proxy shutting down", "detail": "retry the request"}).encode()
+    assert client.sent == refusal(503, body)
+    assert logged(bridge).session()["error"] == "shutdown"
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+
+async def test_an_accept_that_fails_still_closes_the_upstream(upstream: Upstream) -> None:
+    bridge = await make_bridge(settings(upstream.gateway, FAL_PROXY_MAX_CONCURRENT="1"))
+    client = Client(CONNECT, fail=("websocket.accept", OSError("client gone")))
+    await asyncio.wait_for(bridge(scope(), client.receive, client.send), WAIT)
+    assert (await upstream.close_seen())[0] == 1001  # not left open until the upstream gives up
+    line = logged(bridge).session()
+    assert line["error"] == "client_gone"
+    assert "internal_error" not in logged(bridge).events()
+    assert not bridge.sessions and open_sockets(bridge) == 0
+
+
+async def send_hello(ws: ServerConnection) -> None:
+    await ws.send("hello")
+    await ws.wait_closed()
+
+
+async def test_a_client_gone_on_a_send_ends_the_session_as_client_gone(upstream: Upstream) -> None:
+    upstream.script = send_hello
+    bridge = await make_bridge(settings(upstream.gateway))
+    client = Client(CONNECT, fail=("websocket.send", OSError("client gone")))
+    await asyncio.wait_for(bridge(scope(), client.receive, client.send), WAIT)
+    assert await upstream.close_seen() == (1001, "client gone")
+    assert client.sent == [accept(), {"type": "websocket.send", "text": "hello"}]
+    line = logged(bridge).session()
+    assert line["error"] == "client_gone"
+    assert "internal_error" not in logged(bridge).events()
+    assert not bridge.sessions and open_sockets(bridge) == 0
+
+
+async def test_a_bug_in_a_pump_is_logged_and_closes_both_sides_with_1011(
+    upstream: Upstream,
+) -> None:
+    upstream.script = send_hello
+    bridge = await make_bridge(settings(upstream.gateway))
+    client = Client(CONNECT, fail=("websocket.send", ValueError("a bug")))
+    await asyncio.wait_for(bridge(scope(), client.receive, client.send), WAIT)
+    assert await upstream.close_seen() == (1011, "internal proxy error")
+    assert client.sent == [
+        accept(), {"type": "websocket.send", "text": "hello"}, close(1011, "internal proxy error")
+    ]  # fmt: skip
+    line = logged(bridge).session()
+    assert line["error"] == "internal"
+    assert ("internal_error", {"request_id": line["request_id"]}) in logged(bridge).lines
+    assert not bridge.sessions and open_sockets(bridge) == 0
