@@ -72,42 +72,48 @@ def iso(epoch: float) -> str:
 
 
 class UsageBook:
-    """In memory: caller → app → [generations, units] for the current month; forgotten in
-    one go when the month ends (no scan, no timer)."""
+    """In memory: caller → app → generations, and caller → app → units, for the current
+    month; forgotten in one go when the month ends (no scan, no timer).
 
-    __slots__ = ("_apps", "_end", "_start")
+    Two dicts of plain numbers rather than one of ``[gens, units]`` lists: a dict that
+    holds only strings and numbers is not tracked by the garbage collector, so 100,000
+    callers add nothing to the cost of a collection (measured: lists made the proxy's CPU
+    per request grow with the number of callers).
+    """
+
+    __slots__ = ("_end", "_gens", "_start", "_units")
 
     def __init__(self) -> None:
-        self._apps: dict[str, dict[str, list[float]]] = {}
+        self._gens: dict[str, dict[str, int]] = {}
+        self._units: dict[str, dict[str, float]] = {}
         self._start, self._end = 0.0, 0.0
 
     def add(self, caller: str, app: str | None, now: float, gens: int, units: float) -> None:
         self._roll(now)
-        apps = self._apps.get(caller)
+        apps = self._gens.get(caller)
         if apps is None:
-            apps = self._apps[caller] = {}
+            apps = self._gens[caller] = {}
         name = app or OTHER
-        entry = apps.get(name)
-        if entry is None:
-            if len(apps) >= MAX_APPS:
-                name = OTHER
-                entry = apps.get(name)
-            if entry is None:
-                entry = apps[name] = [0, 0.0]
-        entry[0] += gens
-        entry[1] += units
+        if name not in apps and len(apps) >= MAX_APPS:
+            name = OTHER
+        apps[name] = apps.get(name, 0) + gens
+        if units:
+            sums = self._units.get(caller)
+            if sums is None:
+                sums = self._units[caller] = {}
+            sums[name] = sums.get(name, 0.0) + units
 
     def read(self, caller: str, now: float) -> tuple[float, float, dict[str, tuple[int, float]]]:
         """(month start, month end, app → (generations, units)) for ``caller``."""
         self._roll(now)
-        apps = self._apps.get(caller, {})
-        return self._start, self._end, {a: (int(e[0]), e[1]) for a, e in apps.items()}
+        gens, units = self._gens.get(caller, {}), self._units.get(caller, {})
+        return self._start, self._end, {a: (n, units.get(a, 0.0)) for a, n in gens.items()}
 
     def keys_held(self) -> int:
-        return len(self._apps)
+        return len(self._gens)
 
     def next_change(self) -> float:
-        return self._end if self._apps else float("inf")
+        return self._end if self._gens else float("inf")
 
     def roll(self, now: float) -> None:
         self._roll(now)
@@ -115,7 +121,7 @@ class UsageBook:
     def _roll(self, now: float) -> None:
         if not self._start <= now < self._end:
             _, self._start, self._end = period_bounds(USAGE_PERIOD, now)
-            self._apps = {}
+            self._gens, self._units = {}, {}
 
 
 def parse_units(value: bytes | str | None) -> float:
