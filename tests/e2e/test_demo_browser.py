@@ -74,8 +74,15 @@ def demo() -> Iterator[Demo]:
             lambda r: r.get("event") == "listening" and r.get("role") == "proxy"
         )
         yield Demo(process, line["url"].rstrip("/"))
+        # At teardown, so after every test that used the demo, whatever order they ran in.
+        assert_logged_no_errors(process)
     finally:
         process.stop()
+
+
+def assert_logged_no_errors(process: Process) -> None:
+    errors = [r for r in process.json_lines() if r.get("level") in ("error", "critical")]
+    assert errors == [], errors
 
 
 def run_browser(
@@ -230,8 +237,3 @@ def test_a_missing_page_file_is_a_plain_404(demo: Demo) -> None:
     with httpx.Client(base_url=demo.url, trust_env=False, timeout=10) as client:
         response = client.get("/demo/no-such-file.js")
     assert response.status_code == 404
-
-
-def test_demo_process_logged_no_errors(demo: Demo) -> None:
-    errors = [r for r in demo.logs() if r.get("level") in ("error", "critical")]
-    assert errors == [], errors

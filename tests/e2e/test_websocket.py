@@ -458,6 +458,28 @@ def test_a_closed_session_ends_promptly(start_proxy: Any) -> None:
 
 
 def test_the_key_never_reaches_the_proxy_logs(proxy: RunningProxy) -> None:
-    # Runs last in this module: every session above on the shared proxy has logged by now.
-    poll(lambda: websocket_lines(proxy), "a websocket log line")
+    # A session of its own on the shared proxy, so the test holds alone and in any order:
+    # echoes, then the upstream drops the connection (1011, the error path). Seven frames
+    # in: no other session of this module sends that many, so its line is told apart.
+    frames = 7
+
+    async def go() -> tuple[Any, Any]:
+        async with open_ws(ws_url(proxy, SCRIPTED)) as ws:
+            for i in range(frames - 1):
+                await ws.send(f"frame {i}")
+                assert await recv(ws) == f"frame {i}"
+            await ws.send(json.dumps({"drop": True}))
+            return await closed(ws)
+
+    assert run(go())[0] == 1011
+    poll(
+        lambda: [
+            line
+            for line in websocket_lines(proxy)
+            if line["target_path"] == f"/{SCRIPTED}" and line["frames_in"] == frames
+        ],
+        "this session's websocket line",
+    )
+    # The whole log: this session's line and every line logged before it (run in file
+    # order, every session above on the shared proxy).
     assert all(FAL_KEY not in json.dumps(line) for line in proxy.logs())

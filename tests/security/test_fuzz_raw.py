@@ -25,7 +25,9 @@ from one address). One proxy per configuration per module:
 ``FAL_PROXY_AUTH=none``; ``jwt`` with a JWKS file (one RSA and one EC key); ``jwt`` with
 an HS256 secret. After each example a barrier (``fuzz_support.Barrier``) waits until the
 proxy has nothing in flight and its log lines are read, so each example is judged on its
-own log lines and gateway records; nothing sleeps.
+own log lines and gateway records; nothing sleeps. The lines no example was judged on
+(start-up, anything logged late) are checked when a proxy's fixture is torn down, after
+every test that used it, whatever order they ran in.
 
 The fuzzers: raw HTTP requests (request line, Host, headers, credentials, x-fal-target-url,
 body framing and pipelining), WebSocket handshakes (sub-protocols, ``fal_jwt_token``
@@ -239,9 +241,23 @@ def check(plan: Plan, outcome: Outcome, lines: list[str], records: list[Any]) ->
 def _harness(gateway: FakeGateway, marker_headers: bytes = b"", **env: str) -> Iterator[Harness]:
     proxy = launch_proxy(gateway.gateway_url, **COMMON_ENV, **env)
     try:
-        yield Harness(proxy, gateway, marker_headers=marker_headers)
+        harness = Harness(proxy, gateway, marker_headers=marker_headers)
+        yield harness
+        # At teardown, so after every example on this harness, whatever order they ran in.
+        assert_unjudged_lines_clean(harness)
     finally:
         proxy.process.stop()
+
+
+def assert_unjudged_lines_clean(harness: Harness) -> None:
+    """Properties 2 and 3 for the lines no example was judged on: start-up, and anything
+    logged late (asyncio's "Task exception was never retrieved" comes at garbage collection)."""
+    harness.barrier.settle()
+    every = list(harness.proxy.process.lines)
+    judged = {i for start, end in harness.judged for i in range(start, end)}
+    lines = [line for i, line in enumerate(every) if i not in judged]
+    assert not log_errors(lines), "property 2:\n" + "\n".join(e[:1500] for e in log_errors(lines))
+    assert not leaked("\n".join(lines), SERVER_SECRETS), "property 3"
 
 
 @pytest.fixture(scope="module")
@@ -1749,24 +1765,6 @@ def test_known_shapes(request: pytest.FixtureRequest, keys: Keys, shape: str) ->
     fixture, build = SHAPES[shape]
     harness: Harness = request.getfixturevalue(fixture)
     harness.run(build(keys))
-
-
-# --- the logs as a whole ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("which", ["open_harness", "jwks_harness", "hs_harness"])
-def test_log_lines_outside_the_examples_hold_no_secret_and_no_error(
-    request: pytest.FixtureRequest, which: str
-) -> None:
-    """Properties 2 and 3 for the lines no example was judged on: start-up, and anything
-    logged late (asyncio's "Task exception was never retrieved" comes at garbage collection)."""
-    harness: Harness = request.getfixturevalue(which)
-    harness.barrier.settle()
-    every = list(harness.proxy.process.lines)
-    judged = {i for start, end in harness.judged for i in range(start, end)}
-    lines = [line for i, line in enumerate(every) if i not in judged]
-    assert not log_errors(lines), "property 2:\n" + "\n".join(e[:1500] for e in log_errors(lines))
-    assert not leaked("\n".join(lines), SERVER_SECRETS), "property 3"
 
 
 def test_fuzz_helpers_judge_records_independently() -> None:

@@ -53,6 +53,8 @@ def test_every_logger_and_traceback_is_redacted(fmt: str) -> None:
     # JSON lines go to the stream's bytes buffer, stdlib records to its text side.
     stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
     stream.isatty = lambda: False  # type: ignore[method-assign]
+    root = logging.getLogger()
+    level, handlers = root.level, root.handlers[:]  # process-wide: put back afterwards
     configure_logging(fmt, "debug", stream)
     try:
         logging.getLogger("websockets.client").debug("> %s: %s", "authorization", f"Key {FAL}")
@@ -70,7 +72,8 @@ def test_every_logger_and_traceback_is_redacted(fmt: str) -> None:
         )
     finally:
         structlog.reset_defaults()
-        logging.getLogger().handlers.clear()
+        root.handlers[:] = handlers
+        root.setLevel(level)
     text = stream.buffer.getvalue().decode()  # type: ignore[attr-defined]
     assert "SENTINEL" not in text and "caller-SECRET" not in text, text
     assert text.count("[redacted]") >= 5
