@@ -155,16 +155,10 @@ class Admission:
         ``query`` is the raw query string (a WebSocket's without its ``fal_jwt_token``),
         ``target_header`` the SDK's ``x-fal-target-url`` (None on sockets).
         """
-        admitted.client_ip = self.client(scope, seen)
-        self.check_sizes(scope, seen)
-        self.check_host(seen)
-        # Browsers apply no CORS to sockets, so the browser check is what refuses a page there.
-        admitted.cors_origin = self.cors_origin(seen)
-        if not websocket and method not in FORWARDED_METHODS:
-            raise MethodNotAllowed(
-                f"method {method} not allowed", f"allowed: {ALLOWED_METHODS}", allow=ALLOWED_METHODS
-            )
-        admitted.caller, admitted.claimed_plan = await self.auth.identify(seen.credential)
+        await self.admit_caller(
+            scope, seen, admitted, method=method,
+            methods=None if websocket else (FORWARDED_METHODS, ALLOWED_METHODS),
+        )  # fmt: skip
         if seen.content_length is not None:
             try:
                 admitted.declared_length = int(seen.content_length)
@@ -181,6 +175,25 @@ class Admission:
         if not websocket:
             check_method(method, target)
         admitted.app = self.check_app(target)
+        return admitted
+
+    async def admit_caller(
+        self, scope: Scope, seen: RequestHeaders, admitted: Admitted, *, method: str,
+        methods: tuple[frozenset[str], str] | None,
+    ) -> Admitted:  # fmt: skip
+        """The checks every route shares, in order: sizes → host → browser context →
+        method (``methods``: the allowed set and its ``Allow`` header; None on sockets) →
+        caller. :meth:`admit` goes on to the target; the usage route stops here."""
+        admitted.client_ip = self.client(scope, seen)
+        self.check_sizes(scope, seen)
+        self.check_host(seen)
+        # Browsers apply no CORS to sockets, so the browser check is what refuses a page there.
+        admitted.cors_origin = self.cors_origin(seen)
+        if methods is not None and method not in methods[0]:
+            raise MethodNotAllowed(
+                f"method {method} not allowed", f"allowed: {methods[1]}", allow=methods[1]
+            )
+        admitted.caller, admitted.claimed_plan = await self.auth.identify(seen.credential)
         return admitted
 
     async def take_slot(self, admitted: Admitted, method: str, *, websocket: bool = False) -> Lease:

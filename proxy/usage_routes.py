@@ -22,12 +22,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .admission import Admission, RequestHeaders
-from .errors import MethodNotAllowed, ProxyError
+from .admission import Admission, Admitted, RequestHeaders
+from .errors import ProxyError
 from .logs import get_logger
 from .origins import cors_headers
 
 log = get_logger("proxy.request")
+_METHODS = frozenset({"GET", "HEAD"})
 _ALLOWED = "GET, HEAD"
 
 
@@ -45,27 +46,26 @@ class CallerUsage:
         fields: dict[str, object] = {"request_id": request_id, "method": method}
         cors: list[tuple[bytes, bytes]] = []
         status = 200
+        admitted = Admitted()
         try:
-            fields["client_ip"] = client = admission.client(scope, seen)
             if method == "OPTIONS" and seen.origin and seen.preflight_method:
+                fields["client_ip"] = admission.client(scope, seen)
                 headers = admission.preflight(scope, seen)
                 await _send(send, 204, headers, b"", request_id)
                 status = 204
                 return
-            admission.check_sizes(scope, seen)
-            admission.check_host(seen)
-            origin = admission.cors_origin(seen)
-            cors = cors_headers(origin) if origin else []
-            if method not in ("GET", "HEAD"):
-                raise MethodNotAllowed(
-                    f"method {method} not allowed", f"allowed: {_ALLOWED}", allow=_ALLOWED
+            try:
+                await admission.admit_caller(
+                    scope, seen, admitted, method=method, methods=(_METHODS, _ALLOWED)
                 )
-            caller, claimed = await admission.auth.identify(seen.credential)
-            if caller is not None:
-                fields["caller"] = caller
-            key = admission.limit_key(caller, client)
+            finally:  # what was learned, for the log line and the refusal's CORS headers
+                fields["client_ip"] = admitted.client_ip
+                if admitted.caller is not None:
+                    fields["caller"] = admitted.caller
+                cors = cors_headers(admitted.cors_origin) if admitted.cors_origin else []
+            key = admission.limit_key(admitted.caller, admitted.client_ip)
             await (await admission.limiter.admit(key, submit=False)).release()
-            report = await admission.usage(key, claimed)
+            report = await admission.usage(key, admitted.claimed_plan)
             body = json.dumps(report.to_json()).encode()
             headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
             await _send(send, 200, headers + cors, b"" if method == "HEAD" else body, request_id)
