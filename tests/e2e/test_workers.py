@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from tests.conftest import FAL_KEY, ROOT, FakeGateway, Process, child_env
+from tests.redis_support import stop_process
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads /proc (Linux)")
 
@@ -69,6 +70,14 @@ def children(pid: int) -> set[int]:
 def running(pid: int) -> bool:
     stat = _stat(pid)
     return stat is not None and stat[0] != "Z"
+
+
+def writes(pid: int) -> int:
+    """How many write system calls the process has made so far (``syscw`` in its io file)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no syscw in /proc/{pid}/io")
 
 
 def _socket_inodes(pid: int) -> set[int]:
@@ -177,11 +186,15 @@ def running_workers(gateway: FakeGateway, count: int = 2, **env: str) -> Iterato
         yield workers
     finally:
         seen |= children(workers.supervisor)
-        workers.process.stop()  # SIGTERM, SIGKILL after 10 s
-        for pid in seen:  # only left if the supervisor was killed before its workers
+        stop_process(workers.process.proc)  # SIGTERM, SIGKILL after 10 s
+        # Only left if the supervisor was killed before its workers (a stopped worker never
+        # ends on SIGTERM): killed before the supervisor's stdout is closed, since they hold
+        # it open and closing it waits for its reader, which waits for them.
+        for pid in seen:
             with contextlib.suppress(ProcessLookupError):
                 if running(pid):
                     os.kill(pid, signal.SIGKILL)
+        workers.process.stop()
 
 
 def stop_and_check_nothing_is_left(workers: Workers) -> None:
@@ -386,6 +399,13 @@ def test_a_killed_worker_is_replaced_while_traffic_is_served(fake_gateway: FakeG
 def test_a_hung_worker_is_killed_and_replaced(fake_gateway: FakeGateway) -> None:
     with running_workers(fake_gateway) as workers:
         original = workers.listening_pids()
+        # Until the supervisor has a first health-check answer from a worker, the worker is
+        # still starting and has WORKER_START_SECONDS (60 s), not the 5 s health-check timeout;
+        # a worker that comes up faster than the supervisor's first check (on an idle machine)
+        # would be stopped before that. An idle worker writes nothing but those answers (its
+        # listening line came before): wait for one, which the supervisor then reads.
+        written = writes(original[0])
+        wait_until(lambda: writes(original[0]) > written, 10, "a health-check answer")
         os.kill(original[0], signal.SIGSTOP)  # alive, but answers nothing any more
         [replacement] = [p for p in workers.wait_for_listening(3) if p not in original]
         [died] = workers.logged("worker_died")
