@@ -29,7 +29,7 @@ from .errors import BadRequest, Forbidden
 from .targets import Target
 
 _QUEUE_REQUEST = re.compile(r"/(?P<prefix>.+?)/requests/[^/]+(?:/.*)?")
-_NAMESPACES = ("workflows", "comfy")
+NAMESPACES = ("workflows", "comfy")  # first segments before owner/alias
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,13 @@ class AppPolicy:
             depth = prefix.count("/") + 1
             # At least owner/alias (namespace/owner/alias): the owner alone ("fal-ai") would
             # match every app of that owner once any one of them is allowed.
-            if depth < (3 if prefix.split("/", 1)[0] in _NAMESPACES else 2):
+            if depth < (3 if prefix.split("/", 1)[0] in NAMESPACES else 2):
                 raise _refused(prefix)
             for pattern in self.patterns:
                 if fnmatchcase(prefix, "/".join(pattern.split("/")[:depth])):
                     return pattern
             raise _refused(prefix)
-        segments = path.strip("/").split("/")
-        for end in range(len(segments), 0, -1):
-            candidate = "/".join(segments[:end])
+        for candidate in endpoint_prefixes(path):
             for pattern in self.patterns:
                 if fnmatchcase(candidate, pattern):
                     return pattern
@@ -173,10 +171,18 @@ def _nesting(text: str) -> int:
     return deepest
 
 
+def endpoint_prefixes(path: str) -> list[str]:
+    """An endpoint path and its shorter prefixes, longest first: what a pattern may match
+    (``/fal-ai/fast-sdxl/stream`` → ``fal-ai/fast-sdxl/stream``, ``fal-ai/fast-sdxl``,
+    ``fal-ai``). Quotas (:mod:`proxy.quotas`) match apps the same way."""
+    segments = path.strip("/").split("/")
+    return ["/".join(segments[:end]) for end in range(len(segments), 0, -1)]
+
+
 def _alias(pattern: str) -> str | None:
     """The alias part of a pattern: ``fal-ai/fast-lcm-diffusion/*`` → ``fast-lcm-diffusion``."""
     parts = pattern.split("/")
-    if parts[0] in _NAMESPACES:
+    if parts[0] in NAMESPACES:
         return None  # workflows have no realtime endpoint
     if len(parts) >= 2:
         return parts[1]

@@ -59,7 +59,7 @@ def caller_key(caller: str) -> str:
 
 def seconds_until(reset: float, now: float) -> int:
     """Whole seconds to wait until ``reset``, for Retry-After: rounded up, at least 1."""
-    return max(1, math.ceil(reset - now))
+    return retry_after(reset - now)
 
 
 class Lease:

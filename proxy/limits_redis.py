@@ -231,12 +231,9 @@ class RedisLimiter(Limiter):
             usage_key, until = self._usage_key(who, now)
             keys.append(usage_key)
             args += [f"g:{_field(app)}", until]
-        releases, units = self._releases, self._units
-        self._releases, self._units = [], []
-        keys += [key for key, _ in releases] + [key for key, *_ in units]
-        args += [lease_id for _, lease_id in releases]
-        for _, name, amount, expire_at in units:
-            args += [name, amount, expire_at]
+        releases, units, owed_keys, owed_args = self._take_owed()
+        keys += owed_keys
+        args += owed_args
         lease_id = os.urandom(12).hex()
         head = [now, self.settings.lease_ttl, self.settings.concurrent, lease_id, len(windows),
                 len(ends), int(submit), len(releases), len(units), _MAX_FIELDS, OTHER]  # fmt: skip
@@ -300,20 +297,29 @@ class RedisLimiter(Limiter):
         self._flushing.add(task)  # held until done (the loop keeps only weak references)
         task.add_done_callback(self._flushing.discard)
 
-    async def _send_owed(self) -> None:
+    def _take_owed(
+        self,
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str, float, int]], list[str], list[Any]]:
+        """What this replica owes Redis, taken for one script call: the releases and units,
+        and their KEYS and arguments in the order ADMIT reads them."""
         releases, units = self._releases, self._units
         self._releases, self._units = [], []
-        if not (releases or units) or self._script is None:
-            return
-        # An admit with no windows, quotas or slot: the script only applies what is owed.
-        keys = [self._key("leases", "-")] + [k for k, _ in releases] + [k for k, *_ in units]
-        args: list[Any] = [self.clock(), self.settings.lease_ttl, 0, "-", 0, 0, 0,
-                           len(releases), len(units), _MAX_FIELDS, OTHER]  # fmt: skip
-        args += [lease_id for _, lease_id in releases]
+        keys = [key for key, _ in releases] + [key for key, *_ in units]
+        args: list[Any] = [lease_id for _, lease_id in releases]
         for _, name, amount, expire_at in units:
             args += [name, amount, expire_at]
+        return releases, units, keys, args
+
+    async def _send_owed(self) -> None:
+        if not (self._releases or self._units) or self._script is None:
+            return
+        releases, units, owed_keys, owed_args = self._take_owed()
+        # An admit with no windows, quotas or slot: the script only applies what is owed.
+        head: list[Any] = [self.clock(), self.settings.lease_ttl, 0, "-", 0, 0, 0,
+                           len(releases), len(units), _MAX_FIELDS, OTHER]  # fmt: skip
+        keys = [self._key("leases", "-"), *owed_keys]
         try:
-            await asyncio.shield(self._script(keys=keys, args=[_joined(args)]))
+            await asyncio.shield(self._script(keys=keys, args=[_joined(head + owed_args)]))
         except _STORE_ERRORS as exc:
             log.warning("limiter_flush_failed", error=_describe(exc), kept=len(releases))
             self._owe(releases, units)

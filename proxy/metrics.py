@@ -14,6 +14,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .allowed_apps import NAMESPACES
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -154,5 +156,5 @@ def app_label(path: str | None) -> str | None:
     if not path:
         return None
     parts = path.strip("/").split("/")
-    keep = 3 if parts[0] in ("workflows", "comfy") else 2
+    keep = 3 if parts[0] in NAMESPACES else 2
     return "/".join(parts[:keep]) if len(parts) >= keep else None

@@ -33,12 +33,12 @@ import tomllib
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from .allowed_apps import NAMESPACES, endpoint_prefixes
 from .windows import PERIODS
 
 DEFAULT_PLAN = "default"  # the plan of callers with none: FAL_PROXY_QUOTAS
 _PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PATTERN = re.compile(r"[A-Za-z0-9*?_.\-/\[\]!]+")
-_NAMESPACES = ("workflows", "comfy")
 
 
 @dataclass(frozen=True)
@@ -66,16 +66,13 @@ class Quota:
         """
         if self.pattern == "*":
             return True
-        if app is not None:
-            segments = app.strip("/").split("/")
-            if any(
-                fnmatchcase("/".join(segments[:end]), self.pattern)
-                for end in range(len(segments), 0, -1)
-            ):
-                return True
+        if app is not None and any(
+            fnmatchcase(candidate, self.pattern) for candidate in endpoint_prefixes(app)
+        ):
+            return True
         if aliases:
             parts = self.pattern.split("/")
-            alias = parts[2 if parts[0] in _NAMESPACES else 1] if len(parts) > 1 else None
+            alias = parts[2 if parts[0] in NAMESPACES else 1] if len(parts) > 1 else None
             return alias is not None and any(fnmatchcase(a, alias) for a in aliases)
         return False
 

@@ -89,7 +89,7 @@ class UsageBook:
         self._start, self._end = 0.0, 0.0
 
     def add(self, caller: str, app: str | None, now: float, gens: int, units: float) -> None:
-        self._roll(now)
+        self.roll(now)
         apps = self._gens.get(caller)
         if apps is None:
             apps = self._gens[caller] = {}
@@ -105,7 +105,7 @@ class UsageBook:
 
     def read(self, caller: str, now: float) -> tuple[float, float, dict[str, tuple[int, float]]]:
         """(month start, month end, app → (generations, units)) for ``caller``."""
-        self._roll(now)
+        self.roll(now)
         gens, units = self._gens.get(caller, {}), self._units.get(caller, {})
         return self._start, self._end, {a: (n, units.get(a, 0.0)) for a, n in gens.items()}
 
@@ -116,9 +116,6 @@ class UsageBook:
         return self._end if self._gens else float("inf")
 
     def roll(self, now: float) -> None:
-        self._roll(now)
-
-    def _roll(self, now: float) -> None:
         if not self._start <= now < self._end:
             _, self._start, self._end = period_bounds(USAGE_PERIOD, now)
             self._gens, self._units = {}, {}

@@ -53,18 +53,18 @@ class SlidingWindows:
 
     def wait(self, key: str, now: float) -> float:
         """0.0 if a hit by ``key`` at ``now`` fits, else the seconds until it would."""
-        self._roll(now)
+        self.roll(now)
         previous, current = self._previous.get(key, 0), self._current.get(key, 0)
         return sliding_wait(previous, current, self.limit, self.period, now)
 
     def add(self, key: str, now: float) -> None:
         """Count a hit (after :meth:`wait` said 0 at the same ``now``)."""
-        self._roll(now)
+        self.roll(now)
         self._current[key] = self._current.get(key, 0) + 1
 
     def counts(self, key: str, now: float) -> tuple[int, int]:
         """(previous, current) window counts of ``key``."""
-        self._roll(now)
+        self.roll(now)
         return self._previous.get(key, 0), self._current.get(key, 0)
 
     def keys_held(self) -> int:
@@ -77,9 +77,6 @@ class SlidingWindows:
 
     def roll(self, now: float) -> None:
         """Move to the window holding ``now`` (dropping what no longer counts)."""
-        self._roll(now)
-
-    def _roll(self, now: float) -> None:
         index = int(now / self.period)
         if index == self._index:
             return
@@ -137,16 +134,16 @@ class PeriodCounts:
         self._index, self._start, self._end = -1, 0.0, 0.0
 
     def count(self, key: str, now: float) -> int:
-        self._roll(now)
+        self.roll(now)
         return self._counts.get(key, 0)
 
     def add(self, key: str, now: float, amount: int = 1) -> None:
-        self._roll(now)
+        self.roll(now)
         self._counts[key] = self._counts.get(key, 0) + amount
 
     def bounds(self, now: float) -> tuple[int, float, float]:
         """(number, start, end) of the period holding ``now``."""
-        self._roll(now)
+        self.roll(now)
         return self._index, self._start, self._end
 
     def keys_held(self) -> int:
@@ -156,9 +153,6 @@ class PeriodCounts:
         return self._end if self._counts else math.inf
 
     def roll(self, now: float) -> None:
-        self._roll(now)
-
-    def _roll(self, now: float) -> None:
         if self._start <= now < self._end:
             return
         self._index, self._start, self._end = period_bounds(self.period, now)
