@@ -27,6 +27,7 @@ from .forward import Forwarder
 from .headers import InjectedHeaders
 from .logs import get_logger
 from .metrics import Metrics
+from .python_sdk import PythonSdkListener
 from .redaction import register_header_names, register_secret
 from .secrets_reload import watch_secret_files
 from .settings import RESERVED_PATHS, Settings
@@ -117,10 +118,13 @@ def create_app(settings: Settings) -> ProxyApp:
         lifespan=lifespan,
     )
 
+    python = settings.python_sdk
     return ProxyApp(
         forwarder, bridge, starlette, draining,
         usage=(settings.access.usage_route, CallerUsage(admission)),
         admin=(settings.metrics_port, admin) if settings.metrics_port is not None else None,
+        python_sdk=(python.port, PythonSdkListener(python.origin))
+        if python.port is not None else None,
     )  # fmt: skip
 
 
@@ -133,7 +137,8 @@ class ProxyApp:
 
     def __init__(self, forwarder: Forwarder, bridge: Bridge, starlette: Starlette,
                  draining: asyncio.Event, *, usage: tuple[str, ASGIApp] | None = None,
-                 admin: tuple[int, ASGIApp] | None = None) -> None:  # fmt: skip
+                 admin: tuple[int, ASGIApp] | None = None,
+                 python_sdk: tuple[int, PythonSdkListener] | None = None) -> None:  # fmt: skip
         self.forwarder = forwarder
         self.bridge = bridge
         self.starlette = starlette
@@ -144,11 +149,22 @@ class ProxyApp:
         # FAL_PROXY_METRICS_PORT (the server's second socket): /metrics, /usage/<caller>.
         self.admin_port: int | None = admin[0] if admin else None
         self.admin: ASGIApp | None = admin[1] if admin else None
+        # FAL_PROXY_PYTHON_SDK_PORT (the TLS socket): fal's Python client, fal routes only.
+        self.python_port: int | None = python_sdk[0] if python_sdk else None
+        self.python: PythonSdkListener | None = python_sdk[1] if python_sdk else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if self.admin is not None and kind != "lifespan" and _local_port(scope) == self.admin_port:
+        port = _local_port(scope) if kind != "lifespan" else None
+        if self.admin is not None and port == self.admin_port:
             await self.admin(scope, receive, send)
+        elif self.python is not None and port == self.python_port and kind != "lifespan":
+            if scope["path"] in RESERVED_PATHS:
+                await self.starlette(scope, receive, send)  # as on the main port
+            elif kind == "http":
+                await self.forwarder(scope, receive, send, self.python)
+            else:
+                await self.bridge(scope, receive, send, self.python)
         elif kind == "http" and scope["path"] == self.usage_route and self.usage is not None:
             await self.usage(scope, receive, send)
         elif kind == "http" and scope["path"] not in RESERVED_PATHS:

@@ -55,6 +55,7 @@ from .errors import ProxyError, ShuttingDown
 from .headers import InjectedHeaders
 from .logs import get_logger
 from .metrics import Metrics
+from .python_sdk import PythonSdkListener
 from .settings import Settings
 
 
@@ -71,14 +72,22 @@ class Bridge:
         self.sessions: set[Session] = set()
         self.log = get_logger("proxy.websocket")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, python: PythonSdkListener | None = None
+    ) -> None:
+        """Bridge one socket; ``python``: it came in on the Python client's TLS port, whose
+        caller credential is fal-client's ``Authorization: Key``."""
         session = Session(os.urandom(8).hex(), scope["path"])
         session.client_send = send = client_sender(send)  # OSError on a send: ClientGone
         lease = None
         try:
             if (await receive())["type"] != "websocket.connect":
                 return
-            seen = RequestHeaders.read(scope["headers"], self.admission.auth_header)
+            seen = (
+                python.read_headers(scope)
+                if python is not None
+                else RequestHeaders.read(scope["headers"], self.admission.auth_header)
+            )
             offered: list[str] = list(scope.get("subprotocols") or [])
             if seen.credential is None:  # browsers: the caller credential as a sub-protocol
                 seen.credential = caller_from_subprotocols(offered)

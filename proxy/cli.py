@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         "use FAL_PROXY_REDIS_URL so they share the rate limits",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{emulator,demo,check}")
+    commands = parser.add_subparsers(dest="command", metavar="{emulator,demo,check,python-env}")
 
     emulator = commands.add_parser(
         "emulator",
@@ -100,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     emulator.add_argument(
         "--public-url", default=None, help="origin for the file and upload URLs it hands out"
     )
+    emulator.add_argument(
+        "--gzip-queue",
+        action="store_true",
+        help="gzip queue answers for requests that accept gzip (as Cloudflare's edge may)",
+    )
 
     check = commands.add_parser(
         "check",
@@ -109,6 +114,25 @@ def _parser() -> argparse.ArgumentParser:
         "whether they answer.",
     )
     check.add_argument("--probe", action="store_true", help="contact the gateway and Redis")
+
+    python_env = commands.add_parser(
+        "python-env",
+        help="print the variables that point fal's Python client at this proxy",
+        description="Run with the proxy's environment (FAL_PROXY_PYTHON_SDK_PORT set). Prints "
+        "NAME=value lines that make an unmodified fal-client (pip install fal-client) in "
+        "another process use this proxy: FAL_RUN_HOST, FAL_QUEUE_RUN_HOST, SSL_CERT_FILE "
+        "(when the proxy made its own certificate: public roots plus its local CA) and, "
+        "with FAL_PROXY_AUTH=none, a FAL_KEY placeholder (the client needs one; the proxy "
+        "drops it). With caller auth on, set FAL_KEY to the caller's token or JWT instead.",
+        epilog="Not through the proxy: fal_client.upload_file/upload (fixed URLs on "
+        "rest.fal.ai and v3.fal.media) and realtime()/ws_connect() with use_jwt=True (the "
+        "default; it asks rest.fal.ai for a token). Pass use_jwt=False to realtime() and "
+        "ws_connect(); upload files from the browser through the JS SDK's proxyUrl, or "
+        "from a process that holds a fal key.",
+    )
+    python_env.add_argument(
+        "--export", action="store_true", help="print shell 'export NAME=value' lines"
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -155,7 +179,28 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         from .check import run_check
 
         return run_check(settings, args.probe)
-    return serve(settings, settings.workers)
+    if args.command == "python-env":
+        return print_python_env(settings, export=args.export)
+    try:
+        return serve(settings, settings.workers)
+    except SettingsError as exc:  # the Python client's TLS port could not get its certificate
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def print_python_env(settings: Settings, *, export: bool) -> int:
+    """``python-env``: the variables that point an unmodified fal-client at this proxy."""
+    from .python_sdk_settings import env_lines
+
+    try:
+        pairs = settings.python_sdk.client_env(
+            settings.host, caller_auth=settings.access.auth != "none"
+        )
+    except SettingsError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(env_lines(pairs, export=export))
+    return 0
 
 
 def serve(settings: Settings, workers: int = 1) -> int:
@@ -173,13 +218,15 @@ def serve(settings: Settings, workers: int = 1) -> int:
         exit_cleanly_on_signals()
         server.run(sockets=proxy_sockets(settings))
         return 0
+    settings.python_sdk.tls_files(settings.host)  # made once here, not raced by the workers
     if settings.access.redis_url is None:
         log.warning(
             "several workers with in-memory rate limits: each worker counts on its own; "
             "set FAL_PROXY_REDIS_URL to share them",
             setting="FAL_PROXY_REDIS_URL",
         )
-    supervisor = Supervisor(settings, bind_socket(settings.host, settings.port), workers)
+    sockets = proxy_sockets(settings) or [bind_socket(settings.host, settings.port)]
+    supervisor = Supervisor(settings, sockets, workers)
     try:
         supervisor.run()
     except BaseException:  # the supervisor itself failed: never leave workers without it
@@ -205,6 +252,7 @@ def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         seed=args.seed,
         time_scale=args.time_scale,
         public_url=args.public_url,
+        gzip_queue=args.gzip_queue,
     )
     sock = bind_socket(args.host, args.port)
 

@@ -172,6 +172,13 @@ class UpstreamUnavailable(ProxyError):
     reason = "upstream_unavailable"
 
 
+class BadGateway(ProxyError):
+    """The gateway answered, but with something the proxy must read and cannot."""
+
+    status = 502
+    reason = "bad_upstream_answer"
+
+
 class LimiterUnavailable(_RetryLater):
     """Redis failed and FAL_PROXY_REDIS_FAILURE is "closed": refuse rather than admit unchecked."""
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
@@ -38,7 +39,8 @@ from .failures import ClientGone, client_error, timeout_error
 from .headers import InjectedHeaders, upstream_request_headers
 from .logs import get_logger
 from .metrics import Metrics
-from .relay import relay_response
+from .python_sdk import REWRITE_ACCEPT_ENCODING, PythonSdkListener, rewrite_queue_urls
+from .relay import relay_response, relay_rewritten
 from .settings import Settings
 from .targets import Target
 from .upload import UploadDeadline, stream_body
@@ -55,11 +57,14 @@ class Forwarder:
         self.session: aiohttp.ClientSession | None = None
         self.log = get_logger("proxy.request")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, python: PythonSdkListener | None = None
+    ) -> None:
+        """Forward one request; ``python``: it came in on the Python client's TLS port."""
         ex = Exchange(scope["method"])
         self.metrics.in_flight.inc()
         try:
-            await self._handle(scope, receive, send, ex)
+            await self._handle(scope, receive, send, ex, python)
         except ProxyError as exc:
             ex.error = exc.reason
             if ex.status is None:  # nothing sent yet: answer with the error
@@ -124,10 +129,17 @@ class Forwarder:
         await send({"type": "http.response.body", "body": body})
         ex.bytes_out += len(body)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, ex: Exchange) -> None:
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, ex: Exchange,
+        python: PythonSdkListener | None,
+    ) -> None:  # fmt: skip
         settings, admission = self.settings, self.admission
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
-        seen = RequestHeaders.read(raw_headers, admission.auth_header)
+        seen = (
+            python.read_headers(scope)
+            if python is not None
+            else RequestHeaders.read(raw_headers, admission.auth_header)
+        )
         if ex.method == "OPTIONS" and seen.origin and seen.preflight_method:
             ex.client_ip = admission.client(scope, seen)
             await self._send_preflight(send, admission.preflight(scope, seen), ex)
@@ -155,6 +167,12 @@ class Forwarder:
             raise BadRequest(
                 "invalid header value", "header values must be ASCII or UTF-8"
             ) from None
+        rewrite: Callable[[bytes], bytes | None] | None = None
+        if python is not None and python.rewrites(ex.method, target):
+            # Its answer carries queue URLs to point at this port: ask for what can be read.
+            headers = [(n, v) for n, v in headers if n != "accept-encoding"]
+            headers.append(("accept-encoding", REWRITE_ACCEPT_ENCODING))
+            rewrite = partial(rewrite_queue_urls, origin=python.origin)
         # The body's first message (the whole body for a token request) must arrive, within
         # the idle deadline, before a slot is taken: a client that declares a body and never
         # sends it holds no slot, and is answered 408.
@@ -170,7 +188,7 @@ class Forwarder:
         lease = await admission.take_slot(admitted, ex.method)
         ex.generation = admitted.generation
         try:
-            await self._exchange(target, headers, receive, send, ex, first)
+            await self._exchange(target, headers, receive, send, ex, first, rewrite)
         finally:
             await lease.release()
             if ex.billable_units:
@@ -234,6 +252,7 @@ class Forwarder:
         send: Send,
         ex: Exchange,
         first: Message,
+        rewrite: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         assert self.session is not None, "the app's lifespan did not run"
         settings = self.settings
@@ -301,7 +320,10 @@ class Forwarder:
                     upload.waiting_for_headers = False
             if upload is not None and upload.body_sent:  # (else the body iterator starts it)
                 start_watcher()
-            await relay_response(response, send, ex, settings.idle_timeout)
+            if rewrite is not None:
+                await relay_rewritten(response, send, ex, settings.idle_timeout, rewrite)
+            else:
+                await relay_response(response, send, ex, settings.idle_timeout)
         except asyncio.CancelledError:
             if ex.client_gone:
                 task.uncancel()

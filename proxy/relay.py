@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import aiohttp
 from starlette.types import Send
 
-from .errors import UpstreamTimeout
+from .errors import BadGateway, UpstreamTimeout
 from .exchange import Exchange
 from .failures import client_error, gateway_auth_error
 from .headers import downstream_response_headers
+from .python_sdk import MAX_REWRITTEN_BYTES, decoded
 from .usage import parse_units
 
 
@@ -27,23 +29,13 @@ async def relay_response(
     Records the status, time to first byte, fal's and the gateway's ids and the bytes on
     ``ex``; raises UpstreamTimeout when the gateway stalls for ``idle`` seconds.
     """
-    ex.ttfb = time.perf_counter() - ex.started
-    ex.upstream_status = ex.status = response.status
-    raw = response.raw_headers
-    for name, value in raw:
-        lname = name.lower()
-        if lname == b"x-fal-request-id":
-            ex.fal_request_id = value.decode("latin-1")
-        elif lname == b"cf-aig-log-id":
-            ex.cf_aig_log_id = value.decode("latin-1")
-        elif lname == b"x-fal-billable-units" and response.status < 400:
-            ex.billable_units = parse_units(value)
+    _note_answer(response, ex)
     await send(
         {
             "type": "http.response.start",
             "status": response.status,
             "headers": downstream_response_headers(
-                raw, status=response.status, request_id=ex.request_id
+                response.raw_headers, status=response.status, request_id=ex.request_id
             )
             + ex.cors,
         }
@@ -93,3 +85,68 @@ async def relay_response(
                 await send({"type": "http.response.body", "body": chunk})
                 return
         await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+async def relay_rewritten(
+    response: aiohttp.ClientResponse,
+    send: Send,
+    ex: Exchange,
+    idle: float,
+    rewrite: Callable[[bytes], bytes | None],
+) -> None:
+    """Send the gateway's (small) response whole, its body passed through ``rewrite`` (the
+    Python client's queue answers, :mod:`proxy.python_sdk`): read in full (bounded, the idle
+    timeout between chunks), decoded, rewritten, sent uncompressed with its new length."""
+    _note_answer(response, ex)
+    body = bytearray()
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await response.content.readany()
+        except TimeoutError:
+            raise UpstreamTimeout(
+                "the gateway stalled mid-response", f"nothing received for {idle:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise client_error(exc, client_gone=ex.client_gone, body_error=ex.body_error,
+                               message="the gateway broke the response") from None  # fmt: skip
+        if not chunk:
+            break
+        body += chunk
+        if len(body) > MAX_REWRITTEN_BYTES:
+            raise BadGateway(
+                "the gateway's queue answer is too large", f"over {MAX_REWRITTEN_BYTES} bytes"
+            )
+    encoding = response.headers.get("content-encoding", "")
+    if response.status == 401:
+        ex.gateway_error = gateway_auth_error(bytes(body), encoding)
+    plain = decoded(bytes(body), encoding)
+    if response.status < 400:
+        plain = rewrite(plain) or plain
+    headers = [
+        (name, value)
+        for name, value in downstream_response_headers(
+            response.raw_headers, status=response.status, request_id=ex.request_id
+        )
+        if name not in (b"content-length", b"content-encoding")
+    ]
+    headers.append((b"content-length", str(len(plain)).encode()))
+    await send({"type": "http.response.start", "status": response.status,
+                "headers": headers + ex.cors})  # fmt: skip
+    ex.response_done = True
+    ex.bytes_out = len(plain)
+    await send({"type": "http.response.body", "body": plain})
+
+
+def _note_answer(response: aiohttp.ClientResponse, ex: Exchange) -> None:
+    """The status, time to first byte, and fal's and the gateway's ids and units on ``ex``."""
+    ex.ttfb = time.perf_counter() - ex.started
+    ex.upstream_status = ex.status = response.status
+    for name, value in response.raw_headers:
+        lname = name.lower()
+        if lname == b"x-fal-request-id":
+            ex.fal_request_id = value.decode("latin-1")
+        elif lname == b"cf-aig-log-id":
+            ex.cf_aig_log_id = value.decode("latin-1")
+        elif lname == b"x-fal-billable-units" and response.status < 400:
+            ex.billable_units = parse_units(value)

@@ -8,10 +8,13 @@ runs several of these under one supervisor.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gc
 import os
 import signal
 import socket
+import ssl
 import sys
 import warnings
 from typing import Any
@@ -85,10 +88,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class ProxyServer(uvicorn.Server):
     """uvicorn's server with the proxy's start and shutdown steps."""
 
-    def __init__(self, config: uvicorn.Config, app: ASGIApp, on_listening: Any) -> None:
+    def __init__(
+        self, config: uvicorn.Config, app: ASGIApp, on_listening: Any,
+        tls: tuple[int, ssl.SSLContext] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__(config)
         self.proxy_app = app
         self.on_listening = on_listening
+        self.tls = tls  # (port, context): the one socket served with TLS
 
     async def shutdown(self, sockets: Any = None) -> None:
         # uvicorn would fail open sockets with 1012; bridged sessions get a proper 1001.
@@ -103,8 +110,27 @@ class ProxyServer(uvicorn.Server):
             await bridge.close_all()
         await super().shutdown(sockets)
 
-    async def startup(self, sockets: Any = None) -> None:
-        await super().startup(sockets)
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn's ssl setting would apply to every socket: the TLS one is served here, by
+        # the same protocol, app and lifespan (so one drain covers it).
+        tls_port = self.tls[0] if self.tls is not None else None
+        plain = [s for s in sockets or [] if s.getsockname()[1] != tls_port]
+        secure = [s for s in sockets or [] if s.getsockname()[1] == tls_port]
+        await super().startup(plain if sockets is not None else None)
+        if secure and self.tls is not None and not self.should_exit:
+            config = self.config
+            protocol = functools.partial(
+                config.http_protocol_class,  # type: ignore[call-arg]
+                config=config,
+                server_state=self.server_state,
+                app_state=self.lifespan.state,
+            )
+            loop = asyncio.get_running_loop()
+            for sock in secure:
+                server = await loop.create_server(
+                    protocol, sock=sock, ssl=self.tls[1], backlog=config.backlog
+                )
+                self.servers.append(server)
         tune_gc()
         for server in self.servers:
             for bound in server.sockets:
@@ -186,19 +212,20 @@ def _exit_cleanly(_signum: int, _frame: Any) -> None:
 
 
 def proxy_sockets(settings: Settings) -> list[socket.socket] | None:
-    """With ``FAL_PROXY_METRICS_PORT``, the two sockets the one server listens on: the
-    public port and the metrics port (the app tells them apart by the local port). Else
-    None: uvicorn binds the public port itself."""
-    if settings.metrics_port is None:
+    """With ``FAL_PROXY_METRICS_PORT`` or ``FAL_PROXY_PYTHON_SDK_PORT``, the sockets the one
+    server listens on: the public port, then those (the app tells them apart by the local
+    port). Else None: uvicorn binds the public port itself."""
+    extra = [settings.metrics_port, settings.python_sdk.port]
+    if extra == [None, None]:
         return None
     return [
-        bind_socket(settings.host, settings.port),
-        bind_socket(settings.host, settings.metrics_port),
+        bind_socket(settings.host, port) for port in [settings.port, *extra] if port is not None
     ]
 
 
 def proxy_server(settings: Settings) -> ProxyServer:
-    """The proxy's server for ``settings``: what the single process, or each worker, runs."""
+    """The proxy's server for ``settings``: what the single process, or each worker, runs.
+    Raises SettingsError when the Python client's TLS port cannot get its certificate."""
     from .app import create_app
     from .logs import get_logger
 
@@ -207,6 +234,10 @@ def proxy_server(settings: Settings) -> ProxyServer:
     def listening(host: str, port: int) -> None:
         if port == settings.metrics_port:  # the second socket: /metrics and /usage only
             log.info("metrics", url=f"http://{host}:{port}/metrics")
+            return
+        if port == python.port:  # the TLS socket for fal's Python client
+            log.info("python_sdk", host=host, port=port, url=python.origin,
+                     setup=f"{PROG} python-env")  # fmt: skip
             return
         # Tests and scripts read the bound port (with --port 0) from this line.
         log.info(
@@ -220,7 +251,8 @@ def proxy_server(settings: Settings) -> ProxyServer:
             pid=os.getpid(),
         )
 
-    return uvicorn_server(
+    python = settings.python_sdk
+    server = uvicorn_server(
         create_app(settings),
         settings.host,
         settings.port,
@@ -229,3 +261,6 @@ def proxy_server(settings: Settings) -> ProxyServer:
         settings.drain_seconds,
         settings.header_timeout,
     )
+    if python.port is not None:
+        server.tls = (python.port, python.ssl_context(settings.host))
+    return server

@@ -31,6 +31,7 @@ from .envvars import (
     text,
     whole,
 )
+from .python_sdk_settings import PythonSdkSettings
 
 GATEWAY_HOST = "https://gateway.ai.cloudflare.com"
 DEFAULT_ROUTE = "/api/fal/proxy"
@@ -192,6 +193,11 @@ class Settings:
         *documented(AccessSettings),
         factory=AccessSettings,
     )
+    python_sdk: PythonSdkSettings = declared_factory(
+        lambda env, _: PythonSdkSettings.from_env(env),
+        *documented(PythonSdkSettings),
+        factory=PythonSdkSettings,
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -205,6 +211,12 @@ class Settings:
             )
         if settings.metrics_port is not None and settings.metrics_port == settings.port:
             raise SettingsError("FAL_PROXY_METRICS_PORT must differ from FAL_PROXY_PORT")
+        python_port = settings.python_sdk.port
+        if python_port is not None and python_port in (settings.port, settings.metrics_port):
+            raise SettingsError(
+                "FAL_PROXY_PYTHON_SDK_PORT must differ from FAL_PROXY_PORT and "
+                "FAL_PROXY_METRICS_PORT"
+            )
         if settings.workers > 1 and settings.metrics_port is not None:
             raise SettingsError(
                 "FAL_PROXY_METRICS_PORT works with one worker only (FAL_PROXY_WORKERS=1): "

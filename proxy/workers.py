@@ -108,13 +108,13 @@ class Supervisor(Multiprocess):
     for them all.
     """
 
-    def __init__(self, settings: Settings, sock: socket.socket, workers: int) -> None:
+    def __init__(self, settings: Settings, sockets: list[socket.socket], workers: int) -> None:
         from .logs import get_logger
 
         # uvicorn reads the number of workers and the health-check timeout from this config and
         # hands it to each worker; the app named here is never loaded (see _Worker.target).
         config = uvicorn.Config("proxy.app:create_app", workers=workers, log_config=None)
-        super().__init__(config, [sock])
+        super().__init__(config, sockets)
         self.settings = settings
         self.log = get_logger("proxy")
         self.startup_failed = False

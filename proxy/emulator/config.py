@@ -19,6 +19,8 @@ class EmulatorConfig:
     * ``public_url``: origin used in the URLs it hands out (files, uploads); by default the
       ``Host`` the request came in on.
     * ``record_limit``: how many requests the recorder keeps (oldest dropped first).
+    * ``gzip_queue``: gzip the queue's JSON answers (submit, status, result, cancel) for a
+      request that accepts gzip, as Cloudflare's edge may.
     """
 
     fal_key: str | None = None
@@ -27,4 +29,5 @@ class EmulatorConfig:
     time_scale: float = 1.0
     public_url: str | None = None
     record_limit: int = 1000
+    gzip_queue: bool = False
     token_lifetime: float = 600.0  # cap on /tokens/ token_expiration, seconds

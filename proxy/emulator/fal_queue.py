@@ -3,12 +3,15 @@ result and cancel, answered from the job model of :mod:`proxy.emulator.queue`.""
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 import time
+from typing import Any
 from urllib.parse import parse_qsl
 
 from .apps import InvalidInput, find_app, find_queue_app
-from .asgi import end_body, send_event, send_json, start_sse
+from .asgi import Headers, end_body, send_event, send_json, send_raw, start_sse
 from .context import BAD_JSON, Call, invalid_json_errors
 from .fal_run import billable_units
 
@@ -26,12 +29,12 @@ async def serve_queue(ctx: Call, method: str, path: str, query: str) -> None:
         return
     job = queue.find(match["owner"], match["id"])
     if job is None:
-        await send_json(ctx.send, 404, {"detail": "Request not found"}, ctx.headers)
+        await _answer(ctx, 404, {"detail": "Request not found"}, ctx.headers)
         return
     action = match["action"] or ""
     with_logs = dict(parse_qsl(query)).get("logs") in ("1", "true")
     if action == "/status":
-        await send_json(ctx.send, 200, job.status(time.monotonic(), with_logs), ctx.headers)
+        await _answer(ctx, 200, job.status(time.monotonic(), with_logs), ctx.headers)
     elif action == "/status/stream":
         await start_sse(ctx.send, ctx.headers)
         last, logs_sent = None, 0
@@ -47,19 +50,19 @@ async def serve_queue(ctx: Call, method: str, path: str, query: str) -> None:
         await end_body(ctx.send)
     elif action == "/cancel" and method == "PUT":
         if job.state(time.monotonic()) == "COMPLETED":
-            await send_json(ctx.send, 400, {"status": "ALREADY_COMPLETED"}, ctx.headers)
+            await _answer(ctx, 400, {"status": "ALREADY_COMPLETED"}, ctx.headers)
         else:
             job.cancelled = True
-            await send_json(ctx.send, 202, {"status": "CANCELLATION_REQUESTED"}, ctx.headers)
+            await _answer(ctx, 202, {"status": "CANCELLATION_REQUESTED"}, ctx.headers)
     elif not action and method in ("GET", "HEAD"):
         if job.cancelled:
-            await send_json(ctx.send, 400, {"detail": "Request was cancelled"}, ctx.headers)
+            await _answer(ctx, 400, {"detail": "Request was cancelled"}, ctx.headers)
         elif job.state(time.monotonic()) != "COMPLETED":
-            await send_json(ctx.send, 400, {"detail": "Request is still in progress"}, ctx.headers)
+            await _answer(ctx, 400, {"detail": "Request is still in progress"}, ctx.headers)
         else:
             result = await queue.result(job, ctx.state.files, ctx.base, ctx.state.config.seed)
-            await send_json(
-                ctx.send,
+            await _answer(
+                ctx,
                 200,
                 result,
                 [
@@ -69,7 +72,7 @@ async def serve_queue(ctx: Call, method: str, path: str, query: str) -> None:
                 ],
             )
     else:
-        await send_json(ctx.send, 405, {"detail": "Method not allowed"}, ctx.headers)
+        await _answer(ctx, 405, {"detail": "Method not allowed"}, ctx.headers)
 
 
 async def _submit(ctx: Call, method: str, path: str) -> None:
@@ -78,8 +81,8 @@ async def _submit(ctx: Call, method: str, path: str) -> None:
     if found is None:
         queue_app = find_queue_app(path.strip("/")) if method == "POST" else None
         if queue_app is None:
-            await send_json(
-                ctx.send,
+            await _answer(
+                ctx,
                 404,
                 {"detail": f"Application {path.strip('/')!r} not found"},
                 ctx.headers,
@@ -93,12 +96,23 @@ async def _submit(ctx: Call, method: str, path: str) -> None:
             raise InvalidInput(invalid_json_errors())
         data = app.validate(data)
     except InvalidInput as exc:
-        await send_json(ctx.send, 422, {"detail": exc.errors}, ctx.headers)
+        await _answer(ctx, 422, {"detail": exc.errors}, ctx.headers)
         return
     job = ctx.state.queue.submit(app_id, app, data)
-    await send_json(
-        ctx.send,
+    await _answer(
+        ctx,
         200,
         {"request_id": job.request_id, "status": "IN_QUEUE", "queue_position": 0, **job.urls()},
         [(b"x-fal-request-id", job.request_id.encode()), *ctx.headers[1:]],
     )
+
+
+async def _answer(ctx: Call, status: int, data: Any, headers: Headers | None = None) -> None:
+    """A JSON answer; gzipped (``--gzip-queue``) when the request accepts gzip."""
+    accepted = ",".join(v for k, v in ctx.record["headers"] if k.lower() == "accept-encoding")
+    if ctx.state.config.gzip_queue and "gzip" in accepted.lower():
+        body = gzip.compress(json.dumps(data).encode())
+        compressed = [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
+        await send_raw(ctx.send, status, body, [*compressed, *(headers or [])])
+    else:
+        await send_json(ctx.send, status, data, headers)

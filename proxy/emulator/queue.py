@@ -74,6 +74,8 @@ class Job:
                 if not self.cancelled
                 else []
             )
+        elif state != "IN_QUEUE":
+            body["logs"] = None  # as fal: present, null (fal's Python client reads the key)
         if state == "COMPLETED":
             body["metrics"] = {"inference_time": self.run}
         return body
