@@ -48,8 +48,8 @@ def key_credential(value: str | None) -> str | None:
     """The caller's credential in ``Authorization: Key <credential>`` (fal-client's form)."""
     if value is None:
         return None
-    value = value.strip()
-    return value[4:].strip() if value[:4].lower() == "key " else value
+    scheme, _, rest = value.strip().partition(" ")
+    return rest.strip() if scheme.lower() == "key" else value.strip()
 
 
 def proxied_url(url: str, origin: str) -> str:

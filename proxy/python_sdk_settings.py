@@ -57,7 +57,7 @@ class PythonSdkSettings:
             "the name Python clients reach that port by: python-env prints it, "
             "the generated certificate is for it",
         ),
-        default="localhost",
+        default="127.0.0.1",  # FAL_PROXY_HOST's default
     )
     cert_file: str | None = declared(
         lambda env, _: _get(env, "FAL_PROXY_TLS_CERT_FILE"),

@@ -113,3 +113,38 @@ def test_sidecar_pod_puts_nginx_before_the_proxy_on_loopback() -> None:
         sc = container["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_python_sidecar_gives_the_app_what_python_env_prints(tmp_path: Path) -> None:
+    """The Python sidecar pod: the app's fal variables are exactly what ``python-env`` prints
+    for the proxy's environment in that pod, its fal key is not a key, and it reads the
+    proxy's state (the CA bundle) read-only after the proxy has started."""
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env
+
+    pod = documents(ROOT / "deploy" / "k8s" / "python-sidecar-pod.yaml")[0]["spec"]
+    (proxy,) = pod["initContainers"]
+    (app,) = pod["containers"]
+    assert proxy["restartPolicy"] == "Always" and "startupProbe" in proxy  # up before the app
+    proxy_env = {e["name"]: e["value"] for e in proxy["env"]}
+    app_env = {e["name"]: e["value"] for e in app["env"]}
+    state = proxy_env["FAL_PROXY_STATE_DIR"]
+    # python-env with the pod's settings (a real key file and a writable state dir here).
+    key = tmp_path / "fal-key"
+    key.write_text("fal-key-for-the-test")
+    run_env = {**proxy_env, "FAL_KEY_FILE": str(key), "FAL_PROXY_STATE_DIR": str(tmp_path / "s")}
+    printed = subprocess.run(
+        [sys.executable, "-m", "proxy", "python-env"],
+        env=child_env(**run_env), capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    expected = dict(line.split("=", 1) for line in printed.stdout.splitlines())
+    expected["SSL_CERT_FILE"] = expected["SSL_CERT_FILE"].replace(str(tmp_path / "s"), state)
+    assert app_env == expected
+    mounts = {m["name"]: m for m in app["volumeMounts"]}
+    state_mount = mounts["proxy-state"]
+    assert state_mount["mountPath"] == state and state_mount["readOnly"] is True
+    assert not any(m["name"] == "secrets" for m in app["volumeMounts"])  # no key for the app
+    assert proxy_env["FAL_PROXY_HOST"] == "127.0.0.1"
+    assert proxy["securityContext"]["readOnlyRootFilesystem"] is True

@@ -1,0 +1,344 @@
+"""fal's Python client (``fal-client`` 1.0.3, pinned in the test extras), unmodified, through
+the proxy's TLS port (``FAL_PROXY_PYTHON_SDK_PORT``).
+
+Each test runs tests/python_client/scenarios.py in its own process whose whole environment is
+``PATH``, an empty ``HOME`` and what ``fal-gateway-proxy python-env`` printed: the client
+reaches the proxy by ``FAL_RUN_HOST`` / ``FAL_QUEUE_RUN_HOST`` and trusts it by
+``SSL_CERT_FILE`` (the proxy's own local CA). Then both ends are checked: what the client
+returned, and what the emulated gateway received (path mode for runs, ``x-fal-target-url``
+for queue calls, the server's key and never the client's ``FAL_KEY``, every poll).
+
+The emulator gzips its queue answers (``--gzip-queue``), so every rewritten answer here was
+decoded by the proxy first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.python_sdk_settings import FAL_KEY_PLACEHOLDER
+from tests.conftest import (
+    FAL_KEY,
+    PREFIX,
+    ROOT,
+    FakeGateway,
+    RunningProxy,
+    child_env,
+    launch_proxy,
+    start_fake_gateway,
+)
+from tests.redis_support import free_port
+
+SCRIPT = ROOT / "tests" / "python_client" / "scenarios.py"
+SERVER_AUTH = f"Key {FAL_KEY}"
+APP = "fal-ai/fast-sdxl"
+QUEUE = "https://queue.fal.run"
+
+
+@pytest.fixture(scope="module")
+def fake_gateway() -> Iterator[FakeGateway]:
+    gateway = start_fake_gateway("--gzip-queue")
+    yield gateway
+    gateway.stop()
+
+
+@dataclass
+class PythonPort:
+    proxy: RunningProxy
+    env: dict[str, str]  # what python-env printed
+    settings: dict[str, str]
+    home: Path
+
+    @property
+    def origin(self) -> str:
+        return f"https://{self.env['FAL_RUN_HOST']}"
+
+    def run(self, scenario: str, *args: str, **extra: str) -> dict[str, Any]:
+        """The scenario in a fresh process with only the python-env variables (and ``extra``)."""
+        env = {"PATH": os.environ["PATH"], "HOME": str(self.home), **self.env, **extra}
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), scenario, *args],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def python_env(settings: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "python-env", *flags],
+        env=child_env(**settings), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def env_of(output: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in output.splitlines())
+
+
+def start_python_port(
+    gateway: FakeGateway, state: Path, home: Path, **extra: str
+) -> PythonPort:
+    settings = {
+        "FAL_KEY": FAL_KEY,
+        "FAL_PROXY_GATEWAY_URL": gateway.gateway_url,
+        "FAL_PROXY_PYTHON_SDK_PORT": str(free_port()),
+        "FAL_PROXY_STATE_DIR": str(state),
+        "FAL_PROXY_ALLOWED_APPS": "fal-ai/*",
+        **extra,
+    }
+    proxy = launch_proxy(gateway.gateway_url, **settings)
+    proxy.process.wait_for_json(lambda r: r.get("event") == "python_sdk")
+    printed = python_env(settings)
+    assert printed.returncode == 0, printed.stderr
+    return PythonPort(proxy, env_of(printed.stdout), settings, home)
+
+
+@pytest.fixture(scope="module")
+def port(fake_gateway: FakeGateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PythonPort]:
+    running = start_python_port(
+        fake_gateway, tmp_path_factory.mktemp("state"), tmp_path_factory.mktemp("home")
+    )
+    yield running
+    running.proxy.process.stop()
+
+
+def headers_of(record: dict[str, Any]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in record["headers"]:
+        out.setdefault(name, []).append(value)
+    return out
+
+
+def assert_server_credentials_only(records: list[dict[str, Any]]) -> None:
+    """Every upstream request carried the server's key, once, and nothing of the client's."""
+    assert records
+    for record in records:
+        headers = headers_of(record)
+        assert headers["authorization"] == [SERVER_AUTH], record["path"]
+        flat = json.dumps(record["headers"])
+        assert FAL_KEY_PLACEHOLDER not in flat
+        assert "x-proxy-authorization" not in headers
+
+
+def queue_records(gateway: FakeGateway) -> list[dict[str, Any]]:
+    return [r for r in gateway.requests() if (r["target_url"] or "").startswith(QUEUE)]
+
+
+# --- what python-env prints -------------------------------------------------------------------
+
+
+def test_python_env_prints_what_points_the_client_at_the_port(port: PythonPort) -> None:
+    number = port.settings["FAL_PROXY_PYTHON_SDK_PORT"]
+    bundle = Path(port.settings["FAL_PROXY_STATE_DIR"]) / "ca-bundle.pem"
+    assert port.env == {
+        "FAL_RUN_HOST": f"127.0.0.1:{number}",
+        "FAL_QUEUE_RUN_HOST": f"127.0.0.1:{number}/queue.fal.run",
+        "SSL_CERT_FILE": str(bundle),
+        "FAL_KEY": FAL_KEY_PLACEHOLDER,
+    }
+    exported = python_env(port.settings, "--export")
+    assert exported.stdout.splitlines()[0] == f"export FAL_RUN_HOST=127.0.0.1:{number}"
+    # The shell takes the lines as they are: eval them and print the environment back.
+    shell = subprocess.run(
+        ["sh", "-c", exported.stdout + 'printf "%s\\n" "$FAL_QUEUE_RUN_HOST" "$SSL_CERT_FILE"'],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert shell.stdout.splitlines() == [port.env["FAL_QUEUE_RUN_HOST"], str(bundle)]
+
+
+def test_python_env_without_the_port_names_the_variable(port: PythonPort) -> None:
+    settings = {k: v for k, v in port.settings.items() if k != "FAL_PROXY_PYTHON_SDK_PORT"}
+    done = python_env(settings)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "FAL_PROXY_PYTHON_SDK_PORT" in done.stderr
+
+
+def test_python_env_help_says_what_does_not_go_through_the_proxy() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "python-env", "--help"],
+        env=child_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    text = " ".join(done.stdout.split())
+    assert "upload_file" in text and "use_jwt=True" in text and "use_jwt=False" in text
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+def test_run_goes_in_path_mode_with_the_server_key(
+    port: PythonPort, fake_gateway: FakeGateway
+) -> None:
+    out = port.run("run")
+    assert out["result"]["images"][0]["url"]
+    record = fake_gateway.only_request()
+    assert record["path"] == f"{PREFIX}/{APP}" and record["method"] == "POST"
+    assert record["target_url"] is None and "x-fal-target-url" not in headers_of(record)
+    assert json.loads(record["body"]) == {"prompt": "a cat"}
+    assert headers_of(record)["user-agent"][0].startswith("fal-client/1.0.3")
+    assert_server_credentials_only([record])
+
+
+def test_run_with_a_path(port: PythonPort, fake_gateway: FakeGateway) -> None:
+    out = port.run("run_path")
+    assert out["result"]["images"]
+    assert fake_gateway.only_request()["path"] == f"{PREFIX}/fal-ai/flux/dev"
+
+
+def test_stream_delivers_every_event(port: PythonPort, fake_gateway: FakeGateway) -> None:
+    events = port.run("stream")["events"]
+    assert [e.get("step") for e in events[:-1]] == list(range(1, len(events)))
+    assert events[-1]["images"]
+    record = fake_gateway.only_request()
+    assert record["path"] == f"{PREFIX}/fal-ai/flux/dev/stream"
+    assert_server_credentials_only([record])
+
+
+def test_invalid_input_reaches_the_client_as_422(
+    port: PythonPort, fake_gateway: FakeGateway
+) -> None:
+    out = port.run("invalid_input")
+    assert out["http_error"] == 422
+    assert len(fake_gateway.requests()) == 1
+
+
+def test_a_refused_app_reaches_the_client_as_403_and_nothing_goes_upstream(
+    port: PythonPort, fake_gateway: FakeGateway
+) -> None:
+    out = port.run("refused_app", "someone/else")
+    assert out["http_error"] == 403 and "FAL_PROXY_ALLOWED_APPS" in out["message"]
+    assert fake_gateway.requests() == []
+    line = port.proxy.wait_for_request_log(out["request_id"])
+    assert line["status"] == 403 and line["error"] == "app_refused"
+
+
+# --- the queue ------------------------------------------------------------------------------
+
+
+def test_subscribe_sees_every_status_and_every_poll_comes_through_the_proxy(
+    port: PythonPort, fake_gateway: FakeGateway
+) -> None:
+    out = port.run("subscribe")
+    names = [u["status"] for u in out["updates"]]
+    assert names[0] == "Queued" and names[-1] == "Completed" and "InProgress" in names
+    assert any(u["logs"] for u in out["updates"] if u["status"] == "Completed")
+    assert out["result"]["images"]
+    records = queue_records(fake_gateway)
+    submit, *polls, result = records
+    assert submit["method"] == "POST" and submit["target_url"] == f"{QUEUE}/{APP}"
+    assert submit["path"] == PREFIX  # target mode: the gateway's /fal, fal's URL in the header
+    # One status poll upstream per status the client saw (then get()'s own poll, without
+    # logs), and the result: all via the proxy.
+    assert all("/status?logs=" in p["target_url"] for p in polls)
+    assert len([p for p in polls if p["target_url"].endswith("?logs=true")]) == len(names)
+    assert result["target_url"].startswith(f"{QUEUE}/{APP}/requests/")
+    assert_server_credentials_only(records)
+    # The client asked in gzip (the proxy's choice: it must read these) and got it rewritten.
+    assert headers_of(submit)["accept-encoding"] == ["gzip, deflate"]
+
+
+def test_submit_status_result_use_the_rewritten_urls(
+    port: PythonPort, fake_gateway: FakeGateway
+) -> None:
+    out = port.run("submit_status_result")
+    request = out["request_id"]
+    base = f"{port.origin}/queue.fal.run/{APP}/requests/{request}"
+    assert out["urls"] == {
+        "status_url": f"{base}/status",
+        "response_url": base,
+        "cancel_url": f"{base}/cancel",
+    }
+    assert out["statuses"][-1] == "Completed"
+    assert [entry["message"] for entry in out["logs"]][0] == "Loading model (emulated)"
+    assert out["result"] == out["again"] and out["result"]["images"]
+    targets = [r["target_url"] for r in queue_records(fake_gateway)]
+    assert targets.count(f"{QUEUE}/{APP}/requests/{request}") == 2  # get() and result()
+    # The gateway itself answered with fal's own URLs: the proxy pointed them at its port.
+    emulated = httpx.get(
+        f"http://127.0.0.1:{fake_gateway.port}{PREFIX}",
+        headers={"x-fal-target-url": f"{QUEUE}/{APP}/requests/{request}/status",
+                 "authorization": SERVER_AUTH},
+    ).json()  # fmt: skip
+    assert emulated["status_url"] == f"{QUEUE}/{APP}/requests/{request}/status"
+
+
+def test_cancel_goes_through_the_proxy(port: PythonPort, fake_gateway: FakeGateway) -> None:
+    out = port.run("cancel")
+    assert out["status"] == "Completed" and out["by_id"] == "Completed"
+    cancels = [r for r in queue_records(fake_gateway) if r["method"] == "PUT"]
+    assert [r["target_url"] for r in cancels] == [
+        f"{QUEUE}/{APP}/requests/{out['request_id']}/cancel"
+    ]
+    assert_server_credentials_only(cancels)
+
+
+# --- sockets --------------------------------------------------------------------------------
+
+
+def test_realtime_without_jwt_is_bridged_with_msgpack_both_ways(
+    port: PythonPort, fake_gateway: FakeGateway
+) -> None:
+    out = port.run("realtime")
+    assert out["result"]["images"][0]["url"]
+    assert out["second"]["type"] == "x-fal-error" and out["second"]["error"] == "INVALID_INPUT"
+    (socket,) = fake_gateway.requests("websocket")
+    assert socket["path"] == f"{PREFIX}/fal-ai/fast-lcm-diffusion/realtime"
+    assert_server_credentials_only([socket])
+
+
+def test_ws_connect_is_bridged(port: PythonPort, fake_gateway: FakeGateway) -> None:
+    out = port.run("ws_connect")
+    assert out["result"]["images"]
+    (socket,) = fake_gateway.requests("websocket")
+    assert_server_credentials_only([socket])
+
+
+# --- the async client -------------------------------------------------------------------------
+
+
+def test_the_async_client_does_the_same_calls(port: PythonPort, fake_gateway: FakeGateway) -> None:
+    out = port.run("async_calls")
+    assert out["run"]["images"] and out["subscribe"]["images"] and out["result"]["images"]
+    assert out["updates"][-1] == "Completed" and out["statuses"][-1] == "Completed"
+    assert out["events"] > 1 and out["realtime"]["images"]
+    assert out["status_url"].startswith(f"{port.origin}/queue.fal.run/{APP}/requests/")
+    assert_server_credentials_only(fake_gateway.requests() + fake_gateway.requests("websocket"))
+
+
+# --- callers --------------------------------------------------------------------------------
+
+
+def test_with_caller_tokens_the_clients_fal_key_is_its_caller_credential(
+    fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    token = "alice-token-0123456789abcdef"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"alice {token}\n")
+    running = start_python_port(
+        fake_gateway, tmp_path / "state", tmp_path, FAL_PROXY_AUTH="token",
+        FAL_PROXY_CLIENT_TOKENS_FILE=str(tokens),
+    )  # fmt: skip
+    try:
+        assert "FAL_KEY" not in running.env  # the caller's own credential goes there
+        assert running.run("run", FAL_KEY=token)["result"]["images"]
+        out = running.run("submit_status_result", FAL_KEY=token)
+        assert out["result"]["images"]
+        refused = running.run("run", FAL_KEY="mallory-token-0123456789")
+        assert refused["http_error"] == 401
+        records = fake_gateway.requests() + fake_gateway.requests("websocket")
+        assert_server_credentials_only(records)
+        assert token not in json.dumps([r["headers"] for r in records])
+        callers = {r.get("caller") for r in running.proxy.request_logs() if r["status"] < 400}
+        assert callers == {"alice"}
+        assert token not in "\n".join(json.dumps(r) for r in running.proxy.logs())
+    finally:
+        running.proxy.process.stop()

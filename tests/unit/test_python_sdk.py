@@ -1,0 +1,316 @@
+"""The Python client's port, its pure parts: paths → targets, the caller's credential, the
+queue URLs it rewrites (and those it must not), the encodings it decodes, its settings."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from pathlib import Path
+
+import pytest
+
+from proxy.envvars import SettingsError
+from proxy.errors import BadGateway
+from proxy.python_sdk import (
+    MAX_REWRITTEN_BYTES,
+    PythonSdkListener,
+    decoded,
+    key_credential,
+    proxied_url,
+    queue_target,
+    rewrite_queue_urls,
+)
+from proxy.python_sdk_settings import FAL_KEY_PLACEHOLDER, PythonSdkSettings, env_lines
+from proxy.settings import Settings
+from proxy.targets import Target, resolve_target
+
+ORIGIN = "https://localhost:8443"
+GATEWAY = "https://gateway.example/v1/a/g/fal"
+
+
+@pytest.mark.parametrize(
+    ("path", "query", "expected"),
+    [
+        ("/fal-ai/fast-sdxl", "", None),  # a run: fal.run-shaped, as on the main port
+        ("/queue.fal.run/fal-ai/fast-sdxl", "", "https://queue.fal.run/fal-ai/fast-sdxl"),
+        ("/queue.fal.run/fal-ai/x/requests/1/status", "logs=true",
+         "https://queue.fal.run/fal-ai/x/requests/1/status?logs=true"),
+        ("/queue.fal.run", "", "https://queue.fal.run/"),
+        ("/queue.fal.runner/x", "", None),  # only the whole segment
+        ("/queue.fal.run.evil.com/x", "", None),
+        ("/QUEUE.fal.run/x", "", None),
+        ("/queue.fal.run/%2e%2e/x", "", "https://queue.fal.run/%2e%2e/x"),  # refused below
+    ],
+)  # fmt: skip
+def test_queue_target(path: str, query: str, expected: str | None) -> None:
+    assert queue_target(path, query) == expected
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/queue.fal.run/../fal-ai/x",
+        "/queue.fal.run/%2e%2e/x",
+        "/queue.fal.run//evil.example/x",
+        "/queue.fal.run/%2F%2Fevil.example/x",
+        "/queue.fal.run/x\\y",
+        "/queue.fal.run/x y",
+        "/queue.fal.run/x#y",
+        "/queue.fal.run",
+    ],
+)
+def test_hostile_queue_paths_are_refused_by_target_resolution(path: str) -> None:
+    """The queue URL a path names goes through the one resolver (the SDK header's rules)."""
+    from proxy.errors import ProxyError
+
+    target = queue_target(path, "")
+    with pytest.raises(ProxyError) as refused:
+        resolve_target(path, "", target, gateway_url=GATEWAY, proxy_route="/api/fal/proxy")
+    assert refused.value.status in (400, 403)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("Key abc:def", "abc:def"),
+        ("key   tok-123  ", "tok-123"),
+        ("KEY tok", "tok"),
+        ("Bearer jwt.x.y", "Bearer jwt.x.y"),  # left for the caller auth's own "Bearer " rule
+        ("tok", "tok"),
+        ("Key ", ""),
+    ],
+)
+def test_key_credential(header: str | None, expected: str | None) -> None:
+    assert key_credential(header) == expected
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://queue.fal.run/fal-ai/x/requests/1/status",
+         f"{ORIGIN}/queue.fal.run/fal-ai/x/requests/1/status"),
+        ("https://fal.run/fal-ai/x", f"{ORIGIN}/fal-ai/x"),
+        ("https://rest.fal.ai/tokens/", "https://rest.fal.ai/tokens/"),
+        ("https://queue.fal.run.evil.example/x", "https://queue.fal.run.evil.example/x"),
+        ("http://queue.fal.run/x", "http://queue.fal.run/x"),
+        ("https://evil.example/https://queue.fal.run/x", "https://evil.example/https://queue.fal.run/x"),
+        ("", ""),
+    ],
+)  # fmt: skip
+def test_proxied_url(url: str, expected: str) -> None:
+    assert proxied_url(url, ORIGIN) == expected
+
+
+def test_rewrite_points_the_three_urls_here_and_keeps_everything_else() -> None:
+    base = "https://queue.fal.run/fal-ai/x/requests/r1"
+    answer = {
+        "request_id": "r1",
+        "status": "IN_QUEUE",
+        "queue_position": 3,
+        "status_url": f"{base}/status",
+        "response_url": base,
+        "cancel_url": f"{base}/cancel",
+        "logs": [{"message": "see https://queue.fal.run/other and é"}],
+        "metrics": {"status_url": f"{base}/status"},  # nested: not the client's, untouched
+        "image_url": "https://v3.fal.media/files/x.png",
+        "big": 12345678901234567890,
+        "ratio": 0.1,
+    }
+    out = json.loads(rewrite_queue_urls(json.dumps(answer).encode(), ORIGIN) or b"")
+    here = f"{ORIGIN}/queue.fal.run/fal-ai/x/requests/r1"
+    assert out == {
+        **answer,
+        "status_url": f"{here}/status",
+        "response_url": here,
+        "cancel_url": f"{here}/cancel",
+    }
+    assert list(out) == list(answer)  # member order kept
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"\xff\xfe",
+        b"[1, 2]",
+        b'"https://queue.fal.run/x"',
+        b'{"status": "COMPLETED"}',
+        b'{"status_url": 5, "response_url": null}',
+        b'{"status_url": "https://elsewhere.example/x"}',
+    ],
+)
+def test_nothing_to_rewrite(body: bytes) -> None:
+    assert rewrite_queue_urls(body, ORIGIN) is None
+
+
+ANSWER = json.dumps({"status_url": "https://queue.fal.run/a/b/requests/1/status"}).encode()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    [
+        ("", ANSWER),
+        ("identity", ANSWER),
+        ("gzip", gzip.compress(ANSWER)),
+        ("x-gzip", gzip.compress(ANSWER)),
+        (" GZIP ", gzip.compress(ANSWER)),
+        ("deflate", zlib.compress(ANSWER)),  # zlib-wrapped, as RFC 9110 says
+        ("deflate", zlib.compress(ANSWER)[2:-4]),  # raw deflate, as some servers send
+    ],
+)
+def test_decoded(encoding: str, body: bytes) -> None:
+    assert decoded(body, encoding) == ANSWER
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "words"),
+    [
+        ("br", b"\x0b\x02\x80", "cannot rewrite"),
+        ("zstd", b"(\xb5/\xfd", "cannot rewrite"),
+        ("gzip, br", gzip.compress(ANSWER), "cannot rewrite"),
+        ("gzip", b"not gzip", "does not decode"),
+        ("gzip", gzip.compress(ANSWER)[:-12], "does not decode"),  # truncated
+        ("deflate", b"\x78\x9cnot", "does not decode"),
+        # A bomb: 9 MiB of zeros in a few KiB. Refused after at most the limit is inflated.
+        ("gzip", gzip.compress(b"0" * (MAX_REWRITTEN_BYTES + 1024 * 1024)), "too large"),
+    ],
+)
+def test_decoded_refuses(encoding: str, body: bytes, words: str) -> None:
+    with pytest.raises(BadGateway) as refused:
+        decoded(body, encoding)
+    assert refused.value.status == 502 and words in refused.value.message
+
+
+def queue(path: str) -> Target:
+    return Target("queue", "queue.fal.run", path, "", GATEWAY, f"https://queue.fal.run{path}")
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "rewrites"),
+    [
+        ("POST", queue("/fal-ai/x"), True),  # submit
+        ("POST", queue("/fal-ai/flux/dev"), True),
+        ("GET", queue("/fal-ai/x/requests/1/status"), True),
+        ("GET", queue("/fal-ai/x/requests/1/status/"), True),
+        ("GET", queue("/fal-ai/x/requests/1"), False),  # the result: the app's own output
+        ("GET", queue("/fal-ai/x/requests/1/status/stream"), False),
+        ("PUT", queue("/fal-ai/x/requests/1/cancel"), False),
+        ("POST", queue("/fal-ai/x/requests/1/status"), False),
+        ("POST", Target("run", "fal.run", "/fal-ai/x", "", GATEWAY, None), False),
+    ],
+)
+def test_which_answers_are_rewritten(method: str, target: Target, rewrites: bool) -> None:
+    assert PythonSdkListener.rewrites(method, target) is rewrites
+
+
+def test_read_headers_takes_the_key_as_credential_and_the_target_from_the_path() -> None:
+    scope = {
+        "headers": [
+            (b"authorization", b"Key caller-token"),
+            (b"x-proxy-authorization", b"Bearer other"),
+            (b"x-fal-target-url", b"https://rest.fal.ai/tokens/"),  # ignored on this port
+        ],
+        "raw_path": b"/queue.fal.run/fal-ai/x",
+        "path": "/queue.fal.run/fal-ai/x",
+        "query_string": b"a=1",
+    }
+    seen = PythonSdkListener(ORIGIN).read_headers(scope)
+    assert seen.credential == "caller-token"
+    assert seen.target == "https://queue.fal.run/fal-ai/x?a=1"
+    scope["raw_path"] = b"/fal-ai/x"
+    assert PythonSdkListener(ORIGIN).read_headers(scope).target is None
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+def settings(**env: str) -> Settings:
+    return Settings.from_env({"FAL_KEY": "k", "FAL_PROXY_GATEWAY_URL": "http://gw/x", **env})
+
+
+def test_defaults_and_names(tmp_path: Path) -> None:
+    assert settings().python_sdk == PythonSdkSettings()
+    python = settings(FAL_PROXY_PYTHON_SDK_PORT="8443").python_sdk
+    assert python.port == 8443 and python.host_name == "127.0.0.1"
+    assert python.names("127.0.0.1") == ["127.0.0.1", "localhost", "::1"]
+    wild = settings(FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_HOST="0.0.0.0").python_sdk
+    assert wild.host_name == "localhost" and wild.origin == "https://localhost:8443"
+    assert wild.names("0.0.0.0") == ["localhost", "127.0.0.1", "::1"]
+    named = settings(
+        FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_PYTHON_SDK_HOST="Proxy.Internal",
+        FAL_PROXY_HOST="10.0.0.5",
+    ).python_sdk  # fmt: skip
+    assert named.names("10.0.0.5") == ["proxy.internal", "10.0.0.5", "localhost", "127.0.0.1", "::1"]
+    six = settings(FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_PYTHON_SDK_HOST="::1").python_sdk
+    assert six.origin == "https://[::1]:8443"
+
+
+def test_client_env(tmp_path: Path) -> None:
+    python = settings(
+        FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_STATE_DIR=str(tmp_path)
+    ).python_sdk
+    pairs = python.client_env("127.0.0.1", caller_auth=False)
+    assert pairs == [
+        ("FAL_RUN_HOST", "127.0.0.1:8443"),
+        ("FAL_QUEUE_RUN_HOST", "127.0.0.1:8443/queue.fal.run"),
+        ("SSL_CERT_FILE", str(tmp_path / "ca-bundle.pem")),
+        ("FAL_KEY", FAL_KEY_PLACEHOLDER),
+    ]
+    assert [name for name, _ in python.client_env("127.0.0.1", caller_auth=True)] == [
+        "FAL_RUN_HOST", "FAL_QUEUE_RUN_HOST", "SSL_CERT_FILE"]  # fmt: skip
+    assert env_lines([("A", "x y'z")], export=True) == "export A='x y'\"'\"'z'\n"
+    assert env_lines([("A", "x")], export=False) == "A=x\n"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"FAL_PROXY_PYTHON_SDK_PORT": "70000"}, "FAL_PROXY_PYTHON_SDK_PORT"),
+        ({"FAL_PROXY_PYTHON_SDK_PORT": "x"}, "FAL_PROXY_PYTHON_SDK_PORT"),
+        ({"FAL_PROXY_PYTHON_SDK_PORT": "8787"}, "FAL_PROXY_PYTHON_SDK_PORT"),  # = FAL_PROXY_PORT
+        ({"FAL_PROXY_PYTHON_SDK_PORT": "9100", "FAL_PROXY_METRICS_PORT": "9100"},
+         "FAL_PROXY_PYTHON_SDK_PORT"),
+        ({"FAL_PROXY_PYTHON_SDK_HOST": "https://proxy"}, "FAL_PROXY_PYTHON_SDK_HOST"),
+        ({"FAL_PROXY_PYTHON_SDK_HOST": "proxy:8443"}, "FAL_PROXY_PYTHON_SDK_HOST"),
+        ({"FAL_PROXY_PYTHON_SDK_HOST": "a/b"}, "FAL_PROXY_PYTHON_SDK_HOST"),
+        ({"FAL_PROXY_TLS_CERT_FILE": "/c.pem"}, "FAL_PROXY_TLS_KEY_FILE"),
+        ({"FAL_PROXY_TLS_KEY_FILE": "/k.pem"}, "FAL_PROXY_TLS_CERT_FILE"),
+        ({"FAL_PROXY_PYTHON_SDK_PORT": "8443", "FAL_PROXY_TLS_CERT_FILE": "/nope/c.pem",
+          "FAL_PROXY_TLS_KEY_FILE": "/nope/k.pem"}, "FAL_PROXY_TLS_CERT_FILE"),
+    ],
+)  # fmt: skip
+def test_settings_errors_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError) as error:
+        settings(**env)
+    assert named in str(error.value)
+
+
+def test_a_key_that_is_not_the_certificates_is_refused(tmp_path: Path) -> None:
+    from proxy.tls_certs import ensure_certificates
+
+    one = ensure_certificates(tmp_path / "one", ["localhost"])
+    two = ensure_certificates(tmp_path / "two", ["localhost"])
+    with pytest.raises(SettingsError) as error:
+        settings(FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_TLS_CERT_FILE=str(one.cert),
+                 FAL_PROXY_TLS_KEY_FILE=str(two.key))  # fmt: skip
+    assert "FAL_PROXY_TLS_CERT_FILE" in str(error.value)
+    assert str(two.key) not in str(error.value) or "key" in str(error.value)
+    given = settings(FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_TLS_CERT_FILE=str(one.cert),
+                     FAL_PROXY_TLS_KEY_FILE=str(one.key)).python_sdk  # fmt: skip
+    assert given.tls_files("127.0.0.1") is None  # the operator's: nothing generated
+    assert [name for name, _ in given.client_env("127.0.0.1", caller_auth=True)] == [
+        "FAL_RUN_HOST", "FAL_QUEUE_RUN_HOST"]  # fmt: skip
+
+
+def test_an_unwritable_state_dir_is_named(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    python = settings(
+        FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_STATE_DIR=str(blocker / "state")
+    ).python_sdk
+    with pytest.raises(SettingsError) as error:
+        python.tls_files("127.0.0.1")
+    assert str(error.value).startswith("FAL_PROXY_STATE_DIR: ")
