@@ -30,6 +30,7 @@ async def relay_response(
     ``ex``; raises UpstreamTimeout when the gateway stalls for ``idle`` seconds.
     """
     _note_answer(response, ex)
+    ex.status = response.status
     await send(
         {
             "type": "http.response.start",
@@ -131,6 +132,7 @@ async def relay_rewritten(
         if name not in (b"content-length", b"content-encoding")
     ]
     headers.append((b"content-length", str(len(plain)).encode()))
+    ex.status = response.status  # from here on, an error can no longer be answered
     await send({"type": "http.response.start", "status": response.status,
                 "headers": headers + ex.cors})  # fmt: skip
     ex.response_done = True
@@ -139,9 +141,10 @@ async def relay_rewritten(
 
 
 def _note_answer(response: aiohttp.ClientResponse, ex: Exchange) -> None:
-    """The status, time to first byte, and fal's and the gateway's ids and units on ``ex``."""
+    """The upstream's status, time to first byte, and fal's and the gateway's ids and units on
+    ``ex`` (``ex.status`` is set by the caller, once it sends the status)."""
     ex.ttfb = time.perf_counter() - ex.started
-    ex.upstream_status = ex.status = response.status
+    ex.upstream_status = response.status
     for name, value in response.raw_headers:
         lname = name.lower()
         if lname == b"x-fal-request-id":

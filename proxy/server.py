@@ -90,12 +90,13 @@ class ProxyServer(uvicorn.Server):
 
     def __init__(
         self, config: uvicorn.Config, app: ASGIApp, on_listening: Any,
-        tls: tuple[int, ssl.SSLContext] | None = None,
+        tls: tuple[int, ssl.SSLContext, float] | None = None,
     ) -> None:  # fmt: skip
         super().__init__(config)
         self.proxy_app = app
         self.on_listening = on_listening
-        self.tls = tls  # (port, context): the one socket served with TLS
+        # (port, context, handshake timeout): the one socket served with TLS
+        self.tls = tls
 
     async def shutdown(self, sockets: Any = None) -> None:
         # uvicorn would fail open sockets with 1012; bridged sessions get a proper 1001.
@@ -128,8 +129,11 @@ class ProxyServer(uvicorn.Server):
             loop = asyncio.get_running_loop()
             for sock in secure:
                 server = await loop.create_server(
-                    protocol, sock=sock, ssl=self.tls[1], backlog=config.backlog
-                )
+                    protocol, sock=sock, ssl=self.tls[1], backlog=config.backlog,
+                    # A client that connects and never finishes the handshake is a slow
+                    # header sender too: the same deadline (else asyncio's 60 s).
+                    ssl_handshake_timeout=self.tls[2],
+                )  # fmt: skip
                 self.servers.append(server)
         tune_gc()
         for server in self.servers:
@@ -236,7 +240,7 @@ def proxy_server(settings: Settings) -> ProxyServer:
             log.info("metrics", url=f"http://{host}:{port}/metrics")
             return
         if port == python.port:  # the TLS socket for fal's Python client
-            log.info("python_sdk", host=host, port=port, url=python.origin,
+            log.info("python_sdk", host=host, port=port, url=python.origin, pid=os.getpid(),
                      setup=f"{PROG} python-env")  # fmt: skip
             return
         # Tests and scripts read the bound port (with --port 0) from this line.
@@ -262,5 +266,5 @@ def proxy_server(settings: Settings) -> ProxyServer:
         settings.header_timeout,
     )
     if python.port is not None:
-        server.tls = (python.port, python.ssl_context(settings.host))
+        server.tls = (python.port, python.ssl_context(settings.host), settings.header_timeout)
     return server

@@ -43,7 +43,8 @@ class Process:
         )
         self.lines: list[str] = []
         self._cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -88,6 +89,9 @@ class Process:
 
     def stop(self) -> None:
         stop_process(self.proc)
+        # Every line the process wrote is in ``lines`` once the reader has seen the end (a
+        # grandchild still holding the pipe would keep it open: not waited for long).
+        self._reader.join(timeout=5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

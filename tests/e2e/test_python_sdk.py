@@ -14,8 +14,10 @@ decoded by the proxy first.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -85,9 +87,7 @@ def env_of(output: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in output.splitlines())
 
 
-def start_python_port(
-    gateway: FakeGateway, state: Path, home: Path, **extra: str
-) -> PythonPort:
+def start_python_port(gateway: FakeGateway, state: Path, home: Path, **extra: str) -> PythonPort:
     settings = {
         "FAL_KEY": FAL_KEY,
         "FAL_PROXY_GATEWAY_URL": gateway.gateway_url,
@@ -104,7 +104,9 @@ def start_python_port(
 
 
 @pytest.fixture(scope="module")
-def port(fake_gateway: FakeGateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PythonPort]:
+def port(
+    fake_gateway: FakeGateway, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PythonPort]:
     running = start_python_port(
         fake_gateway, tmp_path_factory.mktemp("state"), tmp_path_factory.mktemp("home")
     )
@@ -258,7 +260,7 @@ def test_submit_status_result_use_the_rewritten_urls(
         "cancel_url": f"{base}/cancel",
     }
     assert out["statuses"][-1] == "Completed"
-    assert [entry["message"] for entry in out["logs"]][0] == "Loading model (emulated)"
+    assert out["logs"][0]["message"] == "Loading model (emulated)"
     assert out["result"] == out["again"] and out["result"]["images"]
     targets = [r["target_url"] for r in queue_records(fake_gateway)]
     assert targets.count(f"{QUEUE}/{APP}/requests/{request}") == 2  # get() and result()
@@ -325,13 +327,14 @@ def test_with_caller_tokens_the_clients_fal_key_is_its_caller_credential(
     tokens.write_text(f"alice {token}\n")
     running = start_python_port(
         fake_gateway, tmp_path / "state", tmp_path, FAL_PROXY_AUTH="token",
-        FAL_PROXY_CLIENT_TOKENS_FILE=str(tokens),
+        FAL_PROXY_CLIENT_TOKENS_FILE=str(tokens), FAL_PROXY_LOG_LEVEL="debug",
     )  # fmt: skip
     try:
         assert "FAL_KEY" not in running.env  # the caller's own credential goes there
         assert running.run("run", FAL_KEY=token)["result"]["images"]
         out = running.run("submit_status_result", FAL_KEY=token)
         assert out["result"]["images"]
+        assert running.run("realtime", FAL_KEY=token)["result"]["images"]
         refused = running.run("run", FAL_KEY="mallory-token-0123456789")
         assert refused["http_error"] == 401
         records = fake_gateway.requests() + fake_gateway.requests("websocket")
@@ -339,6 +342,163 @@ def test_with_caller_tokens_the_clients_fal_key_is_its_caller_credential(
         assert token not in json.dumps([r["headers"] for r in records])
         callers = {r.get("caller") for r in running.proxy.request_logs() if r["status"] < 400}
         assert callers == {"alice"}
-        assert token not in "\n".join(json.dumps(r) for r in running.proxy.logs())
+        # Not in any line, at debug level, from any logger (websockets' handshake included).
+        running.proxy.process.stop()
+        everything = "\n".join(running.proxy.process.lines)
+        assert "handshake" in everything.lower() or "websocket" in everything
+        assert token not in everything and FAL_KEY not in everything
     finally:
         running.proxy.process.stop()
+
+
+# --- attacks on the port --------------------------------------------------------------------
+
+
+def tls_client(port: PythonPort) -> httpx.Client:
+    trusted = ssl.create_default_context(cafile=port.env["SSL_CERT_FILE"])
+    return httpx.Client(base_url=port.origin, verify=trusted, trust_env=False, timeout=10)
+
+
+def raw_post(port: PythonPort, path: str) -> tuple[int, dict[str, Any]]:
+    """A POST with ``path`` sent as written (http.client does not normalise dot segments)."""
+    trusted = ssl.create_default_context(cafile=port.env["SSL_CERT_FILE"])
+    host, number = port.env["FAL_RUN_HOST"].rsplit(":", 1)
+    connection = http.client.HTTPSConnection(host, int(number), context=trusted, timeout=10)
+    try:
+        connection.request("POST", path, body=b"{}", headers={"content-type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/queue.fal.run/../fal-ai/fast-sdxl",
+        "/queue.fal.run/%2e%2e/%2e%2e/v1/other/gw/openai",
+        "/queue.fal.run//evil.example/x",
+        "/queue.fal.run/%2F%2Fevil.example/x",
+        "/queue.fal.run",
+        "/queue.fal.run/",
+        "/%2e%2e/%2e%2e/openai/chat",
+    ],
+)
+def test_hostile_paths_on_the_port_are_refused_and_nothing_goes_upstream(
+    port: PythonPort, fake_gateway: FakeGateway, path: str
+) -> None:
+    status, body = raw_post(port, path)
+    assert status in (400, 403, 404), body
+    assert set(body) == {"message", "detail"}
+    assert fake_gateway.requests() == []
+
+
+def test_a_target_header_sent_to_the_port_is_ignored_and_dropped(
+    port: PythonPort, fake_gateway: FakeGateway
+) -> None:
+    """The target on this port is the path's: a client's own x-fal-target-url (here a
+    realtime token, which the port's path does not name) changes nothing."""
+    with tls_client(port) as client:
+        response = client.post(
+            f"/{APP}", json={"prompt": "a cat"},
+            headers={"x-fal-target-url": "https://rest.fal.ai/tokens/",
+                     "authorization": "Key whatever"},
+        )  # fmt: skip
+    assert response.status_code == 200
+    record = fake_gateway.only_request()
+    assert record["path"] == f"{PREFIX}/{APP}" and record["target_url"] is None
+    assert_server_credentials_only([record])
+
+
+def test_the_main_port_leaves_queue_answers_alone(
+    port: PythonPort, fake_gateway: FakeGateway
+) -> None:
+    """The JS SDK rebuilds the URLs itself: only the Python port rewrites them."""
+    response = httpx.post(
+        f"{port.proxy.url}/api/fal/proxy", json={"prompt": "a cat"},
+        headers={"x-fal-target-url": f"{QUEUE}/{APP}"}, trust_env=False,
+    )  # fmt: skip
+    assert response.json()["status_url"].startswith(f"{QUEUE}/{APP}/requests/")
+
+
+def test_plain_http_and_garbage_on_the_tls_port_harm_nothing(port: PythonPort) -> None:
+    import socket
+
+    number = int(port.settings["FAL_PROXY_PYTHON_SDK_PORT"])
+    for payload in (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"\x16\x03\x01\x00\x05hello",
+                    b"\x00" * 1024):  # fmt: skip
+        with socket.create_connection(("127.0.0.1", number), timeout=5) as raw:
+            raw.sendall(payload)
+            try:
+                raw.recv(1024)  # closed by the proxy (or an alert), never served
+            except OSError:
+                pass
+    with httpx.Client(verify=False, trust_env=False) as unverified:  # the port still serves
+        assert unverified.get(f"{port.origin}/healthz").status_code == 200
+    with pytest.raises(httpx.ConnectError):  # and without the CA, a client refuses it
+        httpx.get(f"{port.origin}/healthz", trust_env=False)
+    text = "\n".join(json.dumps(line) for line in port.proxy.logs())
+    assert "Traceback" not in text and '"level": "error"' not in text.replace('":"', '": "')
+
+
+# --- start-up -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"FAL_PROXY_TLS_CERT_FILE": "/nonexistent/c.pem",
+          "FAL_PROXY_TLS_KEY_FILE": "/nonexistent/k.pem"}, "FAL_PROXY_TLS_CERT_FILE"),
+        ({"FAL_PROXY_TLS_CERT_FILE": "/nonexistent/c.pem"}, "FAL_PROXY_TLS_KEY_FILE"),
+        ({"FAL_PROXY_STATE_DIR": "/dev/null/state"}, "FAL_PROXY_STATE_DIR"),
+        ({"FAL_PROXY_PYTHON_SDK_HOST": "https://x"}, "FAL_PROXY_PYTHON_SDK_HOST"),
+        ({"FAL_PROXY_PORT": "18443", "FAL_PROXY_PYTHON_SDK_PORT": "18443"},
+         "FAL_PROXY_PYTHON_SDK_PORT"),
+    ],
+)  # fmt: skip
+def test_bad_port_settings_stop_the_start_with_one_line(
+    fake_gateway: FakeGateway, extra: dict[str, str], named: str
+) -> None:
+    env = {
+        "FAL_KEY": FAL_KEY,
+        "FAL_PROXY_GATEWAY_URL": fake_gateway.gateway_url,
+        "FAL_PROXY_PYTHON_SDK_PORT": str(free_port()),
+        **extra,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy"], env=child_env(**env), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fal-gateway-proxy: error: ")
+    assert named in lines[0]
+
+
+def test_the_port_works_with_several_workers(fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    """Each worker serves the TLS port too (the certificate made once, by the supervisor)."""
+    from tests.conftest import Process
+
+    settings = {
+        "FAL_KEY": FAL_KEY,
+        "FAL_PROXY_GATEWAY_URL": fake_gateway.gateway_url,
+        "FAL_PROXY_PYTHON_SDK_PORT": str(free_port()),
+        "FAL_PROXY_STATE_DIR": str(tmp_path / "state"),
+        "FAL_PROXY_LOG_FORMAT": "json",
+    }
+    process = Process([sys.executable, "-m", "proxy", "--port", "0", "--workers", "2"],
+                      child_env(**settings))  # fmt: skip
+    try:
+        pids = set()
+        for _ in range(2):
+            line = process.wait_for_json(
+                lambda r: r.get("event") == "python_sdk" and r.get("pid") not in pids
+            )
+            pids.add(line.get("pid"))
+        printed = python_env(settings)
+        running = PythonPort(RunningProxy(process, ""), env_of(printed.stdout), settings, tmp_path)
+        out = running.run("submit_status_result")
+        assert out["result"]["images"] and out["statuses"][-1] == "Completed"
+        assert_server_credentials_only(queue_records(fake_gateway))
+    finally:
+        process.stop()

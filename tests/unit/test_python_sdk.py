@@ -243,7 +243,13 @@ def test_defaults_and_names(tmp_path: Path) -> None:
         FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_PYTHON_SDK_HOST="Proxy.Internal",
         FAL_PROXY_HOST="10.0.0.5",
     ).python_sdk  # fmt: skip
-    assert named.names("10.0.0.5") == ["proxy.internal", "10.0.0.5", "localhost", "127.0.0.1", "::1"]
+    assert named.names("10.0.0.5") == [
+        "proxy.internal",
+        "10.0.0.5",
+        "localhost",
+        "127.0.0.1",
+        "::1",
+    ]
     six = settings(FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_PYTHON_SDK_HOST="::1").python_sdk
     assert six.origin == "https://[::1]:8443"
 
