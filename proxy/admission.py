@@ -46,6 +46,7 @@ class RequestHeaders:
     origin: str | None = None
     host: str | None = None
     credential: str | None = None
+    credentials: int = 0  # how many credential headers came (more than one is refused)
     preflight_method: str | None = None
     referer: str | None = None
     fetch_site: str | None = None
@@ -69,6 +70,7 @@ class RequestHeaders:
                 out.host = value.decode("latin-1")
             elif name == auth_header:
                 out.credential = value.decode("latin-1")
+                out.credentials += 1
             elif name == b"access-control-request-method":
                 out.preflight_method = value.decode("latin-1")
             elif name == b"x-forwarded-for":
@@ -192,6 +194,13 @@ class Admission:
         if methods is not None and method not in methods[0]:
             raise MethodNotAllowed(
                 f"method {method} not allowed", f"allowed: {methods[1]}", allow=methods[1]
+            )
+        if seen.credentials > 1 and self.access.auth != "none":
+            # Which one counts would be a guess, and a hop in front may have checked another.
+            raise BadRequest(
+                "caller credential sent more than once",
+                "send one credential header",
+                reason="caller_ambiguous",
             )
         admitted.caller, admitted.claimed_plan = await self.auth.identify(seen.credential)
         return admitted

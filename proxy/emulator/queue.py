@@ -141,4 +141,4 @@ class Queue:
     @staticmethod
     def status_key(job: Job, with_logs: bool) -> str:
         body = job.status(time.monotonic(), with_logs)
-        return f"{body['status']}:{len(body.get('logs', []))}"
+        return f"{body['status']}:{len(body.get('logs') or [])}"

@@ -14,6 +14,7 @@ import hmac
 import json
 import re
 import socket
+import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -374,19 +375,24 @@ def send_raw(
     method: str = "GET",
     half_close: bool = False,
     timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
 ) -> Outcome:
     """Write ``data`` on a fresh connection and read what comes back.
 
     After the first final response the write side is shut down, so anything the server
     still has to say (a pipelined request's answer) arrives before the connection ends, and
     nothing waits on a keep-alive timer. ``half_close`` shuts it down right after the
-    request (a body shorter than announced: the server then sees the client leave). After a
+    request (a body shorter than announced: the server then sees the client leave).
+    With ``tls`` the connection is TLS and is never half-closed (that would end TLS, not the
+    stream): send ``connection: close`` so the server ends it. After a
     101 a WebSocket close frame is sent. ``timed_out`` means the server neither answered
     nor closed within ``timeout`` seconds.
     """
     out = Outcome()
     deadline = time.monotonic() + timeout
     sock = socket.create_connection(address, timeout=timeout)
+    if tls is not None:
+        sock = tls.wrap_socket(sock, server_hostname=address[0])
     buffer = bytearray()
     try:
         try:
@@ -397,7 +403,7 @@ def send_raw(
 
         def shutdown() -> None:
             nonlocal shut
-            if not shut:
+            if not shut and tls is None:
                 shut = True
                 try:
                     sock.shutdown(socket.SHUT_WR)
@@ -435,7 +441,7 @@ def send_raw(
             except TimeoutError:
                 out.timed_out = True
                 break
-            except ConnectionResetError:
+            except (ConnectionResetError, ssl.SSLError):  # TLS: an end without close_notify
                 out.reset, eof = True, True
                 continue
             if not chunk:
