@@ -136,7 +136,7 @@ class ProxyApp:
     """
 
     def __init__(self, forwarder: Forwarder, bridge: Bridge, starlette: Starlette,
-                 draining: asyncio.Event, *, usage: tuple[str, ASGIApp] | None = None,
+                 draining: asyncio.Event, *, usage: tuple[str, CallerUsage] | None = None,
                  admin: tuple[int, ASGIApp] | None = None,
                  python_sdk: tuple[int, PythonSdkListener] | None = None) -> None:  # fmt: skip
         self.forwarder = forwarder
@@ -145,7 +145,7 @@ class ProxyApp:
         self.draining = draining
         # A caller's own usage, on the public port.
         self.usage_route: str | None = usage[0] if usage else None
-        self.usage: ASGIApp | None = usage[1] if usage else None
+        self.usage: CallerUsage | None = usage[1] if usage else None
         # FAL_PROXY_METRICS_PORT (the server's second socket): /metrics, /usage/<caller>.
         self.admin_port: int | None = admin[0] if admin else None
         self.admin: ASGIApp | None = admin[1] if admin else None
@@ -161,6 +161,8 @@ class ProxyApp:
         elif self.python is not None and port == self.python_port and kind != "lifespan":
             if scope["path"] in RESERVED_PATHS:
                 await self.starlette(scope, receive, send)  # as on the main port
+            elif kind == "http" and scope["path"] == self.usage_route and self.usage is not None:
+                await self.usage(scope, receive, send, self.python)
             elif kind == "http":
                 await self.forwarder(scope, receive, send, self.python)
             else:

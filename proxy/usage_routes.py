@@ -26,6 +26,7 @@ from .admission import Admission, Admitted, RequestHeaders
 from .errors import ProxyError
 from .logs import get_logger
 from .origins import cors_headers
+from .python_sdk import PythonSdkListener
 
 log = get_logger("proxy.request")
 _METHODS = frozenset({"GET", "HEAD"})
@@ -38,10 +39,17 @@ class CallerUsage:
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, python: PythonSdkListener | None = None
+    ) -> None:
+        """``python``: asked on the Python client's TLS port (its credential: ``Key``)."""
         admission, started = self.admission, time.perf_counter()
         request_id = os.urandom(8).hex()
-        seen = RequestHeaders.read(scope["headers"], admission.auth_header)
+        seen = (
+            python.read_headers(scope)
+            if python is not None
+            else RequestHeaders.read(scope["headers"], admission.auth_header)
+        )
         method: str = scope["method"]
         fields: dict[str, object] = {"request_id": request_id, "method": method}
         cors: list[tuple[bytes, bytes]] = []

@@ -337,6 +337,13 @@ def test_with_caller_tokens_the_clients_fal_key_is_its_caller_credential(
         assert running.run("realtime", FAL_KEY=token)["result"]["images"]
         refused = running.run("run", FAL_KEY="mallory-token-0123456789")
         assert refused["http_error"] == 401
+        # The caller reads their own usage on the same port, with the same credential.
+        with tls_client(running) as client:
+            usage = client.get("/api/fal/usage", headers={"authorization": f"Key {token}"})
+            assert usage.status_code == 200
+            assert usage.json()["usage"]["apps"]
+            anonymous = client.get("/api/fal/usage")
+            assert anonymous.status_code == 401
         records = fake_gateway.requests() + fake_gateway.requests("websocket")
         assert_server_credentials_only(records)
         assert token not in json.dumps([r["headers"] for r in records])

@@ -208,3 +208,25 @@ async def test_a_server_cancel_mid_stream_ends_quietly(upstream) -> None:
     await asyncio.wait_for(task, 5)  # swallowed: logged as error=shutdown, no traceback
     assert not task.cancelled()
     await forward.session.close()  # type: ignore[union-attr]
+
+
+async def test_a_credential_sent_twice_is_refused_when_callers_are_checked(
+    upstream, tmp_path
+) -> None:
+    """Which of two credentials counts would be a guess (and a hop in front may have checked
+    the other one): with caller auth on, refused before anything else is read of them."""
+    gateway, seen = upstream
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice alice-token-0123456789\n")
+    forward = await forwarder(
+        settings(gateway, FAL_PROXY_AUTH="token", FAL_PROXY_CLIENT_TOKENS_FILE=str(tokens))
+    )
+    twice = ((b"x-proxy-authorization", b"Bearer wrong-token-0123456789"),
+             (b"x-proxy-authorization", b"Bearer alice-token-0123456789"))  # fmt: skip
+    client = Client({"type": "http.request", "body": b"{}", "more_body": False})
+    await forward(scope(headers=twice), client.receive, client.send)
+    assert client.status() == 400 and "more than once" in json.loads(client.body())["message"]
+    once = Client({"type": "http.request", "body": b"{}", "more_body": False})
+    await forward(scope(headers=twice[1:]), once.receive, once.send)
+    assert once.status() == 200 and seen == ["/v1/a/g/fal/fal-ai/fast-sdxl"]
+    await forward.session.close()  # type: ignore[union-attr]
