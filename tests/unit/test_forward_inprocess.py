@@ -8,6 +8,7 @@ The upstream is an in-process aiohttp server on loopback, or a closed port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -91,16 +92,25 @@ async def upstream() -> AsyncIterator[tuple[str, list[str]]]:
             return response
         return web.json_response({"ok": True, "len": len(await request.read())})
 
+    async with serving(handle) as gateway:
+        yield gateway, seen
+        release.set()
+
+
+@contextlib.asynccontextmanager
+async def serving(handle: Any) -> AsyncIterator[str]:
+    """An aiohttp server on loopback answering every path with ``handle``: its gateway URL."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}/v1/a/g/fal", seen
-    release.set()
-    await runner.cleanup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        yield f"http://127.0.0.1:{port}/v1/a/g/fal"
+    finally:
+        await runner.cleanup()
 
 
 async def forwarder(config: Settings) -> Forwarder:

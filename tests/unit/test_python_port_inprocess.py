@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from proxy.python_sdk import MAX_REWRITTEN_BYTES, PythonSdkListener
-from tests.unit.test_forward_inprocess import Client, forwarder, scope, settings
+from tests.unit.test_forward_inprocess import Client, forwarder, scope, serving, settings
 
 pytestmark = pytest.mark.anyio
 ORIGIN = "https://127.0.0.1:8443"
@@ -66,16 +66,9 @@ async def gateway() -> AsyncIterator[tuple[str, dict[str, Any]]]:
         await response.write(body)
         return response
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}/v1/a/g/fal", state
-    done.set()
-    await runner.cleanup()
+    async with serving(handle) as url:
+        yield url, state
+        done.set()
 
 
 async def call(
