@@ -42,7 +42,7 @@ def describe(settings: Settings) -> list[str]:
         value = getattr(settings, field.name)
         if dataclasses.is_dataclass(value):
             lines += [
-                f"access.{f.name} = {_shown(f.name, getattr(value, f.name))}"
+                f"{field.name}.{f.name} = {_shown(f.name, getattr(value, f.name))}"
                 for f in dataclasses.fields(value)
             ]
         else:

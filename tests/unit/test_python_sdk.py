@@ -320,3 +320,11 @@ def test_an_unwritable_state_dir_is_named(tmp_path: Path) -> None:
     with pytest.raises(SettingsError) as error:
         python.tls_files("127.0.0.1")
     assert str(error.value).startswith("FAL_PROXY_STATE_DIR: ")
+
+
+def test_check_shows_the_ports_settings_under_their_own_name() -> None:
+    from proxy.check import describe
+
+    lines = describe(settings(FAL_PROXY_PYTHON_SDK_PORT="8443"))
+    assert "python_sdk.port = 8443" in lines and "access.auth = none" in lines
+    assert not any(line.startswith("access.port") for line in lines)
