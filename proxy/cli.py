@@ -127,8 +127,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Not through the proxy: fal_client.upload_file/upload (fixed URLs on "
         "rest.fal.ai and v3.fal.media) and realtime()/ws_connect() with use_jwt=True (the "
         "default; it asks rest.fal.ai for a token). Pass use_jwt=False to realtime() and "
-        "ws_connect(); upload files from the browser through the JS SDK's proxyUrl, or "
-        "from a process that holds a fal key.",
+        "ws_connect(); pass files inline (fal_client.encode_file(path) gives a data: URI "
+        "that travels in the request body), or upload them from the browser through the JS "
+        "SDK's proxyUrl.",
     )
     python_env.add_argument(
         "--export", action="store_true", help="print shell 'export NAME=value' lines"

@@ -172,6 +172,7 @@ def test_python_env_help_says_what_does_not_go_through_the_proxy() -> None:
     )  # fmt: skip
     text = " ".join(done.stdout.split())
     assert "upload_file" in text and "use_jwt=True" in text and "use_jwt=False" in text
+    assert "encode_file" in text
 
 
 # --- runs ---------------------------------------------------------------------------------
