@@ -24,6 +24,7 @@ from .client_ip import client_ip, limit_key
 from .errors import BadRequest, HeadersTooLarge, MethodNotAllowed, MisdirectedRequest, URITooLong
 from .limits import Lease, Limiter, LimitSettings, create_limiter
 from .logs import get_logger
+from .metadata import CallerTags, derived_key, metadata_header
 from .metrics import app_label
 from .origins import (
     OriginPolicy,
@@ -84,6 +85,17 @@ class RequestHeaders:
 
 
 log = get_logger("proxy.admission")
+
+
+def _metadata_key(settings: Settings) -> bytes:
+    """FAL_PROXY_METADATA_HASH_KEY, else a key derived from the gateway token or fal key."""
+    configured = settings.gateway.metadata_hash_key
+    if configured is not None:
+        return configured.encode()
+    secret = settings.cf_aig_token or settings.fal_key
+    return derived_key(secret.reveal() if secret is not None else "")
+
+
 UNTRUSTED_FORWARDS = 20  # requests with an ignored X-Forwarded-For before the one warning
 
 
@@ -135,6 +147,7 @@ class Admission:
         else:
             self.auth = NoAuth()
         self.apps = AppPolicy(access.allowed_apps)
+        self.tags = CallerTags(settings.gateway.metadata_caller, _metadata_key(settings))
         self.plans = access.plans
         self._unknown_plans: set[str] = set()
         self._forwarded_ignored = 0  # requests whose X-Forwarded-For an untrusted peer sent
@@ -327,6 +340,17 @@ class Admission:
     def check_app(self, target: Target) -> str | None:
         """Raise Forbidden for an app not allowed; else the pattern that allowed it."""
         return self.apps.check(target)
+
+    def metadata(self, admitted: Admitted, request_id: str, *, websocket: bool = False) -> str:
+        """``cf-aig-metadata`` for an admitted call: its caller (tagged), app, id and kind."""
+        target = admitted.target
+        assert target is not None, "admit() first"
+        return metadata_header(
+            caller=self.tags.tag(self.limit_key(admitted.caller, admitted.client_ip)),
+            app=usage_app(target),
+            request_id=request_id,
+            route="websocket" if websocket else target.kind,
+        )
 
     def check_token_body(self, body: bytes, admitted: Admitted) -> bytes:
         """The token request body to forward (re-serialised), or raise; notes its apps."""

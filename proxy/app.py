@@ -38,12 +38,13 @@ from .usage_routes import CallerUsage, any_caller_usage
 def create_app(settings: Settings) -> ProxyApp:
     """Build the proxy's ASGI app for ``settings``."""
     register_secret(
-        settings.fal_key.reveal(),
+        settings.fal_key.reveal() if settings.fal_key is not None else None,
         settings.cf_aig_token.reveal() if settings.cf_aig_token else None,
         settings.access.jwt.secret if settings.access.jwt else None,
     )
     register_secret(
-        urlsplit(settings.access.redis_url).password if settings.access.redis_url else None
+        urlsplit(settings.access.redis_url).password if settings.access.redis_url else None,
+        settings.gateway.metadata_hash_key,
     )
     register_header_names([settings.access.auth_header])
     admission = Admission(settings)

@@ -60,6 +60,7 @@ class Session:
         "error",
         "frames_in",
         "frames_out",
+        "metadata",
         "path",
         "request_id",
         "started",
@@ -74,6 +75,7 @@ class Session:
         self.upstream_close: int | None = None
         self.error: str | None = None
         self.caller: str | None = None
+        self.metadata: str | None = None  # cf-aig-metadata for the upstream handshake
         self.upstream: ClientConnection | None = None
         self.client_send: Send | None = None
         self.answered = self.accepted = self.close_sent = False

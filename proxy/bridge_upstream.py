@@ -135,7 +135,7 @@ class _connect_without_redirects(connect):
 
 async def open_upstream(
     path: str, query: str, offered: list[str], *,
-    gateway_ws: str, injected: InjectedHeaders, settings: Settings,
+    gateway_ws: str, injected: InjectedHeaders, settings: Settings, metadata: str | None = None,
 ) -> ClientConnection:  # fmt: skip
     """The upstream socket for ``path`` and ``query``, the proxy's credentials in its handshake
     and only the client's non-credential sub-protocols offered.
@@ -144,12 +144,15 @@ async def open_upstream(
     timed out, a broken handshake).
     """
     url, direct = upstream_ws_url(gateway_ws, path, query, realtime_direct=settings.realtime_direct)
-    headers = [
-        ("authorization", injected.authorization),
-        ("x-fal-client-proxy", CLIENT_PROXY_ID),
-    ]
-    if injected.cf_aig_authorization is not None and not direct:
-        headers.append(("cf-aig-authorization", injected.cf_aig_authorization))
+    headers = [("x-fal-client-proxy", CLIENT_PROXY_ID)]
+    if injected.authorization is not None:  # None: the gateway adds its stored key
+        headers.append(("authorization", injected.authorization))
+    if not direct:  # the gateway's own headers go to the gateway only
+        if injected.cf_aig_authorization is not None:
+            headers.append(("cf-aig-authorization", injected.cf_aig_authorization))
+        headers.extend(injected.controls)
+        if metadata is not None:
+            headers.append(("cf-aig-metadata", metadata))
     passable = upstream_subprotocols(offered)
     try:
         return await _connect_without_redirects(

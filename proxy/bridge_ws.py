@@ -102,6 +102,9 @@ class Bridge:
                 target = admitted.target
                 assert target is not None
                 lease = await self.admission.take_slot(admitted, "GET", websocket=True)
+                session.metadata = self.admission.metadata(
+                    admitted, session.request_id, websocket=True
+                )
                 # A session is a generation (quotas count it); labelled by the admitting
                 # pattern, as the forwarder's requests are before fal has answered.
                 pattern = admitted.app
@@ -200,6 +203,7 @@ class Bridge:
         connecting = asyncio.ensure_future(open_upstream(
             path, query, offered,
             gateway_ws=self.gateway_ws, injected=self.injected, settings=self.settings,
+            metadata=session.metadata,
         ))  # fmt: skip
         upstream = None
         try:

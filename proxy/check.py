@@ -54,24 +54,20 @@ def probe(settings: Settings) -> list[tuple[bool, str]]:
     """Ask the gateway (and Redis) whether they answer and accept our credentials."""
     import httpx
 
-    results: list[tuple[bool, str]] = []
+    results: list[tuple[bool, str]] = [(True, f"credentials: {describe_mode(settings)}")]
     injected = InjectedHeaders.from_settings(settings)
-    headers = {"authorization": injected.authorization, "x-fal-client-proxy": injected.client_proxy}
+    # The status of a request that does not exist: it goes through the gateway's auth and the
+    # credential mode to fal, which answers 404 when it accepted the key. Nothing is run.
+    headers = {"x-fal-client-proxy": injected.client_proxy, "x-fal-target-url": PROBE_TARGET}
+    if injected.authorization is not None:
+        headers["authorization"] = injected.authorization
     if injected.cf_aig_authorization:
         headers["cf-aig-authorization"] = injected.cf_aig_authorization
+    headers.update(injected.controls)
     try:
         with httpx.Client(trust_env=False, timeout=settings.connect_timeout) as client:
             r = client.get(settings.gateway_url, headers=headers)
-        if r.status_code == 401 and b"2009" in r.content:
-            results.append(
-                (
-                    False,
-                    "gateway: refused cf-aig-authorization (Cloudflare code 2009): "
-                    "check CF_AIG_TOKEN",
-                )
-            )
-        else:
-            results.append((True, f"gateway: reachable (HTTP {r.status_code} for a bare GET)"))
+        results.append(_probe_verdict(r.status_code, r.content))
     except httpx.HTTPError as exc:
         results.append((False, f"gateway: not reachable ({type(exc).__name__})"))
     if settings.access.redis_url:
@@ -86,6 +82,40 @@ def probe(settings: Settings) -> list[tuple[bool, str]]:
         except (redis.RedisError, OSError) as exc:
             results.append((False, f"redis: not reachable ({type(exc).__name__})"))
     return results
+
+
+PROBE_TARGET = (
+    "https://queue.fal.run/fal-ai/fast-sdxl/requests/00000000-0000-4000-8000-000000000000/status"
+)
+
+
+def describe_mode(settings: Settings) -> str:
+    """Who holds which credential, in words (README: "Who holds which credential")."""
+    gateway = settings.gateway
+    wholesale = (
+        "the gateway may fall back to its credits (Unified Billing)"
+        if gateway.unified_billing
+        else "cf-aig-no-wholesale: true"
+    )
+    if gateway.byok_alias is not None:
+        return f"the gateway's stored fal key {gateway.byok_alias!r} (BYOK); {wholesale}"
+    if gateway.unified_billing:
+        return "no fal key: the gateway pays fal from its credits (Unified Billing)"
+    return f"the proxy's fal key; {wholesale}"
+
+
+def _probe_verdict(status: int, body: bytes) -> tuple[bool, str]:
+    if status == 404:
+        return True, "gateway: took the credentials (fal answered 404 for a made-up request)"
+    if status == 401 and b"2009" in body:
+        return (
+            False,
+            "gateway: refused cf-aig-authorization (Cloudflare code 2009): check CF_AIG_TOKEN",
+        )
+    if status in (400, 401, 403):
+        text = body[:200].decode("utf-8", "replace")
+        return False, f"gateway or fal refused the credentials (HTTP {status}): {text}"
+    return False, f"gateway: unexpected answer HTTP {status} to the probe"
 
 
 def run_check(settings: Settings, with_probe: bool, out: TextIO = sys.stdout) -> int:

@@ -101,6 +101,19 @@ def _parser() -> argparse.ArgumentParser:
         "--public-url", default=None, help="origin for the file and upload URLs it hands out"
     )
     emulator.add_argument(
+        "--byok",
+        action="append",
+        default=[],
+        metavar="ALIAS=KEY",
+        help="act as a gateway storing this fal key under ALIAS (repeatable; 'default' is "
+        "used when a request names none)",
+    )
+    emulator.add_argument(
+        "--unified-billing",
+        action="store_true",
+        help="pass keyless requests (the gateway pays fal) unless they say cf-aig-no-wholesale",
+    )
+    emulator.add_argument(
         "--gzip-queue",
         action="store_true",
         help="gzip queue answers for requests that accept gzip (as Cloudflare's edge may)",
@@ -245,6 +258,10 @@ def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if not args.time_scale > 0:
         print(f"{PROG}: error: --time-scale must be positive", file=sys.stderr)
         return 2
+    stored_keys = dict(item.split("=", 1) for item in args.byok if "=" in item)
+    if len(stored_keys) != len(args.byok) or not all(stored_keys) or not all(stored_keys.values()):
+        print(f"{PROG}: error: --byok takes ALIAS=KEY", file=sys.stderr)
+        return 2
     configure_logging(environ.get("FAL_PROXY_LOG_FORMAT", "auto"), "info")
     log = get_logger("emulator")
     config = EmulatorConfig(
@@ -254,6 +271,8 @@ def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         time_scale=args.time_scale,
         public_url=args.public_url,
         gzip_queue=args.gzip_queue,
+        byok=stored_keys,
+        unified_billing=args.unified_billing,
     )
     sock = bind_socket(args.host, args.port)
 

@@ -161,8 +161,9 @@ class Forwarder:
             )
         try:
             headers = upstream_request_headers(
-                raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id
-            )
+                raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id,
+                metadata=admission.metadata(admitted, ex.request_id),
+            )  # fmt: skip
         except UnicodeDecodeError:
             raise BadRequest(
                 "invalid header value", "header values must be ASCII or UTF-8"

@@ -86,18 +86,21 @@ class _Masked(str):
 class InjectedHeaders:
     """The headers the proxy adds from its configuration, built once at start-up."""
 
-    authorization: str
+    authorization: str | None  # None: the gateway holds fal's key (BYOK), or pays fal
     cf_aig_authorization: str | None
     client_proxy: str = CLIENT_PROXY_ID
     caller_header: str = "x-proxy-authorization"  # the caller's credential: never forwarded
+    # The credential mode's gateway headers: cf-aig-byok-alias, cf-aig-no-wholesale.
+    controls: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InjectedHeaders:
-        token = settings.cf_aig_token
+        token, key = settings.cf_aig_token, settings.fal_key
         return cls(
-            authorization=_Masked(f"Key {settings.fal_key.reveal()}"),
+            authorization=_Masked(f"Key {key.reveal()}") if key is not None else None,
             cf_aig_authorization=_Masked(f"Bearer {token.reveal()}") if token is not None else None,
             caller_header=settings.access.auth_header,
+            controls=settings.gateway.controls(),
         )
 
     def __repr__(self) -> str:  # never show the credentials
@@ -121,6 +124,7 @@ def upstream_request_headers(
     *,
     method: str,
     request_id: str,
+    metadata: str | None = None,
 ) -> list[tuple[str, str]]:
     """Headers to send to the gateway for a request whose client sent ``client_headers``.
 
@@ -149,9 +153,13 @@ def upstream_request_headers(
             continue
         out.append((name, raw_value.decode("utf-8")))
 
-    out.append(("authorization", injected.authorization))
+    if injected.authorization is not None:
+        out.append(("authorization", injected.authorization))
     if injected.cf_aig_authorization is not None:
         out.append(("cf-aig-authorization", injected.cf_aig_authorization))
+    out.extend(injected.controls)
+    if metadata is not None:  # the client's own cf-aig-metadata was dropped above
+        out.append(("cf-aig-metadata", metadata))
     out.append(("x-fal-client-proxy", injected.client_proxy))
     if target.target_url is not None:
         out.append(("x-fal-target-url", target.target_url))

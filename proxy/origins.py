@@ -36,7 +36,8 @@ SDK_REQUEST_HEADERS = (
     "x-fal-object-lifecycle",
     "x-fal-object-lifecycle-preference",
 )
-EXPOSED_HEADERS = "x-fal-request-id, x-fal-request-timeout-type"
+# x-fal-billable-units: what a call cost, for an app to show its user.
+EXPOSED_HEADERS = "x-fal-request-id, x-fal-request-timeout-type, x-fal-billable-units"
 MAX_AGE = "600"
 
 

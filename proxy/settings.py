@@ -31,6 +31,7 @@ from .envvars import (
     text,
     whole,
 )
+from .gateway_settings import GatewaySettings, check_modes, credential_mode
 from .python_sdk_settings import PythonSdkSettings
 
 GATEWAY_HOST = "https://gateway.ai.cloudflare.com"
@@ -73,9 +74,14 @@ class Settings:
     ``--help`` and the README test are all driven by these declarations.
     """
 
-    fal_key: Secret = declared_required(
+    fal_key: Secret | None = declared_required(  # None: the gateway holds it, or pays fal
         lambda env, _: _fal_key(env),
-        Doc("FAL_KEY", "(required)", "fal API key, sent upstream as 'Authorization: Key <key>'"),
+        Doc(
+            "FAL_KEY",
+            "(required)",
+            "fal API key, sent upstream as 'Authorization: Key <key>' (not with "
+            "CF_AIG_BYOK_ALIAS or FAL_PROXY_UNIFIED_BILLING)",
+        ),
         Doc("FAL_KEY_FILE", "", "file holding the fal key (a mounted secret); instead of FAL_KEY"),
         Doc(
             "FAL_KEY_ID, FAL_KEY_SECRET",
@@ -193,6 +199,11 @@ class Settings:
         *documented(AccessSettings),
         factory=AccessSettings,
     )
+    gateway: GatewaySettings = declared_factory(
+        lambda env, _: GatewaySettings.from_env(env),
+        *documented(GatewaySettings),
+        factory=GatewaySettings,
+    )
     python_sdk: PythonSdkSettings = declared_factory(
         lambda env, _: PythonSdkSettings.from_env(env),
         *documented(PythonSdkSettings),
@@ -211,6 +222,11 @@ class Settings:
             )
         if settings.metrics_port is not None and settings.metrics_port == settings.port:
             raise SettingsError("FAL_PROXY_METRICS_PORT must differ from FAL_PROXY_PORT")
+        check_modes(
+            settings.gateway,
+            token=settings.cf_aig_token is not None,
+            realtime_direct=settings.realtime_direct,
+        )
         python_port = settings.python_sdk.port
         if python_port is not None and python_port in (settings.port, settings.metrics_port):
             raise SettingsError(
@@ -229,7 +245,19 @@ class Settings:
 DOCUMENTED_VARIABLES: tuple[Doc, ...] = documented(Settings)
 
 
-def _fal_key(env: Mapping[str, str]) -> Secret:
+def _fal_key(env: Mapping[str, str]) -> Secret | None:
+    mode = credential_mode(env)
+    if mode != "key":
+        given = [
+            n for n in ("FAL_KEY", "FAL_KEY_FILE", "FAL_KEY_ID", "FAL_KEY_SECRET") if _get(env, n)
+        ]
+        if given:
+            chooser = "CF_AIG_BYOK_ALIAS" if mode == "byok" else "FAL_PROXY_UNIFIED_BILLING"
+            raise SettingsError(
+                f"{given[0]} must not be set with {chooser}: the gateway supplies fal's "
+                "credential, and a key sent as well makes the gateway's answer ambiguous"
+            )
+        return None
     if _get(env, "FAL_KEY_FILE"):
         return Secret(_read_secret_file(env, "FAL_KEY_FILE"))
     key = _get(env, "FAL_KEY")

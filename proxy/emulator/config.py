@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,11 @@ class EmulatorConfig:
     * ``public_url``: origin used in the URLs it hands out (files, uploads); by default the
       ``Host`` the request came in on.
     * ``record_limit``: how many requests the recorder keeps (oldest dropped first).
+    * ``byok``: stored fal keys by alias ("Store Keys"): a request with no ``authorization``
+      gets the key of its ``cf-aig-byok-alias`` (``default`` when absent); an unknown alias,
+      or a provider key sent along with an alias, is the gateway's 400.
+    * ``unified_billing``: a request with no key and no alias passes (the gateway pays fal),
+      unless it says ``cf-aig-no-wholesale: true`` (then 400).
     * ``gzip_queue``: gzip the queue's JSON answers (submit, status, result, cancel) for a
       request that accepts gzip, as Cloudflare's edge may.
     """
@@ -30,4 +35,6 @@ class EmulatorConfig:
     public_url: str | None = None
     record_limit: int = 1000
     gzip_queue: bool = False
+    byok: dict[str, str] = field(default_factory=dict)  # stored keys: alias → fal key
+    unified_billing: bool = False
     token_lifetime: float = 600.0  # cap on /tokens/ token_expiration, seconds

@@ -28,6 +28,15 @@ class Refusal(enum.Enum):
 
     GATEWAY = "cf-aig-authorization"  # the gateway's own: Cloudflare's 401 with code 2009
     FAL_KEY = "authorization"  # fal's: no key, or the wrong one
+    # Stored keys (--byok) and Unified Billing (--unified-billing): the gateway's own 400s.
+    BYOK_UNAVAILABLE = "Configured BYOK credentials are unavailable"
+    BOTH_KEYS = "a provider key and a stored key (cf-aig-byok-alias) were both sent"
+    NO_CREDENTIALS = "provider credentials are required (cf-aig-no-wholesale)"
+
+    @property
+    def gateways(self) -> bool:
+        """Answered by the gateway itself (never reaches fal)."""
+        return self is not Refusal.FAL_KEY
 
 
 def check_credentials(
@@ -53,6 +62,19 @@ def check_credentials(
     auth = headers.get("authorization", "")
     if not auth and any(p.startswith(KEY_PROTOCOL) for p in offered):
         auth = "Key " + next(p for p in offered if p.startswith(KEY_PROTOCOL))[len(KEY_PROTOCOL) :]
+    alias = headers.get("cf-aig-byok-alias")
+    if config.byok and alias is not None and auth:
+        return Refusal.BOTH_KEYS  # the proxy must send one or the other, never both
+    if not auth and (config.byok or config.unified_billing):
+        stored = config.byok.get(alias or "default")
+        if stored is not None:
+            auth = f"Key {stored}"  # the gateway adds the stored key
+        elif alias is not None:
+            return Refusal.BYOK_UNAVAILABLE
+        elif config.unified_billing and headers.get("cf-aig-no-wholesale") != "true":
+            return None  # the gateway pays fal from its credits
+        else:
+            return Refusal.NO_CREDENTIALS
     key = config.fal_key
     key_ok = (
         auth.startswith("Key ")

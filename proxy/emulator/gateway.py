@@ -35,6 +35,11 @@ GATEWAY_401 = {
 TARGET_HOSTS = ("fal.run", "queue.fal.run", "rest.fal.ai")
 
 
+def gateway_error(message: str) -> dict[str, object]:
+    """A refusal of the gateway's own, in Cloudflare's envelope (as GATEWAY_401)."""
+    return {"success": False, "result": [], "messages": [], "error": [{"message": message}]}
+
+
 async def serve_gateway(
     state: EmulatorState, scope: Scope, fal_path: str, receive: Receive, send: Send
 ) -> None:
@@ -61,6 +66,9 @@ async def serve_gateway(
         return
     if refusal is Refusal.FAL_KEY:
         await send_json(send, 401, {"detail": "Invalid Key authorization header"}, common)
+        return
+    if refusal is not None:  # stored keys / billing: the gateway's own 400, fal never asked
+        await send_json(send, 400, gateway_error(refusal.value), gateway_headers)
         return
     if target is not None:
         if fal_path not in ("", "/"):

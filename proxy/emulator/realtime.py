@@ -66,8 +66,9 @@ async def serve_realtime(
         header_map(scope),
         lambda: bool(token) and state.storage.check_token(token, alias),
     )
-    if refusal is Refusal.GATEWAY:
-        await send({"type": "websocket.close", "code": 1008, "reason": "Unauthorized"})
+    if refusal is not None and refusal.gateways:
+        reason = "Unauthorized" if refusal is Refusal.GATEWAY else refusal.value
+        await send({"type": "websocket.close", "code": 1008, "reason": reason})
         return
     if refusal is Refusal.FAL_KEY:
         await send({"type": "websocket.close", "code": 4001, "reason": "Unauthorized"})

@@ -78,7 +78,8 @@ def test_actual_request_from_a_listed_origin_exposes_the_fal_headers(
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == APP
     assert (
-        r.headers["access-control-expose-headers"] == "x-fal-request-id, x-fal-request-timeout-type"
+        r.headers["access-control-expose-headers"]
+        == "x-fal-request-id, x-fal-request-timeout-type, x-fal-billable-units"
     )
     refused = post(cors_proxy, "/api/fal/proxy", headers={"origin": APP})  # errors carry CORS too
     assert refused.status_code == 400 and refused.headers["access-control-allow-origin"] == APP

@@ -86,7 +86,8 @@ def test_preflight_allows_what_the_sdk_sends() -> None:
 def test_responses_expose_the_headers_the_sdk_reads() -> None:
     headers = dict(cors_headers("https://app.example.com"))
     assert (
-        headers[b"access-control-expose-headers"] == b"x-fal-request-id, x-fal-request-timeout-type"
+        headers[b"access-control-expose-headers"]
+        == b"x-fal-request-id, x-fal-request-timeout-type, x-fal-billable-units"
     )
     assert headers[b"vary"] == b"Origin"
 
