@@ -21,6 +21,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admission import Admission
+from .breaker import Breaker
 from .bridge_ws import Bridge
 from .errors import NotFound
 from .forward import Forwarder
@@ -51,6 +52,7 @@ def create_app(settings: Settings) -> ProxyApp:
     metrics = Metrics()
     forwarder = Forwarder(settings, admission, metrics)
     bridge = Bridge(settings, admission, metrics)
+    forwarder.breaker = bridge.breaker = fallback_breaker(settings, metrics)
     draining = asyncio.Event()
     log = get_logger("proxy")
 
@@ -127,6 +129,30 @@ def create_app(settings: Settings) -> ProxyApp:
         python_sdk=(python.port, PythonSdkListener(python.origin))
         if python.port is not None else None,
     )  # fmt: skip
+
+
+def fallback_breaker(settings: Settings, metrics: Metrics) -> Breaker | None:
+    """``FAL_PROXY_FALLBACK=direct``: the breaker the forwarder and the bridge share; each
+    change of way is logged once and shown by the ``fal_proxy_gateway_bypassed`` gauge."""
+    gateway = settings.gateway
+    if gateway.fallback != "direct":
+        return None
+    log = get_logger("proxy.fallback")
+
+    def changed(old: str, new: str) -> None:
+        metrics.gateway_bypassed.set(0 if new == "closed" else 1)
+        if new == "open":
+            log.warning("gateway_bypassed", state=new, previous=old,
+                        note=f"calls go straight to fal for {gateway.fallback_seconds:g}s, "
+                        "then one probes the gateway")  # fmt: skip
+        elif new == "closed":
+            log.warning("gateway_restored", state=new, previous=old,
+                        note="calls go through the gateway again")  # fmt: skip
+        else:
+            log.info("gateway_probe", state=new, previous=old)
+
+    return Breaker(gateway.fallback_failures, gateway.fallback_window,
+                   gateway.fallback_seconds, on_change=changed)  # fmt: skip
 
 
 class ProxyApp:

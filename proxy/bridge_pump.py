@@ -66,6 +66,7 @@ class Session:
         "started",
         "upstream",
         "upstream_close",
+        "via",
     )
 
     def __init__(self, request_id: str, path: str) -> None:
@@ -76,6 +77,7 @@ class Session:
         self.error: str | None = None
         self.caller: str | None = None
         self.metadata: str | None = None  # cf-aig-metadata for the upstream handshake
+        self.via: str | None = None  # "direct": straight to fal (FAL_PROXY_FALLBACK)
         self.upstream: ClientConnection | None = None
         self.client_send: Send | None = None
         self.answered = self.accepted = self.close_sent = False
@@ -106,6 +108,8 @@ class Session:
             fields["caller"] = self.caller
         if self.error is not None:
             fields["error"] = self.error
+        if self.via is not None:
+            fields["via"] = self.via
         return fields
 
 

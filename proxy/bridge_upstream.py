@@ -41,6 +41,10 @@ _RETRY_AFTER = re.compile(r"[0-9]{1,9}|[A-Z][a-z]{2}, [0-9]{2} [A-Z][a-z]{2} [0-
 _MAX_CONTENT_TYPE = 200
 
 
+class NotConnected(UpstreamUnavailable):
+    """No connection was made (refused, DNS, TLS): the handshake provably never left."""
+
+
 class UpstreamRefused(ProxyError):
     """The upstream answered the handshake with an HTTP status (a redirect included): relayed
     to the client with its status, body, type and ``Retry-After``
@@ -136,6 +140,7 @@ class _connect_without_redirects(connect):
 async def open_upstream(
     path: str, query: str, offered: list[str], *,
     gateway_ws: str, injected: InjectedHeaders, settings: Settings, metadata: str | None = None,
+    bypass: bool = False,
 ) -> ClientConnection:  # fmt: skip
     """The upstream socket for ``path`` and ``query``, the proxy's credentials in its handshake
     and only the client's non-credential sub-protocols offered.
@@ -143,7 +148,10 @@ async def open_upstream(
     Raises UpstreamRefused (any HTTP answer but 101) or UpstreamUnavailable (unreachable,
     timed out, a broken handshake).
     """
-    url, direct = upstream_ws_url(gateway_ws, path, query, realtime_direct=settings.realtime_direct)
+    url, direct = upstream_ws_url(
+        gateway_ws, path, query, realtime_direct=settings.realtime_direct, bypass=bypass,
+        fal_origin=settings.gateway.fal_origin,
+    )  # fmt: skip
     headers = [("x-fal-client-proxy", CLIENT_PROXY_ID)]
     if injected.authorization is not None:  # None: the gateway adds its stored key
         headers.append(("authorization", injected.authorization))
@@ -172,7 +180,9 @@ async def open_upstream(
         raise UpstreamRefused(
             response.status_code, bytes(response.body or b""), response.headers.raw_items()
         ) from None
-    except (TimeoutError, InvalidHandshake, OSError) as exc:
+    except OSError as exc:  # no connection (refused, DNS, TLS): the handshake never left
+        raise NotConnected("the gateway could not be reached", type(exc).__name__) from None
+    except (TimeoutError, InvalidHandshake) as exc:
         raise UpstreamUnavailable("the gateway could not be reached", type(exc).__name__) from None
 
 
@@ -203,16 +213,24 @@ def caller_from_subprotocols(offered: list[str]) -> str | None:
 
 
 def upstream_ws_url(
-    gateway_ws: str, path: str, query: str, *, realtime_direct: bool
+    gateway_ws: str,
+    path: str,
+    query: str,
+    *,
+    realtime_direct: bool,
+    bypass: bool = False,
+    fal_origin: str | None = None,
 ) -> tuple[str, bool]:
     """Where a bridged socket goes: ``(url, straight_to_fal)``. Pure.
 
     ``…/realtime`` paths go straight to ``wss://fal.run`` when ``FAL_PROXY_REALTIME_DIRECT``
-    is on (the gateway documents only fal's HTTP-over-WebSocket protocol); everything
-    else goes to the gateway's WebSocket URL.
+    is on (the gateway documents only fal's HTTP-over-WebSocket protocol), and every path
+    when the breaker says so (``bypass``); everything else goes to the gateway's WebSocket
+    URL. ``fal_origin`` (tests only) stands in for fal as ``<origin>/fal.run``.
     """
-    direct = realtime_direct and path.endswith("/realtime")
-    return (DIRECT_FAL if direct else gateway_ws) + path + (f"?{query}" if query else ""), direct
+    direct = bypass or (realtime_direct and path.endswith("/realtime"))
+    fal = DIRECT_FAL if fal_origin is None else "ws" + fal_origin[4:] + "/fal.run"
+    return (fal if direct else gateway_ws) + path + (f"?{query}" if query else ""), direct
 
 
 def gateway_ws_url(gateway_url: str) -> str:

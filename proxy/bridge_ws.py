@@ -36,14 +36,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection
 
 from .admission import Admission, Admitted, RequestHeaders
+from .breaker import GATEWAY, Breaker
 from .bridge_pump import INTERNAL, SHUTDOWN, ClientGone, Pump, Session, client_sender
 from .bridge_upstream import (
+    NotConnected,
+    UpstreamRefused,
     caller_from_subprotocols,
     client_subprotocol,
     gateway_ws_url,
@@ -69,6 +73,7 @@ class Bridge:
         self.metrics = metrics
         self.injected = InjectedHeaders.from_settings(settings)
         self.gateway_ws = gateway_ws_url(settings.gateway_url)
+        self.breaker: Breaker | None = None  # FAL_PROXY_FALLBACK=direct (set by the app)
         self.sessions: set[Session] = set()
         self.log = get_logger("proxy.websocket")
 
@@ -200,11 +205,7 @@ class Bridge:
         with the disconnect when the connection is lost before the accept, else once the
         accept is sent: then it is the session's first message (:func:`_first`).
         """
-        connecting = asyncio.ensure_future(open_upstream(
-            path, query, offered,
-            gateway_ws=self.gateway_ws, injected=self.injected, settings=self.settings,
-            metadata=session.metadata,
-        ))  # fmt: skip
+        connecting = asyncio.ensure_future(self._open_routed(path, query, offered, session))
         upstream = None
         try:
             either: list[asyncio.Future[Any]] = [connecting, watch]
@@ -229,6 +230,43 @@ class Bridge:
         finally:
             if upstream is None:  # not handed over: the client left, or a cancel, or a bug
                 await _abandon(connecting)
+
+    async def _open_routed(
+        self, path: str, query: str, offered: list[str], session: Session
+    ) -> ClientConnection:
+        """The upstream socket the breaker's way (``FAL_PROXY_FALLBACK=direct``), as the
+        forwarder's requests: a handshake whose connection failed goes straight to fal."""
+        breaker = self.breaker
+        ticket = breaker.route() if breaker is not None else GATEWAY
+
+        def open_socket(bypass: bool) -> Awaitable[ClientConnection]:
+            if bypass:
+                session.via = "direct"
+            return open_upstream(
+                path, query, offered, gateway_ws=self.gateway_ws, injected=self.injected,
+                settings=self.settings, metadata=session.metadata, bypass=bypass,
+            )  # fmt: skip
+
+        if breaker is None or ticket.direct:
+            return await open_socket(ticket.direct)
+        verdict: bool | None = None
+        try:
+            upstream = await open_socket(False)
+            verdict = True
+            return upstream
+        except UpstreamRefused as exc:
+            verdict = exc.status < 500  # an answer; a 5xx page is the gateway failing
+            raise
+        except NotConnected:
+            verdict = False
+            return await open_socket(True)
+        finally:
+            if verdict is None:
+                breaker.abandon(ticket)
+            elif verdict:
+                breaker.success(ticket)
+            else:
+                breaker.failure(ticket)
 
     async def _refuse(self, scope: Scope, send: Send, session: Session, exc: ProxyError) -> None:
         session.answered = True

@@ -47,6 +47,7 @@ class Exchange:
         "status",
         "ttfb",
         "upstream_status",
+        "via",
     )  # fmt: skip
 
     def __init__(self, method: str) -> None:
@@ -75,6 +76,7 @@ class Exchange:
         self.app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
         self.billable_units = 0.0  # fal's x-fal-billable-units on a success
         self.generation = False  # admitted as a call that can start a generation
+        self.via: str | None = None  # "direct": sent straight to fal (FAL_PROXY_FALLBACK)
 
     def record(self, admitted: Admitted) -> None:
         """Take what admission learned (the log line shows it even for a refusal)."""
@@ -109,6 +111,7 @@ class Exchange:
             "cf_aig_log_id",
             "error",
             "gateway_error",
+            "via",
         ):
             value = getattr(self, name)
             if value is not None:

@@ -27,6 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
 from .admission import Admission, Admitted, RequestHeaders
+from .breaker import GATEWAY, Breaker, direct_headers, direct_url, gateway_failed, never_left
 from .errors import (
     BadRequest,
     PayloadTooLarge,
@@ -55,6 +56,7 @@ class Forwarder:
         self.metrics = metrics
         self.injected = InjectedHeaders.from_settings(settings)
         self.session: aiohttp.ClientSession | None = None
+        self.breaker: Breaker | None = None  # FAL_PROXY_FALLBACK=direct (set by the app)
         self.log = get_logger("proxy.request")
 
     async def __call__(
@@ -245,6 +247,55 @@ class Forwarder:
         )
         await send({"type": "http.response.body", "body": b""})
 
+    async def _open(
+        self, ex: Exchange, target: Target, headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:  # fmt: skip
+        """Send the request through the gateway, or (``FAL_PROXY_FALLBACK=direct``) the way
+        the breaker says; a request whose gateway connection failed goes to fal once more,
+        directly, when its whole body is still in hand (it provably never left)."""
+        assert self.session is not None
+        breaker = self.breaker
+        ticket = breaker.route() if breaker is not None else GATEWAY
+        if ticket.direct:
+            return await self._direct(ex, target, headers, body)
+        verdict: bool | None = None  # the gateway worked, failed, or we cannot tell
+        try:
+            response = await self.session.request(
+                ex.method, URL(target.upstream_url, encoded=True), headers=headers, data=body,
+                allow_redirects=False,
+            )  # fmt: skip
+            verdict = not gateway_failed(response.status, response.headers)
+            return response
+        except aiohttp.ClientError as exc:
+            if breaker is None or not never_left(exc):
+                raise
+            verdict = False
+            if not isinstance(body, bytes | None):
+                raise  # a streamed body may have started: never sent twice
+            return await self._direct(ex, target, headers, body)
+        finally:
+            if breaker is not None:
+                if verdict is None:
+                    breaker.abandon(ticket)
+                elif verdict:
+                    breaker.success(ticket)
+                else:
+                    breaker.failure(ticket)
+
+    async def _direct(
+        self, ex: Exchange, target: Target, headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:  # fmt: skip
+        """The request straight to fal: fal's own URL, no gateway headers."""
+        assert self.session is not None
+        ex.via = "direct"
+        url = direct_url(target.host, target.path, target.query, self.settings.gateway.fal_origin)
+        return await self.session.request(
+            ex.method, URL(url, encoded=True), headers=direct_headers(headers), data=body,
+            allow_redirects=False,
+        )  # fmt: skip
+
     async def _exchange(
         self,
         target: Target,
@@ -298,13 +349,7 @@ class Forwarder:
         try:
             try:
                 async with deadline:
-                    response = await self.session.request(
-                        ex.method,
-                        URL(target.upstream_url, encoded=True),
-                        headers=headers,
-                        data=body,
-                        allow_redirects=False,
-                    )
+                    response = await self._open(ex, target, headers, body)
             except TimeoutError:
                 raise timeout_error(
                     body_error=ex.body_error, body_phase=ex.body_phase,

@@ -54,6 +54,11 @@ class Metrics:
         self.open_websockets = Gauge(
             "fal_proxy_open_websockets", "Bridged WebSocket sessions", registry=registry
         )
+        self.gateway_bypassed = Gauge(
+            "fal_proxy_gateway_bypassed",
+            "1 while calls go straight to fal, the gateway failing (FAL_PROXY_FALLBACK=direct)",
+            registry=registry,
+        )
         # By app, never by caller (unbounded labels): per-caller figures are on /usage.
         self.generations = Counter(
             "fal_proxy_generations",

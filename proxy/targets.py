@@ -25,7 +25,10 @@ from .errors import BadRequest, Forbidden, MethodNotAllowed, NotFound
 RUN_HOST = "fal.run"
 QUEUE_HOST = "queue.fal.run"
 REST_HOST = "rest.fal.ai"
-ALLOWED_HOSTS = frozenset({RUN_HOST, QUEUE_HOST, REST_HOST})
+# fal's backup domains (its Python client falls back to them when fal.run does not connect):
+# the same service, so sent as the primary host, which the gateway surely routes.
+BACKUP_HOSTS = {"falrun.com": RUN_HOST, "queue.falrun.com": QUEUE_HOST}
+ALLOWED_HOSTS = frozenset({RUN_HOST, QUEUE_HOST, REST_HOST, *BACKUP_HOSTS})
 # rest.fal.ai is fal's account API: only the calls the JS SDK makes through a proxy.
 REST_PATHS = frozenset(
     {"/storage/upload/initiate", "/storage/upload/initiate-multipart", "/tokens/"}
@@ -125,7 +128,7 @@ def _parse_target_url(value: str) -> tuple[str, str, str]:
             f"({', '.join(sorted(ALLOWED_HOSTS))})",
         )
     path, _, query = rest.partition("?")
-    return host, path or "/", query
+    return BACKUP_HOSTS.get(host, host), path or "/", query
 
 
 def _check_path(path: str) -> None:

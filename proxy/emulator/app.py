@@ -21,7 +21,7 @@ from .apps import CATALOGUE
 from .asgi import base_url, send_json
 from .context import EmulatorState
 from .control import serve_control
-from .gateway import GATEWAY_PATH, serve_gateway
+from .gateway import DIRECT_PATH, GATEWAY_PATH, serve_direct, serve_gateway
 from .realtime import serve_realtime
 
 
@@ -37,9 +37,12 @@ class Emulator(EmulatorState):
             return
         path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         gateway = GATEWAY_PATH.fullmatch(path)
+        direct = DIRECT_PATH.fullmatch(path)  # fal itself, no gateway (the proxy's fallback)
         if scope["type"] == "websocket":
             if gateway:
                 await serve_realtime(self, scope, receive, send, gateway.group(3) or "")
+            elif direct and direct.group(1) == "fal.run":
+                await serve_realtime(self, scope, receive, send, direct.group(2) or "", direct=True)
             else:
                 await send({"type": "websocket.close", "code": 1008})
             return
@@ -47,6 +50,8 @@ class Emulator(EmulatorState):
             await serve_control(self, scope, path[len("/_emulator/") :], receive, send)
         elif gateway:
             await serve_gateway(self, scope, gateway.group(3) or "", receive, send)
+        elif direct:
+            await serve_direct(self, scope, direct.group(1), direct.group(2) or "/", receive, send)
         elif path == "/":
             await send_json(
                 send,

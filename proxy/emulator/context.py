@@ -31,6 +31,7 @@ class EmulatorState:
         self.files = Files()
         self.queue = Queue(config.seed + 2, config.time_scale)
         self.storage = Storage(self.files, random.Random(config.seed + 1))
+        self.outage: int | None = None  # /_emulator/outage: the gateway's 5xx for every call
 
     def new_request_id(self) -> str:
         """fal's ``x-fal-request-id``: a UUID4 drawn from the seeded generator."""

@@ -12,6 +12,7 @@ nothing after it is let through when ``fal_key`` is ``None``; HTTP refuses it.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable
 
@@ -37,6 +38,11 @@ class Refusal(enum.Enum):
     def gateways(self) -> bool:
         """Answered by the gateway itself (never reaches fal)."""
         return self is not Refusal.FAL_KEY
+
+
+def fal_only(config: EmulatorConfig) -> EmulatorConfig:
+    """The credential rules of fal itself: its key, no gateway token, no stored keys."""
+    return dataclasses.replace(config, cf_token=None, byok={}, unified_billing=False)
 
 
 def check_credentials(

@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 
 from starlette.types import Receive, Scope, Send
 
-from .asgi import header_map, send_json
+from .asgi import header_map, send_json, send_raw
 from .context import Call, EmulatorState
-from .credentials import Refusal, check_credentials
+from .credentials import Refusal, check_credentials, fal_only
 from .fal_queue import serve_queue
 from .fal_rest import serve_rest
 from .fal_run import serve_run
@@ -33,6 +33,12 @@ GATEWAY_401 = {
     "error": [{"code": 2009, "message": "Unauthorized"}],
 }
 TARGET_HOSTS = ("fal.run", "queue.fal.run", "rest.fal.ai")
+DIRECT_PATH = re.compile(r"/_fal/(fal\.run|queue\.fal\.run|rest\.fal\.ai)(/.*)?")
+# What Cloudflare serves when it, not the origin, fails: HTML, and no fal request id.
+CLOUDFLARE_PAGE = (
+    b"<!DOCTYPE html><html><head><title>%d | gateway.ai.cloudflare.com | Cloudflare</title>"
+    b"</head><body><h1>Error</h1><p>Cloudflare encountered an error.</p></body></html>"
+)
 
 
 def gateway_error(message: str) -> dict[str, object]:
@@ -60,6 +66,12 @@ async def serve_gateway(
         (b"cf-aig-cache-status", b"MISS"),
     ]
     common = [(b"x-fal-request-id", request_id.encode()), *gateway_headers]
+    if state.outage is not None:  # Cloudflare's own error page: fal never saw the request
+        page = CLOUDFLARE_PAGE % state.outage
+        await send_raw(
+            send, state.outage, page, [(b"content-type", b"text/html"), *gateway_headers]
+        )
+        return
     refusal = check_credentials(state.config, scope, headers)
     if refusal is Refusal.GATEWAY:
         await send_json(send, 401, GATEWAY_401, gateway_headers)
@@ -89,9 +101,34 @@ async def serve_gateway(
     else:
         host, path, query = "fal.run", fal_path or "/", scope["query_string"].decode("latin-1")
     ctx = Call(state, scope, receive, send, common, request_id, record, body)
+    await serve_fal(ctx, host, scope["method"], path, query)
+
+
+async def serve_direct(
+    state: EmulatorState, scope: Scope, host: str, path: str, receive: Receive, send: Send
+) -> None:
+    """One HTTP request to fal itself, no gateway in front (``/_fal/<host><path>``): the
+    proxy's direct path when the gateway is down (FAL_PROXY_TEST_FAL_ORIGIN). Recorded as
+    ``direct``; only fal's key is checked."""
+    body, size, digest, gone = await read_and_digest(receive)
+    if gone:
+        return
+    query = scope["query_string"].decode("latin-1")
+    target = f"https://{host}{path}" + (f"?{query}" if query else "")
+    record = state.recorder.record(scope, body, size, digest, kind="direct", target_url=target)
+    request_id = state.new_request_id()
+    common = [(b"x-fal-request-id", request_id.encode())]
+    if check_credentials(fal_only(state.config), scope, header_map(scope)) is not None:
+        await send_json(send, 401, {"detail": "Invalid Key authorization header"}, common)
+        return
+    ctx = Call(state, scope, receive, send, common, request_id, record, body)
+    await serve_fal(ctx, host, scope["method"], path, query)
+
+
+async def serve_fal(ctx: Call, host: str, method: str, path: str, query: str) -> None:
     if host == "queue.fal.run":
-        await serve_queue(ctx, scope["method"], path, query)
+        await serve_queue(ctx, method, path, query)
     elif host == "rest.fal.ai":
         await serve_rest(ctx, path)
     else:
-        await serve_run(ctx, scope["method"], path, query)
+        await serve_run(ctx, method, path, query)

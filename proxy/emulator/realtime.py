@@ -37,19 +37,20 @@ from starlette.types import Message, Receive, Scope, Send
 from .apps import InvalidInput, find_app
 from .asgi import base_url, header_map
 from .context import EmulatorState
-from .credentials import Refusal, check_credentials
+from .credentials import Refusal, check_credentials, fal_only
 
 SCRIPTED = "emulator/ws/realtime"  # the test-behaviour socket (see the module docstring)
 SCRIPTED_APP = "emulator/echo/realtime"  # whose catalogue entry it borrows
 
 
 async def serve_realtime(
-    state: EmulatorState, scope: Scope, receive: Receive, send: Send, fal_path: str
-) -> None:
+    state: EmulatorState, scope: Scope, receive: Receive, send: Send, fal_path: str,
+    *, direct: bool = False,
+) -> None:  # fmt: skip
     message = await receive()
     if message["type"] != "websocket.connect":
         return
-    state.recorder.record(scope, b"", 0, "", kind="websocket")
+    state.recorder.record(scope, b"", 0, "", kind="direct-websocket" if direct else "websocket")
     scripted = fal_path.strip("/") == SCRIPTED
     found = find_app(SCRIPTED_APP) if scripted else find_app(fal_path)
     if found is None or found[2] != "/realtime":
@@ -61,7 +62,7 @@ async def serve_realtime(
     # An authenticated gateway wants its token on WebSockets too (a header, or the browsers'
     # sub-protocol); fal takes its key, or a token from /tokens/ for this app's alias.
     refusal = check_credentials(
-        state.config,
+        fal_only(state.config) if direct else state.config,
         scope,
         header_map(scope),
         lambda: bool(token) and state.storage.check_token(token, alias),

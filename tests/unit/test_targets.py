@@ -65,6 +65,15 @@ VALID = [
         "https://rest.fal.ai/storage/upload/initiate-multipart?storage_type=fal-cdn-v3",
     ),
     ("https://rest.fal.ai/tokens/", "token", GW, "https://rest.fal.ai/tokens/"),
+    # fal's backup domains: the same service, sent as the primary hosts.
+    ("https://falrun.com/fal-ai/fast-sdxl", "run", f"{GW}/fal-ai/fast-sdxl", None),
+    ("https://FALRUN.COM:443/fal-ai/x/stream", "stream", f"{GW}/fal-ai/x/stream", None),
+    (
+        "https://queue.falrun.com/fal-ai/flux/dev",
+        "queue",
+        GW,
+        "https://queue.fal.run/fal-ai/flux/dev",
+    ),
 ]
 
 
