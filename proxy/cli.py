@@ -232,7 +232,8 @@ def serve(settings: Settings, workers: int = 1) -> int:
         exit_cleanly_on_signals()
         server.run(sockets=proxy_sockets(settings))
         return 0
-    settings.python_sdk.tls_files(settings.host)  # made once here, not raced by the workers
+    if settings.python_sdk.port is not None:
+        settings.python_sdk.tls_files(settings.host)  # made once here, not raced by workers
     if settings.access.redis_url is None:
         log.warning(
             "several workers with in-memory rate limits: each worker counts on its own; "

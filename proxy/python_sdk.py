@@ -19,13 +19,14 @@ import json
 import re
 import zlib
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from starlette.types import Scope
 
 from .admission import RequestHeaders
 from .errors import BadGateway
 from .python_sdk_settings import QUEUE_PREFIX
-from .targets import QUEUE_HOST, RUN_HOST, Target
+from .targets import BACKUP_HOSTS, QUEUE_HOST, RUN_HOST, Target
 
 URL_KEYS = ("status_url", "response_url", "cancel_url")
 # Queue answers are small JSON; one this large is not fal's, and is not held in memory.
@@ -52,64 +53,139 @@ def key_credential(value: str | None) -> str | None:
     return rest.strip() if scheme.lower() == "key" else value.strip()
 
 
-def proxied_url(url: str, origin: str) -> str:
-    """A fal URL as this port serves it; any other URL unchanged."""
-    for host, prefix in ((QUEUE_HOST, QUEUE_PREFIX), (RUN_HOST, "")):
-        root = f"https://{host}/"
-        if url.startswith(root):
-            return f"{origin}{prefix}/{url[len(root) :]}"
-    return url
+def proxied_url(url: str, origin: str) -> str | None:
+    """A fal queue or run URL as this port serves it; None for anything else (which must not
+    reach the client: it would follow it with the caller's credential)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    if parts.scheme.lower() != "https" or port not in (None, 443) or parts.username is not None:
+        return None
+    prefix = {QUEUE_HOST: QUEUE_PREFIX, RUN_HOST: ""}.get(BACKUP_HOSTS.get(host, host))
+    if prefix is None:
+        return None
+    return f"{origin}{prefix}{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
 
 
 def rewrite_queue_urls(body: bytes, origin: str) -> bytes | None:
     """A queue answer (a JSON object) with its ``status_url``, ``response_url`` and
     ``cancel_url`` pointed at this port; None when there is nothing to change (not a JSON
-    object, or no such fal URL). Every other member is kept as it was."""
+    object, or no such member). Only those three strings are replaced, in place: every other
+    byte is kept as it came (numbers, escapes, member order, duplicates). A URL that is not
+    fal's is refused (BadGateway): handed on, the client would take the caller's credential
+    there. Fails closed, never open."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        text = body.decode("utf-8")
+        spans = _url_members(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None  # unreadable: the client's own JSON parser cannot read it either
+    if not spans:
         return None
-    if not isinstance(data, dict):
-        return None
-    changed = False
-    for key in URL_KEYS:
-        value = data.get(key)
-        if isinstance(value, str) and (new := proxied_url(value, origin)) != value:
-            data[key] = new
-            changed = True
-    if not changed:
-        return None
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    out, last = [], 0
+    for start, end, key, value in spans:
+        new = proxied_url(value, origin)
+        if new is None:
+            raise BadGateway(
+                "the gateway's queue answer points outside fal", f"{key} is not a fal URL"
+            )
+        out += [text[last:start], json.dumps(new)]
+        last = end
+    out.append(text[last:])
+    return "".join(out).encode()
+
+
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+# The stdlib's JSON string scanner (C): (value, end) for the string starting after a '"'.
+scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
+def _skip(text: str, at: int) -> int:
+    """Past the JSON whitespace at ``at``."""
+    match = _SPACE.match(text, at)
+    assert match is not None  # "*": it always matches
+    return match.end()
+
+
+def _url_members(text: str) -> list[tuple[int, int, str, str]]:
+    """Where the URL members' string values stand in a JSON object's text: (start, end, key,
+    value) each; [] when ``text`` is not one JSON object. Raises ValueError on bad JSON."""
+    at = _skip(text, 0)
+    if text[at : at + 1] != "{":
+        return []
+    at = _skip(text, at + 1)
+    spans: list[tuple[int, int, str, str]] = []
+    if text[at : at + 1] == "}":
+        at += 1
+    else:
+        while True:
+            if text[at : at + 1] != '"':
+                raise ValueError("a member name was expected")
+            key, at = scanstring(text, at + 1)
+            at = _skip(text, at)
+            if text[at : at + 1] != ":":
+                raise ValueError("':' was expected")
+            at = _skip(text, at + 1)
+            if key in URL_KEYS and text[at : at + 1] == '"':
+                value, end = scanstring(text, at + 1)
+                spans.append((at, end, key, value))
+                at = end
+            else:
+                _, at = _DECODER.raw_decode(text, at)  # any other value, skipped whole
+            at = _skip(text, at)
+            if text[at : at + 1] == "}":
+                at += 1
+                break
+            if text[at : at + 1] != ",":
+                raise ValueError("',' or '}' was expected")
+            at = _skip(text, at + 1)
+    if _skip(text, at) != len(text):
+        raise ValueError("text after the object")
+    return spans
 
 
 def decoded(body: bytes, encoding: str) -> bytes:
     """``body`` without its ``content-encoding`` (gzip, deflate or none), at most
-    MAX_REWRITTEN_BYTES; BadGateway for another encoding or a body that does not decode."""
+    MAX_REWRITTEN_BYTES; BadGateway for another encoding or a body that does not decode. A
+    gzip body may hold several members (RFC 1952), all decoded; anything else after the
+    compressed data is an error, not dropped."""
     coding = encoding.strip().lower()
-    if coding in ("", "identity"):
+    if coding in ("", "identity") or not body:
         return body
     if coding not in ("gzip", "x-gzip", "deflate"):
         raise BadGateway(
             "the gateway sent a queue answer the proxy cannot rewrite",
             f"content-encoding {coding}; the proxy asked for {REWRITE_ACCEPT_ENCODING}",
         )
+    gzipped = coding != "deflate"
     # gzip: a gzip header (wbits 16+); deflate: a zlib header, or none (as some servers send).
-    raw_deflate = coding == "deflate" and body[:1] != b"\x78"
-    wbits = -zlib.MAX_WBITS if raw_deflate else zlib.MAX_WBITS | (16 if coding != "deflate" else 0)
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, MAX_REWRITTEN_BYTES + 1)  # bounded: no zip bomb
-    except zlib.error:
-        data = None
-    if data is not None and len(data) > MAX_REWRITTEN_BYTES:
-        raise BadGateway(
-            "the gateway's queue answer is too large", f"over {MAX_REWRITTEN_BYTES} bytes decoded"
-        )
-    if data is None or not inflater.eof:
-        raise BadGateway(
-            "the gateway sent a queue answer that does not decode", f"content-encoding {coding}"
-        )
-    return data
+    wbits = zlib.MAX_WBITS | 16 if gzipped else zlib.MAX_WBITS if body[:1] == b"\x78" else -15
+    out, rest = bytearray(), body
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            # Bounded: a bomb is refused after the limit, never inflated whole.
+            out += inflater.decompress(rest, MAX_REWRITTEN_BYTES + 1 - len(out))
+        except zlib.error:
+            break
+        if len(out) > MAX_REWRITTEN_BYTES:
+            raise BadGateway(
+                "the gateway's queue answer is too large",
+                f"over {MAX_REWRITTEN_BYTES} bytes decoded",
+            )
+        if not inflater.eof:
+            break
+        rest = inflater.unused_data
+        if not rest:
+            return bytes(out)
+        if not (gzipped and rest[:2] == b"\x1f\x8b"):  # another member, or else garbage
+            break
+    raise BadGateway(
+        "the gateway sent a queue answer that does not decode", f"content-encoding {coding}"
+    )
 
 
 @dataclass(frozen=True)

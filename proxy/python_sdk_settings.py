@@ -120,8 +120,9 @@ class PythonSdkSettings:
 
     def tls_files(self, listen_host: str) -> TlsFiles | None:
         """The generated certificate's files (made once, reused after), or None when the
-        operator gave their own. Raises SettingsError naming FAL_PROXY_STATE_DIR."""
-        if self.cert_file is not None:
+        operator gave their own, or there is no such port. Raises SettingsError naming
+        FAL_PROXY_STATE_DIR."""
+        if self.cert_file is not None or self.port is None:
             return None
         state_dir = Path(self.state_dir) if self.state_dir else default_state_dir()
         try:

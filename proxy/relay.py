@@ -122,22 +122,29 @@ async def relay_rewritten(
     if response.status == 401:
         ex.gateway_error = gateway_auth_error(bytes(body), encoding)
     plain = decoded(bytes(body), encoding)
-    if response.status < 400:
-        plain = rewrite(plain) or plain
+    rewritten = rewrite(plain) if response.status < 400 else None
+    # The body changed: its length and encoding, and any validator of the old bytes, go.
+    dropped = (b"content-length", b"content-encoding") + (_VALIDATORS if rewritten else ())
     headers = [
         (name, value)
         for name, value in downstream_response_headers(
             response.raw_headers, status=response.status, request_id=ex.request_id
         )
-        if name not in (b"content-length", b"content-encoding")
+        if name not in dropped
     ]
-    headers.append((b"content-length", str(len(plain)).encode()))
+    plain = rewritten or plain
+    if response.status not in (204, 304):  # bodiless: no length may be announced
+        headers.append((b"content-length", str(len(plain)).encode()))
     ex.status = response.status  # from here on, an error can no longer be answered
     await send({"type": "http.response.start", "status": response.status,
                 "headers": headers + ex.cors})  # fmt: skip
     ex.response_done = True
     ex.bytes_out = len(plain)
     await send({"type": "http.response.body", "body": plain})
+
+
+# Headers that describe the exact bytes: wrong once the body is rewritten.
+_VALIDATORS = (b"etag", b"content-md5", b"digest", b"repr-digest", b"content-digest")
 
 
 def _note_answer(response: aiohttp.ClientResponse, ex: Exchange) -> None:

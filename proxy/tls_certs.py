@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +63,10 @@ def ensure_certificates(state_dir: Path, names: list[str]) -> TlsFiles:
     )
     ca_key_path = state_dir / "ca-key.pem"
     now = dt.datetime.now(dt.UTC)
-    ca_cert, ca_key = _load_ca(files.ca, ca_key_path, now)
+    ca_cert, ca_key = _load_ca(files.ca, ca_key_path, now, names)
     if ca_cert is None or ca_key is None:
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = _make_ca(ca_key, now)
+        ca_cert = _make_ca(ca_key, now, names)
         _write(ca_key_path, _key_pem(ca_key), private=True)
         _write(files.ca, ca_cert.public_bytes(serialization.Encoding.PEM))
         _write(files.cert, b"")  # a new CA: the old server certificate no longer verifies
@@ -83,27 +84,55 @@ def ensure_certificates(state_dir: Path, names: list[str]) -> TlsFiles:
 
 
 def _load_ca(
-    cert_path: Path, key_path: Path, now: dt.datetime
+    cert_path: Path, key_path: Path, now: dt.datetime, names: list[str]
 ) -> tuple[x509.Certificate | None, ec.EllipticCurvePrivateKey | None]:
+    """The CA in the state directory, if it is ours and still right; else (None, None)."""
+    cert_pem, key_pem = _read_own(cert_path), _read_own(key_path, private=True)
+    if cert_pem is None or key_pem is None:
+        return None, None
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError):
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        constraints = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except (ValueError, x509.ExtensionNotFound):
         return None, None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or cert.not_valid_after_utc <= now:
         return None, None
     if not _same_key(cert, key):
         return None, None  # a CA key that is not the certificate's: start again
+    if constraints != _constraints(names):
+        return None, None  # other names: a CA good for exactly these
     return cert, key
+
+
+def _read_own(path: Path, *, private: bool = False) -> bytes | None:
+    """The file's bytes when this user owns it (and, ``private``, nobody else may read it);
+    else None, and it is made again. In a state directory others can write, a file planted
+    there (a CA of someone else's) is never adopted; read through the opened file, so it
+    cannot be swapped between the check and the read, and never through a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        st = os.fstat(file.fileno())
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            return None
+        if private and st.st_mode & 0o077:
+            return None
+        return file.read()
 
 
 def _server_is_current(
     cert_path: Path, key_path: Path, ca: x509.Certificate, names: list[str], now: dt.datetime
 ) -> bool:
+    cert_pem, key_pem = _read_own(cert_path), _read_own(key_path, private=True)
+    if cert_pem is None or key_pem is None:
+        return False
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError):
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except ValueError:
         return False
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not _same_key(cert, key):
         return False
@@ -123,7 +152,12 @@ def _same_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
     return cert.public_key().public_bytes(der, spki) == key.public_key().public_bytes(der, spki)
 
 
-def _make_ca(key: ec.EllipticCurvePrivateKey, now: dt.datetime) -> x509.Certificate:
+def _make_ca(
+    key: ec.EllipticCurvePrivateKey, now: dt.datetime, names: list[str]
+) -> x509.Certificate:
+    """A CA that may sign end-entity certificates (pathlen 0) for ``names`` only (critical
+    name constraints, RFC 5280 §4.2.1.10): trusted through SSL_CERT_FILE by a whole client
+    process, its key could otherwise mint a certificate for any site that process visits."""
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANISATION),
@@ -154,6 +188,7 @@ def _make_ca(key: ec.EllipticCurvePrivateKey, now: dt.datetime) -> x509.Certific
             ),
             critical=True,
         )
+        .add_extension(_constraints(names), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .sign(key, hashes.SHA256())
     )
@@ -182,6 +217,20 @@ def _make_server(
     )
 
 
+def _constraints(names: list[str]) -> x509.NameConstraints:
+    """Permitted: exactly ``names`` (a DNS name also covers its sub-domains, by RFC 5280; an
+    address is a single-address network)."""
+    subtrees: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            subtrees.append(x509.DNSName(name))
+        else:
+            subtrees.append(x509.IPAddress(ipaddress.ip_network(address)))
+    return x509.NameConstraints(permitted_subtrees=subtrees, excluded_subtrees=None)
+
+
 def _alt_names(names: list[str]) -> list[x509.GeneralName]:
     out: list[x509.GeneralName] = []
     for name in dict.fromkeys(names):  # in order, once each
@@ -201,13 +250,16 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write atomically; a private file is 0600 from its first byte."""
-    aside = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    """Write atomically; a private file is 0600 from its first byte. The file aside has a
+    random name, made with O_EXCL (mkstemp): nothing planted in the directory (a symlink to
+    somewhere else) can receive the bytes."""
+    fd, aside = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
+            if not private:
+                os.fchmod(out.fileno(), 0o644)
             out.write(data)
         os.replace(aside, path)
     except BaseException:
-        aside.unlink(missing_ok=True)
+        Path(aside).unlink(missing_ok=True)
         raise

@@ -28,7 +28,6 @@ from websockets.sync.client import connect as ws_connect
 from tests.conftest import (
     CF_TOKEN,
     FAL_KEY,
-    PREFIX,
     FakeGateway,
     RunningProxy,
     child_env,
@@ -133,9 +132,8 @@ def test_an_unknown_alias_gets_the_gateways_error_relayed(
     assert "Configured BYOK credentials are unavailable" in response.text
     assert "x-fal-request-id" not in response.headers  # the gateway's own answer
     url = proxy.url.replace("http://", "ws://") + "/fal-ai/fast-lcm-diffusion/realtime"
-    with pytest.raises(Exception, match="403|400|1008"):  # the socket is refused too
-        with ws_connect(url) as socket:
-            socket.recv(timeout=5)
+    with pytest.raises(Exception, match=r"403|400|1008"), ws_connect(url) as socket:
+        socket.recv(timeout=5)  # the socket is refused too
 
 
 def test_unified_billing_sends_neither_key_nor_alias(
@@ -183,8 +181,10 @@ def test_bad_mode_settings_stop_the_start_with_one_line(
 
 def probe(gateway: FakeGateway, **env: str) -> subprocess.CompletedProcess[str]:
     full = {"FAL_KEY": FAL_KEY, "FAL_PROXY_GATEWAY_URL": gateway.gateway_url, **env}
-    return subprocess.run([sys.executable, "-m", "proxy", "check", "--probe"],
-                          env=child_env(**full), capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--probe"],
+        env=child_env(**full), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
 
 
 def test_check_probe_names_the_mode_and_asks_the_gateway(fake_gateway: FakeGateway) -> None:
@@ -203,7 +203,7 @@ def test_check_probe_names_the_mode_and_asks_the_gateway(fake_gateway: FakeGatew
         assert FAL_KEY not in out.stdout + out.stderr and CF_TOKEN not in out.stdout + out.stderr
 
 
-# --- cf-aig-metadata -------------------------------------------------------------------------------
+# --- cf-aig-metadata ---------------------------------------------------------------------------
 
 
 def metadata_of(record: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -510,3 +511,69 @@ def test_the_port_works_with_several_workers(fake_gateway: FakeGateway, tmp_path
         assert_server_credentials_only(queue_records(fake_gateway))
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("home", ["writable", "/proc/nonexistent"])
+def test_several_workers_without_the_port_make_no_certificate(
+    fake_gateway: FakeGateway, tmp_path: Path, home: str
+) -> None:
+    """No Python port, no CA: nothing written to HOME, and a HOME nobody can write (the image's
+    /nonexistent, a read-only root) does not stop the start (found by a review)."""
+    from tests.conftest import Process
+
+    where = str(tmp_path) if home == "writable" else home
+    env = child_env(FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url,
+                    FAL_PROXY_WORKERS="2", FAL_PROXY_LOG_FORMAT="json", HOME=where)  # fmt: skip
+    process = Process([sys.executable, "-m", "proxy", "--port", "0"], env)
+    try:
+        first = process.wait_for_json(lambda r: r.get("event") == "listening")
+        process.wait_for_json(
+            lambda r: r.get("event") == "listening" and r.get("pid") != first.get("pid")
+        )
+    finally:
+        process.stop()
+    assert not list(tmp_path.rglob("*.pem"))
+
+
+def test_sigterm_drains_a_stream_on_the_tls_port(fake_gateway: FakeGateway, tmp_path: Path) -> None:
+    """The TLS socket is the same server's: SIGTERM stops new TLS connections, lets the open
+    stream finish, and the process exits 0."""
+    running = start_python_port(fake_gateway, tmp_path / "state", tmp_path,
+                                FAL_PROXY_DRAIN_SECONDS="20", FAL_PROXY_ALLOWED_APPS="*")  # fmt: skip
+    try:
+        with (
+            tls_client(running) as client,
+            client.stream("POST", "/emulator/sse?n=3&gated=1", json={}) as response,
+        ):
+            lines = response.iter_lines()
+            assert next(lines) == 'data: {"n": 1}'
+            running.proxy.process.proc.send_signal(signal.SIGTERM)
+            running.proxy.process.wait_for_json(lambda r: r.get("event") == "Shutting down")
+            with tls_client(running) as other, pytest.raises(httpx.TransportError):
+                other.get("/healthz", timeout=2)
+            fake_gateway.release("sse-2")
+            fake_gateway.release("sse-3")
+            rest = [line for line in lines if line]
+        assert rest == ['data: {"n": 2}', "event: done", 'data: {"n": 3}']
+        assert running.proxy.process.proc.wait(15) == 0
+    finally:
+        running.proxy.process.stop()
+
+
+def test_a_tls_handshake_that_never_ends_is_cut_at_the_header_timeout(
+    fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    import socket
+    import time
+
+    running = start_python_port(fake_gateway, tmp_path / "state", tmp_path,
+                                FAL_PROXY_HEADER_TIMEOUT="1")  # fmt: skip
+    number = int(running.settings["FAL_PROXY_PYTHON_SDK_PORT"])
+    try:
+        with socket.create_connection(("127.0.0.1", number), timeout=10) as raw:
+            started = time.monotonic()
+            raw.sendall(b"\x16\x03\x01")  # the start of a ClientHello, and no more
+            assert raw.recv(100) == b""  # closed by the proxy
+            assert time.monotonic() - started < 5
+    finally:
+        running.proxy.process.stop()

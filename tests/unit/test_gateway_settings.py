@@ -75,7 +75,8 @@ def test_unified_billing_sends_no_key_and_allows_wholesale() -> None:
     ("env", "named"),
     [
         ({"CF_AIG_BYOK_ALIAS": "a", "FAL_KEY": "k", **TOKEN}, "FAL_KEY"),
-        ({"CF_AIG_BYOK_ALIAS": "a", "FAL_KEY_ID": "i", "FAL_KEY_SECRET": "s", **TOKEN}, "FAL_KEY_ID"),
+        ({"CF_AIG_BYOK_ALIAS": "a", "FAL_KEY_ID": "i", "FAL_KEY_SECRET": "s", **TOKEN},
+         "FAL_KEY_ID"),
         ({"FAL_PROXY_UNIFIED_BILLING": "true", "FAL_KEY_FILE": "/k", **TOKEN}, "FAL_KEY_FILE"),
         ({"CF_AIG_BYOK_ALIAS": "a"}, "CF_AIG_TOKEN"),
         ({"FAL_PROXY_UNIFIED_BILLING": "true"}, "CF_AIG_TOKEN"),

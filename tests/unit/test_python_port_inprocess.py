@@ -159,7 +159,7 @@ async def test_an_answer_that_cannot_be_rewritten_is_a_clean_502(
         (200, {"content-type": "text/plain"}, b"not json at all"),
         (200, {}, b"[1, 2, 3]"),
         (422, {}, json.dumps({"detail": [{"msg": "bad"}], **URLS}).encode()),  # an error: as is
-        (200, {}, json.dumps({"status_url": "https://evil.example/x"}).encode()),
+        (200, {}, b'{"a":' + b"[" * 200_000 + b"]" * 200_000 + b"}"),  # unreadable to any client
     ],
 )
 async def test_an_answer_with_nothing_to_rewrite_is_passed_as_it_came(
@@ -169,6 +169,55 @@ async def test_an_answer_with_nothing_to_rewrite_is_passed_as_it_came(
     state["answer"] = answer
     client = await call(url, "POST", SUBMIT)
     assert client.status() == answer[0] and client.body() == answer[2]
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        "https://evil.example/x",
+        "http://queue.fal.run/fal-ai/x/requests/r1/status",
+        "https://queue.fal.run.evil.example/fal-ai/x/requests/r1/status",
+    ],
+)
+async def test_a_url_outside_fal_is_never_handed_to_the_client(gateway, foreign: str) -> None:
+    """fal-client follows these URLs with the caller's credential: refused, not passed on."""
+    url, state = gateway
+    answer = {"request_id": "r1", **URLS, "cancel_url": foreign}
+    state["answer"] = (200, {}, json.dumps(answer).encode())
+    client = await call(url, "POST", SUBMIT)
+    assert client.status() == 502 and foreign.encode() not in client.body()
+
+
+async def test_a_lone_surrogate_in_a_status_log_is_kept_not_a_500(gateway) -> None:
+    """An app's log line can carry an escaped lone surrogate: valid JSON, passed as it came."""
+    url, state = gateway
+    body = (
+        '{"status":"IN_PROGRESS","request_id":"r1","logs":[{"message":"bad \\ud800 byte"}],'
+        f'"status_url":"{URLS["status_url"]}"}}'
+    ).encode()
+    state["answer"] = (200, {"content-type": "application/json"}, body)
+    client = await call(url, "GET", STATUS + "?logs=true")
+    assert client.status() == 200
+    assert client.body() == body.replace(URLS["status_url"].encode(), HERE["status_url"].encode())
+
+
+async def test_bodiless_and_empty_answers_keep_their_status(gateway) -> None:
+    url, state = gateway
+    state["answer"] = (204, {}, b"")
+    client = await call(url, "POST", SUBMIT)
+    assert client.status() == 204 and b"content-length" not in response_headers(client)
+    # An edge error with no body but a gzip label: its status and Retry-After, not a 502.
+    state["answer"] = (503, {"content-encoding": "gzip", "retry-after": "7"}, b"")
+    client = await call(url, "GET", STATUS)
+    assert client.status() == 503 and response_headers(client)[b"retry-after"] == b"7"
+
+
+async def test_validators_of_the_old_bytes_are_dropped(gateway) -> None:
+    url, state = gateway
+    state["answer"] = (200, {"etag": '"abc"', "content-md5": "x", "x-fal-request-id": "f1"}, ANSWER)
+    headers = response_headers(await call(url, "POST", SUBMIT))
+    assert b"etag" not in headers and b"content-md5" not in headers
+    assert headers[b"x-fal-request-id"] == b"f1"
 
 
 async def test_an_upstream_that_stalls_mid_answer_is_a_504(gateway) -> None:

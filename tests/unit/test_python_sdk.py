@@ -92,15 +92,54 @@ def test_key_credential(header: str | None, expected: str | None) -> None:
         ("https://queue.fal.run/fal-ai/x/requests/1/status",
          f"{ORIGIN}/queue.fal.run/fal-ai/x/requests/1/status"),
         ("https://fal.run/fal-ai/x", f"{ORIGIN}/fal-ai/x"),
-        ("https://rest.fal.ai/tokens/", "https://rest.fal.ai/tokens/"),
-        ("https://queue.fal.run.evil.example/x", "https://queue.fal.run.evil.example/x"),
-        ("http://queue.fal.run/x", "http://queue.fal.run/x"),
-        ("https://evil.example/https://queue.fal.run/x", "https://evil.example/https://queue.fal.run/x"),
-        ("", ""),
+        # The same URLs written otherwise: still fal's, still pointed here.
+        ("https://queue.fal.run:443/a/requests/1", f"{ORIGIN}/queue.fal.run/a/requests/1"),
+        ("HTTPS://QUEUE.FAL.RUN/a/requests/1?x=1", f"{ORIGIN}/queue.fal.run/a/requests/1?x=1"),
+        ("https://queue.falrun.com/a/requests/1", f"{ORIGIN}/queue.fal.run/a/requests/1"),
+        ("https://queue.fal.run", f"{ORIGIN}/queue.fal.run/"),
+        # Anything else is not handed on (the client would follow it with its credential).
+        ("https://rest.fal.ai/tokens/", None),
+        ("https://queue.fal.run.evil.example/x", None),
+        ("http://queue.fal.run/x", None),
+        ("https://queue.fal.run:8443/x", None),
+        ("https://user@queue.fal.run/x", None),
+        ("https://queue.fal.run:99999/x", None),
+        ("https://evil.example/https://queue.fal.run/x", None),
+        ("/relative/status", None),
+        ("", None),
     ],
 )  # fmt: skip
-def test_proxied_url(url: str, expected: str) -> None:
+def test_proxied_url(url: str, expected: str | None) -> None:
     assert proxied_url(url, ORIGIN) == expected
+
+
+def test_rewrite_changes_only_the_three_strings_byte_for_byte() -> None:
+    """Numbers, escapes (a lone surrogate an app logged), spacing, member order and repeated
+    members are the gateway's bytes, unchanged; each URL member is replaced where it stands."""
+    body = (
+        b'{ "request_id":"r1", "metrics":{"inference_time":1e400,"seed":1.10},'
+        b' "logs":[{"message":"bad \\ud800 byte \\u00e9"}],"request_id":"r2",'
+        b'"status_url" :  "https:\\/\\/queue.fal.run\\/a\\/requests\\/r2\\/status",'
+        b'"big":12345678901234567890.5}\n'
+    )
+    out = rewrite_queue_urls(body, ORIGIN)
+    assert out == body.replace(
+        b'"https:\\/\\/queue.fal.run\\/a\\/requests\\/r2\\/status"',
+        f'"{ORIGIN}/queue.fal.run/a/requests/r2/status"'.encode(),
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["https://evil.example/x", "http://queue.fal.run/x", "https://rest.fal.ai/tokens/"]
+)
+def test_a_url_member_outside_fal_is_refused_not_passed(url: str) -> None:
+    body = json.dumps({"request_id": "r1", "status_url": f"{QUEUE_URL}/status", "cancel_url": url})
+    with pytest.raises(BadGateway) as refused:
+        rewrite_queue_urls(body.encode(), ORIGIN)
+    assert refused.value.status == 502 and "cancel_url" in refused.value.detail
+
+
+QUEUE_URL = "https://queue.fal.run/fal-ai/x/requests/r1"
 
 
 def test_rewrite_points_the_three_urls_here_and_keeps_everything_else() -> None:
@@ -139,7 +178,9 @@ def test_rewrite_points_the_three_urls_here_and_keeps_everything_else() -> None:
         b'"https://queue.fal.run/x"',
         b'{"status": "COMPLETED"}',
         b'{"status_url": 5, "response_url": null}',
-        b'{"status_url": "https://elsewhere.example/x"}',
+        b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # too deep for any json parser
+        b'{"status_url": "https://queue.fal.run/x"} trailing',
+        b'{"status_url": "https://queue.fal.run/x",}',
     ],
 )
 def test_nothing_to_rewrite(body: bytes) -> None:
@@ -159,10 +200,15 @@ ANSWER = json.dumps({"status_url": "https://queue.fal.run/a/b/requests/1/status"
         (" GZIP ", gzip.compress(ANSWER)),
         ("deflate", zlib.compress(ANSWER)),  # zlib-wrapped, as RFC 9110 says
         ("deflate", zlib.compress(ANSWER)[2:-4]),  # raw deflate, as some servers send
+        ("gzip", gzip.compress(ANSWER[:20]) + gzip.compress(ANSWER[20:])),  # two members
     ],
 )
 def test_decoded(encoding: str, body: bytes) -> None:
     assert decoded(body, encoding) == ANSWER
+
+
+def test_an_empty_body_is_empty_whatever_its_label() -> None:
+    assert decoded(b"", "gzip") == b"" == decoded(b"", "br")
 
 
 @pytest.mark.parametrize(
@@ -174,6 +220,8 @@ def test_decoded(encoding: str, body: bytes) -> None:
         ("gzip", b"not gzip", "does not decode"),
         ("gzip", gzip.compress(ANSWER)[:-12], "does not decode"),  # truncated
         ("deflate", b"\x78\x9cnot", "does not decode"),
+        ("gzip", gzip.compress(ANSWER) + b"GARBAGE", "does not decode"),  # not dropped
+        ("deflate", zlib.compress(ANSWER) + b"more", "does not decode"),
         # A bomb: 9 MiB of zeros in a few KiB. Refused after at most the limit is inflated.
         ("gzip", gzip.compress(b"0" * (MAX_REWRITTEN_BYTES + 1024 * 1024)), "too large"),
     ],

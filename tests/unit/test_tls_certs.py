@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import ssl
@@ -12,6 +13,9 @@ from pathlib import Path
 import certifi
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from proxy.tls_certs import ensure_certificates
 
@@ -86,7 +90,8 @@ def test_reused_while_right_reissued_when_the_names_change(tmp_path: Path) -> No
     again = ensure_certificates(tmp_path, ["localhost"])
     assert (again.cert.read_bytes(), again.ca.read_bytes()) == (cert, ca)
     renamed = ensure_certificates(tmp_path, ["localhost", "proxy.internal"])
-    assert renamed.cert.read_bytes() != cert and renamed.ca.read_bytes() == ca  # same CA
+    # A new CA too: each CA is constrained to exactly the names it was made for.
+    assert renamed.cert.read_bytes() != cert and renamed.ca.read_bytes() != ca
     assert (
         handshake(renamed.cert, renamed.key, renamed.bundle, "proxy.internal") == "hello over tls"
     )
@@ -102,3 +107,108 @@ def test_a_broken_state_is_made_again(tmp_path: Path) -> None:
         and handshake(remade.cert, remade.key, remade.bundle, "localhost") == "hello over tls"
     )
     assert files.ca == remade.ca
+
+
+# --- attacks on the state directory (found by a review) -------------------------------------
+
+NAMES = ["localhost", "127.0.0.1", "::1"]
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())  # fmt: skip
+
+
+def _serve_once(cert: Path, key: Path) -> int:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def accept() -> None:
+        conn, _ = server.accept()
+        try:
+            with context.wrap_socket(conn, server_side=True):
+                pass
+        except (ssl.SSLError, OSError):
+            pass
+        server.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server.getsockname()[1]
+
+
+def test_the_local_ca_is_good_for_the_proxys_names_only(tmp_path: Path) -> None:
+    """SSL_CERT_FILE makes a whole client process trust the CA: whoever got its key must not
+    be able to impersonate another site (rest.fal.ai here) to that process."""
+    files = ensure_certificates(tmp_path, NAMES)
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key((tmp_path / "ca-key.pem").read_bytes(), None)
+    assert ca.extensions.get_extension_for_class(x509.NameConstraints).critical
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rest.fal.ai")]))
+        .issuer_name(ca.subject).public_key(key.public_key()).serial_number(7)
+        .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("rest.fal.ai")]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )  # fmt: skip
+    (tmp_path / "forged.pem").write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "forged-key.pem").write_bytes(_pem_key(key))
+    port = _serve_once(tmp_path / "forged.pem", tmp_path / "forged-key.pem")
+    client = ssl.create_default_context(cafile=str(files.bundle))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        client.wrap_socket(raw, server_hostname="rest.fal.ai")
+    # ...while the proxy's own certificate, for each of its names, still verifies.
+    for name in NAMES:
+        assert handshake(files.cert, files.key, files.bundle, name) == "hello over tls"
+
+
+def test_a_planted_ca_with_a_readable_key_is_not_adopted(tmp_path: Path) -> None:
+    """Whoever can write a shared state directory plants a CA of their own; the proxy must
+    make its own instead of trusting files it did not make private."""
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    evil_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "attacker CA")])
+    now = dt.datetime.now(dt.UTC)
+    evil_ca = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(evil_key.public_key()).serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=9))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(evil_key, hashes.SHA256())
+    )  # fmt: skip
+    (state / "ca.pem").write_bytes(evil_ca.public_bytes(serialization.Encoding.PEM))
+    (state / "ca-key.pem").write_bytes(_pem_key(evil_key))
+    (state / "ca-key.pem").chmod(0o644)
+    files = ensure_certificates(state, NAMES)
+    used = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    assert used.subject != name
+    assert stat.S_IMODE((state / "ca-key.pem").stat().st_mode) == 0o600
+
+
+def test_no_planted_symlink_receives_a_key(tmp_path: Path) -> None:
+    """The file written aside has a random name, made exclusively: a symlink planted under
+    any predictable name (the old '.<name>.<pid>.tmp') receives nothing."""
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    loot = tmp_path / "attacker-owned.txt"
+    loot.write_text("")
+    for name in ("ca-key.pem", "server-key.pem"):
+        (state / f".{name}.{os.getpid()}.tmp").symlink_to(loot)
+    ensure_certificates(state, NAMES)
+    assert loot.read_bytes() == b""
+    # A symlink in place of a key is not followed when reading either: made again.
+    (state / "server-key.pem").unlink()
+    (state / "server-key.pem").symlink_to(loot)
+    files = ensure_certificates(state, NAMES)
+    assert not files.key.is_symlink() and loot.read_bytes() == b""
