@@ -538,8 +538,10 @@ def test_several_workers_without_the_port_make_no_certificate(
 def test_sigterm_drains_a_stream_on_the_tls_port(fake_gateway: FakeGateway, tmp_path: Path) -> None:
     """The TLS socket is the same server's: SIGTERM stops new TLS connections, lets the open
     stream finish, and the process exits 0."""
-    running = start_python_port(fake_gateway, tmp_path / "state", tmp_path,
-                                FAL_PROXY_DRAIN_SECONDS="20", FAL_PROXY_ALLOWED_APPS="*")  # fmt: skip
+    running = start_python_port(
+        fake_gateway, tmp_path / "state", tmp_path, FAL_PROXY_DRAIN_SECONDS="20",
+        FAL_PROXY_ALLOWED_APPS="*",
+    )  # fmt: skip
     try:
         with (
             tls_client(running) as client,
