@@ -86,6 +86,7 @@ def test_a_refused_gateway_sends_calls_straight_to_fal_and_back_after_the_probe(
         assert [r.get("via") for r in requests] == ["direct"] * 5
         (opened,) = lines(proxy, "gateway_bypassed")  # said once
         assert opened["state"] == "open" and bypassed(proxy) == 1
+        assert httpx.get(f"{proxy.url}/readyz", trust_env=False).status_code == 200  # serving
         # A socket goes straight to fal too while the breaker is open.
         url = proxy.url.replace("http://", "ws://") + "/fal-ai/fast-lcm-diffusion/realtime"
         with ws_connect(url) as socket:

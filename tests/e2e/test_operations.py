@@ -115,7 +115,7 @@ def test_check_prints_the_settings_with_secrets_masked(fake_gateway: FakeGateway
 
 def test_check_probe_reports_the_gateway(fake_gateway: FakeGateway) -> None:
     good = _check("--probe", FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL=fake_gateway.gateway_url)
-    assert good.returncode == 0 and "ok    gateway: reachable" in good.stdout
+    assert good.returncode == 0 and "ok    gateway: took the credentials" in good.stdout
     unreachable = _check(
         "--probe", FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal"
     )
