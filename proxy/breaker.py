@@ -92,6 +92,15 @@ class Breaker:
         if ticket.probe:
             self.probing = False
 
+    def report(self, ticket: Ticket, worked: bool | None) -> None:
+        """A call's outcome: the gateway worked, failed, or (None) we cannot tell."""
+        if worked is None:
+            self.abandon(ticket)
+        elif worked:
+            self.success(ticket)
+        else:
+            self.failure(ticket)
+
     def _open(self, now: float) -> None:
         self.opened_at = now
         self.recent.clear()

@@ -261,12 +261,7 @@ class Bridge:
             verdict = False
             return await open_socket(True)
         finally:
-            if verdict is None:
-                breaker.abandon(ticket)
-            elif verdict:
-                breaker.success(ticket)
-            else:
-                breaker.failure(ticket)
+            breaker.report(ticket, verdict)
 
     async def _refuse(self, scope: Scope, send: Send, session: Session, exc: ProxyError) -> None:
         session.answered = True

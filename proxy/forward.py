@@ -276,12 +276,7 @@ class Forwarder:
             return await self._direct(ex, target, headers, body)
         finally:
             if breaker is not None:
-                if verdict is None:
-                    breaker.abandon(ticket)
-                elif verdict:
-                    breaker.success(ticket)
-                else:
-                    breaker.failure(ticket)
+                breaker.report(ticket, verdict)
 
     async def _direct(
         self, ex: Exchange, target: Target, headers: list[tuple[str, str]],
