@@ -91,7 +91,7 @@ def _metadata_key(settings: Settings) -> bytes:
     """FAL_PROXY_METADATA_HASH_KEY, else a key derived from the gateway token or fal key."""
     configured = settings.gateway.metadata_hash_key
     if configured is not None:
-        return configured.encode()
+        return configured.reveal().encode()
     secret = settings.cf_aig_token or settings.fal_key
     return derived_key(secret.reveal() if secret is not None else "")
 

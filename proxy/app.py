@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> ProxyApp:
     )
     register_secret(
         urlsplit(settings.access.redis_url).password if settings.access.redis_url else None,
-        settings.gateway.metadata_hash_key,
+        key.reveal() if (key := settings.gateway.metadata_hash_key) is not None else None,
     )
     register_header_names([settings.access.auth_header])
     admission = Admission(settings)

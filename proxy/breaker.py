@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -112,9 +113,37 @@ class Breaker:
             self.on_change(old, state)
 
 
-def never_left(exc: BaseException) -> bool:
-    """The request provably never reached the gateway: its connection was not made."""
-    return isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+class Attempt:
+    """One request's connection, as aiohttp's tracing saw it (``trace_request_ctx``)."""
+
+    __slots__ = ("connecting",)
+
+    def __init__(self) -> None:
+        self.connecting = False  # a new connection to the gateway was being made
+
+
+def connection_tracing() -> aiohttp.TraceConfig:
+    """Tells, per request, whether aiohttp started making a connection: a connect timeout
+    while merely queued for the proxy's own pool (FAL_PROXY_UPSTREAM_CONNECTIONS) is local
+    congestion, not the gateway failing."""
+
+    async def creating(_session: Any, context: Any, _params: Any) -> None:
+        attempt = context.trace_request_ctx
+        if isinstance(attempt, Attempt):
+            attempt.connecting = True
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_connection_create_start.append(creating)
+    return tracing
+
+
+def never_left(exc: BaseException, attempt: Attempt) -> bool:
+    """The request provably never reached the gateway, and the gateway is to blame: a
+    connection to it was being made and failed (refused, DNS, TLS) or timed out. (aiohttp
+    sends a request only once, see proxy.upstream: no earlier attempt can have sent it.)"""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return True
+    return isinstance(exc, aiohttp.ConnectionTimeoutError) and attempt.connecting
 
 
 def gateway_failed(status: int, headers: Mapping[str, str]) -> bool:

@@ -54,6 +54,12 @@ class UpstreamRefused(ProxyError):
     reason = "upstream_refused"
 
     def __init__(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> None:
+        headers = list(headers)
+        # What the upstream said, for the breaker: was it fal's answer, or the gateway's page?
+        self.upstream_status = status
+        self.upstream_headers = {
+            n.lower(): v for n, v in headers if n.lower() == "x-fal-request-id"
+        }
         relayed = client_status(status)
         kept = refusal_headers(headers)
         if relayed == status:

@@ -43,7 +43,7 @@ from starlette.types import Message, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection
 
 from .admission import Admission, Admitted, RequestHeaders
-from .breaker import GATEWAY, Breaker
+from .breaker import GATEWAY, Breaker, gateway_failed
 from .bridge_pump import INTERNAL, SHUTDOWN, ClientGone, Pump, Session, client_sender
 from .bridge_upstream import (
     NotConnected,
@@ -237,6 +237,10 @@ class Bridge:
         """The upstream socket the breaker's way (``FAL_PROXY_FALLBACK=direct``), as the
         forwarder's requests: a handshake whose connection failed goes straight to fal."""
         breaker = self.breaker
+        # A realtime socket that goes straight to fal anyway (FAL_PROXY_REALTIME_DIRECT) says
+        # nothing of the gateway: it neither asks the breaker nor reports to it.
+        if self.settings.realtime_direct and path.endswith("/realtime"):
+            breaker = None
         ticket = breaker.route() if breaker is not None else GATEWAY
 
         def open_socket(bypass: bool) -> Awaitable[ClientConnection]:
@@ -255,7 +259,7 @@ class Bridge:
             verdict = True
             return upstream
         except UpstreamRefused as exc:
-            verdict = exc.status < 500  # an answer; a 5xx page is the gateway failing
+            verdict = not gateway_failed(exc.upstream_status, exc.upstream_headers)
             raise
         except NotConnected:
             verdict = False

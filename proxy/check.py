@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Mapping
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
+from .envvars import Secret
 from .headers import InjectedHeaders
-from .settings import Secret, Settings
+from .settings import Settings
 
 
 def _shown(name: str, value: Any) -> str:
@@ -67,7 +69,7 @@ def probe(settings: Settings) -> list[tuple[bool, str]]:
     try:
         with httpx.Client(trust_env=False, timeout=settings.connect_timeout) as client:
             r = client.get(settings.gateway_url, headers=headers)
-        results.append(_probe_verdict(r.status_code, r.content))
+        results.append(_probe_verdict(r.status_code, r.content, r.headers))
     except httpx.HTTPError as exc:
         results.append((False, f"gateway: not reachable ({type(exc).__name__})"))
     if settings.access.redis_url:
@@ -104,9 +106,15 @@ def describe_mode(settings: Settings) -> str:
     return f"the proxy's fal key; {wholesale}"
 
 
-def _probe_verdict(status: int, body: bytes) -> tuple[bool, str]:
-    if status == 404:
+def _probe_verdict(status: int, body: bytes, headers: Mapping[str, str]) -> tuple[bool, str]:
+    gateway = any(name.lower().startswith("cf-aig-") for name in headers)
+    if status == 404 and gateway:
         return True, "gateway: took the credentials (fal answered 404 for a made-up request)"
+    if status == 404:
+        return False, (
+            "gateway: a 404 without the gateway's cf-aig-* headers: FAL_PROXY_GATEWAY_URL (or "
+            "CF_ACCOUNT_ID / CF_GATEWAY_ID) does not lead to an AI Gateway"
+        )
     if status == 401 and b"2009" in body:
         return (
             False,

@@ -27,7 +27,15 @@ from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
 from .admission import Admission, Admitted, RequestHeaders
-from .breaker import GATEWAY, Breaker, direct_headers, direct_url, gateway_failed, never_left
+from .breaker import (
+    GATEWAY,
+    Attempt,
+    Breaker,
+    direct_headers,
+    direct_url,
+    gateway_failed,
+    never_left,
+)
 from .errors import (
     BadRequest,
     PayloadTooLarge,
@@ -260,15 +268,16 @@ class Forwarder:
         if ticket.direct:
             return await self._direct(ex, target, headers, body)
         verdict: bool | None = None  # the gateway worked, failed, or we cannot tell
+        attempt = Attempt()
         try:
             response = await self.session.request(
                 ex.method, URL(target.upstream_url, encoded=True), headers=headers, data=body,
-                allow_redirects=False,
+                allow_redirects=False, trace_request_ctx=attempt,
             )  # fmt: skip
             verdict = not gateway_failed(response.status, response.headers)
             return response
         except aiohttp.ClientError as exc:
-            if breaker is None or not never_left(exc):
+            if breaker is None or not never_left(exc, attempt):
                 raise
             verdict = False
             if not isinstance(body, bytes | None):

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from .envvars import (
     Doc,
+    Secret,
     SettingsError,
     _check_header_safe,
     _choice,
@@ -82,7 +83,7 @@ class GatewaySettings:
         ("hash", "raw", "off"),
         "the caller in cf-aig-metadata: a keyed hash, the caller id itself, or left out",
     )
-    metadata_hash_key: str | None = declared(
+    metadata_hash_key: Secret | None = declared(
         lambda env, _: _hash_key(env),
         Doc(
             "FAL_PROXY_METADATA_HASH_KEY / FAL_PROXY_METADATA_HASH_KEY_FILE",
@@ -162,7 +163,7 @@ def _alias(env: Mapping[str, str]) -> str | None:
     return alias
 
 
-def _hash_key(env: Mapping[str, str]) -> str | None:
+def _hash_key(env: Mapping[str, str]) -> Secret | None:
     name = "FAL_PROXY_METADATA_HASH_KEY"
     value: str | None
     if _get(env, f"{name}_FILE"):
@@ -175,19 +176,23 @@ def _hash_key(env: Mapping[str, str]) -> str | None:
     _check_header_safe(name, value)
     if len(value) < 16:
         raise SettingsError(f"{name} must be at least 16 characters")
-    return value
+    return Secret(value)
 
 
 def _fal_origin(env: Mapping[str, str]) -> str | None:
     origin = _get(env, "FAL_PROXY_TEST_FAL_ORIGIN")
     if origin is None:
         return None
-    parts = urlsplit(origin)
     try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
         loopback = ipaddress.ip_address(parts.hostname or "").is_loopback
     except ValueError:
-        loopback = parts.hostname == "localhost"
-    if parts.scheme != "http" or not loopback or parts.query or parts.fragment:
+        loopback = False
+    if (
+        parts.scheme != "http" or not loopback or parts.query or parts.fragment
+        or parts.username is not None or parts.password is not None
+    ):  # fmt: skip
         raise SettingsError(
             "FAL_PROXY_TEST_FAL_ORIGIN is for tests only: an http origin on loopback, "
             "e.g. http://127.0.0.1:9000/_fal"

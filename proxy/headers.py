@@ -58,6 +58,10 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "x-fal-target-url",  # re-set by the proxy from the validated target
     "x-fal-client-proxy",
     "x-proxy-authorization",  # the caller's credential for this proxy
+    # Other providers' key headers: with stored keys, the gateway is reported to prefer one
+    # sent by the client over the stored key (a caller must not pick the key).
+    "x-api-key",
+    "api-key",
 }
 # "cf-" covers every gateway control (cf-aig-*, and the legacy cf-cache-ttl / cf-skip-cache)
 # and Cloudflare's client-addressing headers: none of them is the client's to set.

@@ -15,10 +15,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from .envvars import SettingsError, read_secret_file
+from .envvars import Secret, SettingsError, read_secret_file
 from .headers import InjectedHeaders
 from .logs import get_logger
-from .settings import Secret, Settings
+from .settings import Settings
 
 log = get_logger("proxy.secrets")
 

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from .access_settings import AccessSettings
 from .envvars import (
     Doc,
+    Secret,
     SettingsError,
     _check_header_safe,
     _get,
@@ -41,29 +42,6 @@ RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _ACCOUNT_ID = re.compile(r"[0-9a-f]{32}")
 # Cloudflare gateway names: lower-case letters, digits, hyphens, at most 64 characters.
 _GATEWAY_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-
-
-class Secret:
-    """A string that never shows itself in ``repr``, ``str`` or f-strings."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret('**********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,6 +205,16 @@ class Settings:
             token=settings.cf_aig_token is not None,
             realtime_direct=settings.realtime_direct,
         )
+        if (
+            settings.gateway.fallback == "direct"
+            and settings.first_byte_timeout <= settings.connect_timeout
+        ):
+            # Else the first-byte deadline ends a failing connect first: never counted, never
+            # retried directly.
+            raise SettingsError(
+                "FAL_PROXY_FIRST_BYTE_TIMEOUT must be longer than FAL_PROXY_CONNECT_TIMEOUT "
+                "with FAL_PROXY_FALLBACK=direct"
+            )
         python_port = settings.python_sdk.port
         if python_port is not None and python_port in (settings.port, settings.metrics_port):
             raise SettingsError(

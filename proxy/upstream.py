@@ -10,13 +10,17 @@ set up as a proxy needs it:
   their ``content-encoding`` and ``content-length``;
 * no proxy or ``.netrc`` settings from the environment;
 * no default headers (``User-Agent``, ``Accept``...): the client's own are forwarded;
-* a pooled, keep-alive connector whose size is a setting (0 = unlimited).
+* a pooled, keep-alive connector whose size is a setting (0 = unlimited);
+* never a request sent twice: aiohttp resends an idempotent one (a GET, which runs a model on
+  fal.run) on a new connection when a kept-alive one closes under it, even after the gateway
+  read it; that is turned off, as it is for every POST.
 """
 
 from __future__ import annotations
 
 import aiohttp
 
+from .breaker import connection_tracing
 from .settings import Settings
 
 # aiohttp adds these unless told not to; the proxy forwards the client's own instead.
@@ -32,7 +36,7 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
         keepalive_timeout=30,
         enable_cleanup_closed=False,
     )
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
@@ -46,4 +50,10 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
         max_line_size=16 * 1024,
         max_field_size=16 * 1024,
         read_bufsize=256 * 1024,
+        # FAL_PROXY_FALLBACK: which requests opened a connection (see proxy.breaker).
+        trace_configs=[connection_tracing()] if settings.gateway.fallback == "direct" else None,
     )
+    # No public switch (aiohttp 3.14): the resend of idempotent requests on a connection that
+    # closed under them ("retry_persistent_connection"). Pinned by a test (test_fallback.py).
+    session._retry_connection = False
+    return session

@@ -30,9 +30,11 @@ async def serve_control(
     elif path == "outage" and method in ("POST", "DELETE"):
         # The gateway's own failure, on demand: a Cloudflare 5xx page for every gateway call
         # (recorded, never reaching fal) until DELETE. ?status=503 picks the status.
-        query = scope["query_string"].decode("latin-1")
-        status = int(query.partition("status=")[2] or 502) if method == "POST" else None
-        state.outage = status if status is not None and 500 <= status <= 599 else None
+        query = scope["query_string"].decode("latin-1").partition("status=")[2] or "502"
+        if method == "POST" and not (query.isdigit() and 500 <= int(query) <= 599):
+            await send_json(send, 400, {"detail": "status must be 500-599"})
+            return
+        state.outage = int(query) if method == "POST" else None
         await send_json(send, 200, {"outage": state.outage})
     elif path == "health":
         await send_json(send, 200, {"status": "ok"})

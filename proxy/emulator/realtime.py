@@ -51,6 +51,11 @@ async def serve_realtime(
     if message["type"] != "websocket.connect":
         return
     state.recorder.record(scope, b"", 0, "", kind="direct-websocket" if direct else "websocket")
+    if state.outage is not None and not direct:  # the gateway's own failure, as over HTTP
+        await send({"type": "websocket.http.response.start", "status": state.outage,
+                    "headers": [(b"content-type", b"text/html")]})  # fmt: skip
+        await send({"type": "websocket.http.response.body", "body": b"Cloudflare error"})
+        return
     scripted = fal_path.strip("/") == SCRIPTED
     found = find_app(SCRIPTED_APP) if scripted else find_app(fal_path)
     if found is None or found[2] != "/realtime":

@@ -9,11 +9,15 @@ and its answer closes it. The fal JS SDK sees no error while its calls switch wa
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from typing import Any
 
 import httpx
 import msgpack
+import pytest
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import (
@@ -89,9 +93,9 @@ def test_a_refused_gateway_sends_calls_straight_to_fal_and_back_after_the_probe(
         assert httpx.get(f"{proxy.url}/readyz", trust_env=False).status_code == 200  # serving
         # A socket goes straight to fal too while the breaker is open.
         url = proxy.url.replace("http://", "ws://") + "/fal-ai/fast-lcm-diffusion/realtime"
-        with ws_connect(url) as socket:
-            socket.send(msgpack.packb({"prompt": "a cat"}))
-            assert msgpack.unpackb(socket.recv(timeout=10))["images"]
+        with ws_connect(url) as socket_:
+            socket_.send(msgpack.packb({"prompt": "a cat"}))
+            assert msgpack.unpackb(socket_.recv(timeout=10))["images"]
         (sock,) = fake_gateway.requests("direct-websocket")
         assert sock["path"] == "/_fal/fal.run/fal-ai/fast-lcm-diffusion/realtime"
         assert_direct(sock)
@@ -164,3 +168,158 @@ def test_the_fal_sdk_sees_no_error_while_the_gateway_refuses(fake_gateway: FakeG
         assert not [r for r in proxy.request_logs() if r["status"] >= 500]
     finally:
         proxy.process.stop()
+
+
+# --- never twice, and only the gateway's own failures (found by a review) ------------------
+
+
+class OneShotGateway:
+    """A raw TCP 'gateway': answers the first request, reads the whole second one on the same
+    kept-alive connection, then closes it unanswered; ``stay`` keeps its port listening (and
+    answers anything more), else it goes away (later connections refused)."""
+
+    ANSWER = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+              b"x-fal-request-id: r1\r\ncontent-length: 11\r\n\r\n{\"ok\":true}")  # fmt: skip
+
+    def __init__(self, *, stay: bool) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.stay = stay
+        self.received: list[bytes] = []
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def read_request(self, conn: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data.split(b"\r\n")[0]
+
+    def serve(self) -> None:
+        conn, _ = self.listener.accept()
+        self.received.append(self.read_request(conn))
+        conn.sendall(self.ANSWER)
+        self.received.append(self.read_request(conn))  # it has the whole request...
+        if not self.stay:
+            self.listener.close()  # ...and goes away
+            conn.close()
+            return
+        conn.close()  # ...and drops the connection, staying up: a resend would come here
+        self.listener.settimeout(3)
+        try:
+            again, _ = self.listener.accept()
+        except OSError:
+            return
+        self.received.append(self.read_request(again))
+        again.sendall(self.ANSWER)
+        again.close()
+
+
+def test_a_get_that_reached_the_gateway_is_never_sent_again(fake_gateway: FakeGateway) -> None:
+    """aiohttp would resend a GET on a new connection when a kept-alive one closes under it,
+    even after the gateway read it (a GET on fal.run runs the model); and with the fallback,
+    that resend's refused connection looked like 'never left': a third send, to fal."""
+    for stay in (False, True):
+        gateway = OneShotGateway(stay=stay)
+        env = fallback_env(fake_gateway) if not stay else {}
+        proxy = launch_proxy(f"http://127.0.0.1:{gateway.port}{PREFIX}", **env)
+        try:
+            get = f"{proxy.url}/emulator/echo?prompt="
+            assert httpx.get(get + "a", trust_env=False, timeout=15).status_code == 200
+            second = httpx.get(get + "b", trust_env=False, timeout=15)
+            assert second.status_code == 502  # the gateway dropped it: said, not hidden
+            gateway.thread.join(10)
+            sent = f"GET {PREFIX}/emulator/echo?prompt=b HTTP/1.1".encode()
+            assert gateway.received.count(sent) == 1, gateway.received
+            assert fake_gateway.requests("direct") == []
+        finally:
+            proxy.process.stop()
+            gateway.listener.close()
+
+
+def test_waiting_for_the_proxys_own_pool_is_not_a_gateway_failure(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
+    """FAL_PROXY_UPSTREAM_CONNECTIONS full: a call that waits past the connect timeout for a
+    free connection gets a timeout, but the gateway did nothing wrong: not counted."""
+    proxy = start_proxy(FAL_PROXY_UPSTREAM_CONNECTIONS="1", FAL_PROXY_CONNECT_TIMEOUT="1",
+                        **fallback_env(fake_gateway, failures=2))  # fmt: skip
+    holder = threading.Thread(target=lambda: httpx.post(
+        f"{proxy.url}/emulator/hang", json={}, trust_env=False, timeout=60))  # fmt: skip
+    holder.start()
+    try:
+        until(lambda: bool(fake_gateway.requests()), "the hanging call holds the one connection")
+        statuses = [run(proxy).status_code for _ in range(2)]
+        assert statuses == [504, 504]  # the proxy's own congestion, said as a timeout
+    finally:
+        fake_gateway.release("hang")
+        holder.join()
+    assert lines(proxy, "gateway_bypassed") == [] and bypassed(proxy) == 0
+    fake_gateway.clear()
+    assert run(proxy).status_code == 200 and fake_gateway.requests("direct") == []
+
+
+def test_a_realtime_direct_socket_never_speaks_for_the_gateway(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
+    """With FAL_PROXY_REALTIME_DIRECT, realtime sockets go to fal whatever the breaker says:
+    fal answering one must not close the breaker on a gateway that is still down."""
+    proxy = start_proxy(FAL_PROXY_REALTIME_DIRECT="true", **fallback_env(fake_gateway, failures=2))
+    fake_gateway.client.post("/_emulator/outage?status=502")
+    try:
+        assert [run(proxy).status_code for _ in range(2)] == [502, 502]
+        opened = time.monotonic()
+        until(lambda: time.monotonic() - opened > 1.1, "FAL_PROXY_FALLBACK_SECONDS to pass")
+        url = proxy.url.replace("http://", "ws://") + "/fal-ai/fast-lcm-diffusion/realtime"
+        with ws_connect(url) as socket_:
+            socket_.send(msgpack.packb({"prompt": "a cat"}))
+            assert msgpack.unpackb(socket_.recv(timeout=10))["images"]
+        assert lines(proxy, "gateway_restored") == []
+        # The next call is the probe: the gateway is still down, so it reopens.
+        assert run(proxy).status_code == 502
+        assert lines(proxy, "gateway_restored") == [] and bypassed(proxy) == 1
+        assert run(proxy).status_code == 200  # direct again
+    finally:
+        fake_gateway.client.delete("/_emulator/outage")
+
+
+def test_a_gateway_socket_refused_with_a_5xx_page_counts(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
+    proxy = start_proxy(**fallback_env(fake_gateway, failures=1))
+    fake_gateway.client.post("/_emulator/outage?status=503")
+    try:
+        url = proxy.url.replace("http://", "ws://") + "/fal-ai/fast-lcm-diffusion/realtime"
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(url)
+        assert refused.value.response.status_code == 503
+        assert [line["state"] for line in lines(proxy, "gateway_bypassed")] == ["open"]
+        with ws_connect(url) as socket_:  # now straight to fal
+            socket_.send(msgpack.packb({"prompt": "a cat"}))
+            assert msgpack.unpackb(socket_.recv(timeout=10))["images"]
+        assert fake_gateway.requests("direct-websocket")
+    finally:
+        fake_gateway.client.delete("/_emulator/outage")
+
+
+def test_a_gateway_whose_tls_handshake_hangs_is_counted_and_bypassed(
+    fake_gateway: FakeGateway,
+) -> None:
+    """The connection never became one (the handshake timed out): it never left."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)  # accepts TCP (the kernel does), never speaks TLS
+    port = listener.getsockname()[1]
+    proxy = launch_proxy(f"https://127.0.0.1:{port}{PREFIX}", FAL_PROXY_CONNECT_TIMEOUT="1",
+                         **fallback_env(fake_gateway, failures=1))  # fmt: skip
+    try:
+        assert run(proxy).status_code == 200
+        assert fake_gateway.requests("direct") and lines(proxy, "gateway_bypassed")
+    finally:
+        proxy.process.stop()
+        listener.close()
