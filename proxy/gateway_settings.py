@@ -186,13 +186,13 @@ def _fal_origin(env: Mapping[str, str]) -> str | None:
     try:
         parts = urlsplit(origin)
         parts.port  # noqa: B018 - raises ValueError on a bad port
-        loopback = ipaddress.ip_address(parts.hostname or "").is_loopback
+        acceptable = (
+            parts.scheme == "http" and ipaddress.ip_address(parts.hostname or "").is_loopback
+            and not (parts.query or parts.fragment or parts.username or parts.password)
+        )  # fmt: skip
     except ValueError:
-        loopback = False
-    if (
-        parts.scheme != "http" or not loopback or parts.query or parts.fragment
-        or parts.username is not None or parts.password is not None
-    ):  # fmt: skip
+        acceptable = False
+    if not acceptable:
         raise SettingsError(
             "FAL_PROXY_TEST_FAL_ORIGIN is for tests only: an http origin on loopback, "
             "e.g. http://127.0.0.1:9000/_fal"

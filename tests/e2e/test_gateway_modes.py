@@ -112,11 +112,13 @@ def test_byok_sends_no_key_anywhere_only_the_alias(
 ) -> None:
     proxy = start_proxy(**BYOK)
     # A caller trying to pick another stored key, or to send a key of its own:
-    every_kind_of_call(proxy, **{"cf-aig-byok-alias": "someone-else", "authorization": "Key x"})
+    every_kind_of_call(proxy, **{"cf-aig-byok-alias": "someone-else", "authorization": "Key x",
+                                 "x-api-key": "client-chosen-key"})  # fmt: skip
     records = fake_gateway.requests() + fake_gateway.requests("websocket")
     assert len(records) >= 8
     for record in records:
         assert header(record, "authorization") == [], record["path"]
+        assert header(record, "x-api-key") == []  # the gateway would prefer it to the stored key
         assert header(record, "cf-aig-byok-alias") == ["team"]
         assert header(record, "cf-aig-no-wholesale") == ["true"]
         assert header(record, "cf-aig-authorization") == [f"Bearer {CF_TOKEN}"]
@@ -199,6 +201,11 @@ def test_check_probe_names_the_mode_and_asks_the_gateway(fake_gateway: FakeGatew
     assert key.returncode == 0 and "credentials: the proxy's fal key" in key.stdout
     wrong = probe(fake_gateway, CF_AIG_TOKEN="wrong-token-0123456789")
     assert wrong.returncode == 1 and "2009" in wrong.stdout
+    # A 404 from something that is not the gateway (a typo in the URL) does not pass.
+    elsewhere = probe(
+        fake_gateway, FAL_PROXY_GATEWAY_URL=f"http://127.0.0.1:{fake_gateway.port}/nope"
+    )
+    assert elsewhere.returncode == 1 and "does not lead to an AI Gateway" in elsewhere.stdout
     for out in (byok, unknown, key, wrong):
         assert FAL_KEY not in out.stdout + out.stderr and CF_TOKEN not in out.stdout + out.stderr
 

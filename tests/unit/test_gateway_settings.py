@@ -98,6 +98,13 @@ def test_unified_billing_sends_no_key_and_allows_wholesale() -> None:
          "FAL_PROXY_TEST_FAL_ORIGIN"),
         ({"FAL_KEY": "k", "FAL_PROXY_TEST_FAL_ORIGIN": "http://10.0.0.1:9000"},
          "FAL_PROXY_TEST_FAL_ORIGIN"),
+        ({"FAL_KEY": "k", "FAL_PROXY_TEST_FAL_ORIGIN": "http://[::1"}, "FAL_PROXY_TEST_FAL_ORIGIN"),
+        ({"FAL_KEY": "k", "FAL_PROXY_TEST_FAL_ORIGIN": "http://127.0.0.1:abc"},
+         "FAL_PROXY_TEST_FAL_ORIGIN"),
+        ({"FAL_KEY": "k", "FAL_PROXY_TEST_FAL_ORIGIN": "http://u:p@127.0.0.1:9"},
+         "FAL_PROXY_TEST_FAL_ORIGIN"),
+        ({"FAL_KEY": "k", "FAL_PROXY_FALLBACK": "direct", "FAL_PROXY_FIRST_BYTE_TIMEOUT": "5",
+          "FAL_PROXY_CONNECT_TIMEOUT": "5"}, "FAL_PROXY_FIRST_BYTE_TIMEOUT"),
     ],
 )  # fmt: skip
 def test_settings_errors_name_the_variable(env: dict[str, str], named: str) -> None:
@@ -108,9 +115,12 @@ def test_settings_errors_name_the_variable(env: dict[str, str], named: str) -> N
         assert secret not in str(error.value)
 
 
-def test_the_gateway_settings_repr_hides_the_hash_key() -> None:
+def test_the_hash_key_is_a_secret_everywhere_it_is_shown() -> None:
+    from proxy.check import describe
+
     config = settings(FAL_KEY="k", FAL_PROXY_METADATA_HASH_KEY="hash-key-0123456789-secret")
     assert "hash-key-0123456789-secret" not in repr(config)
+    assert not [line for line in describe(config) if "hash-key-0123456789" in line]
 
 
 def test_metadata_is_a_flat_object_of_at_most_five_strings() -> None:
