@@ -20,8 +20,9 @@ class EmulatorConfig:
       ``Host`` the request came in on.
     * ``record_limit``: how many requests the recorder keeps (oldest dropped first).
     * ``byok``: stored fal keys by alias ("Store Keys"): a request with no ``authorization``
-      gets the key of its ``cf-aig-byok-alias`` (``default`` when absent); an unknown alias,
-      or a provider key sent along with an alias, is the gateway's 400.
+      gets the key of its ``cf-aig-byok-alias`` (``default`` when absent); an unknown alias is
+      the gateway's 400. A provider key sent along with an alias is a 400 too: stricter than
+      the real gateway (reported to use the key then), so a proxy that sends both is caught.
     * ``unified_billing``: a request with no key and no alias passes (the gateway pays fal),
       unless it says ``cf-aig-no-wholesale: true`` (then 400).
     * ``gzip_queue``: gzip the queue's JSON answers (submit, status, result, cancel) for a
