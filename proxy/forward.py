@@ -55,6 +55,13 @@ from .targets import Target
 from .upload import UploadDeadline, stream_body
 
 
+def _misframed(response: aiohttp.ClientResponse) -> bool:
+    """A bodiless answer that announced a body: the upstream may well close the connection
+    (uvicorn does), and a request sent on it meanwhile would fail; aiohttp no longer resends
+    one (proxy.upstream), so the connection is not reused."""
+    return response.status in (204, 304) and response.headers.get("content-length", "0") != "0"
+
+
 class Forwarder:
     """The ASGI app for every forwarded request. ``session`` is set by the app's lifespan."""
 
@@ -270,10 +277,7 @@ class Forwarder:
         verdict: bool | None = None  # the gateway worked, failed, or we cannot tell
         attempt = Attempt()
         try:
-            response = await self.session.request(
-                ex.method, URL(target.upstream_url, encoded=True), headers=headers, data=body,
-                allow_redirects=False, trace_request_ctx=attempt,
-            )  # fmt: skip
+            response = await self._send(ex, target.upstream_url, headers, body, attempt)
             verdict = not gateway_failed(response.status, response.headers)
             return response
         except aiohttp.ClientError as exc:
@@ -295,10 +299,27 @@ class Forwarder:
         assert self.session is not None
         ex.via = "direct"
         url = direct_url(target.host, target.path, target.query, self.settings.gateway.fal_origin)
-        return await self.session.request(
-            ex.method, URL(url, encoded=True), headers=direct_headers(headers), data=body,
-            allow_redirects=False,
-        )  # fmt: skip
+        return await self._send(ex, url, direct_headers(headers), body)
+
+    async def _send(
+        self, ex: Exchange, url: str, headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None, attempt: Attempt | None = None,
+    ) -> aiohttp.ClientResponse:  # fmt: skip
+        """One request on the pool. A call that cannot start a generation (a queue status or
+        result read, a cancel), with its whole body in hand, is sent once more when its kept-
+        alive connection turned out closed by the upstream; any other is not (aiohttp's own
+        resend is off, proxy.upstream: a GET on fal.run runs the model)."""
+        assert self.session is not None
+        for last in (ex.generation or not isinstance(body, bytes | None), True):
+            try:
+                return await self.session.request(
+                    ex.method, URL(url, encoded=True), headers=headers, data=body,
+                    allow_redirects=False, trace_request_ctx=attempt,
+                )  # fmt: skip
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if last or isinstance(exc, aiohttp.ClientConnectorError):
+                    raise
+        raise AssertionError("unreachable")  # (the last try returns or raises)
 
     async def _exchange(
         self,
@@ -383,7 +404,7 @@ class Forwarder:
             if watcher is not None:
                 watcher.cancel()
             if response is not None:
-                if ex.response_done:
+                if ex.response_done and not _misframed(response):
                     response.release()
                 else:
                     response.close()  # drop the connection: the upstream sees the abort

@@ -11,6 +11,7 @@ from proxy.breaker import (
     GATEWAY,
     HALF_OPEN,
     OPEN,
+    Attempt,
     Breaker,
     direct_headers,
     direct_url,
@@ -98,10 +99,14 @@ def test_an_abandoned_probe_hands_its_turn_on() -> None:
 
 def test_the_helpers() -> None:
     key = aiohttp.client_reqrep.ConnectionKey("h", 1, False, True, None, None, None)
-    assert never_left(aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused")))
-    assert never_left(aiohttp.ConnectionTimeoutError())
-    assert not never_left(aiohttp.ServerDisconnectedError())
-    assert not never_left(aiohttp.ClientPayloadError())
+    refused = aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "refused"))
+    connecting, queued = Attempt(), Attempt()
+    connecting.connecting = True
+    assert never_left(refused, queued) and never_left(refused, connecting)
+    assert never_left(aiohttp.ConnectionTimeoutError(), connecting)
+    assert not never_left(aiohttp.ConnectionTimeoutError(), queued)  # the proxy's own pool
+    assert not never_left(aiohttp.ServerDisconnectedError(), connecting)
+    assert not never_left(aiohttp.ClientPayloadError(), connecting)
     assert gateway_failed(502, {}) and gateway_failed(520, {"cf-ray": "x"})
     assert not gateway_failed(500, {"x-fal-request-id": "r"}) and not gateway_failed(429, {})
     assert direct_url("fal.run", "/fal-ai/x", "a=1", None) == "https://fal.run/fal-ai/x?a=1"
