@@ -52,7 +52,7 @@ def create_app(settings: Settings) -> ProxyApp:
     metrics = Metrics()
     forwarder = Forwarder(settings, admission, metrics)
     bridge = Bridge(settings, admission, metrics)
-    forwarder.breaker = bridge.breaker = fallback_breaker(settings, metrics)
+    forwarder.route.breaker = bridge.breaker = fallback_breaker(settings, metrics)
     draining = asyncio.Event()
     log = get_logger("proxy")
 

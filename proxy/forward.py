@@ -24,18 +24,8 @@ from functools import partial
 
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
-from yarl import URL
 
 from .admission import Admission, Admitted, RequestHeaders
-from .breaker import (
-    GATEWAY,
-    Attempt,
-    Breaker,
-    direct_headers,
-    direct_url,
-    gateway_failed,
-    never_left,
-)
 from .errors import (
     BadRequest,
     PayloadTooLarge,
@@ -53,13 +43,7 @@ from .relay import relay_response, relay_rewritten
 from .settings import Settings
 from .targets import Target
 from .upload import UploadDeadline, stream_body
-
-
-def _misframed(response: aiohttp.ClientResponse) -> bool:
-    """A bodiless answer that announced a body: the upstream may well close the connection
-    (uvicorn does), and a request sent on it meanwhile would fail; aiohttp no longer resends
-    one (proxy.upstream), so the connection is not reused."""
-    return response.status in (204, 304) and response.headers.get("content-length", "0") != "0"
+from .upstream_route import UpstreamRoute, misframed
 
 
 class Forwarder:
@@ -70,9 +54,16 @@ class Forwarder:
         self.admission = admission
         self.metrics = metrics
         self.injected = InjectedHeaders.from_settings(settings)
-        self.session: aiohttp.ClientSession | None = None
-        self.breaker: Breaker | None = None  # FAL_PROXY_FALLBACK=direct (set by the app)
+        self.route = UpstreamRoute(settings)  # its session is set by the app's lifespan
         self.log = get_logger("proxy.request")
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        return self.route.session
+
+    @session.setter
+    def session(self, session: aiohttp.ClientSession | None) -> None:
+        self.route.session = session
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, python: PythonSdkListener | None = None
@@ -262,65 +253,6 @@ class Forwarder:
         )
         await send({"type": "http.response.body", "body": b""})
 
-    async def _open(
-        self, ex: Exchange, target: Target, headers: list[tuple[str, str]],
-        body: bytes | AsyncIterator[bytes] | None,
-    ) -> aiohttp.ClientResponse:  # fmt: skip
-        """Send the request through the gateway, or (``FAL_PROXY_FALLBACK=direct``) the way
-        the breaker says; a request whose gateway connection failed goes to fal once more,
-        directly, when its whole body is still in hand (it provably never left)."""
-        assert self.session is not None
-        breaker = self.breaker
-        ticket = breaker.route() if breaker is not None else GATEWAY
-        if ticket.direct:
-            return await self._direct(ex, target, headers, body)
-        verdict: bool | None = None  # the gateway worked, failed, or we cannot tell
-        attempt = Attempt()
-        try:
-            response = await self._send(ex, target.upstream_url, headers, body, attempt)
-            verdict = not gateway_failed(response.status, response.headers)
-            return response
-        except aiohttp.ClientError as exc:
-            if breaker is None or not never_left(exc, attempt):
-                raise
-            verdict = False
-            if not isinstance(body, bytes | None):
-                raise  # a streamed body may have started: never sent twice
-            return await self._direct(ex, target, headers, body)
-        finally:
-            if breaker is not None:
-                breaker.report(ticket, verdict)
-
-    async def _direct(
-        self, ex: Exchange, target: Target, headers: list[tuple[str, str]],
-        body: bytes | AsyncIterator[bytes] | None,
-    ) -> aiohttp.ClientResponse:  # fmt: skip
-        """The request straight to fal: fal's own URL, no gateway headers."""
-        assert self.session is not None
-        ex.via = "direct"
-        url = direct_url(target.host, target.path, target.query, self.settings.gateway.fal_origin)
-        return await self._send(ex, url, direct_headers(headers), body)
-
-    async def _send(
-        self, ex: Exchange, url: str, headers: list[tuple[str, str]],
-        body: bytes | AsyncIterator[bytes] | None, attempt: Attempt | None = None,
-    ) -> aiohttp.ClientResponse:  # fmt: skip
-        """One request on the pool. A call that cannot start a generation (a queue status or
-        result read, a cancel), with its whole body in hand, is sent once more when its kept-
-        alive connection turned out closed by the upstream; any other is not (aiohttp's own
-        resend is off, proxy.upstream: a GET on fal.run runs the model)."""
-        assert self.session is not None
-        for last in (ex.generation or not isinstance(body, bytes | None), True):
-            try:
-                return await self.session.request(
-                    ex.method, URL(url, encoded=True), headers=headers, data=body,
-                    allow_redirects=False, trace_request_ctx=attempt,
-                )  # fmt: skip
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if last or isinstance(exc, aiohttp.ClientConnectorError):
-                    raise
-        raise AssertionError("unreachable")  # (the last try returns or raises)
-
     async def _exchange(
         self,
         target: Target,
@@ -374,7 +306,7 @@ class Forwarder:
         try:
             try:
                 async with deadline:
-                    response = await self._open(ex, target, headers, body)
+                    response = await self.route.open(ex, target, headers, body)
             except TimeoutError:
                 raise timeout_error(
                     body_error=ex.body_error, body_phase=ex.body_phase,
@@ -404,7 +336,7 @@ class Forwarder:
             if watcher is not None:
                 watcher.cancel()
             if response is not None:
-                if ex.response_done and not _misframed(response):
+                if ex.response_done and not misframed(response):
                     response.release()
                 else:
                     response.close()  # drop the connection: the upstream sees the abort
