@@ -11,6 +11,7 @@ the id without the key. ``FAL_PROXY_METADATA_CALLER=raw`` sends the id itself, `
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -27,27 +28,42 @@ def derived_key(secret: str) -> bytes:
 
 
 class CallerTags:
-    """How callers appear in ``cf-aig-metadata`` (``mode``: hash, raw or off)."""
+    """How callers appear in ``cf-aig-metadata`` (``mode``: hash, raw or off). The hashes of
+    the callers seen lately are kept (a bounded LRU: O(1), whatever the number of callers),
+    since the same caller usually makes many calls in a row."""
 
     def __init__(self, mode: str, key: bytes) -> None:
         self.mode = mode
         self.key = key
+        self._hashed = functools.lru_cache(maxsize=CACHED)(self._hash)
 
     def tag(self, caller: str) -> str | None:
         if self.mode == "off":
             return None
         if self.mode == "raw":
             return caller
+        return self._hashed(caller)
+
+    def _hash(self, caller: str) -> str:
         return hmac.new(self.key, caller.encode(), hashlib.sha256).hexdigest()[:TAG_HEX]
 
 
+CACHED = 4096  # callers' tags, and JSON strings of apps and routes, kept for reuse
+
+
+@functools.lru_cache(maxsize=CACHED)
+def _json(text: str) -> str:
+    # ensure_ascii: a header value stays ASCII whatever a caller id or a path holds.
+    return json.dumps(text, ensure_ascii=True)
+
+
 def metadata_header(*, caller: str | None, app: str | None, request_id: str, route: str) -> str:
-    """The header's value: a compact JSON object of string entries (never more than 5)."""
-    entries = {"request_id": request_id, "route": route}
+    """The header's value: a compact JSON object of string entries (4 of the 5 Cloudflare
+    keeps). Written out rather than json.dumps'ed (measured: a third of the cost): the request
+    id is the proxy's own hex id, everything else goes through the (cached) JSON encoder."""
+    value = '{"request_id":"' + request_id + '","route":' + _json(route)
     if app is not None:
-        entries["app"] = app
+        value += ',"app":' + _json(app)
     if caller is not None:
-        entries["caller"] = caller
-    assert len(entries) <= MAX_ENTRIES
-    # ensure_ascii: a header value stays ASCII whatever a caller id holds.
-    return json.dumps(entries, separators=(",", ":"), ensure_ascii=True)
+        value += ',"caller":' + _json(caller)
+    return value + "}"

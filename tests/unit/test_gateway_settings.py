@@ -8,6 +8,8 @@ import hmac
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.envvars import SettingsError
 from proxy.headers import InjectedHeaders, upstream_request_headers
@@ -146,3 +148,15 @@ def test_caller_tags() -> None:
     assert CallerTags("hash", derived_key("other")).tag("alice@example.com") != tag
     assert CallerTags("raw", key).tag("alice") == "alice"
     assert CallerTags("off", key).tag("alice") is None
+
+
+@given(caller=st.text(), app=st.text(max_size=40) | st.none(), route=st.sampled_from(
+    ["run", "stream", "queue", "storage", "token", "websocket"]))  # fmt: skip
+def test_the_written_out_header_is_the_json_of_its_entries(
+    caller: str, app: str | None, route: str
+) -> None:
+    value = metadata_header(caller=caller, app=app, request_id="0123456789abcdef", route=route)
+    expected = {"request_id": "0123456789abcdef", "route": route, "caller": caller}
+    if app is not None:
+        expected["app"] = app
+    assert value.isascii() and json.loads(value) == expected
