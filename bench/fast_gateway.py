@@ -9,7 +9,13 @@ so the same paths work straight at the gateway (``/v1/acct/gw/fal/bytes``) and t
   slices of one shared zero buffer under transport flow control: memory stays flat.
 * ``POST …/sink``          the request body (content-length or chunked) is counted and
   discarded; the answer is ``{"received": <bytes>}``.
+* ``GET  …/_stats``        ``{"connections": N, "requests": M}`` since the start (TLS
+  handshakes are the connections, with ``--tls-dir``).
 * anything else            a fixed small JSON answer, like a fal.run result.
+
+With ``--tls-dir DIR`` it speaks TLS: a test CA and a certificate for 127.0.0.1 and
+localhost, made with ``trustme``; the CA goes to ``DIR/ca.pem`` (for the proxy's
+``FAL_PROXY_TEST_GATEWAY_CA_FILE``).
 
 Run as ``python bench/fast_gateway.py --port 0``; it prints one JSON line
 ``{"event": "listening", "port": N}`` on stdout and serves until SIGTERM/SIGINT.
@@ -22,14 +28,17 @@ import argparse
 import asyncio
 import json
 import signal
+import ssl
 import sys
 from collections import deque
+from pathlib import Path
 
 import httptools
 
 CHUNK = memoryview(bytes(1 << 20))  # one shared 1 MiB zero buffer for every download
 MAX_DOWNLOAD = 1 << 40
 READ_BUFFER = memoryview(bytearray(1 << 20))  # shared by every connection, see below
+STATS = {"connections": 0, "requests": 0}
 
 SMALL_BODY = (
     b'{"images":[{"url":"https://v3.fal.media/files/x/cat.png","width":1024,"height":1024}],'
@@ -88,6 +97,7 @@ class GatewayProtocol(asyncio.BufferedProtocol):
 
     # -- asyncio.BufferedProtocol ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        STATS["connections"] += 1
         self.transport = transport  # type: ignore[assignment]  # (uvloop's is not a subclass)
         transport.set_write_buffer_limits(high=4 << 20, low=1 << 20)
 
@@ -136,7 +146,10 @@ class GatewayProtocol(asyncio.BufferedProtocol):
         path = url.path.rstrip(b"/")
         last = path[path.rfind(b"/") + 1 :]
         method = self.parser.get_method()
-        if last == b"bytes" and method == b"GET":
+        STATS["requests"] += 1
+        if last == b"_stats":
+            self._enqueue(_json_response(b"200 OK", STATS, close), 0, close)
+        elif last == b"bytes" and method == b"GET":
             size = _size_param(url.query)
             if size is None:
                 error = _json_response(b"400 Bad Request", {"error": "size=N needed"}, close)
@@ -190,9 +203,9 @@ def _size_param(query: bytes | None) -> int | None:
     return None
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, tls: ssl.SSLContext | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(GatewayProtocol, "127.0.0.1", port, backlog=4096)
+    server = await loop.create_server(GatewayProtocol, "127.0.0.1", port, backlog=4096, ssl=tls)
     bound = server.sockets[0].getsockname()[1]
     print(json.dumps({"event": "listening", "port": bound}), flush=True)
     stop = asyncio.Event()
@@ -205,13 +218,23 @@ async def serve(port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1, 0 = any free port")
+    parser.add_argument("--tls-dir", type=Path, help="speak TLS; write the test CA to DIR/ca.pem")
     args = parser.parse_args(argv)
+    tls = None
+    if args.tls_dir is not None:
+        import trustme
+
+        ca = trustme.CA()
+        args.tls_dir.mkdir(parents=True, exist_ok=True)
+        ca.cert_pem.write_to_path(str(args.tls_dir / "ca.pem"))
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1", "localhost").configure_cert(tls)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.port))
+        asyncio.run(serve(args.port, tls))
     else:
-        uvloop.run(serve(args.port))
+        uvloop.run(serve(args.port, tls))
     return 0
 
 

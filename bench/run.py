@@ -438,11 +438,27 @@ def measure(
     proxy = start_child("proxy", [sys.executable, "-m", "proxy", "--port", "0"], proxy_env, stack)
     pin(proxy.pid, proxy_cpus)  # every thread, now that it is up
     proxy_url = f"http://127.0.0.1:{proxy.port}"
+    # Production talks HTTPS to the gateway: the same proxy in front of a TLS fake gateway
+    # (a trustme CA, trusted through the test-only FAL_PROXY_TEST_GATEWAY_CA_FILE).
+    tls_dir = tmp / "tls"
+    tls_gateway = start_child("fake gateway (TLS)", [*gateway_argv, "--tls-dir", str(tls_dir)],
+                              env, stack)  # fmt: skip
+    tls_proxy_env = dict(
+        proxy_env,
+        FAL_PROXY_GATEWAY_URL=f"https://127.0.0.1:{tls_gateway.port}{GATEWAY_PREFIX}",
+        FAL_PROXY_TEST_GATEWAY_CA_FILE=str(tls_dir / "ca.pem"),
+    )
+    tls_proxy = start_child(
+        "proxy (TLS upstream)", [sys.executable, "-m", "proxy", "--port", "0"], tls_proxy_env, stack
+    )
+    pin(tls_proxy.pid, proxy_cpus)
 
     # Both modes ask for the same upstream paths: "direct" names the gateway's own URL for
     # what the proxy turns /fal-ai/x into. Each mode's cost is that of one process.
     modes = {"direct": (gateway_url, gateway), "proxy": (proxy_url, proxy)}
     load_modes = dict(modes)  # those in the small-request rounds
+    load_modes[TLS_MODE] = (f"http://127.0.0.1:{tls_proxy.port}", tls_proxy)
+    gateways = {name: gateway.pid for name in load_modes} | {TLS_MODE: tls_gateway.pid}
     for name in BASELINES if args.clients else ():
         client_env = dict(env, BENCH_GATEWAY_URL=gateway_url, BENCH_CLIENT=name.split("-")[1])
         argv = [sys.executable, str(ROOT / "bench" / "baselines.py"), "--port", "0"]
@@ -467,7 +483,7 @@ def measure(
                 step(f"{name}: small POSTs, {LOAD_CONNECTIONS} connections, {load_s} s, "
                      f"round {round_}/{args.rounds}")  # fmt: skip
                 # The forwarder under test (proxy or baseline) is "proxy" in the result keys.
-                watched = {"gateway": gateway.pid} | (
+                watched = {"gateway": gateways[name]} | (
                     {} if name == "direct" else {"proxy": child.pid}
                 )
                 before = yardstick_ms(proxy_cpus)
@@ -494,6 +510,7 @@ def measure(
                 "upload", f"{base}/fal-ai/sink", child.pid, upload_file
             )
         results["proxy"]["rss_after_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
+        results[TLS_MODE]["gateway_stats"] = tls_stats(tls_gateway.port, tls_dir / "ca.pem")
     except BenchError:
         for _, child in load_modes.values():
             if child.proc.poll() is not None:
@@ -508,6 +525,39 @@ def measure(
         except BenchError as exc:  # the measurements stand without it
             step(f"profile skipped: {exc}")
     return results
+
+
+TLS_MODE = "proxy-tls"
+
+
+def tls_stats(port: int, ca_file: Path) -> dict[str, int]:
+    """The TLS fake gateway's connections (= TLS handshakes) and requests, this one excluded."""
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(ca_file))
+    url = f"https://127.0.0.1:{port}{GATEWAY_PREFIX}/_stats"
+    with urllib.request.urlopen(url, context=context, timeout=10) as answer:
+        stats = json.loads(answer.read())
+    return {"connections": stats["connections"] - 1, "requests": stats["requests"] - 1}
+
+
+def tls_table(results: dict[str, Any]) -> str:
+    """Plain HTTP and TLS to the gateway, the same proxy, the same rounds."""
+    plain, tls = results["proxy"]["load"], results[TLS_MODE]["load"]
+    stats = results[TLS_MODE]["gateway_stats"]
+    per_thousand = 1000 * stats["connections"] / max(stats["requests"], 1)
+    return "\n".join([
+        "| upstream | proxy CPU µs per small request, 64 conn | ×plain | req/s, 64 conn "
+        "| TLS handshakes per 1,000 requests |",
+        "|---|---:|---:|---:|---:|",
+        f"| plain HTTP | {plain['proxy_cpu_us_per_req']:.0f} | 1.00× | "
+        f"{plain['req_per_s']:.0f} | — |",
+        f"| TLS (test CA) | {tls['proxy_cpu_us_per_req']:.0f} | "
+        f"{tls['proxy_cpu_us_per_req'] / plain['proxy_cpu_us_per_req']:.2f}× | "
+        f"{tls['req_per_s']:.0f} | {per_thousand:.2f} ({stats['connections']} handshakes, "
+        f"{stats['requests']} requests) |",
+    ])  # fmt: skip
 
 
 def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespace) -> None:
@@ -555,6 +605,14 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
     )
     missed = [row.metric for row in rows if row.ok is False]
     print(f"\nTargets missed: {'; '.join(missed)}" if missed else "\nAll targets met.")
+    if TLS_MODE in results:
+        print(f"\n### TLS to the gateway\n\n{tls_table(results)}")
+        print(
+            f"\n- The same proxy settings, in front of the same fake gateway speaking TLS 1.3 "
+            f"(a trustme CA); rounds alternate with the others, median shown. µs/request in "
+            f"each round: {rounds(TLS_MODE, 'proxy_cpu_us_per_req')}. Handshakes: the TLS "
+            "gateway's accepted connections over every request it served (warm-up included)."
+        )
     if args.clients:
         each = "; ".join(f"{name} µs/request in each round: "
                          f"{rounds(name, 'proxy_cpu_us_per_req')}, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import http
 import re
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
 from starlette.types import Scope, Send
@@ -168,6 +169,11 @@ async def open_upstream(
         if metadata is not None:
             headers.append(("cf-aig-metadata", metadata))
     passable = upstream_subprotocols(offered)
+    # A test CA for a local TLS gateway (FAL_PROXY_TEST_GATEWAY_CA_FILE); fal's own is public.
+    context = None if direct else settings.gateway.gateway_tls()
+    tls: dict[str, Any] = (
+        {"ssl": context} if context is not None and url.startswith("wss://") else {}
+    )
     try:
         return await _connect_without_redirects(
             url,
@@ -180,6 +186,7 @@ async def open_upstream(
             ping_timeout=20,
             compression=None,
             user_agent_header=CLIENT_PROXY_ID,
+            **tls,
         )
     except InvalidStatus as exc:
         response = exc.response

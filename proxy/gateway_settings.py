@@ -15,8 +15,10 @@ falls back to Cloudflare-paid credentials without being asked.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -128,9 +130,24 @@ class GatewaySettings:
         default=None,
     )
 
+    gateway_ca_file: str | None = declared(
+        lambda env, _: _ca_file(env),
+        Doc(
+            "FAL_PROXY_TEST_GATEWAY_CA_FILE",
+            "",
+            "tests and benchmarks only: a CA (PEM) the gateway's TLS certificate is checked "
+            "against, e.g. a local fake gateway's",
+        ),
+        default=None,
+    )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> GatewaySettings:
         return cls(**read_fields(cls, env))
+
+    def gateway_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for the gateway when a test CA is set (else the default one)."""
+        return _context(self.gateway_ca_file) if self.gateway_ca_file is not None else None
 
     @property
     def mode(self) -> str:
@@ -198,6 +215,24 @@ def _fal_origin(env: Mapping[str, str]) -> str | None:
             "e.g. http://127.0.0.1:9000/_fal"
         )
     return origin.rstrip("/")
+
+
+def _ca_file(env: Mapping[str, str]) -> str | None:
+    path = _get(env, "FAL_PROXY_TEST_GATEWAY_CA_FILE")
+    if path is not None:
+        try:
+            _context(path)
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(
+                f"FAL_PROXY_TEST_GATEWAY_CA_FILE: cannot load {path}: "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _context(ca_file: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file)
 
 
 def check_modes(gateway: GatewaySettings, *, token: bool, realtime_direct: bool) -> None:

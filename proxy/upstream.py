@@ -29,7 +29,9 @@ SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 def create_session(settings: Settings) -> aiohttp.ClientSession:
     """Create the shared session; call from inside the running event loop."""
+    test_ca = settings.gateway.gateway_tls()  # FAL_PROXY_TEST_GATEWAY_CA_FILE, else the default
     connector = aiohttp.TCPConnector(
+        ssl=test_ca if test_ca is not None else True,
         limit=settings.upstream_connections,
         limit_per_host=0,
         ttl_dns_cache=300,
