@@ -176,12 +176,16 @@ def text(name: str, default: str, meaning: str) -> str:
     )
 
 
-def flag(name: str, default: bool, meaning: str) -> bool:
-    def read(env: Mapping[str, str], _: Mapping[str, Any]) -> bool:
-        word = _choice(env, name, shown(default), ("true", "false", "1", "0"))
-        return word in ("true", "1")
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    return _choice(env, name, shown(default), ("true", "false", "1", "0")) in ("true", "1")
 
-    return declared(read, Doc(name, shown(default), meaning), default=default)
+
+def flag(name: str, default: bool, meaning: str) -> bool:
+    return declared(
+        lambda env, _: _flag(env, name, default),
+        Doc(name, shown(default), meaning),
+        default=default,
+    )
 
 
 def shown(default: object) -> str:

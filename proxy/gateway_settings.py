@@ -28,11 +28,12 @@ from .envvars import (
     Secret,
     SettingsError,
     _check_header_safe,
-    _choice,
+    _flag,
     _get,
     _read_secret_file,
     choice,
     declared,
+    flag,
     read_fields,
     seconds,
     whole,
@@ -46,10 +47,7 @@ def credential_mode(env: Mapping[str, str]) -> str:
     """``key``, ``byok`` or ``unified``, from the two variables that choose it."""
     if _get(env, "CF_AIG_BYOK_ALIAS"):
         return "byok"
-    if _choice(env, "FAL_PROXY_UNIFIED_BILLING", "false", ("true", "false", "1", "0")) in (
-        "true",
-        "1",
-    ):
+    if _flag(env, "FAL_PROXY_UNIFIED_BILLING", False):
         return "unified"
     return "key"
 
@@ -68,17 +66,12 @@ class GatewaySettings:
         ),
         default=None,
     )
-    unified_billing: bool = declared(
-        lambda env, _: _choice(env, "FAL_PROXY_UNIFIED_BILLING", "false",
-                               ("true", "false", "1", "0")) in ("true", "1"),
-        Doc(
-            "FAL_PROXY_UNIFIED_BILLING",
-            "false",
-            "let the gateway pay fal from its credits (Unified Billing): no fal key anywhere; "
-            "else every call says cf-aig-no-wholesale: true",
-        ),
-        default=False,
-    )  # fmt: skip
+    unified_billing: bool = flag(
+        "FAL_PROXY_UNIFIED_BILLING",
+        False,
+        "let the gateway pay fal from its credits (Unified Billing): no fal key anywhere; "
+        "else every call says cf-aig-no-wholesale: true",
+    )
     metadata_caller: str = choice(
         "FAL_PROXY_METADATA_CALLER",
         "hash",
