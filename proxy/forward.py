@@ -43,7 +43,7 @@ from .relay import relay_response, relay_rewritten
 from .settings import Settings
 from .targets import Target
 from .upload import UploadDeadline, stream_body
-from .upstream_route import UpstreamRoute, misframed
+from .upstream_route import UpstreamRoute
 
 
 class Forwarder:
@@ -336,7 +336,7 @@ class Forwarder:
             if watcher is not None:
                 watcher.cancel()
             if response is not None:
-                if ex.response_done and not misframed(response):
+                if ex.response_done:
                     response.release()
                 else:
                     response.close()  # drop the connection: the upstream sees the abort

@@ -7,7 +7,7 @@ kept-alive connection, is sent once more.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import aiohttp
 from yarl import URL
@@ -82,21 +82,19 @@ class UpstreamRoute:
         result read, a cancel), with its whole body in hand, is sent once more when its kept-
         alive connection turned out closed by the upstream; any other is not (aiohttp's own
         resend is off, proxy.upstream: a GET on fal.run runs the model)."""
-        assert self.session is not None
-        for last in (ex.generation or not isinstance(body, bytes | None), True):
-            try:
-                return await self.session.request(
-                    ex.method, URL(url, encoded=True), headers=headers, data=body,
-                    allow_redirects=False, trace_request_ctx=attempt,
-                )  # fmt: skip
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if last or isinstance(exc, aiohttp.ClientConnectorError):
-                    raise
-        raise AssertionError("unreachable")  # (the last try returns or raises)
+        session = self.session
+        assert session is not None
 
+        def request() -> Awaitable[aiohttp.ClientResponse]:
+            return session.request(
+                ex.method, URL(url, encoded=True), headers=headers, data=body,
+                allow_redirects=False, trace_request_ctx=attempt,
+            )  # fmt: skip
 
-def misframed(response: aiohttp.ClientResponse) -> bool:
-    """A bodiless answer that announced a body: the upstream may well close the connection
-    (uvicorn does), and a request sent on it meanwhile would fail; aiohttp no longer resends
-    one (proxy.upstream), so the connection is not reused."""
-    return response.status in (204, 304) and response.headers.get("content-length", "0") != "0"
+        try:
+            return await request()
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            repeatable = not ex.generation and isinstance(body, bytes | None)
+            if not repeatable or isinstance(exc, aiohttp.ClientConnectorError):
+                raise
+        return await request()
