@@ -42,32 +42,9 @@ async def relay_response(
         }
     )
     remaining = response.content_length  # known length: finish with the last chunk
-    content = response.content
     first_chunk = True
     while True:
-        try:
-            if content.is_eof():
-                # The whole rest of the body is buffered (a small body arrives with its
-                # headers): take it without arming a timer.
-                chunk = content.read_nowait()
-            else:
-                # Waiting here (rather than taking whatever few bytes are buffered right
-                # now) lets chunks grow: measured 4x faster on a 64 MiB download.
-                async with asyncio.timeout(idle):
-                    chunk = await content.readany()
-        except TimeoutError:
-            raise UpstreamTimeout(
-                "the gateway stalled mid-response", f"nothing received for {idle:g}s"
-            ) from None
-        except aiohttp.ClientError as exc:
-            # The upload may still be running after an early answer: its failure
-            # surfaces here, wrapped by aiohttp.
-            raise client_error(
-                exc,
-                client_gone=ex.client_gone,
-                body_error=ex.body_error,
-                message="the gateway broke the response",
-            ) from None
+        chunk = await _next_chunk(response, ex, idle)
         if first_chunk:
             first_chunk = False
             if response.status == 401:
@@ -101,16 +78,7 @@ async def relay_rewritten(
     _note_answer(response, ex)
     body = bytearray()
     while True:
-        try:
-            async with asyncio.timeout(idle):
-                chunk = await response.content.readany()
-        except TimeoutError:
-            raise UpstreamTimeout(
-                "the gateway stalled mid-response", f"nothing received for {idle:g}s"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise client_error(exc, client_gone=ex.client_gone, body_error=ex.body_error,
-                               message="the gateway broke the response") from None  # fmt: skip
+        chunk = await _next_chunk(response, ex, idle)
         if not chunk:
             break
         body += chunk
@@ -141,6 +109,33 @@ async def relay_rewritten(
     ex.response_done = True
     ex.bytes_out = len(plain)
     await send({"type": "http.response.body", "body": plain})
+
+
+async def _next_chunk(response: aiohttp.ClientResponse, ex: Exchange, idle: float) -> bytes:
+    """The next piece of the body (b"" at its end), within the idle timeout."""
+    content = response.content
+    try:
+        if content.is_eof():
+            # The whole rest of the body is buffered (a small body arrives with its
+            # headers): take it without arming a timer.
+            return content.read_nowait()
+        # Waiting here (rather than taking whatever few bytes are buffered right now) lets
+        # chunks grow: measured 4x faster on a 64 MiB download.
+        async with asyncio.timeout(idle):
+            return await content.readany()
+    except TimeoutError:
+        raise UpstreamTimeout(
+            "the gateway stalled mid-response", f"nothing received for {idle:g}s"
+        ) from None
+    except aiohttp.ClientError as exc:
+        # The upload may still be running after an early answer: its failure surfaces
+        # here, wrapped by aiohttp.
+        raise client_error(
+            exc,
+            client_gone=ex.client_gone,
+            body_error=ex.body_error,
+            message="the gateway broke the response",
+        ) from None
 
 
 # Headers that describe the exact bytes: wrong once the body is rewritten.
