@@ -66,6 +66,7 @@ test-e2e: install $(SDK_DIR)/node_modules/.package-lock.json
 bench: install
 	command -v wrk >/dev/null || { apt-get update && apt-get install -y wrk; }
 	command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
+	npm ci --prefix bench/express_proxy --no-audit --no-fund
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/callers.py $(CALLERS_ARGS)
 

@@ -83,7 +83,34 @@ async def via_aiohttp(
         await send({"type": "http.response.body", "body": b""})
 
 
+async def via_pyreqwest(
+    client: Any, method: str, url: str, headers: list, body: Any, send: Any
+) -> None:
+    builder = client.request(method, url).headers(
+        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+    )
+    builder = builder.body_bytes(body) if isinstance(body, bytes) else builder.body_stream(body)
+    async with builder.build_streamed() as response:
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
+        await send(start(response.status, raw))
+        reader = response.body_reader
+        while (chunk := await reader.read_chunk()) is not None:
+            await send({"type": "http.response.body", "body": bytes(chunk), "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
 def make_client() -> Any:
+    if CLIENT == "pyreqwest":  # hyper under a Rust runtime; as the others: no decompression,
+        from datetime import timedelta  # no redirects, no cookies, no environment proxies
+
+        from pyreqwest.client import ClientBuilder
+
+        builder = (
+            ClientBuilder().gzip(False).brotli(False).zstd(False).deflate(False)
+            .follow_redirects(False).default_cookie_store(False).no_proxy()
+            .pool_idle_timeout(timedelta(seconds=60)).http1_only()
+        )  # fmt: skip
+        return builder.build()
     if CLIENT == "httpx":
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
         return httpx.AsyncClient(trust_env=False, limits=limits, timeout=None)
@@ -111,7 +138,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["query_string"]:
         url += "?" + scope["query_string"].decode("latin-1")
     body = await request_body(receive)
-    forward = via_httpx if CLIENT == "httpx" else via_aiohttp
+    forward = {"httpx": via_httpx, "pyreqwest": via_pyreqwest}.get(CLIENT, via_aiohttp)
     await forward(client, scope["method"], url, headers, body, send)
 
 
@@ -129,8 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=0)
     port = parser.parse_args().port
-    if not GATEWAY or CLIENT not in ("httpx", "aiohttp"):
-        parser.error("set BENCH_GATEWAY_URL, and BENCH_CLIENT to httpx or aiohttp")
+    if not GATEWAY or CLIENT not in ("httpx", "aiohttp", "pyreqwest"):
+        parser.error("set BENCH_GATEWAY_URL, and BENCH_CLIENT to httpx, aiohttp or pyreqwest")
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", lifespan="on",
         log_config=None, access_log=False, server_header=False, date_header=False,

@@ -15,12 +15,16 @@ import fcntl
 import json
 import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_PREFIX = "/v1/acct/gw/fal"  # the fake gateway's "/v1/<account>/<gateway>/fal"
@@ -129,3 +133,42 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+# -- redis-server -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(log: Path, stack: contextlib.ExitStack) -> redis.Redis:
+    """A redis-server of our own on a free loopback port (no persistence); a client to it.
+
+    redis-server cannot bind port 0: a free port is picked first, and if another process
+    takes it meanwhile the server exits and another is tried. Its PING is believed only
+    from our own server (its ``process_id``).
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server not found: apt-get install -y redis-server")
+    for _attempt in range(5):
+        port = free_port()
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        stack.callback(stop_process, proc)
+        client = redis.Redis(port=port, socket_timeout=2, socket_connect_timeout=2)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(redis.ConnectionError):
+                if int(client.info("server")["process_id"]) == proc.pid:
+                    return client
+            time.sleep(0.02)
+        stop_process(proc)
+    raise BenchError(f"redis-server did not start:\n{log.read_text()[-2000:]}")

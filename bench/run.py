@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import scaling
+
 # bench/ is sys.path[0]: these are bench/bench_common.py and bench/procfs.py.
 from bench_common import (
     GATEWAY_PREFIX,
@@ -57,38 +59,21 @@ from bench_common import (
     start_child,
     step,
 )
-from procfs import cpu_seconds, cpu_seconds_fine, reset_peak_rss, status_kib
+from procfs import cpu_seconds_fine, reset_peak_rss, status_kib
+from wrk import LOAD_CONNECTIONS, LOAD_THREADS, run_wrk, small_load, wrk_script
 
 MIB = 1 << 20
 DOWNLOAD_BYTES = 64 * MIB
 UPLOAD_BYTES = 32 * MIB
-LOAD_CONNECTIONS, LOAD_THREADS = 64, 2
 TRANSFER_REPEATS = 3
-BASELINES = ("baseline-aiohttp", "baseline-httpx")  # bench/baselines.py, BENCH_CLIENT=...
+# Bare forwarders of bench/baselines.py (BENCH_CLIENT=aiohttp|pyreqwest|httpx).
+BASELINES = ("baseline-aiohttp", "baseline-pyreqwest", "baseline-httpx")
 
 # Targets the proxy's figures are judged against.
 TARGET_CPU_US = 350.0  # ≤ proxy CPU per small request
 TARGET_MBPS = 500.0  # ≥ each way, 64 MiB down / 32 MiB up
 TARGET_RSS_MIB = 100.0  # < peak RSS
-
-# wrk script: the small fal.run-shaped POST, and a machine-readable summary at the end
-# (wrk's `done` gets the merged latency histogram of every thread, in µs).
-WRK_SCRIPT = r"""
-wrk.method = "POST"
-wrk.body = '{"prompt":"cat"}'
-wrk.headers["content-type"] = "application/json"
-
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '\nBENCH_JSON {"requests":%d,"duration_us":%d,"bytes":%d,' ..
-    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},' ..
-    '"p50_us":%.1f,"p99_us":%.1f,"mean_us":%.1f,"max_us":%.1f}\n',
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.mean, latency.max))
-end
-"""
+TARGET_KIB_PER_OPEN = 100.0  # < RSS per open SSE stream or WebSocket
 
 
 # -- the host's speed (/proc readers: bench/procfs.py; pinning: bench/bench_common.py) ---
@@ -116,39 +101,6 @@ def yardstick_ms(cpus: set[int]) -> float:
 
 
 # -- load generators --------------------------------------------------------------------
-
-
-def run_wrk(
-    url: str, script: Path, *, connections: int, threads: int, seconds: int
-) -> dict[str, Any]:
-    cmd = [
-        "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-        "--latency", "-s", str(script), url,
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    match = re.search(r"^BENCH_JSON (.*)$", out.stdout, re.M)
-    if out.returncode != 0 or match is None:
-        raise BenchError(f"wrk failed ({out.returncode}): {out.stdout}{out.stderr}")
-    result = json.loads(match.group(1))
-    errors = sum(result["errors"].values())
-    if result["requests"] == 0 or errors:
-        raise BenchError(f"wrk at {url}: {result['requests']} requests, errors {result['errors']}")
-    return result
-
-
-def small_load(url: str, script: Path, pids: dict[str, int], *, connections: int, threads: int,
-               seconds: int) -> dict[str, Any]:  # fmt: skip
-    """One wrk run; adds each watched process's CPU µs per request and CPU utilisation."""
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    started = time.monotonic()
-    result = run_wrk(url, script, connections=connections, threads=threads, seconds=seconds)
-    wall = time.monotonic() - started
-    for name, pid in pids.items():
-        used = cpu_seconds(pid) - before[name]
-        result[f"{name}_cpu_us_per_req"] = used * 1e6 / result["requests"]
-        result[f"{name}_cpu_util"] = used / wall
-    result["req_per_s"] = result["requests"] / (result["duration_us"] / 1e6)
-    return result
 
 
 CURL = ["curl", "--silent", "--show-error", "--noproxy", "*", "--max-time", "120"]
@@ -286,74 +238,108 @@ def summarise_stacks(collapsed: str, top: int = 15) -> dict[str, Any]:
 @dataclass
 class Row:
     metric: str
-    direct: float | None
+    against: str  # what the proxy's figure is compared with ("" for none)
+    base: float | None
     proxy: float | None
     fmt: str
     target: str = ""
     ok: bool | None = None  # the proxy figure against the target
-    ratio: bool = True  # a proxy/direct ratio means something for this metric
+    ratio: bool = True  # a proxy/baseline ratio means something for this metric
+
+
+SMALL = "CPU µs per small request, 64 conn"
+BASELINE_LABELS = {
+    "baseline-aiohttp": "bare uvicorn + aiohttp",
+    "baseline-pyreqwest": "bare uvicorn + pyreqwest",
+    "baseline-httpx": "bare uvicorn + httpx",
+}
 
 
 def rows_from(r: dict[str, Any]) -> list[Row]:
     d, p = r["direct"], r["proxy"]
-    return [
-        Row("CPU µs per small request, 64 conn (direct: fake gateway's)",
-            d["load"]["gateway_cpu_us_per_req"], p["load"]["proxy_cpu_us_per_req"], "{:.0f}",
-            f"≤ {TARGET_CPU_US:.0f}", p["load"]["proxy_cpu_us_per_req"] <= TARGET_CPU_US),
-        Row("req/s, 64 conn", d["load"]["req_per_s"], p["load"]["req_per_s"], "{:.0f}"),
-        Row("p50 latency ms, 1 conn", d["latency"]["p50_us"] / 1e3, p["latency"]["p50_us"] / 1e3,
-            "{:.3f}"),
-        Row("p99 latency ms, 1 conn", d["latency"]["p99_us"] / 1e3, p["latency"]["p99_us"] / 1e3,
-            "{:.3f}"),
-        Row("64 MiB download MB/s (best of 3)",
+    cpu = p["load"]["proxy_cpu_us_per_req"]
+    rows = [
+        Row(SMALL, "direct (fake gateway's CPU)", d["load"]["gateway_cpu_us_per_req"], cpu,
+            "{:.0f}", f"≤ {TARGET_CPU_US:.0f}", cpu <= TARGET_CPU_US),
+    ]  # fmt: skip
+    if EXPRESS in r:
+        express = r[EXPRESS]["load"]["proxy_cpu_us_per_req"]
+        rows.append(Row(SMALL, "fal's server-proxy in Express", express, cpu, "{:.0f}",
+                        "≤ 0.14× (1/7)", cpu <= express / 7))  # fmt: skip
+    rows += [
+        Row(SMALL, BASELINE_LABELS[name], r[name]["load"]["proxy_cpu_us_per_req"], cpu, "{:.0f}")
+        for name in BASELINES
+        if name in r
+    ]
+    tls = r[TLS_MODE]["load"]
+    handshakes = sum(x.get("handshakes", 0) for x in r[TLS_MODE]["load_rounds"])
+    requests = sum(x["requests"] for x in r[TLS_MODE]["load_rounds"])
+    per_thousand = 1000 * handshakes / max(requests, 1)
+    rows += [
+        Row(f"{SMALL}, TLS to the gateway", "the same, plain HTTP", cpu,
+            tls["proxy_cpu_us_per_req"], "{:.0f}"),
+        Row("TLS handshakes per 1,000 requests (in the rounds)", "", None, per_thousand, "{:.2f}",
+            "< 1", per_thousand < 1, False),
+        Row("req/s, 64 conn", "direct", d["load"]["req_per_s"], p["load"]["req_per_s"], "{:.0f}"),
+    ]  # fmt: skip
+    if "workers" in r:
+        w = r["workers"]
+        rows.append(Row("req/s, 64 conn, limits in Redis: 2 workers", "1 worker",
+                        w[1]["req_per_s"], w[2]["req_per_s"], "{:.0f}", "≥ 1.80×",
+                        w["ratio"] >= 1.8))  # fmt: skip
+    rows += [
+        Row("p50 latency ms, 1 conn", "direct", d["latency"]["p50_us"] / 1e3,
+            p["latency"]["p50_us"] / 1e3, "{:.3f}"),
+        Row("p99 latency ms, 1 conn", "direct", d["latency"]["p99_us"] / 1e3,
+            p["latency"]["p99_us"] / 1e3, "{:.3f}"),
+        Row("64 MiB download MB/s (best of 3)", "direct",
             d["download"]["mb_per_s"], p["download"]["mb_per_s"],
             "{:.0f}", f"≥ {TARGET_MBPS:.0f}", p["download"]["mb_per_s"] >= TARGET_MBPS),
-        Row("64 MiB download peak RSS MiB",
+        Row("64 MiB download peak RSS MiB", "direct",
             d["download"]["peak_rss_mib"], p["download"]["peak_rss_mib"],
             "{:.1f}", f"< {TARGET_RSS_MIB:.0f}",
             p["download"]["peak_rss_mib"] < TARGET_RSS_MIB, False),
-        Row("32 MiB upload MB/s (best of 3)", d["upload"]["mb_per_s"], p["upload"]["mb_per_s"],
-            "{:.0f}", f"≥ {TARGET_MBPS:.0f}", p["upload"]["mb_per_s"] >= TARGET_MBPS),
-        Row("32 MiB upload peak RSS MiB", d["upload"]["peak_rss_mib"], p["upload"]["peak_rss_mib"],
-            "{:.1f}", f"< {TARGET_RSS_MIB:.0f}",
+        Row("32 MiB upload MB/s (best of 3)", "direct", d["upload"]["mb_per_s"],
+            p["upload"]["mb_per_s"], "{:.0f}", f"≥ {TARGET_MBPS:.0f}",
+            p["upload"]["mb_per_s"] >= TARGET_MBPS),
+        Row("32 MiB upload peak RSS MiB", "direct", d["upload"]["peak_rss_mib"],
+            p["upload"]["peak_rss_mib"], "{:.1f}", f"< {TARGET_RSS_MIB:.0f}",
             p["upload"]["peak_rss_mib"] < TARGET_RSS_MIB, False),
-        Row("RSS after start-up MiB", d["baseline_rss_mib"], p["baseline_rss_mib"], "{:.1f}",
-            f"< {TARGET_RSS_MIB:.0f}", p["baseline_rss_mib"] < TARGET_RSS_MIB, False),
+        Row("RSS after start-up MiB", "direct", d["baseline_rss_mib"], p["baseline_rss_mib"],
+            "{:.1f}", f"< {TARGET_RSS_MIB:.0f}", p["baseline_rss_mib"] < TARGET_RSS_MIB, False),
     ]  # fmt: skip
+    if "concurrency" in r:
+        for key, what, done in (("sse", "SSE stream", "got every event"),
+                                ("ws", "WebSocket", "echoed and closed 1000")):  # fmt: skip
+            c = r["concurrency"][key]
+            rows.append(Row(
+                f"RSS KiB per open {what} ({c['opened']:,}/{c['count']:,} open at once; "
+                f"{c['delivered']:,} {done})", "", None, c["kib_each"], "{:.1f}",
+                f"< {TARGET_KIB_PER_OPEN:.0f}, all",
+                c["ok"] and c["kib_each"] < TARGET_KIB_PER_OPEN, False))  # fmt: skip
+    return rows
 
 
 def markdown_table(rows: list[Row]) -> str:
     lines = [
-        "| metric | direct | proxy | proxy/direct | target (proxy) | ok |",
-        "|---|---:|---:|---:|---:|:---:|",
+        "| metric | against | theirs | proxy | proxy/theirs | target (proxy) | ok |",
+        "|---|---|---:|---:|---:|---:|:---:|",
     ]
     for row in rows:
         show = lambda v, row=row: "—" if v is None else row.fmt.format(v)  # noqa: E731
-        ratio = f"{row.proxy / row.direct:.2f}×" if row.ratio and row.direct and row.proxy else "—"
+        ratio = f"{row.proxy / row.base:.2f}×" if row.ratio and row.base and row.proxy else "—"
         ok = "" if row.ok is None else ("pass" if row.ok else "**FAIL**")
-        cells = [row.metric, show(row.direct), show(row.proxy), ratio, row.target, ok]
+        cells = [row.metric, row.against or "—", show(row.base), show(row.proxy), ratio,
+                 row.target, ok]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def clients_table(results: dict[str, Any]) -> str:
-    """Direct, proxy and the bare forwarders, each against the aiohttp one."""
-    ref = results[BASELINES[0]]["load"]
-    lines = [
-        f"| mode | CPU µs per small request, 64 conn | ×{BASELINES[0]} | req/s, 64 conn "
-        f"| ×{BASELINES[0]} | CPU use |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name in ("direct", "proxy", *BASELINES):
-        load = results[name]["load"]
-        who = "gateway" if name == "direct" else "proxy"
-        cpu, rps = load[f"{who}_cpu_us_per_req"], load["req_per_s"]
-        label = "direct (fake gateway's CPU)" if name == "direct" else name
-        cells = [label, f"{cpu:.0f}", f"{cpu / ref['proxy_cpu_us_per_req']:.2f}×", f"{rps:.0f}",
-                 f"{rps / ref['req_per_s']:.2f}×",
-                 f"{100 * load[f'{who}_cpu_util']:.0f}%"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def express_version(package: str) -> str | None:
+    path = EXPRESS_SERVER.parent / "node_modules" / package / "package.json"
+    with contextlib.suppress(OSError, ValueError):
+        return str(json.loads(path.read_text())["version"])
+    return None
 
 
 def package_version(name: str) -> str | None:
@@ -391,9 +377,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", type=Path, metavar="PATH",
                         help="afterwards, py-spy the proxy under load: collapsed stacks to PATH, "
                              "top frames printed")  # fmt: skip
-    parser.add_argument("--clients", action="store_true",
-                        help="also run the small-request rounds through bare aiohttp and httpx "
-                             "forwarders (bench/baselines.py) and compare them")  # fmt: skip
+    parser.add_argument("--only-proxy", action="store_true",
+                        help="only direct, the proxy and the TLS-upstream proxy: no bare "
+                             "forwarders, no Express, no workers or concurrency rows (for "
+                             "iterating on the hot path)")  # fmt: skip
+    parser.add_argument(
+        "--sse",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="SSE streams open at once in the concurrency rows (default 2000)",
+    )
+    parser.add_argument(
+        "--websockets",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="WebSockets open at once in the concurrency rows (default 1000)",
+    )
     parser.add_argument("--ws", action="store_true",
                         help="benchmark the WebSocket bridge instead (bench/ws_bench.py; "
                              "takes --quick, --rounds and --json)")  # fmt: skip
@@ -412,7 +413,7 @@ def measure(
     load_s, latency_s, warmup_s = args.load_s, args.latency_s, args.warmup_s
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fal-proxy-bench-")))
     script = tmp / "post.lua"
-    script.write_text(WRK_SCRIPT)
+    script.write_text(wrk_script())
     upload_file = tmp / "upload.bin"
     with open(upload_file, "wb") as f:
         block = os.urandom(MIB)
@@ -458,13 +459,24 @@ def measure(
     modes = {"direct": (gateway_url, gateway), "proxy": (proxy_url, proxy)}
     load_modes = dict(modes)  # those in the small-request rounds
     load_modes[TLS_MODE] = (f"http://127.0.0.1:{tls_proxy.port}", tls_proxy)
-    gateways = {name: gateway.pid for name in load_modes} | {TLS_MODE: tls_gateway.pid}
-    for name in BASELINES if args.clients else ():
+    scripts = dict.fromkeys(load_modes, script)
+    for name in () if args.only_proxy else BASELINES:
         client_env = dict(env, BENCH_GATEWAY_URL=gateway_url, BENCH_CLIENT=name.split("-")[1])
         argv = [sys.executable, str(ROOT / "bench" / "baselines.py"), "--port", "0"]
         child = start_child(name, argv, client_env, stack)
         pin(child.pid, proxy_cpus)  # loaded one at a time, so each has the CPU to itself
-        load_modes[name] = (f"http://127.0.0.1:{child.port}", child)
+        load_modes[name], scripts[name] = (f"http://127.0.0.1:{child.port}", child), script
+    if not args.only_proxy:
+        # fal's own proxy speaks only the SDK's protocol: its route, the target in a header.
+        express_script = tmp / "express.lua"
+        express_script.write_text(wrk_script("https://fal.run/fal-ai/x"))
+        express_env = dict(env, BENCH_GATEWAY_URL=gateway_url, FAL_KEY="k")
+        child = start_child(EXPRESS, ["node", str(EXPRESS_SERVER), "--port", "0"], express_env,
+                            stack)  # fmt: skip
+        pin(child.pid, proxy_cpus)
+        load_modes[EXPRESS] = (f"http://127.0.0.1:{child.port}/api/fal/proxy", child)
+        scripts[EXPRESS] = express_script
+    gateways = {name: gateway.pid for name in load_modes} | {TLS_MODE: tls_gateway.pid}
     time.sleep(0.5)
 
     results: dict[str, Any] = {
@@ -474,12 +486,14 @@ def measure(
     try:
         # Small requests, in rounds that alternate direct and proxy (and the baselines) so that
         # a slow spell of the host (common on shared VMs) hits all; the median round is reported.
-        for name, (base, _) in load_modes.items():
+        url = {name: base + ("" if name == EXPRESS else "/fal-ai/x")
+               for name, (base, _) in load_modes.items()}  # fmt: skip
+        for name in load_modes:
             step(f"{name}: warm-up, {warmup_s} s")  # connections, the upstream pool, caches
-            run_wrk(base + "/fal-ai/x", script, connections=LOAD_CONNECTIONS, threads=LOAD_THREADS,
+            run_wrk(url[name], scripts[name], connections=LOAD_CONNECTIONS, threads=LOAD_THREADS,
                     seconds=warmup_s)  # fmt: skip
         for round_ in range(1, args.rounds + 1):
-            for name, (base, child) in load_modes.items():
+            for name, (_, child) in load_modes.items():
                 step(f"{name}: small POSTs, {LOAD_CONNECTIONS} connections, {load_s} s, "
                      f"round {round_}/{args.rounds}")  # fmt: skip
                 # The forwarder under test (proxy or baseline) is "proxy" in the result keys.
@@ -487,9 +501,17 @@ def measure(
                     {} if name == "direct" else {"proxy": child.pid}
                 )
                 before = yardstick_ms(proxy_cpus)
-                result = small_load(base + "/fal-ai/x", script, watched,
+                # Upstream pools idled (keep-alive expiry) while the other modes ran: 1 s
+                # of the same load first, so that the round measures the steady state.
+                run_wrk(url[name], scripts[name], connections=LOAD_CONNECTIONS,
+                        threads=LOAD_THREADS, seconds=1)  # fmt: skip
+                stats = tls_stats(tls_gateway.port, tls_dir / "ca.pem") if name == TLS_MODE else {}
+                result = small_load(url[name], scripts[name], watched,
                                     connections=LOAD_CONNECTIONS, threads=LOAD_THREADS,
                                     seconds=load_s)  # fmt: skip
+                if stats:  # TLS handshakes during the round (its own _stats call excluded)
+                    after = tls_stats(tls_gateway.port, tls_dir / "ca.pem")
+                    result["handshakes"] = after["connections"] - stats["connections"] - 1
                 result["yardstick_ms"] = (before + yardstick_ms(proxy_cpus)) / 2
                 results[name].setdefault("load_rounds", []).append(result)
         for name in load_modes:
@@ -511,6 +533,12 @@ def measure(
             )
         results["proxy"]["rss_after_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
         results[TLS_MODE]["gateway_stats"] = tls_stats(tls_gateway.port, tls_dir / "ca.pem")
+        if not args.only_proxy:
+            results["workers"] = scaling.workers_rows(
+                proxy_env, gateway.pid, script, sorted(os.sched_getaffinity(0) | proxy_cpus),
+                load_s, args.rounds, stack,
+            )  # fmt: skip
+            results["concurrency"] = scaling.concurrency_rows(args.sse, args.websockets)
     except BenchError:
         for _, child in load_modes.values():
             if child.proc.poll() is not None:
@@ -528,6 +556,8 @@ def measure(
 
 
 TLS_MODE = "proxy-tls"
+EXPRESS = "fal-express"  # fal's @fal-ai/server-proxy in Express (bench/express_proxy)
+EXPRESS_SERVER = ROOT / "bench" / "express_proxy" / "server.cjs"
 
 
 def tls_stats(port: int, ca_file: Path) -> dict[str, int]:
@@ -540,24 +570,6 @@ def tls_stats(port: int, ca_file: Path) -> dict[str, int]:
     with urllib.request.urlopen(url, context=context, timeout=10) as answer:
         stats = json.loads(answer.read())
     return {"connections": stats["connections"] - 1, "requests": stats["requests"] - 1}
-
-
-def tls_table(results: dict[str, Any]) -> str:
-    """Plain HTTP and TLS to the gateway, the same proxy, the same rounds."""
-    plain, tls = results["proxy"]["load"], results[TLS_MODE]["load"]
-    stats = results[TLS_MODE]["gateway_stats"]
-    per_thousand = 1000 * stats["connections"] / max(stats["requests"], 1)
-    return "\n".join([
-        "| upstream | proxy CPU µs per small request, 64 conn | ×plain | req/s, 64 conn "
-        "| TLS handshakes per 1,000 requests |",
-        "|---|---:|---:|---:|---:|",
-        f"| plain HTTP | {plain['proxy_cpu_us_per_req']:.0f} | 1.00× | "
-        f"{plain['req_per_s']:.0f} | — |",
-        f"| TLS (test CA) | {tls['proxy_cpu_us_per_req']:.0f} | "
-        f"{tls['proxy_cpu_us_per_req'] / plain['proxy_cpu_us_per_req']:.2f}× | "
-        f"{tls['req_per_s']:.0f} | {per_thousand:.2f} ({stats['connections']} handshakes, "
-        f"{stats['requests']} requests) |",
-    ])  # fmt: skip
 
 
 def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespace) -> None:
@@ -603,30 +615,45 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
         f"proxy down {speeds(proxy['download'])}, up {speeds(proxy['upload'])}.\n"
         f"- proxy RSS after all runs: {proxy['rss_after_mib']:.1f} MiB."
     )
-    missed = [row.metric for row in rows if row.ok is False]
+    others = [name for name in (TLS_MODE, *BASELINES, EXPRESS) if name in results]
+    each = "; ".join(f"{name}: {rounds(name, 'proxy_cpu_us_per_req')} µs, "
+                     f"{rounds(name, 'req_per_s')} req/s" for name in others)  # fmt: skip
+    versions = ", ".join(f"{k} {v or 'NOT installed'}" for k, v in meta["versions"].items())
+    print(
+        f"- The other forwarders, in the same interleaved rounds, each alone on the proxy's CPU "
+        f"(median shown; each round: {each}). {TLS_MODE}: this proxy in front of the same fake "
+        "gateway speaking TLS 1.3 (a trustme CA trusted through FAL_PROXY_TEST_GATEWAY_CA_FILE); "
+        "handshakes: the TLS gateway's accepted connections during the rounds, over their "
+        "requests. Bare forwarders: bench/baselines.py, uvicorn + the client, streaming both "
+        "ways, no logging, no header policy, no checks. fal's server-proxy: its Express "
+        "handler as its README sets it up (bench/express_proxy/server.cjs), the target in "
+        "x-fal-target-url, fetch() pointed at the fake gateway. Before each round, 1 s of "
+        f"the same load (pools warm again). Versions: {versions}."
+    )
+    if "workers" in results:
+        w = results["workers"]
+        each = lambda n: "/".join(f"{x['req_per_s']:.0f}" for x in w["rounds"][n])  # noqa: E731
+        print(
+            f"- Workers ({w['layout']}): limits in a redis-server of the run's own, 1 s of load "
+            f"then {meta['load_seconds']} s measured, rounds alternating, median shown. req/s "
+            f"each round: 1 worker {each(1)}, 2 workers {each(2)}; 2 ÷ 1 = {w['ratio']:.2f}×. "
+            f"Per request (median round): proxy CPU {w[1]['proxy_cpu_us_per_req']:.0f} µs at 1 "
+            f"worker, {w[2]['proxy_cpu_us_per_req']:.0f} µs at 2; redis-server "
+            f"{w[2]['redis_cpu_us_per_req']:.0f} µs, fake gateway "
+            f"{w[2]['gateway_cpu_us_per_req']:.0f} µs at 2 workers; the workers' CPU use: "
+            + ", ".join(pct(u) for u in w[2]["worker_cpu_util"])
+            + "."
+        )
+    if "concurrency" in results:
+        c = results["concurrency"]
+        print(
+            "- Concurrency (bench/soak.py --only sse,ws; the offline emulator as fal + the "
+            "gateway; one proxy process, not pinned): "
+            + "; ".join(f"{key}: {c[key]['measured']}" for key in ("sse", "ws"))
+            + "."
+        )
+    missed = [row.metric + f" ({row.against})" for row in rows if row.ok is False]
     print(f"\nTargets missed: {'; '.join(missed)}" if missed else "\nAll targets met.")
-    if TLS_MODE in results:
-        print(f"\n### TLS to the gateway\n\n{tls_table(results)}")
-        print(
-            f"\n- The same proxy settings, in front of the same fake gateway speaking TLS 1.3 "
-            f"(a trustme CA); rounds alternate with the others, median shown. µs/request in "
-            f"each round: {rounds(TLS_MODE, 'proxy_cpu_us_per_req')}. Handshakes: the TLS "
-            "gateway's accepted connections over every request it served (warm-up included)."
-        )
-    if args.clients:
-        each = "; ".join(f"{name} µs/request in each round: "
-                         f"{rounds(name, 'proxy_cpu_us_per_req')}, "
-                         f"req/s: {rounds(name, 'req_per_s')}" for name in BASELINES)  # fmt: skip
-        versions = ", ".join(
-            f"{k} {v or 'NOT installed'}" for k, v in meta["client_versions"].items()
-        )
-        print(f"\n### upstream client comparison\n\n{clients_table(results)}")
-        print(
-            "\n- Bare forwarders of bench/baselines.py (uvicorn + the client; no logging, no "
-            "header policy), in the same interleaved rounds on the proxy's CPU, median shown; "
-            f"{each}. CPU use: of one CPU (the fake gateway's, shared with wrk, for direct).\n"
-            f"- {versions}."
-        )
     if "profile" in results:
         prof = results["profile"]
         kind = "Python and native frames" if prof["native"] else "Python frames only"
@@ -666,7 +693,11 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.latency_s = max(1, args.load_s // 2)
     args.warmup_s = 1 if args.quick else 2
-    for tool in ("wrk", "curl"):
+    if not args.only_proxy and not (EXPRESS_SERVER.parent / "node_modules").is_dir():
+        print("bench: fal's proxy is not installed: npm ci --prefix bench/express_proxy "
+              "(make bench does it), or --only-proxy", file=sys.stderr)  # fmt: skip
+        return 2
+    for tool in ("wrk", "curl", *(() if args.only_proxy else ("node", "redis-server"))):
         if shutil.which(tool) is None:
             print(
                 f"bench: {tool} not found; install it: apt-get install -y {tool}", file=sys.stderr
@@ -697,9 +728,13 @@ def main(argv: list[str] | None = None) -> int:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "yardstick_idle_ms": yardstick_ms(proxy_cpus),  # before anything runs
     }
-    if args.clients:  # sniffio: without it httpcore retries its import several times a request
-        names = ("aiohttp", "httpx", "httpcore", "anyio", "sniffio")
-        meta["client_versions"] = {name: package_version(name) for name in names}
+    # sniffio: without it httpcore retries its import several times a request
+    names = ("uvicorn", "aiohttp", "pyreqwest", "httpx", "httpcore", "sniffio")
+    meta["versions"] = {name: package_version(name) for name in names} | {
+        "node": tool_version(["node", "--version"]),
+        "@fal-ai/server-proxy": express_version("@fal-ai/server-proxy"),
+        "express": express_version("express"),
+    }
 
     # SIGTERM/SIGHUP become SystemExit, so the clean-up runs as it does on Ctrl-C.
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -27,14 +27,17 @@ may have answered or logged a 500, logged a traceback, or logged the fal key (it
 output is scanned for the sentinel).
 
 Usage: ``.venv/bin/python bench/soak.py [--quick] [--json PATH] [--only ROW,...]
-[--timeout S]`` (or ``make soak SOAK_ARGS=...``). Exit status 1 when a row fails, 2 when
-the run could not be set up, 124 on the hard timeout. Linux only (/proc).
+[--timeout S] [--sse N] [--ws N]`` (or ``make soak SOAK_ARGS=...``); ``--sse``/``--ws`` set
+the sse and ws rows' counts (``bench/run.py`` uses them for its concurrency rows). Exit
+status 1 when a row fails, 2 when the run could not be set up, 124 on the hard timeout.
+Linux only (/proc).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -141,6 +144,10 @@ PROXY_ENV = {  # every proxy: no per-caller limits (all load comes from one addr
 
 async def run(args: argparse.Namespace) -> list[Row]:
     sizes = QUICK if args.quick else FULL
+    if args.sse is not None:  # bench/run.py's concurrency rows: every stream runs to its end
+        sizes = dataclasses.replace(sizes, sse_streams=args.sse, sse_cut=0)
+    if args.ws is not None:
+        sizes = dataclasses.replace(sizes, ws_sessions=args.ws)
     secret = f"fal-SOAK-SENTINEL-{secrets.token_hex(8)}:{secrets.token_hex(8)}"
     python = sys.executable
     emulator = Child(
@@ -363,6 +370,13 @@ def main() -> int:
         default=None,
         help="comma-separated rows: " + ",".join(k for k, _, _ in ROWS),
     )
+    parser.add_argument(
+        "--sse",
+        type=int,
+        metavar="N",
+        help="the sse row's streams, all finished by the upstream (none cut)",
+    )
+    parser.add_argument("--ws", type=int, metavar="N", help="the ws row's sessions")
     parser.add_argument(
         "--timeout",
         type=float,

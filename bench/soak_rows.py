@@ -57,6 +57,7 @@ class Sizes:
     refused: int
     slow_headers: int
     drain_streams: int
+    sse_cut: int | None = None  # SSE streams their clients close (None: half of them)
 
 
 FULL = Sizes(10_000, 256, 1000, 300, 4, 50, 200, 100, 20)
@@ -266,8 +267,8 @@ async def metric(port: int, name: str) -> float | None:
 async def row_sse(ctx: Ctx) -> Row:
     proxy, n = ctx.proxies["load"], ctx.sizes.sse_streams
     pid, port = proxy.pid, proxy.port
-    n_done = n // 2
-    n_cut = n - n_done
+    n_cut = n // 2 if ctx.sizes.sse_cut is None else ctx.sizes.sse_cut
+    n_done = n - n_cut
     row = Row(
         "sse",
         f"SSE: {n} streams open at once "

@@ -35,7 +35,6 @@ failed one as the client's refusal) and :mod:`proxy.bridge_pump` the frames both
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Awaitable
 from typing import Any
 
@@ -56,6 +55,7 @@ from .bridge_upstream import (
     without_token,
 )
 from .errors import ProxyError, ShuttingDown
+from .exchange import new_request_id
 from .headers import InjectedHeaders
 from .logs import get_logger
 from .metrics import Metrics
@@ -82,7 +82,7 @@ class Bridge:
     ) -> None:
         """Bridge one socket; ``python``: it came in on the Python client's TLS port, whose
         caller credential is fal-client's ``Authorization: Key``."""
-        session = Session(os.urandom(8).hex(), scope["path"])
+        session = Session(new_request_id(), scope["path"])
         session.client_send = send = client_sender(send)  # OSError on a send: ClientGone
         lease = None
         try:

@@ -219,7 +219,7 @@ def print_python_env(settings: Settings, *, export: bool) -> int:
 
 def serve(settings: Settings, workers: int = 1) -> int:
     """Run the proxy under uvicorn until interrupted; with ``workers`` > 1, in that many
-    processes sharing one listening socket (the kernel spreads connections between them),
+    processes listening on one port (SO_REUSEPORT: the kernel spreads connections evenly),
     under uvicorn's supervisor, which replaces a worker that dies (:class:`Supervisor`)."""
     from .logs import configure_logging, get_logger
 
@@ -240,7 +240,7 @@ def serve(settings: Settings, workers: int = 1) -> int:
             "set FAL_PROXY_REDIS_URL to share them",
             setting="FAL_PROXY_REDIS_URL",
         )
-    sockets = proxy_sockets(settings) or [bind_socket(settings.host, settings.port)]
+    sockets = proxy_sockets(settings, shared=True) or []
     supervisor = Supervisor(settings, sockets, workers)
     try:
         supervisor.run()

@@ -7,14 +7,24 @@ turns it into the one line per request.
 
 from __future__ import annotations
 
-import os
 import time
+from random import getrandbits
 from typing import Any
 
 from .admission import Admitted
 from .errors import ProxyError
 from .logs import redact_query
 from .origins import cors_headers
+
+
+def new_request_id() -> str:
+    """16 hex digits, as ``os.urandom(8).hex()`` was, without its getrandom() syscall per call
+    (1.5 % of a small request's CPU). The id only tells requests apart (log lines,
+    ``x-proxy-request-id``, the gateway's ``cf-aig-event-id``); nothing relies on it being
+    unguessable. ``random`` seeds itself from ``os.urandom`` in each process (and again in a
+    forked child), so workers and replicas do not share a sequence.
+    """
+    return f"{getrandbits(64):016x}"
 
 
 class Exchange:
@@ -51,7 +61,7 @@ class Exchange:
     )  # fmt: skip
 
     def __init__(self, method: str) -> None:
-        self.request_id = os.urandom(8).hex()
+        self.request_id = new_request_id()
         self.method = method
         self.kind: str | None = None
         self.host: str | None = None

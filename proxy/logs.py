@@ -8,9 +8,13 @@ any logger, passes :mod:`proxy.redaction` on its way out.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
-from typing import Any
+import threading
+import time
+from typing import Any, BinaryIO
 from urllib.parse import parse_qsl
 
 import orjson
@@ -31,10 +35,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     stream = stream or sys.stdout
     console = log_format == "console" or (log_format == "auto" and stream.isatty())
     level_no = logging.getLevelName(level.upper())
-    shared: list[Any] = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
+    shared: list[Any] = [structlog.processors.add_log_level, stamp_utc]
     if console:
         # Plain tracebacks: the fancy formatters print local variables, and locals of
         # the forwarding code hold the upstream headers.
@@ -58,7 +59,7 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
                 structlog.processors.JSONRenderer(serializer=orjson.dumps),
             ],
             wrapper_class=structlog.make_filtering_bound_logger(level_no),
-            logger_factory=structlog.BytesLoggerFactory(getattr(stream, "buffer", stream)),
+            logger_factory=LineWriter.for_stream(getattr(stream, "buffer", stream)),
             cache_logger_on_first_use=True,
         )
     # uvicorn and aiohttp log through the stdlib: give them the same format.
@@ -77,6 +78,88 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level_no)
+
+
+_second: list[Any] = [-1, ""]  # the last whole second stamped, and its text
+
+
+def stamp_utc(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """``timestamp``: ISO 8601 UTC to the microsecond (``2026-11-26T02:50:12.123456Z``).
+
+    structlog's ``TimeStamper(fmt="iso", utc=True)`` writes the same text (but for dropping
+    ``.000000``) through a ``datetime`` per line; the date and time to the second change
+    once a second here, so they are formatted once a second (2 % of a request's CPU → ~0.3).
+    """
+    now = time.time()
+    second = int(now)
+    if second != _second[0]:
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    event["timestamp"] = f"{_second[1]}.{int((now - second) * 1e6):06d}Z"
+    return event
+
+
+class LineWriter:
+    """structlog's ``BytesLogger`` (one JSON line per call), but the lines logged by the event
+    loop's thread while it runs go out together: one ``write()`` at the end of the loop's
+    turn for every request that ended in it, not one each (that syscall was 4 % of a small
+    request's CPU). Lines wait for microseconds, never for a timer; lines from other threads,
+    before :meth:`attach` and after :meth:`detach` are written at once; :meth:`detach` and
+    the interpreter's exit write what is pending.
+    """
+
+    _current: LineWriter | None = None  # the one that configure_logging made last
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._lock = threading.Lock()  # lines from several threads never interleave
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
+        self._pending: list[bytes] = []
+
+    @classmethod
+    def for_stream(cls, file: BinaryIO) -> Any:
+        """A structlog logger factory: every logger is this one writer."""
+        writer = cls._current = cls(file)
+        atexit.register(writer.flush)
+        return lambda *_args: writer
+
+    @classmethod
+    def attach_current(cls, loop: asyncio.AbstractEventLoop) -> None:
+        if cls._current is not None:
+            cls._current._loop, cls._current._thread = loop, threading.get_ident()
+
+    @classmethod
+    def detach_current(cls) -> None:
+        if (writer := cls._current) is not None:
+            writer._loop = writer._thread = None
+            writer.flush()
+
+    def msg(self, message: bytes) -> None:
+        loop = self._loop
+        if loop is not None and self._thread == threading.get_ident():
+            if not self._pending:
+                try:
+                    loop.call_soon(self.flush)
+                except RuntimeError:  # the loop is closed: nothing would ever flush
+                    self._write(message + b"\n")
+                    return
+            self._pending.append(message)
+            return
+        self._write(message + b"\n")
+
+    debug = info = warning = warn = error = err = critical = fatal = exception = msg
+    failure = log = msg
+
+    def flush(self) -> None:
+        if self._pending:
+            lines, self._pending = self._pending, []
+            lines.append(b"")
+            self._write(b"\n".join(lines))
+
+    def _write(self, data: bytes) -> None:
+        with self._lock:
+            self._file.write(data)
+            self._file.flush()
 
 
 def redact_query(query: str) -> str:

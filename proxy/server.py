@@ -70,11 +70,19 @@ def raise_open_files_limit(log: Any) -> None:
     )
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind before building the app, so the port (with --port 0) is known to it."""
+def bind_socket(host: str, port: int, *, shared: bool = False) -> socket.socket:
+    """Bind before building the app, so the port (with --port 0) is known to it.
+
+    ``shared``: for several workers, with SO_REUSEPORT (where the system has it), so that
+    each worker can listen on a socket of its own on that port (:func:`worker_socket`).
+    Never for one process: a second proxy started by mistake on the same port would
+    quietly take half of the connections instead of failing to start.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared and hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -97,6 +105,15 @@ class ProxyServer(uvicorn.Server):
         self.on_listening = on_listening
         # (port, context, handshake timeout): the one socket served with TLS
         self.tls = tls
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        from .logs import LineWriter
+
+        LineWriter.attach_current(asyncio.get_running_loop())  # log lines: a write per turn
+        try:
+            await super().serve(sockets)
+        finally:
+            LineWriter.detach_current()
 
     async def shutdown(self, sockets: Any = None) -> None:
         # uvicorn would fail open sockets with 1012; bridged sessions get a proper 1001.
@@ -215,16 +232,44 @@ def _exit_cleanly(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def proxy_sockets(settings: Settings) -> list[socket.socket] | None:
-    """With ``FAL_PROXY_METRICS_PORT`` or ``FAL_PROXY_PYTHON_SDK_PORT``, the sockets the one
-    server listens on: the public port, then those (the app tells them apart by the local
-    port). Else None: uvicorn binds the public port itself."""
+def proxy_sockets(settings: Settings, *, shared: bool = False) -> list[socket.socket] | None:
+    """With ``FAL_PROXY_METRICS_PORT`` or ``FAL_PROXY_PYTHON_SDK_PORT`` (or ``shared``, for
+    several workers), the sockets the server listens on: the public port, then those (the
+    app tells them apart by the local port). Else None: uvicorn binds the public port."""
     extra = [settings.metrics_port, settings.python_sdk.port]
-    if extra == [None, None]:
+    if extra == [None, None] and not shared:
         return None
     return [
-        bind_socket(settings.host, port) for port in [settings.port, *extra] if port is not None
+        bind_socket(settings.host, port, shared=shared)
+        for port in [settings.port, *extra]
+        if port is not None
     ]
+
+
+def worker_socket(shared: socket.socket) -> socket.socket:
+    """A worker's own socket on the address of ``shared`` (bound by the supervisor with
+    SO_REUSEPORT, never listened on), which it then closes.
+
+    On one socket shared by every worker, the kernel wakes them all for a new connection
+    and the first awake (uvloop accepts until the queue is empty) takes the whole burst:
+    64 connections opened at once all went to one of two workers, and the second core sat
+    idle (bench/scaling.py). With a listening socket each, the kernel spreads connections
+    between them by their addresses. Where SO_REUSEPORT is missing, the shared one is used.
+    """
+    if not hasattr(socket, "SO_REUSEPORT") or not shared.getsockopt(
+        socket.SOL_SOCKET, socket.SO_REUSEPORT
+    ):
+        return shared
+    own = socket.socket(shared.family, socket.SOCK_STREAM)
+    own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        own.bind(shared.getsockname()[:2])
+    except OSError:
+        own.close()
+        return shared
+    shared.close()
+    return own
 
 
 def proxy_server(settings: Settings) -> ProxyServer:

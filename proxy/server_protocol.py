@@ -12,6 +12,13 @@
   uvicorn answer with :meth:`send_400_response`, which here writes our JSON shape, for
   its own parser errors too.
 
+* **One write per answer.** uvicorn writes a response's head and its body with one
+  ``transport.write`` each: two ``send()`` syscalls for a small answer, which py-spy put at
+  ~5 % of a small request's CPU each. A request's writes go through :class:`GatheredWrites`,
+  which holds them until the end of the event loop's turn and hands them over together
+  (one ``writev``); nothing waits for a timer, and a body streamed over several turns is
+  written as before, a turn at a time.
+
 Everything else (parsing, flow control, keep-alive, upgrades) is uvicorn's.
 """
 
@@ -33,6 +40,55 @@ class _BadHead(Exception):
     """Raised inside a parser callback: httptools wraps it and uvicorn answers 400."""
 
 
+GATHER_LIMIT = 64 * 1024  # bytes held before they are written without waiting for the turn's end
+
+
+class GatheredWrites:
+    """The transport as a request's uvicorn cycle sees it: its writes in one turn of the loop
+    go out together at the turn's end (``call_soon``), or at once past ``GATHER_LIMIT``.
+
+    Everything that ends the connection or writes past the cycle flushes first, so bytes
+    never change order or stay behind: the cycle's ``close()`` here, and the protocol's own
+    writes and closes (:class:`GuardedHttpToolsProtocol` calls :meth:`flush`).
+    """
+
+    __slots__ = ("_held", "_loop", "_size", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._held: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+        self._size += len(data)
+        if self._size >= GATHER_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        held, self._held, self._size = self._held, [], 0
+        if self._transport.is_closing():  # the client is gone: what it would have read, too
+            return
+        if len(held) == 1:
+            self._transport.write(held[0])
+        else:
+            self._transport.writelines(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:  # anything else a cycle might use: the transport's
+        return getattr(self._transport, name)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     header_timeout: float = 10.0  # set per server by :func:`guarded_protocol`
 
@@ -44,10 +100,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Every request of this connection not yet answered: uvicorn's self.cycle is only the
         # newest (a pipelined one replaces the one still streaming).
         self._open_cycles: list[Any] = []
+        self._gathered: GatheredWrites | None = None
 
     # uvicorn narrows BaseTransport to Transport in the same signature (and ignores it too).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._gathered = GatheredWrites(transport, self.loop)
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -89,6 +147,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not before:  # a request (not an upgrade): remember it until answered
             self._open_cycles = [c for c in self._open_cycles if not c.response_complete]
             self._open_cycles.append(self.cycle)
+            self.cycle.transport = self._gathered  # type: ignore[assignment]  # duck-typed
+
+    def shutdown(self) -> None:
+        self._flush()  # uvicorn closes the transport itself when the response is complete
+        super().shutdown()
+
+    def timeout_keep_alive_handler(self) -> None:
+        self._flush()
+        super().timeout_keep_alive_handler()
+
+    def _flush(self) -> None:
+        if self._gathered is not None:
+            self._gathered.flush()
 
     def send_400_response(self, msg: str) -> None:
         detail = self._refusal or "the request could not be parsed as HTTP/1.1"
@@ -99,6 +170,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             detail=detail,
             client_ip=self.client[0] if self.client else None,
         )
+        self._flush()
         if not self._abandon_cycles():  # a 400 now would read as the answer to the request before
             self.transport.write(BadRequest("invalid HTTP request", detail).http_response())
         self.transport.close()
@@ -127,6 +199,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        self._flush()
         if self.transport.is_closing():
             return
         log.info(

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -24,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from .admission import Admission, Admitted, RequestHeaders
 from .errors import ProxyError
+from .exchange import new_request_id
 from .logs import get_logger
 from .origins import cors_headers
 from .python_sdk import PythonSdkListener
@@ -44,7 +44,7 @@ class CallerUsage:
     ) -> None:
         """``python``: asked on the Python client's TLS port (its credential: ``Key``)."""
         admission, started = self.admission, time.perf_counter()
-        request_id = os.urandom(8).hex()
+        request_id = new_request_id()
         seen = (
             python.read_headers(scope)
             if python is not None

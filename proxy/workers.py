@@ -1,4 +1,8 @@
-"""``--workers N``: N proxy processes on one listening socket, under uvicorn's supervisor.
+"""``--workers N``: N proxy processes on one port, under uvicorn's supervisor.
+
+The supervisor binds the port (SO_REUSEPORT, never listening); each worker listens on a
+socket of its own on it (:func:`proxy.server.worker_socket`), so the kernel spreads new
+connections evenly between the workers.
 
 uvicorn's ``Multiprocess`` starts each worker with multiprocessing's "spawn" and replaces a
 worker that dies or stops answering; the subclasses here make each worker a full proxy
@@ -20,7 +24,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
 from uvicorn.supervisors.multiprocess import Process as UvicornWorker
 
-from .server import ProxyServer, exit_cleanly_on_signals, proxy_server
+from .server import ProxyServer, exit_cleanly_on_signals, proxy_server, worker_socket
 from .settings import Settings
 
 # How long a new worker (a fresh interpreter) may take to answer its first health check.
@@ -88,7 +92,7 @@ class _Worker(UvicornWorker):
             # Every replacement would fail the same way: make the supervisor stop, not loop.
             get_logger("proxy").exception("worker_start_failed", pid=os.getpid())
             raise SystemExit(STARTUP_FAILURE) from None
-        self.proxy_server.run(sockets)
+        self.proxy_server.run([worker_socket(s) for s in sockets or []])
 
     def pong(self) -> None:
         """Answer one health check: alive, and whether the server has started."""

@@ -113,6 +113,18 @@ def _server_side_inode(server_port: int, client_port: int) -> int | None:
     return None
 
 
+def _listening_inodes(port: int) -> set[int]:
+    """The inodes of every socket listening on ``port`` (TCP state 0A)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    found.add(int(fields[9]))
+    return found
+
+
 # --- the proxy under test -----------------------------------------------------------------
 
 
@@ -228,23 +240,15 @@ def open_stream(stack: contextlib.ExitStack, workers: Workers) -> Stream:
 def streams_on(stack: contextlib.ExitStack, workers: Workers, pids: set[int]) -> list[Stream]:
     """Open streams until each of ``pids`` serves at least one.
 
-    The kernel hands a new connection to whichever worker accepts first, often the same
-    one; pausing (SIGSTOP) the workers already covered leaves the choice to the others.
+    Each worker listens on its own socket (SO_REUSEPORT) and the kernel picks one by the
+    connection's addresses: a new connection lands on any of two workers with even odds.
+    (No worker may be paused to steer it: a paused worker's socket still gets its share.)
     """
     streams: list[Stream] = []
-    paused: list[int] = []
-    try:
-        for _ in range(20):
-            covered = {s.worker for s in streams}
-            if pids <= covered:
-                return streams
-            for pid in covered - set(paused):
-                os.kill(pid, signal.SIGSTOP)
-                paused.append(pid)
-            streams.append(open_stream(stack, workers))
-    finally:
-        for pid in paused:
-            os.kill(pid, signal.SIGCONT)
+    for _ in range(24):
+        if pids <= {s.worker for s in streams}:
+            return streams
+        streams.append(open_stream(stack, workers))
     raise AssertionError(f"no stream landed on {pids - {s.worker for s in streams}}")
 
 
@@ -281,6 +285,48 @@ def test_workers_share_one_port_and_all_drain_on_sigterm(fake_gateway: FakeGatew
         assert process.proc.wait(20) == 0
     finally:
         process.stop()
+
+
+def test_a_burst_of_connections_is_spread_over_the_workers(fake_gateway: FakeGateway) -> None:
+    # On one socket shared by all, the first worker awake took a whole burst of connections
+    # (uvloop accepts until the queue is empty): 64 at once all went to one of two workers.
+    with running_workers(fake_gateway) as workers:
+        pids = set(workers.listening_pids())
+        # Each worker listens on a socket of its own (SO_REUSEPORT), the supervisor on none.
+        listening = _listening_inodes(workers.port)
+        assert len(listening) == len(pids), listening
+        for pid in pids:
+            assert len(listening & _socket_inodes(pid)) == 1
+        assert not listening & _socket_inodes(workers.supervisor)
+        one_cpu = {min(os.sched_getaffinity(0))}
+        for pid in pids:  # the burst waits in the kernel until the workers take it, in turns
+            for task in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(task), one_cpu)
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            burst = [socket.create_connection(("127.0.0.1", workers.port), 5) for _ in range(32)]
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        try:
+            for sock in burst:  # every connection queued before any is answered
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            held: dict[int, int] = dict.fromkeys(pids, 0)
+            for sock in burst:
+                assert sock.recv(64).startswith(b"HTTP/1.1 200"), "no answer"
+                port = sock.getsockname()[1]
+                inode = wait_until(lambda port=port: _server_side_inode(workers.port, port), 5,
+                                   "the server-side socket")  # fmt: skip
+                holder = wait_until(
+                    lambda inode=inode: [p for p in pids if inode in _socket_inodes(p)], 5,
+                    "its worker",
+                )  # fmt: skip
+                held[holder[0]] += 1
+            # Even odds per connection: fewer than 4 of 32 on a worker happens ~1 in 10^5.
+            assert min(held.values()) >= 4, held
+        finally:
+            for sock in burst:
+                sock.close()
 
 
 def test_sigterm_lets_a_stream_on_every_worker_finish_then_exits_0(

@@ -21,3 +21,82 @@ from proxy.logs import redact_query
 )
 def test_query_values_are_redacted_except_harmless_ones(query: str, shown: str) -> None:
     assert redact_query(query) == shown
+
+
+class _Recorder:
+    """A binary file that keeps each write() apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.writes.append(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_timestamp_is_structlogs_iso_utc_text_to_the_microsecond(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time as real_time
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from proxy import logs
+
+    clock = iter([1_790_000_000.25, 1_790_000_000.999999, 1_790_000_001.0, 1_790_000_061.5])
+    fake = SimpleNamespace(time=lambda: next(clock), strftime=real_time.strftime,
+                           gmtime=real_time.gmtime)  # fmt: skip
+    monkeypatch.setattr(logs, "time", fake)
+    monkeypatch.setattr(logs, "_second", [-1, ""])
+    stamps = [logs.stamp_utc(None, "info", {})["timestamp"] for _ in range(4)]
+    # Read back by the stdlib, every one is the instant it was given (the cached second
+    # changes with the clock, minutes included).
+    seen = [datetime.fromisoformat(stamp).timestamp() for stamp in stamps]
+    assert seen == pytest.approx([1_790_000_000.25, 1_790_000_000.999999, 1_790_000_001.0,
+                                  1_790_000_061.5], abs=1e-6)  # fmt: skip
+    assert stamps[2] == "2026-09-21T14:13:21.000000Z"
+    assert all(s.endswith("Z") and len(s) == len("2026-09-21T14:13:21.000000Z") for s in stamps)
+    monkeypatch.setattr(logs, "time", real_time)
+    now = datetime.now(UTC).timestamp()
+    assert datetime.fromisoformat(logs.stamp_utc(None, "info", {})["timestamp"]).timestamp() == (
+        pytest.approx(now, abs=0.5)
+    )
+
+
+def test_lines_logged_in_one_turn_of_the_loop_go_out_in_one_write() -> None:
+    import asyncio
+    import threading
+
+    from proxy.logs import LineWriter
+
+    file = _Recorder()
+    writer = LineWriter(file)  # type: ignore[arg-type]
+    writer.msg(b"before the loop")  # at once: nothing would flush it
+    assert file.writes == [b"before the loop\n"]
+
+    async def main() -> None:
+        writer._loop, writer._thread = asyncio.get_running_loop(), threading.get_ident()
+        writer.info(b"a")
+        writer.warning(b"b")
+        assert file.writes == [b"before the loop\n"]  # not yet: the turn is not over
+        other = threading.Thread(target=writer.msg, args=(b"from a thread",))
+        other.start()
+        other.join()
+        assert file.writes[-1] == b"from a thread\n"  # other threads: at once
+        await asyncio.sleep(0)
+        assert file.writes[-1] == b"a\nb\n"
+        writer.msg(b"c")
+        writer._loop = writer._thread = None
+        writer.flush()  # as detach_current
+        assert file.writes[-1] == b"c\n"
+
+    asyncio.run(main())
+    loop = asyncio.new_event_loop()
+    loop.close()
+    writer._loop, writer._thread = loop, threading.get_ident()
+    writer.msg(b"after the loop closed")  # at once, not lost in a closed loop
+    assert file.writes[-1] == b"after the loop closed\n"
+    assert b"".join(file.writes).count(b"\n") == 6
