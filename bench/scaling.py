@@ -33,8 +33,19 @@ from wrk import LOAD_CONNECTIONS, LOAD_THREADS, run_wrk
 WORKER_COUNTS = (1, 2)
 
 
+def workers_of(pid: int) -> list[int]:
+    """The supervisor's worker processes (multiprocessing's "spawn" children; not its
+    resource tracker), from /proc."""
+    found = []
+    for child in descendants(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                found.append(child)
+    return found
+
+
 def descendants(pid: int) -> list[int]:
-    """Every process under ``pid`` (the supervisor's workers), from /proc."""
+    """Every process under ``pid``, from /proc."""
     found, todo = [], [pid]
     while todo:
         parent = todo.pop()
@@ -51,7 +62,7 @@ def wait_workers(child: Child, n: int, url: str, script: Path) -> list[int]:
     deadline = time.monotonic() + 60
     workers = [child.pid]  # --workers 1 is the plain single process, no supervisor
     while n > 1 and time.monotonic() < deadline:
-        workers = descendants(child.pid)
+        workers = workers_of(child.pid)
         if len(workers) >= n:
             break
         time.sleep(0.1)
