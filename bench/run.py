@@ -669,7 +669,8 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
         table = [
             {
                 "metric": r.metric,
-                "direct": r.direct,
+                "against": r.against,
+                "theirs": r.base,
                 "proxy": r.proxy,
                 "target": r.target,
                 "ok": r.ok,
