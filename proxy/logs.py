@@ -98,30 +98,37 @@ def stamp_utc(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, An
     return event
 
 
+GATHERED_LOGGER = "proxy.request"  # the canonical request lines: see LineWriter
+
+
 class LineWriter:
-    """structlog's ``BytesLogger`` (one JSON line per call), but the lines logged by the event
-    loop's thread while it runs go out together: one ``write()`` at the end of the loop's
-    turn for every request that ended in it, not one each (that syscall was 4 % of a small
-    request's CPU). Lines wait for microseconds, never for a timer; lines from other threads,
-    before :meth:`attach` and after :meth:`detach` are written at once; :meth:`detach` and
-    the interpreter's exit write what is pending.
+    """structlog's ``BytesLogger`` (one JSON line per call), but the canonical request lines
+    (logger ``proxy.request``) logged by the event loop's thread while it runs go out
+    together: one ``write()`` at the end of the loop's turn for every request that ended in
+    it, not one each (that syscall was 4 % of a small request's CPU). They wait for
+    microseconds, never for a timer; lines from other threads, before :meth:`attach_current`
+    and after :meth:`detach_current` are written at once, and detaching and the
+    interpreter's exit write what is pending. Every other logger's lines (lifecycle,
+    warnings: rare) are written at once, so that one logged before an answer is out before it.
     """
 
-    _current: LineWriter | None = None  # the one that configure_logging made last
+    _current: LineWriter | None = None  # the gathering one that configure_logging made last
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BinaryIO, lock: threading.Lock | None = None) -> None:
         self._file = file
-        self._lock = threading.Lock()  # lines from several threads never interleave
+        self._lock = lock or threading.Lock()  # lines from several threads never interleave
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
         self._pending: list[bytes] = []
 
     @classmethod
     def for_stream(cls, file: BinaryIO) -> Any:
-        """A structlog logger factory: every logger is this one writer."""
-        writer = cls._current = cls(file)
-        atexit.register(writer.flush)
-        return lambda *_args: writer
+        """A structlog logger factory: ``proxy.request`` loggers gather, the others do not;
+        both write to ``file`` under one lock."""
+        direct = cls(file)
+        gathering = cls._current = cls(file, direct._lock)
+        atexit.register(gathering.flush)
+        return lambda *args: gathering if args[:1] == (GATHERED_LOGGER,) else direct
 
     @classmethod
     def attach_current(cls, loop: asyncio.AbstractEventLoop) -> None:

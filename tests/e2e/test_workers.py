@@ -397,7 +397,12 @@ class Traffic:
 
 def test_a_killed_worker_is_replaced_while_traffic_is_served(fake_gateway: FakeGateway) -> None:
     with (
-        running_workers(fake_gateway, FAL_PROXY_RATE_LIMIT_RPM="0") as workers,  # no 429s
+        running_workers(  # no 429s: every POST is a submit, and the survivor takes them all
+            fake_gateway,
+            FAL_PROXY_RATE_LIMIT_RPM="0",
+            FAL_PROXY_SUBMITS_PER_HOUR="0",
+            FAL_PROXY_MAX_CONCURRENT="0",
+        ) as workers,  # fmt: skip
         contextlib.ExitStack() as stack,
     ):
         original = set(workers.listening_pids())

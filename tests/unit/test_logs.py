@@ -100,3 +100,29 @@ def test_lines_logged_in_one_turn_of_the_loop_go_out_in_one_write() -> None:
     writer.msg(b"after the loop closed")  # at once, not lost in a closed loop
     assert file.writes[-1] == b"after the loop closed\n"
     assert b"".join(file.writes).count(b"\n") == 6
+
+
+def test_only_the_request_lines_wait_for_the_turn_others_are_written_at_once() -> None:
+    # A lifecycle line (gateway_bypassed, say) logged before an answer must be out before it.
+    import asyncio
+    import io
+
+    from proxy.logs import LineWriter, configure_logging, get_logger
+
+    stream = io.TextIOWrapper(io.BytesIO(), write_through=True)
+    configure_logging("json", "info", stream=stream)
+
+    async def main() -> tuple[bytes, bytes]:
+        LineWriter.attach_current(asyncio.get_running_loop())
+        try:
+            get_logger("proxy.request").info("request", status=200)
+            get_logger("proxy.fallback").warning("gateway_bypassed", state="open")
+            during = stream.buffer.getvalue()  # type: ignore[attr-defined]
+            await asyncio.sleep(0)
+            return during, stream.buffer.getvalue()  # type: ignore[attr-defined]
+        finally:
+            LineWriter.detach_current()
+
+    during, after = asyncio.run(main())
+    assert b"gateway_bypassed" in during and b'"request"' not in during
+    assert after.index(b"gateway_bypassed") < after.index(b'"event":"request"')
