@@ -532,7 +532,6 @@ def measure(
                 "upload", f"{base}/fal-ai/sink", child.pid, upload_file
             )
         results["proxy"]["rss_after_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
-        results[TLS_MODE]["gateway_stats"] = tls_stats(tls_gateway.port, tls_dir / "ca.pem")
         if not args.only_proxy:
             results["workers"] = scaling.workers_rows(
                 proxy_env, gateway.pid, script, sorted(os.sched_getaffinity(0) | proxy_cpus),

@@ -101,7 +101,11 @@ def workers_rows(
         for worker, cpu in zip(workers, cpus, strict=False):
             pin(worker, {cpu})
         proxies[n] = (url, workers)
-    results: dict[str, Any] = {"layout": "", "rounds": {n: [] for n in WORKER_COUNTS}}
+    results: dict[str, Any] = {
+        "layout": f"1 worker on CPU {cpus[0]}; 2 workers on CPU {cpus[0]} and CPU {cpus[1]}; "
+        "fake gateway, redis-server and wrk on any CPU",
+        "rounds": {n: [] for n in WORKER_COUNTS},
+    }
     for round_ in range(1, rounds + 1):
         for n, (url, workers) in proxies.items():
             step(f"{n} worker(s), Redis limits: small POSTs, {LOAD_CONNECTIONS} connections, "
@@ -130,10 +134,6 @@ def workers_rows(
         ranked = sorted(results["rounds"][n], key=lambda r: r["req_per_s"])
         results[n] = ranked[(len(ranked) - 1) // 2]
     results["ratio"] = results[2]["req_per_s"] / results[1]["req_per_s"]
-    results["layout"] = (
-        f"1 worker on CPU {cpus[0]}; 2 workers on CPU {cpus[0]} and CPU {cpus[1]}; fake gateway, "
-        "redis-server and wrk on any CPU"
-    )
     return results
 
 
