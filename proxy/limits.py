@@ -17,7 +17,7 @@ the others):
 Two backends with the same answers: :class:`MemoryLimiter` (one process; O(1) per call
 and per caller, no thread, nothing walks the callers) and
 :class:`~proxy.limits_redis.RedisLimiter` (shared by replicas: one Lua script, one round
-trip per call). Usage (:mod:`proxy.usage`) is summed in the same store.
+trip per turn of the event loop). Usage (:mod:`proxy.usage`) is summed in the same store.
 
 Caller ids can hold any character and may be sensitive: refusals name the limit and its
 value, never the caller, and Redis keys use a digest of them.

@@ -1,11 +1,13 @@
-"""The limits in Redis, shared by every replica: one Lua script, one round trip per call.
+"""The limits in Redis, shared by every replica: one Lua script, one round trip per turn.
 
-The script (:data:`ADMIT`) does for one call what :class:`~proxy.limits.MemoryLimiter`
-does in memory, atomically: read both sliding windows and every matching quota, take a
-concurrency lease, and only if all have room count the call in all of them and in the
-caller's usage. It also applies, first, what this replica owes Redis from earlier calls
-(lease releases, billable units), so giving a slot back costs no round trip of its own;
-when no call comes to carry them within ``FLUSH_DELAY``, one pipeline does.
+The script (:mod:`proxy.limits_script`) does for each call what
+:class:`~proxy.limits.MemoryLimiter` does in memory, atomically: read both sliding windows
+and every matching quota, take a concurrency lease, and only if all have room count the
+call in all of them and in the caller's usage. The admits of one turn of the event loop
+go in one script call (a batch, in order); it also applies, first, what this replica owes
+Redis from earlier calls (lease releases, billable units), so giving a slot back costs no
+round trip of its own; when no call comes to carry them within ``FLUSH_DELAY``, a batch
+of no admits does.
 
 State per caller is O(1): two integers per sliding window (this window's and the last
 one's, expiring two windows on), one integer per quota and period (expiring when the
@@ -31,7 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
+import random
+from collections.abc import Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -42,6 +45,7 @@ from redis.exceptions import RedisError
 
 from .errors import LimiterUnavailable
 from .limits import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings, caller_key
+from .limits_script import ADMIT, joined
 from .logs import get_logger
 from .quotas import Quota
 from .usage import MAX_APPS, OTHER, USAGE_PERIOD, QuotaUse, UsageReport
@@ -52,90 +56,21 @@ REDIS_CONNECTIONS = 64  # per process; one call holds one for a round trip
 UNAVAILABLE_RETRY_AFTER = 5  # Retry-After (s) on a 503 while Redis is down
 FLUSH_DELAY = 0.02  # s a release or units may wait for a call to carry them
 MAX_PENDING = 10_000  # owed operations kept while Redis is down; then dropped (leases expire)
+MAX_BATCH = 64  # admits in one script call; a turn with more sends several
 _MAX_FIELDS = 2 * MAX_APPS + 2  # a usage hash: g:<app> and u:<app> per app, "other" twice
 _STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 log = get_logger("proxy.limits")
 
-# KEYS: leases, (window current, window previous) * nw, quota * nq, usage * nu (0 or 1),
-#       release leases * nr, units usage * nn
-# ARGV: now, lease_ttl, concurrent, lease_id, nw, nq, nu, nr, nn, max_fields, other,
-#       (limit, period) * nw, (limit, expire_at) * nq, (field, expire_at) * nu,
-#       lease_id * nr, (field, amount, expire_at) * nn
-# Returns {0} admitted, {1, i, previous, current} window i full, {2, i} quota i used up,
-# {3} no concurrency slot.
-ADMIT = """
--- Every argument comes in ARGV[1], joined by \\31: redis-py packs each argument of a
--- command in Python, and one string instead of ~30 saved ~10 % of a call's client CPU.
-local A = {}
-for value in string.gmatch(ARGV[1], '[^\\31]+') do A[#A + 1] = value end
-local now, ttl, concurrent = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
-local lease_id = A[4]
-local nw, nq, nu = tonumber(A[5]), tonumber(A[6]), tonumber(A[7])
-local nr, nn = tonumber(A[8]), tonumber(A[9])
-local max_fields, other = tonumber(A[10]), A[11]
-local kw, aw = 2, 12
-local kq, aq = kw + 2 * nw, aw + 2 * nw
-local ku, au = kq + nq, aq + 2 * nq
-local kr, ar = ku + nu, au + 2 * nu
-local kn, an = kr + nr, ar + nr
 
-local function bump(key, field, amount, expire_at)
-  if redis.call('HEXISTS', key, field) == 0 and redis.call('HLEN', key) >= max_fields then
-    field = string.sub(field, 1, 2) .. other
-  end
-  if string.sub(field, 1, 2) == 'u:' then
-    redis.call('HINCRBYFLOAT', key, field, amount)
-  else
-    redis.call('HINCRBY', key, field, amount)
-  end
-  redis.call('EXPIREAT', key, expire_at)
-end
+class _Call:
+    """One admit waiting for its batch: its KEYS and arguments (in the script's layout)
+    and the future its answer (or the store's error) is given to."""
 
--- What earlier calls owe: a slot given back here is free for this call.
-for i = 0, nr - 1 do redis.call('ZREM', KEYS[kr + i], A[ar + i]) end
-for i = 0, nn - 1 do
-  bump(KEYS[kn + i], A[an + 3 * i], A[an + 3 * i + 1], A[an + 3 * i + 2])
-end
+    __slots__ = ("answer", "args", "keys")
 
-for i = 0, nw - 1 do
-  local limit, period = tonumber(A[aw + 2 * i]), tonumber(A[aw + 2 * i + 1])
-  local current = tonumber(redis.call('GET', KEYS[kw + 2 * i]) or '0')
-  local previous = tonumber(redis.call('GET', KEYS[kw + 2 * i + 1]) or '0')
-  local left = 0
-  if previous > 0 then
-    local x = (now - period) / period
-    left = (1 - (x - math.floor(x))) * period
-  end
-  if math.floor(previous * left / period + current) + 1 > limit then
-    return {1, i, previous, current}
-  end
-end
-for i = 0, nq - 1 do
-  if tonumber(redis.call('GET', KEYS[kq + i]) or '0') >= tonumber(A[aq + 2 * i]) then
-    return {2, i}
-  end
-end
-if concurrent > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-  if redis.call('ZCARD', KEYS[1]) >= concurrent then return {3} end
-  redis.call('ZADD', KEYS[1], now + ttl, lease_id)
-  redis.call('EXPIRE', KEYS[1], math.ceil(ttl) + 1)
-end
-
-for i = 0, nw - 1 do
-  if redis.call('INCR', KEYS[kw + 2 * i]) == 1 then
-    redis.call('EXPIRE', KEYS[kw + 2 * i], 2 * tonumber(A[aw + 2 * i + 1]))
-  end
-end
-for i = 0, nq - 1 do
-  if redis.call('INCR', KEYS[kq + i]) == 1 then
-    redis.call('EXPIREAT', KEYS[kq + i], A[aq + 2 * i + 1])
-  end
-end
-for i = 0, nu - 1 do bump(KEYS[ku + i], A[au + 2 * i], 1, A[au + 2 * i + 1]) end
-return {0}
-"""
+    def __init__(self, keys: list[str], args: list[Any], answer: asyncio.Future[Any]) -> None:
+        self.keys, self.args, self.answer = keys, args, answer
 
 
 class RedisLimiter(Limiter):
@@ -152,7 +87,8 @@ class RedisLimiter(Limiter):
         self._releases: list[tuple[str, str]] = []  # (leases key, lease id) owed to Redis
         self._units: list[tuple[str, str, float, int]] = []  # (usage key, field, amount, until)
         self._flush: asyncio.TimerHandle | None = None
-        self._flushing: set[asyncio.Task[None]] = set()
+        self._queued: list[_Call] = []  # this turn's admits, sent together at its end
+        self._sending: set[asyncio.Task[None]] = set()  # batches in flight
         windows = ((settings.requests_per_minute, MINUTE, "m"),
                    (settings.submits_per_hour, HOUR, "h"))  # fmt: skip
         self._windows = [(limit, period, name) for limit, period, name in windows if limit]
@@ -231,17 +167,13 @@ class RedisLimiter(Limiter):
             usage_key, until = self._usage_key(who, now)
             keys.append(usage_key)
             args += [f"g:{_field(app)}", until]
-        releases, units, owed_keys, owed_args = self._take_owed()
-        keys += owed_keys
-        args += owed_args
-        lease_id = os.urandom(12).hex()
-        head = [now, self.settings.lease_ttl, self.settings.concurrent, lease_id, len(windows),
-                len(ends), int(submit), len(releases), len(units), _MAX_FIELDS, OTHER]  # fmt: skip
-        try:
-            answer = await self._script(keys=keys, args=[_joined(head + args)])
-        except _STORE_ERRORS as exc:
-            self._owe(releases, units)
-            return self._unavailable(exc)
+        # Unique across replicas (the module's random is seeded from the OS per process),
+        # without a getrandom() call per request.
+        lease_id = f"{random.getrandbits(96):024x}"
+        answer = await self._queue(keys, [now, lease_id, len(windows), len(ends), int(submit),
+                                          *args])  # fmt: skip
+        if isinstance(answer, BaseException):
+            return self._unavailable(answer)
         if answer[0] == 1:
             limit, period, _ = windows[answer[1]]
             what = "requests per minute" if period == MINUTE else GENERATIONS
@@ -255,6 +187,58 @@ class RedisLimiter(Limiter):
             return Lease()
         self._held[lease_id] = keys[0]
         return Lease(lambda: self._release(lease_id))
+
+    def _queue(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Add an admit to this turn's batch; its answer, or the store's error, comes in
+        the future. The batch leaves once every callback of this turn has run."""
+        loop = asyncio.get_running_loop()
+        call = _Call(keys, args, loop.create_future())
+        self._queued.append(call)
+        if len(self._queued) == 1:
+            loop.call_soon(self._send_queued)
+        return call.answer
+
+    def _send_queued(self) -> None:
+        queued, self._queued = self._queued, []
+        for start in range(0, len(queued), MAX_BATCH):
+            self._spawn(self._send(queued[start : start + MAX_BATCH]))
+
+    def _spawn(self, send: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(send)
+        self._sending.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._sending.discard)
+        return task
+
+    async def _send(self, calls: list[_Call]) -> None:
+        """One script call: what is owed, then ``calls`` in order (none: only what is owed)."""
+        calls = [call for call in calls if not call.answer.cancelled()]  # gone: nothing taken
+        releases, units, keys, args = self._take_owed()
+        if not (calls or releases or units) or self._script is None:
+            return
+        head = [len(calls), len(releases), len(units), self.settings.lease_ttl,
+                self.settings.concurrent, _MAX_FIELDS, OTHER]  # fmt: skip
+        for call in calls:
+            keys += call.keys
+            args += call.args
+        try:
+            answers: list[Any] = await self._script(keys=keys, args=[joined(head + args)])
+        except _STORE_ERRORS as exc:
+            self._owe(releases, units)
+            if not calls:
+                log.warning("limiter_flush_failed", error=_describe(exc), kept=len(releases))
+            answers = [exc] * len(calls)
+        except BaseException:  # the batch itself cancelled (shutdown): no waiter left hanging
+            for call in calls:
+                call.answer.cancel()
+            raise
+        for call, answer in zip(calls, answers, strict=True):
+            if not call.answer.cancelled():
+                call.answer.set_result(answer)
+            elif self._admitted_with_lease(answer):  # its waiter left: give the slot back
+                self._owe([(call.keys[0], call.args[1])], [])
+
+    def _admitted_with_lease(self, answer: Any) -> bool:
+        return bool(self.settings.concurrent) and isinstance(answer, list) and answer[0] == 0
 
     def _usage_key(self, who: str, now: float) -> tuple[str, int]:
         index, _, end = period_bounds(USAGE_PERIOD, now)
@@ -293,15 +277,13 @@ class RedisLimiter(Limiter):
 
     def _start_flush(self) -> None:
         self._flush = None
-        task = asyncio.ensure_future(self._send_owed())
-        self._flushing.add(task)  # held until done (the loop keeps only weak references)
-        task.add_done_callback(self._flushing.discard)
+        self._spawn(self._send([]))
 
     def _take_owed(
         self,
     ) -> tuple[list[tuple[str, str]], list[tuple[str, str, float, int]], list[str], list[Any]]:
         """What this replica owes Redis, taken for one script call: the releases and units,
-        and their KEYS and arguments in the order ADMIT reads them."""
+        and their KEYS and arguments in the order the script reads them."""
         releases, units = self._releases, self._units
         self._releases, self._units = [], []
         keys = [key for key, _ in releases] + [key for key, *_ in units]
@@ -310,27 +292,13 @@ class RedisLimiter(Limiter):
             args += [name, amount, expire_at]
         return releases, units, keys, args
 
-    async def _send_owed(self) -> None:
-        if not (self._releases or self._units) or self._script is None:
-            return
-        releases, units, owed_keys, owed_args = self._take_owed()
-        # An admit with no windows, quotas or slot: the script only applies what is owed.
-        head: list[Any] = [self.clock(), self.settings.lease_ttl, 0, "-", 0, 0, 0,
-                           len(releases), len(units), _MAX_FIELDS, OTHER]  # fmt: skip
-        keys = [self._key("leases", "-"), *owed_keys]
-        try:
-            await asyncio.shield(self._script(keys=keys, args=[_joined(head + owed_args)]))
-        except _STORE_ERRORS as exc:
-            log.warning("limiter_flush_failed", error=_describe(exc), kept=len(releases))
-            self._owe(releases, units)
-
     async def flush(self) -> None:
         """Send what this replica owes Redis now (releases, units) instead of within
         ``FLUSH_DELAY``: at shutdown, and in tests that read Redis from another replica."""
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        await self._send_owed()
+        await asyncio.shield(self._spawn(self._send([])))  # a caller cancelled: still sent
 
     async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:
         assert self._redis is not None, "Limiter.start() was not called"
@@ -385,11 +353,6 @@ class RedisLimiter(Limiter):
             for leases in {leases for _, leases in held}:
                 pipe.expire(leases, math.ceil(self.settings.lease_ttl) + 1)
             await pipe.execute()
-
-
-def _joined(args: list[Any]) -> str:
-    """The script's arguments as one (see ADMIT); none is empty or holds the separator."""
-    return "\x1f".join(map(str, args))
 
 
 def _field(app: str | None) -> str:

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import LimiterUnavailable, RateLimited
 from proxy.limits import Lease, Limiter, LimitSettings, create_limiter
-from proxy.limits_redis import REDIS_TIMEOUT, RedisLimiter
+from proxy.limits_redis import MAX_BATCH, REDIS_TIMEOUT, RedisLimiter
 from proxy.quotas import Quota
 from tests.redis_support import START_TIMEOUT, RedisServer, free_port
 
@@ -191,7 +191,8 @@ async def test_concurrent_admits_never_exceed_the_limits(redis_server: RedisServ
         assert len(leases) == 5
         assert all(isinstance(r, RateLimited) for r in results if not isinstance(r, Lease))
         await asyncio.gather(*[lease.release() for lease in leases])
-        await a.admit("web", submit=False)  # every refused lease was removed again
+        await b.flush()  # whichever replica's batch went first holds the 5: both give back
+        assert isinstance(await a.admit("web", submit=False), Lease)  # no refused call kept one
 
     windowed = settings(redis_server.url, requests_per_minute=10, submits_per_hour=3)
     async with running(windowed) as a, running(windowed) as b:
@@ -265,6 +266,79 @@ async def test_one_round_trip_per_admitted_call(redis_server: RedisServer) -> No
         leases = next(k for k in redis_server.keys() if k.startswith(f"{limits.key_prefix}:leases"))  # noqa: SIM118
         assert redis_server.client().zcard(leases) == 1  # the 20 releases all arrived
         del client.execute_command, client.pipeline
+
+
+def counting_commands(limiter: Limiter) -> list[str]:
+    """The name of every command the limiter sends from now on (its client patched)."""
+    assert isinstance(limiter, RedisLimiter) and limiter._redis is not None
+    client, sent = limiter._redis, list[str]()
+    execute = client.execute_command
+
+    async def counted(*args: object, **options: object) -> object:
+        sent.append(str(args[0]))
+        return await execute(*args, **options)
+
+    client.execute_command = counted  # type: ignore[method-assign]
+    return sent
+
+
+async def test_the_admits_of_one_turn_share_one_script_call(redis_server: RedisServer) -> None:
+    """Admits started in the same turn of the event loop go in one EVALSHA (at most
+    MAX_BATCH each), with the same answers as one by one: 5 slots, the rest refused."""
+    limits = settings(redis_server.url, requests_per_minute=150, concurrent=5)
+    async with running(limits) as limiter:
+        await (await limiter.admit("warm-up", submit=False)).release()  # loads the script
+        sent = counting_commands(limiter)
+        results = await asyncio.gather(
+            *[limiter.admit("web", submit=False) for _ in range(MAX_BATCH + 36)],
+            return_exceptions=True,
+        )
+        assert sent == ["EVALSHA", "EVALSHA"]  # 100 admits: a batch of 64, one of 36
+        assert sum(isinstance(r, Lease) for r in results) == 5
+        assert all(
+            isinstance(r, RateLimited) and "concurrent" in r.detail
+            for r in results
+            if not isinstance(r, Lease)
+        )
+        # The refused ones spent nothing: 5 of 150 a minute are used, whatever the batch.
+        await asyncio.gather(*[r.release() for r in results if isinstance(r, Lease)])
+        await limiter.flush()
+        for _ in range(145):
+            await (await limiter.admit("web", submit=False)).release()
+        assert "requests per minute" in (await refused(limiter)).detail
+
+
+async def test_a_waiter_gone_before_its_answer_gives_its_slot_back(
+    redis_server: RedisServer,
+) -> None:
+    """A request cancelled (its client left) while its admit is in Redis: the slot the
+    script took for it is released, as for any lease; one cancelled before its batch
+    left is never sent."""
+    prefix = f"test-{uuid.uuid4().hex}"
+    async with running(settings(redis_server.url, prefix, concurrent=1)) as limiter:
+        assert isinstance(limiter, RedisLimiter)
+        script, in_redis = limiter._script, asyncio.Event()
+
+        async def slow_script(**kwargs: object) -> object:
+            in_redis.set()
+            return await script(**kwargs)
+
+        limiter._script = slow_script
+        admit = asyncio.create_task(limiter.admit("web", submit=False))
+        await in_redis.wait()  # sent, not answered yet
+        admit.cancel()
+        await asyncio.gather(*limiter._sending)  # the answer came: a lease for nobody
+        await limiter.flush()
+        keys = [k for k in redis_server.keys() if k.startswith(f"{prefix}:leases")]  # noqa: SIM118
+        assert sum(redis_server.client().zcard(k) for k in keys) == 0  # given back
+
+        sent = counting_commands(limiter)
+        admit = asyncio.create_task(limiter.admit("web", submit=False))
+        await asyncio.sleep(0)  # queued for the end of the turn
+        admit.cancel()
+        await asyncio.sleep(0.05)
+        assert sent == [] and admit.cancelled()
+        assert isinstance(await limiter.admit("web", submit=False), Lease)  # the one slot
 
 
 async def test_a_release_no_call_carries_is_sent_soon(redis_server: RedisServer) -> None:
