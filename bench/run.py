@@ -287,6 +287,15 @@ def rows_from(r: dict[str, Any]) -> list[Row]:
         rows.append(Row("req/s, 64 conn, limits in Redis: 2 workers", "1 worker",
                         w[1]["req_per_s"], w[2]["req_per_s"], "{:.0f}", "≥ 1.80×",
                         w["ratio"] >= 1.8))  # fmt: skip
+        # Why the ratio is what it is: the most 2 CPUs could serve at the CPU per request
+        # that every process of the run spent (workers, redis-server, gateway, wrk).
+        rows += [
+            Row("req/s, 64 conn, limits in Redis: 2 workers", "2 CPUs' ceiling at the run's "
+                "CPU per request (workers + Redis + gateway + wrk)",
+                w[2]["cpu_bound_req_per_s"], w[2]["req_per_s"], "{:.0f}"),
+            Row("CPU µs per small request, limits in Redis: 2 workers (sum)", "1 worker",
+                w[1]["proxy_cpu_us_per_req"], w[2]["proxy_cpu_us_per_req"], "{:.0f}"),
+        ]  # fmt: skip
     rows += [
         Row("p50 latency ms, 1 conn", "direct", d["latency"]["p50_us"] / 1e3,
             p["latency"]["p50_us"] / 1e3, "{:.3f}"),
@@ -639,9 +648,12 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
             f"Per request (median round): proxy CPU {w[1]['proxy_cpu_us_per_req']:.0f} µs at 1 "
             f"worker, {w[2]['proxy_cpu_us_per_req']:.0f} µs at 2; redis-server "
             f"{w[2]['redis_cpu_us_per_req']:.0f} µs, fake gateway "
-            f"{w[2]['gateway_cpu_us_per_req']:.0f} µs at 2 workers; the workers' CPU use: "
+            f"{w[2]['gateway_cpu_us_per_req']:.0f} µs, wrk {w[2]['wrk_cpu_us_per_req']:.0f} µs "
+            "at 2 workers; the workers' CPU use: "
             + ", ".join(pct(u) for u in w[2]["worker_cpu_util"])
-            + "."
+            + f". With that load on the same 2 CPUs, 2 workers can reach at most "
+            f"{w[2]['cpu_bound_req_per_s'] / w[1]['req_per_s']:.2f}× one worker's req/s "
+            "(the ceiling row over the 1-worker row)."
         )
     if "concurrency" in results:
         c = results["concurrency"]

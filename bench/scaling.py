@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -113,12 +114,14 @@ def workers_rows(
             watched = {f"w{i}": pid for i, pid in enumerate(workers)}
             watched |= {"redis": redis_pid, "gateway": gateway_pid}
             before = {name: cpu_seconds(pid) for name, pid in watched.items()}
+            before["wrk"] = children_cpu_seconds()
             started = time.monotonic()
             run_wrk(url, script, connections=LOAD_CONNECTIONS, threads=LOAD_THREADS, seconds=1)
             result = run_wrk(url, script, connections=LOAD_CONNECTIONS, threads=LOAD_THREADS,
                              seconds=load_s)  # fmt: skip
             wall = time.monotonic() - started
             used = {name: cpu_seconds(pid) - before[name] for name, pid in watched.items()}
+            used["wrk"] = children_cpu_seconds() - before["wrk"]
             result["req_per_s"] = result["requests"] / (result["duration_us"] / 1e6)
             proxy_cpu = sum(v for k, v in used.items() if k.startswith("w"))
             # CPU over both wrk runs (the 1 s settle included), per request of the long one:
@@ -128,6 +131,9 @@ def workers_rows(
             result["proxy_cpu_util"] = proxy_cpu / wall
             result["redis_cpu_us_per_req"] = used["redis"] * 1e6 / total
             result["gateway_cpu_us_per_req"] = used["gateway"] * 1e6 / total
+            result["wrk_cpu_us_per_req"] = used["wrk"] * 1e6 / total
+            # What the machine's CPUs could serve at most if only this CPU were spent.
+            result["cpu_bound_req_per_s"] = len(everywhere) * total / sum(used.values())
             result["worker_cpu_util"] = [used[f"w{i}"] / wall for i in range(len(workers))]
             results["rounds"][n].append(result)
     for n in WORKER_COUNTS:
@@ -135,6 +141,12 @@ def workers_rows(
         results[n] = ranked[(len(ranked) - 1) // 2]
     results["ratio"] = results[2]["req_per_s"] / results[1]["req_per_s"]
     return results
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's children that have ended (every wrk run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def concurrency_rows(sse: int, ws: int) -> dict[str, Any]:
