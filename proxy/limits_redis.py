@@ -41,7 +41,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .errors import LimiterUnavailable
 from .limits import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings, caller_key
@@ -71,6 +71,10 @@ class _Call:
 
     def __init__(self, keys: list[str], args: list[Any], answer: asyncio.Future[Any]) -> None:
         self.keys, self.args, self.answer = keys, args, answer
+
+    def lease(self) -> tuple[str, str]:
+        """(leases key, lease id): what releases the slot this call may have taken."""
+        return self.keys[0], self.args[1]
 
 
 class RedisLimiter(Limiter):
@@ -127,6 +131,8 @@ class RedisLimiter(Limiter):
                 pass
             self._renewer = None
         if self._redis is not None:
+            if self._sending:  # batches in Redis: their answers, and what they owe, first
+                await asyncio.wait(set(self._sending), timeout=REDIS_TIMEOUT)
             await self.flush()  # best effort: what is lost expires by itself
             self._held.clear()
             await self._redis.aclose()
@@ -170,8 +176,8 @@ class RedisLimiter(Limiter):
         # Unique across replicas (the module's random is seeded from the OS per process),
         # without a getrandom() call per request.
         lease_id = f"{random.getrandbits(96):024x}"
-        answer = await self._queue(keys, [now, lease_id, len(windows), len(ends), int(submit),
-                                          *args])  # fmt: skip
+        answer = await self._answer(keys, [now, lease_id, len(windows), len(ends), int(submit),
+                                           *args])  # fmt: skip
         if isinstance(answer, BaseException):
             return self._unavailable(answer)
         if answer[0] == 1:
@@ -188,15 +194,23 @@ class RedisLimiter(Limiter):
         self._held[lease_id] = keys[0]
         return Lease(lambda: self._release(lease_id))
 
-    def _queue(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Add an admit to this turn's batch; its answer, or the store's error, comes in
-        the future. The batch leaves once every callback of this turn has run."""
+    async def _answer(self, keys: list[str], args: list[Any]) -> Any:
+        """Add an admit to this turn's batch and wait for its answer (or the store's error).
+        The batch leaves once every callback of this turn has run."""
         loop = asyncio.get_running_loop()
         call = _Call(keys, args, loop.create_future())
         self._queued.append(call)
         if len(self._queued) == 1:
             loop.call_soon(self._send_queued)
-        return call.answer
+        try:
+            return await call.answer
+        except asyncio.CancelledError:
+            # Cancelled in the turn its answer came, before this task ran again: a slot
+            # taken for it would have no holder.
+            answer = call.answer
+            if answer.done() and not answer.cancelled() and self._took_slot(answer.result()):
+                self._owe([call.lease()], [])
+            raise
 
     def _send_queued(self) -> None:
         queued, self._queued = self._queued, []
@@ -210,34 +224,48 @@ class RedisLimiter(Limiter):
         return task
 
     async def _send(self, calls: list[_Call]) -> None:
-        """One script call: what is owed, then ``calls`` in order (none: only what is owed)."""
+        """One script call: what is owed, then ``calls`` in order (none: only what is owed).
+        Every call is answered, whatever happens; a slot nobody will hold is given back."""
         calls = [call for call in calls if not call.answer.cancelled()]  # gone: nothing taken
         releases, units, keys, args = self._take_owed()
         if not (calls or releases or units) or self._script is None:
             return
         head = [len(calls), len(releases), len(units), self.settings.lease_ttl,
                 self.settings.concurrent, _MAX_FIELDS, OTHER]  # fmt: skip
+        keys.insert(0, self._key("batch", f"{random.getrandbits(96):024x}"))
         for call in calls:
             keys += call.keys
             args += call.args
         try:
             answers: list[Any] = await self._script(keys=keys, args=[joined(head + args)])
-        except _STORE_ERRORS as exc:
+            if len(answers) != len(calls):
+                raise ResponseError(f"{len(answers)} answers for {len(calls)} calls")
+        except BaseException as exc:
+            # Redis may have run the batch (the reply lost or late): what it took for the
+            # calls is given back, and what was owed is sent again (both are idempotent).
             self._owe(releases, units)
+            if self.settings.concurrent:
+                self._owe([call.lease() for call in calls], [])
+            if not isinstance(exc, _STORE_ERRORS):  # cancelled (shutdown), or a bug
+                for call in calls:
+                    if not call.answer.done():
+                        call.answer.set_result(RedisError("the limiter stopped"))
+                raise
             if not calls:
-                log.warning("limiter_flush_failed", error=_describe(exc), kept=len(releases))
+                log.warning("limiter_flush_failed", error=_describe(exc),
+                            kept=len(releases) + len(units))  # fmt: skip
             answers = [exc] * len(calls)
-        except BaseException:  # the batch itself cancelled (shutdown): no waiter left hanging
-            for call in calls:
-                call.answer.cancel()
-            raise
         for call, answer in zip(calls, answers, strict=True):
+            if isinstance(answer, list) and answer[0] == 4:  # this call's commands failed
+                if self.settings.concurrent:
+                    self._owe([call.lease()], [])
+                answer = ResponseError("Redis refused a command of this call")
             if not call.answer.cancelled():
                 call.answer.set_result(answer)
-            elif self._admitted_with_lease(answer):  # its waiter left: give the slot back
-                self._owe([(call.keys[0], call.args[1])], [])
+            elif self._took_slot(answer):  # its waiter left: give the slot back
+                self._owe([call.lease()], [])
 
-    def _admitted_with_lease(self, answer: Any) -> bool:
+    def _took_slot(self, answer: Any) -> bool:
         return bool(self.settings.concurrent) and isinstance(answer, list) and answer[0] == 0
 
     def _usage_key(self, who: str, now: float) -> tuple[str, int]:

@@ -18,10 +18,16 @@ a call's client CPU. None may be empty or hold the separator.
   ``lease_id * nr`` and ``(field, amount, expire_at) * nn`` (what is owed), then per call
   ``now, lease_id, nw, nq, nu, (limit, period) * nw, (limit, expire_at) * nq,
   (field, expire_at) * nu``.
-* KEYS: ``leases * nr, usage * nn`` (what is owed), then per call ``leases, (window
-  current, window previous) * nw, quota * nq, usage * nu``.
+* KEYS: the batch's own key (its answers, kept ``REPLAY_TTL`` seconds), ``leases * nr,
+  usage * nn`` (what is owed), then per call ``leases, (window current, window previous)
+  * nw, quota * nq, usage * nu``.
 * Returns one answer per call: ``{0}`` admitted, ``{1, i, previous, current}`` window
-  ``i`` full, ``{2, i}`` quota ``i`` used up, ``{3}`` no concurrency slot.
+  ``i`` full, ``{2, i}`` quota ``i`` used up, ``{3}`` no concurrency slot, ``{4}`` Redis
+  refused one of the call's commands (its key holds another type).
+
+Run twice (redis-py resends a command once when its connection breaks, and what broke may
+have been the reply), a batch answers the second time with the first time's answers,
+kept under its key, and counts nothing again.
 """
 
 from __future__ import annotations
@@ -29,9 +35,14 @@ from __future__ import annotations
 from typing import Any
 
 SEPARATOR = "\x1f"
+REPLAY_TTL = 10  # s a batch's answers are kept: redis-py resends at once, within its timeout
 
 
 ADMIT = """
+-- A batch runs once: redis-py sends a command again when its connection breaks, and the
+-- reply of a batch Redis ran may be what was lost. The second time, the first answers.
+local done = redis.call('GET', KEYS[1])
+if done then return cjson.decode(done) end
 local A = {}
 for value in string.gmatch(ARGV[1], '[^\\31]+') do A[#A + 1] = value end
 local ncalls, nr, nn = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
@@ -51,10 +62,11 @@ local function bump(key, field, amount, expire_at)
 end
 
 -- What earlier calls owe: a slot given back here is free for this batch.
-local k, a = 1, 8
-for i = 0, nr - 1 do redis.call('ZREM', KEYS[k + i], A[a + i]) end
+-- Each in pcall: one Redis refuses (a key of another type) must not hold up the rest.
+local k, a = 2, 8
+for i = 0, nr - 1 do redis.pcall('ZREM', KEYS[k + i], A[a + i]) end
 k, a = k + nr, a + nr
-for i = 0, nn - 1 do bump(KEYS[k + i], A[a + 3 * i], A[a + 3 * i + 1], A[a + 3 * i + 2]) end
+for i = 0, nn - 1 do pcall(bump, KEYS[k + i], A[a + 3 * i], A[a + 3 * i + 1], A[a + 3 * i + 2]) end
 k, a = k + nn, a + 3 * nn
 
 -- One admit: its leases key at KEYS[k], its arguments from A[a].
@@ -104,12 +116,15 @@ end
 local answers = {}
 for c = 1, ncalls do
   local nw, nq, nu = tonumber(A[a + 2]), tonumber(A[a + 3]), tonumber(A[a + 4])
-  answers[c] = admit(k, a, nw, nq, nu)
+  -- An error (a key of another type) fails this call only, as if it had been alone.
+  local ok, answer = pcall(admit, k, a, nw, nq, nu)
+  answers[c] = ok and answer or {4}
   k = k + 1 + 2 * nw + nq + nu
   a = a + 5 + 2 * nw + 2 * nq + 2 * nu
 end
+redis.call('SET', KEYS[1], cjson.encode(answers), 'EX', REPLAY_TTL)
 return answers
-"""
+""".replace("REPLAY_TTL", str(REPLAY_TTL))
 
 
 def joined(args: list[Any]) -> str:
