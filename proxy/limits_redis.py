@@ -26,7 +26,9 @@ refuses with :class:`~proxy.errors.LimiterUnavailable` (503) and ``"open"`` admi
 warning and no lease. Releases and units that could not be sent are kept for the next
 call (up to ``MAX_PENDING``); a lease whose release is lost frees itself within
 ``lease_ttl``. If Redis loses its data, the counts and leases of that moment are
-forgotten.
+forgotten. A batch that failed may still have run (the reply late or lost): the slots it
+may have taken are given back, and a batch sent again by redis-py's retry counts nothing
+twice (:mod:`proxy.limits_script`). A key of another type fails only its own call.
 """
 
 from __future__ import annotations
