@@ -240,7 +240,8 @@ def serve(settings: Settings, workers: int = 1) -> int:
             "set FAL_PROXY_REDIS_URL to share them",
             setting="FAL_PROXY_REDIS_URL",
         )
-    sockets = proxy_sockets(settings, shared=True) or []
+    sockets = proxy_sockets(settings, shared=True)
+    assert sockets is not None  # shared: always bound here, by the supervisor
     supervisor = Supervisor(settings, sockets, workers)
     try:
         supervisor.run()

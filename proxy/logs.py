@@ -125,10 +125,16 @@ class LineWriter:
     def for_stream(cls, file: BinaryIO) -> Any:
         """A structlog logger factory: ``proxy.request`` loggers gather, the others do not;
         both write to ``file`` under one lock."""
+        if cls._current is not None:
+            cls._current.flush()  # configured again (tests): the last one's lines first
         direct = cls(file)
         gathering = cls._current = cls(file, direct._lock)
-        atexit.register(gathering.flush)
         return lambda *args: gathering if args[:1] == (GATHERED_LOGGER,) else direct
+
+    @classmethod
+    def flush_current(cls) -> None:
+        if cls._current is not None:
+            cls._current.flush()
 
     @classmethod
     def attach_current(cls, loop: asyncio.AbstractEventLoop) -> None:
@@ -167,6 +173,9 @@ class LineWriter:
         with self._lock:
             self._file.write(data)
             self._file.flush()
+
+
+atexit.register(LineWriter.flush_current)  # once, whatever configure_logging does
 
 
 def redact_query(query: str) -> str:

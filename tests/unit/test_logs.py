@@ -126,3 +126,35 @@ def test_only_the_request_lines_wait_for_the_turn_others_are_written_at_once() -
     during, after = asyncio.run(main())
     assert b"gateway_bypassed" in during and b'"request"' not in during
     assert after.index(b"gateway_bypassed") < after.index(b'"event":"request"')
+
+
+def test_a_request_line_still_pending_is_written_at_exit_or_when_logging_is_set_again() -> None:
+    import asyncio
+    import io
+    import subprocess
+    import sys
+
+    from proxy.logs import LineWriter, configure_logging, get_logger
+
+    # Logged on a loop that never runs again (a crash, sys.exit): the exit writes it.
+    code = (
+        "import asyncio, sys\n"
+        "from proxy.logs import LineWriter, configure_logging, get_logger\n"
+        "configure_logging('json', stream=sys.stdout)\n"
+        "LineWriter.attach_current(asyncio.new_event_loop())\n"
+        "get_logger('proxy.request').info('request', pending=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert done.returncode == 0 and b'"pending":true' in done.stdout, done
+
+    # Configured again (as tests do): the last writer's pending line goes to its stream.
+    first = io.TextIOWrapper(io.BytesIO(), write_through=True)
+    configure_logging("json", "info", stream=first)
+    loop = asyncio.new_event_loop()
+    try:
+        LineWriter.attach_current(loop)
+        get_logger("proxy.request").info("request", pending=True)
+        configure_logging("json", "info", stream=io.TextIOWrapper(io.BytesIO()))
+    finally:
+        loop.close()
+    assert b'"pending":true' in first.buffer.getvalue()  # type: ignore[attr-defined]
