@@ -349,6 +349,30 @@ def test_cookies_and_hop_headers_are_dropped_and_never_carried_over(
     assert all("cookie" not in r["header_map"] for r in fake_gateway.requests())
 
 
+def test_a_header_repeated_in_another_case_reaches_the_gateway_every_time(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
+    """aiohttp merges request headers by exact name (`_prepare_headers`): ``X-Trace`` then
+    ``x-trace`` would go out as one. The server and the header policy both lower-case
+    names (a change that kept the client's case would need its own fix), so every value,
+    in order, reaches the gateway."""
+    import socket
+
+    port = int(proxy.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /fal-ai/fast-sdxl HTTP/1.1\r\nhost: x\r\ncontent-length: 14\r\n"
+            b"X-Trace: one\r\nx-trace: two\r\nX-TRACE: three\r\nconnection: close\r\n\r\n"
+            b'{"prompt":"x"}'
+        )
+        response = b""
+        while data := sock.recv(65536):
+            response += data
+    assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+    [seen] = fake_gateway.requests()
+    assert [v for k, v in seen["headers"] if k.lower() == "x-trace"] == ["one", "two", "three"]
+
+
 def test_client_abort_mid_stream_closes_the_upstream_request(
     proxy: RunningProxy, fake_gateway: FakeGateway
 ) -> None:
