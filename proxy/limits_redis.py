@@ -243,8 +243,10 @@ class RedisLimiter(Limiter):
             if len(answers) != len(calls):
                 raise ResponseError(f"{len(answers)} answers for {len(calls)} calls")
         except BaseException as exc:
-            # Redis may have run the batch (the reply lost or late): what it took for the
-            # calls is given back, and what was owed is sent again (both are idempotent).
+            # Redis may have run the batch (the reply lost or late): the slots it took for
+            # the calls are given back, and what was owed is sent again. Releases repeat
+            # harmlessly; units would count twice had it run (a reply over REDIS_TIMEOUT
+            # late), which errs toward billing, not toward losing a paid generation's units.
             self._owe(releases, units)
             if self.settings.concurrent:
                 self._owe([call.lease() for call in calls], [])
