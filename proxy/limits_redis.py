@@ -175,9 +175,7 @@ class RedisLimiter(Limiter):
             usage_key, until = self._usage_key(who, now)
             keys.append(usage_key)
             args += [f"g:{_field(app)}", until]
-        # Unique across replicas (the module's random is seeded from the OS per process),
-        # without a getrandom() call per request.
-        lease_id = f"{random.getrandbits(96):024x}"
+        lease_id = _unique_id()
         answer = await self._answer(keys, [now, lease_id, len(windows), len(ends), int(submit),
                                            *args])  # fmt: skip
         if isinstance(answer, BaseException):
@@ -234,7 +232,7 @@ class RedisLimiter(Limiter):
             return
         head = [len(calls), len(releases), len(units), self.settings.lease_ttl,
                 self.settings.concurrent, _MAX_FIELDS, OTHER]  # fmt: skip
-        keys.insert(0, self._key("batch", f"{random.getrandbits(96):024x}"))
+        keys.insert(0, self._key("batch", _unique_id()))
         for call in calls:
             keys += call.keys
             args += call.args
@@ -385,6 +383,12 @@ class RedisLimiter(Limiter):
             for leases in {leases for _, leases in held}:
                 pipe.expire(leases, math.ceil(self.settings.lease_ttl) + 1)
             await pipe.execute()
+
+
+def _unique_id() -> str:
+    """A lease's or a batch's id: 96 random bits, unique across replicas (``random`` seeds
+    itself from the OS in each process) without a getrandom() call per request."""
+    return f"{random.getrandbits(96):024x}"
 
 
 def _field(app: str | None) -> str:
