@@ -6,8 +6,8 @@ browser context → method → caller → target → app; then, once the request
 a concurrency slot and the rate windows (:meth:`Admission.take_slot`). Each refusal is a
 :class:`~proxy.errors.ProxyError` with its own reason tag, answered as JSON and logged on
 the request's canonical line. The policies themselves are pure functions in
-:mod:`proxy.origins`, :mod:`proxy.callers`, :mod:`proxy.targets`, :mod:`proxy.allowed_apps`
-and :mod:`proxy.client_ip`; this module only reads the request's headers once and applies
+:mod:`proxy.policy.origins`, :mod:`proxy.policy.callers`, :mod:`proxy.policy.targets`, :mod:`proxy.policy.allowed_apps`
+and :mod:`proxy.policy.client_ip`; this module only reads the request's headers once and applies
 them.
 """
 
@@ -18,24 +18,24 @@ from dataclasses import dataclass, field
 
 from starlette.types import Scope
 
-from .allowed_apps import AppPolicy
-from .callers import CallerAuth, JwtAuth, NoAuth, TokenAuth
-from .client_ip import client_ip, limit_key
+from .config.settings import Settings
 from .errors import BadRequest, HeadersTooLarge, MethodNotAllowed, MisdirectedRequest, URITooLong
-from .limits import Lease, Limiter, LimitSettings, create_limiter
-from .logs import get_logger
-from .metadata import CallerTags, derived_key, metadata_header
-from .metrics import app_label
-from .origins import (
+from .limits.memory import Lease, Limiter, LimitSettings, create_limiter
+from .limits.usage import UsageReport
+from .observe.logs import get_logger
+from .observe.metrics import app_label
+from .policy.allowed_apps import AppPolicy
+from .policy.callers import CallerAuth, JwtAuth, NoAuth, TokenAuth
+from .policy.client_ip import client_ip, limit_key
+from .policy.metadata import CallerTags, derived_key, metadata_header
+from .policy.origins import (
     OriginPolicy,
     check_browser_request,
     check_origin,
     preflight_headers,
 )
-from .request_head import host_allowed
-from .settings import Settings
-from .targets import Target, check_method, resolve_target, starts_generation
-from .usage import UsageReport
+from .policy.request_head import host_allowed
+from .policy.targets import Target, check_method, resolve_target, starts_generation
 
 
 @dataclass
@@ -254,7 +254,7 @@ class Admission:
         return self.plans.plan_of(key, claimed)
 
     async def usage(self, key: str, claimed: str | None) -> UsageReport:
-        """The caller's plan, quotas and this month's usage (see :mod:`proxy.usage_routes`)."""
+        """The caller's plan, quotas and this month's usage (see :mod:`proxy.app.usage_routes`)."""
         plan = self.plan_of(key, claimed)
         return await self.limiter.usage(key, plan, self.plans.quotas(plan))
 

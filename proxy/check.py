@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
-from .envvars import Secret
-from .headers import InjectedHeaders
-from .settings import Settings
+from .config.envvars import Secret
+from .config.settings import Settings
+from .policy.headers import InjectedHeaders
 
 
 def _shown(name: str, value: Any) -> str:

@@ -15,8 +15,9 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from . import __version__
-from .envvars import SettingsError
-from .server import (
+from .config.envvars import SettingsError
+from .config.settings import DOCUMENTED_VARIABLES, Settings
+from .serve.server import (
     PROG,
     bind_socket,
     exit_cleanly_on_signals,
@@ -25,8 +26,7 @@ from .server import (
     raise_open_files_limit,
     run_uvicorn,
 )
-from .settings import DOCUMENTED_VARIABLES, Settings
-from .workers import Supervisor
+from .serve.workers import Supervisor
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 def print_python_env(settings: Settings, *, export: bool) -> int:
     """``python-env``: the variables that point an unmodified fal-client at this proxy."""
-    from .python_sdk_settings import env_lines
+    from .config.python_port import env_lines
 
     try:
         pairs = settings.python_sdk.client_env(
@@ -221,7 +221,7 @@ def serve(settings: Settings, workers: int = 1) -> int:
     """Run the proxy under uvicorn until interrupted; with ``workers`` > 1, in that many
     processes listening on one port (SO_REUSEPORT: the kernel spreads connections evenly),
     under uvicorn's supervisor, which replaces a worker that dies (:class:`Supervisor`)."""
-    from .logs import configure_logging, get_logger
+    from .observe.logs import configure_logging, get_logger
 
     configure_logging(settings.log_format, settings.log_level)
     log = get_logger("proxy")
@@ -255,7 +255,7 @@ def serve(settings: Settings, workers: int = 1) -> int:
 
 def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .emulator import EmulatorConfig, create_emulator
-    from .logs import configure_logging, get_logger
+    from .observe.logs import configure_logging, get_logger
 
     if not args.time_scale > 0:
         print(f"{PROG}: error: --time-scale must be positive", file=sys.stderr)
@@ -297,7 +297,7 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Proxy + emulator + demo page on one port; the proxy reaches the emulator over loopback."""
     from .demo import create_demo_app
     from .emulator import EmulatorConfig
-    from .logs import configure_logging, get_logger
+    from .observe.logs import configure_logging, get_logger
 
     if not args.time_scale > 0:
         print(f"{PROG}: error: --time-scale must be positive", file=sys.stderr)

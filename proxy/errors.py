@@ -29,7 +29,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .quotas import Quota
+    from .limits.quotas import Quota
 
 
 class ProxyError(Exception):
@@ -130,14 +130,14 @@ class MisdirectedRequest(ProxyError):
 
 
 class RateLimited(_RetryLater):
-    """A limit in :mod:`proxy.limits` was reached; ``retry_after`` feeds the Retry-After header."""
+    """A limit in :mod:`proxy.limits.memory` was reached; ``retry_after`` feeds the Retry-After header."""
 
     status = 429
     reason = "rate_limited"
 
 
 class QuotaExceeded(RateLimited):
-    """A caller's quota (:mod:`proxy.quotas`) is used up until its period ends.
+    """A caller's quota (:mod:`proxy.limits.quotas`) is used up until its period ends.
 
     The body names the quota (``quota``: its apps, limit, period and reset time) so an app
     can tell its user "50 images a day; more tomorrow", not just "slow down".

@@ -16,9 +16,9 @@ from starlette.responses import FileResponse, PlainTextResponse
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..app import create_app
+from ..app.assemble import create_app
+from ..config.settings import Settings
 from ..emulator import EmulatorConfig, create_emulator
-from ..settings import Settings
 
 STATIC = Path(__file__).parent / "static"
 

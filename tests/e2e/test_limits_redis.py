@@ -24,10 +24,10 @@ from hypothesis import settings as examples
 from hypothesis import strategies as st
 
 from proxy.errors import LimiterUnavailable, RateLimited
-from proxy.limits import Lease, Limiter, LimitSettings, create_limiter
-from proxy.limits_redis import MAX_BATCH, REDIS_TIMEOUT, RedisLimiter
-from proxy.limits_script import REPLAY_TTL
-from proxy.quotas import Quota
+from proxy.limits.memory import Lease, Limiter, LimitSettings, create_limiter
+from proxy.limits.quotas import Quota
+from proxy.limits.redis_backend import MAX_BATCH, REDIS_TIMEOUT, RedisLimiter
+from proxy.limits.script import REPLAY_TTL
 from tests.redis_support import START_TIMEOUT, RedisServer, free_port
 
 pytestmark = pytest.mark.anyio

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
 
-from proxy import limits_redis
+from proxy.limits import redis_backend as limits_redis
 from proxy.errors import LimiterUnavailable, QuotaExceeded, RateLimited
-from proxy.limits import Lease, Limiter, LimitSettings, caller_key, create_limiter
-from proxy.limits_redis import RedisLimiter
-from proxy.quotas import Quota
+from proxy.limits.memory import Lease, Limiter, LimitSettings, caller_key, create_limiter
+from proxy.limits.quotas import Quota
+from proxy.limits.redis_backend import RedisLimiter
 from tests.redis_support import RedisServer
 
 NOW = float(int(time.time()) // 3600 * 3600 + 15)  # as in test_limits_redis: exact windows

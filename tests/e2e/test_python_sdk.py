@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.python_sdk_settings import FAL_KEY_PLACEHOLDER
+from proxy.config.python_port import FAL_KEY_PLACEHOLDER
 from tests.conftest import (
     FAL_KEY,
     PREFIX,

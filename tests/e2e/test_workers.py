@@ -508,7 +508,7 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_instead_of_looping(
         "import proxy.app\n"
         "def create_app(settings):\n"
         "    raise RuntimeError('broken on purpose')\n"
-        "proxy.app.create_app = create_app\n"
+        "proxy.app.assemble.create_app = create_app\n"
     )
     process = Process(
         [sys.executable, "-m", "proxy", "--port", "0", "--workers", "2"],

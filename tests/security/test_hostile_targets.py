@@ -9,7 +9,7 @@ import re
 import pytest
 
 from proxy.errors import ProxyError
-from proxy.targets import resolve_target
+from proxy.policy.targets import resolve_target
 from tests.conftest import CF_TOKEN, FAL_KEY, FakeGateway, RunningProxy
 from tests.security import RawHTTP, decode_value, load_corpus, parse_corpus
 

@@ -29,8 +29,12 @@ from hypothesis import HealthCheck, event, example, given, note, settings
 from hypothesis import strategies as st
 
 from proxy.errors import ProxyError
-from proxy.headers import InjectedHeaders, downstream_response_headers, upstream_request_headers
-from proxy.targets import Target, resolve_target
+from proxy.policy.headers import (
+    InjectedHeaders,
+    downstream_response_headers,
+    upstream_request_headers,
+)
+from proxy.policy.targets import Target, resolve_target
 from tests.conftest import CF_TOKEN, FAL_KEY, FakeGateway, RunningProxy
 from tests.security import RawHTTP, load_corpus
 

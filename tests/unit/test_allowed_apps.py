@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from proxy.allowed_apps import AppPolicy
 from proxy.errors import Forbidden, ProxyError
-from proxy.targets import resolve_target
+from proxy.policy.allowed_apps import AppPolicy
+from proxy.policy.targets import resolve_target
 
 POLICY = AppPolicy(
     ("fal-ai/flux/*", "fal-ai/fast-sdxl", "workflows/acme/*", "fal-ai/fast-lcm-diffusion/*")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from proxy.breaker import (
+from proxy.upstream.breaker import (
     CLOSED,
     DIRECT,
     GATEWAY,

@@ -24,10 +24,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from proxy.admission import Admission
-from proxy.bridge_ws import Bridge
-from proxy.headers import CLIENT_PROXY_ID
-from proxy.metrics import Metrics
-from proxy.settings import Settings
+from proxy.bridge.handler import Bridge
+from proxy.config.settings import Settings
+from proxy.observe.metrics import Metrics
+from proxy.policy.headers import CLIENT_PROXY_ID
 
 pytestmark = pytest.mark.anyio
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.bridge_pump import client_close
-from proxy.bridge_upstream import (
+from proxy.bridge.pump import client_close
+from proxy.bridge.upstream import (
     caller_from_subprotocols,
     client_subprotocol,
     gateway_ws_url,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.client_ip import client_ip, limit_key, parse_networks
+from proxy.policy.client_ip import client_ip, limit_key, parse_networks
 
 TRUSTED = parse_networks(["10.0.0.0/8", "127.0.0.1"])
 

@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 
 from proxy.errors import PayloadTooLarge, ProxyError, RequestTimeout, UpstreamTimeout
-from proxy.failures import ClientGone, client_error, describe, timeout_error
+from proxy.upstream.failures import ClientGone, client_error, describe, timeout_error
 
 TOO_LARGE = PayloadTooLarge("request body too large", "over 10 bytes")
 

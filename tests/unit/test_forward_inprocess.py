@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from proxy.forward.handler import Forwarder
 
 from proxy.admission import Admission
-from proxy.forward import Forwarder
-from proxy.metrics import Metrics
-from proxy.settings import Settings
-from proxy.upstream import create_session
+from proxy.config.settings import Settings
+from proxy.observe.metrics import Metrics
+from proxy.upstream.session import create_session
 
 pytestmark = pytest.mark.anyio
 

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.envvars import SettingsError
-from proxy.headers import InjectedHeaders, upstream_request_headers
-from proxy.metadata import MAX_ENTRIES, CallerTags, derived_key, metadata_header
-from proxy.settings import Settings
-from proxy.targets import Target
+from proxy.config.envvars import SettingsError
+from proxy.config.settings import Settings
+from proxy.policy.headers import InjectedHeaders, upstream_request_headers
+from proxy.policy.metadata import MAX_ENTRIES, CallerTags, derived_key, metadata_header
+from proxy.policy.targets import Target
 
 GW = {"FAL_PROXY_GATEWAY_URL": "http://gw.example/v1/a/g/fal"}
 TOKEN = {"CF_AIG_TOKEN": "cf-token-0123456789"}

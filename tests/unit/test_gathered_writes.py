@@ -1,11 +1,11 @@
-"""proxy.server_protocol.GatheredWrites: a response's writes in one turn of the loop go out
+"""proxy.serve.protocol.GatheredWrites: a response's writes in one turn of the loop go out
 together, in order, and nothing is left behind when the connection ends."""
 
 from __future__ import annotations
 
 import asyncio
 
-from proxy.server_protocol import GATHER_LIMIT, GatheredWrites
+from proxy.serve.protocol import GATHER_LIMIT, GatheredWrites
 
 
 class FakeTransport:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.headers import (
+from proxy.policy.headers import (
     CLIENT_PROXY_ID,
     InjectedHeaders,
     downstream_response_headers,
     upstream_request_headers,
 )
-from proxy.targets import resolve_target
+from proxy.policy.targets import resolve_target
 
 GW = "https://gw/v1/a/g/fal"
 INJECTED = InjectedHeaders(authorization="Key server-key", cf_aig_authorization="Bearer cf-token")
@@ -203,8 +203,8 @@ def test_non_ascii_header_values_travel_unchanged() -> None:
 
 
 def test_injected_credentials_are_masked_in_any_repr() -> None:
-    from proxy.headers import InjectedHeaders as IH
-    from proxy.settings import Settings
+    from proxy.config.settings import Settings
+    from proxy.policy.headers import InjectedHeaders as IH
 
     injected = IH.from_settings(
         Settings.from_env(
@@ -238,7 +238,7 @@ def test_gateway_401_is_told_from_a_fal_401_even_compressed(
     import gzip
     import zlib
 
-    from proxy.failures import gateway_auth_error as _gateway_auth_error
+    from proxy.upstream.failures import gateway_auth_error as _gateway_auth_error
 
     assert _gateway_auth_error(body, encoding) == expected
     assert _gateway_auth_error(gzip.compress(body), "gzip") == expected

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from proxy.errors import RateLimited
-from proxy.limits import (
+from proxy.limits.memory import (
     Lease,
     Limiter,
     LimitSettings,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.logs import redact_query
+from proxy.observe.logs import redact_query
 
 
 @pytest.mark.parametrize(
@@ -44,7 +44,7 @@ def test_the_timestamp_is_structlogs_iso_utc_text_to_the_microsecond(
     from datetime import UTC, datetime
     from types import SimpleNamespace
 
-    from proxy import logs
+    from proxy.observe import logs
 
     clock = iter([1_790_000_000.25, 1_790_000_000.999999, 1_790_000_001.0, 1_790_000_061.5])
     fake = SimpleNamespace(time=lambda: next(clock), strftime=real_time.strftime,
@@ -70,7 +70,7 @@ def test_lines_logged_in_one_turn_of_the_loop_go_out_in_one_write() -> None:
     import asyncio
     import threading
 
-    from proxy.logs import LineWriter
+    from proxy.observe.logs import LineWriter
 
     file = _Recorder()
     writer = LineWriter(file)  # type: ignore[arg-type]
@@ -107,7 +107,7 @@ def test_only_the_request_lines_wait_for_the_turn_others_are_written_at_once() -
     import asyncio
     import io
 
-    from proxy.logs import LineWriter, configure_logging, get_logger
+    from proxy.observe.logs import LineWriter, configure_logging, get_logger
 
     stream = io.TextIOWrapper(io.BytesIO(), write_through=True)
     configure_logging("json", "info", stream=stream)
@@ -134,12 +134,12 @@ def test_a_request_line_still_pending_is_written_at_exit_or_when_logging_is_set_
     import subprocess
     import sys
 
-    from proxy.logs import LineWriter, configure_logging, get_logger
+    from proxy.observe.logs import LineWriter, configure_logging, get_logger
 
     # Logged on a loop that never runs again (a crash, sys.exit): the exit writes it.
     code = (
         "import asyncio, sys\n"
-        "from proxy.logs import LineWriter, configure_logging, get_logger\n"
+        "from proxy.observe.logs import LineWriter, configure_logging, get_logger\n"
         "configure_logging('json', stream=sys.stdout)\n"
         "LineWriter.attach_current(asyncio.new_event_loop())\n"
         "get_logger('proxy.request').info('request', pending=True)\n"

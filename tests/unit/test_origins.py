@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import Forbidden
-from proxy.origins import (
+from proxy.policy.origins import (
     OriginPolicy,
     check_browser_request,
     check_origin,

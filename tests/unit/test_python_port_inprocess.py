@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy.python_sdk import MAX_REWRITTEN_BYTES, PythonSdkListener
+from proxy.policy.python_port import MAX_REWRITTEN_BYTES, PythonSdkListener
 from tests.unit.test_forward_inprocess import Client, forwarder, scope, serving, settings
 
 pytestmark = pytest.mark.anyio

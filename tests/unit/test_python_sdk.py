@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.envvars import SettingsError
+from proxy.config.envvars import SettingsError
+from proxy.config.python_port import FAL_KEY_PLACEHOLDER, PythonSdkSettings, env_lines
+from proxy.config.settings import Settings
 from proxy.errors import BadGateway
-from proxy.python_sdk import (
+from proxy.policy.python_port import (
     MAX_REWRITTEN_BYTES,
     PythonSdkListener,
     decoded,
@@ -21,9 +23,7 @@ from proxy.python_sdk import (
     queue_target,
     rewrite_queue_urls,
 )
-from proxy.python_sdk_settings import FAL_KEY_PLACEHOLDER, PythonSdkSettings, env_lines
-from proxy.settings import Settings
-from proxy.targets import Target, resolve_target
+from proxy.policy.targets import Target, resolve_target
 
 ORIGIN = "https://localhost:8443"
 GATEWAY = "https://gateway.example/v1/a/g/fal"
@@ -343,7 +343,7 @@ def test_settings_errors_name_the_variable(env: dict[str, str], named: str) -> N
 
 
 def test_a_key_that_is_not_the_certificates_is_refused(tmp_path: Path) -> None:
-    from proxy.tls_certs import ensure_certificates
+    from proxy.config.tls_certs import ensure_certificates
 
     one = ensure_certificates(tmp_path / "one", ["localhost"])
     two = ensure_certificates(tmp_path / "two", ["localhost"])

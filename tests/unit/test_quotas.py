@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import QuotaExceeded, RateLimited
-from proxy.limits import LimitSettings, MemoryLimiter
-from proxy.quotas import DEFAULT_PLAN, Quota, parse_plans, parse_quotas
-from proxy.usage import MAX_APPS, parse_units
+from proxy.limits.memory import LimitSettings, MemoryLimiter
+from proxy.limits.quotas import DEFAULT_PLAN, Quota, parse_plans, parse_quotas
+from proxy.limits.usage import MAX_APPS, parse_units
 
 DAY = 86400.0
 NOW = 20_000 * DAY + 3600 * 10 + 15  # 10:00:15 UTC on some day

@@ -9,8 +9,8 @@ import logging
 import pytest
 import structlog
 
-from proxy.logs import configure_logging, get_logger
-from proxy.redaction import redact, register_header_names, register_secret
+from proxy.observe.logs import configure_logging, get_logger
+from proxy.observe.redaction import redact, register_header_names, register_secret
 
 FAL = "fal-unit-SENTINEL:abcdef123"
 register_secret(FAL, "Bearer cf-unit-SENTINEL-42")

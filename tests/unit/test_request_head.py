@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.request_head import head_problem, host_allowed, normalise_host_pattern
+from proxy.policy.request_head import head_problem, host_allowed, normalise_host_pattern
 
 H = [(b"host", b"proxy.example.com")]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.envvars import Secret
-from proxy.settings import DOCUMENTED_VARIABLES, Settings, SettingsError
+from proxy.config.envvars import Secret
+from proxy.config.settings import DOCUMENTED_VARIABLES, Settings, SettingsError
 
 GW = {"FAL_PROXY_GATEWAY_URL": "http://127.0.0.1:9000/v1/acct/gw/fal"}
 ACCOUNT = "0123456789abcdef0123456789abcdef"

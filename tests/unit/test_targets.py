@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound
-from proxy.targets import check_method, resolve_target, starts_generation
+from proxy.policy.targets import check_method, resolve_target, starts_generation
 
 GW = "https://gateway.ai.cloudflare.com/v1/acct/gw/fal"
 ROUTE = "/api/fal/proxy"

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.tls_certs import ensure_certificates
+from proxy.config.tls_certs import ensure_certificates
 
 
 def handshake(files_cert: Path, files_key: Path, cafile: Path, server_name: str) -> str:

@@ -19,7 +19,7 @@ from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
-from proxy.windows import PeriodCounts, SlidingWindows, period_bounds, retry_after
+from proxy.limits.windows import PeriodCounts, SlidingWindows, period_bounds, retry_after
 
 BASE = 1_764_000_000.0  # a day in November 2025, on a window edge for small periods
 

@@ -1,0 +1,234 @@
+"""The ASGI application: the forwarding handler for fal traffic, Starlette for the rest.
+
+Requests on reserved paths (``/healthz``) go to a small Starlette app; every other
+HTTP request goes to the pure-ASGI :class:`~proxy.forward.handler.Forwarder`. The lifespan
+owns the one upstream session, so it is created inside the server's event loop and
+closed on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..admission import Admission
+from ..bridge.handler import Bridge
+from ..config.settings import RESERVED_PATHS, Settings
+from ..errors import NotFound
+from ..forward.handler import Forwarder
+from ..observe.logs import get_logger
+from ..observe.metrics import Metrics
+from ..observe.redaction import register_header_names, register_secret
+from ..policy.headers import InjectedHeaders
+from ..policy.python_port import PythonSdkListener
+from ..upstream.breaker import Breaker
+from ..upstream.session import create_session
+from .secrets_reload import watch_secret_files
+from .usage_routes import CallerUsage, any_caller_usage
+
+
+def create_app(settings: Settings) -> ProxyApp:
+    """Build the proxy's ASGI app for ``settings``."""
+    register_secret(
+        settings.fal_key.reveal() if settings.fal_key is not None else None,
+        settings.cf_aig_token.reveal() if settings.cf_aig_token else None,
+        settings.access.jwt.secret if settings.access.jwt else None,
+    )
+    register_secret(
+        urlsplit(settings.access.redis_url).password if settings.access.redis_url else None,
+        key.reveal() if (key := settings.gateway.metadata_hash_key) is not None else None,
+    )
+    register_header_names([settings.access.auth_header])
+    admission = Admission(settings)
+    metrics = Metrics()
+    forwarder = Forwarder(settings, admission, metrics)
+    bridge = Bridge(settings, admission, metrics)
+    forwarder.route.breaker = bridge.breaker = fallback_breaker(settings, metrics)
+    draining = asyncio.Event()
+    log = get_logger("proxy")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        warn_about_open_settings(settings, log)
+        await admission.limiter.start()
+        forwarder.session = create_session(settings)
+        reloader = asyncio.ensure_future(watch_secret_files(settings, install_headers))
+        try:
+            yield
+        finally:
+            reloader.cancel()
+            await forwarder.session.close()
+            forwarder.session = None
+            await admission.limiter.close()
+
+    def install_headers(injected: InjectedHeaders) -> None:
+        register_secret(injected.authorization, injected.cf_aig_authorization)  # before first use
+        forwarder.injected = injected  # one assignment each: requests in flight keep theirs
+        bridge.injected = injected
+
+    async def readyz(_request: Request) -> JSONResponse:
+        # Ready: configuration loaded (we are running), upstream client open, Redis reachable
+        # when configured, and not draining. Orchestrators stop routing here while draining.
+        problems = []
+        if draining.is_set():
+            problems.append("draining")
+        if forwarder.session is None or forwarder.session.closed:
+            problems.append("upstream client not ready")
+        if not await admission.limiter.ready():
+            problems.append("rate-limit store (Redis) unreachable")
+        if problems:
+            return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def healthz(_request: Request) -> JSONResponse:
+        # Served only once the lifespan has run, i.e. the upstream session exists.
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_endpoint(_request: Request) -> Response:
+        if settings.metrics_port is not None:
+            error = NotFound("not found", "metrics are on FAL_PROXY_METRICS_PORT")
+            body = error.body()
+            return Response(body, error.status, headers={"content-type": "application/json"})
+        return render_metrics()
+
+    def render_metrics(_request: Request | None = None) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    # FAL_PROXY_METRICS_PORT: the server's second socket, for the operator only.
+    admin = Starlette(
+        routes=[
+            Route("/metrics", render_metrics, methods=["GET"]),
+            Route("/usage/{caller:path}", any_caller_usage(admission), methods=["GET"]),
+        ]
+    )
+
+    starlette = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+
+    python = settings.python_sdk
+    return ProxyApp(
+        forwarder, bridge, starlette, draining,
+        usage=(settings.access.usage_route, CallerUsage(admission)),
+        admin=(settings.metrics_port, admin) if settings.metrics_port is not None else None,
+        python_sdk=(python.port, PythonSdkListener(python.origin))
+        if python.port is not None else None,
+    )  # fmt: skip
+
+
+def fallback_breaker(settings: Settings, metrics: Metrics) -> Breaker | None:
+    """``FAL_PROXY_FALLBACK=direct``: the breaker the forwarder and the bridge share; each
+    change of way is logged once and shown by the ``fal_proxy_gateway_bypassed`` gauge."""
+    gateway = settings.gateway
+    if gateway.fallback != "direct":
+        return None
+    log = get_logger("proxy.fallback")
+
+    def changed(old: str, new: str) -> None:
+        metrics.gateway_bypassed.set(0 if new == "closed" else 1)
+        if new == "open":
+            log.warning("gateway_bypassed", state=new, previous=old,
+                        note=f"calls go straight to fal for {gateway.fallback_seconds:g}s, "
+                        "then one probes the gateway")  # fmt: skip
+        elif new == "closed":
+            log.warning("gateway_restored", state=new, previous=old,
+                        note="calls go through the gateway again")  # fmt: skip
+        else:
+            log.info("gateway_probe", state=new, previous=old)
+
+    return Breaker(gateway.fallback_failures, gateway.fallback_window,
+                   gateway.fallback_seconds, on_change=changed)  # fmt: skip
+
+
+class ProxyApp:
+    """The proxy's ASGI app: forwarded HTTP, bridged WebSockets, Starlette for the rest.
+
+    ``bridge`` and ``draining`` are the server's handles for shutdown: the CLI closes every
+    bridged socket with 1001 and sets ``draining`` (``/readyz`` then answers 503).
+    """
+
+    def __init__(self, forwarder: Forwarder, bridge: Bridge, starlette: Starlette,
+                 draining: asyncio.Event, *, usage: tuple[str, CallerUsage] | None = None,
+                 admin: tuple[int, ASGIApp] | None = None,
+                 python_sdk: tuple[int, PythonSdkListener] | None = None) -> None:  # fmt: skip
+        self.forwarder = forwarder
+        self.bridge = bridge
+        self.starlette = starlette
+        self.draining = draining
+        # A caller's own usage, on the public port.
+        self.usage_route: str | None = usage[0] if usage else None
+        self.usage: CallerUsage | None = usage[1] if usage else None
+        # FAL_PROXY_METRICS_PORT (the server's second socket): /metrics, /usage/<caller>.
+        self.admin_port: int | None = admin[0] if admin else None
+        self.admin: ASGIApp | None = admin[1] if admin else None
+        # FAL_PROXY_PYTHON_SDK_PORT (the TLS socket): fal's Python client, fal routes only.
+        self.python_port: int | None = python_sdk[0] if python_sdk else None
+        self.python: PythonSdkListener | None = python_sdk[1] if python_sdk else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        port = _local_port(scope) if kind != "lifespan" else None
+        if self.admin is not None and port == self.admin_port:
+            await self.admin(scope, receive, send)
+        elif self.python is not None and port == self.python_port and kind != "lifespan":
+            if scope["path"] in RESERVED_PATHS:
+                await self.starlette(scope, receive, send)  # as on the main port
+            elif kind == "http" and scope["path"] == self.usage_route and self.usage is not None:
+                await self.usage(scope, receive, send, self.python)
+            elif kind == "http":
+                await self.forwarder(scope, receive, send, self.python)
+            else:
+                await self.bridge(scope, receive, send, self.python)
+        elif kind == "http" and scope["path"] == self.usage_route and self.usage is not None:
+            await self.usage(scope, receive, send)
+        elif kind == "http" and scope["path"] not in RESERVED_PATHS:
+            await self.forwarder(scope, receive, send)
+        elif kind == "websocket" and scope["path"] not in RESERVED_PATHS:
+            await self.bridge(scope, receive, send)
+        else:
+            await self.starlette(scope, receive, send)
+
+
+def _local_port(scope: Scope) -> int | None:
+    server = scope.get("server")
+    return server[1] if server else None
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def warn_about_open_settings(settings: Settings, log: Any) -> None:
+    """Say at start-up what is open by default, so nobody ships it by accident."""
+    access = settings.access
+    if (
+        access.auth == "none"
+        and settings.host not in LOOPBACK
+        and not settings.host.startswith("127.")
+    ):
+        log.warning(
+            "caller authentication is off (FAL_PROXY_AUTH=none) and the proxy listens on "
+            f"{settings.host}: anyone who can reach it spends your fal credits. "
+            "Set FAL_PROXY_AUTH=token or jwt.",
+            setting="FAL_PROXY_AUTH",
+        )
+    if not access.allowed_apps or "*" in access.allowed_apps:
+        log.warning(
+            "every fal app is allowed: set FAL_PROXY_ALLOWED_APPS (e.g. fal-ai/flux/*) "
+            "to the apps your product uses",
+            setting="FAL_PROXY_ALLOWED_APPS",
+        )

@@ -1,0 +1,342 @@
+"""The forwarding route: a pure-ASGI handler, request → target → headers → gateway → client.
+
+Pure ASGI rather than a Starlette endpoint because this is the hot path: no
+Request/Response objects, no middleware stack, headers handled as the raw byte
+pairs the server gives. The data flows one way:
+
+1. read the target (``x-fal-target-url`` or the fal.run-shaped path) and resolve it
+   (:func:`proxy.policy.targets.resolve_target`, pure);
+2. build the upstream headers (:func:`proxy.policy.headers.upstream_request_headers`, pure);
+3. send to the gateway with the request body streamed as it arrives;
+4. stream the response back chunk by chunk as the gateway sends it.
+
+While the upstream call runs, a watcher waits for the client to go away and cancels
+the call, which closes the upstream connection at once (an aborted SSE stream must
+not keep a generation, or a connection, alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+
+import aiohttp
+from starlette.types import Message, Receive, Scope, Send
+
+from ..admission import Admission, Admitted, RequestHeaders
+from ..config.settings import Settings
+from ..errors import (
+    BadRequest,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    ShuttingDown,
+)
+from ..observe.logs import get_logger
+from ..observe.metrics import Metrics
+from ..policy.headers import InjectedHeaders, upstream_request_headers
+from ..policy.python_port import REWRITE_ACCEPT_ENCODING, PythonSdkListener, rewrite_queue_urls
+from ..policy.targets import Target
+from ..upstream.failures import ClientGone, client_error, timeout_error
+from ..upstream.route import UpstreamRoute
+from .exchange import Exchange
+from .relay import relay_response, relay_rewritten
+from .upload import UploadDeadline, stream_body
+
+
+class Forwarder:
+    """The ASGI app for every forwarded request. ``session`` is set by the app's lifespan."""
+
+    def __init__(self, settings: Settings, admission: Admission, metrics: Metrics) -> None:
+        self.settings = settings
+        self.admission = admission
+        self.metrics = metrics
+        self.injected = InjectedHeaders.from_settings(settings)
+        self.route = UpstreamRoute(settings)  # its session is set by the app's lifespan
+        self.log = get_logger("proxy.request")
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        return self.route.session
+
+    @session.setter
+    def session(self, session: aiohttp.ClientSession | None) -> None:
+        self.route.session = session
+
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, python: PythonSdkListener | None = None
+    ) -> None:
+        """Forward one request; ``python``: it came in on the Python client's TLS port."""
+        ex = Exchange(scope["method"])
+        self.metrics.in_flight.inc()
+        try:
+            await self._handle(scope, receive, send, ex, python)
+        except ProxyError as exc:
+            ex.error = exc.reason
+            if ex.status is None:  # nothing sent yet: answer with the error
+                await self._send_error(send, exc, ex)
+        except ClientGone:
+            ex.error, ex.status = "client_gone", 499
+        except asyncio.CancelledError:
+            # The server cancelled the request: the drain deadline (FAL_PROXY_DRAIN_SECONDS)
+            # passed with it still streaming. Record the cut (not a clean 2xx) and end the
+            # task quietly: re-raised, uvicorn would log a traceback per stream.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            ex.error = ShuttingDown.reason
+            if ex.status is None:  # nothing sent yet: say so (uvicorn would answer 500)
+                await self._send_error(
+                    send, ShuttingDown("proxy shutting down", "retry the request"), ex
+                )
+        except Exception:
+            # A bug, not a condition we know: log it with its traceback, answer 500 if
+            # nothing was sent yet, else let the server cut the connection.
+            ex.error = "internal"
+            self.log.exception("internal_error", request_id=ex.request_id)
+            if ex.status is not None:
+                raise
+            await self._send_error(
+                send, ProxyError("internal proxy error", f"request id {ex.request_id}"), ex
+            )
+        finally:
+            self.metrics.in_flight.dec()
+            self._log(ex)
+
+    def _log(self, ex: Exchange) -> None:
+        status = ex.status or 0
+        app = self.metrics.app_labels(ex.app, ex.path, ex.upstream_status)
+        if ex.generation:
+            self.metrics.observe_generation(app, ex.billable_units)
+        self.metrics.observe(
+            ex.kind,
+            status,
+            app,
+            time.perf_counter() - ex.started,
+            ex.ttfb,
+            ex.bytes_in,
+            ex.bytes_out,
+            ex.error,
+        )
+        if ex.gateway_error:
+            hint = "the gateway refused the proxy's cf-aig-authorization: check CF_AIG_TOKEN"
+            self.log.warning("request", hint=hint, **ex.log_fields())
+        elif status >= 500 or (ex.error is not None and status not in range(400, 500)):
+            # Upstream trouble, a client gone mid-way, or a bug; refusals (4xx) stay at info.
+            self.log.warning("request", **ex.log_fields())
+        else:
+            self.log.info("request", **ex.log_fields())
+
+    async def _send_error(self, send: Send, exc: ProxyError, ex: Exchange) -> None:
+        body = exc.body()
+        ex.status = exc.status
+        headers = [*exc.headers(body), (b"x-proxy-request-id", ex.request_id.encode()), *ex.cors]
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        ex.bytes_out += len(body)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, ex: Exchange,
+        python: PythonSdkListener | None,
+    ) -> None:  # fmt: skip
+        settings, admission = self.settings, self.admission
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        seen = (
+            python.read_headers(scope)
+            if python is not None
+            else RequestHeaders.read(raw_headers, admission.auth_header)
+        )
+        if ex.method == "OPTIONS" and seen.origin and seen.preflight_method:
+            ex.client_ip = admission.client(scope, seen)
+            await self._send_preflight(send, admission.preflight(scope, seen), ex)
+            return
+        admitted = Admitted()
+        try:
+            await admission.admit(scope, seen, admitted, method=ex.method,
+                                  query=scope["query_string"].decode("latin-1"),
+                                  target_header=seen.target)  # fmt: skip
+        finally:  # what was learned, for the log line, refused or not
+            ex.record(admitted)
+        target = admitted.target
+        assert target is not None
+        declared = admitted.declared_length
+        if declared is not None and declared > settings.max_body_bytes:
+            raise PayloadTooLarge(
+                "request body too large",
+                f"{declared} bytes; this proxy accepts at most {settings.max_body_bytes}",
+            )
+        try:
+            headers = upstream_request_headers(
+                raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id,
+                metadata=admission.metadata(admitted, ex.request_id),
+            )  # fmt: skip
+        except UnicodeDecodeError:
+            raise BadRequest(
+                "invalid header value", "header values must be ASCII or UTF-8"
+            ) from None
+        rewrite: Callable[[bytes], bytes | None] | None = None
+        if python is not None and python.rewrites(ex.method, target):
+            # Its answer carries queue URLs to point at this port: ask for what can be read.
+            headers = [(n, v) for n, v in headers if n != "accept-encoding"]
+            headers.append(("accept-encoding", REWRITE_ACCEPT_ENCODING))
+            rewrite = partial(rewrite_queue_urls, origin=python.origin)
+        # The body's first message (the whole body for a token request) must arrive, within
+        # the idle deadline, before a slot is taken: a client that declares a body and never
+        # sends it holds no slot, and is answered 408.
+        if target.kind == "token":
+            # The body says which apps the token is for: read it (it is small), check it, and
+            # forward what was checked, re-serialised, never the client's own bytes.
+            body = admission.check_token_body(await self._read_small_body(receive, ex), admitted)
+            headers = [(n, v) for n, v in headers if n not in ("content-length", "content-type")]
+            headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
+            first: Message = {"type": "http.request", "body": body, "more_body": False}
+        else:
+            first = await self._receive_body(receive)
+        lease = await admission.take_slot(admitted, ex.method)
+        ex.generation = admitted.generation
+        try:
+            await self._exchange(target, headers, receive, send, ex, first, rewrite)
+        finally:
+            await lease.release()
+            if ex.billable_units:
+                await admission.record_units(admitted, target.path, ex.billable_units)
+
+    async def _receive_body(self, receive: Receive) -> Message:
+        """The next body message, within the idle timeout (408); raises ClientGone."""
+        # uvicorn's receive() is its request cycle's method: when the whole body is in
+        # (the usual small JSON), it answers at once and the timer (~6 µs) is not needed.
+        cycle = getattr(receive, "__self__", None)
+        if cycle is not None and getattr(cycle, "more_body", True) is False:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            return message
+        idle = self.settings.idle_timeout
+        try:
+            async with asyncio.timeout(idle):
+                message = await receive()
+        except TimeoutError:
+            raise RequestTimeout(
+                "request body stalled", f"nothing received for {idle:g}s"
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        return message
+
+    async def _read_small_body(
+        self, receive: Receive, ex: Exchange, limit: int = 16 * 1024
+    ) -> bytes:
+        body, more = bytearray(), True
+        while more:
+            message = await self._receive_body(receive)
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                raise PayloadTooLarge(
+                    "request body too large", f"a token request is at most {limit} bytes"
+                )
+        ex.bytes_in = len(body)
+        return bytes(body)
+
+    async def _send_preflight(
+        self, send: Send, headers: list[tuple[bytes, bytes]], ex: Exchange
+    ) -> None:
+        ex.status, ex.kind = 204, "preflight"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 204,
+                "headers": [*headers, (b"x-proxy-request-id", ex.request_id.encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    async def _exchange(
+        self,
+        target: Target,
+        headers: list[tuple[str, str]],
+        receive: Receive,
+        send: Send,
+        ex: Exchange,
+        first: Message,
+        rewrite: Callable[[bytes], bytes | None] | None = None,
+    ) -> None:
+        assert self.session is not None, "the app's lifespan did not run"
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        watcher: asyncio.Task[None] | None = None
+
+        async def watch_disconnect() -> None:
+            # After the body, the only message left is http.disconnect: the client went away
+            # (or the response completed, which `response_done` tells apart).
+            message = await receive()
+            if message["type"] == "http.disconnect" and not ex.response_done:
+                ex.client_gone = True
+                task.cancel()
+
+        def start_watcher() -> None:
+            nonlocal watcher
+            if watcher is None:
+                watcher = loop.create_task(watch_disconnect())
+
+        body: bytes | AsyncIterator[bytes] | None
+        first_chunk = first.get("body", b"")
+        ex.bytes_in = len(first_chunk)
+        if ex.bytes_in > settings.max_body_bytes:
+            raise PayloadTooLarge("request body too large", f"over {settings.max_body_bytes} bytes")
+
+        upload: UploadDeadline | None = None
+        if first.get("more_body", False):
+            upload = UploadDeadline(
+                settings.idle_timeout, settings.first_byte_timeout, start_watcher
+            )
+            deadline = upload.timeout
+            body = stream_body(first_chunk, receive, ex, upload, settings.max_body_bytes)
+        else:
+            # The whole body is here already (the usual small JSON): no streaming needed.
+            body = first_chunk or None
+            deadline = asyncio.timeout(settings.first_byte_timeout)
+            start_watcher()
+
+        response: aiohttp.ClientResponse | None = None
+        try:
+            try:
+                async with deadline:
+                    response = await self.route.open(ex, target, headers, body)
+            except TimeoutError:
+                raise timeout_error(
+                    body_error=ex.body_error, body_phase=ex.body_phase,
+                    first_byte_expired=deadline.expired(), idle=settings.idle_timeout,
+                    first_byte=settings.first_byte_timeout, connect=settings.connect_timeout,
+                ) from None  # fmt: skip
+            except aiohttp.ClientError as exc:
+                raise client_error(
+                    exc, client_gone=ex.client_gone, body_error=ex.body_error,
+                    message="the gateway could not be reached",
+                ) from None  # fmt: skip
+            finally:
+                if upload is not None:
+                    upload.waiting_for_headers = False
+            if upload is not None and upload.body_sent:  # (else the body iterator starts it)
+                start_watcher()
+            if rewrite is not None:
+                await relay_rewritten(response, send, ex, settings.idle_timeout, rewrite)
+            else:
+                await relay_response(response, send, ex, settings.idle_timeout)
+        except asyncio.CancelledError:
+            if ex.client_gone:
+                task.uncancel()
+                raise ClientGone() from None
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if response is not None:
+                if ex.response_done:
+                    response.release()
+                else:
+                    response.close()  # drop the connection: the upstream sees the abort

@@ -1,0 +1,77 @@
+"""The request body on its way up, and the deadline that watches it.
+
+While a body streams, the exchange's deadline is the idle timeout, pushed back on every
+chunk that moves (client to proxy, or proxy to gateway); once the whole body is sent the
+first-byte clock starts, so a big upload is not cut short by it. When the deadline fires,
+``ex.body_phase`` tells who stalled (:func:`proxy.upstream.failures.timeout_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from starlette.types import Receive
+
+from ..errors import PayloadTooLarge
+from ..upstream.failures import ClientGone
+from .exchange import Exchange
+
+
+class UploadDeadline:
+    """The deadline for the response headers while a body streams up.
+
+    ``progress()`` is called as chunks move; ``progress(done=True)`` once the body is sent,
+    which also calls ``on_body_sent`` (the forwarder starts its disconnect watcher then).
+    """
+
+    def __init__(self, idle: float, first_byte: float, on_body_sent: Callable[[], None]) -> None:
+        self.timeout = asyncio.timeout(None)
+        self.idle, self.first_byte = idle, first_byte
+        self.on_body_sent = on_body_sent
+        self.waiting_for_headers = True  # False once the headers came (or the call failed)
+        self.body_sent = False
+        self._loop = asyncio.get_running_loop()
+
+    def progress(self, done: bool = False) -> None:
+        if self.waiting_for_headers:
+            wait = self.first_byte if done else self.idle
+            self.timeout.reschedule(self._loop.time() + wait)
+        if done:
+            self.body_sent = True
+            self.on_body_sent()
+
+
+async def stream_body(
+    first_chunk: bytes, receive: Receive, ex: Exchange, deadline: UploadDeadline, max_bytes: int
+) -> AsyncIterator[bytes]:
+    """Yield the request body as the client sends it, within ``max_bytes``.
+
+    Runs inside aiohttp's writer task. A failure is recorded on ``ex`` and raised: aiohttp
+    then drops the upstream connection without finishing the body, so the upstream never
+    takes a truncated body for a complete one.
+    """
+    deadline.progress()
+    if first_chunk:
+        ex.body_phase = "send"
+        yield first_chunk
+    more = True
+    while more:
+        deadline.progress()
+        ex.body_phase = "receive"
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            ex.client_gone = True
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        ex.bytes_in += len(chunk)
+        if ex.bytes_in > max_bytes:
+            ex.body_error = PayloadTooLarge("request body too large", f"over {max_bytes} bytes")
+            raise ex.body_error
+        if chunk:
+            deadline.progress()
+            ex.body_phase = "send"
+            yield chunk
+    ex.body_phase = None
+    deadline.progress(done=True)

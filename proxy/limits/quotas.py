@@ -1,0 +1,158 @@
+"""Quotas: how many generations a caller may start per calendar period. Pure.
+
+A quota is ``pattern=N/period``: at most N calls that can start a paid generation (runs,
+queue submits, streams, realtime tokens, sockets; see :func:`proxy.policy.targets.starts_generation`)
+per UTC hour, day, week or month, for the apps whose endpoint id matches ``pattern`` (a
+glob as in ``FAL_PROXY_ALLOWED_APPS``; ``*`` is every app). A call counts against every
+quota that matches it and is refused (429) when any of them is used up.
+
+Who gets which quotas:
+
+* ``FAL_PROXY_QUOTAS``: every caller without a plan, e.g. ``fal-ai/flux/*=50/day,*=500/month``;
+* ``FAL_PROXY_PLANS_FILE`` (TOML): named plans, and callers pinned to a plan::
+
+      [plans]
+      free = "fal-ai/flux/*=50/day, *=500/month"
+      pro = "*=5000/month"
+      unlimited = ""
+
+      [callers]
+      "user_8f14e45f" = "pro"
+
+* ``FAL_PROXY_JWT_PLAN_CLAIM``: with JWT callers, the claim naming the caller's plan
+  (the file's ``[callers]`` entry wins over the claim).
+
+Counts are kept per (pattern, period), not per plan, so a caller who moves from ``free``
+to ``pro`` keeps what they already used today and gets the new limit at once.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from ..policy.allowed_apps import NAMESPACES, endpoint_prefixes
+from .windows import PERIODS
+
+DEFAULT_PLAN = "default"  # the plan of callers with none: FAL_PROXY_QUOTAS
+_PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_PATTERN = re.compile(r"[A-Za-z0-9*?_.\-/\[\]!]+")
+
+
+@dataclass(frozen=True)
+class Quota:
+    pattern: str  # glob over endpoint ids; "*" = every app
+    limit: int  # generations per period; 0 = none at all
+    period: str  # hour | day | week | month
+
+    @property
+    def key(self) -> str:
+        """The counter's name: shared by every plan with the same pattern and period."""
+        return f"{self.period}:{self.pattern}"
+
+    def describe(self) -> str:
+        """``50 generations per day for fal-ai/flux/*``, as refusals and usage say it."""
+        apps = "" if self.pattern == "*" else f" for {self.pattern}"
+        return f"{self.limit} generations per {self.period}{apps}"
+
+    def applies(self, app: str | None, aliases: tuple[str, ...] = ()) -> bool:
+        """Does a call on endpoint ``app`` (or a realtime token for ``aliases``) count?
+
+        An endpoint id matches when it or a shorter prefix of it matches the pattern (as
+        allowed apps do: ``fal-ai/fast-sdxl`` covers ``fal-ai/fast-sdxl/stream``). A token
+        request names bare aliases: one matches the pattern's alias segment.
+        """
+        if self.pattern == "*":
+            return True
+        if app is not None and any(
+            fnmatchcase(candidate, self.pattern) for candidate in endpoint_prefixes(app)
+        ):
+            return True
+        if aliases:
+            parts = self.pattern.split("/")
+            alias = parts[2 if parts[0] in NAMESPACES else 1] if len(parts) > 1 else None
+            return alias is not None and any(fnmatchcase(a, alias) for a in aliases)
+        return False
+
+
+def parse_quotas(text: str, source: str) -> tuple[Quota, ...]:
+    """``fal-ai/flux/*=50/day, *=500/month`` → quotas; ValueError naming ``source``."""
+    quotas: list[Quota] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        pattern, equals, amount = item.rpartition("=")
+        limit_text, slash, period = amount.partition("/")
+        pattern, period = pattern.strip(), period.strip().lower()
+        if not equals or not slash or not _PATTERN.fullmatch(pattern):
+            raise ValueError(f"{source}: {item!r} is not like fal-ai/flux/*=50/day")
+        try:
+            limit = int(limit_text.strip())
+        except ValueError:
+            raise ValueError(f"{source}: {item!r}: the limit must be a whole number") from None
+        if limit < 0:
+            raise ValueError(f"{source}: {item!r}: the limit must be 0 or more")
+        if period not in PERIODS:
+            raise ValueError(f"{source}: {item!r}: the period must be one of {', '.join(PERIODS)}")
+        quota = Quota(pattern, limit, period)
+        if any(q.key == quota.key for q in quotas):
+            raise ValueError(f"{source}: {pattern} has two quotas per {period}")
+        quotas.append(quota)
+    return tuple(quotas)
+
+
+@dataclass(frozen=True)
+class Plans:
+    """Quotas by plan, and the plan of each caller listed by name."""
+
+    default: tuple[Quota, ...] = ()
+    plans: dict[str, tuple[Quota, ...]] = field(default_factory=dict)
+    callers: dict[str, str] = field(default_factory=dict)  # caller id → plan
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.default) or any(self.plans.values())
+
+    def plan_of(self, caller: str, claimed: str | None) -> str:
+        """The caller's plan: their ``[callers]`` entry, else the claimed plan if it exists,
+        else the default. (An unknown claimed plan gets the default quotas: see
+        :meth:`unknown`.)"""
+        listed = self.callers.get(caller)
+        if listed is not None:
+            return listed
+        if claimed is not None and claimed in self.plans:
+            return claimed
+        return DEFAULT_PLAN
+
+    def unknown(self, claimed: str | None) -> bool:
+        """A claimed plan this configuration does not define (worth a warning)."""
+        return claimed is not None and claimed not in self.plans
+
+    def quotas(self, plan: str) -> tuple[Quota, ...]:
+        return self.plans.get(plan, self.default)
+
+
+def parse_plans(text: str, source: str, default: tuple[Quota, ...]) -> Plans:
+    """A plans file (TOML, see the module's docstring); ValueError naming ``source``."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{source}: not valid TOML: {exc}") from None
+    unknown = set(data) - {"plans", "callers"}
+    if unknown:
+        raise ValueError(f"{source}: unknown table(s) {sorted(unknown)}; use [plans], [callers]")
+    plans: dict[str, tuple[Quota, ...]] = {}
+    for name, spec in dict(data.get("plans", {})).items():
+        if not _PLAN_NAME.fullmatch(name) or name == DEFAULT_PLAN:
+            raise ValueError(f"{source}: {name!r} is not a plan name (letters, digits, _.-)")
+        if not isinstance(spec, str):
+            raise ValueError(f"{source}: plan {name!r} must be a string like '*=500/month'")
+        plans[name] = parse_quotas(spec, f"{source} plan {name!r}")
+    callers: dict[str, str] = {}
+    for caller, plan in dict(data.get("callers", {})).items():
+        if not isinstance(plan, str) or plan not in plans:
+            raise ValueError(f"{source}: caller {caller!r} names no plan of [plans]")
+        callers[caller] = plan
+    return Plans(default=default, plans=plans, callers=callers)

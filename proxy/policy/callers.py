@@ -1,0 +1,225 @@
+"""Caller authentication: who is asking? (``FAL_PROXY_AUTH``)
+
+* ``none``: nobody is asked; limits then apply per client IP. Only sensible when the
+  proxy is reachable from loopback alone (the CLI warns otherwise).
+* ``token``: static bearer tokens from ``FAL_PROXY_CLIENT_TOKENS_FILE``, one
+  ``<caller-id> <token>`` per line, looked up by their SHA-256 digest in a dict: constant
+  time whatever the number of callers, and timing says nothing useful (the dict compares
+  digests, whose prefixes a caller cannot steer towards a stored token's).
+* ``jwt``: the app's own session JWT, verified with PyJWT: an HS256 secret, or RS256/ES256
+  public keys from a JWKS file or URL; expiry always required, issuer and audience when
+  configured; the caller id is a configured claim (default ``sub``).
+
+The credential travels in ``FAL_PROXY_AUTH_HEADER`` (default ``x-proxy-authorization``),
+as ``Bearer <credential>`` or bare, never in ``Authorization``: that one is fal's, and the
+proxy always drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from ..errors import Unauthorized
+
+
+class CallerAuth:
+    """Base: ``authenticate`` returns the caller id, or None when auth is off."""
+
+    header: bytes = b"x-proxy-authorization"
+
+    async def authenticate(self, credential: str | None) -> str | None:
+        return (await self.identify(credential))[0]
+
+    async def identify(self, credential: str | None) -> tuple[str | None, str | None]:
+        """(caller id, the plan the credential claims, if it can claim one)."""
+        return None, None
+
+
+class NoAuth(CallerAuth):
+    pass
+
+
+def _bearer(credential: str | None, header: bytes) -> str:
+    if not credential:
+        raise Unauthorized(
+            "caller credential missing",
+            f"send it in the {header.decode()} header",
+            reason="caller_missing",
+        )
+    value = credential.strip()
+    if value[:7].lower() == "bearer ":
+        value = value[7:].strip()
+    if not value:
+        raise Unauthorized(
+            "caller credential missing",
+            f"the {header.decode()} header is empty",
+            reason="caller_missing",
+        )
+    return value
+
+
+def load_tokens(text: str, source: str) -> list[tuple[bytes, str]]:
+    """Parse a tokens file: ``<caller-id> <token>`` per line, ``#`` comments. Raises ValueError."""
+    entries: list[tuple[bytes, str]] = []
+    seen: set[bytes] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{source} line {number}: expected '<caller-id> <token>'")
+        caller, token = parts
+        if len(token) < 16:
+            raise ValueError(f"{source} line {number}: tokens must be at least 16 characters")
+        digest = hashlib.sha256(token.encode()).digest()
+        if digest in seen:
+            raise ValueError(f"{source} line {number}: the same token is listed twice")
+        seen.add(digest)
+        entries.append((digest, caller))
+    if not entries:
+        raise ValueError(f"{source} holds no tokens")
+    return entries
+
+
+class TokenAuth(CallerAuth):
+    def __init__(self, entries: list[tuple[bytes, str]], header: str) -> None:
+        self.callers = dict(entries)  # SHA-256 digest → caller id
+        self.header = header.encode()
+
+    async def identify(self, credential: str | None) -> tuple[str | None, str | None]:
+        presented = hashlib.sha256(_bearer(credential, self.header).encode()).digest()
+        found = self.callers.get(presented)
+        if found is None:
+            raise Unauthorized(
+                "caller token not accepted",
+                "the token is not in FAL_PROXY_CLIENT_TOKENS_FILE",
+                reason="caller_refused",
+            )
+        return found, None
+
+
+@dataclass(frozen=True)
+class JwtConfig:
+    secret: str | None = None
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    caller_claim: str = "sub"
+    plan_claim: str | None = None  # FAL_PROXY_JWT_PLAN_CLAIM
+    leeway: float = 30.0
+
+
+class JwtAuth(CallerAuth):
+    def __init__(self, config: JwtConfig, header: str) -> None:
+        self.config = config
+        self.header = header.encode()
+        self._jwks: jwt.PyJWKSet | None = None
+        self._client: jwt.PyJWKClient | None = None
+        if config.secret is not None:
+            self.algorithms = ["HS256"]
+        else:
+            self.algorithms = ["RS256", "ES256"]
+            if config.jwks_file is not None:
+                self._jwks = jwt.PyJWKSet.from_json(
+                    Path(config.jwks_file).read_text(encoding="utf-8")
+                )
+            else:
+                # Keys are fetched on first use and cached; an unknown kid refreshes them.
+                self._client = jwt.PyJWKClient(
+                    config.jwks_url or "", cache_keys=True, lifespan=300, timeout=5
+                )
+
+    async def _key(self, token: str) -> tuple[Any, list[str]]:
+        """The key to verify ``token`` with, and the one algorithm that key may verify.
+
+        A JWKS key verifies only its own algorithm (RSA: RS256, EC: ES256), whatever the
+        token's header claims: an ``ES256`` header naming an RSA key's ``kid`` is refused,
+        not handed to the wrong verifier (which raised ``TypeError``).
+        """
+        if self.config.secret is not None:
+            return self.config.secret, self.algorithms
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+        except jwt.PyJWTError:
+            raise Unauthorized(
+                "caller token not accepted", "not a JWT", reason="caller_refused"
+            ) from None
+        jwk: jwt.PyJWK | None = None
+        if self._jwks is not None:
+            jwk = next((k for k in self._jwks.keys if kid is None or k.key_id == kid), None)
+            if jwk is None:
+                raise Unauthorized(
+                    "caller token not accepted",
+                    "no key in the JWKS matches its kid",
+                    reason="caller_refused",
+                )
+        else:
+            assert self._client is not None
+            try:  # PyJWKClient fetches with blocking I/O: keep it off the event loop
+                jwk = await asyncio.to_thread(self._client.get_signing_key_from_jwt, token)
+            except jwt.PyJWKClientError as exc:
+                raise Unauthorized(
+                    "caller token not accepted",
+                    f"signing key unavailable: {exc}",
+                    reason="caller_refused",
+                ) from None
+        algorithm = jwk.algorithm_name
+        if algorithm not in self.algorithms:
+            raise Unauthorized(
+                "caller token not accepted",
+                f"the JWKS key is for {algorithm}, not RS256/ES256",
+                reason="caller_refused",
+            )
+        return jwk.key, [algorithm]
+
+    async def identify(self, credential: str | None) -> tuple[str | None, str | None]:
+        token = _bearer(credential, self.header)
+        key, algorithms = await self._key(token)
+        config = self.config
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=algorithms,
+                audience=config.audience,
+                issuer=config.issuer,
+                leeway=config.leeway,
+                options={
+                    "require": [
+                        "exp",
+                        *(["iss"] if config.issuer else []),
+                        *(["aud"] if config.audience else []),
+                    ]
+                },
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized(
+                "caller token expired", "get a fresh session token", reason="caller_refused"
+            ) from None
+        except jwt.PyJWTError as exc:
+            # PyJWT's messages name the failed check (audience, issuer, signature), never the token.
+            raise Unauthorized(
+                "caller token not accepted", str(exc), reason="caller_refused"
+            ) from None
+        except (TypeError, ValueError, RecursionError):
+            # Whatever else a hostile token makes the decoder trip on is still a bad token.
+            raise Unauthorized(
+                "caller token not accepted", "not a valid JWT", reason="caller_refused"
+            ) from None
+        caller = claims.get(config.caller_claim)
+        if not isinstance(caller, (str, int)) or caller == "":
+            raise Unauthorized(
+                "caller token not accepted",
+                f"the token has no '{config.caller_claim}' claim",
+                reason="caller_refused",
+            )
+        plan = claims.get(config.plan_claim) if config.plan_claim else None
+        return str(caller), plan if isinstance(plan, str) else None
