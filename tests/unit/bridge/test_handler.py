@@ -1,6 +1,6 @@
 """The WebSocket bridge driven as an ASGI callable, in process, with hand-written receive and send.
 
-As Starlette's own tests do (and ``test_forward_inprocess.py`` for the forwarder): for the
+As Starlette's own tests do (and ``forward/test_handler.py`` for the forwarder): for the
 paths awkward through a subprocess (a client gone during the upstream handshake, each
 refusal's exact shape, each close code both ways, a cancellation by the server). The
 upstream is a ``websockets`` server on loopback, scripted per test, or a closed port.

@@ -115,7 +115,7 @@ def test_bad_settings_name_the_variable(env: dict[str, str], variable: str) -> N
 
 def _readme_rows() -> dict[str, str]:
     """Variable → its Default cell, from every ``| `NAME` … | default | meaning |`` row."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text(encoding="utf-8")
     rows: dict[str, str] = {}
     for line in readme.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from proxy.forward.handler import Forwarder
 
 from proxy.admission import Admission
 from proxy.config.settings import Settings
+from proxy.forward.handler import Forwarder
 from proxy.observe.metrics import Metrics
 from proxy.upstream.session import create_session
 

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from proxy.policy.python_port import MAX_REWRITTEN_BYTES, PythonSdkListener
-from tests.unit.test_forward_inprocess import Client, forwarder, scope, serving, settings
+from tests.unit.forward.test_handler import Client, forwarder, scope, serving, settings
 
 pytestmark = pytest.mark.anyio
 ORIGIN = "https://127.0.0.1:8443"
