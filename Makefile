@@ -83,5 +83,12 @@ bench-callers: install
 soak: install
 	$(PY) bench/soak.py $(SOAK_ARGS)
 
+# docs/configuration.md, written from the settings' declarations in proxy/config/ (a unit
+# test fails when it is stale). Through a temporary file, so a failure leaves the old one.
+.PHONY: docs
+docs: install
+	$(PY) -m proxy.config.reference > docs/configuration.md.tmp
+	mv docs/configuration.md.tmp docs/configuration.md
+
 clean:
 	rm -rf $(VENV) $(SDK_DIR)/node_modules .pytest_cache build *.egg-info
