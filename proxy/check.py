@@ -11,7 +11,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .config.envvars import Secret
 from .config.settings import Settings
-from .policy.headers import InjectedHeaders
 
 
 def _shown(name: str, value: Any) -> str:
@@ -57,7 +56,7 @@ def probe(settings: Settings) -> list[tuple[bool, str]]:
     import httpx
 
     results: list[tuple[bool, str]] = [(True, f"credentials: {describe_mode(settings)}")]
-    injected = InjectedHeaders.from_settings(settings)
+    injected = settings.injected_headers()
     # The status of a request that does not exist: it goes through the gateway's auth and the
     # credential mode to fal, which answers 404 when it accepted the key. Nothing is run.
     headers = {"x-fal-client-proxy": injected.client_proxy, "x-fal-target-url": PROBE_TARGET}

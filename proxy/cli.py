@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return print_python_env(settings, export=args.export)
     try:
         return serve(settings, settings.workers)
-    except SettingsError as exc:  # the Python client's TLS port could not get its certificate
+    except SettingsError as exc:  # no certificate for the TLS port, or an unsupported uvicorn
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -222,7 +222,9 @@ def serve(settings: Settings, workers: int = 1) -> int:
     processes listening on one port (SO_REUSEPORT: the kernel spreads connections evenly),
     under uvicorn's supervisor, which replaces a worker that dies (:class:`Supervisor`)."""
     from .observe.logs import configure_logging, get_logger
+    from .serve.uvicorn_internals import check_uvicorn
 
+    check_uvicorn()  # before any worker starts: one line, exit 2
     configure_logging(settings.log_format, settings.log_level)
     log = get_logger("proxy")
     raise_open_files_limit(log)  # the workers inherit the raised limit

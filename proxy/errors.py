@@ -1,5 +1,7 @@
 """Errors the proxy answers itself, and the one JSON shape they take.
 
+May import: nothing (every layer raises these).
+
     ProxyError                 status + message + detail
     ├── BadRequest        400  malformed target URL or path, missing header
     ├── Unauthorized      401  the caller did not prove who it is (FAL_PROXY_AUTH)
@@ -29,7 +31,12 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .limits.quotas import Quota
+    pass
+
+
+class ClientGone(Exception):
+    """The client disconnected (a send failed, or the server said so): nothing more can be
+    sent to it. Not an answer: the call's line records ``client_gone``."""
 
 
 class ProxyError(Exception):
@@ -130,7 +137,7 @@ class MisdirectedRequest(ProxyError):
 
 
 class RateLimited(_RetryLater):
-    """A limit in :mod:`proxy.limits.memory` was reached; ``retry_after`` feeds the Retry-After header."""
+    """A limit in :mod:`proxy.limits` was reached; ``retry_after`` feeds the Retry-After header."""
 
     status = 429
     reason = "rate_limited"
@@ -145,16 +152,14 @@ class QuotaExceeded(RateLimited):
 
     reason = "quota_exceeded"
 
-    def __init__(self, quota: Quota, resets_at: str, *, retry_after: int) -> None:
-        super().__init__(
-            "quota exceeded", f"{quota.describe()}; resets at {resets_at}", retry_after=retry_after
-        )
-        self.quota = {
-            "apps": quota.pattern,
-            "limit": quota.limit,
-            "period": quota.period,
-            "resets_at": resets_at,
-        }
+    def __init__(
+        self, *, apps: str, limit: int, period: str, described: str, resets_at: str,
+        retry_after: int,
+    ) -> None:  # fmt: skip
+        # Plain fields, not the quota itself: the error vocabulary imports nothing of ours.
+        super().__init__("quota exceeded", f"{described}; resets at {resets_at}",
+                         retry_after=retry_after)  # fmt: skip
+        self.quota = {"apps": apps, "limit": limit, "period": period, "resets_at": resets_at}
 
     def body(self) -> bytes:
         return json.dumps(

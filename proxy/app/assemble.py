@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,11 +18,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive
 
 from ..admission import Admission
 from ..bridge.handler import Bridge
-from ..config.settings import RESERVED_PATHS, Settings
+from ..config.settings import Settings
 from ..errors import NotFound
 from ..forward.handler import Forwarder
 from ..observe.logs import get_logger
@@ -31,13 +31,18 @@ from ..observe.redaction import register_header_names, register_secret
 from ..policy.headers import InjectedHeaders
 from ..policy.python_port import PythonSdkListener
 from ..upstream.breaker import Breaker
+from ..upstream.route import UpstreamRoute
 from ..upstream.session import create_session
+from .routing import PortApp, ProxyApp
 from .secrets_reload import watch_secret_files
 from .usage_routes import CallerUsage, any_caller_usage
 
 
-def create_app(settings: Settings) -> ProxyApp:
-    """Build the proxy's ASGI app for ``settings``."""
+def create_app(
+    settings: Settings, *, body_in_hand: Callable[[Receive], bool] | None = None
+) -> ProxyApp:
+    """Build the proxy's ASGI app for ``settings``. ``body_in_hand``: the server's word on
+    whether a request's whole body has arrived (:attr:`Forwarder.body_in_hand`)."""
     register_secret(
         settings.fal_key.reveal() if settings.fal_key is not None else None,
         settings.cf_aig_token.reveal() if settings.cf_aig_token else None,
@@ -50,9 +55,19 @@ def create_app(settings: Settings) -> ProxyApp:
     register_header_names([settings.access.auth_header])
     admission = Admission(settings)
     metrics = Metrics()
-    forwarder = Forwarder(settings, admission, metrics)
-    bridge = Bridge(settings, admission, metrics)
-    forwarder.route.breaker = bridge.breaker = fallback_breaker(settings, metrics)
+    route = UpstreamRoute(settings)  # one session and one breaker for every port
+    route.breaker = fallback_breaker(settings, metrics)
+    python_port = settings.python_sdk.port
+    # The Python client's TLS port gets its own transports, configured once for it.
+    python = PythonSdkListener(settings.python_sdk.origin) if python_port is not None else None
+    ports = [None, python] if python is not None else [None]
+    forwarders = [Forwarder(settings, admission, metrics, route, python=p) for p in ports]
+    for forwarder in forwarders:
+        if body_in_hand is not None:
+            forwarder.body_in_hand = body_in_hand
+    bridges = [Bridge(settings, admission, metrics, python=p) for p in ports]
+    for bridge in bridges:
+        bridge.breaker = route.breaker
     draining = asyncio.Event()
     log = get_logger("proxy")
 
@@ -60,20 +75,23 @@ def create_app(settings: Settings) -> ProxyApp:
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         warn_about_open_settings(settings, log)
         await admission.limiter.start()
-        forwarder.session = create_session(settings)
+        route.session = create_session(settings)
         reloader = asyncio.ensure_future(watch_secret_files(settings, install_headers))
         try:
             yield
         finally:
             reloader.cancel()
-            await forwarder.session.close()
-            forwarder.session = None
+            await route.session.close()
+            route.session = None
             await admission.limiter.close()
 
     def install_headers(injected: InjectedHeaders) -> None:
         register_secret(injected.authorization, injected.cf_aig_authorization)  # before first use
-        forwarder.injected = injected  # one assignment each: requests in flight keep theirs
-        bridge.injected = injected
+        # One assignment each: calls in flight keep the headers they started with.
+        for forwarder in forwarders:
+            forwarder.injected = injected
+        for bridge in bridges:
+            bridge.injected = injected
 
     async def readyz(_request: Request) -> JSONResponse:
         # Ready: configuration loaded (we are running), upstream client open, Redis reachable
@@ -81,7 +99,7 @@ def create_app(settings: Settings) -> ProxyApp:
         problems = []
         if draining.is_set():
             problems.append("draining")
-        if forwarder.session is None or forwarder.session.closed:
+        if route.session is None or route.session.closed:
             problems.append("upstream client not ready")
         if not await admission.limiter.ready():
             problems.append("rate-limit store (Redis) unreachable")
@@ -121,14 +139,15 @@ def create_app(settings: Settings) -> ProxyApp:
         lifespan=lifespan,
     )
 
-    python = settings.python_sdk
-    return ProxyApp(
-        forwarder, bridge, starlette, draining,
-        usage=(settings.access.usage_route, CallerUsage(admission)),
-        admin=(settings.metrics_port, admin) if settings.metrics_port is not None else None,
-        python_sdk=(python.port, PythonSdkListener(python.origin))
-        if python.port is not None else None,
-    )  # fmt: skip
+    usage_route = settings.access.usage_route
+    main = PortApp(forwarders[0], bridges[0], starlette, usage_route, CallerUsage(admission))
+    apps: dict[int, ASGIApp] = {}
+    if settings.metrics_port is not None:  # the operator's port: /metrics, /usage/<caller>
+        apps[settings.metrics_port] = admin
+    if python is not None and python_port is not None:  # fal's Python client: fal routes only
+        apps[python_port] = PortApp(forwarders[1], bridges[1], starlette, usage_route,
+                                    CallerUsage(admission, python))  # fmt: skip
+    return ProxyApp(main, apps, starlette, bridges, draining)
 
 
 def fallback_breaker(settings: Settings, metrics: Metrics) -> Breaker | None:
@@ -153,60 +172,6 @@ def fallback_breaker(settings: Settings, metrics: Metrics) -> Breaker | None:
 
     return Breaker(gateway.fallback_failures, gateway.fallback_window,
                    gateway.fallback_seconds, on_change=changed)  # fmt: skip
-
-
-class ProxyApp:
-    """The proxy's ASGI app: forwarded HTTP, bridged WebSockets, Starlette for the rest.
-
-    ``bridge`` and ``draining`` are the server's handles for shutdown: the CLI closes every
-    bridged socket with 1001 and sets ``draining`` (``/readyz`` then answers 503).
-    """
-
-    def __init__(self, forwarder: Forwarder, bridge: Bridge, starlette: Starlette,
-                 draining: asyncio.Event, *, usage: tuple[str, CallerUsage] | None = None,
-                 admin: tuple[int, ASGIApp] | None = None,
-                 python_sdk: tuple[int, PythonSdkListener] | None = None) -> None:  # fmt: skip
-        self.forwarder = forwarder
-        self.bridge = bridge
-        self.starlette = starlette
-        self.draining = draining
-        # A caller's own usage, on the public port.
-        self.usage_route: str | None = usage[0] if usage else None
-        self.usage: CallerUsage | None = usage[1] if usage else None
-        # FAL_PROXY_METRICS_PORT (the server's second socket): /metrics, /usage/<caller>.
-        self.admin_port: int | None = admin[0] if admin else None
-        self.admin: ASGIApp | None = admin[1] if admin else None
-        # FAL_PROXY_PYTHON_SDK_PORT (the TLS socket): fal's Python client, fal routes only.
-        self.python_port: int | None = python_sdk[0] if python_sdk else None
-        self.python: PythonSdkListener | None = python_sdk[1] if python_sdk else None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        port = _local_port(scope) if kind != "lifespan" else None
-        if self.admin is not None and port == self.admin_port:
-            await self.admin(scope, receive, send)
-        elif self.python is not None and port == self.python_port and kind != "lifespan":
-            if scope["path"] in RESERVED_PATHS:
-                await self.starlette(scope, receive, send)  # as on the main port
-            elif kind == "http" and scope["path"] == self.usage_route and self.usage is not None:
-                await self.usage(scope, receive, send, self.python)
-            elif kind == "http":
-                await self.forwarder(scope, receive, send, self.python)
-            else:
-                await self.bridge(scope, receive, send, self.python)
-        elif kind == "http" and scope["path"] == self.usage_route and self.usage is not None:
-            await self.usage(scope, receive, send)
-        elif kind == "http" and scope["path"] not in RESERVED_PATHS:
-            await self.forwarder(scope, receive, send)
-        elif kind == "websocket" and scope["path"] not in RESERVED_PATHS:
-            await self.bridge(scope, receive, send)
-        else:
-            await self.starlette(scope, receive, send)
-
-
-def _local_port(scope: Scope) -> int | None:
-    server = scope.get("server")
-    return server[1] if server else None
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")

@@ -56,5 +56,5 @@ async def watch_secret_files(settings: Settings, install: Callable[[InjectedHead
                 changes[name] = Secret(value)
         if changes:
             current = dataclasses.replace(current, **changes)
-            install(InjectedHeaders.from_settings(current))
+            install(current.injected_headers())
             log.info("secret_reloaded", secrets=sorted(changes))  # names only, never values

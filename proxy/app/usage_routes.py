@@ -21,10 +21,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from ..admission import Admission, Admitted, RequestHeaders
+from ..admission import Admission, Admitted
 from ..errors import ProxyError
-from ..forward.exchange import new_request_id
 from ..observe.logs import get_logger
+from ..observe.request_ids import new_request_id
 from ..policy.origins import cors_headers
 from ..policy.python_port import PythonSdkListener
 
@@ -36,20 +36,15 @@ _ALLOWED = "GET, HEAD"
 class CallerUsage:
     """The public route: a pure-ASGI handler, like the forwarder."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, python: PythonSdkListener | None = None) -> None:
+        """``python``: the route on the Python client's TLS port (its credential: ``Key``)."""
         self.admission = admission
+        self.read_headers = admission.header_reader(python)
 
-    async def __call__(
-        self, scope: Scope, receive: Receive, send: Send, python: PythonSdkListener | None = None
-    ) -> None:
-        """``python``: asked on the Python client's TLS port (its credential: ``Key``)."""
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         admission, started = self.admission, time.perf_counter()
         request_id = new_request_id()
-        seen = (
-            python.read_headers(scope)
-            if python is not None
-            else RequestHeaders.read(scope["headers"], admission.auth_header)
-        )
+        seen = self.read_headers(scope)
         method: str = scope["method"]
         fields: dict[str, object] = {"request_id": request_id, "method": method}
         cors: list[tuple[bytes, bytes]] = []

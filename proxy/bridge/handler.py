@@ -41,16 +41,16 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection
 
-from ..admission import Admission, Admitted, RequestHeaders
+from ..admission import Admission, Admitted
 from ..config.settings import Settings
-from ..errors import ProxyError, ShuttingDown
-from ..forward.exchange import new_request_id
+from ..errors import ClientGone, ProxyError, ShuttingDown
 from ..observe.logs import get_logger
 from ..observe.metrics import Metrics
-from ..policy.headers import InjectedHeaders
+from ..phases import Transport
 from ..policy.python_port import PythonSdkListener
-from ..upstream.breaker import GATEWAY, Breaker, gateway_failed
-from .pump import INTERNAL, SHUTDOWN, ClientGone, Pump, Session, client_sender
+from ..upstream.breaker import Breaker, gateway_failed
+from ..upstream.route import via_breaker
+from .pump import INTERNAL, SHUTDOWN, Pump, Session, client_sender
 from .upstream import (
     NotConnected,
     UpstreamRefused,
@@ -63,91 +63,78 @@ from .upstream import (
 )
 
 
-class Bridge:
-    """The ASGI app for every bridged socket. ``injected`` is replaced when the keys rotate;
+class Bridge(Transport[Session]):
+    """The ASGI app for every bridged socket on one port (built once per port: the main one,
+    and the Python client's TLS port with ``python``, whose caller credential is
+    fal-client's ``Authorization: Key``). ``injected`` is replaced when the keys rotate;
     ``sessions`` are the open ones, for :meth:`close_all` at shutdown."""
 
-    def __init__(self, settings: Settings, admission: Admission, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, admission: Admission, metrics: Metrics, *,
+        python: PythonSdkListener | None = None,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.admission = admission
         self.metrics = metrics
-        self.injected = InjectedHeaders.from_settings(settings)
+        self.injected = settings.injected_headers()
         self.gateway_ws = gateway_ws_url(settings.gateway_url)
         self.breaker: Breaker | None = None  # FAL_PROXY_FALLBACK=direct (set by the app)
         self.sessions: set[Session] = set()
+        self.read_headers = admission.header_reader(python)
         self.log = get_logger("proxy.websocket")
 
-    async def __call__(
-        self, scope: Scope, receive: Receive, send: Send, python: PythonSdkListener | None = None
-    ) -> None:
-        """Bridge one socket; ``python``: it came in on the Python client's TLS port, whose
-        caller credential is fal-client's ``Authorization: Key``."""
-        session = Session(new_request_id(), scope["path"])
+    def open(self, scope: Scope) -> Session:
+        return Session(scope["path"])
+
+    async def proxy(self, session: Session, scope: Scope, receive: Receive, send: Send) -> None:
+        """request_filter (the handshake, admission) → upstream_peer (the upstream handshake,
+        the breaker's way) → frames both ways."""
         session.client_send = send = client_sender(send)  # OSError on a send: ClientGone
-        lease = None
+        if (await receive())["type"] != "websocket.connect":
+            return
+        seen = self.read_headers(scope)
+        offered: list[str] = list(scope.get("subprotocols") or [])
+        if seen.credential is None:  # browsers: the caller credential as a sub-protocol
+            seen.credential = caller_from_subprotocols(offered)
+        query = without_token(scope["query_string"].decode("latin-1"))
+        admitted = Admitted()
         try:
-            if (await receive())["type"] != "websocket.connect":
-                return
-            seen = (
-                python.read_headers(scope)
-                if python is not None
-                else RequestHeaders.read(scope["headers"], self.admission.auth_header)
-            )
-            offered: list[str] = list(scope.get("subprotocols") or [])
-            if seen.credential is None:  # browsers: the caller credential as a sub-protocol
-                seen.credential = caller_from_subprotocols(offered)
-            query = without_token(scope["query_string"].decode("latin-1"))
-            admitted = Admitted()
             try:
-                try:
-                    await self.admission.admit(scope, seen, admitted, method="GET", query=query,
-                                               target_header=None, websocket=True)  # fmt: skip
-                finally:
-                    session.caller = admitted.caller
-                target = admitted.target
-                assert target is not None
-                lease = await self.admission.take_slot(admitted, "GET", websocket=True)
-                session.metadata = self.admission.metadata(
-                    admitted, session.request_id, websocket=True
-                )
-                # A session is a generation (quotas count it); labelled by the admitting
-                # pattern, as the forwarder's requests are before fal has answered.
-                pattern = admitted.app
-                self.metrics.observe_generation(
-                    pattern if pattern not in (None, "*") else "other", 0.0
-                )
-            except ProxyError as exc:
-                # Answered inside the outer try: a send that fails on the way is handled like
-                # any other failure below.
-                session.error = exc.reason
-                await self._refuse(scope, send, session, exc)
-                return
-            await self._bridge(scope, receive, send, session, target.path, query, offered)
-        except ClientGone:
-            session.error = "client_gone"
-        except asyncio.CancelledError:
-            # The server cancelled the session: the drain deadline (FAL_PROXY_DRAIN_SECONDS)
-            # passed with it still open. As the forwarder does: record the cut and end the task
-            # quietly (re-raised, uvicorn would log "Exception in ASGI application" with a
-            # traceback), telling the client if it can still be told. The upstream was closed
-            # on the way out (Pump.run, _bridge, _connect), the slot is released below.
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            session.error = ShuttingDown.reason
-            await self._last_word(scope, session, ShuttingDown(SHUTDOWN[1], "retry the request"),
-                                  SHUTDOWN)  # fmt: skip
-        except Exception:
-            # A bug, not hostile input we know: logged here (uvicorn would print "Exception in
-            # ASGI application"), and the client refused (500) or closed with 1011.
-            session.error = "internal"
-            self.log.exception("internal_error", request_id=session.request_id)
-            internal = ProxyError(INTERNAL[1], f"request id {session.request_id}")
-            await self._last_word(scope, session, internal, INTERNAL)
-        finally:
-            if lease is not None:
-                await lease.release()
-            self._log(session)
+                await self.admission.admit(scope, seen, admitted, method="GET", query=query,
+                                           target_header=None, websocket=True)  # fmt: skip
+            finally:
+                session.caller = admitted.caller
+            target = admitted.target
+            assert target is not None
+            session.lease = await self.admission.take_slot(admitted, "GET", websocket=True)
+            session.metadata = self.admission.metadata(admitted, session.request_id, websocket=True)
+            # A session is a generation (quotas count it); labelled by the admitting
+            # pattern, as the forwarder's requests are before fal has answered.
+            pattern = admitted.app
+            self.metrics.observe_generation(pattern if pattern not in (None, "*") else "other", 0.0)
+        except ProxyError as exc:
+            # A refusal: the handshake answered with its status (a send that fails on the
+            # way is handled like any other failure).
+            session.error = exc.reason
+            await self._refuse(scope, send, session, exc)
+            return
+        await self._bridge(scope, receive, send, session, target.path, query, offered)
+
+    async def fail(
+        self, session: Session, scope: Scope, send: Send, error: ProxyError,
+        bug: BaseException | None,
+    ) -> None:  # fmt: skip
+        # The upstream was closed on the way out (Pump.run, _bridge, _connect).
+        close = SHUTDOWN if isinstance(error, ShuttingDown) else INTERNAL
+        await self._last_word(scope, session, error, close)
+
+    def logging(self, session: Session) -> None:
+        if session.error is not None:
+            self.metrics.refusals.labels(session.error).inc()
+        self.metrics.requests.labels("websocket", "ws", "none").inc()
+        self.metrics.bytes.labels("in").inc(session.bytes_in)
+        self.metrics.bytes.labels("out").inc(session.bytes_out)
+        self.log.info("websocket", **session.log_fields())
 
     async def _bridge(
         self,
@@ -241,7 +228,6 @@ class Bridge:
         # nothing of the gateway: it neither asks the breaker nor reports to it.
         if self.settings.realtime_direct and path.endswith("/realtime"):
             breaker = None
-        ticket = breaker.route() if breaker is not None else GATEWAY
 
         def open_socket(bypass: bool) -> Awaitable[ClientConnection]:
             if bypass:
@@ -251,21 +237,17 @@ class Bridge:
                 settings=self.settings, metadata=session.metadata, bypass=bypass,
             )  # fmt: skip
 
-        if breaker is None or ticket.direct:
-            return await open_socket(ticket.direct)
-        verdict: bool | None = None
-        try:
-            upstream = await open_socket(False)
-            verdict = True
-            return upstream
-        except UpstreamRefused as exc:
-            verdict = not gateway_failed(exc.upstream_status, exc.upstream_headers)
-            raise
-        except NotConnected:
-            verdict = False
-            return await open_socket(True)
-        finally:
-            breaker.report(ticket, verdict)
+        def judge_error(exc: BaseException) -> tuple[bool | None, bool]:
+            if isinstance(exc, UpstreamRefused):  # the gateway answered: did it fail?
+                return not gateway_failed(exc.upstream_status, exc.upstream_headers), False
+            if isinstance(exc, NotConnected):  # never reached it: straight to fal instead
+                return False, True
+            return None, False
+
+        return await via_breaker(
+            breaker, lambda: open_socket(False), lambda: open_socket(True),
+            judge=lambda _upstream: True, judge_error=judge_error,
+        )  # fmt: skip
 
     async def _refuse(self, scope: Scope, send: Send, session: Session, exc: ProxyError) -> None:
         session.answered = True
@@ -298,14 +280,6 @@ class Bridge:
                 await session.upstream.close(code, reason)
 
         await asyncio.gather(*(close(s) for s in list(self.sessions)), return_exceptions=True)
-
-    def _log(self, session: Session) -> None:
-        if session.error is not None:
-            self.metrics.refusals.labels(session.error).inc()
-        self.metrics.requests.labels("websocket", "ws", "none").inc()
-        self.metrics.bytes.labels("in").inc(session.bytes_in)
-        self.metrics.bytes.labels("out").inc(session.bytes_out)
-        self.log.info("websocket", **session.log_fields())
 
 
 GOING_AWAY = 1001, ""

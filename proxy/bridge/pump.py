@@ -19,18 +19,18 @@ from starlette.types import Message, Receive, Send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from ..errors import ClientGone
+from ..phases import Call
+
 SHUTDOWN = 1001, "proxy shutting down"
 INTERNAL = 1011, "internal proxy error"
 GONE = 1001, "client gone"
 
 
-class ClientGone(Exception):
-    """A send to the client failed with OSError, the ASGI spec's "the client is gone" (uvicorn
-    raises ClientDisconnected, an OSError)."""
-
-
 def client_sender(send: Send) -> Send:
-    """``send`` raising :class:`ClientGone` where the server says the client is gone."""
+    """``send`` raising :class:`~proxy.errors.ClientGone` where the server says the client is
+    gone: a send that fails with OSError, the ASGI spec's way (uvicorn raises
+    ClientDisconnected, an OSError)."""
 
     async def send_to_client(message: Message) -> None:
         try:
@@ -41,7 +41,7 @@ def client_sender(send: Send) -> Send:
     return send_to_client
 
 
-class Session:
+class Session(Call):
     """One bridged socket: counters for its canonical log line, and what closes it.
 
     ``answered``: the client's handshake was answered (an accept or a refusal was sent, or
@@ -53,31 +53,24 @@ class Session:
         "answered",
         "bytes_in",
         "bytes_out",
-        "caller",
         "client_close",
         "client_send",
         "close_sent",
-        "error",
         "frames_in",
         "frames_out",
         "metadata",
         "path",
-        "request_id",
-        "started",
         "upstream",
         "upstream_close",
-        "via",
     )
 
-    def __init__(self, request_id: str, path: str) -> None:
-        self.request_id, self.path, self.started = request_id, path, time.perf_counter()
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
         self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
         self.client_close: int | None = None
         self.upstream_close: int | None = None
-        self.error: str | None = None
-        self.caller: str | None = None
         self.metadata: str | None = None  # cf-aig-metadata for the upstream handshake
-        self.via: str | None = None  # "direct": straight to fal (FAL_PROXY_FALLBACK)
         self.upstream: ClientConnection | None = None
         self.client_send: Send | None = None
         self.answered = self.accepted = self.close_sent = False

@@ -25,10 +25,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..policy.python_port import QUEUE_PREFIX
 from .envvars import Doc, SettingsError, _get, _int, declared, read_fields
 from .tls_certs import TlsFiles, default_state_dir, ensure_certificates
 
-QUEUE_PREFIX = "/queue.fal.run"  # FAL_QUEUE_RUN_HOST=<name>:<port>/queue.fal.run
 FAL_KEY_PLACEHOLDER = "not-a-fal-key:the-proxy-holds-it"
 _WILDCARDS = ("0.0.0.0", "::", "")
 _DNS_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"

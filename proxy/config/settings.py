@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ..policy.headers import InjectedHeaders
 from .access import AccessSettings
 from .envvars import (
     Doc,
@@ -187,6 +188,16 @@ class Settings:
         *documented(PythonSdkSettings),
         factory=PythonSdkSettings,
     )
+
+    def injected_headers(self) -> InjectedHeaders:
+        """The headers the proxy adds upstream: the fal key, the gateway token, the gateway
+        controls of the credential mode (built again when a key file changes)."""
+        return InjectedHeaders.build(
+            fal_key=self.fal_key.reveal() if self.fal_key is not None else None,
+            cf_aig_token=self.cf_aig_token.reveal() if self.cf_aig_token is not None else None,
+            caller_header=self.access.auth_header,
+            controls=self.gateway.controls(),
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:

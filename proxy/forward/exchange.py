@@ -1,48 +1,34 @@
 """One forwarded request's state, and the fields of its canonical log line.
 
-The forwarder (:mod:`proxy.forward.handler`), the upload (:mod:`proxy.forward.upload`) and the response
-relay (:mod:`proxy.forward.relay`) each write what they learn here; :meth:`Exchange.log_fields`
-turns it into the one line per request.
+The forwarder (:mod:`proxy.forward.handler`), the upload (:mod:`proxy.forward.upload`) and
+the response relay (:mod:`proxy.forward.relay`) each write what they learn here;
+:meth:`Exchange.log_fields` turns it into the one line per request.
 """
 
 from __future__ import annotations
 
 import time
-from random import getrandbits
 from typing import Any
 
 from ..admission import Admitted
 from ..errors import ProxyError
 from ..observe.logs import redact_query
+from ..phases import Call
 from ..policy.origins import cors_headers
 
 
-def new_request_id() -> str:
-    """16 hex digits, as ``os.urandom(8).hex()`` was, without its getrandom() syscall per call
-    (1.5 % of a small request's CPU). The id only tells requests apart (log lines,
-    ``x-proxy-request-id``, the gateway's ``cf-aig-event-id``); nothing relies on it being
-    unguessable. ``random`` seeds itself from ``os.urandom`` in each process (and again in a
-    forked child), so workers and replicas do not share a sequence.
-    """
-    return f"{getrandbits(64):016x}"
-
-
-class Exchange:
-    """Per-request state, and the fields of the request's canonical log line."""
+class Exchange(Call):
+    """One forwarded request's state, and the fields of its canonical log line."""
 
     __slots__ = (
-        "app",
         "billable_units",
         "body_error",
         "body_phase",
         "bytes_in",
         "bytes_out",
-        "caller",
         "cf_aig_log_id",
         "client_gone",
-        "client_ip",
         "cors",
-        "error",
         "fal_request_id",
         "gateway_error",
         "generation",
@@ -51,17 +37,14 @@ class Exchange:
         "method",
         "path",
         "query",
-        "request_id",
         "response_done",
-        "started",
         "status",
         "ttfb",
         "upstream_status",
-        "via",
     )  # fmt: skip
 
     def __init__(self, method: str) -> None:
-        self.request_id = new_request_id()
+        super().__init__()
         self.method = method
         self.kind: str | None = None
         self.host: str | None = None
@@ -70,9 +53,7 @@ class Exchange:
         self.status: int | None = None
         self.upstream_status: int | None = None
         self.bytes_in = self.bytes_out = 0
-        self.started = time.perf_counter()
         self.ttfb: float | None = None
-        self.error: str | None = None
         self.fal_request_id: str | None = None
         self.cf_aig_log_id: str | None = None
         self.gateway_error: str | None = None
@@ -80,13 +61,9 @@ class Exchange:
         self.body_phase: str | None = None  # "receive" | "send" while a streamed body moves
         self.response_done = False
         self.client_gone = False
-        self.caller: str | None = None
-        self.client_ip: str | None = None
         self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for a listed cross-origin caller
-        self.app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
         self.billable_units = 0.0  # fal's x-fal-billable-units on a success
         self.generation = False  # admitted as a call that can start a generation
-        self.via: str | None = None  # "direct": sent straight to fal (FAL_PROXY_FALLBACK)
 
     def record(self, admitted: Admitted) -> None:
         """Take what admission learned (the log line shows it even for a refusal)."""

@@ -25,36 +25,50 @@ from functools import partial
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 
-from ..admission import Admission, Admitted, RequestHeaders
+from ..admission import Admission, Admitted
 from ..config.settings import Settings
 from ..errors import (
     BadRequest,
+    ClientGone,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
-    ShuttingDown,
 )
 from ..observe.logs import get_logger
 from ..observe.metrics import Metrics
-from ..policy.headers import InjectedHeaders, upstream_request_headers
+from ..phases import Transport
+from ..policy.headers import upstream_request_headers
 from ..policy.python_port import REWRITE_ACCEPT_ENCODING, PythonSdkListener, rewrite_queue_urls
 from ..policy.targets import Target
-from ..upstream.failures import ClientGone, client_error, timeout_error
+from ..upstream.failures import client_error, timeout_error
 from ..upstream.route import UpstreamRoute
 from .exchange import Exchange
 from .relay import relay_response, relay_rewritten
 from .upload import UploadDeadline, stream_body
 
 
-class Forwarder:
-    """The ASGI app for every forwarded request. ``session`` is set by the app's lifespan."""
+class Forwarder(Transport[Exchange]):
+    """The ASGI app for every forwarded request on one port (built once per port: the main
+    one, and the Python client's TLS port with ``python``). ``session`` is set by the app's
+    lifespan; ``injected`` is replaced when the keys rotate."""
 
-    def __init__(self, settings: Settings, admission: Admission, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, admission: Admission, metrics: Metrics,
+        route: UpstreamRoute | None = None, *, python: PythonSdkListener | None = None,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.admission = admission
         self.metrics = metrics
-        self.injected = InjectedHeaders.from_settings(settings)
-        self.route = UpstreamRoute(settings)  # its session is set by the app's lifespan
+        self.injected = settings.injected_headers()
+        self.route = route if route is not None else UpstreamRoute(settings)
+        # The Python client's TLS port: its credential is fal-client's Authorization: Key,
+        # its target the path, and its queue answers point back at that port.
+        self.python = python
+        self.read_headers = admission.header_reader(python)
+        # Whether the request's whole body is in already, so its first message needs no
+        # timer: the server knows (serve/ plugs in uvicorn's answer after checking it at
+        # start-up); the default always arms the timer, right on any server.
+        self.body_in_hand: Callable[[Receive], bool] = lambda receive: False
         self.log = get_logger("proxy.request")
 
     @property
@@ -65,47 +79,22 @@ class Forwarder:
     def session(self, session: aiohttp.ClientSession | None) -> None:
         self.route.session = session
 
-    async def __call__(
-        self, scope: Scope, receive: Receive, send: Send, python: PythonSdkListener | None = None
-    ) -> None:
-        """Forward one request; ``python``: it came in on the Python client's TLS port."""
-        ex = Exchange(scope["method"])
+    def open(self, scope: Scope) -> Exchange:
         self.metrics.in_flight.inc()
-        try:
-            await self._handle(scope, receive, send, ex, python)
-        except ProxyError as exc:
-            ex.error = exc.reason
-            if ex.status is None:  # nothing sent yet: answer with the error
-                await self._send_error(send, exc, ex)
-        except ClientGone:
-            ex.error, ex.status = "client_gone", 499
-        except asyncio.CancelledError:
-            # The server cancelled the request: the drain deadline (FAL_PROXY_DRAIN_SECONDS)
-            # passed with it still streaming. Record the cut (not a clean 2xx) and end the
-            # task quietly: re-raised, uvicorn would log a traceback per stream.
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            ex.error = ShuttingDown.reason
-            if ex.status is None:  # nothing sent yet: say so (uvicorn would answer 500)
-                await self._send_error(
-                    send, ShuttingDown("proxy shutting down", "retry the request"), ex
-                )
-        except Exception:
-            # A bug, not a condition we know: log it with its traceback, answer 500 if
-            # nothing was sent yet, else let the server cut the connection.
-            ex.error = "internal"
-            self.log.exception("internal_error", request_id=ex.request_id)
-            if ex.status is not None:
-                raise
-            await self._send_error(
-                send, ProxyError("internal proxy error", f"request id {ex.request_id}"), ex
-            )
-        finally:
-            self.metrics.in_flight.dec()
-            self._log(ex)
+        return Exchange(scope["method"])
 
-    def _log(self, ex: Exchange) -> None:
+    async def fail(
+        self, ex: Exchange, scope: Scope, send: Send, error: ProxyError, bug: BaseException | None
+    ) -> None:
+        if ex.status is None:  # nothing sent yet: answer with the error
+            await self._send_error(send, error, ex)
+        elif bug is not None:
+            raise bug  # mid-answer: the server cuts the connection
+
+    def logging(self, ex: Exchange) -> None:
+        self.metrics.in_flight.dec()
+        if ex.error == "client_gone":
+            ex.status = 499
         status = ex.status or 0
         app = self.metrics.app_labels(ex.app, ex.path, ex.upstream_status)
         if ex.generation:
@@ -137,17 +126,11 @@ class Forwarder:
         await send({"type": "http.response.body", "body": body})
         ex.bytes_out += len(body)
 
-    async def _handle(
-        self, scope: Scope, receive: Receive, send: Send, ex: Exchange,
-        python: PythonSdkListener | None,
-    ) -> None:  # fmt: skip
-        settings, admission = self.settings, self.admission
+    async def proxy(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
+        """request_filter (the head, admission) → upstream_peer (the route) → the exchange."""
+        settings, admission, python = self.settings, self.admission, self.python
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
-        seen = (
-            python.read_headers(scope)
-            if python is not None
-            else RequestHeaders.read(raw_headers, admission.auth_header)
-        )
+        seen = self.read_headers(scope)
         if ex.method == "OPTIONS" and seen.origin and seen.preflight_method:
             ex.client_ip = admission.client(scope, seen)
             await self._send_preflight(send, admission.preflight(scope, seen), ex)
@@ -194,21 +177,18 @@ class Forwarder:
             first: Message = {"type": "http.request", "body": body, "more_body": False}
         else:
             first = await self._receive_body(receive)
-        lease = await admission.take_slot(admitted, ex.method)
+        ex.lease = await admission.take_slot(admitted, ex.method)
         ex.generation = admitted.generation
         try:
             await self._exchange(target, headers, receive, send, ex, first, rewrite)
         finally:
-            await lease.release()
+            await ex.release()  # before the units: as soon as the answer is through
             if ex.billable_units:
                 await admission.record_units(admitted, target.path, ex.billable_units)
 
     async def _receive_body(self, receive: Receive) -> Message:
         """The next body message, within the idle timeout (408); raises ClientGone."""
-        # uvicorn's receive() is its request cycle's method: when the whole body is in
-        # (the usual small JSON), it answers at once and the timer (~6 µs) is not needed.
-        cycle = getattr(receive, "__self__", None)
-        if cycle is not None and getattr(cycle, "more_body", True) is False:
+        if self.body_in_hand(receive):  # it answers at once: the timer (~6 µs) is not needed
             message: Message = await receive()
             if message["type"] == "http.disconnect":
                 raise ClientGone()

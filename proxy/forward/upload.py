@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 from starlette.types import Receive
 
-from ..errors import PayloadTooLarge
-from ..upstream.failures import ClientGone
+from ..errors import ClientGone, PayloadTooLarge
 from .exchange import Exchange
 
 

@@ -1,132 +1,19 @@
-"""Per-caller limits: requests per minute, generations per hour, quotas, concurrent requests.
+"""The limits in memory, for one process: O(1) per call and per caller, no thread, no sweep.
 
-Every admitted call is checked against all of its limits at once and, only if every one
-has room, counted against all of them (a call refused for one limit spends nothing of
-the others):
-
-* **requests per minute** (every call) and **generations per hour** (calls that can
-  start a generation): sliding window counters (:mod:`proxy.limits.windows`), the algorithm of
-  the `limits` library's sliding-window-counter strategy. The refusal's ``Retry-After`` is
-  the time until the call would pass.
-* **quotas** (generations per calendar hour/day/week/month, per app pattern, by plan;
-  :mod:`proxy.limits.quotas`): a counter per caller and period; ``Retry-After`` points at the
-  next period.
-* **concurrency** (in-flight requests and streams): a lease, given back by
-  :meth:`Lease.release`.
-
-Two backends with the same answers: :class:`MemoryLimiter` (one process; O(1) per call
-and per caller, no thread, nothing walks the callers) and
-:class:`~proxy.limits.redis_backend.RedisLimiter` (shared by replicas: one Lua script, one round
-trip per turn of the event loop). Usage (:mod:`proxy.limits.usage`) is summed in the same store.
-
-Caller ids can hold any character and may be sensitive: refusals name the limit and its
-value, never the caller, and Redis keys use a digest of them.
+Every structure is a dict keyed by caller id (:mod:`proxy.limits.windows`); state a window no
+longer needs is dropped when the window rolls over, on one timer armed only while something
+is held.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-from ..errors import QuotaExceeded, RateLimited
+from .base import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings
 from .quotas import Quota
-from .usage import QuotaUse, UsageBook, UsageReport, iso
-from .windows import PeriodCounts, SlidingWindows, retry_after
-
-MINUTE, HOUR = 60, 3600
-GENERATIONS = "generations per hour (runs, queue submits, streams, realtime tokens and sockets)"
-
-
-@dataclass(frozen=True)
-class LimitSettings:
-    requests_per_minute: int = 600  # 0 = unlimited
-    concurrent: int = 32  # in-flight requests and streams per caller; 0 = unlimited
-    submits_per_hour: int = 1000  # calls that can start a generation, per caller; 0 = unlimited
-    redis_url: str | None = None  # None = in-memory (one process)
-    redis_failure: str = "closed"  # "closed": refuse (503) when Redis fails; "open": admit and log
-    key_prefix: str = "fal-gateway-proxy"
-    lease_ttl: float = 300.0
-
-
-def caller_key(caller: str) -> str:
-    """A fixed-length, key-safe name for a caller id (any characters, maybe sensitive)."""
-    return hashlib.blake2b(caller.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-
-
-def seconds_until(reset: float, now: float) -> int:
-    """Whole seconds to wait until ``reset``, for Retry-After: rounded up, at least 1."""
-    return retry_after(reset - now)
-
-
-class Lease:
-    """A concurrency slot, held until :meth:`release` (idempotent, never raises)."""
-
-    __slots__ = ("_release",)
-
-    def __init__(self, release: Callable[[], Awaitable[None]] | None = None) -> None:
-        self._release = release  # None: nothing held (unlimited, or Redis down under "open")
-
-    async def release(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            await release()
-
-
-class Limiter:
-    """The limits of :class:`LimitSettings`; the backends decide where the counts live."""
-
-    def __init__(self, settings: LimitSettings) -> None:
-        self.settings = settings
-        self.clock: Callable[[], float] = time.time  # epoch seconds: windows are calendar-aligned
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def ready(self) -> bool:
-        return True
-
-    async def admit(
-        self, caller: str, *, submit: bool, quotas: tuple[Quota, ...] = (),
-        app: str | None = None,
-    ) -> Lease:  # fmt: skip
-        """Check every limit of the call; if all have room, count it and take a slot.
-
-        ``submit``: the call can start a generation (the hourly window and ``quotas``, the
-        caller's quotas that apply to it, count it; usage sums it under ``app``). Raises
-        :class:`RateLimited` or :class:`QuotaExceeded` (429) or, when Redis fails under
-        "closed", :class:`~proxy.errors.LimiterUnavailable` (503).
-        """
-        raise NotImplementedError
-
-    async def add_units(self, caller: str, app: str | None, units: float) -> None:
-        """Add fal's billable units (from a response) to the caller's usage."""
-        raise NotImplementedError
-
-    async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:
-        """The caller's ``quotas`` with what is used of each, and this month's usage."""
-        raise NotImplementedError
-
-    def window_refusal(self, limit: int, what: str, wait: float) -> RateLimited:
-        return RateLimited(
-            "rate limit exceeded", f"at most {limit} {what}", retry_after=retry_after(wait)
-        )
-
-    def quota_refusal(self, quota: Quota, resets_at: float, now: float) -> QuotaExceeded:
-        return QuotaExceeded(quota, iso(resets_at), retry_after=seconds_until(resets_at, now))
-
-    def concurrency_refusal(self) -> RateLimited:
-        return RateLimited(
-            "rate limit exceeded",
-            f"at most {self.settings.concurrent} concurrent requests",
-            retry_after=1,  # a slot frees when any of the caller's requests ends
-        )
+from .usage import QuotaUse, UsageBook, UsageReport
+from .windows import PeriodCounts, SlidingWindows
 
 
 class MemoryLimiter(Limiter):
@@ -235,18 +122,3 @@ class MemoryLimiter(Limiter):
         if counts is None:
             counts = self._quotas[quota.key] = PeriodCounts(quota.period)
         return counts
-
-
-def create_limiter(settings: LimitSettings) -> Limiter:
-    """The in-memory limiter, or the Redis one when ``settings.redis_url`` is set."""
-    if settings.redis_failure not in ("closed", "open"):
-        raise ValueError(f"redis_failure must be 'closed' or 'open': {settings.redis_failure!r}")
-    if min(settings.requests_per_minute, settings.concurrent, settings.submits_per_hour) < 0:
-        raise ValueError("limits must be 0 (unlimited) or more")
-    if not settings.lease_ttl > 0:
-        raise ValueError("lease_ttl must be positive")
-    if settings.redis_url:
-        from .redis_backend import RedisLimiter
-
-        return RedisLimiter(settings)
-    return MemoryLimiter(settings)

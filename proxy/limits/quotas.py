@@ -1,7 +1,8 @@
 """Quotas: how many generations a caller may start per calendar period. Pure.
 
 A quota is ``pattern=N/period``: at most N calls that can start a paid generation (runs,
-queue submits, streams, realtime tokens, sockets; see :func:`proxy.policy.targets.starts_generation`)
+queue submits, streams, realtime tokens, sockets; see
+:func:`proxy.policy.targets.starts_generation`)
 per UTC hour, day, week or month, for the apps whose endpoint id matches ``pattern`` (a
 glob as in ``FAL_PROXY_ALLOWED_APPS``; ``*`` is every app). A call counts against every
 quota that matches it and is refused (429) when any of them is used up.

@@ -47,9 +47,9 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..errors import LimiterUnavailable
 from ..observe.logs import get_logger
-from .memory import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings, caller_key
+from .base import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings, caller_key
 from .quotas import Quota
-from .script import ADMIT, joined
+from .script import ADMIT, Answer, joined
 from .usage import MAX_APPS, OTHER, USAGE_PERIOD, QuotaUse, UsageReport
 from .windows import period_bounds, sliding_wait
 
@@ -180,14 +180,14 @@ class RedisLimiter(Limiter):
                                            *args])  # fmt: skip
         if isinstance(answer, BaseException):
             return self._unavailable(answer)
-        if answer[0] == 1:
+        if answer[0] == Answer.WINDOW_FULL:
             limit, period, _ = windows[answer[1]]
             what = "requests per minute" if period == MINUTE else GENERATIONS
             wait = sliding_wait(int(answer[2]), int(answer[3]), limit, period, now)
             raise self.window_refusal(limit, what, wait)
-        if answer[0] == 2:
+        if answer[0] == Answer.QUOTA_USED:
             raise self.quota_refusal(quotas[answer[1]], ends[answer[1]], now)
-        if answer[0] == 3:
+        if answer[0] == Answer.NO_SLOT:
             raise self.concurrency_refusal()
         if not self.settings.concurrent:
             return Lease()
@@ -258,7 +258,9 @@ class RedisLimiter(Limiter):
                             kept=len(releases) + len(units))  # fmt: skip
             answers = [exc] * len(calls)
         for call, answer in zip(calls, answers, strict=True):
-            if isinstance(answer, list) and answer[0] == 4:  # this call's commands failed
+            if (
+                isinstance(answer, list) and answer[0] == Answer.REFUSED
+            ):  # this call's commands failed
                 if self.settings.concurrent:
                     self._owe([call.lease()], [])
                 answer = ResponseError("Redis refused a command of this call")
@@ -268,7 +270,11 @@ class RedisLimiter(Limiter):
                 self._owe([call.lease()], [])
 
     def _took_slot(self, answer: Any) -> bool:
-        return bool(self.settings.concurrent) and isinstance(answer, list) and answer[0] == 0
+        return (
+            bool(self.settings.concurrent)
+            and isinstance(answer, list)
+            and answer[0] == Answer.ADMITTED
+        )
 
     def _usage_key(self, who: str, now: float) -> tuple[str, int]:
         index, _, end = period_bounds(USAGE_PERIOD, now)

@@ -13,14 +13,15 @@
 The credential travels in ``FAL_PROXY_AUTH_HEADER`` (default ``x-proxy-authorization``),
 as ``Bearer <credential>`` or bare, never in ``Authorization``: that one is fal's, and the
 proxy always drops it.
+
+The rules are here, pure; where a JWT's keys come from (a file, a JWKS URL fetched off the
+event loop) is :mod:`proxy.admission.callers`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -45,7 +46,7 @@ class NoAuth(CallerAuth):
     pass
 
 
-def _bearer(credential: str | None, header: bytes) -> str:
+def bearer(credential: str | None, header: bytes) -> str:
     if not credential:
         raise Unauthorized(
             "caller credential missing",
@@ -94,7 +95,7 @@ class TokenAuth(CallerAuth):
         self.header = header.encode()
 
     async def identify(self, credential: str | None) -> tuple[str | None, str | None]:
-        presented = hashlib.sha256(_bearer(credential, self.header).encode()).digest()
+        presented = hashlib.sha256(bearer(credential, self.header).encode()).digest()
         found = self.callers.get(presented)
         if found is None:
             raise Unauthorized(
@@ -117,109 +118,45 @@ class JwtConfig:
     leeway: float = 30.0
 
 
-class JwtAuth(CallerAuth):
-    def __init__(self, config: JwtConfig, header: str) -> None:
-        self.config = config
-        self.header = header.encode()
-        self._jwks: jwt.PyJWKSet | None = None
-        self._client: jwt.PyJWKClient | None = None
-        if config.secret is not None:
-            self.algorithms = ["HS256"]
-        else:
-            self.algorithms = ["RS256", "ES256"]
-            if config.jwks_file is not None:
-                self._jwks = jwt.PyJWKSet.from_json(
-                    Path(config.jwks_file).read_text(encoding="utf-8")
-                )
-            else:
-                # Keys are fetched on first use and cached; an unknown kid refreshes them.
-                self._client = jwt.PyJWKClient(
-                    config.jwks_url or "", cache_keys=True, lifespan=300, timeout=5
-                )
-
-    async def _key(self, token: str) -> tuple[Any, list[str]]:
-        """The key to verify ``token`` with, and the one algorithm that key may verify.
-
-        A JWKS key verifies only its own algorithm (RSA: RS256, EC: ES256), whatever the
-        token's header claims: an ``ES256`` header naming an RSA key's ``kid`` is refused,
-        not handed to the wrong verifier (which raised ``TypeError``).
-        """
-        if self.config.secret is not None:
-            return self.config.secret, self.algorithms
-        try:
-            kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.PyJWTError:
-            raise Unauthorized(
-                "caller token not accepted", "not a JWT", reason="caller_refused"
-            ) from None
-        jwk: jwt.PyJWK | None = None
-        if self._jwks is not None:
-            jwk = next((k for k in self._jwks.keys if kid is None or k.key_id == kid), None)
-            if jwk is None:
-                raise Unauthorized(
-                    "caller token not accepted",
-                    "no key in the JWKS matches its kid",
-                    reason="caller_refused",
-                )
-        else:
-            assert self._client is not None
-            try:  # PyJWKClient fetches with blocking I/O: keep it off the event loop
-                jwk = await asyncio.to_thread(self._client.get_signing_key_from_jwt, token)
-            except jwt.PyJWKClientError as exc:
-                raise Unauthorized(
-                    "caller token not accepted",
-                    f"signing key unavailable: {exc}",
-                    reason="caller_refused",
-                ) from None
-        algorithm = jwk.algorithm_name
-        if algorithm not in self.algorithms:
-            raise Unauthorized(
-                "caller token not accepted",
-                f"the JWKS key is for {algorithm}, not RS256/ES256",
-                reason="caller_refused",
-            )
-        return jwk.key, [algorithm]
-
-    async def identify(self, credential: str | None) -> tuple[str | None, str | None]:
-        token = _bearer(credential, self.header)
-        key, algorithms = await self._key(token)
-        config = self.config
-        try:
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=algorithms,
-                audience=config.audience,
-                issuer=config.issuer,
-                leeway=config.leeway,
-                options={
-                    "require": [
-                        "exp",
-                        *(["iss"] if config.issuer else []),
-                        *(["aud"] if config.audience else []),
-                    ]
-                },
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthorized(
-                "caller token expired", "get a fresh session token", reason="caller_refused"
-            ) from None
-        except jwt.PyJWTError as exc:
-            # PyJWT's messages name the failed check (audience, issuer, signature), never the token.
-            raise Unauthorized(
-                "caller token not accepted", str(exc), reason="caller_refused"
-            ) from None
-        except (TypeError, ValueError, RecursionError):
-            # Whatever else a hostile token makes the decoder trip on is still a bad token.
-            raise Unauthorized(
-                "caller token not accepted", "not a valid JWT", reason="caller_refused"
-            ) from None
-        caller = claims.get(config.caller_claim)
-        if not isinstance(caller, (str, int)) or caller == "":
-            raise Unauthorized(
-                "caller token not accepted",
-                f"the token has no '{config.caller_claim}' claim",
-                reason="caller_refused",
-            )
-        plan = claims.get(config.plan_claim) if config.plan_claim else None
-        return str(caller), plan if isinstance(plan, str) else None
+def decode_claims(
+    token: str, key: Any, algorithms: list[str], config: JwtConfig
+) -> tuple[str, str | None]:
+    """Verify ``token`` with ``key`` and return (caller id, claimed plan); Unauthorized if
+    it is not acceptable. Expiry is always required, issuer and audience when configured."""
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=algorithms,
+            audience=config.audience,
+            issuer=config.issuer,
+            leeway=config.leeway,
+            options={
+                "require": [
+                    "exp",
+                    *(["iss"] if config.issuer else []),
+                    *(["aud"] if config.audience else []),
+                ]
+            },
+        )
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized(
+            "caller token expired", "get a fresh session token", reason="caller_refused"
+        ) from None
+    except jwt.PyJWTError as exc:
+        # PyJWT's messages name the failed check (audience, issuer, signature), never the token.
+        raise Unauthorized("caller token not accepted", str(exc), reason="caller_refused") from None
+    except (TypeError, ValueError, RecursionError):
+        # Whatever else a hostile token makes the decoder trip on is still a bad token.
+        raise Unauthorized(
+            "caller token not accepted", "not a valid JWT", reason="caller_refused"
+        ) from None
+    caller = claims.get(config.caller_claim)
+    if not isinstance(caller, (str, int)) or caller == "":
+        raise Unauthorized(
+            "caller token not accepted",
+            f"the token has no '{config.caller_claim}' claim",
+            reason="caller_refused",
+        )
+    plan = claims.get(config.plan_claim) if config.plan_claim else None
+    return str(caller), plan if isinstance(plan, str) else None

@@ -18,7 +18,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .. import __version__
-from ..config.settings import Settings
 from .targets import Target
 
 # RFC 9110 §7.6.1 connection-specific headers, plus the legacy ones proxies still see.
@@ -98,14 +97,18 @@ class InjectedHeaders:
     controls: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> InjectedHeaders:
-        token, key = settings.cf_aig_token, settings.fal_key
+    def build(
+        cls, *, fal_key: str | None, cf_aig_token: str | None, caller_header: str,
+        controls: tuple[tuple[str, str], ...] = (),
+    ) -> InjectedHeaders:  # fmt: skip
+        """From the configured secrets (``Settings.injected_headers`` passes them)."""
         return cls(
-            authorization=_Masked(f"Key {key.reveal()}") if key is not None else None,
-            cf_aig_authorization=_Masked(f"Bearer {token.reveal()}") if token is not None else None,
-            caller_header=settings.access.auth_header,
-            controls=settings.gateway.controls(),
-        )
+            authorization=_Masked(f"Key {fal_key}") if fal_key is not None else None,
+            cf_aig_authorization=_Masked(f"Bearer {cf_aig_token}")
+            if cf_aig_token is not None else None,
+            caller_header=caller_header,
+            controls=controls,
+        )  # fmt: skip
 
     def __repr__(self) -> str:  # never show the credentials
         return "InjectedHeaders(**********)"

@@ -18,15 +18,16 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-from starlette.types import Scope
-
-from ..admission import RequestHeaders
-from ..config.python_port import QUEUE_PREFIX
 from ..errors import BadGateway
+from .request_head import RequestHeaders
 from .targets import BACKUP_HOSTS, QUEUE_HOST, RUN_HOST, Target
+
+QUEUE_PREFIX = "/queue.fal.run"  # FAL_QUEUE_RUN_HOST=<name>:<port>/queue.fal.run
 
 URL_KEYS = ("status_url", "response_url", "cancel_url")
 # Queue answers are small JSON; one this large is not fal's, and is not held in memory.
@@ -194,7 +195,7 @@ class PythonSdkListener:
 
     origin: str  # https://<name>:<port>, what the client was told (python-env)
 
-    def read_headers(self, scope: Scope) -> RequestHeaders:
+    def read_headers(self, scope: Mapping[str, Any]) -> RequestHeaders:
         """The headers admission reads, with the caller's credential from ``Authorization:
         Key`` and the target from the path (a client's own ``x-fal-target-url`` is ignored,
         and dropped upstream as everywhere)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 SERVED_VERSIONS = ("1.0", "1.1")
 
@@ -84,3 +85,49 @@ def host_allowed(host: str | None, patterns: tuple[str, ...]) -> bool:
         elif name == pattern:
             return True
     return False
+
+
+@dataclass
+class RequestHeaders:
+    """The request headers admission and forwarding look at, read in one pass."""
+
+    target: str | None = None
+    content_length: bytes | None = None
+    origin: str | None = None
+    host: str | None = None
+    credential: str | None = None
+    credentials: int = 0  # how many credential headers came (more than one is refused)
+    preflight_method: str | None = None
+    referer: str | None = None
+    fetch_site: str | None = None
+    forwarded_for: list[str] = field(default_factory=list)
+    size: int = 0
+
+    @classmethod
+    def read(cls, raw: list[tuple[bytes, bytes]], auth_header: bytes) -> RequestHeaders:
+        out = cls()
+        size = 0
+        for name, value in raw:
+            size += len(name) + len(value) + 4
+            if name == b"x-fal-target-url":
+                if out.target is None:  # the first one counts, as in fal's proxy
+                    out.target = value.decode("latin-1")
+            elif name == b"content-length":
+                out.content_length = value
+            elif name == b"origin":
+                out.origin = value.decode("latin-1")
+            elif name == b"host":
+                out.host = value.decode("latin-1")
+            elif name == auth_header:
+                out.credential = value.decode("latin-1")
+                out.credentials += 1
+            elif name == b"access-control-request-method":
+                out.preflight_method = value.decode("latin-1")
+            elif name == b"x-forwarded-for":
+                out.forwarded_for.append(value.decode("latin-1"))
+            elif name == b"sec-fetch-site":
+                out.fetch_site = value.decode("latin-1")
+            elif name == b"referer":
+                out.referer = value.decode("latin-1")
+        out.size = size
+        return out

@@ -117,15 +117,12 @@ class ProxyServer(uvicorn.Server):
 
     async def shutdown(self, sockets: Any = None) -> None:
         # uvicorn would fail open sockets with 1012; bridged sessions get a proper 1001.
-        from ..app.assemble import ProxyApp
+        from ..app.routing import ProxyApp
 
         app = self.proxy_app
-        draining = app.draining if isinstance(app, ProxyApp) else None
-        if draining is not None:
-            draining.set()  # /readyz answers 503 from now on
-        bridge = app.bridge if isinstance(app, ProxyApp) else None
-        if bridge is not None:
-            await bridge.close_all()
+        if isinstance(app, ProxyApp):
+            app.draining.set()  # /readyz answers 503 from now on
+            await app.close_sockets()
         await super().shutdown(sockets)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -277,7 +274,9 @@ def proxy_server(settings: Settings) -> ProxyServer:
     Raises SettingsError when the Python client's TLS port cannot get its certificate."""
     from ..app.assemble import create_app
     from ..observe.logs import get_logger
+    from .uvicorn_internals import body_in_hand, check_uvicorn
 
+    check_uvicorn()
     log = get_logger("proxy")
 
     def listening(host: str, port: int) -> None:
@@ -302,7 +301,7 @@ def proxy_server(settings: Settings) -> ProxyServer:
 
     python = settings.python_sdk
     server = uvicorn_server(
-        create_app(settings),
+        create_app(settings, body_in_hand=body_in_hand),
         settings.host,
         settings.port,
         listening,

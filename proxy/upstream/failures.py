@@ -12,11 +12,7 @@ import zlib
 
 import aiohttp
 
-from ..errors import ProxyError, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
-
-
-class ClientGone(Exception):
-    """The client disconnected; nothing more can be sent to it."""
+from ..errors import ClientGone, ProxyError, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 
 
 def client_error(

@@ -24,7 +24,7 @@ from hypothesis import settings as examples
 from hypothesis import strategies as st
 
 from proxy.errors import LimiterUnavailable, RateLimited
-from proxy.limits.memory import Lease, Limiter, LimitSettings, create_limiter
+from proxy.limits import Lease, Limiter, LimitSettings, create_limiter
 from proxy.limits.quotas import Quota
 from proxy.limits.redis_backend import MAX_BATCH, REDIS_TIMEOUT, RedisLimiter
 from proxy.limits.script import REPLAY_TTL

@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
 
-from proxy.limits import redis_backend as limits_redis
 from proxy.errors import LimiterUnavailable, QuotaExceeded, RateLimited
-from proxy.limits.memory import Lease, Limiter, LimitSettings, caller_key, create_limiter
+from proxy.limits import Lease, Limiter, LimitSettings, caller_key, create_limiter
+from proxy.limits import redis_backend as limits_redis
 from proxy.limits.quotas import Quota
 from proxy.limits.redis_backend import RedisLimiter
 from tests.redis_support import RedisServer

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from proxy.config.envvars import SettingsError
 from proxy.config.settings import Settings
-from proxy.policy.headers import InjectedHeaders, upstream_request_headers
+from proxy.policy.headers import upstream_request_headers
 from proxy.policy.metadata import MAX_ENTRIES, CallerTags, derived_key, metadata_header
 from proxy.policy.targets import Target
 
@@ -30,7 +30,7 @@ def injected_names(config: Settings) -> list[tuple[str, str]]:
     headers = upstream_request_headers(
         [(b"authorization", b"Key client"), (b"cf-aig-byok-alias", b"theirs"),
          (b"cf-aig-metadata", b'{"a":1}'), (b"cf-aig-no-wholesale", b"false")],
-        target, InjectedHeaders.from_settings(config), method="POST", request_id="r1",
+        target, config.injected_headers(), method="POST", request_id="r1",
         metadata='{"route":"run"}',
     )  # fmt: skip
     return [(n, v) for n, v in headers if n.startswith(("authorization", "cf-aig-"))]

@@ -21,6 +21,7 @@ from proxy.admission import Admission
 from proxy.config.settings import Settings
 from proxy.forward.handler import Forwarder
 from proxy.observe.metrics import Metrics
+from proxy.policy.python_port import PythonSdkListener
 from proxy.upstream.session import create_session
 
 pytestmark = pytest.mark.anyio
@@ -113,10 +114,10 @@ async def serving(handle: Any) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-async def forwarder(config: Settings) -> Forwarder:
+async def forwarder(config: Settings, python: PythonSdkListener | None = None) -> Forwarder:
     admission = Admission(config)
     await admission.limiter.start()
-    forward = Forwarder(config, admission, Metrics())
+    forward = Forwarder(config, admission, Metrics(), python=python)
     forward.session = create_session(config)
     return forward
 

@@ -74,12 +74,11 @@ async def gateway() -> AsyncIterator[tuple[str, dict[str, Any]]]:
 async def call(
     gateway: str, method: str, path: str, *, idle: str = "5", headers: Any = ()
 ) -> Client:
-    forward = await forwarder(settings(gateway, FAL_PROXY_IDLE_TIMEOUT=idle))
+    config = settings(gateway, FAL_PROXY_IDLE_TIMEOUT=idle)
+    forward = await forwarder(config, PythonSdkListener(ORIGIN))
     client = Client({"type": "http.request", "body": b"{}", "more_body": False})
     try:
-        await forward(
-            scope(method, path, headers), client.receive, client.send, PythonSdkListener(ORIGIN)
-        )
+        await forward(scope(method, path, headers), client.receive, client.send)
     finally:
         await forward.session.close()  # type: ignore[union-attr]
     return client

@@ -13,15 +13,15 @@ from contextlib import asynccontextmanager
 import pytest
 
 from proxy.errors import RateLimited
-from proxy.limits.memory import (
+from proxy.limits import (
     Lease,
     Limiter,
     LimitSettings,
     MemoryLimiter,
     caller_key,
     create_limiter,
-    seconds_until,
 )
+from proxy.limits.base import seconds_until
 
 pytestmark = pytest.mark.anyio
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import QuotaExceeded, RateLimited
-from proxy.limits.memory import LimitSettings, MemoryLimiter
+from proxy.limits import LimitSettings, MemoryLimiter
 from proxy.limits.quotas import DEFAULT_PLAN, Quota, parse_plans, parse_quotas
 from proxy.limits.usage import MAX_APPS, parse_units
 

@@ -11,8 +11,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from proxy.admission.callers import JwtAuth
 from proxy.errors import Unauthorized
-from proxy.policy.callers import JwtAuth, JwtConfig, NoAuth, TokenAuth, load_tokens
+from proxy.policy.callers import JwtConfig, NoAuth, TokenAuth, load_tokens
 
 HEADER = "x-proxy-authorization"
 SECRET = "s" * 40

@@ -204,13 +204,10 @@ def test_non_ascii_header_values_travel_unchanged() -> None:
 
 def test_injected_credentials_are_masked_in_any_repr() -> None:
     from proxy.config.settings import Settings
-    from proxy.policy.headers import InjectedHeaders as IH
 
-    injected = IH.from_settings(
-        Settings.from_env(
-            {"FAL_KEY": "sk-abc", "CF_AIG_TOKEN": "tok-xyz", "FAL_PROXY_GATEWAY_URL": "http://h/x"}
-        )
-    )
+    injected = Settings.from_env(
+        {"FAL_KEY": "sk-abc", "CF_AIG_TOKEN": "tok-xyz", "FAL_PROXY_GATEWAY_URL": "http://h/x"}
+    ).injected_headers()
     out = upstream_request_headers(
         [], target("https://fal.run/fal-ai/x"), injected, method="GET", request_id="r"
     )

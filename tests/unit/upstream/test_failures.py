@@ -5,8 +5,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from proxy.errors import PayloadTooLarge, ProxyError, RequestTimeout, UpstreamTimeout
-from proxy.upstream.failures import ClientGone, client_error, describe, timeout_error
+from proxy.errors import ClientGone, PayloadTooLarge, ProxyError, RequestTimeout, UpstreamTimeout
+from proxy.upstream.failures import client_error, describe, timeout_error
 
 TOO_LARGE = PayloadTooLarge("request body too large", "over 10 bytes")
 

@@ -6,83 +6,38 @@ browser context → method → caller → target → app; then, once the request
 a concurrency slot and the rate windows (:meth:`Admission.take_slot`). Each refusal is a
 :class:`~proxy.errors.ProxyError` with its own reason tag, answered as JSON and logged on
 the request's canonical line. The policies themselves are pure functions in
-:mod:`proxy.policy.origins`, :mod:`proxy.policy.callers`, :mod:`proxy.policy.targets`, :mod:`proxy.policy.allowed_apps`
-and :mod:`proxy.policy.client_ip`; this module only reads the request's headers once and applies
-them.
+:mod:`proxy.policy` (origins, callers, targets, allowed apps, client address); this module
+only reads the request's headers once and applies them.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.types import Scope
 
-from .config.settings import Settings
-from .errors import BadRequest, HeadersTooLarge, MethodNotAllowed, MisdirectedRequest, URITooLong
-from .limits.memory import Lease, Limiter, LimitSettings, create_limiter
-from .limits.usage import UsageReport
-from .observe.logs import get_logger
-from .observe.metrics import app_label
-from .policy.allowed_apps import AppPolicy
-from .policy.callers import CallerAuth, JwtAuth, NoAuth, TokenAuth
-from .policy.client_ip import client_ip, limit_key
-from .policy.metadata import CallerTags, derived_key, metadata_header
-from .policy.origins import (
+from ..config.settings import Settings
+from ..errors import BadRequest, HeadersTooLarge, MethodNotAllowed, MisdirectedRequest, URITooLong
+from ..limits import Lease, Limiter, LimitSettings, create_limiter
+from ..limits.usage import UsageReport
+from ..observe.logs import get_logger
+from ..observe.metrics import app_label
+from ..policy.allowed_apps import AppPolicy
+from ..policy.callers import CallerAuth, NoAuth, TokenAuth
+from ..policy.client_ip import client_ip, limit_key
+from ..policy.metadata import CallerTags, derived_key, metadata_header
+from ..policy.origins import (
     OriginPolicy,
     check_browser_request,
     check_origin,
     preflight_headers,
 )
-from .policy.request_head import host_allowed
-from .policy.targets import Target, check_method, resolve_target, starts_generation
-
-
-@dataclass
-class RequestHeaders:
-    """The request headers admission and forwarding look at, read in one pass."""
-
-    target: str | None = None
-    content_length: bytes | None = None
-    origin: str | None = None
-    host: str | None = None
-    credential: str | None = None
-    credentials: int = 0  # how many credential headers came (more than one is refused)
-    preflight_method: str | None = None
-    referer: str | None = None
-    fetch_site: str | None = None
-    forwarded_for: list[str] = field(default_factory=list)
-    size: int = 0
-
-    @classmethod
-    def read(cls, raw: list[tuple[bytes, bytes]], auth_header: bytes) -> RequestHeaders:
-        out = cls()
-        size = 0
-        for name, value in raw:
-            size += len(name) + len(value) + 4
-            if name == b"x-fal-target-url":
-                if out.target is None:  # the first one counts, as in fal's proxy
-                    out.target = value.decode("latin-1")
-            elif name == b"content-length":
-                out.content_length = value
-            elif name == b"origin":
-                out.origin = value.decode("latin-1")
-            elif name == b"host":
-                out.host = value.decode("latin-1")
-            elif name == auth_header:
-                out.credential = value.decode("latin-1")
-                out.credentials += 1
-            elif name == b"access-control-request-method":
-                out.preflight_method = value.decode("latin-1")
-            elif name == b"x-forwarded-for":
-                out.forwarded_for.append(value.decode("latin-1"))
-            elif name == b"sec-fetch-site":
-                out.fetch_site = value.decode("latin-1")
-            elif name == b"referer":
-                out.referer = value.decode("latin-1")
-        out.size = size
-        return out
-
+from ..policy.python_port import PythonSdkListener
+from ..policy.request_head import RequestHeaders, host_allowed
+from ..policy.targets import Target, check_method, resolve_target, starts_generation
+from .callers import JwtAuth
 
 log = get_logger("proxy.admission")
 
@@ -160,6 +115,18 @@ class Admission:
                 redis_failure=access.redis_failure,
             )
         )
+
+    def header_reader(
+        self, python: PythonSdkListener | None = None
+    ) -> Callable[[Scope], RequestHeaders]:
+        """How a port's requests are read, chosen once per port: the main port's
+        (``FAL_PROXY_AUTH_HEADER`` carries the caller's credential, ``x-fal-target-url`` the
+        target), or the Python client's TLS port's (``python``: ``Authorization: Key`` and
+        the path)."""
+        if python is not None:
+            return python.read_headers
+        auth_header = self.auth_header
+        return lambda scope: RequestHeaders.read(scope["headers"], auth_header)
 
     async def admit(
         self, scope: Scope, seen: RequestHeaders, admitted: Admitted, *, method: str, query: str,
