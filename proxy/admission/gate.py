@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from starlette.types import Scope
 
+from ..config.access import AccessSettings
 from ..config.settings import Settings
 from ..errors import BadRequest, HeadersTooLarge, MethodNotAllowed, MisdirectedRequest, URITooLong
 from ..limits import Lease, Limiter, LimitSettings, create_limiter
@@ -26,7 +27,7 @@ from ..observe.logs import get_logger
 from ..observe.metrics import app_label
 from ..policy.allowed_apps import AppPolicy
 from ..policy.callers import CallerAuth, NoAuth, TokenAuth
-from ..policy.client_ip import client_ip, limit_key
+from ..policy.client_ip import limit_key
 from ..policy.metadata import CallerTags, derived_key, metadata_header
 from ..policy.origins import (
     OriginPolicy,
@@ -38,6 +39,7 @@ from ..policy.python_port import PythonSdkListener
 from ..policy.request_head import RequestHeaders, host_allowed
 from ..policy.targets import Target, check_method, resolve_target, starts_generation
 from .callers import JwtAuth
+from .client_address import ClientAddresses
 
 log = get_logger("proxy.admission")
 
@@ -49,9 +51,6 @@ def _metadata_key(settings: Settings) -> bytes:
         return configured.reveal().encode()
     secret = settings.cf_aig_token or settings.fal_key
     return derived_key(secret.reveal() if secret is not None else "")
-
-
-UNTRUSTED_FORWARDS = 20  # requests with an ignored X-Forwarded-For before the one warning
 
 
 def usage_app(target: Target) -> str:
@@ -105,16 +104,8 @@ class Admission:
         self.tags = CallerTags(settings.gateway.metadata_caller, _metadata_key(settings))
         self.plans = access.plans
         self._unknown_plans: set[str] = set()
-        self._forwarded_ignored = 0  # requests whose X-Forwarded-For an untrusted peer sent
-        self.limiter: Limiter = create_limiter(
-            LimitSettings(
-                requests_per_minute=access.requests_per_minute,
-                concurrent=access.concurrent,
-                submits_per_hour=access.submits_per_hour,
-                redis_url=access.redis_url,
-                redis_failure=access.redis_failure,
-            )
-        )
+        self.addresses = ClientAddresses(access.trusted_proxies)
+        self.limiter: Limiter = create_limiter(limit_settings(access))
 
     def header_reader(
         self, python: PythonSdkListener | None = None
@@ -156,7 +147,7 @@ class Admission:
         )
         if not websocket:
             check_method(method, target)
-        admitted.app = self.check_app(target)
+        admitted.app = self.apps.check(target)  # Forbidden, or the pattern that allowed it
         return admitted
 
     async def admit_caller(
@@ -261,52 +252,14 @@ class Admission:
         origin = check_origin(headers.origin, headers.host, self.origins)
         return preflight_headers(origin or headers.origin or "", self.origins)
 
-    async def caller(self, headers: RequestHeaders) -> str | None:
-        return await self.auth.authenticate(headers.credential)
-
     def client(self, scope: Scope, headers: RequestHeaders) -> str:
-        peer = scope.get("client")
-        address = client_ip(
-            peer[0] if peer else None, headers.forwarded_for, self.access.trusted_proxies
-        )
-        if (
-            headers.forwarded_for
-            and address != "unknown"
-            and self._forwarded_ignored < UNTRUSTED_FORWARDS
-        ):
-            self._note_ignored_forward(address, headers)
-        return address
-
-    def _note_ignored_forward(self, address: str, headers: RequestHeaders) -> None:
-        """Say once when an untrusted peer keeps sending X-Forwarded-For: a web server in
-        front of the proxy that is not in FAL_PROXY_TRUSTED_PROXIES makes every user behind
-        it one client (one rate-limit bucket with FAL_PROXY_AUTH=none)."""
-        if address in self._forwarded_from(headers):
-            return  # believed: a trusted peer told us the address
-        self._forwarded_ignored += 1
-        if self._forwarded_ignored == UNTRUSTED_FORWARDS:
-            log.warning(
-                "x_forwarded_for_ignored",
-                peer=address,
-                requests=UNTRUSTED_FORWARDS,
-                hint="requests from this peer carry X-Forwarded-For, but it is not in "
-                "FAL_PROXY_TRUSTED_PROXIES: every user behind it counts as one client "
-                "(one set of limits with FAL_PROXY_AUTH=none). Add it if it is your web "
-                "server or load balancer.",
-            )
-
-    @staticmethod
-    def _forwarded_from(headers: RequestHeaders) -> set[str]:
-        return {hop.strip() for value in headers.forwarded_for for hop in value.split(",")}
+        """The client's address (X-Forwarded-For believed only from a trusted proxy)."""
+        return self.addresses.client(scope, headers)
 
     @staticmethod
     def limit_key(caller: str | None, client: str) -> str:
         """Whose limits a request counts against: its caller, else its client address."""
         return caller if caller is not None else f"ip:{limit_key(client)}"
-
-    def check_app(self, target: Target) -> str | None:
-        """Raise Forbidden for an app not allowed; else the pattern that allowed it."""
-        return self.apps.check(target)
 
     def metadata(self, admitted: Admitted, request_id: str, *, websocket: bool = False) -> str:
         """``cf-aig-metadata`` for an admitted call: its caller (tagged), app, id and kind."""
@@ -324,3 +277,14 @@ class Admission:
         checked = self.apps.check_token(body, self.access.token_max_expiration)
         admitted.token_apps = tuple(json.loads(checked)["allowed_apps"])
         return checked
+
+
+def limit_settings(access: AccessSettings) -> LimitSettings:
+    """The limiter's settings from the access settings."""
+    return LimitSettings(
+        requests_per_minute=access.requests_per_minute,
+        concurrent=access.concurrent,
+        submits_per_hour=access.submits_per_hour,
+        redis_url=access.redis_url,
+        redis_failure=access.redis_failure,
+    )

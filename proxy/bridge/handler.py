@@ -35,7 +35,6 @@ failed one as the client's refusal) and :mod:`proxy.bridge.pump` the frames both
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
@@ -48,16 +47,13 @@ from ..observe.logs import get_logger
 from ..observe.metrics import Metrics
 from ..phases import Transport
 from ..policy.python_port import PythonSdkListener
-from ..upstream.breaker import Breaker, gateway_failed
-from ..upstream.route import via_breaker
+from ..upstream.breaker import Breaker
 from .pump import INTERNAL, SHUTDOWN, Pump, Session, client_sender
 from .upstream import (
-    NotConnected,
-    UpstreamRefused,
     caller_from_subprotocols,
     client_subprotocol,
     gateway_ws_url,
-    open_upstream,
+    open_routed,
     refuse,
     without_token,
 )
@@ -192,7 +188,12 @@ class Bridge(Transport[Session]):
         with the disconnect when the connection is lost before the accept, else once the
         accept is sent: then it is the session's first message (:func:`_first`).
         """
-        connecting = asyncio.ensure_future(self._open_routed(path, query, offered, session))
+        connecting = asyncio.ensure_future(
+            open_routed(
+                path, query, offered, session, gateway_ws=self.gateway_ws,
+                injected=self.injected, settings=self.settings, breaker=self.breaker,
+            )
+        )  # fmt: skip
         upstream = None
         try:
             either: list[asyncio.Future[Any]] = [connecting, watch]
@@ -217,37 +218,6 @@ class Bridge(Transport[Session]):
         finally:
             if upstream is None:  # not handed over: the client left, or a cancel, or a bug
                 await _abandon(connecting)
-
-    async def _open_routed(
-        self, path: str, query: str, offered: list[str], session: Session
-    ) -> ClientConnection:
-        """The upstream socket the breaker's way (``FAL_PROXY_FALLBACK=direct``), as the
-        forwarder's requests: a handshake whose connection failed goes straight to fal."""
-        breaker = self.breaker
-        # A realtime socket that goes straight to fal anyway (FAL_PROXY_REALTIME_DIRECT) says
-        # nothing of the gateway: it neither asks the breaker nor reports to it.
-        if self.settings.realtime_direct and path.endswith("/realtime"):
-            breaker = None
-
-        def open_socket(bypass: bool) -> Awaitable[ClientConnection]:
-            if bypass:
-                session.via = "direct"
-            return open_upstream(
-                path, query, offered, gateway_ws=self.gateway_ws, injected=self.injected,
-                settings=self.settings, metadata=session.metadata, bypass=bypass,
-            )  # fmt: skip
-
-        def judge_error(exc: BaseException) -> tuple[bool | None, bool]:
-            if isinstance(exc, UpstreamRefused):  # the gateway answered: did it fail?
-                return not gateway_failed(exc.upstream_status, exc.upstream_headers), False
-            if isinstance(exc, NotConnected):  # never reached it: straight to fal instead
-                return False, True
-            return None, False
-
-        return await via_breaker(
-            breaker, lambda: open_socket(False), lambda: open_socket(True),
-            judge=lambda _upstream: True, judge_error=judge_error,
-        )  # fmt: skip
 
     async def _refuse(self, scope: Scope, send: Send, session: Session, exc: ProxyError) -> None:
         session.answered = True

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import http
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
@@ -27,6 +27,9 @@ from websockets.typing import Subprotocol
 from ..config.settings import Settings
 from ..errors import ProxyError, UpstreamUnavailable
 from ..policy.headers import CLIENT_PROXY_ID, InjectedHeaders
+from ..upstream.breaker import Breaker, gateway_failed
+from ..upstream.route import via_breaker
+from .pump import Session
 
 CREDENTIAL_SUBPROTOCOLS = ("fal-api-key.", "cf-aig-authorization.", "proxy-authorization.")
 CALLER_SUBPROTOCOL = "proxy-authorization."
@@ -281,3 +284,35 @@ def client_subprotocol(offered: list[str], upstream_choice: str | None) -> str |
         return upstream_choice
     return next(iter(upstream_subprotocols(offered) or [p for p in offered if _TOKEN.fullmatch(p)]),
                 None)  # fmt: skip
+
+
+async def open_routed(
+    path: str, query: str, offered: list[str], session: Session, *, gateway_ws: str,
+    injected: InjectedHeaders, settings: Settings, breaker: Breaker | None,
+) -> ClientConnection:  # fmt: skip
+    """The upstream socket the breaker's way (``FAL_PROXY_FALLBACK=direct``), as the
+    forwarder's requests: a handshake whose connection failed goes straight to fal."""
+    # A realtime socket that goes straight to fal anyway (FAL_PROXY_REALTIME_DIRECT) says
+    # nothing of the gateway: it neither asks the breaker nor reports to it.
+    if settings.realtime_direct and path.endswith("/realtime"):
+        breaker = None
+
+    def open_socket(bypass: bool) -> Awaitable[ClientConnection]:
+        if bypass:
+            session.via = "direct"
+        return open_upstream(
+            path, query, offered, gateway_ws=gateway_ws, injected=injected,
+            settings=settings, metadata=session.metadata, bypass=bypass,
+        )  # fmt: skip
+
+    def judge_error(exc: BaseException) -> tuple[bool | None, bool]:
+        if isinstance(exc, UpstreamRefused):  # the gateway answered: did it fail?
+            return not gateway_failed(exc.upstream_status, exc.upstream_headers), False
+        if isinstance(exc, NotConnected):  # never reached it: straight to fal instead
+            return False, True
+        return None, False
+
+    return await via_breaker(
+        breaker, lambda: open_socket(False), lambda: open_socket(True),
+        judge=lambda _upstream: True, judge_error=judge_error,
+    )  # fmt: skip

@@ -1,25 +1,24 @@
-"""The forwarding route: a pure-ASGI handler, request → target → headers → gateway → client.
+"""The forwarding route: a pure-ASGI handler, the HTTP transport's phases (:mod:`proxy.phases`).
 
 Pure ASGI rather than a Starlette endpoint because this is the hot path: no
 Request/Response objects, no middleware stack, headers handled as the raw byte
-pairs the server gives. The data flows one way:
+pairs the server gives. :meth:`Forwarder.proxy` reads top-down, one way:
 
-1. read the target (``x-fal-target-url`` or the fal.run-shaped path) and resolve it
-   (:func:`proxy.policy.targets.resolve_target`, pure);
-2. build the upstream headers (:func:`proxy.policy.headers.upstream_request_headers`, pure);
-3. send to the gateway with the request body streamed as it arrives;
-4. stream the response back chunk by chunk as the gateway sends it.
-
-While the upstream call runs, a watcher waits for the client to go away and cancels
-the call, which closes the upstream connection at once (an aborted SSE stream must
-not keep a generation, or a connection, alive).
+1. read the head (this port's way: :meth:`~proxy.admission.Admission.header_reader`) and
+   answer a CORS preflight;
+2. admit: origin, caller, the target resolved (:func:`proxy.policy.targets.resolve_target`,
+   pure), method, app; the body's size;
+3. build the upstream headers (:func:`proxy.policy.headers.upstream_request_headers`, pure);
+4. take a slot (rate windows, quotas, concurrency), once the body's first message is in;
+5. the round trip (:mod:`proxy.forward.round_trip`): through the gateway or, with the
+   breaker open, straight to fal (:func:`proxy.upstream.route.via_breaker`), the answer
+   streamed back chunk by chunk as the gateway sends it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from functools import partial
 
 import aiohttp
@@ -29,22 +28,18 @@ from ..admission import Admission, Admitted
 from ..config.settings import Settings
 from ..errors import (
     BadRequest,
-    ClientGone,
     PayloadTooLarge,
     ProxyError,
-    RequestTimeout,
 )
 from ..observe.logs import get_logger
 from ..observe.metrics import Metrics
 from ..phases import Transport
 from ..policy.headers import upstream_request_headers
 from ..policy.python_port import REWRITE_ACCEPT_ENCODING, PythonSdkListener, rewrite_queue_urls
-from ..policy.targets import Target
-from ..upstream.failures import client_error, timeout_error
 from ..upstream.route import UpstreamRoute
 from .exchange import Exchange
-from .relay import relay_response, relay_rewritten
-from .upload import UploadDeadline, stream_body
+from .round_trip import round_trip
+from .upload import read_small_body, receive_body
 
 
 class Forwarder(Transport[Exchange]):
@@ -171,54 +166,25 @@ class Forwarder(Transport[Exchange]):
         if target.kind == "token":
             # The body says which apps the token is for: read it (it is small), check it, and
             # forward what was checked, re-serialised, never the client's own bytes.
-            body = admission.check_token_body(await self._read_small_body(receive, ex), admitted)
+            body = admission.check_token_body(
+                await read_small_body(receive, ex, settings.idle_timeout, self.body_in_hand),
+                admitted,
+            )
             headers = [(n, v) for n, v in headers if n not in ("content-length", "content-type")]
             headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
             first: Message = {"type": "http.request", "body": body, "more_body": False}
         else:
-            first = await self._receive_body(receive)
+            first = await receive_body(receive, settings.idle_timeout, self.body_in_hand(receive))
         ex.lease = await admission.take_slot(admitted, ex.method)
         ex.generation = admitted.generation
         try:
-            await self._exchange(target, headers, receive, send, ex, first, rewrite)
+            await round_trip(
+                self.route, settings, target, headers, receive, send, ex, first, rewrite
+            )
         finally:
             await ex.release()  # before the units: as soon as the answer is through
             if ex.billable_units:
                 await admission.record_units(admitted, target.path, ex.billable_units)
-
-    async def _receive_body(self, receive: Receive) -> Message:
-        """The next body message, within the idle timeout (408); raises ClientGone."""
-        if self.body_in_hand(receive):  # it answers at once: the timer (~6 µs) is not needed
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            return message
-        idle = self.settings.idle_timeout
-        try:
-            async with asyncio.timeout(idle):
-                message = await receive()
-        except TimeoutError:
-            raise RequestTimeout(
-                "request body stalled", f"nothing received for {idle:g}s"
-            ) from None
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        return message
-
-    async def _read_small_body(
-        self, receive: Receive, ex: Exchange, limit: int = 16 * 1024
-    ) -> bytes:
-        body, more = bytearray(), True
-        while more:
-            message = await self._receive_body(receive)
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > limit:
-                raise PayloadTooLarge(
-                    "request body too large", f"a token request is at most {limit} bytes"
-                )
-        ex.bytes_in = len(body)
-        return bytes(body)
 
     async def _send_preflight(
         self, send: Send, headers: list[tuple[bytes, bytes]], ex: Exchange
@@ -232,91 +198,3 @@ class Forwarder(Transport[Exchange]):
             }
         )
         await send({"type": "http.response.body", "body": b""})
-
-    async def _exchange(
-        self,
-        target: Target,
-        headers: list[tuple[str, str]],
-        receive: Receive,
-        send: Send,
-        ex: Exchange,
-        first: Message,
-        rewrite: Callable[[bytes], bytes | None] | None = None,
-    ) -> None:
-        assert self.session is not None, "the app's lifespan did not run"
-        settings = self.settings
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        watcher: asyncio.Task[None] | None = None
-
-        async def watch_disconnect() -> None:
-            # After the body, the only message left is http.disconnect: the client went away
-            # (or the response completed, which `response_done` tells apart).
-            message = await receive()
-            if message["type"] == "http.disconnect" and not ex.response_done:
-                ex.client_gone = True
-                task.cancel()
-
-        def start_watcher() -> None:
-            nonlocal watcher
-            if watcher is None:
-                watcher = loop.create_task(watch_disconnect())
-
-        body: bytes | AsyncIterator[bytes] | None
-        first_chunk = first.get("body", b"")
-        ex.bytes_in = len(first_chunk)
-        if ex.bytes_in > settings.max_body_bytes:
-            raise PayloadTooLarge("request body too large", f"over {settings.max_body_bytes} bytes")
-
-        upload: UploadDeadline | None = None
-        if first.get("more_body", False):
-            upload = UploadDeadline(
-                settings.idle_timeout, settings.first_byte_timeout, start_watcher
-            )
-            deadline = upload.timeout
-            body = stream_body(first_chunk, receive, ex, upload, settings.max_body_bytes)
-        else:
-            # The whole body is here already (the usual small JSON): no streaming needed.
-            body = first_chunk or None
-            deadline = asyncio.timeout(settings.first_byte_timeout)
-            start_watcher()
-
-        response: aiohttp.ClientResponse | None = None
-        try:
-            try:
-                async with deadline:
-                    response = await self.route.open(ex, target, headers, body)
-            except TimeoutError:
-                raise timeout_error(
-                    body_error=ex.body_error, body_phase=ex.body_phase,
-                    first_byte_expired=deadline.expired(), idle=settings.idle_timeout,
-                    first_byte=settings.first_byte_timeout, connect=settings.connect_timeout,
-                ) from None  # fmt: skip
-            except aiohttp.ClientError as exc:
-                raise client_error(
-                    exc, client_gone=ex.client_gone, body_error=ex.body_error,
-                    message="the gateway could not be reached",
-                ) from None  # fmt: skip
-            finally:
-                if upload is not None:
-                    upload.waiting_for_headers = False
-            if upload is not None and upload.body_sent:  # (else the body iterator starts it)
-                start_watcher()
-            if rewrite is not None:
-                await relay_rewritten(response, send, ex, settings.idle_timeout, rewrite)
-            else:
-                await relay_response(response, send, ex, settings.idle_timeout)
-        except asyncio.CancelledError:
-            if ex.client_gone:
-                task.uncancel()
-                raise ClientGone() from None
-            raise
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            if response is not None:
-                if ex.response_done:
-                    response.release()
-                else:
-                    response.close()  # drop the connection: the upstream sees the abort

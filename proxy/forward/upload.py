@@ -1,4 +1,4 @@
-"""The request body on its way up, and the deadline that watches it.
+"""The request body on its way up, and the deadlines that watch it.
 
 While a body streams, the exchange's deadline is the idle timeout, pushed back on every
 chunk that moves (client to proxy, or proxy to gateway); once the whole body is sent the
@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-from starlette.types import Receive
+from starlette.types import Message, Receive
 
-from ..errors import ClientGone, PayloadTooLarge
+from ..errors import ClientGone, PayloadTooLarge, RequestTimeout
 from .exchange import Exchange
 
 
@@ -74,3 +74,40 @@ async def stream_body(
             yield chunk
     ex.body_phase = None
     deadline.progress(done=True)
+
+
+async def receive_body(receive: Receive, idle: float, in_hand: bool) -> Message:
+    """The body's next message within ``idle`` seconds (408 after), ClientGone for a
+    disconnect. ``in_hand``: the server holds the whole body already, so the message comes
+    at once and the timer (~6 µs) is not armed."""
+    if in_hand:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        return message
+    try:
+        async with asyncio.timeout(idle):
+            message = await receive()
+    except TimeoutError:
+        raise RequestTimeout("request body stalled", f"nothing received for {idle:g}s") from None
+    if message["type"] == "http.disconnect":
+        raise ClientGone()
+    return message
+
+
+async def read_small_body(
+    receive: Receive, ex: Exchange, idle: float, body_in_hand: Callable[[Receive], bool],
+    limit: int = 16 * 1024,
+) -> bytes:  # fmt: skip
+    """A whole body of at most ``limit`` bytes (a realtime token request), or 413."""
+    body, more = bytearray(), True
+    while more:
+        message = await receive_body(receive, idle, body_in_hand(receive))
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+        if len(body) > limit:
+            raise PayloadTooLarge(
+                "request body too large", f"a token request is at most {limit} bytes"
+            )
+    ex.bytes_in = len(body)
+    return bytes(body)

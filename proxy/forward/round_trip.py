@@ -1,0 +1,115 @@
+"""One request's round trip upstream: the body up, the answer down, the client watched.
+
+The body is sent as it arrives (:mod:`proxy.forward.upload`), the answer relayed as the
+gateway sends it (:mod:`proxy.forward.relay`). While the call runs, a watcher waits for the
+client to go away and cancels the call, which closes the upstream connection at once (an
+aborted SSE stream must not keep a generation, or a connection, alive). Every failure
+becomes the client's error (:mod:`proxy.upstream.failures`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from starlette.types import Message, Receive, Send
+
+from ..config.settings import Settings
+from ..errors import ClientGone, PayloadTooLarge
+from ..policy.targets import Target
+from ..upstream.failures import client_error, timeout_error
+from ..upstream.route import UpstreamRoute
+from .exchange import Exchange
+from .relay import relay_response, relay_rewritten
+from .upload import UploadDeadline, stream_body
+
+
+async def round_trip(
+    route: UpstreamRoute,
+    settings: Settings,
+    target: Target,
+    headers: list[tuple[str, str]],
+    receive: Receive,
+    send: Send,
+    ex: Exchange,
+    first: Message,
+    rewrite: Callable[[bytes], bytes | None] | None = None,
+) -> None:
+    """Send the request upstream (its body streamed as it arrives) and relay the answer,
+    while a watcher waits for the client to leave and cancels the call if it does (which
+    closes the upstream connection at once: an aborted stream keeps no generation alive)."""
+    assert route.session is not None, "the app's lifespan did not run"
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    watcher: asyncio.Task[None] | None = None
+
+    async def watch_disconnect() -> None:
+        # After the body, the only message left is http.disconnect: the client went away
+        # (or the response completed, which `response_done` tells apart).
+        message = await receive()
+        if message["type"] == "http.disconnect" and not ex.response_done:
+            ex.client_gone = True
+            task.cancel()
+
+    def start_watcher() -> None:
+        nonlocal watcher
+        if watcher is None:
+            watcher = loop.create_task(watch_disconnect())
+
+    body: bytes | AsyncIterator[bytes] | None
+    first_chunk = first.get("body", b"")
+    ex.bytes_in = len(first_chunk)
+    if ex.bytes_in > settings.max_body_bytes:
+        raise PayloadTooLarge("request body too large", f"over {settings.max_body_bytes} bytes")
+
+    upload: UploadDeadline | None = None
+    if first.get("more_body", False):
+        upload = UploadDeadline(settings.idle_timeout, settings.first_byte_timeout, start_watcher)
+        deadline = upload.timeout
+        body = stream_body(first_chunk, receive, ex, upload, settings.max_body_bytes)
+    else:
+        # The whole body is here already (the usual small JSON): no streaming needed.
+        body = first_chunk or None
+        deadline = asyncio.timeout(settings.first_byte_timeout)
+        start_watcher()
+
+    response: aiohttp.ClientResponse | None = None
+    try:
+        try:
+            async with deadline:
+                response = await route.open(ex, target, headers, body)
+        except TimeoutError:
+            raise timeout_error(
+                body_error=ex.body_error, body_phase=ex.body_phase,
+                first_byte_expired=deadline.expired(), idle=settings.idle_timeout,
+                first_byte=settings.first_byte_timeout, connect=settings.connect_timeout,
+            ) from None  # fmt: skip
+        except aiohttp.ClientError as exc:
+            raise client_error(
+                exc, client_gone=ex.client_gone, body_error=ex.body_error,
+                message="the gateway could not be reached",
+            ) from None  # fmt: skip
+        finally:
+            if upload is not None:
+                upload.waiting_for_headers = False
+        if upload is not None and upload.body_sent:  # (else the body iterator starts it)
+            start_watcher()
+        if rewrite is not None:
+            await relay_rewritten(response, send, ex, settings.idle_timeout, rewrite)
+        else:
+            await relay_response(response, send, ex, settings.idle_timeout)
+    except asyncio.CancelledError:
+        if ex.client_gone:
+            task.uncancel()
+            raise ClientGone() from None
+        raise
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if response is not None:
+            if ex.response_done:
+                response.release()
+            else:
+                response.close()  # drop the connection: the upstream sees the abort
