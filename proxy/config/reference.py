@@ -64,21 +64,22 @@ _TEST_SECTION = (
     "Never set these in production; [testing.md](testing.md) says where they are used.",
 )
 
-# Spans set in code: 'quoted values' and variable names. Everything else is escaped.
-_CODE = re.compile(r"(?<![\w'])'([^']+)'(?![\w'])|(\$?[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)")
+# Spans set in code: 'quoted values', variable names and home paths. The rest is escaped.
+_CODE = re.compile(r"(?<![\w'])'([^']+)'(?![\w'])|(\$?[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+|~/[^\s)]+)")
 _ESCAPES = str.maketrans(
     {"\\": "\\\\", "*": "\\*", "|": "\\|", "~": "\\~", "<": "&lt;", ">": "&gt;"}
 )
 
 
 def _text(value: str) -> str:
-    """Plain text as Markdown: variable names and 'quoted values' in code, the rest escaped."""
+    """Plain text as Markdown: names, home paths and 'quoted values' in code; the rest escaped."""
     out: list[str] = []
     end = 0
     for match in _CODE.finditer(value):
         out.append(value[end : match.start()].translate(_ESCAPES))
         code = match.group(1) if match.group(1) is not None else match.group(2)
-        out.append(f"`{code.replace('|', chr(92) + '|')}`")
+        code = code.replace("|", "\\|")  # a table cell ends at a bare bar, even in code
+        out.append(f"`{code}`")
         end = match.end()
     out.append(value[end:].translate(_ESCAPES))
     return "".join(out)
