@@ -91,7 +91,7 @@ PROBE_TARGET = (
 
 
 def describe_mode(settings: Settings) -> str:
-    """Who holds which credential, in words (README: "Who holds which credential")."""
+    """Who holds which credential, in words (docs/gateway-modes.md)."""
     gateway = settings.gateway
     wholesale = (
         "the gateway may fall back to its credits (Unified Billing)"

@@ -115,7 +115,7 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
 # Declaring a setting once --------------------------------------------------------------
 # Each setting is a dataclass field whose metadata holds how it is read from the environment
 # and how it is documented, next to its default; ``read_fields`` builds the settings from
-# those declarations and ``documented`` writes the --help and README table from them.
+# those declarations and ``documented`` writes --help and docs/configuration.md from them.
 
 Reader = Callable[[Mapping[str, str], Mapping[str, Any]], Any]
 _READ, _DOCS = "proxy.read", "proxy.docs"

@@ -2,7 +2,7 @@
 happens when the gateway is down (``CF_AIG_BYOK_ALIAS``, ``FAL_PROXY_UNIFIED_BILLING``,
 ``FAL_PROXY_METADATA_*``, ``FAL_PROXY_FALLBACK*``).
 
-Three credential modes (README: "Who holds which credential"):
+Three credential modes (docs/gateway-modes.md):
 
 * ``key`` (the default): the proxy holds the fal key and sends ``Authorization: Key …``;
 * ``byok``: the gateway holds it ("Store Keys"): the proxy sends no ``Authorization``, only

@@ -50,7 +50,7 @@ class Settings:
     """Everything the proxy needs, valid once built. Build with :meth:`from_env`.
 
     Each field declares its variable, parser, default and meaning once; ``from_env``,
-    ``--help`` and the README test are all driven by these declarations.
+    ``--help`` and docs/configuration.md are all driven by these declarations.
     """
 
     fal_key: Secret | None = declared_required(  # None: the gateway holds it, or pays fal
@@ -240,7 +240,7 @@ class Settings:
         return settings
 
 
-# The table the CLI's --help and the README are written from: (variable, default, meaning).
+# What --help and docs/configuration.md are written from: (variable, default, meaning).
 DOCUMENTED_VARIABLES: tuple[Doc, ...] = documented(Settings)
 
 

@@ -1,4 +1,4 @@
-"""A local certificate authority for the proxy's TLS listener (issue 13, Python clients).
+"""A local certificate authority for the proxy's TLS listener (fal's Python client).
 
 fal's Python client builds ``https://{FAL_RUN_HOST}/...`` itself and cannot speak plain
 HTTP to a proxy, so the proxy offers a TLS port. Without ``FAL_PROXY_TLS_CERT_FILE`` /

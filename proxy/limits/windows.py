@@ -13,7 +13,7 @@ per hit. ``tests/unit/test_windows.py`` checks it against the library's answers.
 
 Why not the library itself: its memory storage starts a timer thread every 10 ms while
 hits flow and walks every key on each tick, so its cost per hit grows with the number of
-callers (measured: 46 µs with 1 caller, 730 µs with 50,000; issue 12).
+callers (measured: 46 µs with 1 caller, 730 µs with 50,000; docs/benchmarks.md).
 
 Here one window's counts live in two dicts, the current window's and the previous one's.
 When the clock enters the next window the current dict becomes the previous one and a new

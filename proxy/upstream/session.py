@@ -1,7 +1,7 @@
 """The upstream HTTP client: one aiohttp session for the whole process.
 
 aiohttp rather than httpx on this hop because it is measured to be several times
-cheaper per request (see the README's design notes and ``bench/``). Its session is
+cheaper per request (see docs/design.md and ``bench/``). Its session is
 set up as a proxy needs it:
 
 * no cookie jar: a cookie from one caller's response must never ride along with
