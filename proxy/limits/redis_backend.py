@@ -7,7 +7,7 @@ call in all of them and in the caller's usage. The admits of one turn of the eve
 go in one script call (a batch, in order); it also applies, first, what this replica owes
 Redis from earlier calls (lease releases, billable units), so giving a slot back costs no
 round trip of its own; when no call comes to carry them within ``FLUSH_DELAY``, a batch
-of no admits does.
+of no admits does (:mod:`proxy.limits.redis_batches`).
 
 State per caller is O(1): two integers per sliding window (this window's and the last
 one's, expiring two windows on), one integer per quota and period (expiring when the
@@ -18,7 +18,7 @@ Time is the replica's clock, passed to the script (as the leases always did): re
 clocks must agree to well under a second for the windows, and under ``lease_ttl`` for the
 leases. A lease expires after ``lease_ttl`` unless renewed: one task per limiter renews
 every lease it holds every ``lease_ttl / 3`` (``ZADD XX``, so a released lease never
-comes back).
+comes back; :mod:`proxy.limits.redis_leases`).
 
 **Failure modes.** If Redis fails (refused, reset, timeout; after one immediate retry on
 a fresh connection, and at most ``REDIS_TIMEOUT`` per operation), ``redis_failure="closed"``
@@ -35,44 +35,41 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
-from collections.abc import Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 
 from ..errors import LimiterUnavailable
 from ..observe.logs import get_logger
 from .base import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings, caller_key
 from .quotas import Quota
-from .script import ADMIT, Answer, joined
-from .usage import MAX_APPS, OTHER, USAGE_PERIOD, QuotaUse, UsageReport
+from .redis_batches import MAX_BATCH as MAX_BATCH  # re-exported: tests import it from here
+from .redis_batches import STORE_ERRORS, Batches, describe, unique_id
+from .redis_leases import HeldLeases
+from .script import ADMIT, Answer
+from .usage import OTHER, USAGE_PERIOD, QuotaUse, UsageReport
 from .windows import period_bounds, sliding_wait
 
 REDIS_TIMEOUT = 2.0  # seconds for any one Redis operation (connect or command)
 REDIS_CONNECTIONS = 64  # per process; one call holds one for a round trip
 UNAVAILABLE_RETRY_AFTER = 5  # Retry-After (s) on a 503 while Redis is down
-FLUSH_DELAY = 0.02  # s a release or units may wait for a call to carry them
-MAX_PENDING = 10_000  # owed operations kept while Redis is down; then dropped (leases expire)
-MAX_BATCH = 64  # admits in one script call; a turn with more sends several
-_MAX_FIELDS = 2 * MAX_APPS + 2  # a usage hash: g:<app> and u:<app> per app, "other" twice
-_STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 log = get_logger("proxy.limits")
 
 
 class _Call:
     """One admit waiting for its batch: its KEYS and arguments (in the script's layout)
-    and the future its answer (or the store's error) is given to."""
+    and the future its answer (or the store's error) is given to. Built by :meth:`admit`,
+    beside the layout :meth:`lease` reads; sent by :class:`~.redis_batches.Batches`."""
 
     __slots__ = ("answer", "args", "keys")
 
-    def __init__(self, keys: list[str], args: list[Any], answer: asyncio.Future[Any]) -> None:
-        self.keys, self.args, self.answer = keys, args, answer
+    def __init__(self, keys: list[str], args: list[Any]) -> None:
+        self.keys, self.args = keys, args
+        self.answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def lease(self) -> tuple[str, str]:
         """(leases key, lease id): what releases the slot this call may have taken."""
@@ -88,13 +85,11 @@ class RedisLimiter(Limiter):
         self._redis: aioredis.Redis | None = None
         self._pool: aioredis.BlockingConnectionPool | None = None
         self._script: Any = None  # redis-py's AsyncScript: EVALSHA, EVAL on NOSCRIPT
-        self._held: dict[str, str] = {}  # lease id → its sorted set's key, renewed while here
-        self._renewer: asyncio.Task[None] | None = None
-        self._releases: list[tuple[str, str]] = []  # (leases key, lease id) owed to Redis
-        self._units: list[tuple[str, str, float, int]] = []  # (usage key, field, amount, until)
-        self._flush: asyncio.TimerHandle | None = None
-        self._queued: list[_Call] = []  # this turn's admits, sent together at its end
-        self._sending: set[asyncio.Task[None]] = set()  # batches in flight
+        # Both read the clock, the client and the script when they use them (tests swap them).
+        self._leases = HeldLeases(settings.lease_ttl, lambda: self.clock(), lambda: self._redis)
+        # The script calls: this turn's admits, what is owed Redis, the batches in flight.
+        self._batches = Batches(settings, lambda: self._script)
+        self._sending = self._batches.sending  # the same set: the batches in flight
         windows = ((settings.requests_per_minute, MINUTE, "m"),
                    (settings.submits_per_hour, HOUR, "h"))  # fmt: skip
         self._windows = [(limit, period, name) for limit, period, name in windows if limit]
@@ -120,23 +115,17 @@ class RedisLimiter(Limiter):
         self._pool = pool
         self._redis = aioredis.Redis(connection_pool=pool)
         self._script = self._redis.register_script(ADMIT)
-        self._renewer = asyncio.create_task(self._renew_forever(), name="limits-lease-renewal")
+        self._leases.start()
         if not await self.ready():
             log.warning("limiter_redis_unreachable", failure_mode=self.settings.redis_failure)
 
     async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            try:
-                await self._renewer
-            except asyncio.CancelledError:
-                pass
-            self._renewer = None
+        await self._leases.stop()
         if self._redis is not None:
             if self._sending:  # batches in Redis: their answers, and what they owe, first
                 await asyncio.wait(set(self._sending), timeout=REDIS_TIMEOUT)
             await self.flush()  # best effort: what is lost expires by itself
-            self._held.clear()
+            self._leases.clear()
             await self._redis.aclose()
             if self._pool is not None:
                 await self._pool.disconnect()  # ours (passed in): the client leaves it open
@@ -147,7 +136,7 @@ class RedisLimiter(Limiter):
             return False
         try:
             return bool(await self._redis.ping())
-        except _STORE_ERRORS:
+        except STORE_ERRORS:
             return False
 
     def _key(self, kind: str, *parts: object) -> str:
@@ -175,9 +164,9 @@ class RedisLimiter(Limiter):
             usage_key, until = self._usage_key(who, now)
             keys.append(usage_key)
             args += [f"g:{_field(app)}", until]
-        lease_id = _unique_id()
-        answer = await self._answer(keys, [now, lease_id, len(windows), len(ends), int(submit),
-                                           *args])  # fmt: skip
+        lease_id = unique_id()
+        call = _Call(keys, [now, lease_id, len(windows), len(ends), int(submit), *args])
+        answer = await self._batches.answer(call)
         if isinstance(answer, BaseException):
             return self._unavailable(answer)
         if answer[0] == Answer.WINDOW_FULL:
@@ -191,90 +180,8 @@ class RedisLimiter(Limiter):
             raise self.concurrency_refusal()
         if not self.settings.concurrent:
             return Lease()
-        self._held[lease_id] = keys[0]
+        self._leases.hold(lease_id, keys[0])
         return Lease(lambda: self._release(lease_id))
-
-    async def _answer(self, keys: list[str], args: list[Any]) -> Any:
-        """Add an admit to this turn's batch and wait for its answer (or the store's error).
-        The batch leaves once every callback of this turn has run."""
-        loop = asyncio.get_running_loop()
-        call = _Call(keys, args, loop.create_future())
-        self._queued.append(call)
-        if len(self._queued) == 1:
-            loop.call_soon(self._send_queued)
-        try:
-            return await call.answer
-        except asyncio.CancelledError:
-            # Cancelled in the turn its answer came, before this task ran again: a slot
-            # taken for it would have no holder.
-            answer = call.answer
-            if answer.done() and not answer.cancelled() and self._took_slot(answer.result()):
-                self._owe([call.lease()], [])
-            raise
-
-    def _send_queued(self) -> None:
-        queued, self._queued = self._queued, []
-        for start in range(0, len(queued), MAX_BATCH):
-            self._spawn(self._send(queued[start : start + MAX_BATCH]))
-
-    def _spawn(self, send: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.ensure_future(send)
-        self._sending.add(task)  # held until done (the loop keeps only weak references)
-        task.add_done_callback(self._sending.discard)
-        return task
-
-    async def _send(self, calls: list[_Call]) -> None:
-        """One script call: what is owed, then ``calls`` in order (none: only what is owed).
-        Every call is answered, whatever happens; a slot nobody will hold is given back."""
-        calls = [call for call in calls if not call.answer.cancelled()]  # gone: nothing taken
-        releases, units, keys, args = self._take_owed()
-        if not (calls or releases or units) or self._script is None:
-            return
-        head = [len(calls), len(releases), len(units), self.settings.lease_ttl,
-                self.settings.concurrent, _MAX_FIELDS, OTHER]  # fmt: skip
-        keys.insert(0, self._key("batch", _unique_id()))
-        for call in calls:
-            keys += call.keys
-            args += call.args
-        try:
-            answers: list[Any] = await self._script(keys=keys, args=[joined(head + args)])
-            if len(answers) != len(calls):
-                raise ResponseError(f"{len(answers)} answers for {len(calls)} calls")
-        except BaseException as exc:
-            # Redis may have run the batch (the reply lost or late): the slots it took for
-            # the calls are given back, and what was owed is sent again. Releases repeat
-            # harmlessly; units would count twice had it run (a reply over REDIS_TIMEOUT
-            # late), which errs toward billing, not toward losing a paid generation's units.
-            self._owe(releases, units)
-            if self.settings.concurrent:
-                self._owe([call.lease() for call in calls], [])
-            if not isinstance(exc, _STORE_ERRORS):  # cancelled (shutdown), or a bug
-                for call in calls:
-                    if not call.answer.done():
-                        call.answer.set_result(RedisError("the limiter stopped"))
-                raise
-            if not calls:
-                log.warning("limiter_flush_failed", error=_describe(exc),
-                            kept=len(releases) + len(units))  # fmt: skip
-            answers = [exc] * len(calls)
-        for call, answer in zip(calls, answers, strict=True):
-            if (
-                isinstance(answer, list) and answer[0] == Answer.REFUSED
-            ):  # this call's commands failed
-                if self.settings.concurrent:
-                    self._owe([call.lease()], [])
-                answer = ResponseError("Redis refused a command of this call")
-            if not call.answer.cancelled():
-                call.answer.set_result(answer)
-            elif self._took_slot(answer):  # its waiter left: give the slot back
-                self._owe([call.lease()], [])
-
-    def _took_slot(self, answer: Any) -> bool:
-        return (
-            bool(self.settings.concurrent)
-            and isinstance(answer, list)
-            and answer[0] == Answer.ADMITTED
-        )
 
     def _usage_key(self, who: str, now: float) -> tuple[str, int]:
         index, _, end = period_bounds(USAGE_PERIOD, now)
@@ -282,59 +189,28 @@ class RedisLimiter(Limiter):
 
     def _unavailable(self, exc: BaseException) -> Lease:
         if self.settings.redis_failure != "open":
-            log.warning("limiter_unavailable", error=_describe(exc), refused=True)
+            log.warning("limiter_unavailable", error=describe(exc), refused=True)
             raise LimiterUnavailable(
                 "rate limiter unavailable",
                 "the shared limit store did not answer; retry later",
                 retry_after=UNAVAILABLE_RETRY_AFTER,
             ) from None
-        log.warning("limiter_unavailable", error=_describe(exc), admitted_unchecked=True)
+        log.warning("limiter_unavailable", error=describe(exc), admitted_unchecked=True)
         return Lease()
 
     async def _release(self, lease_id: str) -> None:
-        leases = self._held.pop(lease_id, None)  # stop renewing it at once
+        leases = self._leases.drop(lease_id)  # stop renewing it at once
         if leases is not None:
-            self._owe([(leases, lease_id)], [])
+            self._batches.owe([(leases, lease_id)], [])
 
     async def add_units(self, caller: str, app: str | None, units: float) -> None:
         key, until = self._usage_key(caller_key(caller), self.clock())
-        self._owe([], [(key, f"u:{_field(app)}", units, until)])
-
-    def _owe(
-        self, releases: list[tuple[str, str]], units: list[tuple[str, str, float, int]]
-    ) -> None:
-        """Keep what Redis must be told for the next call (or the flush) to carry."""
-        room = MAX_PENDING - len(self._releases) - len(self._units)
-        self._releases += releases[: max(room, 0)]
-        self._units += units[: max(room - len(releases), 0)]
-        if (self._releases or self._units) and self._flush is None:
-            loop = asyncio.get_running_loop()
-            self._flush = loop.call_later(FLUSH_DELAY, self._start_flush)
-
-    def _start_flush(self) -> None:
-        self._flush = None
-        self._spawn(self._send([]))
-
-    def _take_owed(
-        self,
-    ) -> tuple[list[tuple[str, str]], list[tuple[str, str, float, int]], list[str], list[Any]]:
-        """What this replica owes Redis, taken for one script call: the releases and units,
-        and their KEYS and arguments in the order the script reads them."""
-        releases, units = self._releases, self._units
-        self._releases, self._units = [], []
-        keys = [key for key, _ in releases] + [key for key, *_ in units]
-        args: list[Any] = [lease_id for _, lease_id in releases]
-        for _, name, amount, expire_at in units:
-            args += [name, amount, expire_at]
-        return releases, units, keys, args
+        self._batches.owe([], [(key, f"u:{_field(app)}", units, until)])
 
     async def flush(self) -> None:
         """Send what this replica owes Redis now (releases, units) instead of within
         ``FLUSH_DELAY``: at shutdown, and in tests that read Redis from another replica."""
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
-        await asyncio.shield(self._spawn(self._send([])))  # a caller cancelled: still sent
+        await self._batches.flush()
 
     async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:
         assert self._redis is not None, "Limiter.start() was not called"
@@ -348,8 +224,8 @@ class RedisLimiter(Limiter):
                     pipe.get(self._key("q", quota.key, index, who))
                 pipe.hgetall(usage_key)
                 answers = await pipe.execute()
-        except _STORE_ERRORS as exc:
-            log.warning("limiter_unavailable", error=_describe(exc), reading="usage")
+        except STORE_ERRORS as exc:
+            log.warning("limiter_unavailable", error=describe(exc), reading="usage")
             raise LimiterUnavailable(
                 "usage unavailable",
                 "the shared limit store did not answer; retry later",
@@ -367,40 +243,11 @@ class RedisLimiter(Limiter):
         _, start, end = period_bounds(USAGE_PERIOD, now)
         return UsageReport(plan, uses, start, end, apps)
 
-    async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.lease_ttl / 3)
-            try:
-                await self.renew()
-            except _STORE_ERRORS as exc:
-                log.warning("lease_renewal_failed", error=_describe(exc), leases=len(self._held))
-            except Exception:  # a bug: keep renewing, or every held slot would expire
-                log.exception("lease_renewal_error")
-
     async def renew(self) -> None:
         """Push back the expiry of every lease held here (called every ``lease_ttl / 3``)."""
-        held = list(self._held.items())
-        if not held or self._redis is None:
-            return
-        expiry = self.clock() + self.settings.lease_ttl
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for lease_id, leases in held:
-                pipe.zadd(leases, {lease_id: expiry}, xx=True)  # XX: never revive a released lease
-            for leases in {leases for _, leases in held}:
-                pipe.expire(leases, math.ceil(self.settings.lease_ttl) + 1)
-            await pipe.execute()
-
-
-def _unique_id() -> str:
-    """A lease's or a batch's id: 96 random bits, unique across replicas (``random`` seeds
-    itself from the OS in each process) without a getrandom() call per request."""
-    return f"{random.getrandbits(96):024x}"
+        await self._leases.renew()
 
 
 def _field(app: str | None) -> str:
     """An app's name as a usage field: never empty, never the argument separator."""
     return app.replace("\x1f", "?") if app else OTHER
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,190 @@
+"""The Redis limiter's script calls: what one replica sends Redis, a batch at a time.
+
+The admits of one turn of the event loop go in one call of the script
+(:mod:`proxy.limits.script`; a batch, in order, at most ``MAX_BATCH``), which first applies
+what this replica owes Redis from earlier calls (lease releases, billable units), so giving
+a slot back costs no round trip of its own; when no admit comes to carry them within
+``FLUSH_DELAY``, a batch of no admits does. Every admit is answered, whatever happens, and
+a slot the script may have taken for nobody (the batch failed, the waiter left) is owed
+back. What cannot be sent is kept for the next batch, up to ``MAX_PENDING``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError, ResponseError
+
+from ..observe.logs import get_logger
+from .base import LimitSettings
+from .script import Answer, joined
+from .usage import MAX_APPS, OTHER
+
+FLUSH_DELAY = 0.02  # s a release or units may wait for a call to carry them
+MAX_PENDING = 10_000  # owed operations kept while Redis is down; then dropped (leases expire)
+MAX_BATCH = 64  # admits in one script call; a turn with more sends several
+_MAX_FIELDS = 2 * MAX_APPS + 2  # a usage hash: g:<app> and u:<app> per app, "other" twice
+STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+log = get_logger("proxy.limits")
+
+
+class Call(Protocol):
+    """What a batch needs of one admit (the limiter's ``_Call``): its KEYS and arguments
+    (in the script's layout) and the future its answer (or the store's error) is given to."""
+
+    keys: list[str]
+    args: list[Any]
+    answer: asyncio.Future[Any]
+
+    def lease(self) -> tuple[str, str]:
+        """(leases key, lease id): what releases the slot this call may have taken."""
+        ...
+
+
+class Batches:
+    """The script calls of one limiter: this turn's admits, what is owed, what is in flight.
+
+    ``script`` gives the registered script (redis-py's AsyncScript) when a batch leaves,
+    or None before the limiter started (then a batch sends nothing, and what it took of
+    the owed is dropped)."""
+
+    def __init__(self, settings: LimitSettings, script: Callable[[], Any]) -> None:
+        self._settings = settings
+        self._script = script
+        self._releases: list[tuple[str, str]] = []  # (leases key, lease id) owed to Redis
+        self._units: list[tuple[str, str, float, int]] = []  # (usage key, field, amount, until)
+        self._flush: asyncio.TimerHandle | None = None
+        self._queued: list[Call] = []  # this turn's admits, sent together at its end
+        self.sending: set[asyncio.Task[None]] = set()  # batches in flight
+
+    async def answer(self, call: Call) -> Any:
+        """Add an admit to this turn's batch and wait for its answer (or the store's error).
+        The batch leaves once every callback of this turn has run."""
+        self._queued.append(call)
+        if len(self._queued) == 1:
+            asyncio.get_running_loop().call_soon(self._send_queued)
+        try:
+            return await call.answer
+        except asyncio.CancelledError:
+            # Cancelled in the turn its answer came, before this task ran again: a slot
+            # taken for it would have no holder.
+            answer = call.answer
+            if answer.done() and not answer.cancelled() and self._took_slot(answer.result()):
+                self.owe([call.lease()], [])
+            raise
+
+    def _send_queued(self) -> None:
+        queued, self._queued = self._queued, []
+        for start in range(0, len(queued), MAX_BATCH):
+            self._spawn(self._send(queued[start : start + MAX_BATCH]))
+
+    def _spawn(self, send: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(send)
+        self.sending.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self.sending.discard)
+        return task
+
+    async def _send(self, calls: list[Call]) -> None:
+        """One script call: what is owed, then ``calls`` in order (none: only what is owed).
+        Every call is answered, whatever happens; a slot nobody will hold is given back."""
+        calls = [call for call in calls if not call.answer.cancelled()]  # gone: nothing taken
+        releases, units, keys, args = self._take_owed()
+        script = self._script()
+        if not (calls or releases or units) or script is None:
+            return
+        settings = self._settings
+        head = [len(calls), len(releases), len(units), settings.lease_ttl,
+                settings.concurrent, _MAX_FIELDS, OTHER]  # fmt: skip
+        keys.insert(0, ":".join([settings.key_prefix, "batch", unique_id()]))
+        for call in calls:
+            keys += call.keys
+            args += call.args
+        try:
+            answers: list[Any] = await script(keys=keys, args=[joined(head + args)])
+            if len(answers) != len(calls):
+                raise ResponseError(f"{len(answers)} answers for {len(calls)} calls")
+        except BaseException as exc:
+            # Redis may have run the batch (the reply lost or late): the slots it took for
+            # the calls are given back, and what was owed is sent again. Releases repeat
+            # harmlessly; units would count twice had it run (a reply over REDIS_TIMEOUT
+            # late), which errs toward billing, not toward losing a paid generation's units.
+            self.owe(releases, units)
+            if settings.concurrent:
+                self.owe([call.lease() for call in calls], [])
+            if not isinstance(exc, STORE_ERRORS):  # cancelled (shutdown), or a bug
+                for call in calls:
+                    if not call.answer.done():
+                        call.answer.set_result(RedisError("the limiter stopped"))
+                raise
+            if not calls:
+                log.warning("limiter_flush_failed", error=describe(exc),
+                            kept=len(releases) + len(units))  # fmt: skip
+            answers = [exc] * len(calls)
+        for call, answer in zip(calls, answers, strict=True):
+            if (
+                isinstance(answer, list) and answer[0] == Answer.REFUSED
+            ):  # this call's commands failed
+                if settings.concurrent:
+                    self.owe([call.lease()], [])
+                answer = ResponseError("Redis refused a command of this call")
+            if not call.answer.cancelled():
+                call.answer.set_result(answer)
+            elif self._took_slot(answer):  # its waiter left: give the slot back
+                self.owe([call.lease()], [])
+
+    def _took_slot(self, answer: Any) -> bool:
+        return (
+            bool(self._settings.concurrent)
+            and isinstance(answer, list)
+            and answer[0] == Answer.ADMITTED
+        )
+
+    def owe(
+        self, releases: list[tuple[str, str]], units: list[tuple[str, str, float, int]]
+    ) -> None:
+        """Keep what Redis must be told for the next call (or the flush) to carry."""
+        room = MAX_PENDING - len(self._releases) - len(self._units)
+        self._releases += releases[: max(room, 0)]
+        self._units += units[: max(room - len(releases), 0)]
+        if (self._releases or self._units) and self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(FLUSH_DELAY, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush = None
+        self._spawn(self._send([]))
+
+    def _take_owed(
+        self,
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str, float, int]], list[str], list[Any]]:
+        """What this replica owes Redis, taken for one script call: the releases and units,
+        and their KEYS and arguments in the order the script reads them."""
+        releases, units = self._releases, self._units
+        self._releases, self._units = [], []
+        keys = [key for key, _ in releases] + [key for key, *_ in units]
+        args: list[Any] = [lease_id for _, lease_id in releases]
+        for _, name, amount, expire_at in units:
+            args += [name, amount, expire_at]
+        return releases, units, keys, args
+
+    async def flush(self) -> None:
+        """Send what this replica owes Redis now (releases, units) instead of within
+        ``FLUSH_DELAY``."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        await asyncio.shield(self._spawn(self._send([])))  # a caller cancelled: still sent
+
+
+def unique_id() -> str:
+    """A lease's or a batch's id: 96 random bits, unique across replicas (``random`` seeds
+    itself from the OS in each process) without a getrandom() call per request."""
+    return f"{random.getrandbits(96):024x}"
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
