@@ -505,8 +505,8 @@ def test_a_worker_that_cannot_start_stops_the_supervisor_instead_of_looping(
 ) -> None:
     # Every interpreter of the run (supervisor and workers) imports this first.
     (tmp_path / "sitecustomize.py").write_text(
-        "import proxy.app\n"
-        "def create_app(settings):\n"
+        "import proxy.app.assemble\n"
+        "def create_app(settings, **options):\n"
         "    raise RuntimeError('broken on purpose')\n"
         "proxy.app.assemble.create_app = create_app\n"
     )
