@@ -60,6 +60,9 @@ class Batches:
         self._flush: asyncio.TimerHandle | None = None
         self._queued: list[Call] = []  # this turn's admits, sent together at its end
         self.sending: set[asyncio.Task[None]] = set()  # batches in flight
+        # Batches in flight that give slots back, by the leases key they release in: an
+        # admit of that key waits for them, so a slot released here is free for its next call.
+        self._releasing: dict[str, asyncio.Task[None]] = {}
 
     async def answer(self, call: Call) -> Any:
         """Add an admit to this turn's batch and wait for its answer (or the store's error).
@@ -88,11 +91,41 @@ class Batches:
         task.add_done_callback(self.sending.discard)
         return task
 
+    async def _after_releases(self, calls: list[Call]) -> None:
+        """Wait for the batches in flight that give back a slot of these calls' callers.
+        Batches travel on several connections, so Redis may run a later one first: a caller
+        whose call just ended on this replica would be refused its next call for its own
+        released slot. Other callers' admits do not wait."""
+        releasing = self._releasing
+        if not releasing:
+            return
+        waits = {task for call in calls if (task := releasing.get(call.lease()[0])) is not None}
+        if waits:
+            await asyncio.wait(waits)  # their outcome is their own (what fails is owed again)
+
+    def _releases_in_flight(self, releases: list[tuple[str, str]]) -> None:
+        """This batch (the current task) gives back these slots until it is done."""
+        task = asyncio.current_task()
+        assert task is not None
+        for key, _ in releases:
+            self._releasing[key] = task
+
+        def done(_task: object) -> None:
+            for key, _ in releases:
+                if self._releasing.get(key) is task:
+                    del self._releasing[key]
+
+        task.add_done_callback(done)
+
     async def _send(self, calls: list[Call]) -> None:
         """One script call: what is owed, then ``calls`` in order (none: only what is owed).
         Every call is answered, whatever happens; a slot nobody will hold is given back."""
+        if calls:
+            await self._after_releases(calls)
         calls = [call for call in calls if not call.answer.cancelled()]  # gone: nothing taken
         releases, units, keys, args = self._take_owed()
+        if releases:
+            self._releases_in_flight(releases)
         script = self._script()
         if not (calls or releases or units) or script is None:
             return
@@ -165,6 +198,9 @@ class Batches:
         and their KEYS and arguments in the order the script reads them."""
         releases, units = self._releases, self._units
         self._releases, self._units = [], []
+        if self._flush is not None:  # all of it rides on this batch: no flush is due
+            self._flush.cancel()
+            self._flush = None
         keys = [key for key, _ in releases] + [key for key, *_ in units]
         args: list[Any] = [lease_id for _, lease_id in releases]
         for _, name, amount, expire_at in units:

@@ -34,11 +34,16 @@ from tests.redis_support import free_port
 SERVER_AUTH = f"Key {FAL_KEY}"
 
 
-def fallback_env(gateway: FakeGateway, failures: int = 3) -> dict[str, str]:
+def fallback_env(
+    gateway: FakeGateway, failures: int = 3, open_seconds: float = 1
+) -> dict[str, str]:
+    """``open_seconds``: 1 where a test waits for the probe; a test whose assertions need
+    the breaker to stay open (no probe among its calls, however slow the machine) asks for
+    far more than it can take."""
     return {
         "FAL_PROXY_FALLBACK": "direct",
         "FAL_PROXY_FALLBACK_FAILURES": str(failures),
-        "FAL_PROXY_FALLBACK_SECONDS": "1",
+        "FAL_PROXY_FALLBACK_SECONDS": str(open_seconds),
         "FAL_PROXY_TEST_FAL_ORIGIN": f"http://127.0.0.1:{gateway.port}/_fal",
     }
 
@@ -50,6 +55,28 @@ def run(proxy: RunningProxy) -> httpx.Response:
 
 def lines(proxy: RunningProxy, event: str) -> list[dict[str, Any]]:
     return [line for line in proxy.logs() if line.get("event") == event]
+
+
+def logged(proxy: RunningProxy, event: str) -> list[dict[str, Any]]:
+    """The ``event`` lines, once the first has come through the proxy's stdout (the proxy
+    writes it before its answer, but the test reads that pipe on another thread)."""
+    proxy.process.wait_for_json(lambda line: line.get("event") == event, timeout=10)
+    return lines(proxy, event)
+
+
+BREAKER_EVENTS = ("gateway_bypassed", "gateway_probe", "gateway_restored")
+
+
+def breaker_changes(proxy: RunningProxy) -> list[tuple[str, str]]:
+    """Every change of way the proxy logged, in order, as (previous, state); asserted to be
+    one unbroken chain from "closed": each change logged once, none missing."""
+    changes = [(line["previous"], line["state"]) for line in proxy.logs()
+               if line.get("event") in BREAKER_EVENTS]  # fmt: skip
+    state = "closed"
+    for previous, new in changes:
+        assert previous == state and new != previous, changes
+        state = new
+    return changes
 
 
 def bypassed(proxy: RunningProxy) -> float:
@@ -88,8 +115,14 @@ def test_a_refused_gateway_sends_calls_straight_to_fal_and_back_after_the_probe(
             assert_direct(record)
         requests = [r for r in proxy.request_logs() if r.get("route") == "run"]
         assert [r.get("via") for r in requests] == ["direct"] * 5
-        (opened,) = lines(proxy, "gateway_bypassed")  # said once
-        assert opened["state"] == "open" and bypassed(proxy) == 1
+        # Opened once by the failures; if the machine was slow enough for the open period to
+        # pass, a probe (refused too: it also went straight to fal) reopened it, each change
+        # logged once.
+        logged(proxy, "gateway_bypassed")
+        changes = breaker_changes(proxy)
+        assert changes[0] == ("closed", "open")
+        assert set(changes[1:]) <= {("open", "half_open"), ("half_open", "open")}, changes
+        assert bypassed(proxy) == 1
         assert httpx.get(f"{proxy.url}/readyz", trust_env=False).status_code == 200  # serving
         # A socket goes straight to fal too while the breaker is open.
         url = proxy.url.replace("http://", "ws://") + "/fal-ai/fast-lcm-diffusion/realtime"
@@ -103,7 +136,7 @@ def test_a_refused_gateway_sends_calls_straight_to_fal_and_back_after_the_probe(
         revived = start_fake_gateway("--port", str(port))
         until(lambda: run(proxy).status_code == 200 and bool(revived.requests()),
               "a call probed the revived gateway")  # fmt: skip
-        (closed,) = lines(proxy, "gateway_restored")
+        (closed,) = logged(proxy, "gateway_restored")
         assert closed["state"] == "closed" and bypassed(proxy) == 0
         revived.clear()
         fake_gateway.clear()
@@ -122,14 +155,15 @@ def test_a_refused_gateway_sends_calls_straight_to_fal_and_back_after_the_probe(
 def test_a_gateway_5xx_page_is_never_repeated_and_opens_the_breaker(
     start_proxy: Any, fake_gateway: FakeGateway
 ) -> None:
-    proxy = start_proxy(**fallback_env(fake_gateway, failures=2))
+    # Open for the whole test: every call below goes straight to fal, none is a probe.
+    proxy = start_proxy(**fallback_env(fake_gateway, failures=2, open_seconds=3600))
     fake_gateway.client.post("/_emulator/outage?status=502")
     try:
         for _ in range(2):  # reached the gateway, which failed: relayed, not sent again
             failed = run(proxy)
             assert failed.status_code == 502 and "Cloudflare" in failed.text
         assert len(fake_gateway.requests()) == 2 and fake_gateway.requests("direct") == []
-        assert [line["state"] for line in lines(proxy, "gateway_bypassed")] == ["open"]
+        assert [line["state"] for line in logged(proxy, "gateway_bypassed")] == ["open"]
         # Open: calls go straight to fal, the queue's too (submit, status, result).
         assert run(proxy).status_code == 200
         submit = httpx.post(
@@ -151,9 +185,25 @@ def test_a_gateway_5xx_page_is_never_repeated_and_opens_the_breaker(
         assert len(fake_gateway.requests()) == 2  # nothing more through the gateway
     finally:
         fake_gateway.client.delete("/_emulator/outage")
-    # The outage is over: the probe closes the breaker.
+
+
+def test_after_a_5xx_outage_the_probe_closes_the_breaker(
+    start_proxy: Any, fake_gateway: FakeGateway
+) -> None:
+    proxy = start_proxy(**fallback_env(fake_gateway, failures=1))
+    fake_gateway.client.post("/_emulator/outage?status=502")
+    try:
+        assert run(proxy).status_code == 502  # opens the breaker
+    finally:
+        fake_gateway.client.delete("/_emulator/outage")
+    # The outage is over: whenever the open period ends, the next call probes and closes it.
     until(lambda: run(proxy).status_code == 200 and bool(lines(proxy, "gateway_restored")),
           "the probe closed the breaker")  # fmt: skip
+    assert breaker_changes(proxy) == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
     assert bypassed(proxy) == 0
 
 
@@ -291,14 +341,14 @@ def test_a_realtime_direct_socket_never_speaks_for_the_gateway(
 def test_a_gateway_socket_refused_with_a_5xx_page_counts(
     start_proxy: Any, fake_gateway: FakeGateway
 ) -> None:
-    proxy = start_proxy(**fallback_env(fake_gateway, failures=1))
+    proxy = start_proxy(**fallback_env(fake_gateway, failures=1, open_seconds=3600))
     fake_gateway.client.post("/_emulator/outage?status=503")
     try:
         url = proxy.url.replace("http://", "ws://") + "/fal-ai/fast-lcm-diffusion/realtime"
         with pytest.raises(InvalidStatus) as refused:
             ws_connect(url)
         assert refused.value.response.status_code == 503
-        assert [line["state"] for line in lines(proxy, "gateway_bypassed")] == ["open"]
+        assert [line["state"] for line in logged(proxy, "gateway_bypassed")] == ["open"]
         with ws_connect(url) as socket_:  # now straight to fal
             socket_.send(msgpack.packb({"prompt": "a cat"}))
             assert msgpack.unpackb(socket_.recv(timeout=10))["images"]
@@ -319,7 +369,7 @@ def test_a_gateway_whose_tls_handshake_hangs_is_counted_and_bypassed(
                          **fallback_env(fake_gateway, failures=1))  # fmt: skip
     try:
         assert run(proxy).status_code == 200
-        assert fake_gateway.requests("direct") and lines(proxy, "gateway_bypassed")
+        assert fake_gateway.requests("direct") and logged(proxy, "gateway_bypassed")
     finally:
         proxy.process.stop()
         listener.close()

@@ -202,6 +202,64 @@ def hop_url(hop: asyncio.Server) -> str:
     return f"redis://127.0.0.1:{hop.sockets[0].getsockname()[1]}/0"
 
 
+async def gated_hop(redis_port: int) -> tuple[asyncio.Server, dict[str, Any]]:
+    """A TCP hop to Redis that, once ``state["armed"]`` is set, holds back the next request
+    that reaches it (whatever the connection) until ``state["gate"]`` is set; every other
+    request goes through at once."""
+    state: dict[str, Any] = {"armed": False, "gate": asyncio.Event()}
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if up and state["armed"]:
+                    state["armed"] = False
+                    await state["gate"].wait()
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", redis_port)
+        await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0), state
+
+
+def test_a_slot_released_here_is_free_for_this_replicas_next_call(
+    redis_server: RedisServer,
+) -> None:
+    """The batch giving a slot back is still on its way to Redis (held in the hop) when
+    the same caller's next call is admitted on this replica: batches travel on several
+    connections, so that admit must wait for it, not overtake it and be refused for the
+    caller's own released slot (two replicas' tests saw [200, 200, 429] for sequential
+    calls at concurrency 1)."""
+
+    async def main() -> None:
+        hop, state = await gated_hop(redis_server.port)
+        limiter = await started(limits_for(hop_url(hop)))  # concurrency 1
+        try:
+            lease = await limiter.admit("web", submit=False)
+            await lease.release()  # owed: a flush batch, or the next admit, carries it
+            state["armed"] = True
+            flushing = asyncio.ensure_future(limiter.flush())  # held in the hop
+            admitting = asyncio.ensure_future(limiter.admit("web", submit=False))
+            # Without the ordering the admit reaches Redis at once, ahead of the release, and
+            # is answered (refused) while the release is held; with it, it waits for it.
+            await asyncio.wait([admitting], timeout=1.0)
+            state["gate"].set()
+            await flushing
+            assert isinstance(await admitting, Lease)  # the caller's one slot, free again
+        finally:
+            state["gate"].set()
+            await limiter.close()
+            hop.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("failure", ["closed", "open"])
 def test_a_batch_answered_after_the_timeout_keeps_no_slot(
     redis_server: RedisServer, failure: str
