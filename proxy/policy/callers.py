@@ -159,4 +159,22 @@ def decode_claims(
             reason="caller_refused",
         )
     plan = claims.get(config.plan_claim) if config.plan_claim else None
-    return str(caller), plan if isinstance(plan, str) else None
+    caller, plan = str(caller), plan if isinstance(plan, str) else None
+    # JSON can spell a lone surrogate ("\ud800"), which is no text: it could not be hashed
+    # into the gateway metadata nor written to the log line. Such a claim names nobody.
+    for name, value in ((config.caller_claim, caller), (config.plan_claim, plan)):
+        if value is not None and not _is_text(value):
+            raise Unauthorized(
+                "caller token not accepted",
+                f"the '{name}' claim is not valid Unicode text",
+                reason="caller_refused",
+            )
+    return caller, plan
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -412,6 +412,44 @@ def test_a_jwt_claiming_another_algorithm_for_an_rsa_kid_is_a_401(
     assert_no_error_lines(proxy)
 
 
+@pytest.mark.parametrize("mode", ["hash", "raw", "off"])
+def test_a_jwt_whose_subject_is_no_text_is_a_401_with_one_line(
+    start_proxy: Any, fake_gateway: FakeGateway, mode: str
+) -> None:
+    """A ``sub`` (or plan) with a lone surrogate: was a 500 with a traceback (hash mode) or a
+    call that went upstream with no log line (raw, off). Every accepted JWT gets a 401 or
+    exactly one canonical line; never a 500."""
+    secret = "s" * 40
+    proxy = start_proxy(
+        FAL_PROXY_AUTH="jwt", FAL_PROXY_JWT_SECRET=secret, FAL_PROXY_JWT_PLAN_CLAIM="plan",
+        FAL_PROXY_METADATA_CALLER=mode,
+    )  # fmt: skip
+    exp = int(time.time()) + 300
+    tokens = [
+        jwt.encode({"sub": "user\ud800", "exp": exp}, secret, "HS256"),
+        jwt.encode({"sub": "user", "plan": "pro\udfff", "exp": exp}, secret, "HS256"),
+    ]
+    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
+        for token in tokens:
+            r = c.post(ECHO, json={}, headers={"x-proxy-authorization": f"Bearer {token}"})
+            assert r.status_code == 401 and "not valid Unicode text" in r.json()["detail"]
+            assert proxy.wait_for_request_log(r.headers["x-proxy-request-id"])["status"] == 401
+            offered = [f"proxy-authorization.{token}"]
+            assert refused_status(ws_url(proxy), subprotocols=offered) == 401
+    assert fake_gateway.requests() == []
+
+    def sessions() -> list[dict[str, Any]]:
+        return [r for r in proxy.logs() if r.get("event") == "websocket"]
+
+    deadline = time.monotonic() + 10  # the session lines come through the stdout pipe
+    while len(sessions()) < len(tokens):
+        assert time.monotonic() < deadline, sessions()
+        time.sleep(0.02)
+    assert [r["error"] for r in sessions()] == ["caller_refused"] * len(tokens)
+    assert len(proxy.request_logs()) == len(tokens)  # one line each, no more
+    assert_no_error_lines(proxy)
+
+
 @pytest.mark.parametrize("body", [b"[" * 30_000, b"{" * 30_000, b'{"a":' * 10_000])
 def test_a_deeply_nested_token_body_is_a_400(
     proxy: RunningProxy, fake_gateway: FakeGateway, body: bytes

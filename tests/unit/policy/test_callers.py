@@ -107,6 +107,23 @@ def test_bad_session_tokens_are_401(claims_or_token) -> None:
         run(HS.authenticate(token))
 
 
+@pytest.mark.parametrize(
+    ("claims", "named"),
+    [
+        ({"sub": "user\ud800"}, "'sub'"),
+        ({"sub": "\udfff"}, "'sub'"),
+        ({"plan": "pro\udc80"}, "'plan'"),
+    ],
+)
+def test_a_claim_with_a_lone_surrogate_names_nobody(claims: dict, named: str) -> None:
+    auth = JwtAuth(JwtConfig(secret=SECRET, plan_claim="plan"), HEADER)
+    with pytest.raises(Unauthorized) as refused:
+        run(auth.identify(hs(future(**claims))))
+    assert named in refused.value.detail
+    # Any real text is a caller, whatever its script.
+    assert run(auth.identify(hs(future(sub="üser-😀", plan="pro")))) == ("üser-😀", "pro")
+
+
 def test_wrong_secret_and_alg_none_are_refused() -> None:
     with pytest.raises(Unauthorized):
         run(HS.authenticate(hs(future(iss="https://app.example", aud="fal-proxy"), "x" * 40)))
