@@ -146,10 +146,18 @@ def never_left(exc: BaseException, attempt: Attempt) -> bool:
     return isinstance(exc, aiohttp.ConnectionTimeoutError) and attempt.connecting
 
 
+# Timeouts a caller can cause at will, with a slow synchronous run: the gateway (504) or the
+# Cloudflare edge in front of it (524, after ~100 s) gave up waiting for fal. The gateway was
+# up to say so; counted, they would let any caller open the breaker and move every other
+# caller's traffic off the gateway.
+CALLER_TIMEOUTS = frozenset({504, 524})
+
+
 def gateway_failed(status: int, headers: Mapping[str, str]) -> bool:
-    """A 5xx that fal did not write: the gateway's own (Cloudflare's error pages carry no fal
-    request id; fal's own 5xx do, and are answers, not outages)."""
-    return status >= 500 and "x-fal-request-id" not in headers
+    """A 5xx that fal did not write and no caller can produce at will: the gateway's own
+    (Cloudflare's error pages carry no fal request id; fal's own 5xx do, and are answers, not
+    outages; a timeout waiting for fal is the caller's slow run, not an outage)."""
+    return status >= 500 and status not in CALLER_TIMEOUTS and "x-fal-request-id" not in headers
 
 
 def direct_url(host: str, path: str, query: str, origin: str | None) -> str:

@@ -187,6 +187,23 @@ def test_a_gateway_5xx_page_is_never_repeated_and_opens_the_breaker(
         fake_gateway.client.delete("/_emulator/outage")
 
 
+@pytest.mark.parametrize("status", [504, 524])
+def test_a_caller_cannot_open_the_breaker_with_slow_runs(
+    start_proxy: Any, fake_gateway: FakeGateway, status: int
+) -> None:
+    """A run the gateway (504) or Cloudflare's edge (524) timed out waiting for fal is the
+    caller's slow run, which any caller can produce: it never counts as the gateway failing."""
+    proxy = start_proxy(**fallback_env(fake_gateway, failures=2, open_seconds=3600))
+    fake_gateway.client.post(f"/_emulator/outage?status={status}")
+    try:
+        assert [run(proxy).status_code for _ in range(4)] == [status] * 4
+    finally:
+        fake_gateway.client.delete("/_emulator/outage")
+    assert run(proxy).status_code == 200
+    assert len(fake_gateway.requests()) == 5 and fake_gateway.requests("direct") == []
+    assert breaker_changes(proxy) == [] and bypassed(proxy) == 0
+
+
 def test_after_a_5xx_outage_the_probe_closes_the_breaker(
     start_proxy: Any, fake_gateway: FakeGateway
 ) -> None:

@@ -109,6 +109,8 @@ def test_the_helpers() -> None:
     assert not never_left(aiohttp.ClientPayloadError(), connecting)
     assert gateway_failed(502, {}) and gateway_failed(520, {"cf-ray": "x"})
     assert not gateway_failed(500, {"x-fal-request-id": "r"}) and not gateway_failed(429, {})
+    # A slow run timed out by the gateway or the edge: the caller's doing, not an outage.
+    assert not gateway_failed(504, {}) and not gateway_failed(524, {"cf-ray": "x"})
     assert direct_url("fal.run", "/fal-ai/x", "a=1", None) == "https://fal.run/fal-ai/x?a=1"
     assert (direct_url("queue.fal.run", "/a/requests/1", "", "http://127.0.0.1:9/_fal")
             == "http://127.0.0.1:9/_fal/queue.fal.run/a/requests/1")  # fmt: skip
