@@ -10,8 +10,11 @@ Both resolve to a :class:`Target`. ``fal.run`` targets go to the gateway in
 goes in *target mode* (``<gateway>`` with ``x-fal-target-url``), which is how
 Cloudflare AI Gateway reaches ``queue.fal.run`` and ``rest.fal.ai``.
 
-Paths and queries are kept byte for byte (no decoding, no re-encoding), so
-``%2F`` and ``fal_webhook=https%3A%2F%2F...`` reach fal as the SDK wrote them.
+Queries are kept byte for byte (no decoding, no re-encoding), so
+``fal_webhook=https%3A%2F%2F...`` reaches fal as the SDK wrote it. A ``fal.run`` or
+queue path is the endpoint id, matched raw by allowed apps and quotas, so it must be
+written plainly (see :func:`_check_plain_endpoint`); the paths that pass are plain and
+are sent as they came.
 """
 
 from __future__ import annotations
@@ -165,6 +168,26 @@ def _check_path(path: str) -> None:
                 )
 
 
+def _check_plain_endpoint(path: str) -> None:
+    """Refuse a ``fal.run`` or queue path that spells its endpoint id oddly.
+
+    Allowed apps, quotas, metrics and usage all read the endpoint id from the raw path,
+    while the gateway normalises it (decodes ``%66lux`` to ``flux`` and ``%2F`` to ``/``,
+    merges ``//``) before fal routes it. ``/fal-ai/%66lux/dev`` would run ``fal-ai/flux/dev``
+    yet match no ``fal-ai/flux/*`` quota. The fal SDKs write endpoint ids plainly
+    (``owner/alias[/path]``, request ids are plain too), so any percent-escape in the path,
+    or an empty segment, is refused rather than canonicalised: one spelling, one id.
+    A trailing ``/`` (the SDK adds one to URL-shaped ids) is not an empty segment here.
+    """
+    if "%" in path or "//" in path:
+        raise BadRequest(
+            "invalid path",
+            "the endpoint id must be written plainly, like /fal-ai/flux/dev: "
+            "no percent-encoding ('%XX') and no empty path segments ('//') in the path; "
+            "send the path as the fal SDK builds it",
+        )
+
+
 def check_method(method: str, target: Target) -> None:
     """``rest.fal.ai`` calls are POSTs (upload initiation, tokens) and a token call has no
     query: anything else would reach fal's account API unchecked."""
@@ -204,6 +227,8 @@ def starts_generation(method: str, target: Target) -> bool:
 
 def _route(host: str, path: str, query: str, gateway_url: str) -> Target:
     suffix = f"?{query}" if query else ""
+    if host in (RUN_HOST, QUEUE_HOST):
+        _check_plain_endpoint(path)
     if host == RUN_HOST:
         if path == "/":
             raise Forbidden(

@@ -298,3 +298,59 @@ def test_the_usage_route_refuses_what_any_proxied_call_would(
     lines = [line for line in quota_proxy.request_logs() if line.get("route") == "usage"]
     assert {line["status"] for line in lines} == {403, 405, 401, 200}
     assert all("alice-token" not in str(line) for line in quota_proxy.logs())
+
+
+ODD_FLUX_SPELLINGS = (
+    "/fal-ai/%66lux/dev",
+    "/fal-ai/fl%75x/dev",
+    "/fal-ai/flux%2Fdev",
+    "/fal%2Dai/flux/dev",
+    "/fal-ai//flux/dev",
+)
+
+
+def test_odd_spellings_of_an_app_over_quota_are_refused_and_never_go_upstream(
+    start_proxy, tmp_path: Path, fake_gateway: FakeGateway
+) -> None:
+    """The gateway decodes ``%66lux`` and merges ``//`` before fal routes the call, so each
+    spelling below would run fal-ai/flux/dev; quotas match the id as written, so each is
+    refused (400) before anything is sent, rather than counted only against ``*``."""
+    proxy = start_proxy(
+        FAL_PROXY_AUTH="token",
+        FAL_PROXY_CLIENT_TOKENS_FILE=tokens_file(tmp_path),
+        FAL_PROXY_QUOTAS="fal-ai/flux/*=2/day, *=100/day",
+    )
+    for _ in range(2):
+        assert run(proxy, FLUX, as_caller("alice")).status_code == 200
+    assert run(proxy, FLUX, as_caller("alice")).status_code == 429
+    seen = len(fake_gateway.requests())
+    assert seen == 2
+
+    failures = []
+    for spelling in ODD_FLUX_SPELLINGS:
+        shapes: tuple[tuple[str, dict[str, str]], ...] = (
+            (spelling, {}),  # fal.run-shaped
+            ("/api/fal/proxy", {"x-fal-target-url": f"https://fal.run{spelling}"}),
+            ("/api/fal/proxy", {"x-fal-target-url": f"https://queue.fal.run{spelling}"}),
+            (
+                "/api/fal/proxy",
+                {"x-fal-target-url": f"https://queue.fal.run{spelling}/requests/r1/status"},
+            ),
+        )
+        for path, extra in shapes:
+            response = run(proxy, path, {**as_caller("alice"), **extra})
+            where = f"{path} {extra}: {response.status_code} {response.text[:200]}"
+            if response.status_code != 400:
+                failures.append(f"not refused: {where}")
+                continue
+            body = response.json()
+            if body.get("message") != "invalid path" or "written plainly" not in body.get(
+                "detail", ""
+            ):
+                failures.append(f"unclear refusal: {where}")
+    assert not failures, "\n".join(failures)
+    assert len(fake_gateway.requests()) == seen  # nothing new reached the gateway
+    assert generations_upstream(fake_gateway, FLUX) == 2
+    # Still over quota: the refused spellings neither slipped through nor reset anything.
+    assert run(proxy, FLUX, as_caller("alice")).status_code == 429
+    assert run(proxy, SDXL, as_caller("alice")).status_code == 200

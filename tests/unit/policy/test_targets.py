@@ -32,7 +32,8 @@ VALID = [
         f"{GW}/fal-ai/llavav15-13b/stream",
         None,
     ),
-    ("https://fal.run/fal-ai/a%2Fb/c", "run", f"{GW}/fal-ai/a%2Fb/c", None),
+    # A trailing "/" (the SDK adds one to URL-shaped ids) is not an empty segment.
+    ("https://fal.run/fal-ai/x/", "run", f"{GW}/fal-ai/x/", None),
     ("https://fal.run/fal-ai/v1.5/x", "run", f"{GW}/fal-ai/v1.5/x", None),
     (
         "https://queue.fal.run/fal-ai/flux/dev?fal_webhook=https%3A%2F%2Fexample.com%2Fhook%3Fa%3Db",
@@ -156,7 +157,7 @@ PATHS = [
     # fal.run-shaped requests: (path, query, upstream URL)
     ("/fal-ai/fast-sdxl", "x=1", f"{GW}/fal-ai/fast-sdxl?x=1"),
     ("/fal-ai/fast-sdxl", "", f"{GW}/fal-ai/fast-sdxl"),
-    ("/fal-ai/a%2Fb", "prompt=a%20cat%0A", f"{GW}/fal-ai/a%2Fb?prompt=a%20cat%0A"),
+    ("/fal-ai/a/b", "prompt=a%20cat%0A", f"{GW}/fal-ai/a/b?prompt=a%20cat%0A"),
     ("/fal-ai/x/stream", "", f"{GW}/fal-ai/x/stream"),
 ]
 
@@ -250,3 +251,81 @@ def test_rest_calls_are_posts_and_tokens_have_no_query(
     else:
         with pytest.raises(error):
             check_method(method, resolve(url))
+
+
+# --- one endpoint id, one spelling ----------------------------------------------------------
+# Allowed apps and quotas match the raw path; the gateway decodes and merges it before fal
+# routes it. Each of these would run fal-ai/flux/dev while matching no fal-ai/flux/* quota,
+# so every fal.run / queue path with a percent-escape or an empty segment is refused.
+ODD_ENDPOINT_PATHS = [
+    "/fal-ai/%66lux/dev",  # unreserved letter escaped
+    "/fal-ai/fl%75x/dev",
+    "/fal-ai/FL%55X/dev",
+    "/fal-ai/flux%2Fdev",  # encoded slash
+    "/fal-ai/flux%2fdev",
+    "/fal%2Dai/flux/dev",  # encoded hyphen
+    "/fal-ai/flux/dev%2Estream",  # encoded dot (not a dot segment)
+    "/fal-ai/flux/%64ev",
+    "/fal-ai/flux/dev%7E",  # encoded tilde
+    "/fal-ai/flux/dev%3Fx=1",  # encoded "?": would end the id once decoded
+    "/fal-ai/flux/dev%20",  # any other escape too: endpoint ids are plain
+    "/fal-ai//flux/dev",  # empty segment
+    "/fal-ai/flux//dev",
+    "/fal-ai/flux/dev//stream",
+    "/fal-ai/flux/dev/requests/%72eq-1/status",  # queue request paths too
+    "/fal-ai/flux/requests/req-1//status",
+    "/fal-ai/%66lux/requests/req-1",
+    "/fal-ai/flux%2Frequests/req-1/status",
+]
+
+
+@pytest.mark.parametrize("path", ODD_ENDPOINT_PATHS)
+@pytest.mark.parametrize(
+    "host", ["fal.run", "queue.fal.run", "falrun.com", "queue.falrun.com", "FAL.RUN"]
+)
+def test_oddly_spelled_endpoint_ids_are_refused_in_the_target_header(host: str, path: str) -> None:
+    for route in (ROUTE, "/fal-ai/fast-sdxl"):
+        with pytest.raises(BadRequest) as info:
+            resolve(f"https://{host}{path}?logs=1", route)
+        assert info.value.status == 400
+        assert info.value.message == "invalid path"
+        assert "written plainly" in info.value.detail
+        assert "percent-encoding" in info.value.detail and "'//'" in info.value.detail
+
+
+@pytest.mark.parametrize("path", ODD_ENDPOINT_PATHS)
+def test_oddly_spelled_endpoint_ids_are_refused_on_fal_run_shaped_paths(path: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        resolve(None, path, "x=1")
+    assert "written plainly" in info.value.detail
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "https://fal.run/fal-ai/flux/dev",
+        "https://fal.run/fal-ai/flux/dev/",
+        "https://queue.fal.run/fal-ai/flux/dev/requests/764cabcf-b745-4b3e-ae38-1200304cf45b/status",
+        "https://queue.fal.run/fal-ai/flux/requests/req-1/cancel",
+        "https://queue.fal.run/workflows/fal-ai/sdxl-sticker",
+        "https://fal.run/fal-ai/v1.5_x~y/x",
+    ],
+)
+def test_plain_endpoint_ids_pass(target: str) -> None:
+    assert resolve(target).fal_url == target
+
+
+def test_queries_may_still_be_percent_encoded() -> None:
+    """Only the path is the endpoint id: the query reaches fal byte for byte."""
+    query = "fal_webhook=https%3A%2F%2Fexample.com%2F%2Fhook%3Fa%3D%66&p=a%20b"
+    target = resolve(f"https://queue.fal.run/fal-ai/flux/dev?{query}")
+    assert target.query == query
+    assert target.target_url == f"https://queue.fal.run/fal-ai/flux/dev?{query}"
+    run = resolve(None, "/fal-ai/flux/dev", query)
+    assert run.upstream_url == f"{GW}/fal-ai/flux/dev?{query}"
+
+
+def test_storage_and_token_paths_are_unaffected() -> None:
+    # rest.fal.ai paths are matched exactly; an odd spelling there is refused as before.
+    with pytest.raises(Forbidden):
+        resolve("https://rest.fal.ai/storage/upload/%69nitiate")
