@@ -1,18 +1,29 @@
-"""Which address is the client, and one warning when a web server in front is not trusted.
+"""Which address is the client, whose limits an anonymous call counts against, and one
+warning when a web server in front is not trusted.
 
-The rule is pure (:func:`proxy.policy.client_ip.client_ip`); this module keeps the one bit of
-state around it: how many requests carried an ``X-Forwarded-For`` the proxy ignored.
+The rules are pure (:mod:`proxy.policy.client_ip`); this module keeps the state around them:
+how many requests carried an ``X-Forwarded-For`` the proxy ignored, and which address buckets
+have limits of their own this month (:class:`AddressBuckets`).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
+from ..limits.windows import period_bounds
 from ..observe.logs import get_logger
-from ..policy.client_ip import Network, client_ip
+from ..policy.client_ip import Network, client_ip, limit_key
 from ..policy.request_head import RequestHeaders
 
 UNTRUSTED_FORWARDS = 20  # requests with an ignored X-Forwarded-For before the one warning
+# Address buckets (an IPv4 address, an IPv6 /64) with limits and usage of their own per
+# calendar month; past that, new ones share one. Each holds ~200 bytes of counts until the
+# month ends, and a /48 alone holds 65,536 /64s: without a bound, spraying addresses would
+# grow the process (and Redis) without end.
+MAX_ADDRESS_BUCKETS = 100_000
+SHARED_BUCKET = "ip:others"
 
 log = get_logger("proxy.admission")
 
@@ -51,3 +62,41 @@ class ClientAddresses:
                 "(one set of limits with FAL_PROXY_AUTH=none). Add it if it is your web "
                 "server or load balancer.",
             )
+
+
+class AddressBuckets:
+    """Whose limits an anonymous call (``FAL_PROXY_AUTH=none``) counts against: its address
+    bucket, for the first ``limit`` buckets seen this calendar month; every later one shares
+    ``ip:others`` (fails closed: spreading calls over more addresses buys no more calls).
+    O(1) per call; the set is dropped when the month ends."""
+
+    def __init__(
+        self, limit: int = MAX_ADDRESS_BUCKETS, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.limit, self.clock = limit, clock
+        self._seen: set[str] = set()
+        self._ends = 0.0  # the end of the month the set is for
+        self._warned = False
+
+    def key(self, address: str) -> str:
+        bucket = limit_key(address)
+        seen = self._seen
+        if bucket in seen:
+            return f"ip:{bucket}"
+        now = self.clock()
+        if now >= self._ends:
+            seen.clear()
+            self._ends, self._warned = period_bounds("month", now)[2], False
+        if len(seen) < self.limit:
+            seen.add(bucket)
+            return f"ip:{bucket}"
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "address_buckets_full",
+                buckets=self.limit,
+                hint="this month's anonymous clients past this many share one set of limits "
+                "and quotas; set FAL_PROXY_AUTH=token or jwt so callers are counted by "
+                "credential, not by address",
+            )
+        return SHARED_BUCKET

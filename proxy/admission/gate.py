@@ -27,7 +27,6 @@ from ..observe.logs import get_logger
 from ..observe.metrics import app_label
 from ..policy.allowed_apps import AppPolicy
 from ..policy.callers import CallerAuth, NoAuth, TokenAuth
-from ..policy.client_ip import limit_key
 from ..policy.metadata import CallerTags, derived_key, metadata_header
 from ..policy.origins import (
     OriginPolicy,
@@ -39,7 +38,7 @@ from ..policy.python_port import PythonSdkListener
 from ..policy.request_head import RequestHeaders, host_allowed
 from ..policy.targets import Target, check_method, resolve_target, starts_generation
 from .callers import JwtAuth
-from .client_address import ClientAddresses
+from .client_address import AddressBuckets, ClientAddresses
 
 log = get_logger("proxy.admission")
 
@@ -105,6 +104,7 @@ class Admission:
         self.plans = access.plans
         self._unknown_plans: set[str] = set()
         self.addresses = ClientAddresses(access.trusted_proxies)
+        self.buckets = AddressBuckets()
         self.limiter: Limiter = create_limiter(limit_settings(access))
 
     def header_reader(
@@ -256,10 +256,10 @@ class Admission:
         """The client's address (X-Forwarded-For believed only from a trusted proxy)."""
         return self.addresses.client(scope, headers)
 
-    @staticmethod
-    def limit_key(caller: str | None, client: str) -> str:
-        """Whose limits a request counts against: its caller, else its client address."""
-        return caller if caller is not None else f"ip:{limit_key(client)}"
+    def limit_key(self, caller: str | None, client: str) -> str:
+        """Whose limits a request counts against: its caller, else its client's address
+        bucket (:class:`~proxy.admission.client_address.AddressBuckets`)."""
+        return caller if caller is not None else self.buckets.key(client)
 
     def metadata(self, admitted: Admitted, request_id: str, *, websocket: bool = False) -> str:
         """``cf-aig-metadata`` for an admitted call: its caller (tagged), app, id and kind."""
