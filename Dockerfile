@@ -1,7 +1,13 @@
 # syntax=docker/dockerfile:1
 # fal-gateway-proxy: keep the fal key server-side, forward fal SDK calls through
 # Cloudflare AI Gateway. Build:  docker build -t fal-gateway-proxy .
-# Run:    docker run --rm -p 8787:8787 -e FAL_KEY=... -e CF_ACCOUNT_ID=... -e CF_GATEWAY_ID=... fal-gateway-proxy
+# Run:    docker run --rm -p 8787:8787 -e FAL_KEY=... -e CF_ACCOUNT_ID=... -e CF_GATEWAY_ID=... \
+#           -e FAL_PROXY_AUTH=token -e FAL_PROXY_CLIENT_TOKENS_FILE=/run/secrets/tokens \
+#           -v ./client-tokens:/run/secrets/tokens:ro fal-gateway-proxy
+# It listens on 0.0.0.0, so it refuses to start with FAL_PROXY_AUTH=none (the default) unless
+# FAL_PROXY_ALLOW_UNAUTHENTICATED=true says something in front authenticates callers; that
+# opt-in is deliberately not set here. /metrics on FAL_PROXY_METRICS_PORT listens on
+# 127.0.0.1 unless FAL_PROXY_METRICS_HOST says otherwise.
 
 # ---- builder: turn the project and every dependency into wheels -------------------------
 FROM python:3.11-slim AS builder

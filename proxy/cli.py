@@ -317,6 +317,10 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             "FAL_PROXY_GATEWAY_URL": f"{origin}/v1/demo/demo/fal",
             "FAL_PROXY_HOST": host,
             "FAL_PROXY_PORT": str(port),
+            # The demo's key is a throwaway one that only the built-in emulator accepts, so
+            # `demo --host 0.0.0.0` exposes no fal credit: it opts in to auth=none on any
+            # address (the start-up warning still says so).
+            "FAL_PROXY_ALLOW_UNAUTHENTICATED": "true",
             "FAL_PROXY_LOG_FORMAT": log_format
             if log_format in ("auto", "json", "console")
             else "auto",

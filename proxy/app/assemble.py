@@ -178,17 +178,18 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def warn_about_open_settings(settings: Settings, log: Any) -> None:
-    """Say at start-up what is open by default, so nobody ships it by accident."""
+    """Say at start-up what is open by default, so nobody ships it by accident.
+
+    FAL_PROXY_AUTH=none off loopback starts only with FAL_PROXY_ALLOW_UNAUTHENTICATED=true
+    (Settings.from_env refuses it otherwise); it is still said at every start."""
+    from ..config.settings import is_loopback
+
     access = settings.access
-    if (
-        access.auth == "none"
-        and settings.host not in LOOPBACK
-        and not settings.host.startswith("127.")
-    ):
+    if access.auth == "none" and not is_loopback(settings.host):
         log.warning(
-            "caller authentication is off (FAL_PROXY_AUTH=none) and the proxy listens on "
-            f"{settings.host}: anyone who can reach it spends your fal credits. "
-            "Set FAL_PROXY_AUTH=token or jwt.",
+            "caller authentication is off (FAL_PROXY_AUTH=none, allowed by "
+            f"FAL_PROXY_ALLOW_UNAUTHENTICATED) and the proxy listens on {settings.host}: "
+            "anyone who can reach it spends your fal credits. Set FAL_PROXY_AUTH=token or jwt.",
             setting="FAL_PROXY_AUTH",
         )
     if not access.allowed_apps or "*" in access.allowed_apps:

@@ -7,6 +7,7 @@ whose ``repr``/``str`` never show the value.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -90,6 +91,14 @@ class Settings:
         lambda env, _: _get(env, "CF_AIG_TOKEN_FILE"), default=None
     )
     host: str = text("FAL_PROXY_HOST", "127.0.0.1", "address to listen on (--host)")
+    # Refused at start-up: FAL_PROXY_AUTH=none on a FAL_PROXY_HOST other than loopback, unless
+    # this says it is meant (a network policy, a mesh or an authenticating proxy in front).
+    allow_unauthenticated: bool = flag(
+        "FAL_PROXY_ALLOW_UNAUTHENTICATED",
+        False,
+        "true: start with FAL_PROXY_AUTH=none on an address other than loopback (anyone who "
+        "reaches it spends your fal credits)",
+    )
     port: int = whole(
         "FAL_PROXY_PORT", 8787, "port to listen on, 0 = any free port (--port)", low=0, high=65535
     )
@@ -141,9 +150,21 @@ class Settings:
         Doc(
             "FAL_PROXY_METRICS_PORT",
             "",
-            "serve /metrics on this port (on the listen address) instead of the main one",
+            "serve /metrics and /usage/<caller> on this port (on FAL_PROXY_METRICS_HOST) "
+            "instead of /metrics on the main one",
         ),
         default=None,
+    )
+    # The operator's port answers any caller's plan and usage: loopback unless said otherwise.
+    metrics_host: str = declared(
+        lambda env, _: _listen_address(env, "FAL_PROXY_METRICS_HOST", "127.0.0.1"),
+        Doc(
+            "FAL_PROXY_METRICS_HOST",
+            "127.0.0.1",
+            "address FAL_PROXY_METRICS_PORT listens on (0.0.0.0 or the pod's address for a "
+            "scraper in another pod)",
+        ),
+        default="127.0.0.1",
     )
     workers: int = whole(
         "FAL_PROXY_WORKERS",
@@ -209,6 +230,17 @@ class Settings:
                 "FAL_PROXY_USAGE_ROUTE must differ from FAL_PROXY_ROUTE and /healthz, /readyz, "
                 "/metrics"
             )
+        if (
+            settings.access.auth == "none"
+            and not is_loopback(settings.host)
+            and not settings.allow_unauthenticated
+        ):
+            raise SettingsError(
+                f"FAL_PROXY_AUTH=none on FAL_PROXY_HOST={settings.host} (not loopback) lets "
+                "anyone who reaches the proxy spend your fal credits: set FAL_PROXY_AUTH=token "
+                "or jwt, or FAL_PROXY_ALLOW_UNAUTHENTICATED=true if something in front "
+                "authenticates callers"
+            )
         if settings.metrics_port is not None and settings.metrics_port == settings.port:
             raise SettingsError("FAL_PROXY_METRICS_PORT must differ from FAL_PROXY_PORT")
         check_modes(
@@ -242,6 +274,29 @@ class Settings:
 
 # What --help and docs/configuration.md are written from: (variable, default, meaning).
 DOCUMENTED_VARIABLES: tuple[Doc, ...] = documented(Settings)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` keeps the port to this machine (or pod)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False
+
+
+def _listen_address(env: Mapping[str, str], name: str, default: str) -> str:
+    """An IP address to bind, or ``localhost``; a name that DNS decides is refused."""
+    value = _get(env, name) or default
+    if value != "localhost":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise SettingsError(
+                f"{name} must be an IP address (e.g. 127.0.0.1, 0.0.0.0, ::) or localhost"
+            ) from None
+    return value
 
 
 def _fal_key(env: Mapping[str, str]) -> Secret | None:

@@ -26,6 +26,8 @@ from .. import __version__
 from ..config.settings import Settings
 
 PROG = "fal-gateway-proxy"
+# Longest wait for a TLS client's close_notify once its answer is sent (asyncio's default: 30 s).
+TLS_SHUTDOWN_SECONDS = 5.0
 
 
 def tune_gc() -> None:
@@ -70,13 +72,16 @@ def raise_open_files_limit(log: Any) -> None:
     )
 
 
-def bind_socket(host: str, port: int, *, shared: bool = False) -> socket.socket:
+def bind_socket(
+    host: str, port: int, *, shared: bool = False, setting: str | None = None
+) -> socket.socket:
     """Bind before building the app, so the port (with --port 0) is known to it.
 
     ``shared``: for several workers, with SO_REUSEPORT (where the system has it), so that
     each worker can listen on a socket of its own on that port (:func:`worker_socket`).
     Never for one process: a second proxy started by mistake on the same port would
-    quietly take half of the connections instead of failing to start.
+    quietly take half of the connections instead of failing to start. ``setting``: the
+    variable that chose the address, named in the one-line error.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -87,7 +92,11 @@ def bind_socket(host: str, port: int, *, shared: bool = False) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        print(f"{PROG}: error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        named = f" ({setting})" if setting else ""
+        print(
+            f"{PROG}: error: cannot listen on {host}:{port}{named}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
     sock.set_inheritable(True)
     return sock
@@ -147,6 +156,10 @@ class ProxyServer(uvicorn.Server):
                     # A client that connects and never finishes the handshake is a slow
                     # header sender too: the same deadline (else asyncio's 60 s).
                     ssl_handshake_timeout=self.tls[2],
+                    # And one that never answers our close_notify after its answer: asyncio
+                    # would hold the connection (socket, buffers, a drain slot) 30 s; the
+                    # answer is already delivered, so a short bound loses nothing.
+                    ssl_shutdown_timeout=min(self.tls[2], TLS_SHUTDOWN_SECONDS),
                 )  # fmt: skip
                 self.servers.append(server)
         tune_gc()
@@ -232,15 +245,20 @@ def _exit_cleanly(_signum: int, _frame: Any) -> None:
 def proxy_sockets(settings: Settings, *, shared: bool = False) -> list[socket.socket] | None:
     """With ``FAL_PROXY_METRICS_PORT`` or ``FAL_PROXY_PYTHON_SDK_PORT`` (or ``shared``, for
     several workers), the sockets the server listens on: the public port, then those (the
-    app tells them apart by the local port). Else None: uvicorn binds the public port."""
-    extra = [settings.metrics_port, settings.python_sdk.port]
-    if extra == [None, None] and not shared:
+    app tells them apart by the local port). Else None: uvicorn binds the public port.
+
+    The metrics port listens on ``FAL_PROXY_METRICS_HOST`` (loopback by default), not on the
+    public address: it answers any caller's plan and usage."""
+    metrics, python = settings.metrics_port, settings.python_sdk.port
+    if metrics is None and python is None and not shared:
         return None
-    return [
-        bind_socket(settings.host, port, shared=shared)
-        for port in [settings.port, *extra]
-        if port is not None
-    ]
+    sockets = [bind_socket(settings.host, settings.port, shared=shared)]
+    if metrics is not None:
+        sockets.append(bind_socket(settings.metrics_host, metrics, shared=shared,
+                                   setting="FAL_PROXY_METRICS_HOST"))  # fmt: skip
+    if python is not None:
+        sockets.append(bind_socket(settings.host, python, shared=shared))
+    return sockets
 
 
 def worker_socket(shared: socket.socket) -> socket.socket:
@@ -281,7 +299,9 @@ def proxy_server(settings: Settings) -> ProxyServer:
 
     def listening(host: str, port: int) -> None:
         if port == settings.metrics_port:  # the second socket: /metrics and /usage only
-            log.info("metrics", url=f"http://{host}:{port}/metrics")
+            shown = f"[{host}]" if ":" in host else host
+            log.info("metrics", host=host, port=port, url=f"http://{shown}:{port}/metrics",
+                     setting="FAL_PROXY_METRICS_HOST")  # fmt: skip
             return
         if port == python.port:  # the TLS socket for fal's Python client
             log.info("python_sdk", host=host, port=port, url=python.origin, pid=os.getpid(),

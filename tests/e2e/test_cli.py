@@ -83,3 +83,51 @@ def test_port_flag_overrides_the_environment() -> None:
         "--port", "99999", FAL_KEY="k", FAL_PROXY_GATEWAY_URL="http://h/x", FAL_PROXY_PORT="8000"
     )
     assert out.returncode == 2 and "FAL_PROXY_PORT" in out.stderr
+
+
+OPEN = {"FAL_KEY": "sekrit-value", "FAL_PROXY_GATEWAY_URL": "http://127.0.0.1:9/v1/a/g/fal"}
+
+
+@pytest.mark.parametrize("command", [[], ["check"], ["python-env"], ["--host", "0.0.0.0"]])
+def test_open_auth_on_a_public_address_refuses_to_start_with_one_line(
+    command: list[str],
+) -> None:
+    env = {**OPEN, "FAL_PROXY_PYTHON_SDK_PORT": "18443"}
+    if "--host" not in command:
+        env["FAL_PROXY_HOST"] = "0.0.0.0"
+    out = run_cli(*command, "--port", "0", **env) if not command else run_cli(*command, **env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fal-gateway-proxy: error: ")
+    assert "FAL_PROXY_AUTH" in lines[0] and "FAL_PROXY_ALLOW_UNAUTHENTICATED" in lines[0]
+    assert "sekrit" not in out.stderr
+
+
+def test_the_opt_in_lets_check_pass_with_open_auth_on_a_public_address() -> None:
+    out = run_cli("check", FAL_PROXY_HOST="0.0.0.0", FAL_PROXY_ALLOW_UNAUTHENTICATED="true",
+                  **OPEN)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "configuration: valid" in out.stdout
+
+
+def test_the_demo_still_listens_on_a_public_address() -> None:
+    """The demo's key is a throwaway one only its emulator accepts: it opts in itself."""
+    import json
+
+    from tests.conftest import Process
+
+    process = Process(
+        [sys.executable, "-m", "proxy", "demo", "--host", "0.0.0.0", "--port", "0",
+         "--time-scale", "0.05"],
+        child_env(FAL_PROXY_LOG_FORMAT="json"),
+    )  # fmt: skip
+    try:
+        line = process.wait_for_json(
+            lambda r: r.get("event") == "listening" and r.get("role") == "proxy"
+        )
+        import httpx
+
+        got = httpx.get(f"http://127.0.0.1:{line['port']}/healthz", trust_env=False, timeout=10)
+        assert got.status_code == 200, json.dumps(line)
+    finally:
+        process.stop()

@@ -110,6 +110,8 @@ def test_final_stage_is_slim_non_root_and_installs_only_wheels(
     assert json.loads(one(recipe, "ENTRYPOINT")) == ["fal-gateway-proxy"]
     env = env_of(recipe)
     assert env["FAL_PROXY_HOST"] == "0.0.0.0"
+    # So the image refuses FAL_PROXY_AUTH=none unless the operator opts in: never here.
+    assert "FAL_PROXY_ALLOW_UNAUTHENTICATED" not in env and "FAL_PROXY_AUTH" not in env
     assert env["FAL_PROXY_PORT"] == "8787"
     assert env["FAL_PROXY_LOG_FORMAT"] == "json"
     runs = " ".join(rest for kw, rest in recipe if kw == "RUN")

@@ -54,6 +54,49 @@ def test_standalone_has_the_production_pieces() -> None:
     assert volumes["secrets"]["secret"]["secretName"]
 
 
+def test_standalone_turns_caller_auth_on_and_lists_the_allowed_apps() -> None:
+    """It listens on the pod's address (the image's 0.0.0.0): never an open proxy."""
+    docs = {d["kind"]: d for d in documents(ROOT / "deploy" / "k8s" / "standalone.yaml")}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (proxy,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in proxy["env"]}
+    assert env.get("FAL_PROXY_HOST", "0.0.0.0") == "0.0.0.0"  # the image's
+    assert env["FAL_PROXY_AUTH"] in ("token", "jwt")
+    assert "FAL_PROXY_ALLOW_UNAUTHENTICATED" not in env
+    if env["FAL_PROXY_AUTH"] == "token":
+        mounts = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}
+        assert env["FAL_PROXY_CLIENT_TOKENS_FILE"].startswith(mounts["secrets"] + "/")
+    apps = [a.strip() for a in env["FAL_PROXY_ALLOWED_APPS"].split(",")]
+    assert apps and "*" not in apps and all(a.count("/") >= 1 for a in apps)
+
+
+def test_every_shipped_proxy_off_loopback_has_auth_or_the_opt_in() -> None:
+    """Whatever a manifest or the compose file runs: loopback, or caller auth, or a deliberate
+    FAL_PROXY_ALLOW_UNAUTHENTICATED (the proxy refuses to start otherwise). A scraper in
+    another pod needs FAL_PROXY_METRICS_HOST set: the metrics port listens on loopback."""
+    from proxy.config.settings import is_loopback
+
+    envs: list[dict[str, str]] = []
+    for path in MANIFESTS:
+        for doc in documents(path):
+            spec = doc.get("spec", {})
+            pod = spec.get("template", {}).get("spec", spec)
+            for c in [*pod.get("containers", []), *pod.get("initContainers", [])]:
+                if str(c.get("image", "")).startswith("fal-gateway-proxy"):
+                    envs.append({e["name"]: str(e.get("value")) for e in c.get("env", [])})
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    for service in compose["services"].values():
+        if str(service.get("image", "")).startswith("fal-gateway-proxy"):
+            envs.append({k: str(v) for k, v in service.get("environment", {}).items()})
+    assert len(envs) >= 3
+    for env in envs:
+        host = env.get("FAL_PROXY_HOST", "0.0.0.0")
+        if env.get("FAL_PROXY_AUTH", "none") == "none" and not is_loopback(host):
+            assert env.get("FAL_PROXY_ALLOW_UNAUTHENTICATED") == "true", env
+        if "FAL_PROXY_METRICS_PORT" in env and not is_loopback(host):
+            assert "FAL_PROXY_METRICS_HOST" in env, env
+
+
 def test_compose_wires_sidecar_redis_and_secret() -> None:
     compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
     services = compose["services"]

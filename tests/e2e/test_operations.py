@@ -250,3 +250,127 @@ def test_metrics_can_live_on_a_port_of_their_own(start_proxy) -> None:
         c.post(f"{proxy.url}/emulator/echo", json={})
         text = c.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'fal_proxy_requests_total{app="emulator/echo",route="run",status="2xx"} 1.0' in text
+
+
+# --- the operator port listens on FAL_PROXY_METRICS_HOST (loopback by default) --------------
+
+
+def _answers(url: str) -> bool:
+    try:
+        with httpx.Client(trust_env=False, timeout=5) as c:
+            c.get(url)
+    except httpx.ConnectError:
+        return False
+    return True
+
+
+def test_the_metrics_port_answers_on_loopback_only_by_default(start_proxy) -> None:
+    from tests.redis_support import free_port
+
+    port = free_port()
+    proxy = start_proxy(
+        FAL_PROXY_HOST="0.0.0.0", FAL_PROXY_ALLOW_UNAUTHENTICATED="true",
+        FAL_PROXY_METRICS_PORT=str(port),
+    )  # fmt: skip
+    public = int(proxy.url.rsplit(":", 1)[1])
+    # Linux routes all of 127.0.0.0/8 to lo: 127.0.0.2 stands for another address of the host.
+    assert httpx.get(f"http://127.0.0.2:{public}/healthz", trust_env=False).status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).status_code == 200
+    assert not _answers(f"http://127.0.0.2:{port}/metrics")
+    assert not _answers(f"http://127.0.0.2:{port}/usage/anyone")
+    (line,) = [r for r in proxy.logs() if r.get("event") == "metrics"]
+    assert line["url"] == f"http://127.0.0.1:{port}/metrics"
+    # The opt-in starts it, and the start-up warning still says so.
+    assert any(r.get("setting") == "FAL_PROXY_AUTH" and r["level"] == "warning"
+               for r in proxy.logs())  # fmt: skip
+
+
+def test_the_metrics_port_answers_elsewhere_when_told(start_proxy) -> None:
+    from tests.redis_support import free_port
+
+    port = free_port()
+    start_proxy(FAL_PROXY_METRICS_PORT=str(port), FAL_PROXY_METRICS_HOST="0.0.0.0")
+    assert httpx.get(f"http://127.0.0.2:{port}/metrics", trust_env=False).status_code == 200
+
+
+@pytest.mark.parametrize("value", ["ops.internal", "192.0.2.1"])  # not an address; not ours
+def test_a_bad_metrics_host_stops_start_up_with_one_line(value: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, child_env
+    from tests.redis_support import free_port
+
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "--port", "0"],
+        cwd=ROOT,
+        env=child_env(
+            FAL_KEY=FAL_KEY,
+            FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal",
+            FAL_PROXY_METRICS_PORT=str(free_port()),
+            FAL_PROXY_METRICS_HOST=value,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "FAL_PROXY_METRICS_HOST" in done.stderr
+
+
+def test_the_python_tls_port_drops_a_client_that_never_finishes_the_tls_close(
+    start_proxy, tmp_path: Path
+) -> None:
+    """The answer is sent, the proxy sends close_notify, the client never answers it: the
+    connection is dropped after the bound (here FAL_PROXY_HEADER_TIMEOUT, 1 s), not after
+    asyncio's 30 s default."""
+    import socket
+    import ssl
+
+    from tests.redis_support import free_port
+
+    port = free_port()
+    proxy = start_proxy(
+        FAL_PROXY_PYTHON_SDK_PORT=str(port), FAL_PROXY_STATE_DIR=str(tmp_path),
+        FAL_PROXY_HEADER_TIMEOUT="1",
+    )  # fmt: skip
+    proxy.process.wait_for_json(lambda r: r.get("event") == "python_sdk")
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", port), timeout=40) as sock:
+
+        def feed() -> bool:
+            data = sock.recv(65536)
+            incoming.write(data) if data else incoming.write_eof()
+            return bool(data)
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                assert feed(), "closed during the handshake"
+        tls.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        sock.sendall(outgoing.read())
+        answer = b""
+        while True:  # until the proxy's close_notify (or its EOF)
+            try:
+                chunk = tls.read(65536)
+            except ssl.SSLWantReadError:
+                if not feed():
+                    break
+                continue
+            except ssl.SSLZeroReturnError:
+                break
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        started = time.monotonic()
+        while sock.recv(65536):  # never answer the close_notify: wait for the TCP close
+            pass
+        waited = time.monotonic() - started
+    assert waited < 5, f"held {waited:.1f} s after the answer"

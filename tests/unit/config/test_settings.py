@@ -99,6 +99,21 @@ BAD = [
     ),
     ({"FAL_KEY": "k", "FAL_PROXY_ALLOWED_HOSTS": "a.*.example", **GW}, "FAL_PROXY_ALLOWED_HOSTS"),
     ({"FAL_KEY": "k", "FAL_PROXY_ALLOWED_HOSTS": "[zz]", **GW}, "FAL_PROXY_ALLOWED_HOSTS"),
+    ({"FAL_KEY": "k", "FAL_PROXY_METRICS_HOST": "ops.internal", **GW}, "FAL_PROXY_METRICS_HOST"),
+    ({"FAL_KEY": "k", "FAL_PROXY_METRICS_HOST": "10.0.0.300", **GW}, "FAL_PROXY_METRICS_HOST"),
+    ({"FAL_KEY": "k", "FAL_PROXY_HOST": "0.0.0.0", **GW}, "FAL_PROXY_ALLOW_UNAUTHENTICATED"),
+    ({"FAL_KEY": "k", "FAL_PROXY_HOST": "::", **GW}, "FAL_PROXY_AUTH"),
+    ({"FAL_KEY": "k", "FAL_PROXY_HOST": "10.1.2.3", **GW}, "FAL_PROXY_AUTH"),
+    ({"FAL_KEY": "k", "FAL_PROXY_HOST": "proxy.internal", **GW}, "FAL_PROXY_AUTH"),
+    (
+        {
+            "FAL_KEY": "k",
+            "FAL_PROXY_HOST": "0.0.0.0",
+            "FAL_PROXY_ALLOW_UNAUTHENTICATED": "no",
+            **GW,
+        },
+        "FAL_PROXY_ALLOW_UNAUTHENTICATED",
+    ),
 ]
 
 
@@ -199,3 +214,45 @@ def test_defaults_in_the_table_are_the_defaults_the_settings_take() -> None:
     assert shown["FAL_PROXY_REALTIME_DIRECT"] == "false" and not settings.realtime_direct
     assert shown["FAL_PROXY_AUTH_HEADER"] == settings.access.auth_header
     assert len(shown) == len(DOCUMENTED_VARIABLES)  # one row per variable
+
+
+# --- where the proxy listens: open auth only on loopback unless opted in; the operator port -----
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "proxy.internal"])
+def test_open_auth_off_loopback_is_refused_naming_auth_and_the_opt_in(host: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"FAL_KEY": "k", "FAL_PROXY_HOST": host, **GW})
+    message = str(info.value)
+    assert "FAL_PROXY_AUTH" in message and "FAL_PROXY_ALLOW_UNAUTHENTICATED" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_open_auth_on_loopback_needs_no_opt_in(host: str) -> None:
+    settings = Settings.from_env({"FAL_KEY": "k", "FAL_PROXY_HOST": host, **GW})
+    assert settings.host == host and not settings.allow_unauthenticated
+
+
+def test_open_auth_off_loopback_starts_with_the_opt_in_or_with_caller_auth(
+    tmp_path: Path,
+) -> None:
+    opted = Settings.from_env(
+        {"FAL_KEY": "k", "FAL_PROXY_HOST": "0.0.0.0", "FAL_PROXY_ALLOW_UNAUTHENTICATED": "true",
+         **GW}
+    )  # fmt: skip
+    assert opted.allow_unauthenticated and opted.access.auth == "none"
+    tokens = tmp_path / "tokens"
+    tokens.write_text("web " + "t" * 32 + "\n")
+    with_auth = Settings.from_env(
+        {"FAL_KEY": "k", "FAL_PROXY_HOST": "0.0.0.0", "FAL_PROXY_AUTH": "token",
+         "FAL_PROXY_CLIENT_TOKENS_FILE": str(tokens), **GW}
+    )  # fmt: skip
+    assert with_auth.access.auth == "token" and not with_auth.allow_unauthenticated
+
+
+def test_the_metrics_port_listens_on_loopback_unless_told() -> None:
+    base = {"FAL_KEY": "k", "FAL_PROXY_METRICS_PORT": "9100", **GW}
+    assert Settings.from_env(base).metrics_host == "127.0.0.1"
+    for host in ("0.0.0.0", "::", "10.1.2.3", "localhost"):
+        assert Settings.from_env({**base, "FAL_PROXY_METRICS_HOST": host}).metrics_host == host
