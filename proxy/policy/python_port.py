@@ -32,6 +32,9 @@ QUEUE_PREFIX = "/queue.fal.run"  # FAL_QUEUE_RUN_HOST=<name>:<port>/queue.fal.ru
 URL_KEYS = ("status_url", "response_url", "cancel_url")
 # Queue answers are small JSON; one this large is not fal's, and is not held in memory.
 MAX_REWRITTEN_BYTES = 8 * 1024 * 1024
+# fal's answers are one gzip member; many tiny ones are work, not data, and are refused.
+MAX_GZIP_MEMBERS = 64
+_FEED = 64 * 1024  # input handed to zlib at a time (what its unused_data may copy)
 # Encodings the proxy asks for (and can read) when it must rewrite an answer.
 REWRITE_ACCEPT_ENCODING = "gzip, deflate"
 _STATUS = re.compile(r"/[^?]+/requests/[^/?]+/status/?")
@@ -73,21 +76,37 @@ def proxied_url(url: str, origin: str) -> str | None:
 
 def rewrite_queue_urls(body: bytes, origin: str) -> bytes | None:
     """A queue answer (a JSON object) with its ``status_url``, ``response_url`` and
-    ``cancel_url`` pointed at this port; None when there is nothing to change (not a JSON
-    object, or no such member). Only those three strings are replaced, in place: every other
-    byte is kept as it came (numbers, escapes, member order, duplicates). A URL that is not
-    fal's is refused (BadGateway): handed on, the client would take the caller's credential
-    there. Fails closed, never open."""
+    ``cancel_url`` pointed at this port; None when there is nothing to change (no such member,
+    or bytes no JSON parser reads). Only those three strings are replaced, in place: every
+    other byte is kept as it came (numbers, escapes, member order, duplicates).
+
+    Fails closed, never open (BadGateway), for whatever the client's ``json.loads`` could read
+    with a URL the proxy has not pointed here: a URL that is not fal's (the client would take
+    the caller's credential there); a URL member that is neither a string nor null; an answer
+    in another encoding json reads (UTF-8 with a BOM, UTF-16, UTF-32: fal sends plain UTF-8).
+    Values are skipped, not built, so no depth or digit limit of this Python (which the
+    client's may not share) hides a member; whatever is passed on, rewritten or not, is
+    checked again with ``json.loads`` itself."""
+    # Read as json.loads reads bytes: in the encoding json detects (a BOM, or NULs in the
+    # first four bytes, make it another), lone surrogates allowed.
+    encoding = json.detect_encoding(body)
+    if encoding != "utf-8":
+        raise BadGateway(
+            "the gateway sent a queue answer the proxy cannot rewrite",
+            f"{encoding} text; fal answers in UTF-8 without a byte order mark",
+        )
     try:
-        text = body.decode("utf-8")
+        text = body.decode(encoding, "surrogatepass")
         spans = _url_members(text)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None  # unreadable: the client's own JSON parser cannot read it either
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        _verify(body, origin)  # not JSON, unless json.loads (the client's parser) reads it
+        return None
     if not spans:
+        _verify(body, origin)  # belt and braces: nothing the client would follow
         return None
     out, last = [], 0
     for start, end, key, value in spans:
-        new = proxied_url(value, origin)
+        new = proxied_url(value, origin) if isinstance(value, str) else None
         if new is None:
             raise BadGateway(
                 "the gateway's queue answer points outside fal", f"{key} is not a fal URL"
@@ -95,11 +114,34 @@ def rewrite_queue_urls(body: bytes, origin: str) -> bytes | None:
         out += [text[last:start], json.dumps(new)]
         last = end
     out.append(text[last:])
-    return "".join(out).encode()
+    rewritten = "".join(out).encode("utf-8", "surrogatepass")
+    _verify(rewritten, origin)
+    return rewritten
+
+
+def _verify(body: bytes, origin: str) -> None:
+    """BadGateway unless what ``json.loads`` makes of ``body`` (as fal-client reads it) has
+    each URL member null or pointing here: the rewrite checked by the client's own parser."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        answer = None  # the rewrite parsed it: not reached, and nothing to follow if it were
+    if not isinstance(answer, dict):
+        return
+    for key in URL_KEYS:
+        value = answer.get(key)
+        if value is not None and not (isinstance(value, str) and value.startswith(origin + "/")):
+            raise BadGateway(
+                "the gateway's queue answer points outside fal", f"{key} is not a fal URL"
+            )
 
 
 _SPACE = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
+# A number or a constant as json's C scanner reads them (ASCII digits only).
+_SCALAR = re.compile(
+    r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?|null|true|false|NaN|-?Infinity"
+)
+_NOT_A_STRING = object()  # a URL member's value that is not a string (nor null)
 # The stdlib's JSON string scanner (C): (value, end) for the string starting after a '"'.
 scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
 
@@ -111,48 +153,107 @@ def _skip(text: str, at: int) -> int:
     return match.end()
 
 
-def _url_members(text: str) -> list[tuple[int, int, str, str]]:
-    """Where the URL members' string values stand in a JSON object's text: (start, end, key,
-    value) each; [] when ``text`` is not one JSON object. Raises ValueError on bad JSON."""
+def _url_members(text: str) -> list[tuple[int, int, str, object]]:
+    """Where the URL members' values stand in a JSON object's text: (start, end, key, value)
+    each, every occurrence (json.loads keeps the last of duplicates; all are checked); []
+    when ``text`` is not one JSON object. Raises JSONDecodeError on bad JSON. Other values
+    are skipped (:func:`_skip_value`), not built: no depth or digit limit of this Python
+    decides what is read."""
     at = _skip(text, 0)
     if text[at : at + 1] != "{":
         return []
     at = _skip(text, at + 1)
-    spans: list[tuple[int, int, str, str]] = []
+    spans: list[tuple[int, int, str, object]] = []
     if text[at : at + 1] == "}":
         at += 1
     else:
         while True:
             if text[at : at + 1] != '"':
-                raise ValueError("a member name was expected")
+                raise json.JSONDecodeError("a member name was expected", text, at)
             key, at = scanstring(text, at + 1)
             at = _skip(text, at)
             if text[at : at + 1] != ":":
-                raise ValueError("':' was expected")
+                raise json.JSONDecodeError("':' was expected", text, at)
             at = _skip(text, at + 1)
-            if key in URL_KEYS and text[at : at + 1] == '"':
-                value, end = scanstring(text, at + 1)
-                spans.append((at, end, key, value))
+            if key in URL_KEYS:
+                value: object
+                if text[at : at + 1] == '"':
+                    value, end = scanstring(text, at + 1)
+                else:  # a URL member that is not a string: null is let be, the rest refused
+                    end = _skip_value(text, at)
+                    value = None if text[at:end] == "null" else _NOT_A_STRING
+                if value is not None:
+                    spans.append((at, end, key, value))
                 at = end
             else:
-                _, at = _DECODER.raw_decode(text, at)  # any other value, skipped whole
+                at = _skip_value(text, at)  # any other value, skipped whole
             at = _skip(text, at)
             if text[at : at + 1] == "}":
                 at += 1
                 break
             if text[at : at + 1] != ",":
-                raise ValueError("',' or '}' was expected")
+                raise json.JSONDecodeError("',' or '}' was expected", text, at)
             at = _skip(text, at + 1)
     if _skip(text, at) != len(text):
-        raise ValueError("text after the object")
+        raise json.JSONDecodeError("text after the object", text, at)
     return spans
+
+
+def _skip_value(text: str, at: int) -> int:
+    """Past the JSON value at ``at`` (no whitespace before it), as strictly as json.loads reads
+    it; with a stack, not recursion, so any depth is read. Raises JSONDecodeError."""
+    closers: list[str] = []  # the containers open around the current value
+    while True:
+        char = text[at : at + 1]
+        if char == '"':
+            _, at = scanstring(text, at + 1)
+        elif char in ("{", "["):
+            at = _skip(text, at + 1)
+            close = "}" if char == "{" else "]"
+            if text[at : at + 1] == close:
+                at += 1
+            else:
+                closers.append(close)
+                at = _member_start(text, at) if close == "}" else at
+                continue
+        else:
+            match = _SCALAR.match(text, at)
+            if match is None:
+                raise json.JSONDecodeError("a value was expected", text, at)
+            at = match.end()
+        while closers:  # after a value: close what ends here, or go on to the next one
+            at = _skip(text, at)
+            if text[at : at + 1] == closers[-1]:
+                closers.pop()
+                at += 1
+                continue
+            if text[at : at + 1] != ",":
+                raise json.JSONDecodeError("',' or a closing bracket was expected", text, at)
+            at = _skip(text, at + 1)
+            at = _member_start(text, at) if closers[-1] == "}" else at
+            break
+        else:
+            return at
+
+
+def _member_start(text: str, at: int) -> int:
+    """Past an object member's name and ':' at ``at``, at its value."""
+    if text[at : at + 1] != '"':
+        raise json.JSONDecodeError("a member name was expected", text, at)
+    _, at = scanstring(text, at + 1)
+    at = _skip(text, at)
+    if text[at : at + 1] != ":":
+        raise json.JSONDecodeError("':' was expected", text, at)
+    return _skip(text, at + 1)
 
 
 def decoded(body: bytes, encoding: str) -> bytes:
     """``body`` without its ``content-encoding`` (gzip, deflate or none), at most
     MAX_REWRITTEN_BYTES; BadGateway for another encoding or a body that does not decode. A
-    gzip body may hold several members (RFC 1952), all decoded; anything else after the
-    compressed data is an error, not dropped."""
+    gzip body may hold several members (RFC 1952), at most MAX_GZIP_MEMBERS, all decoded;
+    anything else after the compressed data is an error, not dropped. Linear in the body: the
+    input is fed in slices of a view (zlib's ``unused_data`` copies at most one slice), never
+    re-sliced whole per member; with the member cap, no answer can hold the event loop."""
     coding = encoding.strip().lower()
     if coding in ("", "identity") or not body:
         return body
@@ -164,26 +265,34 @@ def decoded(body: bytes, encoding: str) -> bytes:
     gzipped = coding != "deflate"
     # gzip: a gzip header (wbits 16+); deflate: a zlib header, or none (as some servers send).
     wbits = zlib.MAX_WBITS | 16 if gzipped else zlib.MAX_WBITS if body[:1] == b"\x78" else -15
-    out, rest = bytearray(), body
-    while True:
+    view, at, out = memoryview(body), 0, bytearray()
+    for _member in range(MAX_GZIP_MEMBERS):
         inflater = zlib.decompressobj(wbits)
-        try:
-            # Bounded: a bomb is refused after the limit, never inflated whole.
-            out += inflater.decompress(rest, MAX_REWRITTEN_BYTES + 1 - len(out))
-        except zlib.error:
-            break
-        if len(out) > MAX_REWRITTEN_BYTES:
-            raise BadGateway(
-                "the gateway's queue answer is too large",
-                f"over {MAX_REWRITTEN_BYTES} bytes decoded",
-            )
+        while not inflater.eof and at < len(view):
+            piece = view[at : at + _FEED]
+            at += len(piece)
+            try:
+                # Bounded: a bomb is refused after the limit, never inflated whole.
+                out += inflater.decompress(piece, MAX_REWRITTEN_BYTES + 1 - len(out))
+            except zlib.error:
+                break
+            if len(out) > MAX_REWRITTEN_BYTES:
+                raise BadGateway(
+                    "the gateway's queue answer is too large",
+                    f"over {MAX_REWRITTEN_BYTES} bytes decoded",
+                )
         if not inflater.eof:
-            break
-        rest = inflater.unused_data
-        if not rest:
+            break  # truncated, or not this encoding
+        at -= len(inflater.unused_data)  # the input after this member: given back
+        if at == len(view):
             return bytes(out)
-        if not (gzipped and rest[:2] == b"\x1f\x8b"):  # another member, or else garbage
+        if not (gzipped and bytes(view[at : at + 2]) == b"\x1f\x8b"):  # another member, or garbage
             break
+    else:
+        raise BadGateway(
+            "the gateway sent a queue answer the proxy cannot rewrite",
+            f"more than {MAX_GZIP_MEMBERS} gzip members",
+        )
     raise BadGateway(
         "the gateway sent a queue answer that does not decode", f"content-encoding {coding}"
     )

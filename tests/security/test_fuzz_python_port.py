@@ -18,6 +18,7 @@ it must reach nothing.
 
 from __future__ import annotations
 
+import gzip
 import json
 import ssl
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ import pytest
 from hypothesis import event, example, given, note
 from hypothesis import strategies as st
 
+from proxy.errors import BadGateway
+from proxy.policy.python_port import MAX_GZIP_MEMBERS, _skip_value, decoded, rewrite_queue_urls
 from tests.conftest import FakeGateway, launch_proxy
 from tests.redis_support import free_port
 from tests.security.fuzz_support import (
@@ -236,3 +239,171 @@ def test_raw_requests_on_the_python_port(port_harness: PortHarness, plan: Plan) 
         origin = f"https://127.0.0.1:{port_harness.port}/queue.fal.run/"
         for key in ("status_url", "response_url", "cancel_url"):
             assert answer[key].startswith(origin), answer
+
+
+# --- what a hostile gateway answers on a rewritten route --------------------------------------
+# Pure functions, no proxy: the answer as the relay reads it (``decoded``, then
+# ``rewrite_queue_urls``), judged by fal-client's own parser (httpx's ``response.json()`` is
+# ``json.loads(bytes)``, which reads UTF-8 with or without a BOM, UTF-16 and UTF-32).
+
+ORIGIN = "https://127.0.0.1:8443"
+URL_KEYS = ("status_url", "response_url", "cancel_url")
+KEY_SPELLINGS = {
+    "status_url": ['"status_url"', '"status\\u005furl"', '"\\u0073tatus_url"'],
+    "response_url": ['"response_url"', '"response\\u005Furl"'],
+    "cancel_url": ['"cancel_url"', '"\\u0063ancel_url"'],
+}
+URLS = [
+    '"https://queue.fal.run/fal-ai/x/requests/r1/status"',
+    '"https:\\/\\/queue.fal.run\\/fal-ai\\/x\\/requests\\/r1"',
+    '"https://fal.run/fal-ai/x"',
+    '"https://evil.example/steal"',
+    '"https://evil\\u002eexample/steal"',
+    '"http://queue.fal.run/x"',
+    '"https://queue.fal.run@evil.example/x"',
+    f'"{ORIGIN}/queue.fal.run/x"',  # already the proxy's: still the gateway's word, refused
+    "null", "5", "true", '["https://queue.fal.run/x"]', '{"u": "https://evil.example"}',
+]  # fmt: skip
+OTHER_VALUES = [
+    '"IN_QUEUE"', "1", "-0.5e-3", "1e400", "NaN", "-Infinity", "12345678901234567890",
+    "9" * 5000, '"\\ud800"', '"\ud800"', "[" * 3000 + "]" * 3000, '{"status_url": "https://evil.example"}',
+    '[{"cancel_url": "https://evil.example"}]', '"é"',
+]  # fmt: skip
+SPACES = ["", " ", "\n", "\r\n\t ", "\u00a0", "\ufeff"]  # the last two: not JSON whitespace
+CODECS = ["utf-8", "utf-8", "utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be",
+          "utf-32", "utf-32-le", "utf-32-be"]  # fmt: skip
+
+
+@st.composite
+def answers(draw: st.DrawFn) -> bytes:
+    """A queue answer a hostile gateway could send: members in any order, repeated, keys
+    spelled with escapes, odd values, odd spacing, any encoding json reads, maybe gzipped."""
+    members = []
+    for _ in range(draw(st.integers(0, 6))):
+        if draw(st.booleans()):
+            key = draw(st.sampled_from(URL_KEYS))
+            members.append((draw(st.sampled_from(KEY_SPELLINGS[key])), draw(st.sampled_from(URLS))))
+        else:
+            name = draw(st.sampled_from(['"request_id"', '"status"', '"logs"', '"metrics"']))
+            members.append((name, draw(st.sampled_from(OTHER_VALUES))))
+    space = st.sampled_from(SPACES)
+    inner = ",".join(f"{draw(space)}{k}{draw(space)}:{draw(space)}{v}" for k, v in members)
+    text = draw(space) + "{" + inner + draw(space) + "}" + draw(space)
+    if draw(st.integers(0, 9)) == 0:
+        text = f"[{text}]"  # a top-level array
+    body = text.encode(draw(st.sampled_from(CODECS)), "surrogatepass")
+    return body
+
+
+def served_or_refused(body: bytes, coding: str) -> bytes | None:
+    """What the relay sends on a rewritten route: the bytes, or None for a 502 (BadGateway,
+    the only exception allowed)."""
+    try:
+        plain = decoded(body, coding)
+        return rewrite_queue_urls(plain, ORIGIN) or plain
+    except BadGateway as refused:
+        assert refused.status == 502
+        return None
+
+
+def assert_only_here(sent: bytes) -> None:
+    """What fal-client reads in ``sent`` names only this port's URLs (or none)."""
+    try:
+        answer = json.loads(sent)
+    except (ValueError, RecursionError):
+        return  # the client cannot read it either: nothing to follow
+    if isinstance(answer, dict):
+        for key in URL_KEYS:
+            value = answer.get(key)
+            assert value is None or (isinstance(value, str) and value.startswith(ORIGIN + "/")), (
+                key,
+                value,
+            )
+
+
+@fuzz_settings(300)
+@given(body=answers(), gzipped=st.sampled_from([0, 0, 1, 2, 3]))
+@example(body=b'{"status_url":"https://queue.fal.run/x","status_url":"https://evil.example"}',
+         gzipped=0)  # fmt: skip
+@example(body='{"status_url":"https://evil.example/x"}'.encode("utf-16"), gzipped=1)
+@example(body=b'\xef\xbb\xbf{"status_url":"https://evil.example/x"}', gzipped=0)
+@example(body=b'{"n":' + b"9" * 5000 + b',"status_url":"https://evil.example"}', gzipped=0)
+def test_rewritten_answers_point_only_here(body: bytes, gzipped: int) -> None:
+    """Every answer on a rewritten route is a 502 or bytes whose json.loads names only this
+    port; plain, gzipped whole or split into members."""
+    data, coding = body, ""
+    if gzipped:
+        cut = len(body) // gzipped + 1
+        data = b"".join(gzip.compress(body[i : i + cut]) for i in range(0, len(body), cut))
+        coding = "gzip"
+    sent = served_or_refused(data, coding)
+    event("refused" if sent is None else "served")
+    if sent is not None:
+        assert_only_here(sent)
+
+
+@fuzz_settings(100)
+@given(count=st.integers(1, MAX_GZIP_MEMBERS + 40), size=st.integers(0, 40))
+@example(count=MAX_GZIP_MEMBERS, size=3)
+@example(count=MAX_GZIP_MEMBERS + 1, size=0)
+def test_gzip_members_are_counted_not_timed(count: int, size: int) -> None:
+    """Up to MAX_GZIP_MEMBERS members decode to their concatenation; more are a 502 (bounded
+    work, asserted by count, not by the clock)."""
+    pieces = [bytes([65 + i % 26]) * ((size + i) % 41) for i in range(count)]
+    body = b"".join(gzip.compress(p, mtime=0) for p in pieces)
+    try:
+        plain = decoded(body, "gzip")
+    except BadGateway as refused:
+        assert count > MAX_GZIP_MEMBERS and "gzip members" in refused.detail
+    else:
+        assert count <= MAX_GZIP_MEMBERS and plain == b"".join(pieces)
+
+
+def test_a_good_answer_is_still_served_rewritten() -> None:
+    """Not vacuous: fal's own answer (plain UTF-8, one gzip member) is rewritten, not refused."""
+    base = "https://queue.fal.run/fal-ai/x/requests/r1"
+    body = json.dumps({"request_id": "r1", "status_url": f"{base}/status",
+                       "response_url": base, "cancel_url": f"{base}/cancel"}).encode()  # fmt: skip
+    sent = served_or_refused(gzip.compress(body), "gzip")
+    assert sent is not None
+    assert json.loads(sent)["status_url"] == f"{ORIGIN}/queue.fal.run/fal-ai/x/requests/r1/status"
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+TOKENS = ["{", "}", "[", "]", ",", ":", '"', "\\", "-", "0", "1", ".", "e", "+", " ", "\n",
+          "null", "NaN", "-Infinity", "\u0661", "\x00", "\ufeff"]  # fmt: skip
+EDITS = st.lists(
+    st.tuples(st.integers(0, 10_000), st.integers(0, 2), st.sampled_from(TOKENS)), max_size=3
+)
+
+
+@fuzz_settings(300)
+@given(value=JSON_VALUES, indent=st.sampled_from([None, 0, 2]), edits=EDITS)
+def test_the_skipper_reads_whatever_json_reads(
+    value: object, indent: int | None, edits: list[tuple[int, int, str]]
+) -> None:
+    """Differential: every value json.loads reads, the rewrite's own scanner reads to its end
+    (else an answer could hide a URL member from the rewrite and still reach the client), and
+    a foreign URL after it is refused."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False)
+    for at, cut, token in edits:  # mutate: what json then still reads must still be read
+        at %= len(text) + 1
+        text = text[:at] + token + text[at + cut :]
+    try:
+        json.loads(text)
+    except ValueError:
+        return
+    event("json reads the mutated text")
+    start = len(text) - len(text.lstrip(" \t\n\r"))
+    assert _skip_value(text, start) == len(text.rstrip(" \t\n\r"))
+    body = f'{{"x": {text}, "status_url": "https://evil.example/x"}}'.encode(
+        "utf-8", "surrogatepass"
+    )
+    with pytest.raises(BadGateway):
+        rewrite_queue_urls(body, ORIGIN)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import zlib
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from proxy.config.python_port import FAL_KEY_PLACEHOLDER, PythonSdkSettings, env
 from proxy.config.settings import Settings
 from proxy.errors import BadGateway
 from proxy.policy.python_port import (
+    MAX_GZIP_MEMBERS,
     MAX_REWRITTEN_BYTES,
     PythonSdkListener,
     decoded,
@@ -173,18 +175,113 @@ def test_rewrite_points_the_three_urls_here_and_keeps_everything_else() -> None:
     [
         b"",
         b"not json",
-        b"\xff\xfe",
         b"[1, 2]",
         b'"https://queue.fal.run/x"',
         b'{"status": "COMPLETED"}',
-        b'{"status_url": 5, "response_url": null}',
-        b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # too deep for any json parser
+        b'{"response_url": null}',
+        b'{"status_url": "https://queue.fal.run/x"',  # not JSON for json.loads either
+        b'{"status_url": "https://evil.example/\xff"}',  # not UTF-8: json.loads refuses too
+        b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # deep, but no URL member
+        b'{"n": ' + b"9" * 5000 + b"}",
         b'{"status_url": "https://queue.fal.run/x"} trailing',
         b'{"status_url": "https://queue.fal.run/x",}',
     ],
 )
 def test_nothing_to_rewrite(body: bytes) -> None:
     assert rewrite_queue_urls(body, ORIGIN) is None
+
+
+EVIL = "https://evil.example/steal"
+
+
+def as_the_client_reads(body: bytes) -> object:
+    """What fal-client makes of an answer: httpx's ``response.json()`` is ``json.loads``."""
+    return json.loads(body)
+
+
+def served(body: bytes) -> bytes:
+    """What the relay sends for ``body`` on a rewritten route (BadGateway propagates)."""
+    return rewrite_queue_urls(body, ORIGIN) or body
+
+
+@pytest.mark.parametrize(
+    "codec", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]
+)
+@pytest.mark.parametrize("url", [EVIL, f"{QUEUE_URL}/status"])
+def test_an_answer_json_reads_in_another_encoding_is_refused(codec: str, url: str) -> None:
+    """UTF-8 with a BOM, UTF-16 and UTF-32 are JSON to json.loads (the client's parser): passed
+    on unrewritten, the client would poll the status_url they name with the caller's token.
+    fal answers in plain UTF-8: the others are refused, whatever URL they carry."""
+    body = json.dumps({"request_id": "r1", "status_url": url}).encode(codec)
+    assert as_the_client_reads(body) == {"request_id": "r1", "status_url": url}  # the threat
+    with pytest.raises(BadGateway) as refused:
+        rewrite_queue_urls(body, ORIGIN)
+    assert refused.value.status == 502 and codec.split("-")[0] in refused.value.detail
+    # Gzipped, the same: decoded first, then refused.
+    with pytest.raises(BadGateway):
+        rewrite_queue_urls(decoded(gzip.compress(body), "gzip"), ORIGIN)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # json.loads keeps the last of duplicate members: every one is checked.
+        f'{{"status_url":"{QUEUE_URL}/status","status_url":"{EVIL}"}}'.encode(),
+        f'{{"status_url":"{EVIL}","status_url":"{QUEUE_URL}/status"}}'.encode(),
+        # A key spelled with escapes is the same key to json.loads.
+        f'{{"status\\u005furl":"{EVIL}"}}'.encode(),
+        f'{{"\\u0063ancel_url":"{EVIL}"}}'.encode(),
+        # The value spelled with escapes.
+        b'{"status_url":"https:\\/\\/evil\\u002eexample/x"}',
+        # Not a string: not the proxy's URL either.
+        b'{"status_url": 5}',
+        b'{"response_url": ["https://queue.fal.run/x"]}',
+        b'{"cancel_url": {"url": "https://queue.fal.run/x"}}',
+        b'{"status_url": true}',
+        # Lone surrogates encoded in UTF-8: json.loads reads them (surrogatepass).
+        f'{{"log":"\ud800","status_url":"{EVIL}"}}'.encode("utf-8", "surrogatepass"),
+        # NaN, Infinity and huge numbers are JSON to json.loads.
+        f'{{"a":NaN,"b":-Infinity,"c":1e999999,"status_url":"{EVIL}"}}'.encode(),
+        # Past json's limits here (digits, depth), but another Python may read it: the URL
+        # member after is found all the same.
+        b'{"n":' + b"9" * 5000 + f',"status_url":"{EVIL}"}}'.encode(),
+        b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + f',"status_url":"{EVIL}"}}'.encode(),
+        b'{"a":'
+        + b'{"b":[' * 50_000
+        + b"1"
+        + b"]}" * 50_000
+        + f',"cancel_url":"{EVIL}"}}'.encode(),
+        b'{"a":['
+        + b'[1e5,-0.5,NaN,-Infinity,null,true,false,"s",{}],' * 3
+        + b"{}], "
+        + f'"response_url":"{EVIL}"}}'.encode(),
+    ],
+)
+def test_hostile_spellings_are_refused(body: bytes) -> None:
+    with pytest.raises(BadGateway) as refused:
+        rewrite_queue_urls(body, ORIGIN)
+    assert refused.value.status == 502
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        f'{{"status_url":"{QUEUE_URL}/status","status_url":"{QUEUE_URL}/other"}}'.encode(),
+        f'{{"status\\u005furl":"{QUEUE_URL}/status"}}'.encode(),
+        f' \r\n\t{{"status_url":"{QUEUE_URL}/status","x":NaN}} \n'.encode(),
+        f'{{"log":"\ud800","status_url":"{QUEUE_URL}/status"}}'.encode("utf-8", "surrogatepass"),
+        f'{{"n":1e400,"cancel_url":null,"response_url":"{QUEUE_URL}"}}'.encode(),
+        # Nested URLs and top-level arrays are not the client's: it reads the top level only.
+        f'{{"metrics":{{"status_url":"{EVIL}"}},"status_url":"{QUEUE_URL}/status"}}'.encode(),
+        f'[{{"status_url":"{EVIL}"}}]'.encode(),
+    ],
+)
+def test_what_the_client_reads_points_here(body: bytes) -> None:
+    """Whatever is served, json.loads finds only this port's URLs at the top level."""
+    answer = as_the_client_reads(served(body))
+    if isinstance(answer, dict):
+        for key in ("status_url", "response_url", "cancel_url"):
+            assert answer.get(key) is None or answer[key].startswith(ORIGIN + "/"), answer
 
 
 ANSWER = json.dumps({"status_url": "https://queue.fal.run/a/b/requests/1/status"}).encode()
@@ -230,6 +327,49 @@ def test_decoded_refuses(encoding: str, body: bytes, words: str) -> None:
     with pytest.raises(BadGateway) as refused:
         decoded(body, encoding)
     assert refused.value.status == 502 and words in refused.value.message
+
+
+def test_gzip_members_are_capped() -> None:
+    """Many tiny members were decoded in quadratic time on the event loop (3.2 MB of 20-byte
+    members: 9.5 s). fal sends one member: up to MAX_GZIP_MEMBERS are read, more refused."""
+    text = ANSWER * 2
+    pieces = [text[i : i + 1] for i in range(MAX_GZIP_MEMBERS)]
+    assert decoded(b"".join(gzip.compress(p) for p in pieces), "gzip") == text[:MAX_GZIP_MEMBERS]
+    for body in (
+        b"".join(gzip.compress(p) for p in [*pieces, b"x"]),
+        gzip.compress(b"") * (MAX_GZIP_MEMBERS + 1),
+        gzip.compress(b"") * 160_000,  # 3.2 MB of 20-byte members
+    ):
+        with pytest.raises(BadGateway) as refused:
+            decoded(body, "gzip")
+        assert refused.value.status == 502 and f"{MAX_GZIP_MEMBERS} gzip members" in (
+            refused.value.detail
+        )
+
+
+def test_decoding_is_linear_in_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bytes zlib is handed for a body are the body once (plus a slice per member), not
+    the rest of the body once per member."""
+    handed: list[int] = []
+    real = zlib.decompressobj
+
+    class Counting:
+        def __init__(self, wbits: int) -> None:
+            self.inner = real(wbits)
+
+        def decompress(self, data: memoryview, limit: int) -> bytes:
+            handed.append(len(data))
+            return self.inner.decompress(data, limit)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(zlib, "decompressobj", Counting)
+    padding = json.dumps({"pad": random.Random(0).randbytes(100_000).hex()}).encode()
+    members = [gzip.compress(ANSWER)] * (MAX_GZIP_MEMBERS - 1) + [gzip.compress(padding)]
+    body = b"".join(members)
+    assert decoded(body, "gzip") == ANSWER * (MAX_GZIP_MEMBERS - 1) + padding
+    assert sum(handed) <= len(body) + MAX_GZIP_MEMBERS * 64 * 1024
 
 
 def queue(path: str) -> Target:
