@@ -424,12 +424,14 @@ def test_defaults_and_names(tmp_path: Path) -> None:
     python = settings(FAL_PROXY_PYTHON_SDK_PORT="8443").python_sdk
     assert python.port == 8443 and python.host_name == "127.0.0.1"
     assert python.names("127.0.0.1") == ["127.0.0.1", "localhost", "::1"]
-    wild = settings(FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_HOST="0.0.0.0").python_sdk
+    # Off loopback with no caller auth needs the opt-in (what these tests look at is the port).
+    open_ = {"FAL_PROXY_ALLOW_UNAUTHENTICATED": "true"}
+    wild = settings(FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_HOST="0.0.0.0", **open_).python_sdk
     assert wild.host_name == "localhost" and wild.origin == "https://localhost:8443"
     assert wild.names("0.0.0.0") == ["localhost", "127.0.0.1", "::1"]
     named = settings(
         FAL_PROXY_PYTHON_SDK_PORT="8443", FAL_PROXY_PYTHON_SDK_HOST="Proxy.Internal",
-        FAL_PROXY_HOST="10.0.0.5",
+        FAL_PROXY_HOST="10.0.0.5", **open_,
     ).python_sdk  # fmt: skip
     assert named.names("10.0.0.5") == [
         "proxy.internal",
