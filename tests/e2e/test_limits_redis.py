@@ -50,9 +50,11 @@ def settings(url: str, prefix: str | None = None, **overrides: object) -> LimitS
     return LimitSettings(**fields)  # type: ignore[arg-type]
 
 
-# A frozen clock 15 s into the current hour (near real time: quota keys expire at the end
-# of their period in Redis's own time), so every window's answer is exact.
-NOW = float(int(time.time()) // 3600 * 3600 + 15)
+# A frozen clock 15 s into the NEXT hour, so every window's answer is exact. Ahead of real
+# time, never behind: quota keys expire at the end of their period in Redis's own time, and a
+# clock in the current hour had them expire mid-run when a run crossed the hour (or midnight,
+# for day quotas). Nothing else the script does compares with Redis's clock.
+NOW = float((int(time.time()) // 3600 + 1) * 3600 + 15)
 
 
 @asynccontextmanager
@@ -212,7 +214,9 @@ async def test_concurrent_admits_never_exceed_the_limits(redis_server: RedisServ
 async def test_a_crashed_replicas_lease_expires_after_lease_ttl(redis_server: RedisServer) -> None:
     shared = settings(redis_server.url, concurrent=1, lease_ttl=1.0)
     started = time.monotonic()
-    async with running(shared) as survivor:
+    # Real clocks on both replicas: the lease's own expiry (its score) is what frees the slot,
+    # not only the whole key's (a frozen clock never reached the lease's score).
+    async with running(shared, frozen=False) as survivor:
         crashed = create_limiter(shared)
         await crashed.start()
         await crashed.admit("web", submit=False)
@@ -231,7 +235,8 @@ async def test_a_crashed_replicas_lease_expires_after_lease_ttl(redis_server: Re
 
 async def test_renewal_keeps_a_held_lease_past_its_ttl(redis_server: RedisServer) -> None:
     shared = settings(redis_server.url, concurrent=1, lease_ttl=1.0)
-    async with running(shared) as holder, running(shared) as other:
+    # Real clocks: renewal must push the lease's own expiry, which a frozen clock never reached.
+    async with running(shared, frozen=False) as holder, running(shared, frozen=False) as other:
         lease = await holder.admit("web", submit=False)
         until = time.monotonic() + 3.5  # three and a half ttls, three or more renewals
         while time.monotonic() < until:

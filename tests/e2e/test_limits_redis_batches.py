@@ -27,7 +27,7 @@ from proxy.limits.quotas import Quota
 from proxy.limits.redis_backend import RedisLimiter
 from tests.redis_support import RedisServer
 
-NOW = float(int(time.time()) // 3600 * 3600 + 15)  # as in test_limits_redis: exact windows
+NOW = float((int(time.time()) // 3600 + 1) * 3600 + 15)  # as in test_limits_redis
 
 
 def limits_for(url: str, **overrides: object) -> LimitSettings:
