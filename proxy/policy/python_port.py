@@ -168,13 +168,7 @@ def _url_members(text: str) -> list[tuple[int, int, str, object]]:
         at += 1
     else:
         while True:
-            if text[at : at + 1] != '"':
-                raise json.JSONDecodeError("a member name was expected", text, at)
-            key, at = scanstring(text, at + 1)
-            at = _skip(text, at)
-            if text[at : at + 1] != ":":
-                raise json.JSONDecodeError("':' was expected", text, at)
-            at = _skip(text, at + 1)
+            key, at = _member(text, at)
             if key in URL_KEYS:
                 value: object
                 if text[at : at + 1] == '"':
@@ -214,7 +208,7 @@ def _skip_value(text: str, at: int) -> int:
                 at += 1
             else:
                 closers.append(close)
-                at = _member_start(text, at) if close == "}" else at
+                at = _member(text, at)[1] if close == "}" else at
                 continue
         else:
             match = _SCALAR.match(text, at)
@@ -230,21 +224,21 @@ def _skip_value(text: str, at: int) -> int:
             if text[at : at + 1] != ",":
                 raise json.JSONDecodeError("',' or a closing bracket was expected", text, at)
             at = _skip(text, at + 1)
-            at = _member_start(text, at) if closers[-1] == "}" else at
+            at = _member(text, at)[1] if closers[-1] == "}" else at
             break
         else:
             return at
 
 
-def _member_start(text: str, at: int) -> int:
-    """Past an object member's name and ':' at ``at``, at its value."""
+def _member(text: str, at: int) -> tuple[str, int]:
+    """An object member's name at ``at``, and where its value starts (past the ':')."""
     if text[at : at + 1] != '"':
         raise json.JSONDecodeError("a member name was expected", text, at)
-    _, at = scanstring(text, at + 1)
+    key, at = scanstring(text, at + 1)
     at = _skip(text, at)
     if text[at : at + 1] != ":":
         raise json.JSONDecodeError("':' was expected", text, at)
-    return _skip(text, at + 1)
+    return key, _skip(text, at + 1)
 
 
 def decoded(body: bytes, encoding: str) -> bytes:
