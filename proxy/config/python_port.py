@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..policy.python_port import QUEUE_PREFIX
-from .envvars import Doc, SettingsError, _get, _int, declared, read_fields
-from .tls_certs import TlsFiles, default_state_dir, ensure_certificates
+from .envvars import Doc, SettingsError, _get, _int, declared, flag, read_fields
+from .tls_certs import TlsFiles, UntrustedStateDir, default_state_dir, ensure_certificates
 
 FAL_KEY_PLACEHOLDER = "not-a-fal-key:the-proxy-holds-it"
 _WILDCARDS = ("0.0.0.0", "::", "")
@@ -84,6 +84,14 @@ class PythonSdkSettings:
         ),
         default=None,
     )
+    # An emptyDir only the pod's own containers mount is root's and 0777: nobody else can
+    # reach it, but check_state_dir cannot know that. The operator says so here.
+    state_dir_trusted: bool = flag(
+        "FAL_PROXY_STATE_DIR_TRUSTED",
+        False,
+        "true: trust FAL_PROXY_STATE_DIR although others may write it (a volume only this "
+        "pod's containers mount); else it must be this user's and writable by nobody else",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PythonSdkSettings:
@@ -126,7 +134,15 @@ class PythonSdkSettings:
             return None
         state_dir = Path(self.state_dir) if self.state_dir else default_state_dir()
         try:
-            return ensure_certificates(state_dir, self.names(listen_host))
+            return ensure_certificates(
+                state_dir, self.names(listen_host), trusted_volume=self.state_dir_trusted
+            )
+        except UntrustedStateDir as exc:
+            raise SettingsError(
+                f"FAL_PROXY_STATE_DIR: {exc}; clients trust the CA made there, so only this "
+                "user may be able to change it (or set FAL_PROXY_STATE_DIR_TRUSTED=true for a "
+                "volume only this pod's containers mount)"
+            ) from None
         except OSError as exc:
             raise SettingsError(
                 f"FAL_PROXY_STATE_DIR: cannot make the TLS certificate in {state_dir}: "

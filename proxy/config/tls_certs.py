@@ -13,6 +13,14 @@ HTTP to a proxy, so the proxy offers a TLS port. Without ``FAL_PROXY_TLS_CERT_FI
 
 Private keys are written 0600, every file atomically (written aside, then renamed), so a
 reader never sees half a key. Everything cryptographic is the ``cryptography`` library's.
+
+Clients are told to trust ``ca-bundle.pem``, so nobody but the proxy's user may be able to
+replace it: the directory must be this user's and writable by nobody else, and so must every
+directory above it be, unless sticky (like ``/tmp``): whoever may rename the directory away
+could plant their own (:func:`check_state_dir`). A volume only the pod's own containers mount
+is trusted when the operator says so (``FAL_PROXY_STATE_DIR_TRUSTED``). Every file is opened
+without following links or blocking, must be a regular file of this user's, and is read with
+a size cap.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +44,12 @@ CA_DAYS = 3650
 SERVER_DAYS = 397  # what public CAs may issue; renewed 30 days before the end
 RENEW_BEFORE = dt.timedelta(days=30)
 ORGANISATION = "fal-gateway-proxy local CA"
+MAX_FILE_BYTES = 1 << 20  # the largest file here is the bundle (~250 KiB of public roots)
+
+
+class UntrustedStateDir(Exception):
+    """The state directory could be changed by someone else; the message says why and what
+    to change."""
 
 
 @dataclass(frozen=True)
@@ -51,10 +66,15 @@ def default_state_dir() -> Path:
     return Path(base) / "fal-gateway-proxy"
 
 
-def ensure_certificates(state_dir: Path, names: list[str]) -> TlsFiles:
+def ensure_certificates(
+    state_dir: Path, names: list[str], *, trusted_volume: bool = False
+) -> TlsFiles:
     """The CA and a server certificate for ``names`` (DNS names and IP addresses) in
-    ``state_dir``: reused when still right, made (or re-issued) otherwise."""
+    ``state_dir``: reused when still right, made (or re-issued) otherwise. Raises
+    UntrustedStateDir unless ``trusted_volume`` or :func:`check_state_dir` passes."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not trusted_volume:
+        check_state_dir(state_dir)
     files = TlsFiles(
         cert=state_dir / "server.pem",
         key=state_dir / "server-key.pem",
@@ -78,9 +98,42 @@ def ensure_certificates(state_dir: Path, names: list[str]) -> TlsFiles:
         _write(files.cert, chain + ca_cert.public_bytes(serialization.Encoding.PEM))
     roots = Path(certifi.where()).read_bytes()
     bundle = roots.rstrip(b"\n") + b"\n" + ca_cert.public_bytes(serialization.Encoding.PEM)
-    if not files.bundle.exists() or files.bundle.read_bytes() != bundle:
+    if _read_own(files.bundle) != bundle:
         _write(files.bundle, bundle)
     return files
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Raise UntrustedStateDir unless only this user can replace what is in ``state_dir``:
+    the directory (not a link) is this user's and writable by no one else, and every
+    directory above it belongs to this user or root and is writable by no one else unless
+    sticky (then others cannot rename what is not theirs)."""
+    if not hasattr(os, "getuid"):  # no POSIX owners (Windows): nothing to check against
+        return
+    uid = os.getuid()
+    st = os.lstat(state_dir)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UntrustedStateDir(f"{state_dir} is not a directory (a link is not followed)")
+    if st.st_uid != uid:
+        raise UntrustedStateDir(
+            f"{state_dir} belongs to uid {st.st_uid}, not to this user (uid {uid})"
+        )
+    if st.st_mode & 0o022:
+        raise UntrustedStateDir(
+            f"{state_dir} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
+            "chmod go-w it"
+        )
+    for parent in state_dir.resolve().parents:
+        pst = os.stat(parent)
+        if pst.st_uid not in (0, uid):
+            raise UntrustedStateDir(
+                f"{state_dir} is inside {parent}, which belongs to another user (uid {pst.st_uid})"
+            )
+        if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+            raise UntrustedStateDir(
+                f"{state_dir} is inside {parent}, which others may write (no sticky bit): "
+                "they could rename the directory away and plant their own"
+            )
 
 
 def _load_ca(
@@ -110,17 +163,21 @@ def _read_own(path: Path, *, private: bool = False) -> bytes | None:
     else None, and it is made again. In a state directory others can write, a file planted
     there (a CA of someone else's) is never adopted; read through the opened file, so it
     cannot be swapped between the check and the read, and never through a symlink."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, flags)  # a FIFO planted here must not hang the start
     except OSError:
         return None
     with os.fdopen(fd, "rb") as file:
         st = os.fstat(file.fileno())
+        if not stat.S_ISREG(st.st_mode):  # a FIFO, a device (/dev/zero), a directory
+            return None
         if hasattr(os, "getuid") and st.st_uid != os.getuid():
             return None
         if private and st.st_mode & 0o077:
             return None
-        return file.read()
+        data = file.read(MAX_FILE_BYTES + 1)
+        return data if len(data) <= MAX_FILE_BYTES else None
 
 
 def _server_is_current(

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, child_env
+from tests.redis_support import free_port
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -131,3 +133,27 @@ def test_the_demo_still_listens_on_a_public_address() -> None:
         assert got.status_code == 200, json.dumps(line)
     finally:
         process.stop()
+
+
+@pytest.mark.parametrize("command", [[], ["python-env"]])
+def test_a_state_directory_others_can_write_stops_the_start_with_one_line(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Clients are told to trust the CA in FAL_PROXY_STATE_DIR: a directory others may write
+    (here 0777) is refused by the proxy and by python-env alike, naming the variable, unless
+    the operator says it is a volume only the pod's containers share."""
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    env = {"FAL_KEY": "k", "FAL_PROXY_GATEWAY_URL": "http://127.0.0.1:9/v1/a/g/fal",
+           "FAL_PROXY_PORT": str(free_port()), "FAL_PROXY_PYTHON_SDK_PORT": str(free_port()),
+           "FAL_PROXY_STATE_DIR": str(state)}  # fmt: skip
+    refused = run_cli(*command, **env)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert "FAL_PROXY_STATE_DIR" in line and "FAL_PROXY_STATE_DIR_TRUSTED" in line
+    assert not (state / "ca.pem").exists()
+    if command == ["python-env"]:
+        trusted = run_cli(*command, **env, FAL_PROXY_STATE_DIR_TRUSTED="true")
+        assert trusted.returncode == 0, trusted.stderr
+        assert f"SSL_CERT_FILE={state / 'ca-bundle.pem'}" in trusted.stdout

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.config.tls_certs import ensure_certificates
+from proxy.config.tls_certs import MAX_FILE_BYTES, UntrustedStateDir, ensure_certificates
 
 
 def handshake(files_cert: Path, files_key: Path, cafile: Path, server_name: str) -> str:
@@ -189,7 +189,9 @@ def test_a_planted_ca_with_a_readable_key_is_not_adopted(tmp_path: Path) -> None
     (state / "ca.pem").write_bytes(evil_ca.public_bytes(serialization.Encoding.PEM))
     (state / "ca-key.pem").write_bytes(_pem_key(evil_key))
     (state / "ca-key.pem").chmod(0o644)
-    files = ensure_certificates(state, NAMES)
+    # Trusted as a volume only the pod's containers share (else refused outright, below):
+    # what is in it is still never adopted unless it is the proxy's own.
+    files = ensure_certificates(state, NAMES, trusted_volume=True)
     used = x509.load_pem_x509_certificate(files.ca.read_bytes())
     assert used.subject != name
     assert stat.S_IMODE((state / "ca-key.pem").stat().st_mode) == 0o600
@@ -205,10 +207,61 @@ def test_no_planted_symlink_receives_a_key(tmp_path: Path) -> None:
     loot.write_text("")
     for name in ("ca-key.pem", "server-key.pem"):
         (state / f".{name}.{os.getpid()}.tmp").symlink_to(loot)
-    ensure_certificates(state, NAMES)
+    ensure_certificates(state, NAMES, trusted_volume=True)  # a shared volume, trusted
     assert loot.read_bytes() == b""
     # A symlink in place of a key is not followed when reading either: made again.
     (state / "server-key.pem").unlink()
     (state / "server-key.pem").symlink_to(loot)
-    files = ensure_certificates(state, NAMES)
+    files = ensure_certificates(state, NAMES, trusted_volume=True)
     assert not files.key.is_symlink() and loot.read_bytes() == b""
+
+
+@pytest.mark.parametrize(
+    ("mode", "parent_mode", "words"),
+    [
+        (0o777, 0o755, "writable by group or others"),
+        (0o770, 0o755, "writable by group or others"),
+        (0o700, 0o777, "no sticky bit"),  # renamed away and replaced by whoever writes above
+    ],
+)
+def test_a_state_directory_others_can_change_is_refused(
+    tmp_path: Path, mode: int, parent_mode: int, words: str
+) -> None:
+    parent = tmp_path / "above"
+    state = parent / "state"
+    state.mkdir(parents=True)
+    state.chmod(mode)
+    parent.chmod(parent_mode)
+    with pytest.raises(UntrustedStateDir, match=words):
+        ensure_certificates(state, NAMES)
+    assert not (state / "ca.pem").exists()  # nothing made there
+    # A private directory under a sticky world-writable one (like /tmp) is fine.
+    parent.chmod(0o1777)
+    state.chmod(0o700)
+    assert ensure_certificates(state, NAMES).bundle.exists()
+
+
+def test_a_link_in_place_of_the_state_directory_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "state").symlink_to(real)
+    with pytest.raises(UntrustedStateDir, match="not a directory"):
+        ensure_certificates(tmp_path / "state", NAMES)
+
+
+@pytest.mark.parametrize("plant", ["fifo", "dev-zero", "huge"])
+def test_planted_files_neither_hang_nor_exhaust_the_start(tmp_path: Path, plant: str) -> None:
+    """A FIFO as ca.pem (an open that would block forever), ca-bundle.pem linked to
+    /dev/zero (a read without end), or a file past the size cap: none is read as ours; the
+    proxy makes its own."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    if plant == "fifo":
+        os.mkfifo(state / "ca.pem")
+    elif plant == "dev-zero":
+        (state / "ca-bundle.pem").symlink_to("/dev/zero")
+    else:
+        (state / "ca-bundle.pem").write_bytes(b"x" * (MAX_FILE_BYTES + 1))
+    files = ensure_certificates(state, NAMES)
+    assert files.ca.is_file() and not files.bundle.is_symlink()
+    assert files.bundle.stat().st_size < MAX_FILE_BYTES
