@@ -55,7 +55,7 @@ local function admit(k, a, nw, nq, nu)
       return {2, i}
     end
   end
-  if concurrent > 0 then
+  if concurrent > 0 and lease_id ~= '-' then  -- '-': a generation counted without a slot
     redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
     if redis.call('ZCARD', KEYS[k]) >= concurrent then return {3} end
     redis.call('ZADD', KEYS[k], now + ttl, lease_id)

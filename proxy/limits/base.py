@@ -105,6 +105,15 @@ class Limiter:
         """
         raise NotImplementedError
 
+    async def count_generation(
+        self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None
+    ) -> None:
+        """One more generation inside a call admitted already (a request message on an
+        open WebSocket session): the hourly window and ``quotas`` check and count it and
+        usage sums it, as :meth:`admit` with ``submit`` would; it is no request of the
+        minute and takes no slot. Raises as :meth:`admit` does."""
+        raise NotImplementedError
+
     async def add_units(self, caller: str, app: str | None, units: float) -> None:
         """Add fal's billable units (from a response) to the caller's usage."""
         raise NotImplementedError

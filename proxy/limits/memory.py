@@ -37,9 +37,34 @@ class MemoryLimiter(Limiter):
     ) -> Lease:  # fmt: skip
         # No await until the counts are taken: the check and the count are one atomic step.
         now = self.clock()
+        self._check(caller, now, request=True, submit=submit, quotas=quotas)
+        limit = self.settings.concurrent
+        if limit and self._in_use.get(caller, 0) >= limit:
+            raise self.concurrency_refusal()
+        self._count(caller, now, request=True, submit=submit, quotas=quotas, app=app)
+        if not limit:
+            return Lease()
+        self._in_use[caller] = self._in_use.get(caller, 0) + 1
+        return Lease(lambda: self._release(caller))
+
+    async def count_generation(
+        self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None
+    ) -> None:
+        now = self.clock()
+        self._check(caller, now, request=False, submit=True, quotas=quotas)
+        self._count(caller, now, request=False, submit=True, quotas=quotas, app=app)
+
+    def _check(
+        self, caller: str, now: float, *, request: bool, submit: bool, quotas: tuple[Quota, ...]
+    ) -> None:
+        """Raise the first refusal among the windows and quotas the call counts in."""
         if self._timer is None:
             self._forget_later(now)
-        if self._per_minute is not None and (wait := self._per_minute.wait(caller, now)):
+        if (
+            request
+            and self._per_minute is not None
+            and (wait := self._per_minute.wait(caller, now))
+        ):
             raise self.window_refusal(self._per_minute.limit, "requests per minute", wait)
         if submit:
             if self._per_hour is not None and (wait := self._per_hour.wait(caller, now)):
@@ -48,10 +73,12 @@ class MemoryLimiter(Limiter):
                 counts = self._counts(quota)
                 if counts.count(caller, now) >= quota.limit:
                     raise self.quota_refusal(quota, counts.bounds(now)[2], now)
-        limit = self.settings.concurrent
-        if limit and self._in_use.get(caller, 0) >= limit:
-            raise self.concurrency_refusal()
-        if self._per_minute is not None:
+
+    def _count(
+        self, caller: str, now: float, *, request: bool, submit: bool,
+        quotas: tuple[Quota, ...], app: str | None,
+    ) -> None:  # fmt: skip
+        if request and self._per_minute is not None:
             self._per_minute.add(caller, now)
         if submit:
             if self._per_hour is not None:
@@ -59,10 +86,6 @@ class MemoryLimiter(Limiter):
             for quota in quotas:
                 self._counts(quota).add(caller, now)
             self._usage.add(caller, app, now, 1, 0.0)
-        if not limit:
-            return Lease()
-        self._in_use[caller] = self._in_use.get(caller, 0) + 1
-        return Lease(lambda: self._release(caller))
 
     async def _release(self, caller: str) -> None:
         left = self._in_use[caller] - 1

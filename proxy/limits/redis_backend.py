@@ -49,7 +49,7 @@ from .quotas import Quota
 from .redis_batches import MAX_BATCH as MAX_BATCH  # re-exported: tests import it from here
 from .redis_batches import STORE_ERRORS, Batches, describe, unique_id
 from .redis_leases import HeldLeases
-from .script import ADMIT, Answer
+from .script import ADMIT, NO_LEASE, Answer
 from .usage import OTHER, USAGE_PERIOD, QuotaUse, UsageReport
 from .windows import period_bounds, sliding_wait
 
@@ -146,10 +146,33 @@ class RedisLimiter(Limiter):
         self, caller: str, *, submit: bool, quotas: tuple[Quota, ...] = (),
         app: str | None = None,
     ) -> Lease:  # fmt: skip
+        lease_id = unique_id()
+        keys = await self._ask(caller, lease_id, request=True, submit=submit, quotas=quotas,
+                               app=app)  # fmt: skip
+        if keys is None or not self.settings.concurrent:
+            return Lease()
+        self._leases.hold(lease_id, keys)
+        return Lease(lambda: self._release(lease_id))
+
+    async def count_generation(
+        self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None
+    ) -> None:
+        await self._ask(caller, NO_LEASE, request=False, submit=True, quotas=quotas, app=app)
+
+    async def _ask(
+        self, caller: str, lease_id: str, *, request: bool, submit: bool,
+        quotas: tuple[Quota, ...], app: str | None,
+    ) -> str | None:  # fmt: skip
+        """One call through the script: its leases key once admitted, None when admitted
+        unchecked (Redis down under "open"); raises the refusal otherwise. ``request``: a
+        request of the minute; ``submit``: a generation; ``lease_id``: the slot to take
+        (:data:`NO_LEASE`: none)."""
         assert self._script is not None, "Limiter.start() was not called"
         now, who = self.clock(), caller_key(caller)
         keys, args = [self._key("leases", who)], list[Any]()
-        windows = [w for w in self._windows if submit or w[1] == MINUTE]
+        windows = [
+            w for w in self._windows if (submit and w[1] == HOUR) or (request and w[1] == MINUTE)
+        ]
         for limit, period, name in windows:
             index = int(now / period)
             keys += [self._key("w", name, index, who), self._key("w", name, index - 1, who)]
@@ -164,11 +187,11 @@ class RedisLimiter(Limiter):
             usage_key, until = self._usage_key(who, now)
             keys.append(usage_key)
             args += [f"g:{_field(app)}", until]
-        lease_id = unique_id()
         call = _Call(keys, [now, lease_id, len(windows), len(ends), int(submit), *args])
         answer = await self._batches.answer(call)
         if isinstance(answer, BaseException):
-            return self._unavailable(answer)
+            self._unavailable(answer)
+            return None
         if answer[0] == Answer.WINDOW_FULL:
             limit, period, _ = windows[answer[1]]
             what = "requests per minute" if period == MINUTE else GENERATIONS
@@ -178,16 +201,13 @@ class RedisLimiter(Limiter):
             raise self.quota_refusal(quotas[answer[1]], ends[answer[1]], now)
         if answer[0] == Answer.NO_SLOT:
             raise self.concurrency_refusal()
-        if not self.settings.concurrent:
-            return Lease()
-        self._leases.hold(lease_id, keys[0])
-        return Lease(lambda: self._release(lease_id))
+        return keys[0]
 
     def _usage_key(self, who: str, now: float) -> tuple[str, int]:
         index, _, end = period_bounds(USAGE_PERIOD, now)
         return self._key("u", index, who), math.ceil(end) + 86400  # kept a day past the month
 
-    def _unavailable(self, exc: BaseException) -> Lease:
+    def _unavailable(self, exc: BaseException) -> None:
         if self.settings.redis_failure != "open":
             log.warning("limiter_unavailable", error=describe(exc), refused=True)
             raise LimiterUnavailable(
@@ -196,7 +216,6 @@ class RedisLimiter(Limiter):
                 retry_after=UNAVAILABLE_RETRY_AFTER,
             ) from None
         log.warning("limiter_unavailable", error=describe(exc), admitted_unchecked=True)
-        return Lease()
 
     async def _release(self, lease_id: str) -> None:
         leases = self._leases.drop(lease_id)  # stop renewing it at once

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..observe.logs import get_logger
 from .base import LimitSettings
-from .script import Answer, joined
+from .script import NO_LEASE, Answer, joined
 from .usage import MAX_APPS, OTHER
 
 FLUSH_DELAY = 0.02  # s a release or units may wait for a call to carry them
@@ -76,7 +76,7 @@ class Batches:
             # Cancelled in the turn its answer came, before this task ran again: a slot
             # taken for it would have no holder.
             answer = call.answer
-            if answer.done() and not answer.cancelled() and self._took_slot(answer.result()):
+            if answer.done() and not answer.cancelled() and self._took_slot(call, answer.result()):
                 self.owe([call.lease()], [])
             raise
 
@@ -147,7 +147,7 @@ class Batches:
             # late), which errs toward billing, not toward losing a paid generation's units.
             self.owe(releases, units)
             if settings.concurrent:
-                self.owe([call.lease() for call in calls], [])
+                self.owe(_slots(calls), [])
             if not isinstance(exc, STORE_ERRORS):  # cancelled (shutdown), or a bug
                 for call in calls:
                     if not call.answer.done():
@@ -162,16 +162,17 @@ class Batches:
                 isinstance(answer, list) and answer[0] == Answer.REFUSED
             ):  # this call's commands failed
                 if settings.concurrent:
-                    self.owe([call.lease()], [])
+                    self.owe(_slots([call]), [])
                 answer = ResponseError("Redis refused a command of this call")
             if not call.answer.cancelled():
                 call.answer.set_result(answer)
-            elif self._took_slot(answer):  # its waiter left: give the slot back
+            elif self._took_slot(call, answer):  # its waiter left: give the slot back
                 self.owe([call.lease()], [])
 
-    def _took_slot(self, answer: Any) -> bool:
+    def _took_slot(self, call: Call, answer: Any) -> bool:
         return (
             bool(self._settings.concurrent)
+            and bool(_slots([call]))
             and isinstance(answer, list)
             and answer[0] == Answer.ADMITTED
         )
@@ -214,6 +215,11 @@ class Batches:
             self._flush.cancel()
             self._flush = None
         await asyncio.shield(self._spawn(self._send([])))  # a caller cancelled: still sent
+
+
+def _slots(calls: list[Call]) -> list[tuple[str, str]]:
+    """The leases these calls may have taken (a call counted with no slot took none)."""
+    return [lease for call in calls if (lease := call.lease())[1] != NO_LEASE]
 
 
 def unique_id() -> str:

@@ -22,6 +22,8 @@ a call's client CPU. None may be empty or hold the separator.
 * KEYS: the batch's own key (its answers, kept ``REPLAY_TTL`` seconds), ``leases * nr,
   usage * nn`` (what is owed), then per call ``leases, (window current, window previous)
   * nw, quota * nq, usage * nu``.
+* A call whose ``lease_id`` is :data:`NO_LEASE` takes no slot (a generation counted inside
+  a session admitted already).
 * Returns one answer per call: ``{0}`` admitted, ``{1, i, previous, current}`` window
   ``i`` full, ``{2, i}`` quota ``i`` used up, ``{3}`` no concurrency slot, ``{4}`` Redis
   refused one of the call's commands (its key holds another type).
@@ -38,6 +40,7 @@ from importlib import resources
 from typing import Any
 
 SEPARATOR = "\x1f"
+NO_LEASE = "-"  # a call's lease id when it takes no slot (never a unique_id: those are hex)
 REPLAY_TTL = 10  # s a batch's answers are kept: redis-py resends at once, within its timeout
 
 

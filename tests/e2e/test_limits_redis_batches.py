@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -56,7 +57,8 @@ def evalsha_calls(server: RedisServer) -> int:
 
 call = st.tuples(
     st.sampled_from(["alice", "bob"]),
-    st.booleans(),  # submit
+    # a request; a generation (submit); a generation inside an open session (no slot)
+    st.sampled_from(["request", "submit", "message"]),
     st.sampled_from([None, "fal-ai/flux", "fal-ai/sdxl", "x/y"]),  # app
     st.booleans(),  # the first quota applies
     st.booleans(),  # the second quota applies
@@ -72,8 +74,21 @@ turns = st.lists(
 def outcome(result: object) -> object:
     if isinstance(result, Lease):
         return "admitted"
+    if result is None:
+        return "counted"  # count_generation
     assert isinstance(result, (RateLimited, QuotaExceeded)), repr(result)
     return (type(result).__name__, result.detail, result.retry_after)
+
+
+def ask(
+    limiter: Limiter, quotas: tuple[Quota, Quota], who: str, kind: str, app: str | None,
+    first: bool, second: bool,
+) -> Coroutine[Any, Any, Lease | None]:  # fmt: skip
+    """One call of a turn: a request, a generation (submit) or a generation in a session."""
+    applying = tuple(q for q, on in zip(quotas, (first, second), strict=True) if on)
+    if kind == "message":
+        return limiter.count_generation(who, app=app, quotas=applying)
+    return limiter.admit(who, submit=kind == "submit", app=app, quotas=applying)
 
 
 @examples(
@@ -89,10 +104,12 @@ def outcome(result: object) -> object:
 )
 def test_one_turns_batch_gives_the_memory_limiters_answers(
     redis_server: RedisServer, rpm: int, per_hour: int, concurrent: int, q1: int, q2: int,
-    plan: list[tuple[float, list[tuple[str, bool, str | None, bool, bool, bool]]]],
+    plan: list[tuple[float, list[tuple[str, str, str | None, bool, bool, bool]]]],
 ) -> None:  # fmt: skip
     """Each turn's admits start together (one batch in Redis); memory admits the same calls
-    one by one in the same order. The same answers, and the same usage afterwards."""
+    one by one in the same order. The same answers, and the same usage afterwards; a
+    generation counted inside a session (``count_generation``) takes no slot and is no
+    request of the minute, in both."""
     quotas = (Quota("*", q1, "day"), Quota("fal-ai/*", q2, "month"))
     limits = limits_for(
         redis_server.url, requests_per_minute=rpm, submits_per_hour=per_hour,
@@ -107,13 +124,7 @@ def test_one_turns_batch_gives_the_memory_limiters_answers(
         try:
             for step, calls in plan:
                 clock[0] += step
-                admits = [
-                    limiter.admit(
-                        who, submit=submit, app=app,
-                        quotas=tuple(q for q, on in zip(quotas, (a, b), strict=True) if on),
-                    )
-                    for who, submit, app, a, b, _ in calls
-                ]  # fmt: skip
+                admits = [ask(limiter, quotas, *call[:-1]) for call in calls]
                 results: list[object] = []
                 if together:
                     results = await asyncio.gather(*admits, return_exceptions=True)

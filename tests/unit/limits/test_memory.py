@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from proxy.errors import RateLimited
+from proxy.errors import QuotaExceeded, RateLimited
 from proxy.limits import (
     Lease,
     Limiter,
@@ -22,6 +22,7 @@ from proxy.limits import (
     create_limiter,
 )
 from proxy.limits.base import seconds_until
+from proxy.limits.quotas import Quota
 
 pytestmark = pytest.mark.anyio
 
@@ -117,6 +118,29 @@ async def test_submits_per_hour_refuse_the_third_of_two_and_only_count_submits()
         assert "generations per hour" in info.value.detail and "2" in info.value.detail
         assert info.value.retry_after == 3600 - 15
         await admit_and_release(limiter, submit=False)  # non-submits still pass
+
+
+async def test_a_generation_inside_a_session_counts_in_the_hour_and_quotas_only() -> None:
+    """count_generation (a socket's request message): the hourly window, the quotas and usage
+    count it; it is no request of the minute and takes no slot, so a session holding the
+    caller's only slot can still count its messages, and other calls are not starved."""
+    quota = Quota("fal-ai/fast-lcm-diffusion", 3, "day")
+    async with running(requests_per_minute=2, concurrent=1, submits_per_hour=4) as limiter:
+        session = await limiter.admit("web", submit=True, quotas=(quota,), app="fal-ai/fast-lcm")
+        await limiter.count_generation("web", quotas=(quota,), app="fal-ai/fast-lcm")
+        await limiter.count_generation("web", quotas=(quota,), app="fal-ai/fast-lcm")
+        with pytest.raises(QuotaExceeded) as used_up:
+            await limiter.count_generation("web", quotas=(quota,), app="fal-ai/fast-lcm")
+        assert used_up.value.quota["limit"] == 3
+        await limiter.count_generation("web", app="other")  # no quota of its app: the hour only
+        with pytest.raises(RateLimited) as hour:
+            await limiter.count_generation("web", app="other")
+        assert "generations per hour" in hour.value.detail
+        await session.release()
+        await admit_and_release(limiter)  # the minute saw one request, not six
+        report = await limiter.usage("web", "default", (quota,))
+        assert report.quotas[0].used == 3
+        assert report.apps == {"fal-ai/fast-lcm": (3, 0.0), "other": (1, 0.0)}
 
 
 async def test_concurrency_refuses_beyond_the_slots_and_release_frees_one() -> None:
