@@ -12,7 +12,8 @@ message, not a close.
 For tests of what sits in front (the proxy's WebSocket bridge):
 
 * Every realtime socket the client closes adds the event ``ws-closed:<code>:<reason>``
-  (``GET /_emulator/events``), so a test can see which close code and reason arrived.
+  (``GET /_emulator/events``), so a test can see which close code and reason arrived;
+  every message a realtime app receives adds ``ws-message:<app id>``.
 * ``emulator/ws/realtime`` (same authentication) is a scripted socket. A text frame that is
   a JSON object with one of these keys is a command; anything else is echoed back verbatim,
   keeping its frame type:
@@ -89,6 +90,7 @@ async def serve_realtime(
         if message["type"] == "websocket.disconnect":
             _record_close(state, message)
             return
+        state.recorder.events.append(f"ws-message:{app_id}")  # what reached fal, one by one
         binary = message.get("bytes") is not None
         try:
             data = (
