@@ -177,13 +177,33 @@ async def test_a_body_that_never_comes_is_a_408(upstream) -> None:
     await forward.session.close()  # type: ignore[union-attr]
 
 
-async def test_a_stalled_streamed_upload_is_a_408_and_cut_upstream(upstream) -> None:
-    gateway, _seen = upstream
-    forward = await forwarder(settings(gateway, FAL_PROXY_IDLE_TIMEOUT="0.3"))
-    client = Client({"type": "http.request", "body": b"part", "more_body": True})  # then nothing
-    await forward(scope(), client.receive, client.send)
-    assert client.status() == 408
-    await forward.session.close()  # type: ignore[union-attr]
+async def test_a_stalled_streamed_upload_is_a_408_and_cut_upstream() -> None:
+    # The upstream reads the body to its end: a cut connection ends the read with an error,
+    # a body the proxy finished (or an upload left open) never does.
+    read: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.read()
+        except BaseException as exc:  # the connection cut mid-body (or the handler cancelled)
+            if not read.done():
+                read.set_result(exc)
+            raise
+        if not read.done():
+            read.set_result(body)
+        return web.json_response({"ok": True})
+
+    async with serving(handle) as gateway:
+        forward = await forwarder(settings(gateway, FAL_PROXY_IDLE_TIMEOUT="0.3"))
+        client = Client(
+            {"type": "http.request", "body": b"part", "more_body": True}
+        )  # then nothing
+        await forward(scope(), client.receive, client.send)
+        assert client.status() == 408
+        # Cut by the proxy itself, before its session (and every pooled connection) is closed.
+        outcome = await asyncio.wait_for(read, 5)
+        await forward.session.close()  # type: ignore[union-attr]
+    assert isinstance(outcome, BaseException), f"the upstream took {outcome!r} as a whole body"
 
 
 async def test_an_unreachable_gateway_is_a_502() -> None:
