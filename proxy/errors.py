@@ -14,6 +14,7 @@ May import: nothing (every layer raises these).
     ├── MisdirectedRequest 421 a Host outside FAL_PROXY_ALLOWED_HOSTS
     ├── RateLimited       429  a caller's rate or concurrency limit was reached (Retry-After)
     │   └── QuotaExceeded 429  a caller's quota is used up until its period ends
+    ├── TokensUnderQuota  429  a realtime token asked for apps under a quota
     ├── HeadersTooLarge   431  request headers over FAL_PROXY_MAX_HEADER_BYTES
     ├── UpstreamUnavailable 502  the gateway could not be reached or broke the connection
     ├── LimiterUnavailable 503  the shared rate-limit store (Redis) failed (Retry-After)
@@ -160,6 +161,30 @@ class QuotaExceeded(RateLimited):
         super().__init__("quota exceeded", f"{described}; resets at {resets_at}",
                          retry_after=retry_after)  # fmt: skip
         self.quota = {"apps": apps, "limit": limit, "period": period, "resets_at": resets_at}
+
+    def body(self) -> bytes:
+        return json.dumps(
+            {"message": self.message, "detail": self.detail, "quota": self.quota}
+        ).encode()
+
+
+class TokensUnderQuota(ProxyError):
+    """A realtime token asked for apps under a quota. A token's sockets go to fal directly,
+    where the proxy cannot count what they run, so it would buy generations past the quota;
+    sockets through the proxy are counted message by message instead. No Retry-After: the
+    same request is refused while the quota applies, whatever is used of it."""
+
+    status = 429
+    reason = "quota_tokens_refused"
+
+    def __init__(self, *, apps: str, limit: int, period: str, described: str) -> None:
+        super().__init__(
+            "realtime tokens refused under a quota",
+            f"{described} applies to the token's apps, and a token's sockets go to fal "
+            "directly, where the proxy cannot count them: open the socket through the proxy "
+            "(ws://<proxy>/<app>/realtime), which counts each request message",
+        )
+        self.quota = {"apps": apps, "limit": limit, "period": period}
 
     def body(self) -> bytes:
         return json.dumps(

@@ -20,8 +20,16 @@ from starlette.types import Scope
 
 from ..config.access import AccessSettings
 from ..config.settings import Settings
-from ..errors import BadRequest, HeadersTooLarge, MethodNotAllowed, MisdirectedRequest, URITooLong
+from ..errors import (
+    BadRequest,
+    HeadersTooLarge,
+    MethodNotAllowed,
+    MisdirectedRequest,
+    TokensUnderQuota,
+    URITooLong,
+)
 from ..limits import Lease, Limiter, LimitSettings, create_limiter
+from ..limits.quotas import Quota
 from ..limits.usage import UsageReport
 from ..observe.logs import get_logger
 from ..observe.metrics import app_label
@@ -80,6 +88,7 @@ class Admitted:
     token_apps: tuple[str, ...] = ()  # a realtime token request's aliases
     limit_key: str | None = None  # whose limits, quotas and usage it counts against (slot taken)
     generation: bool = False  # counted as a call that can start a generation
+    quotas: tuple[Quota, ...] = ()  # the caller's quotas that count it (slot taken)
 
 
 class Admission:
@@ -178,8 +187,8 @@ class Admission:
 
     async def take_slot(self, admitted: Admitted, method: str, *, websocket: bool = False) -> Lease:
         """The rate windows, the quotas and a concurrency slot, once the request is ready
-        to go. A WebSocket session can run the app as often as it sends: it counts as a
-        generation."""
+        to go. A WebSocket session counts as a generation when it opens, and each request
+        message after its first as one more (:meth:`count_generation`)."""
         target = admitted.target
         assert target is not None, "admit() first"
         generation = websocket or starts_generation(method, target)
@@ -188,12 +197,26 @@ class Admission:
             return await self.limiter.admit(key, submit=False)
         admitted.generation = True
         app = target.path if target.kind != "token" else None
-        quotas = tuple(
+        admitted.quotas = quotas = tuple(
             quota
             for quota in self.plans.quotas(self.plan_of(key, admitted.claimed_plan))
             if quota.applies(app, admitted.token_apps)
         )
+        if target.kind == "token" and quotas:
+            # What a token's sockets run, fal alone sees: no quota could bound it.
+            quota = quotas[0]
+            raise TokensUnderQuota(apps=quota.pattern, limit=quota.limit, period=quota.period,
+                                   described=quota.describe())  # fmt: skip
         return await self.limiter.admit(key, submit=True, quotas=quotas, app=usage_app(target))
+
+    async def count_generation(self, admitted: Admitted) -> None:
+        """One more generation on an admitted session (a socket's request message after
+        its first): the hourly window and the session's quotas count it, usage sums it.
+        Raises the refusal (429's error, or 503's when Redis fails under "closed")."""
+        assert admitted.limit_key is not None and admitted.target is not None, "take_slot() first"
+        await self.limiter.count_generation(
+            admitted.limit_key, quotas=admitted.quotas, app=usage_app(admitted.target)
+        )
 
     def plan_of(self, key: str, claimed: str | None) -> str:
         """The caller's plan; a claimed plan this configuration lacks is said once."""

@@ -35,6 +35,7 @@ failed one as the client's refusal) and :mod:`proxy.bridge.pump` the frames both
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
@@ -104,17 +105,25 @@ class Bridge(Transport[Session]):
             assert target is not None
             session.lease = await self.admission.take_slot(admitted, "GET", websocket=True)
             session.metadata = self.admission.metadata(admitted, session.request_id, websocket=True)
-            # A session is a generation (quotas count it); labelled by the admitting
-            # pattern, as the forwarder's requests are before fal has answered.
-            pattern = admitted.app
-            self.metrics.observe_generation(pattern if pattern not in (None, "*") else "other", 0.0)
         except ProxyError as exc:
             # A refusal: the handshake answered with its status (a send that fails on the
             # way is handled like any other failure).
             session.error = exc.reason
             await self._refuse(scope, send, session, exc)
             return
-        await self._bridge(scope, receive, send, session, target.path, query, offered)
+        # A session is a generation when it opens (its first request message), and each
+        # request message after that one more: the socket runs the app once per message.
+        # Labelled by the admitting pattern, as the forwarder's requests are before fal
+        # has answered.
+        label = admitted.app if admitted.app not in (None, "*") else "other"
+        self.metrics.observe_generation(label, 0.0)
+        session.generations = 1
+
+        async def meter() -> None:
+            await self.admission.count_generation(admitted)
+            self.metrics.observe_generation(label, 0.0)
+
+        await self._bridge(scope, receive, send, session, target.path, query, offered, meter)
 
     async def fail(
         self, session: Session, scope: Scope, send: Send, error: ProxyError,
@@ -141,6 +150,7 @@ class Bridge(Transport[Session]):
         path: str,
         query: str,
         offered: list[str],
+        meter: Callable[[], Awaitable[None]],
     ) -> None:
         """Open the upstream socket, accept the client, pump frames until a close."""
         watch = asyncio.ensure_future(receive())  # the client, during the upstream handshake
@@ -157,7 +167,7 @@ class Bridge(Transport[Session]):
                 self.metrics.open_websockets.inc()
                 try:
                     pump = Pump(_first(watch, receive), send, upstream, session,
-                                self.settings.idle_timeout)  # fmt: skip
+                                self.settings.idle_timeout, meter)  # fmt: skip
                     await pump.run()
                 finally:
                     self.metrics.open_websockets.dec()

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import Message, Receive, Send
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from ..errors import ClientGone
+from ..errors import ClientGone, ProxyError
 from ..phases import Call
 
 SHUTDOWN = 1001, "proxy shutting down"
@@ -58,6 +59,7 @@ class Session(Call):
         "close_sent",
         "frames_in",
         "frames_out",
+        "generations",
         "metadata",
         "path",
         "upstream",
@@ -68,6 +70,7 @@ class Session(Call):
         super().__init__()
         self.path = path
         self.frames_in = self.frames_out = self.bytes_in = self.bytes_out = 0
+        self.generations = 0  # counted against the caller's limits: 1 at open, 1 per message after
         self.client_close: int | None = None
         self.upstream_close: int | None = None
         self.metadata: str | None = None  # cf-aig-metadata for the upstream handshake
@@ -94,6 +97,7 @@ class Session(Call):
             "frames_out": self.frames_out,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "generations": self.generations,
             "client_close": self.client_close,
             "upstream_close": self.upstream_close,
         }
@@ -111,6 +115,10 @@ class Pump:
     the session idled out), with the upstream closed.
 
     ``send`` must raise :class:`ClientGone` for a gone client (:func:`client_sender`).
+    ``meter`` counts a client message after the first as one more generation of the
+    caller's (the session's opening counted the first), raising the refusal when the
+    caller has no more: that message is not sent, and the session ends with
+    :func:`refusal_close`.
     """
 
     def __init__(
@@ -120,9 +128,10 @@ class Pump:
         upstream: ClientConnection,
         session: Session,
         idle: float,
+        meter: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.receive, self.send, self.upstream = receive, send, upstream
-        self.session, self.idle = session, idle
+        self.session, self.idle, self.meter = session, idle, meter
         self.loop = asyncio.get_running_loop()
         self.last = self.loop.time()  # last frame either way, for the idle timeout
 
@@ -170,6 +179,15 @@ class Pump:
                 return
             raw = message.get("bytes")  # an empty binary frame stays binary
             data: str | bytes = raw if raw is not None else (message.get("text") or "")
+            if self.meter is not None and session.frames_in:
+                try:
+                    await self.meter()
+                except ProxyError as refusal:  # used up: this message goes nowhere
+                    session.error = refusal.reason
+                    await session.close_client(*refusal_close(refusal))
+                    await upstream.close(1000, "")
+                    return
+                session.generations += 1
             session.frames_in += 1
             session.bytes_in += len(data)
             self.last = loop.time()
@@ -232,6 +250,15 @@ def client_close(
     if sent is not None and sent[0] == received:
         text = sent[1] or text
     return received, code, text[:120]
+
+
+def refusal_close(refusal: ProxyError) -> tuple[int, str]:
+    """The close a session gets when the caller's limits refuse a message: 1008 (policy)
+    naming the limit, or 1013 (try again later) when the limit store is unavailable. The
+    reason fits a close frame (123 bytes)."""
+    code = 1013 if refusal.status == 503 else 1008
+    text = f"{refusal.message}: {refusal.detail}" if refusal.detail else refusal.message
+    return code, text.encode()[:123].decode("utf-8", "ignore")
 
 
 def _sendable(code: int | None) -> int:
