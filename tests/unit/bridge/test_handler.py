@@ -288,6 +288,7 @@ async def test_frames_go_both_ways_keeping_their_type_with_the_key_and_no_client
     assert {k: v for k, v in line.items() if k not in ("duration_ms", "request_id")} == {
         "route": "websocket", "target_path": PATH, "frames_in": 2, "frames_out": 2,
         "bytes_in": 2, "bytes_out": 2, "client_close": 1000, "upstream_close": 1000,
+        "generations": 2,  # the session's opening (its first message), and the second
     }  # fmt: skip
     assert not bridge.sessions and open_sockets(bridge) == 0
 
