@@ -258,7 +258,7 @@ def refusal_close(refusal: ProxyError) -> tuple[int, str]:
     reason fits a close frame (123 bytes)."""
     code = 1013 if refusal.status == 503 else 1008
     text = f"{refusal.message}: {refusal.detail}" if refusal.detail else refusal.message
-    return code, text.encode()[:123].decode("utf-8", "ignore")
+    return code, text.encode("utf-8", "replace")[:123].decode("utf-8", "ignore")
 
 
 def _sendable(code: int | None) -> int:
