@@ -26,9 +26,15 @@ Control paths, outside the gateway prefix:
 =================================  ======================================================
 ``GET /_emulator/requests``        every request received, oldest first (method, raw
                                    path, query, headers, body head and digest, target)
-``DELETE /_emulator/requests``     forget them (and events, gates, counters)
+``DELETE /_emulator/requests``     forget them (and events, gates, counters; end the
+                                   queue's hold and let its held jobs go)
 ``GET /_emulator/events``          out-of-band events (a client gone mid-wait)
 ``POST /_emulator/gates/<name>``   release a gate a fault app waits on
+``POST /_emulator/queue/hold``     hold queue jobs submitted from now on: each stops
+                                   IN_QUEUE, then IN_PROGRESS before its first log line,
+                                   until released (``DELETE``: stop holding new ones)
+``POST /_emulator/queue/release``  move every held job on by one stop; its clock runs
+                                   from there (answers ``{"released": {id: status}}``)
 ``GET /_emulator/files/<name>``    generated images and uploaded files
 ``PUT/POST /_emulator/uploads/…``  where signed upload URLs point
 ``GET /_emulator/health``          ``{"status": "ok"}``

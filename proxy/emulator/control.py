@@ -1,10 +1,12 @@
 """The emulator's control paths, ``/_emulator/…`` (outside the gateway prefix): read back and
-clear what it received, release gates, serve generated and uploaded files, and take the
-bytes that signed upload URLs point at (the storage side no proxy stands in front of)."""
+clear what it received, release gates, hold and release queue jobs, serve generated and
+uploaded files, and take the bytes that signed upload URLs point at (the storage side no
+proxy stands in front of)."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 
 from starlette.types import Receive, Scope, Send
 
@@ -19,6 +21,7 @@ async def serve_control(
     method, recorder = scope["method"], state.recorder
     if path == "requests" and method == "DELETE":
         recorder.clear()
+        state.queue.reset()
         await send_json(send, 200, {"cleared": True})
     elif path == "requests":
         await send_json(send, 200, list(recorder.requests))
@@ -27,6 +30,14 @@ async def serve_control(
     elif path.startswith("gates/") and method == "POST":
         recorder.gates[path[len("gates/") :]].set()
         await send_json(send, 200, {"released": path[len("gates/") :]})
+    elif path == "queue/hold" and method in ("POST", "DELETE"):
+        # Jobs submitted from now on are held (POST), or not (DELETE: held ones stay held).
+        state.queue.holding = method == "POST"
+        await send_json(send, 200, {"holding": state.queue.holding})
+    elif path == "queue/release" and method == "POST":
+        moved = state.queue.release()
+        now = time.monotonic()
+        await send_json(send, 200, {"released": {j.request_id: j.state(now) for j in moved}})
     elif path == "outage" and method in ("POST", "DELETE"):
         # The gateway's own failure, on demand: a Cloudflare 5xx page for every gateway call
         # (recorded, never reaching fal) until DELETE. ?status=503 picks the status.

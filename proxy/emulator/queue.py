@@ -3,6 +3,12 @@
 A job waits in the queue, runs, then completes, on a clock scaled by
 ``EmulatorConfig.time_scale``. Its state is computed from elapsed time when asked, so
 nothing runs in the background; the result is produced once, on first need.
+
+A test that must see a state, whatever the machine's speed, holds the queue
+(``POST /_emulator/queue/hold``): a job submitted while it holds stops twice, IN_QUEUE and
+then IN_PROGRESS before its first log line, and moves on only when the test says so
+(``POST /_emulator/queue/release``, one stop per call); its clock runs from its last release.
+Cancelling a held job needs no release: it is COMPLETED at once, as any cancelled job.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from .apps import App, Files
 QUEUE_WAIT = 1.0  # seconds in IN_QUEUE at time scale 1
 QUEUE_URL = "https://queue.fal.run"
 MAX_JOBS = 10_000
+HELD_IN_QUEUE, HELD_RUNNING = 2, 1  # Job.held: the stops a held job has still ahead
 
 
 @dataclass
@@ -33,6 +40,7 @@ class Job:
     run: float
     logs: list[tuple[float, str]]
     cancelled: bool = False
+    held: int = 0  # HELD_IN_QUEUE, HELD_RUNNING, or 0: on the clock
     result: dict[str, Any] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Wall clock minus monotonic clock, taken at submit: dates the (monotonic) times above.
@@ -46,8 +54,25 @@ class Job:
             "cancel_url": f"{base}/cancel",
         }
 
+    def elapsed(self, now: float) -> float:
+        """Time on the job's clock: stopped where a hold stops it."""
+        if self.held == HELD_IN_QUEUE:
+            return 0.0
+        if self.held == HELD_RUNNING:
+            return self.wait  # running, before any log line
+        return now - self.submitted
+
+    def release(self, now: float, *, fully: bool = False) -> None:
+        """Move on from the stop the job is held at (``fully``: from every stop); its clock
+        goes on from where it stood."""
+        if self.held:
+            stood = self.elapsed(now)
+            self.held = 0 if fully else self.held - 1
+            if not self.held:
+                self.submitted = now - stood
+
     def state(self, now: float) -> str:
-        elapsed = now - self.submitted
+        elapsed = self.elapsed(now)
         if self.cancelled or elapsed >= self.wait + self.run:
             return "COMPLETED"
         return "IN_QUEUE" if elapsed < self.wait else "IN_PROGRESS"
@@ -58,7 +83,7 @@ class Job:
         if state == "IN_QUEUE":
             body["queue_position"] = 0
         if with_logs:
-            shown = now - self.submitted - self.wait
+            shown = self.elapsed(now) - self.wait
             started = self.wall_offset + self.submitted + self.wait  # wall-clock start of the run
             body["logs"] = (
                 [
@@ -93,6 +118,7 @@ class Queue:
         self.rng = random.Random(seed)
         self.time_scale = time_scale
         self.jobs: dict[str, Job] = {}
+        self.holding = False  # POST /_emulator/queue/hold: new jobs are held
 
     def submit(self, app_id: str, app: App, data: Any) -> Job:
         request_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
@@ -109,11 +135,24 @@ class Queue:
             QUEUE_WAIT * self.time_scale,
             run,
             logs,
+            held=HELD_IN_QUEUE if self.holding else 0,
         )
         self.jobs[request_id] = job
         while len(self.jobs) > MAX_JOBS:  # a long-running emulator forgets the oldest
             del self.jobs[next(iter(self.jobs))]
         return job
+
+    def release(self, *, fully: bool = False) -> list[Job]:
+        """Move every held job on by one stop (``fully``: put it back on the clock)."""
+        now, moved = time.monotonic(), [job for job in self.jobs.values() if job.held]
+        for job in moved:
+            job.release(now, fully=fully)
+        return moved
+
+    def reset(self) -> None:
+        """Hold nothing any more, and let every held job go (``DELETE /_emulator/requests``)."""
+        self.holding = False
+        self.release(fully=True)
 
     def find(self, owner_alias_path: str, request_id: str) -> Job | None:
         job = self.jobs.get(request_id)

@@ -104,6 +104,19 @@ def submit(gw: FakeGateway, app: str = "fal-ai/flux/dev", data: Any = None) -> d
     return r.json()
 
 
+def hold(gw: FakeGateway) -> None:
+    """Queue jobs submitted from now on wait for :func:`release` (the fixture's clear ends it)."""
+    assert gw.client.post("/_emulator/queue/hold").json() == {"holding": True}
+
+
+def release(gw: FakeGateway) -> dict[str, str]:
+    """Move every held job on by one stop: ``{request id: its status now}``."""
+    answer = gw.client.post("/_emulator/queue/release")
+    assert answer.status_code == 200, answer.text
+    released: dict[str, str] = answer.json()["released"]
+    return released
+
+
 def queue_states(gw: FakeGateway, status_url: str) -> list[str]:
     """Poll a queue status URL until COMPLETED; the distinct states seen, in order."""
     seen: list[str] = []
@@ -149,15 +162,6 @@ def assert_ws_refused(url: str, headers: dict[str, str] | None = None) -> None:
         assert exc.rcvd is not None and exc.rcvd.code == 4001
     else:
         pytest.fail("the realtime socket answered without valid credentials")
-
-
-@pytest.fixture(scope="module")
-def slow_gateway() -> Iterator[FakeGateway]:
-    """Time scale 0.25 (the later ``--time-scale`` wins): a text-to-image job waits 0.25 s in the
-    queue and runs 0.5 s, wide enough windows to see every state without racing the clock."""
-    gateway = start_fake_gateway("--time-scale", "0.25")
-    yield gateway
-    gateway.stop()
 
 
 @pytest.fixture(scope="module")
@@ -456,11 +460,81 @@ def test_queue_submit_returns_the_request_urls(fake_gateway: FakeGateway) -> Non
     )
 
 
+ORDER = ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+
+
 def test_queue_status_moves_from_in_queue_to_in_progress_to_completed(
-    slow_gateway: FakeGateway,
+    fake_gateway: FakeGateway,
 ) -> None:
-    job = submit(slow_gateway)
-    assert queue_states(slow_gateway, job["status_url"]) == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    """On the clock: a poller may miss a state (the hold below shows each one), never reorder."""
+    job = submit(fake_gateway)
+    states = queue_states(fake_gateway, job["status_url"])
+    assert states == sorted(states, key=ORDER.index) and states[-1] == "COMPLETED"
+
+
+def test_a_held_job_moves_on_only_when_released(fake_gateway: FakeGateway) -> None:
+    early = submit(fake_gateway)  # before the hold: on the clock
+    hold(fake_gateway)
+    job = submit(fake_gateway)
+    status, result = job["status_url"] + "?logs=1", job["response_url"]
+    # The early job has run its whole course meanwhile; the held one has not moved.
+    assert queue_states(fake_gateway, early["status_url"])[-1] == "COMPLETED"
+    for _ in range(3):
+        body = call(fake_gateway, "GET", status).json()
+        assert (body["status"], body["logs"], body["queue_position"]) == ("IN_QUEUE", [], 0)
+    assert call(fake_gateway, "GET", result).status_code == 400
+    # First stop passed: running, before its first log line, until the next release.
+    assert release(fake_gateway) == {job["request_id"]: "IN_PROGRESS"}
+    for _ in range(3):
+        body = call(fake_gateway, "GET", status).json()
+        assert (body["status"], body["logs"]) == ("IN_PROGRESS", [])
+    assert call(fake_gateway, "GET", result).status_code == 400
+    # Second: on the clock from there, its log lines coming as it runs.
+    assert release(fake_gateway) == {job["request_id"]: "IN_PROGRESS"}
+    assert queue_states(fake_gateway, job["status_url"])[-1] == "COMPLETED"
+    assert len(call(fake_gateway, "GET", status).json()["logs"]) == 7
+    assert call(fake_gateway, "GET", result).status_code == 200
+    assert release(fake_gateway) == {}  # nothing held any more
+    # Not holding new jobs: on the clock again.
+    assert fake_gateway.client.delete("/_emulator/queue/hold").json() == {"holding": False}
+    late = submit(fake_gateway)
+    assert queue_states(fake_gateway, late["status_url"])[-1] == "COMPLETED"
+    assert release(fake_gateway) == {}
+
+
+def test_a_held_jobs_status_stream_sends_each_state_as_it_is_released(
+    fake_gateway: FakeGateway,
+) -> None:
+    early = submit(fake_gateway)  # before the hold: on the clock
+    hold(fake_gateway)
+    job = submit(fake_gateway)
+    headers = {**KEY, "x-fal-target-url": job["status_url"] + "/stream?logs=1"}
+    with fake_gateway.client.stream("GET", PREFIX, headers=headers) as r:
+        events = sse_events(r)
+        _, first = next(events)
+        assert (first["status"], first["logs"]) == ("IN_QUEUE", [])
+        # The early job's whole course later, the held one is where it was.
+        assert queue_states(fake_gateway, early["status_url"])[-1] == "COMPLETED"
+        assert call(fake_gateway, "GET", job["status_url"]).json()["status"] == "IN_QUEUE"
+        release(fake_gateway)
+        _, second = next(events)
+        assert (second["status"], second["logs"]) == ("IN_PROGRESS", [])
+        release(fake_gateway)
+        rest = [data for _, data in events]
+    assert rest[-1]["status"] == "COMPLETED"
+    assert len([line for data in rest for line in data["logs"]]) == 7
+
+
+def test_clearing_the_recorder_ends_the_hold_and_lets_held_jobs_go(
+    fake_gateway: FakeGateway,
+) -> None:
+    hold(fake_gateway)
+    held = submit(fake_gateway)
+    fake_gateway.clear()
+    assert queue_states(fake_gateway, held["status_url"])[-1] == "COMPLETED"
+    fresh = submit(fake_gateway)
+    assert queue_states(fake_gateway, fresh["status_url"])[-1] == "COMPLETED"
+    assert release(fake_gateway) == {}
 
 
 def test_queue_status_has_logs_only_when_asked_else_null(fake_gateway: FakeGateway) -> None:
@@ -504,19 +578,21 @@ def test_queue_result_returns_the_images_once_completed(fake_gateway: FakeGatewa
     assert call(fake_gateway, "GET", job["response_url"]).json() == r.json()  # produced once
 
 
-def test_queue_result_before_completion_is_400(slow_gateway: FakeGateway) -> None:
-    job = submit(slow_gateway)
-    r = call(slow_gateway, "GET", job["response_url"])
+def test_queue_result_before_completion_is_400(fake_gateway: FakeGateway) -> None:
+    hold(fake_gateway)
+    job = submit(fake_gateway)
+    r = call(fake_gateway, "GET", job["response_url"])
     assert r.status_code == 400 and "in progress" in r.json()["detail"]
 
 
-def test_queue_cancel_then_cancel_again_after_completion(slow_gateway: FakeGateway) -> None:
-    job = submit(slow_gateway)
-    r = call(slow_gateway, "PUT", job["cancel_url"])
+def test_queue_cancel_then_cancel_again_after_completion(fake_gateway: FakeGateway) -> None:
+    hold(fake_gateway)  # still in the queue when the cancel comes
+    job = submit(fake_gateway)
+    r = call(fake_gateway, "PUT", job["cancel_url"])
     assert (r.status_code, r.json()) == (202, {"status": "CANCELLATION_REQUESTED"})
-    assert call(slow_gateway, "GET", job["status_url"]).json()["status"] == "COMPLETED"
-    assert call(slow_gateway, "GET", job["response_url"]).status_code == 400
-    r = call(slow_gateway, "PUT", job["cancel_url"])
+    assert call(fake_gateway, "GET", job["status_url"]).json()["status"] == "COMPLETED"
+    assert call(fake_gateway, "GET", job["response_url"]).status_code == 400
+    r = call(fake_gateway, "PUT", job["cancel_url"])
     assert (r.status_code, r.json()) == (400, {"status": "ALREADY_COMPLETED"})
 
 
