@@ -5,13 +5,20 @@ of what the client returned or raised.
 It is run by tests/e2e/test_python_sdk.py with nothing in its environment but ``PATH``,
 an empty ``HOME`` and the lines ``fal-gateway-proxy python-env`` printed (plus a caller's
 ``FAL_KEY`` when the test says so): whatever reaches fal must come through the proxy.
+
+The queue scenarios that must see a state get ``EMULATOR_URL`` too, for the emulator's own
+control paths (never fal's): the test holds the queue (``POST /_emulator/queue/hold``), and
+the scenario releases each held state once the client has seen it, so every state is seen
+whatever the machine's speed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+import urllib.request
 from typing import Any
 
 import fal_client
@@ -27,6 +34,13 @@ def status_name(status: Any) -> str:
     return type(status).__name__
 
 
+def emulator(path: str, method: str = "POST") -> Any:
+    """A control call to the emulator (``EMULATOR_URL``), straight, not through the proxy."""
+    url = f"{os.environ['EMULATOR_URL']}/_emulator/{path}"
+    with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as answer:
+        return json.loads(answer.read())
+
+
 def run() -> dict[str, Any]:
     return {"result": fal_client.run(APP, arguments=INPUT)}
 
@@ -37,13 +51,19 @@ def run_path() -> dict[str, Any]:
 
 
 def subscribe() -> dict[str, Any]:
+    """The job is held (by the test): released from Queued, then from InProgress, each once
+    the client has reported it; ``released`` is what each release moved."""
     updates: list[dict[str, Any]] = []
+    released: list[dict[str, str]] = []
 
     def on_update(status: Any) -> None:
-        updates.append({"status": status_name(status), "logs": getattr(status, "logs", None)})
+        name = status_name(status)
+        updates.append({"status": name, "logs": getattr(status, "logs", None)})
+        if name in ("Queued", "InProgress") and [u["status"] for u in updates].count(name) == 1:
+            released.append(emulator("queue/release")["released"])
 
     result = fal_client.subscribe(APP, arguments=INPUT, with_logs=True, on_queue_update=on_update)
-    return {"result": result, "updates": updates}
+    return {"result": result, "updates": updates, "released": released}
 
 
 def submit_status_result() -> dict[str, Any]:
@@ -105,15 +125,19 @@ def async_calls() -> dict[str, Any]:
         handle = await client.submit(APP, arguments=INPUT)
         statuses = [status_name(s) async for s in handle.iter_events(with_logs=True)]
         result = await handle.get()
+        emulator("queue/hold")  # still in the queue when the cancel comes, however slow
         cancelled = await client.submit(APP, arguments=INPUT)
+        emulator("queue/hold", "DELETE")
         await cancelled.cancel()
+        cancelled_status = status_name(await cancelled.status())
         events = [event async for event in client.stream(STREAM_APP, arguments=INPUT)]
         async with client.realtime(REALTIME_APP, use_jwt=False) as connection:
             await connection.send(INPUT)
             realtime = await connection.recv()
         return {"run": ran, "subscribe": subscribed, "updates": updates,
                 "statuses": statuses, "result": result, "events": len(events),
-                "status_url": handle.status_url, "realtime": realtime}  # fmt: skip
+                "status_url": handle.status_url, "realtime": realtime,
+                "cancelled": cancelled_status}  # fmt: skip
 
     return asyncio.run(go())
 
@@ -132,7 +156,7 @@ SCENARIOS = {
     name: function
     for name, function in globals().items()
     if callable(function) and function.__module__ == __name__ and name not in (
-        "status_name", "main")
+        "status_name", "emulator", "main")
 }  # fmt: skip
 
 
