@@ -8,7 +8,9 @@ gateway recorded (auth, path mode vs target mode, headers, bodies).
 
 Upstream is the product's own offline emulator (the ``fake_gateway`` fixture, see
 tests/conftest.py and proxy/emulator): ``emulator/*`` apps for echo and faults, and a
-real queue (``fal-ai/flux/dev``) whose jobs progress on the emulator's scaled clock.
+real queue (``fal-ai/flux/dev``) whose jobs progress on the emulator's scaled clock. A
+scenario that must see a queue state holds the emulator's queue and releases each state once
+the SDK has reported it (``/_emulator/queue/hold`` and ``/release``): no window to hit.
 
 Traffic that the SDK sends past the proxy by design is checked from both ends too: the
 signed-URL upload PUTs (and multipart parts) reach the emulator directly
@@ -23,13 +25,11 @@ The SDK is installed with ``npm ci --prefix tests/sdk``; without it these tests 
 from __future__ import annotations
 
 import base64
-import hashlib
 import itertools
 import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,6 @@ from tests.conftest import (
     FakeGateway,
     RunningProxy,
     child_env,
-    launch_proxy,
-    start_fake_gateway,
 )
 
 SDK_DIR = ROOT / "tests" / "sdk"
@@ -403,28 +401,21 @@ def test_queue_status_result_cancel(proxy: RunningProxy, fake_gateway: FakeGatew
         assert record["body"] == b""
 
 
-@pytest.fixture(scope="module")
-def slow_queue() -> Iterator[tuple[RunningProxy, FakeGateway]]:
-    """An emulator whose jobs wait 0.5 s in the queue (not 50 ms): the SDK's first status
-    request, sent after the submit's answer, must see IN_QUEUE even on a loaded machine
-    (at 50 ms, a busy 2-core runner sometimes missed it)."""
-    gateway = start_fake_gateway("--time-scale", "0.5")
-    running = launch_proxy(gateway.gateway_url)
-    yield running, gateway
-    running.process.stop()
-    gateway.stop()
+def assert_held_and_released(outcome: dict[str, Any], request_id: str) -> None:
+    """The scenario's job was held (its two releases each moved it), so the states the SDK
+    saw were each kept for it until it reported them."""
+    assert outcome["released"] == [{request_id: "IN_PROGRESS"}] * 2
 
 
-def test_subscribe_polls_until_completed(slow_queue: tuple[RunningProxy, FakeGateway]) -> None:
-    proxy, fake_gateway = slow_queue
-    fake_gateway.clear()
+def test_subscribe_polls_until_completed(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     outcome = run_sdk(proxy, fake_gateway, "subscribe_polling")
 
     (request_id,) = outcome["enqueued"]
     assert REQUEST_ID.fullmatch(request_id)
     updates = outcome["updates"]
-    # One update per poll (every 20 ms over a ~2 s job): each state seen, in order.
+    # One update per poll (every 20 ms), each state held until seen: all of them, in order.
     assert statuses([u["status"] for u in updates]) == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert_held_and_released(outcome, request_id)
     # logs=1: the log lines arrive while the job runs; each poll has all of them so far.
     for before, after in itertools.pairwise(updates):
         assert after["logs"][: len(before["logs"])] == before["logs"]
@@ -442,15 +433,14 @@ def test_subscribe_polls_until_completed(slow_queue: tuple[RunningProxy, FakeGat
     assert_queue_sequence(outcome, proxy, fake_gateway, expected)
 
 
-def test_subscribe_streaming_status(slow_queue: tuple[RunningProxy, FakeGateway]) -> None:
-    proxy, fake_gateway = slow_queue
-    fake_gateway.clear()
+def test_subscribe_streaming_status(proxy: RunningProxy, fake_gateway: FakeGateway) -> None:
     outcome = run_sdk(proxy, fake_gateway, "subscribe_streaming")
 
     (request_id,) = outcome["enqueued"]
     assert REQUEST_ID.fullmatch(request_id)
     # One event per change of state, pushed by the emulator over the status stream.
     assert outcome["updates"] == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert_held_and_released(outcome, request_id)
     assert outcome["requestId"] == request_id
     assert_generated_image(outcome["data"], fake_gateway)
 
@@ -472,6 +462,7 @@ def test_workflow_subscribe_keeps_the_namespace(
     (request_id,) = outcome["enqueued"]
     assert REQUEST_ID.fullmatch(request_id)
     assert statuses(outcome["updates"]) == ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+    assert_held_and_released(outcome, request_id)
     assert outcome["requestId"] == request_id
     assert_generated_image(outcome["data"], fake_gateway)
 
@@ -567,9 +558,8 @@ def test_stream_abort_closes_the_upstream_request(
     # The emulator saw its client (the proxy) leave while the SDK process was still alive, so
     # the abort itself, not the process exiting, closed the upstream request.
     assert outcome["disconnectSeenAfterMs"] is not None, (
-        "the upstream request was not closed within 5 s"
+        "the upstream request was not closed within 10 s"
     )
-    assert outcome["disconnectSeenAfterMs"] < 2000
     assert f"disconnected:stall:{request_id}" in fake_gateway.events()
 
 
@@ -616,41 +606,38 @@ def test_multipart_upload_initiates_through_the_proxy_and_sends_the_parts_direct
     proxy: RunningProxy, fake_gateway: FakeGateway
 ) -> None:
     # fal's own server proxy refuses initiate-multipart (not in its allow-list); this one
-    # forwards it. 90 MiB + 1 byte is the smallest file the SDK uploads in parts.
+    # forwards it. The SDK's file says it holds 90 MiB + 1 byte, the smallest it uploads in
+    # parts; each slice the SDK asks for is a short line (no byte of it goes via the proxy).
     outcome = run_sdk(proxy, fake_gateway, "storage_upload_multipart")
 
     assert outcome["size"] == MULTIPART_ABOVE + 1
-    parts = outcome["parts"]
-    assert [p["size"] for p in parts] == [PART_BYTES] * 9 + [1]
+    slices = outcome["slices"]  # where the SDK cut the file: 9 full parts and a 1-byte one
+    assert [(s["start"], s["end"]) for s in slices] == [
+        (start, min(start + PART_BYTES, outcome["size"]))
+        for start in range(0, outcome["size"], PART_BYTES)
+    ]
     initiate_sent, *direct = outcome["sent"]
     assert_sent_via_proxy({"sent": [initiate_sent]}, proxy, ("POST", INITIATE_MULTIPART))
     assert_sent_without_credentials(outcome)
 
-    initiate = fake_gateway.only_request()  # not one byte of the file went through the gateway
+    initiate = fake_gateway.only_request()  # not one part went through the gateway
     assert_initiated(initiate, INITIATE_MULTIPART, "application/octet-stream", "octet")
     uploads = fake_gateway.requests("upload")
-    assert len(uploads) == len(direct) == len(parts) + 1
+    assert len(uploads) == len(direct) == len(slices) + 1
     upload_path = uploads[0]["path"].rsplit("/", 1)[0]  # <upload_url path>/<n>?<its query>
-    for number, (part, record, sent) in enumerate(zip(parts, uploads, direct, strict=False), 1):
+    for number, (piece, record, sent) in enumerate(zip(slices, uploads, direct, strict=False), 1):
         assert_sent_direct(sent, record, fake_gateway)
         assert (record["method"], record["path"]) == ("PUT", f"{upload_path}/{number}")
-        assert (record["body_len"], record["body_sha256"]) == (part["size"], part["sha256"])
+        assert record["body"] == base64.b64decode(piece["b64"])
     complete = uploads[-1]
     assert_sent_direct(direct[-1], complete, fake_gateway)
     assert (complete["method"], complete["path"]) == ("POST", f"{upload_path}/complete")
     assert [p["partNumber"] for p in json.loads(complete["body"])["parts"]] == list(
-        range(1, len(parts) + 1)
+        range(1, len(slices) + 1)
     )
-
-    # The file URL serves the parts joined: compared by digest, streamed, not held twice.
-    digest, size = hashlib.sha256(), 0
-    assert outcome["fileUrl"].startswith(f"{emulator_origin(fake_gateway)}/_emulator/files/")
-    with fake_gateway.client.stream("GET", outcome["fileUrl"]) as served:
-        assert served.status_code == 200
-        for chunk in served.iter_bytes():
-            digest.update(chunk)
-            size += len(chunk)
-    assert (size, digest.hexdigest()) == (outcome["size"], outcome["sha256"])
+    # The file URL serves the parts joined, in order.
+    joined = b"".join(base64.b64decode(piece["b64"]) for piece in slices)
+    assert_serves(fake_gateway, outcome["fileUrl"], joined)
 
 
 def test_auto_upload_replaces_a_blob_input_by_its_file_url(

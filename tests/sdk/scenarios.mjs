@@ -26,12 +26,13 @@
 // Environment, set by tests/e2e/test_sdk_node.py:
 //   EMULATOR_URL     the emulator's base URL; the gated scenarios release the emulator's
 //                    gates (POST /_emulator/gates/<name>) themselves, one after each event
-//                    received; `stream_abort` reads its events (GET /_emulator/events).
+//                    received; `stream_abort` reads its events (GET /_emulator/events); the
+//                    queue scenarios that must see a state hold the emulator's queue
+//                    (POST /_emulator/queue/hold) and release each held state once the SDK
+//                    has reported it (POST /_emulator/queue/release), whatever the speed.
 //   QUEUE_JOB_MS     how long an emulated fal-ai/flux/dev job takes from submit to
 //                    COMPLETED (queue wait + generation, times the emulator's time scale).
 //   AUDIO_CHUNK_BYTES  the size of each chunk `emulator/audio` sends.
-
-import { createHash } from "node:crypto";
 
 import { ApiError, ValidationError, createFalClient } from "@fal-ai/client";
 
@@ -103,6 +104,33 @@ async function withGlobal(name, value, fn) {
       delete globalThis[name];
     }
   }
+}
+
+/** A control call to the emulator (straight, not through the proxy); its JSON answer. */
+async function emulatorControl(path, method = "POST") {
+  const response = await fetch(`${requireEnv("EMULATOR_URL")}/_emulator/${path}`, { method });
+  if (!response.ok) {
+    throw new Error(`${method} /_emulator/${path}: HTTP ${response.status}`);
+  }
+  return response.json();
+}
+
+/**
+ * For a job submitted while the emulator's queue holds: `seen(status)` releases IN_QUEUE,
+ * then IN_PROGRESS, each the first time the SDK reports it (an SDK callback cannot wait, so
+ * a poll or two may still see the state a release is leaving). `released()`: what each
+ * release moved ({request id: status}), in order.
+ */
+function releaseEachHeldState() {
+  const releases = new Map();
+  return {
+    seen(status) {
+      if ((status === "IN_QUEUE" || status === "IN_PROGRESS") && !releases.has(status)) {
+        releases.set(status, emulatorControl("queue/release").then((answer) => answer.released));
+      }
+    },
+    released: () => Promise.all(releases.values()),
+  };
 }
 
 /** Poll `check` every 10 ms until it returns true or `ms` have passed. */
@@ -261,8 +289,10 @@ const scenarios = {
     await sleep(jobMs);
     const status = await fal.queue.status(QUEUE_APP, { requestId, logs: true });
     const result = await fal.queue.result(QUEUE_APP, { requestId });
-    // Cancel a job that has just been submitted, so it is still waiting to run.
+    // Cancel a job held in the queue (only that one): still waiting to run, however slow.
+    await emulatorControl("queue/hold");
     const fresh = await fal.queue.submit(QUEUE_APP, { input: { prompt: "dog" } });
+    await emulatorControl("queue/hold", "DELETE");
     const cancelled = await fal.queue.cancel(QUEUE_APP, { requestId: fresh.request_id });
     return {
       sent,
@@ -275,6 +305,9 @@ const scenarios = {
   },
 
   async subscribe_polling() {
+    // Held: each state stays until the SDK has reported it.
+    await emulatorControl("queue/hold");
+    const hold = releaseEachHeldState();
     const { fal, sent } = makeClient();
     const enqueued = [];
     const updates = [];
@@ -283,13 +316,17 @@ const scenarios = {
       logs: true,
       pollInterval: 20,
       onEnqueue: (requestId) => enqueued.push(requestId),
-      onQueueUpdate: (update) =>
-        updates.push({ status: update.status, logs: (update.logs ?? []).map((log) => log.message) }),
+      onQueueUpdate: (update) => {
+        updates.push({ status: update.status, logs: (update.logs ?? []).map((log) => log.message) });
+        hold.seen(update.status);
+      },
     });
-    return { sent, enqueued, updates, ...summarizeResult(result) };
+    return { sent, enqueued, updates, released: await hold.released(), ...summarizeResult(result) };
   },
 
   async subscribe_streaming() {
+    await emulatorControl("queue/hold");
+    const hold = releaseEachHeldState();
     const { fal, sent } = makeClient();
     const enqueued = [];
     const updates = [];
@@ -297,9 +334,12 @@ const scenarios = {
       input: { prompt: "cat" },
       mode: "streaming",
       onEnqueue: (requestId) => enqueued.push(requestId),
-      onQueueUpdate: (update) => updates.push(update.status),
+      onQueueUpdate: (update) => {
+        updates.push(update.status);
+        hold.seen(update.status);
+      },
     });
-    return { sent, enqueued, updates, ...summarizeResult(result) };
+    return { sent, enqueued, updates, released: await hold.released(), ...summarizeResult(result) };
   },
 
   async stream() {
@@ -443,12 +483,14 @@ const scenarios = {
         disconnectSeenAfterMs = Date.now() - abortedAt;
       }
       return disconnectSeenAfterMs !== null;
-    }, 5000);
+    }, 10000);
     return { sent, events, done, requestId: stream.requestId, disconnectSeenAfterMs };
   },
 
   async workflow_subscribe() {
-    // A workflow id keeps its `workflows/` namespace in every queue URL.
+    // A workflow id keeps its `workflows/` namespace in every queue URL. Held, as above.
+    await emulatorControl("queue/hold");
+    const hold = releaseEachHeldState();
     const { fal, sent } = makeClient();
     const enqueued = [];
     const updates = [];
@@ -456,9 +498,12 @@ const scenarios = {
       input: { prompt: "cat" },
       pollInterval: 20,
       onEnqueue: (requestId) => enqueued.push(requestId),
-      onQueueUpdate: (update) => updates.push(update.status),
+      onQueueUpdate: (update) => {
+        updates.push(update.status);
+        hold.seen(update.status);
+      },
     });
-    return { sent, enqueued, updates, ...summarizeResult(result) };
+    return { sent, enqueued, updates, released: await hold.released(), ...summarizeResult(result) };
   },
 
   async storage_upload() {
@@ -477,41 +522,29 @@ const scenarios = {
   },
 
   async storage_upload_multipart() {
-    // The SDK goes multipart when file.size > 90 * 1024 * 1024 (storage.js), in 10 MiB
-    // parts: 90 MiB + 1 byte is the smallest such file, 9 full parts and a 1-byte one.
-    // Built from 1 MiB blocks that each carry their index (a part out of order changes the
-    // digest); a Blob of Blobs shares their bytes, so the file is held once, and it is
-    // hashed (whole and per part) as it is built.
-    const MiB = 1024 * 1024;
-    const size = 90 * MiB + 1;
-    const partSize = 10 * MiB;
-    const block = Buffer.alloc(MiB);
-    const whole = createHash("sha256");
-    const parts = [];
-    const blobs = [];
-    for (let offset = 0, index = 0; offset < size; offset += MiB, index += 1) {
-      block.fill(index % 251);
-      block.writeUInt32BE(index, 0);
-      const piece = block.subarray(0, Math.min(MiB, size - offset));
-      if (offset % partSize === 0) {
-        parts.push({ hash: createHash("sha256"), size: 0 });
+    // The SDK goes multipart when file.size > 90 * 1024 * 1024 (storage.js) and PUTs
+    // file.slice(start, end) for each 10 MiB part. Where each request goes (the initiation
+    // through the proxy, the parts straight to the signed URL) does not depend on the
+    // bytes, so none are made: the file says it holds 90 MiB + 1 byte, the smallest size the
+    // SDK uploads in parts, and each slice the SDK asks for is a short line naming its range
+    // (a part out of order or cut elsewhere changes what the emulator joins). `slices`:
+    // what the SDK asked for, and what it got.
+    const size = 90 * 1024 * 1024 + 1;
+    const slices = [];
+    class SizedFile extends Blob {
+      get size() {
+        return size;
       }
-      const part = parts[parts.length - 1];
-      part.hash.update(piece);
-      part.size += piece.length;
-      whole.update(piece);
-      blobs.push(new Blob([piece])); // copies the block's bytes
+
+      slice(start, end) {
+        const piece = Buffer.from(`bytes ${start}-${end} of ${size}\n`);
+        slices.push({ start, end, b64: b64(piece) });
+        return new Blob([piece]);
+      }
     }
-    const file = new Blob(blobs, { type: "application/octet-stream" });
     const { fal, sent } = makeClient();
-    const fileUrl = await fal.storage.upload(file);
-    return {
-      sent,
-      fileUrl,
-      size: file.size,
-      sha256: whole.digest("hex"),
-      parts: parts.map((part) => ({ size: part.size, sha256: part.hash.digest("hex") })),
-    };
+    const fileUrl = await fal.storage.upload(new SizedFile([], { type: "application/octet-stream" }));
+    return { sent, fileUrl, size, slices };
   },
 
   async auto_upload() {
