@@ -91,6 +91,9 @@ def test_sdk_queue_submit_goes_to_the_bare_gateway_url_with_the_target_header(
 def test_queue_status_get_and_bodyless_cancel(
     client: httpx.Client, fake_gateway: FakeGateway
 ) -> None:
+    # Held in the emulator's queue (the next test's clear ends it): the status says IN_QUEUE
+    # and the cancel finds the job there, however slow the machine.
+    fake_gateway.client.post("/_emulator/queue/hold").raise_for_status()
     submit = client.post(
         "/api/fal/proxy",
         json={"prompt": "cat"},
