@@ -98,6 +98,8 @@ class RedisLimiter(Limiter):
         """Connect lazily (start-up never fails on Redis) and start renewing leases."""
         url = self.settings.redis_url
         assert url is not None, "RedisLimiter needs a redis_url"
+        if self._redis is not None:  # started already: one pool, one renewal task
+            return
         # A blocking pool: a call beyond REDIS_CONNECTIONS in flight waits for a connection
         # (at most REDIS_TIMEOUT) instead of failing at once with "Too many connections",
         # which the default pool does at 100 (measured under load: 503s with "closed").
@@ -125,6 +127,9 @@ class RedisLimiter(Limiter):
             if self._sending:  # batches in Redis: their answers, and what they owe, first
                 await asyncio.wait(set(self._sending), timeout=REDIS_TIMEOUT)
             await self.flush()  # best effort: what is lost expires by itself
+            # Closed: a release or units owed from now on are dropped (the leases expire)
+            # instead of opening a new connection on the closed client.
+            self._script = None
             self._leases.clear()
             await self._redis.aclose()
             if self._pool is not None:

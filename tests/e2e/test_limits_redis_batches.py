@@ -386,6 +386,26 @@ def test_close_waits_for_the_batches_in_redis(redis_server: RedisServer) -> None
     asyncio.run(main())
 
 
+def test_a_limiter_started_twice_or_used_after_close_opens_nothing_more(
+    redis_server: RedisServer,
+) -> None:
+    """A second start() keeps the one pool and renewal task; a release after close() is
+    dropped (its lease expires) instead of reconnecting the closed client."""
+
+    async def main() -> None:
+        limiter = await started(limits_for(redis_server.url))
+        await limiter.start()
+        lease = await limiter.admit("late", submit=False)
+        before = evalsha_calls(redis_server)
+        await limiter.close()
+        assert asyncio.all_tasks() == {asyncio.current_task()}  # no renewal task left behind
+        await lease.release()
+        await limiter.flush()
+        assert evalsha_calls(redis_server) == before  # nothing sent after close
+
+    asyncio.run(main())
+
+
 # --- one bad key fails only its own call ---------------------------------------------------
 
 
