@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import jwt
 import pytest
 
-from tests.conftest import FakeGateway, RunningProxy
+from tests.conftest import FakeGateway, RunningProxy, launch_proxy
 
 ECHO = "/emulator/echo"
 APP = "https://app.example.com"
@@ -300,25 +301,53 @@ GENERATIONS = [  # (method, x-fal-target-url or None for a fal.run path, path, b
 ]
 
 
-@pytest.mark.parametrize(("method", "target", "path", "body"), GENERATIONS)
+@pytest.fixture(scope="module")
+def capped_proxy(fake_gateway: FakeGateway) -> Iterator[RunningProxy]:
+    """One proxy for every kind of generation: each case is its own client (a forwarded
+    address of its own, from a trusted peer), so each has its own hourly cap of 1."""
+    running = launch_proxy(
+        fake_gateway.gateway_url,
+        FAL_PROXY_SUBMITS_PER_HOUR="1",
+        FAL_PROXY_ALLOWED_APPS="fal-ai/flux/*",
+        FAL_PROXY_TRUSTED_PROXIES="127.0.0.1",
+    )
+    yield running
+    running.process.stop()
+
+
+@pytest.mark.parametrize(("n", "method", "target", "path", "body"), [
+    (n, *call) for n, call in enumerate(GENERATIONS, 1)
+])  # fmt: skip
 def test_every_call_that_can_start_a_generation_counts_against_the_hourly_cap(
-    start_proxy, method: str, target: str | None, path: str | None, body: object
+    capped_proxy: RunningProxy,
+    fake_gateway: FakeGateway,
+    n: int,
+    method: str,
+    target: str | None,
+    path: str | None,
+    body: object,
 ) -> None:
-    proxy = start_proxy(FAL_PROXY_SUBMITS_PER_HOUR="1", FAL_PROXY_ALLOWED_APPS="fal-ai/flux/*")
-    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
+    client = {"x-forwarded-for": f"203.0.113.{n}"}
+    with httpx.Client(base_url=capped_proxy.url, trust_env=False, timeout=10) as c:
 
         def call() -> httpx.Response:
             content = json.dumps(body).encode() if body is not None else None
             if target is None:
-                return c.request(method, path or "/", content=content)
+                return c.request(method, path or "/", content=content, headers=client)
             return c.request(
-                method, "/api/fal/proxy", headers={"x-fal-target-url": target}, content=content
+                method,
+                "/api/fal/proxy",
+                headers={**client, "x-fal-target-url": target},
+                content=content,
             )
 
-        assert call().status_code != 429
+        first = call()
+        assert first.status_code != 429, first.text
+        assert len(fake_gateway.requests()) == 1  # the first went up: it counted
         refused = call()
         assert refused.status_code == 429, refused.text
         assert "per hour" in refused.json()["detail"]
+    assert len(fake_gateway.requests()) == 1  # the refused one never went upstream
 
 
 def test_reading_and_cancelling_a_request_are_not_generations(start_proxy) -> None:

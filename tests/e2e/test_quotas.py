@@ -149,7 +149,9 @@ def test_callers_read_their_own_usage_and_the_operator_reads_anyones(
     assert "alice" not in text
 
 
-def test_plans_from_a_file_and_from_a_jwt_claim(start_proxy, tmp_path: Path) -> None:
+def test_plans_from_a_file_and_from_a_jwt_claim(
+    start_proxy, fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
     plans = tmp_path / "plans.toml"
     plans.write_text(
         '[plans]\nfree = "*=1/day"\npro = "*=3/day"\n\n[callers]\n"vip" = "pro"\n',
@@ -170,11 +172,14 @@ def test_plans_from_a_file_and_from_a_jwt_claim(start_proxy, tmp_path: Path) -> 
     def allowed(headers: dict[str, str]) -> int:
         count = 0
         for _ in range(5):
+            before = generations_upstream(fake_gateway, SDXL)
             r = run(proxy, SDXL, headers)
             if r.status_code == 429:
                 assert r.json()["message"] == "quota exceeded"
+                assert generations_upstream(fake_gateway, SDXL) == before  # never went up
                 return count
             assert r.status_code == 200
+            assert generations_upstream(fake_gateway, SDXL) == before + 1
             count += 1
         return count
 
@@ -188,6 +193,7 @@ def test_plans_from_a_file_and_from_a_jwt_claim(start_proxy, tmp_path: Path) -> 
     ]
     # Moving plan keeps what was used: u-free used 1 of today's; as pro, 2 are left.
     assert allowed(bearer("u-free", "pro")) == 2
+    assert len(fake_gateway.requests()) == 1 + 3 + 3 + 2  # the admitted calls, and only them
 
 
 def test_bad_quota_settings_name_the_variable(start_proxy, tmp_path: Path) -> None:
