@@ -451,10 +451,16 @@ def test_a_closed_session_ends_promptly(start_proxy: Any) -> None:
                 await closed(ws)
 
     for n, close_first in enumerate((True, False), 1):
-        run(session(close_first))
-        # The log line (written as the session ends) follows the close at once, and the slot
-        # is free: the next socket is admitted straight away.
-        poll(lambda n=n: len(websocket_lines(proxy)) >= n, "the session to end", timeout=2.0)
+        run(session(close_first))  # the second is admitted: the first gave its slot back
+        lines = poll(
+            lambda n=n: len(websocket_lines(proxy)) >= n and websocket_lines(proxy), "the end"
+        )
+        # The session ends with its close, waiting on no timer: a bridge that waited for its
+        # idle timer (300 s by default) ended 5 s late, when its wait for the upstream's close
+        # gave up. Timed by the proxy itself (its line's duration, from the handshake), so the
+        # log pipe's pace is no part of it; a session here takes tens of milliseconds, and
+        # 4 s leaves a machine ten times slower room while the 5 s wait still fails.
+        assert lines[n - 1]["duration_ms"] < 4000, lines[n - 1]
 
 
 def test_the_key_never_reaches_the_proxy_logs(proxy: RunningProxy) -> None:
