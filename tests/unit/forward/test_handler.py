@@ -195,9 +195,8 @@ async def test_a_stalled_streamed_upload_is_a_408_and_cut_upstream() -> None:
 
     async with serving(handle) as gateway:
         forward = await forwarder(settings(gateway, FAL_PROXY_IDLE_TIMEOUT="0.3"))
-        client = Client(
-            {"type": "http.request", "body": b"part", "more_body": True}
-        )  # then nothing
+        # A first chunk, then nothing.
+        client = Client({"type": "http.request", "body": b"part", "more_body": True})
         await forward(scope(), client.receive, client.send)
         assert client.status() == 408
         # Cut by the proxy itself, before its session (and every pooled connection) is closed.
