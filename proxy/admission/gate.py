@@ -239,10 +239,15 @@ class Admission:
         plan = self.plan_of(key, claimed)
         return await self.limiter.usage(key, plan, self.plans.quotas(plan))
 
-    async def record_units(self, admitted: Admitted, path: str | None, units: float) -> None:
-        """fal's billable units for an admitted call, added to its caller's usage."""
-        if units and admitted.limit_key is not None:
-            await self.limiter.add_units(admitted.limit_key, app_label(path), units)
+    async def record_units(
+        self, admitted: Admitted, path: str | None, units: float, request_id: str | None
+    ) -> bool:
+        """fal's billable units for an admitted call, added to its caller's usage once per
+        fal ``request_id`` (a queue result fetched again adds nothing). Whether they were
+        added (and so belong in the metrics)."""
+        if not units or admitted.limit_key is None:
+            return False
+        return await self.limiter.add_units(admitted.limit_key, app_label(path), units, request_id)
 
     def check_sizes(self, scope: Scope, headers: RequestHeaders) -> None:
         url = len(scope.get("raw_path") or b"") + len(scope["query_string"])

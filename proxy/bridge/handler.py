@@ -116,12 +116,12 @@ class Bridge(Transport[Session]):
         # Labelled by the admitting pattern, as the forwarder's requests are before fal
         # has answered.
         label = admitted.app if admitted.app not in (None, "*") else "other"
-        self.metrics.observe_generation(label, 0.0)
+        self.metrics.observe_generation(label)
         session.generations = 1
 
         async def meter() -> None:
             await self.admission.count_generation(admitted)
-            self.metrics.observe_generation(label, 0.0)
+            self.metrics.observe_generation(label)
 
         await self._bridge(scope, receive, send, session, target.path, query, offered, meter)
 

@@ -40,6 +40,7 @@ class Exchange(Call):
         "response_done",
         "status",
         "ttfb",
+        "units_counted",
         "upstream_status",
     )  # fmt: skip
 
@@ -63,6 +64,7 @@ class Exchange(Call):
         self.client_gone = False
         self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for a listed cross-origin caller
         self.billable_units = 0.0  # fal's x-fal-billable-units on a success
+        self.units_counted = False  # added to usage here (not a result fetched again)
         self.generation = False  # admitted as a call that can start a generation
 
     def record(self, admitted: Admitted) -> None:

@@ -93,7 +93,9 @@ class Forwarder(Transport[Exchange]):
         status = ex.status or 0
         app = self.metrics.app_labels(ex.app, ex.path, ex.upstream_status)
         if ex.generation:
-            self.metrics.observe_generation(app, ex.billable_units)
+            self.metrics.observe_generation(app)
+        if ex.units_counted:
+            self.metrics.observe_units(app, ex.billable_units)
         self.metrics.observe(
             ex.kind,
             status,
@@ -184,7 +186,9 @@ class Forwarder(Transport[Exchange]):
         finally:
             await ex.release()  # before the units: as soon as the answer is through
             if ex.billable_units:
-                await admission.record_units(admitted, target.path, ex.billable_units)
+                ex.units_counted = await admission.record_units(
+                    admitted, target.path, ex.billable_units, ex.fal_request_id
+                )
 
     async def _send_preflight(
         self, send: Send, headers: list[tuple[bytes, bytes]], ex: Exchange

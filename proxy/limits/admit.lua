@@ -9,7 +9,7 @@ local A = {}
 for value in string.gmatch(ARGV[1], '[^\31]+') do A[#A + 1] = value end
 local ncalls, nr, nn = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
 local ttl, concurrent = tonumber(A[4]), tonumber(A[5])
-local max_fields, other = tonumber(A[6]), A[7]
+local max_fields, other, once_ttl = tonumber(A[6]), A[7], tonumber(A[8])
 
 local function bump(key, field, amount, expire_at)
   if redis.call('HEXISTS', key, field) == 0 and redis.call('HLEN', key) >= max_fields then
@@ -25,11 +25,17 @@ end
 
 -- What earlier calls owe: a slot given back here is free for this batch.
 -- Each in pcall: one Redis refuses (a key of another type) must not hold up the rest.
-local k, a = 2, 8
+local k, a = 2, 9
 for i = 0, nr - 1 do redis.pcall('ZREM', KEYS[k + i], A[a + i]) end
 k, a = k + nr, a + nr
-for i = 0, nn - 1 do pcall(bump, KEYS[k + i], A[a + 3 * i], A[a + 3 * i + 1], A[a + 3 * i + 2]) end
-k, a = k + nn, a + 3 * nn
+for i = 0, nn - 1 do
+  -- Units of one fal request count once, whichever replica saw its result first.
+  local once = KEYS[k + 2 * i + 1]
+  if once == '-' or redis.pcall('SET', once, '1', 'NX', 'EX', once_ttl) then
+    pcall(bump, KEYS[k + 2 * i], A[a + 3 * i], A[a + 3 * i + 1], A[a + 3 * i + 2])
+  end
+end
+k, a = k + 2 * nn, a + 3 * nn
 
 -- One admit: its leases key at KEYS[k], its arguments from A[a].
 local function admit(k, a, nw, nq, nu)

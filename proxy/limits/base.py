@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from ..errors import QuotaExceeded, RateLimited
 from .quotas import Quota
-from .usage import UsageReport, iso
+from .usage import RecentIds, UsageReport, iso
 from .windows import retry_after
 
 MINUTE, HOUR = 60, 3600
@@ -82,6 +82,7 @@ class Limiter:
     def __init__(self, settings: LimitSettings) -> None:
         self.settings = settings
         self.clock: Callable[[], float] = time.time  # epoch seconds: windows are calendar-aligned
+        self._units_seen = RecentIds()
 
     async def start(self) -> None:
         pass
@@ -114,8 +115,20 @@ class Limiter:
         minute and takes no slot. Raises as :meth:`admit` does."""
         raise NotImplementedError
 
-    async def add_units(self, caller: str, app: str | None, units: float) -> None:
-        """Add fal's billable units (from a response) to the caller's usage."""
+    async def add_units(
+        self, caller: str, app: str | None, units: float, request_id: str | None = None
+    ) -> bool:
+        """Add fal's billable units (from a response) to the caller's usage, once per fal
+        ``request_id`` (a result fetched again adds nothing; None: no id, always added).
+        Returns whether they were added here (False: this process counted them already)."""
+        if request_id is not None and not self._units_seen.first_time(request_id):
+            return False
+        self._add_units(caller, app, units, request_id)
+        return True
+
+    def _add_units(
+        self, caller: str, app: str | None, units: float, request_id: str | None
+    ) -> None:
         raise NotImplementedError
 
     async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:

@@ -49,7 +49,7 @@ from .quotas import Quota
 from .redis_batches import MAX_BATCH as MAX_BATCH  # re-exported: tests import it from here
 from .redis_batches import STORE_ERRORS, Batches, describe, unique_id
 from .redis_leases import HeldLeases
-from .script import ADMIT, NO_LEASE, Answer
+from .script import ADMIT, NO_LEASE, NO_ONCE, Answer
 from .usage import OTHER, USAGE_PERIOD, QuotaUse, UsageReport
 from .windows import period_bounds, sliding_wait
 
@@ -227,9 +227,13 @@ class RedisLimiter(Limiter):
         if leases is not None:
             self._batches.owe([(leases, lease_id)], [])
 
-    async def add_units(self, caller: str, app: str | None, units: float) -> None:
+    def _add_units(
+        self, caller: str, app: str | None, units: float, request_id: str | None
+    ) -> None:
         key, until = self._usage_key(caller_key(caller), self.clock())
-        self._batches.owe([], [(key, f"u:{_field(app)}", units, until)])
+        # Another replica may have counted this request's units: a marker says so.
+        once = self._key("once", caller_key(request_id)) if request_id is not None else NO_ONCE
+        self._batches.owe([], [(key, once, f"u:{_field(app)}", units, until)])
 
     async def flush(self) -> None:
         """Send what this replica owes Redis now (releases, units) instead of within

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, ResponseError
 from ..observe.logs import get_logger
 from .base import LimitSettings
 from .script import NO_LEASE, Answer, joined
-from .usage import MAX_APPS, OTHER
+from .usage import MAX_APPS, ONCE_TTL, OTHER
 
 FLUSH_DELAY = 0.02  # s a release or units may wait for a call to carry them
 MAX_PENDING = 10_000  # owed operations kept while Redis is down; then dropped (leases expire)
@@ -56,7 +56,8 @@ class Batches:
         self._settings = settings
         self._script = script
         self._releases: list[tuple[str, str]] = []  # (leases key, lease id) owed to Redis
-        self._units: list[tuple[str, str, float, int]] = []  # (usage key, field, amount, until)
+        # (usage key, once marker key, field, amount, until)
+        self._units: list[tuple[str, str, str, float, int]] = []
         self._flush: asyncio.TimerHandle | None = None
         self._queued: list[Call] = []  # this turn's admits, sent together at its end
         self.sending: set[asyncio.Task[None]] = set()  # batches in flight
@@ -131,7 +132,7 @@ class Batches:
             return
         settings = self._settings
         head = [len(calls), len(releases), len(units), settings.lease_ttl,
-                settings.concurrent, _MAX_FIELDS, OTHER]  # fmt: skip
+                settings.concurrent, _MAX_FIELDS, OTHER, ONCE_TTL]  # fmt: skip
         keys.insert(0, ":".join([settings.key_prefix, "batch", unique_id()]))
         for call in calls:
             keys += call.keys
@@ -178,7 +179,7 @@ class Batches:
         )
 
     def owe(
-        self, releases: list[tuple[str, str]], units: list[tuple[str, str, float, int]]
+        self, releases: list[tuple[str, str]], units: list[tuple[str, str, str, float, int]]
     ) -> None:
         """Keep what Redis must be told for the next call (or the flush) to carry."""
         room = MAX_PENDING - len(self._releases) - len(self._units)
@@ -194,7 +195,7 @@ class Batches:
 
     def _take_owed(
         self,
-    ) -> tuple[list[tuple[str, str]], list[tuple[str, str, float, int]], list[str], list[Any]]:
+    ) -> tuple[list[tuple[str, str]], list[tuple[str, str, str, float, int]], list[str], list[Any]]:
         """What this replica owes Redis, taken for one script call: the releases and units,
         and their KEYS and arguments in the order the script reads them."""
         releases, units = self._releases, self._units
@@ -202,9 +203,10 @@ class Batches:
         if self._flush is not None:  # all of it rides on this batch: no flush is due
             self._flush.cancel()
             self._flush = None
-        keys = [key for key, _ in releases] + [key for key, *_ in units]
+        keys = [key for key, _ in releases]
         args: list[Any] = [lease_id for _, lease_id in releases]
-        for _, name, amount, expire_at in units:
+        for key, once, name, amount, expire_at in units:
+            keys += [key, once]
             args += [name, amount, expire_at]
         return releases, units, keys, args
 

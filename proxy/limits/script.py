@@ -15,12 +15,14 @@ Layout. Every argument comes in ``ARGV[1]``, joined by ``\\x1f`` (:func:`joined`
 packs each argument of a command in Python, and one string instead of ~30 saved ~10 % of
 a call's client CPU. None may be empty or hold the separator.
 
-* Arguments: ``ncalls, nr, nn, lease_ttl, concurrent, max_fields, other``, then
+* Arguments: ``ncalls, nr, nn, lease_ttl, concurrent, max_fields, other, once_ttl``, then
   ``lease_id * nr`` and ``(field, amount, expire_at) * nn`` (what is owed), then per call
   ``now, lease_id, nw, nq, nu, (limit, period) * nw, (limit, expire_at) * nq,
   (field, expire_at) * nu``.
 * KEYS: the batch's own key (its answers, kept ``REPLAY_TTL`` seconds), ``leases * nr,
-  usage * nn`` (what is owed), then per call ``leases, (window current, window previous)
+  (usage, once) * nn`` (what is owed: units are added only if their ``once`` marker, a fal
+  request id's, is new, and it is then kept ``once_ttl`` seconds; :data:`NO_ONCE`: always
+  added), then per call ``leases, (window current, window previous)
   * nw, quota * nq, usage * nu``.
 * A call whose ``lease_id`` is :data:`NO_LEASE` takes no slot (a generation counted inside
   a session admitted already).
@@ -41,6 +43,7 @@ from typing import Any
 
 SEPARATOR = "\x1f"
 NO_LEASE = "-"  # a call's lease id when it takes no slot (never a unique_id: those are hex)
+NO_ONCE = "-"  # owed units' marker key when they have no fal request id (always added)
 REPLAY_TTL = 10  # s a batch's answers are kept: redis-py resends at once, within its timeout
 
 

@@ -3,7 +3,9 @@
 Counted where the limits are counted (memory or Redis), so every replica sharing a Redis
 sees the same figures. A generation is counted when the call is admitted (as quotas count
 it); billable units are added when a response carries ``x-fal-billable-units`` (fal sets
-it on run responses and queue results). Apps are named ``owner/alias``
+it on run responses and queue results), once per fal request id: a result fetched again
+adds nothing (:class:`RecentIds` in each process, and in Redis a marker kept ``ONCE_TTL``
+across replicas). Apps are named ``owner/alias``
 (:func:`proxy.observe.metrics.app_label`); a caller's first ``MAX_APPS`` apps are named, the rest
 summed under ``other``, so made-up paths cannot grow the store.
 
@@ -14,6 +16,7 @@ summed under ``other``, so made-up paths cannot grow the store.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +24,8 @@ from .quotas import Quota
 from .windows import period_bounds
 
 MAX_APPS = 50  # named apps per caller and month; then "other"
+RECENT_IDS = 100_000  # fal request ids whose units one process remembers having counted
+ONCE_TTL = 86_400  # s Redis remembers a fal request id whose units were counted
 OTHER = "other"
 USAGE_PERIOD = "month"
 
@@ -119,6 +124,23 @@ class UsageBook:
         if not self._start <= now < self._end:
             _, self._start, self._end = period_bounds(USAGE_PERIOD, now)
             self._gens, self._units = {}, {}
+
+
+class RecentIds:
+    """The last ``size`` ids seen: a fal request's billable units are counted once, however
+    often its result is fetched. O(1) per id, bounded memory (the oldest is forgotten)."""
+
+    def __init__(self, size: int = RECENT_IDS) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def first_time(self, request_id: str) -> bool:
+        if request_id in self._ids:
+            return False
+        self._ids[request_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return True
 
 
 def parse_units(value: bytes | str | None) -> float:

@@ -113,11 +113,14 @@ class Metrics:
         if error is not None:
             self.refusals.labels(error).inc()
 
-    def observe_generation(self, app: str, units: float) -> None:
-        """A generation admitted under ``app`` (a bounded label), with its billable units."""
+    def observe_generation(self, app: str) -> None:
+        """A generation admitted under ``app`` (a bounded label)."""
         self.generations.labels(app).inc()
-        if units:
-            self.billable_units.labels(app).inc(units)
+
+    def observe_units(self, app: str, units: float) -> None:
+        """fal's billable units of a request under ``app``, counted once per fal request
+        (a run's answer, or its queue result the first time it is fetched)."""
+        self.billable_units.labels(app).inc(units)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -458,3 +458,28 @@ def test_an_owed_operation_redis_refuses_does_not_hold_up_every_call(
         assert outcomes == ["admitted"] * 3
 
     asyncio.run(main())
+
+
+def test_a_fal_requests_units_count_once_across_replicas(redis_server: RedisServer) -> None:
+    """A queue result fetched through two replicas (and again through one) adds its units
+    once; units of another request, or with no request id, add as often as they come."""
+    limits = limits_for(redis_server.url, concurrent=0)
+
+    async def main() -> None:
+        first, second = await started(limits), await started(limits)
+        try:
+            assert await first.add_units("alice", "fal-ai/flux", 2.0, "req-1")
+            assert await second.add_units("alice", "fal-ai/flux", 2.0, "req-1")  # not seen here
+            assert not await first.add_units("alice", "fal-ai/flux", 2.0, "req-1")
+            await second.add_units("alice", "fal-ai/flux", 0.5, "req-2")
+            await first.add_units("alice", "fal-ai/flux", 0.25)
+            await second.add_units("alice", "fal-ai/flux", 0.25)
+            await first.flush()
+            await second.flush()
+            report = await first.usage("alice", "default", ())
+            assert report.apps == {"fal-ai/flux": (0, 3.0)}
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(main())
