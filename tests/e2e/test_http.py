@@ -557,6 +557,8 @@ def test_secrets_never_reach_the_client_or_the_logs(
         client.post("/emulator/status/500", json={}),
         client.get("/emulator/hop"),
     ]
+    for r in responses:  # every call's line is in before the logs are searched
+        proxy.wait_for_request_log(r.headers["x-proxy-request-id"])
     for secret in (FAL_KEY, FAL_KEY.split(":")[1], "SENTINEL"):
         for r in responses:
             assert secret not in r.text
