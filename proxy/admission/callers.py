@@ -1,13 +1,22 @@
 """The JWT authenticator's keys: where they come from, and the one algorithm each may verify.
 
 The claims are checked by :func:`proxy.policy.callers.decode_claims` (pure); this module
-holds what needs I/O: a JWKS file read at start-up, or a JWKS URL fetched on first use and
-when an unknown ``kid`` appears (PyJWKClient's blocking fetch, off the event loop).
+holds what needs I/O: a JWKS file read at start-up, or a JWKS URL (:class:`JwksKeys`).
+
+Keys from a URL are fetched on first use and served from the fetched set for
+:data:`JWKS_LIFESPAN` (5 minutes); then the set is fetched again, so a key removed from the
+JWKS stops verifying within 5 minutes. A ``kid`` the set does not hold re-fetches it at once,
+so a key added to the JWKS verifies at once, but such forced re-fetches happen at most once per
+:data:`JWKS_FORCED_REFRESH_INTERVAL` (10 s): forged kids cannot make the proxy hammer the URL.
+There is never more than one fetch in flight (the requests that wait for it share its outcome),
+and the fetch (PyJWKClient's blocking I/O) runs off the event loop; a token whose key is in a
+fresh set is checked with no fetch and no thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +25,107 @@ import jwt
 from ..errors import Unauthorized
 from ..policy.callers import CallerAuth, JwtConfig, bearer, decode_claims
 
+JWKS_LIFESPAN = 300.0  # seconds a fetched JWK set is served before it is fetched again
+JWKS_FORCED_REFRESH_INTERVAL = 10.0  # at least this long between re-fetches for unknown kids
+JWKS_FETCH_TIMEOUT = 5.0
+monotonic = time.monotonic  # the clock of the cache; tests replace it
+
+
+def _unavailable(reason: str) -> Unauthorized:
+    return Unauthorized(
+        "caller token not accepted", f"signing key unavailable: {reason}", reason="caller_refused"
+    )
+
+
+def _no_key() -> Unauthorized:
+    return Unauthorized(
+        "caller token not accepted", "no key in the JWKS matches its kid", reason="caller_refused"
+    )
+
+
+class JwksKeys:
+    """The signing keys at a JWKS URL, by ``kid``, from the set fetched last (never from a
+    per-key cache, which would keep a removed key for good).
+
+    A fetch happens when the set is missing or older than :data:`JWKS_LIFESPAN` (but not
+    sooner than :data:`JWKS_FORCED_REFRESH_INTERVAL` after a failed one), or when a ``kid`` is
+    not in a fresh set and no forced re-fetch happened in the last
+    :data:`JWKS_FORCED_REFRESH_INTERVAL` (measured from the last forced re-fetch, not from
+    ordinary ones, so a key published just after a fetch still verifies at once).
+    """
+
+    def __init__(self, url: str) -> None:
+        # PyJWKClient only fetches and parses (no redirects, a timeout): caching is ours.
+        self._client = jwt.PyJWKClient(
+            url, cache_keys=False, cache_jwk_set=False, timeout=JWKS_FETCH_TIMEOUT
+        )
+        self._lock = asyncio.Lock()  # one fetch in flight
+        self._keys: dict[str, jwt.PyJWK] = {}
+        self._fetched_at: float | None = None  # the last successful fetch
+        self._forced_at: float | None = None  # the last forced re-fetch (tried)
+        self._failed_at: float | None = None  # the last fetch, when it failed
+        self._error = ""
+        self._fetches = 0  # fetches ended: a waiter sees whether one ended while it waited
+
+    def _fresh(self, now: float) -> bool:
+        return self._fetched_at is not None and now - self._fetched_at < JWKS_LIFESPAN
+
+    async def key(self, kid: str | None) -> jwt.PyJWK:
+        if kid is None:  # every key taken from a JWKS URL has a kid: none can match
+            raise _no_key()
+        if self._fresh(monotonic()) and kid in self._keys:  # the usual case: no lock, no thread
+            return self._keys[kid]
+        seen = self._fetches
+        async with self._lock:
+            fetched = self._fetches != seen  # a fetch ended while this request waited
+            if fetched and self._failed_at is not None:
+                raise _unavailable(self._error)  # share its failure, do not repeat it at once
+            now = monotonic()
+            if not self._fresh(now):
+                if self._failed_at is not None and (
+                    now - self._failed_at < JWKS_FORCED_REFRESH_INTERVAL
+                ):
+                    raise _unavailable(self._error)
+                await self._fetch(now)
+                fetched = True
+            if kid not in self._keys and not fetched and self._may_force(now):
+                self._forced_at = now
+                await self._fetch(now)
+            if kid not in self._keys:
+                raise _no_key()
+            return self._keys[kid]
+
+    def _may_force(self, now: float) -> bool:
+        return self._forced_at is None or now - self._forced_at >= JWKS_FORCED_REFRESH_INTERVAL
+
+    async def _fetch(self, now: float) -> None:
+        """Fetch and parse the set off the event loop; the lock is held by the caller."""
+        try:
+            jwk_set = await asyncio.to_thread(self._client.get_jwk_set, True)
+        except Exception as exc:
+            # The document is another party's: besides PyJWT's own errors (PyJWKClientError,
+            # PyJWKClientConnectionError, PyJWKSetError, ...), a body that is not JSON, too
+            # deeply nested, cut off mid-read or shaped oddly ({"kty": "oct"} with no "k",
+            # a list as "alg") raises ValueError, RecursionError, OSError, KeyError or
+            # TypeError from inside PyJWT. Every one of them means "no keys": a 401, not a 500.
+            self._failed_at, self._error = now, f"{type(exc).__name__}: {exc}"
+            raise _unavailable(self._error) from None
+        finally:
+            self._fetches += 1
+        self._keys = {  # signing keys with a kid (a kid that is no string names none)
+            k.key_id: k
+            for k in jwk_set.keys
+            if isinstance(k.key_id, str) and k.key_id and k.public_key_use in ("sig", None)
+        }
+        self._fetched_at, self._failed_at, self._error = monotonic(), None, ""
+
 
 class JwtAuth(CallerAuth):
     def __init__(self, config: JwtConfig, header: str) -> None:
         self.config = config
         self.header = header.encode()
         self._jwks: jwt.PyJWKSet | None = None
-        self._client: jwt.PyJWKClient | None = None
+        self._url_keys: JwksKeys | None = None
         if config.secret is not None:
             self.algorithms = ["HS256"]
         else:
@@ -32,10 +135,7 @@ class JwtAuth(CallerAuth):
                     Path(config.jwks_file).read_text(encoding="utf-8")
                 )
             else:
-                # Keys are fetched on first use and cached; an unknown kid refreshes them.
-                self._client = jwt.PyJWKClient(
-                    config.jwks_url or "", cache_keys=True, lifespan=300, timeout=5
-                )
+                self._url_keys = JwksKeys(config.jwks_url or "")
 
     async def _key(self, token: str) -> tuple[Any, list[str]]:
         """The key to verify ``token`` with, and the one algorithm that key may verify.
@@ -56,21 +156,10 @@ class JwtAuth(CallerAuth):
         if self._jwks is not None:
             jwk = next((k for k in self._jwks.keys if kid is None or k.key_id == kid), None)
             if jwk is None:
-                raise Unauthorized(
-                    "caller token not accepted",
-                    "no key in the JWKS matches its kid",
-                    reason="caller_refused",
-                )
+                raise _no_key()
         else:
-            assert self._client is not None
-            try:  # PyJWKClient fetches with blocking I/O: keep it off the event loop
-                jwk = await asyncio.to_thread(self._client.get_signing_key_from_jwt, token)
-            except jwt.PyJWKClientError as exc:
-                raise Unauthorized(
-                    "caller token not accepted",
-                    f"signing key unavailable: {exc}",
-                    reason="caller_refused",
-                ) from None
+            assert self._url_keys is not None
+            jwk = await self._url_keys.key(kid)
         algorithm = jwk.algorithm_name
         if algorithm not in self.algorithms:
             raise Unauthorized(

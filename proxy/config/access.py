@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import ip_address, ip_network
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..limits.quotas import Plans, parse_plans, parse_quotas
 from ..policy.callers import JwtConfig, load_tokens
@@ -299,9 +301,7 @@ def _jwt(env: Mapping[str, str]) -> JwtConfig:
             raise SettingsError(
                 f"FAL_PROXY_JWT_JWKS_FILE: cannot load a JWKS from {jwks_file}: {exc}"
             ) from None
-    if jwks_url is not None and not jwks_url.startswith(
-        ("https://", "http://127.0.0.1", "http://localhost")
-    ):
+    if jwks_url is not None and not _https_or_loopback_http(jwks_url):
         raise SettingsError("FAL_PROXY_JWT_JWKS_URL must be https (http only on loopback)")
     return JwtConfig(
         secret=secret,
@@ -312,6 +312,30 @@ def _jwt(env: Mapping[str, str]) -> JwtConfig:
         caller_claim=_get(env, "FAL_PROXY_JWT_CALLER_CLAIM") or "sub",
         plan_claim=_get(env, "FAL_PROXY_JWT_PLAN_CLAIM"),
     )
+
+
+def _https_or_loopback_http(url: str) -> bool:
+    """``https://<host>…``, or ``http://`` whose host is exactly ``localhost``, an address in
+    127.0.0.0/8 or ``::1``, with no user info (``http://127.0.0.1@evil.example/`` and
+    ``http://localhost.evil.example/`` only start like loopback)."""
+    try:
+        parts = urlsplit(url)
+        host, _ = parts.hostname, parts.port  # .port: ValueError unless a port number
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http" or "@" in parts.netloc:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        address = ip_address(host)
+    except ValueError:
+        return False
+    return address in ip_network("127.0.0.0/8") or address == ip_address("::1")
 
 
 def _redis_url(env: Mapping[str, str]) -> str | None:

@@ -128,6 +128,29 @@ def test_keys_are_fetched_from_the_jwks_url(
     assert forged.status_code == 401 and fake_gateway.requests() == []
 
 
+def test_a_key_added_to_the_jwks_is_accepted_at_once_an_unknown_kid_refetches(
+    start_proxy: Any, jwks_server: JwksServer
+) -> None:
+    """A proxy of its own, so its first call is its first fetch: a key published right after
+    a fetch verifies at once (PyJWKClient's default 30 s cooldown after every fetch refused it)."""
+    proxy = start_proxy(FAL_PROXY_AUTH="jwt", FAL_PROXY_JWT_JWKS_URL=jwks_server.url,
+                        SSL_CERT_FILE=str(jwks_server.ca_file))  # fmt: skip
+    old, new = new_key("RS256"), new_key("ES256")
+    jwks_server.keys = [public_jwk(old, "old", "RS256")]
+    before = jwks_server.fetches
+    assert call(proxy, token(old, "old", "RS256")).status_code == 200  # the first fetch
+    assert jwks_server.fetches == before + 1
+    # The identity provider rotates: the new key is published, then signs.
+    jwks_server.keys = [public_jwk(old, "old", "RS256"), public_jwk(new, "new", "ES256")]
+    rotated = call(proxy, token(new, "new", "ES256"))
+    assert jwks_server.fetches == before + 2, "the unknown kid did not make the proxy re-fetch"
+    assert rotated.status_code == 200, rotated.text
+    # Both keys now come from the cached set: no fetch for either.
+    assert call(proxy, token(old, "old", "RS256")).status_code == 200
+    assert call(proxy, token(new, "new", "ES256")).status_code == 200
+    assert jwks_server.fetches == before + 2
+
+
 def start_up(url: str, *command: str) -> subprocess.CompletedProcess[str]:
     env = child_env(FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal",
                     FAL_PROXY_AUTH="jwt", FAL_PROXY_JWT_JWKS_URL=url)  # fmt: skip
@@ -143,4 +166,19 @@ def test_an_http_jwks_url_is_refused_at_start_up() -> None:
     (line,) = [line for line in (refused.stdout + refused.stderr).splitlines() if line.strip()]
     assert VAR in line and "https" in line
     # The documented exception: http on loopback (checked, not started).
-    assert start_up("http://127.0.0.1:9/jwks.json", "check").returncode == 0
+    for loopback in ("127.0.0.1:9", "localhost:9", "[::1]:9"):
+        assert start_up(f"http://{loopback}/jwks.json", "check").returncode == 0, loopback
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost.jwks.example.com/jwks.json",
+        "http://127.0.0.1.jwks.example.com/jwks.json",
+        "http://127.0.0.1@jwks.example.com/jwks.json",
+        "http://localhost:80@jwks.example.com/jwks.json",
+    ],
+)
+def test_an_http_url_that_only_starts_like_loopback_is_refused(url: str) -> None:
+    refused = start_up(url, "check")
+    assert refused.returncode == 2 and VAR in refused.stderr, refused
