@@ -87,7 +87,12 @@ class AccessSettings:
             "with auth=jwt: HS256 secret (32+ characters)",
         ),
         Doc("FAL_PROXY_JWT_JWKS_FILE", "", "with auth=jwt: JWKS file of RS256/ES256 public keys"),
-        Doc("FAL_PROXY_JWT_JWKS_URL", "", "with auth=jwt: JWKS URL (https)"),
+        Doc(
+            "FAL_PROXY_JWT_JWKS_URL",
+            "",
+            "with auth=jwt: JWKS URL (https; http only on loopback); "
+            "keys cached 5 min, an unknown kid re-fetches (at most every 10 s)",
+        ),
         Doc("FAL_PROXY_JWT_ISSUER", "", "with auth=jwt: required iss"),
         Doc("FAL_PROXY_JWT_AUDIENCE", "", "with auth=jwt: required aud"),
         Doc("FAL_PROXY_JWT_CALLER_CLAIM", "sub", "with auth=jwt: claim naming the caller"),
