@@ -64,17 +64,22 @@ class Quota:
         An endpoint id matches when it or a shorter prefix of it matches the pattern (as
         allowed apps do: ``fal-ai/fast-sdxl`` covers ``fal-ai/fast-sdxl/stream``). A token
         request names bare aliases: one matches the pattern's alias segment.
+
+        In any letter case: whether fal tells ``FAST-SDXL`` from ``fast-sdxl`` or not, a
+        spelling must not escape a quota (allowed apps, the other way round, stay exact:
+        an odd spelling is refused there).
         """
         if self.pattern == "*":
             return True
+        pattern = self.pattern.lower()
         if app is not None and any(
-            fnmatchcase(candidate, self.pattern) for candidate in endpoint_prefixes(app)
+            fnmatchcase(candidate, pattern) for candidate in endpoint_prefixes(app.lower())
         ):
             return True
         if aliases:
-            parts = self.pattern.split("/")
+            parts = pattern.split("/")
             alias = parts[2 if parts[0] in NAMESPACES else 1] if len(parts) > 1 else None
-            return alias is not None and any(fnmatchcase(a, alias) for a in aliases)
+            return alias is not None and any(fnmatchcase(a.lower(), alias) for a in aliases)
         return False
 
 

@@ -57,6 +57,10 @@ def test_bad_quotas_name_the_variable(text: str) -> None:
         ("fal-ai/flux/*", None, ("fast-lcm-diffusion",), False),
         ("workflows/me/*", "/workflows/me/thing", (), True),
         ("fal-ai", None, ("x",), False),  # no alias segment to match
+        # Any letter case counts: a spelling fal may accept must not escape the quota.
+        ("fal-ai/flux/*", "/FAL-AI/Flux/dev", (), True),
+        ("fal-ai/fast-lcm*", None, ("Fast-LCM-Diffusion",), True),
+        ("Fal-AI/Flux/*", "/fal-ai/flux/dev", (), True),
     ],
 )
 def test_which_calls_a_quota_counts(
