@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,6 +204,11 @@ class RunningProxy:
         return self.process.wait_for_json(
             lambda r: r.get("event") == "request" and r.get("request_id") == request_id, timeout=10
         )
+
+    def lines_of(self, responses: Iterable[httpx.Response]) -> list[dict[str, Any]]:
+        """Each response's canonical line, waited for: the proxy writes it around its answer,
+        but the test reads the log pipe on another thread, so it may not be in yet."""
+        return [self.wait_for_request_log(r.headers["x-proxy-request-id"]) for r in responses]
 
 
 def launch_proxy(gateway_url: str, **env: str) -> RunningProxy:

@@ -150,6 +150,7 @@ def test_token_callers(token_proxy: RunningProxy, fake_gateway: FakeGateway) -> 
     seen = fake_gateway.only_request()["header_map"]
     assert "x-proxy-authorization" not in seen  # the caller's credential stays here
     assert line_for(token_proxy, ok)["caller"] == "web-app"
+    token_proxy.lines_of([missing, wrong, fal_style])  # every line in before the search
     assert all(TOKEN not in json.dumps(line) for line in token_proxy.logs())
 
 
@@ -394,8 +395,8 @@ def test_an_untrusted_peer_that_keeps_forwarding_is_warned_about_once(start_prox
     """A web server in front of the proxy, not listed in FAL_PROXY_TRUSTED_PROXIES, makes
     all its users one client: said once, after a few requests, never per request."""
     untrusting = start_proxy(FAL_PROXY_RATE_LIMIT_RPM="0")
-    for n in range(45):
-        post(untrusting, headers={"x-forwarded-for": f"198.51.100.{n}"})
+    answers = [post(untrusting, headers={"x-forwarded-for": f"198.51.100.{n}"}) for n in range(45)]
+    untrusting.lines_of(answers)  # every call's line in, and so any warning logged before it
     warnings = [
         line for line in untrusting.logs() if line.get("event") == "x_forwarded_for_ignored"
     ]
@@ -403,8 +404,8 @@ def test_an_untrusted_peer_that_keeps_forwarding_is_warned_about_once(start_prox
     assert warnings[0]["peer"] == "127.0.0.1" and "FAL_PROXY_TRUSTED_PROXIES" in warnings[0]["hint"]
     assert warnings[0]["level"] == "warning"
     trusting = start_proxy(FAL_PROXY_RATE_LIMIT_RPM="0", FAL_PROXY_TRUSTED_PROXIES="127.0.0.1")
-    for n in range(45):
-        post(trusting, headers={"x-forwarded-for": f"198.51.100.{n}"})
+    answers = [post(trusting, headers={"x-forwarded-for": f"198.51.100.{n}"}) for n in range(45)]
+    trusting.lines_of(answers)  # every call's line in, and so any warning logged before it
     assert not [line for line in trusting.logs() if line.get("event") == "x_forwarded_for_ignored"]
 
 

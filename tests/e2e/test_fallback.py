@@ -201,8 +201,10 @@ def test_a_caller_cannot_open_the_breaker_with_slow_runs(
         assert [run(proxy).status_code for _ in range(4)] == [status] * 4
     finally:
         fake_gateway.client.delete("/_emulator/outage")
-    assert run(proxy).status_code == 200
+    last = run(proxy)
+    assert last.status_code == 200
     assert len(fake_gateway.requests()) == 5 and fake_gateway.requests("direct") == []
+    proxy.lines_of([last])  # a change is logged during its call: every one is in
     assert breaker_changes(proxy) == [] and bypassed(proxy) == 0
 
 
@@ -234,6 +236,7 @@ def test_the_fal_sdk_sees_no_error_while_the_gateway_refuses(fake_gateway: FakeG
             outcome = run_sdk(proxy, fake_gateway, scenario)
             assert outcome["ok"], json.dumps(outcome)[:2000]
         assert fake_gateway.requests("direct")
+        proxy.process.stop()  # (stdout is read to its end: every line it wrote is in)
         assert not [r for r in proxy.request_logs() if r["status"] >= 500]
     finally:
         proxy.process.stop()
@@ -323,11 +326,13 @@ def test_waiting_for_the_proxys_own_pool_is_not_a_gateway_failure(
     holder.start()
     try:
         until(lambda: bool(fake_gateway.requests()), "the hanging call holds the one connection")
-        statuses = [run(proxy).status_code for _ in range(2)]
+        answers = [run(proxy) for _ in range(2)]
+        statuses = [r.status_code for r in answers]
         assert statuses == [504, 504]  # the proxy's own congestion, said as a timeout
     finally:
         fake_gateway.release("hang")
         holder.join()
+    proxy.lines_of(answers)  # a change is logged during its call: any is in
     assert lines(proxy, "gateway_bypassed") == [] and bypassed(proxy) == 0
     fake_gateway.clear()
     assert run(proxy).status_code == 200 and fake_gateway.requests("direct") == []
@@ -348,9 +353,12 @@ def test_a_realtime_direct_socket_never_speaks_for_the_gateway(
         with ws_connect(url) as socket_:
             socket_.send(msgpack.packb({"prompt": "a cat"}))
             assert msgpack.unpackb(socket_.recv(timeout=10))["images"]
+        proxy.process.wait_for_json(lambda line: line.get("event") == "websocket", timeout=10)
         assert lines(proxy, "gateway_restored") == []
         # The next call is the probe: the gateway is still down, so it reopens.
-        assert run(proxy).status_code == 502
+        probe = run(proxy)
+        assert probe.status_code == 502
+        proxy.lines_of([probe])
         assert lines(proxy, "gateway_restored") == [] and bypassed(proxy) == 1
         assert run(proxy).status_code == 200  # direct again
     finally:

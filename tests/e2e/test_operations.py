@@ -35,12 +35,14 @@ def test_a_rotated_key_file_is_used_without_dropping_traffic(
         FAL_KEY="", FAL_KEY_FILE=str(key_file), FAL_PROXY_SECRET_RELOAD_SECONDS="0.2"
     )
     statuses: list[int] = []
+    answers: list[httpx.Response] = []
     stop = threading.Event()
 
     def traffic() -> None:  # requests keep flowing through the rotation
         with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
             while not stop.is_set():
-                statuses.append(c.post("/emulator/echo", json={}).status_code)
+                answers.append(c.post("/emulator/echo", json={}))
+                statuses.append(answers[-1].status_code)
 
     worker = threading.Thread(target=traffic)
     worker.start()
@@ -60,6 +62,7 @@ def test_a_rotated_key_file_is_used_without_dropping_traffic(
         worker.join(10)
     assert set(statuses) <= {401, 200}  # every request answered: nothing dropped
     assert statuses[statuses.index(200) :] == [200] * (len(statuses) - statuses.index(200))
+    proxy.lines_of(answers)  # every call's line in, and the reload's, logged before a 200
     assert any(line.get("event") == "secret_reloaded" for line in proxy.logs())
     assert all(FAL_KEY not in str(line) for line in proxy.logs())
 
@@ -77,7 +80,9 @@ def test_a_rotated_key_that_start_up_would_refuse_is_not_used(
         lambda line: line.get("event") == "secret_file_unusable", timeout=10
     )
     with httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c:
-        assert c.post("/emulator/echo", json={}).status_code == 200  # still the old, good key
+        answer = c.post("/emulator/echo", json={})
+        assert answer.status_code == 200  # still the old, good key
+    proxy.lines_of([answer])  # and a reload logged before it is in
     sent = fake_gateway.requests()[-1]["header_map"]
     assert sent["authorization"] == f"Key {FAL_KEY}" and "x-evil" not in sent
     assert not any(line.get("event") == "secret_reloaded" for line in proxy.logs())
@@ -234,6 +239,7 @@ def test_a_stream_cut_when_the_drain_runs_out_is_logged_as_cut_without_a_traceba
             for _ in lines:
                 pass
     assert proxy.process.proc.wait(15) == 0
+    proxy.process.stop()  # (stdout is read to its end: every line it wrote is in)
     [line] = [r for r in proxy.request_logs() if r.get("target_path") == "/emulator/stall"]
     assert line["error"] == "shutdown" and line["level"] == "warning"
     text = "\n".join(proxy.process.lines)
@@ -279,6 +285,7 @@ def test_the_metrics_port_answers_on_loopback_only_by_default(start_proxy) -> No
     assert httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).status_code == 200
     assert not _answers(f"http://127.0.0.2:{port}/metrics")
     assert not _answers(f"http://127.0.0.2:{port}/usage/anyone")
+    proxy.process.wait_for_json(lambda r: r.get("event") == "metrics")  # after "listening"
     (line,) = [r for r in proxy.logs() if r.get("event") == "metrics"]
     assert line["url"] == f"http://127.0.0.1:{port}/metrics"
     # The opt-in starts it, and the start-up warning still says so.

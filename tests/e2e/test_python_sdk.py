@@ -365,10 +365,10 @@ def test_with_caller_tokens_the_clients_fal_key_is_its_caller_credential(
         records = fake_gateway.requests() + fake_gateway.requests("websocket")
         assert_server_credentials_only(records)
         assert token not in json.dumps([r["headers"] for r in records])
+        running.proxy.process.stop()  # (stdout is read to its end: every line it wrote is in)
         callers = {r.get("caller") for r in running.proxy.request_logs() if r["status"] < 400}
         assert callers == {"alice"}
         # Not in any line, at debug level, from any logger (websockets' handshake included).
-        running.proxy.process.stop()
         everything = "\n".join(running.proxy.process.lines)
         assert "handshake" in everything.lower() or "websocket" in everything
         assert token not in everything and FAL_KEY not in everything
@@ -465,6 +465,8 @@ def test_plain_http_and_garbage_on_the_tls_port_harm_nothing(port: PythonPort) -
         assert unverified.get(f"{port.origin}/healthz").status_code == 200
     with pytest.raises(httpx.ConnectError):  # and without the CA, a client refuses it
         httpx.get(f"{port.origin}/healthz", trust_env=False)
+    # A call of its own, answered after the garbage: once its line is in, so is any before it.
+    port.proxy.lines_of([httpx.get(f"{port.proxy.url}/api/fal/proxy", trust_env=False)])
     text = "\n".join(json.dumps(line) for line in port.proxy.logs())
     assert "Traceback" not in text and '"level": "error"' not in text.replace('":"', '": "')
 

@@ -132,7 +132,7 @@ def test_callers_read_their_own_usage_and_the_operator_reads_anyones(
     assert get(f"{quota_proxy.url}/api/fal/usage").status_code == 401
 
     metrics_port = int(
-        next(line for line in quota_proxy.logs() if line.get("event") == "metrics")["url"]
+        quota_proxy.process.wait_for_json(lambda line: line.get("event") == "metrics")["url"]
         .rsplit(":", 1)[1]
         .split("/")[0]
     )
@@ -188,6 +188,7 @@ def test_plans_from_a_file_and_from_a_jwt_claim(
     assert allowed(bearer("u-none")) == 0
     assert allowed(bearer("vip", "free")) == 3  # the file's [callers] wins over the claim
     assert allowed(bearer("u-odd", "enterprise")) == 0  # unknown plan: the default quotas
+    proxy.process.wait_for_json(lambda line: line.get("event") == "unknown_plan")  # said once
     assert [line["plan"] for line in proxy.logs() if line.get("event") == "unknown_plan"] == [
         "enterprise"
     ]
@@ -293,14 +294,14 @@ def test_the_usage_route_refuses_what_any_proxied_call_would(
         assert cross.status_code == 403 and cross.json()["message"]
         drive_by = c.get(url, headers={"sec-fetch-site": "cross-site", **as_caller("alice")})
         assert drive_by.status_code == 403
-        assert c.post(url, headers=as_caller("alice")).status_code == 405
-        assert (
-            c.get(url, headers={"x-proxy-authorization": "Bearer wrong-token-000000"}).status_code
-            == 401
-        )
+        posted = c.post(url, headers=as_caller("alice"))
+        assert posted.status_code == 405
+        wrong = c.get(url, headers={"x-proxy-authorization": "Bearer wrong-token-000000"})
+        assert wrong.status_code == 401
         head = c.head(url, headers=as_caller("alice"))
         assert head.status_code == 200 and head.content == b""
     assert fake_gateway.requests() == []  # the usage route never goes upstream
+    quota_proxy.lines_of([cross, drive_by, posted, wrong, head])
     lines = [line for line in quota_proxy.request_logs() if line.get("route") == "usage"]
     assert {line["status"] for line in lines} == {403, 405, 401, 200}
     assert all("alice-token" not in str(line) for line in quota_proxy.logs())

@@ -742,6 +742,7 @@ def test_string_proxy_url_is_ignored_in_node(start_proxy: Any, fake_gateway: Fak
     assert outcome["requestId"] == "canned-request-id"
     # ...and the proxy and the gateway saw nothing.
     assert fake_gateway.requests() == []
+    proxy.process.stop()  # (stdout is read to its end: every line it wrote is in)
     assert proxy.request_logs() == []
 
 

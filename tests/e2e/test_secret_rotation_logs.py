@@ -85,6 +85,8 @@ def test_rotated_secrets_never_appear_in_a_log_line(
         ws_connect(proxy.url.replace("http://", "ws://") + f"/fal-ai/{NEW_TOKEN}/realtime")
     lines = [proxy.wait_for_request_log(request_id) for request_id in ids]
     assert [line["target_path"] for line in lines] == ["/fal-ai/[redacted]/run"] * 2
+    # The refused socket's own line, the last session's: every line above it is in.
+    proxy.process.wait_for_json(lambda r: r.get("event") == "websocket" and "error" in r)
     assert any(line.get("level") == "debug" for line in proxy.logs())  # debug is on
     with proxy.process._cond:  # every line so far, JSON or not (stderr included)
         text = "\n".join(proxy.process.lines)

@@ -189,6 +189,7 @@ def test_a_refusal_keeps_its_type_and_retry_after_and_nothing_else(faulty: Any) 
     assert response.headers["retry-after"] == "7"
     for name in ("location", "set-cookie", "www-authenticate"):
         assert name not in response.headers
+    websocket_lines(proxy, 1)  # the refusal's line is in, and any logged before it
     assert_no_error_line(proxy)
 
 
@@ -220,4 +221,5 @@ def test_a_client_gone_during_the_upstream_handshake_frees_its_slot_at_once(
     (line,) = websocket_lines(proxy, 1)
     assert (line["error"], line["client_close"]) == ("client_gone", 1006)
     assert asyncio.run(refused(ws_url(proxy))).status_code == 403  # the upstream's: admitted
+    websocket_lines(proxy, 2)  # its line is in, and any logged before it
     assert_no_error_line(proxy)
