@@ -119,16 +119,18 @@ class Limiter:
         self, caller: str, app: str | None, units: float, request_id: str | None = None
     ) -> bool:
         """Add fal's billable units (from a response) to the caller's usage, once per fal
-        ``request_id`` (a result fetched again adds nothing; None: no id, always added).
-        Returns whether they were added here (False: this process counted them already)."""
-        if request_id is not None and not self._units_seen.first_time(request_id):
+        ``request_id`` and caller (a result the caller fetches again adds nothing; one
+        another caller fetches with a leaked id is theirs, never a reason to drop the
+        owner's; no id: always added). Returns whether they were added here (False: this
+        process counted them already)."""
+        once = f"{caller}\n{request_id}" if request_id else None
+        if once is not None and not self._units_seen.first_time(once):
             return False
-        self._add_units(caller, app, units, request_id)
+        self._add_units(caller, app, units, once)
         return True
 
-    def _add_units(
-        self, caller: str, app: str | None, units: float, request_id: str | None
-    ) -> None:
+    def _add_units(self, caller: str, app: str | None, units: float, once: str | None) -> None:
+        """Add the units; ``once``: their (caller, request id) mark, None if they have none."""
         raise NotImplementedError
 
     async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:

@@ -94,9 +94,7 @@ class MemoryLimiter(Limiter):
         else:
             del self._in_use[caller]
 
-    def _add_units(
-        self, caller: str, app: str | None, units: float, request_id: str | None
-    ) -> None:
+    def _add_units(self, caller: str, app: str | None, units: float, once: str | None) -> None:
         self._usage.add(caller, app, self.clock(), 0, units)
 
     async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:

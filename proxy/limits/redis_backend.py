@@ -227,13 +227,11 @@ class RedisLimiter(Limiter):
         if leases is not None:
             self._batches.owe([(leases, lease_id)], [])
 
-    def _add_units(
-        self, caller: str, app: str | None, units: float, request_id: str | None
-    ) -> None:
+    def _add_units(self, caller: str, app: str | None, units: float, once: str | None) -> None:
         key, until = self._usage_key(caller_key(caller), self.clock())
-        # Another replica may have counted this request's units: a marker says so.
-        once = self._key("once", caller_key(request_id)) if request_id is not None else NO_ONCE
-        self._batches.owe([], [(key, once, f"u:{_field(app)}", units, until)])
+        # Another replica may have counted these units: a marker says so.
+        marker = self._key("once", caller_key(once)) if once is not None else NO_ONCE
+        self._batches.owe([], [(key, marker, f"u:{_field(app)}", units, until)])
 
     async def flush(self) -> None:
         """Send what this replica owes Redis now (releases, units) instead of within

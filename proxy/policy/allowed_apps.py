@@ -77,14 +77,17 @@ class AppPolicy:
         """
         data = parse_token_body(body)
         apps = data.get("allowed_apps")
+        # Bare aliases only (``fast-lcm-diffusion``): no glob, path, space or look-alike
+        # letter that fal might read as more, or as another app, than the checks below did.
         if (
             not isinstance(apps, list)
             or not apps
-            or not all(isinstance(a, str) and a for a in apps)
+            or not all(isinstance(a, str) and _ALIAS.fullmatch(a) for a in apps)
         ):
             raise Forbidden(
                 "token request refused",
-                "allowed_apps must be a non-empty list of app aliases",
+                "allowed_apps must be a non-empty list of app aliases "
+                "(letters, digits, '.', '_' and '-', like fast-lcm-diffusion)",
                 reason="token_refused",
             )
         expiration = data.get("token_expiration", DEFAULT_TOKEN_EXPIRATION)
@@ -116,6 +119,7 @@ class AppPolicy:
 
 
 DEFAULT_TOKEN_EXPIRATION = 120  # what the SDKs ask for
+_ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # ASCII only
 _TOKEN_KEYS = ("allowed_apps", "token_expiration")
 MAX_TOKEN_NESTING = 8
 

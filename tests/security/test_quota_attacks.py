@@ -342,8 +342,18 @@ TOKEN_SPELLINGS = [
     ["Fast-Lcm-Diffusion"],
     ["fast-sdxl", "fast-lcm-diffusion", "fast-lcm-diffusion"],
     ["fast-sdxl", "FAST-lcm-diffusion"],
-    # Refused by no check today, so kept out of this file (see the security review): an
-    # owner/alias, a path, "*", globs, surrounding or zero-width spaces, look-alikes.
+    [LCM],
+    [f"{LCM}/realtime"],
+    ["fast-lcm-diffusion/realtime"],
+    ["*"],
+    ["fast-lcm-*"],
+    ["fast-lcm-diffusio?"],
+    [" fast-lcm-diffusion"],
+    ["fast-lcm-diffusion "],
+    ["fast-lcm-diffusion\u200b"],
+    ["\uff46\uff41\uff53\uff54-lcm-diffusion"],  # full-width letters
+    ["fast\u2010lcm-diffusion"],  # HYPHEN, not HYPHEN-MINUS
+    ["\u017fast-lcm-diffusion"],  # LATIN SMALL LETTER LONG S: "S" upper-cased, "s" by casefold
 ]
 
 
@@ -367,6 +377,34 @@ def test_a_token_request_naming_the_apps_twice_is_refused(
 
 
 # --- billable units ---------------------------------------------------------------------
+
+
+def queue(c: httpx.Client, who: str, method: str, target: str, **kw: Any) -> httpx.Response:
+    return c.request(method, "/api/fal/proxy",
+                     headers={**caller(who), "x-fal-target-url": target}, **kw)  # fmt: skip
+
+
+def test_another_callers_fetch_does_not_swallow_a_callers_units(proxy: RunningProxy) -> None:
+    """Units are deduplicated by fal request id alone, whoever fetched: bob, who learnt
+    alice's request id, fetches her result first; alice's own fetch must still bill her."""
+    with httpx.Client(base_url=proxy.url, trust_env=False, timeout=DEADLINE) as c:
+        submit = queue(c, "alice", "POST", f"https://queue.fal.run/{SDXL}", json={"prompt": "x"})
+        assert submit.status_code == 200, submit.text
+        job = submit.json()
+        deadline = time.monotonic() + DEADLINE
+        while queue(c, "alice", "GET", job["status_url"]).json()["status"] != "COMPLETED":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        stolen = queue(c, "bob", "GET", job["response_url"])
+        own = queue(c, "alice", "GET", job["response_url"])
+        assert own.status_code == 200
+        for response in (stolen, own):
+            proxy.wait_for_request_log(response.headers["x-proxy-request-id"])
+    units = float(own.headers["x-fal-billable-units"])
+    alice = usage(proxy, "alice")["usage"]["apps"][SDXL]
+    assert alice == {"generations": 1, "billable_units": units}, (
+        f"bob's fetch (status {stolen.status_code}) took alice's units: {alice}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -400,7 +438,10 @@ def test_odd_request_ids_count_once_across_replicas_and_break_nothing(
             for limiter in made:
                 await limiter.close()
 
-    assert asyncio.run(scenario()) == {SDXL: (2, 3.5)}
+    # An empty id is no id: nothing to tell two answers apart by, so both count (billing
+    # errs toward counting, and a hostile upstream's empty ids cannot make units vanish).
+    units = 1.5 + 1.5 + 2.0 if request_id == "" else 1.5 + 2.0
+    assert asyncio.run(scenario()) == {SDXL: (2, units)}
 
 
 # --- what a refusal tells ---------------------------------------------------------------
