@@ -223,6 +223,14 @@ def launch_proxy(gateway_url: str, **env: str) -> RunningProxy:
     return RunningProxy(process, f"http://127.0.0.1:{line['port']}")
 
 
+def token_callers(directory: Path, tokens: dict[str, str]) -> dict[str, str]:
+    """The settings of ``FAL_PROXY_AUTH=token`` for ``tokens`` (caller → token), written to
+    a tokens file in ``directory``."""
+    path = directory / "tokens"
+    path.write_text("".join(f"{c} {t}\n" for c, t in tokens.items()), encoding="utf-8")
+    return {"FAL_PROXY_AUTH": "token", "FAL_PROXY_CLIENT_TOKENS_FILE": str(path)}
+
+
 @pytest.fixture
 def start_proxy(fake_gateway: FakeGateway) -> Iterator[Any]:
     """Factory: start a proxy with extra environment settings; stopped after the test."""

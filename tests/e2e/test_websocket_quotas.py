@@ -25,7 +25,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import FakeGateway, RunningProxy, launch_proxy
+from tests.conftest import FakeGateway, RunningProxy, launch_proxy, token_callers
 from tests.redis_support import RedisServer
 
 LCM = "fal-ai/fast-lcm-diffusion"
@@ -42,11 +42,8 @@ def caller(name: str) -> dict[str, str]:
 
 
 def settings(tmp: Path, **extra: str) -> dict[str, str]:
-    tokens = tmp / "tokens"
-    tokens.write_text("".join(f"{c} {t}\n" for c, t in TOKENS.items()), encoding="utf-8")
     return {
-        "FAL_PROXY_AUTH": "token",
-        "FAL_PROXY_CLIENT_TOKENS_FILE": str(tokens),
+        **token_callers(tmp, TOKENS),
         # 3 LCM generations a day; 5 generations an hour of any app.
         "FAL_PROXY_QUOTAS": f"{LCM}=3/day",
         "FAL_PROXY_SUBMITS_PER_HOUR": "5",

@@ -33,7 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from proxy.limits.base import LimitSettings
 from proxy.limits.quotas import Quota
 from proxy.limits.redis_backend import RedisLimiter
-from tests.conftest import FakeGateway, RunningProxy, launch_proxy
+from tests.conftest import FakeGateway, RunningProxy, launch_proxy, token_callers
 from tests.e2e.test_jwks_url import JwksServer, new_key, public_jwk
 from tests.e2e.test_jwks_url import token as jwt_token
 from tests.redis_support import RedisServer, free_port
@@ -56,11 +56,8 @@ def caller(name: str) -> dict[str, str]:
 
 
 def settings(tmp: Path, **extra: str) -> dict[str, str]:
-    tokens = tmp / "tokens"
-    tokens.write_text("".join(f"{c} {t}\n" for c, t in TOKENS.items()), encoding="utf-8")
     return {
-        "FAL_PROXY_AUTH": "token",
-        "FAL_PROXY_CLIENT_TOKENS_FILE": str(tokens),
+        **token_callers(tmp, TOKENS),
         "FAL_PROXY_QUOTAS": f"{LCM}=3/day",
         "FAL_PROXY_SUBMITS_PER_HOUR": "100",
         **extra,
@@ -103,6 +100,19 @@ async def generate(ws: ClientConnection, n: int) -> None:
     await ws.send(frame(n))
     reply = msgpack.unpackb(await asyncio.wait_for(ws.recv(), DEADLINE))
     assert isinstance(reply, dict) and "images" in reply, reply
+
+
+async def burst(proxy: RunningProxy, who: str, messages: int = 5) -> int:
+    """One socket sending ``messages`` at once, then reading until the session closes: how
+    many replies came back (0 when the handshake was refused, 429: nothing left)."""
+    try:
+        async with socket(proxy, who) as ws:
+            for n in range(messages):
+                await ws.send(frame(n))
+            return await drain(ws)
+    except InvalidStatus as exc:
+        assert exc.response.status_code == 429
+        return 0
 
 
 async def drain(ws: ClientConnection) -> int:
@@ -196,18 +206,8 @@ def test_parallel_sockets_racing_the_last_units_get_three_in_all(
     """Eight sockets opened at once, each bursting five messages: the quota of 3 bounds them
     all together (opens and messages draw from the same count, atomically)."""
 
-    async def one() -> int:
-        try:
-            async with socket(proxy, "race") as ws:
-                for n in range(5):
-                    await ws.send(frame(n))
-                return await drain(ws)
-        except InvalidStatus as exc:
-            assert exc.response.status_code == 429
-            return 0
-
     async def scenario() -> list[int]:
-        return list(await asyncio.gather(*(one() for _ in range(8))))
+        return list(await asyncio.gather(*(burst(proxy, "race") for _ in range(8))))
 
     replies = asyncio.run(scenario())
     assert sum(replies) <= 3
@@ -530,18 +530,9 @@ def test_two_replicas_racing_the_last_units_through_redis_get_three_in_all(
     ]  # fmt: skip
     try:
 
-        async def one(replica: RunningProxy) -> int:
-            try:
-                async with socket(replica, "redisrace") as ws:
-                    for n in range(5):
-                        await ws.send(frame(n))
-                    return await drain(ws)
-            except InvalidStatus as exc:
-                assert exc.response.status_code == 429
-                return 0
-
         async def scenario() -> list[int]:
-            return list(await asyncio.gather(*(one(r) for r in replicas for _ in range(4))))
+            bursts = (burst(r, "redisrace") for r in replicas for _ in range(4))
+            return list(await asyncio.gather(*bursts))
 
         replies = asyncio.run(scenario())
         assert sum(replies) <= 3
