@@ -5,21 +5,15 @@ client of OpenSSL's), records every fetch."""
 
 from __future__ import annotations
 
-import json
-import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-import trustme
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.conftest import (
@@ -31,6 +25,7 @@ from tests.conftest import (
     child_env,
     launch_proxy,
 )
+from tests.jwks_support import JwksServer
 
 VAR = "FAL_PROXY_JWT_JWKS_URL"
 
@@ -52,43 +47,6 @@ def token(key: Any, kid: str, alg: str, sub: str = "user-1") -> str:
     return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
 
 
-class JwksServer:
-    """An https JWKS endpoint on loopback: serves ``keys`` (changeable), counts fetches."""
-
-    def __init__(self, folder: Path) -> None:
-        ca = trustme.CA()
-        self.ca_file = folder / "jwks-ca.pem"
-        ca.cert_pem.write_to_path(str(self.ca_file))
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("127.0.0.1").configure_cert(context)
-        self.keys: list[dict[str, Any]] = []
-        self.fetches = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = json.dumps({"keys": server.keys}).encode()
-                server.fetches += 1
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def jwks_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JwksServer]:
     server = JwksServer(tmp_path_factory.mktemp("jwks"))
@@ -102,7 +60,7 @@ def jwks_proxy(fake_gateway: FakeGateway, jwks_server: JwksServer) -> Iterator[R
         fake_gateway.gateway_url,
         FAL_PROXY_AUTH="jwt",
         FAL_PROXY_JWT_JWKS_URL=jwks_server.url,
-        SSL_CERT_FILE=str(jwks_server.ca_file),
+        SSL_CERT_FILE=str(jwks_server.ca_file or ""),
     )
     yield proxy
     proxy.process.stop()
@@ -134,7 +92,7 @@ def test_a_key_added_to_the_jwks_is_accepted_at_once_an_unknown_kid_refetches(
     """A proxy of its own, so its first call is its first fetch: a key published right after
     a fetch verifies at once (PyJWKClient's default 30 s cooldown after every fetch refused it)."""
     proxy = start_proxy(FAL_PROXY_AUTH="jwt", FAL_PROXY_JWT_JWKS_URL=jwks_server.url,
-                        SSL_CERT_FILE=str(jwks_server.ca_file))  # fmt: skip
+                        SSL_CERT_FILE=str(jwks_server.ca_file or ""))  # fmt: skip
     old, new = new_key("RS256"), new_key("ES256")
     jwks_server.keys = [public_jwk(old, "old", "RS256")]
     before = jwks_server.fetches

@@ -8,11 +8,8 @@ clock is the module's ``monotonic``, replaced here by one the tests move by hand
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
@@ -23,6 +20,7 @@ from proxy.admission import callers
 from proxy.admission.callers import JwtAuth
 from proxy.errors import Unauthorized
 from proxy.policy.callers import JwtConfig
+from tests.jwks_support import JwksServer
 
 HEADER = "x-proxy-authorization"
 LIFESPAN = callers.JWKS_LIFESPAN
@@ -44,32 +42,8 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return clock
 
 
-class Jwks:
-    """A JWKS endpoint on 127.0.0.1: serves ``keys`` (or ``body``, when set), counts fetches."""
-
-    def __init__(self) -> None:
-        self.keys: list[dict[str, Any]] = []
-        self.body: bytes | None = None
-        self.fetches = 0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.fetches += 1
-                body = server.body or json.dumps({"keys": server.keys}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
+class Jwks(JwksServer):
+    """The plain-http endpoint, and the authenticator that reads it."""
 
     def auth(self) -> JwtAuth:
         return JwtAuth(JwtConfig(jwks_url=self.url), HEADER)
@@ -79,8 +53,7 @@ class Jwks:
 def jwks() -> Iterator[Jwks]:
     server = Jwks()
     yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    server.stop()
 
 
 class Key:
