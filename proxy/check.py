@@ -11,11 +11,46 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .config.envvars import Secret
 from .config.settings import Settings
+from .limits.quotas import Plans, Quota
+
+# What an empty list means, per setting: "(none)" read as "nothing allowed" where it is "all".
+_EMPTY = {
+    "allowed_apps": "all fal apps (FAL_PROXY_ALLOWED_APPS unset)",
+    "allowed_hosts": "any Host",
+    "allowed_origins": "none besides the proxy's own origin",
+    "trusted_proxies": "none",
+    "cors_extra_headers": "none",
+}
+_UNLIMITED_AT_ZERO = (
+    "requests_per_minute",
+    "concurrent",
+    "submits_per_hour",
+    "upstream_connections",
+)
+
+
+def _plans(plans: Plans) -> str:
+    """``default: fal-ai/flux/*=50/day; free: *=500/month; 2 caller(s) pinned``."""
+
+    def quotas(items: tuple[Quota, ...]) -> str:
+        return ", ".join(f"{q.pattern}={q.limit}/{q.period}" for q in items) or "no quota"
+
+    parts = [f"default: {quotas(plans.default)}"]
+    parts += [f"{name}: {quotas(items)}" for name, items in plans.plans.items()]
+    if plans.callers:
+        parts.append(f"{len(plans.callers)} caller(s) pinned to a plan")
+    return "; ".join(parts)
 
 
 def _shown(name: str, value: Any) -> str:
     if isinstance(value, Secret):
         return "********"
+    if value is None:
+        return "(not set)"
+    if isinstance(value, Plans):
+        return _plans(value)
+    if name in _UNLIMITED_AT_ZERO and value == 0:
+        return "0 (unlimited)" if name != "upstream_connections" else "0 (no cap)"
     if name == "tokens":
         return f"{len(value)} caller token(s)"
     if name == "jwt" and value is not None:
@@ -32,7 +67,7 @@ def _shown(name: str, value: Any) -> str:
             )
             return str(urlunsplit(parts._replace(netloc=netloc)))
     if isinstance(value, tuple):
-        return ", ".join(str(v) for v in value) or "(none)"
+        return ", ".join(str(v) for v in value) or _EMPTY.get(name, "(none)")
     return str(value)
 
 
@@ -70,7 +105,9 @@ def probe(settings: Settings) -> list[tuple[bool, str]]:
             r = client.get(settings.gateway_url, headers=headers)
         results.append(_probe_verdict(r.status_code, r.content, r.headers))
     except httpx.HTTPError as exc:
-        results.append((False, f"gateway: not reachable ({type(exc).__name__})"))
+        results.append((False, f"gateway: {settings.gateway_url} not reachable "
+                               f"({type(exc).__name__}: {exc}): check FAL_PROXY_GATEWAY_URL "
+                               "(or CF_ACCOUNT_ID / CF_GATEWAY_ID) and the network"))  # fmt: skip
     if settings.access.redis_url:
         import redis
 
@@ -81,7 +118,9 @@ def probe(settings: Settings) -> list[tuple[bool, str]]:
                 client.ping()
             results.append((True, "redis: reachable"))
         except (redis.RedisError, OSError) as exc:
-            results.append((False, f"redis: not reachable ({type(exc).__name__})"))
+            where = _shown("redis_url", settings.access.redis_url)  # its password masked
+            results.append((False, f"redis: {where} not reachable ({type(exc).__name__}): "
+                                   "check FAL_PROXY_REDIS_URL"))  # fmt: skip
     return results
 
 

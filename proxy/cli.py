@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 
 from . import __version__
@@ -28,29 +30,49 @@ from .serve.server import (
 )
 from .serve.workers import Supervisor
 
+HELP_WIDTH = 100  # --help fits a 100-column terminal
+_NAME_COLUMN = 32
+
+
+def settings_help(width: int = HELP_WIDTH) -> str:
+    """The settings a user sets, one per entry, wrapped to ``width`` columns (the test-only
+    ``FAL_PROXY_TEST_*`` variables are in docs/testing.md, not here)."""
+    indent = " " * (_NAME_COLUMN + 2)
+    lines: list[str] = []
+    for names, default, meaning in DOCUMENTED_VARIABLES:
+        if names.startswith("FAL_PROXY_TEST_"):
+            continue
+        if default.startswith("("):  # already in brackets: "(required)", "(all)"
+            meaning = f"{meaning} {default}"
+        elif default:
+            meaning = f"{meaning} (default {default})"
+        body = textwrap.wrap(meaning, width - len(indent)) or [""]
+        if len(names) <= _NAME_COLUMN - 2:
+            lines.append(f"  {names:<{_NAME_COLUMN}}{body[0]}")
+        else:  # a long name takes its own line
+            lines += [f"  {names}", indent + body[0]]
+        lines += [indent + rest for rest in body[1:]]
+    return "\n".join(lines)
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's own text wrapped to the terminal, but never wider than HELP_WIDTH."""
+    width = min(shutil.get_terminal_size().columns, HELP_WIDTH)
+    return argparse.RawDescriptionHelpFormatter(prog, width=width)
+
 
 def _parser() -> argparse.ArgumentParser:
-    width = max(len(name) for name, _, _ in DOCUMENTED_VARIABLES)
-    table = "\n".join(
-        f"  {name:<{width}}  {meaning}"
-        + (
-            f" {default}"  # already in brackets: "(required)", "(all)"
-            if default.startswith("(")
-            else f" (default {default})"
-            if default
-            else ""
-        )
-        for name, default, meaning in DOCUMENTED_VARIABLES
-    )
+    table = settings_help()
     parser = argparse.ArgumentParser(
         prog=PROG,
         description=(
-            "Forward fal requests (fal.run-shaped paths and the fal JS SDK's proxyUrl protocol) "
-            "through Cloudflare AI Gateway, adding the fal key server-side."
+            "Forward fal requests (fal.run-shaped paths and the fal JS SDK's proxyUrl\n"
+            "protocol) through Cloudflare AI Gateway, adding the fal key server-side."
         ),
-        epilog=f"settings (environment variables):\n{table}\n\n"
+        epilog="settings (environment variables; all of them, with examples: "
+        f"docs/configuration.md):\n{table}\n\n"
         f"Try it with no account: {PROG} demo   (see '{PROG} demo --help')",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_formatter,
     )
     parser.add_argument(
         "--host", help="address to listen on (env FAL_PROXY_HOST, default 127.0.0.1)"
@@ -230,9 +252,10 @@ def serve(settings: Settings, workers: int = 1) -> int:
     raise_open_files_limit(log)  # the workers inherit the raised limit
 
     if workers <= 1:
+        sockets = proxy_sockets(settings)  # first: a busy port is one line, nothing started
         server = proxy_server(settings)
         exit_cleanly_on_signals()
-        server.run(sockets=proxy_sockets(settings))
+        server.run(sockets=sockets)
         return 0
     if settings.python_sdk.port is not None:
         settings.python_sdk.tls_files(settings.host)  # made once here, not raced by workers
@@ -243,7 +266,6 @@ def serve(settings: Settings, workers: int = 1) -> int:
             setting="FAL_PROXY_REDIS_URL",
         )
     sockets = proxy_sockets(settings, shared=True)
-    assert sockets is not None  # shared: always bound here, by the supervisor
     supervisor = Supervisor(settings, sockets, workers)
     try:
         supervisor.run()
@@ -278,7 +300,7 @@ def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         byok=stored_keys,
         unified_billing=args.unified_billing,
     )
-    sock = bind_socket(args.host, args.port)
+    sock = bind_socket(args.host, args.port, setting="--host / --port")
 
     def listening(host: str, port: int) -> None:
         log.info(
@@ -307,7 +329,8 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     log_format = environ.get("FAL_PROXY_LOG_FORMAT", "auto")
     configure_logging(log_format if log_format in ("auto", "json", "console") else "auto", "info")
     log = get_logger("proxy")
-    sock = bind_socket(args.host, args.port)
+    # make demo passes its options in DEMO_ARGS: say so where the user will look.
+    sock = bind_socket(args.host, args.port, setting='--port; make demo DEMO_ARGS="--port N"')
     host, port = sock.getsockname()[:2]
     origin = f"http://{host}:{port}"
     key = secrets.token_urlsafe(16)  # a throwaway key shared by the two halves

@@ -6,6 +6,7 @@ May import: nothing (every layer raises these).
     ├── BadRequest        400  malformed target URL or path, missing header
     ├── Unauthorized      401  the caller did not prove who it is (FAL_PROXY_AUTH)
     ├── Forbidden         403  target, origin or app outside what is allowed
+    │   └── OriginRefused 403  a browser page not in FAL_PROXY_ALLOWED_ORIGINS
     ├── NotFound          404  nothing to forward to
     ├── MethodNotAllowed  405  a method fal does not take (TRACE, CONNECT, ...)
     ├── RequestTimeout    408  the client stopped sending its body
@@ -45,6 +46,9 @@ class ProxyError(Exception):
 
     status = 500
     reason = "internal"  # short machine-readable tag for the log line
+    # For the operator, on the refusal's log line (logged as a warning when set): what
+    # setting to change when the refusal is likely a mistake of the proxy's configuration.
+    hint: str | None = None
 
     def __init__(self, message: str, detail: str = "", *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -55,6 +59,10 @@ class ProxyError(Exception):
 
     def body(self) -> bytes:
         return json.dumps({"message": self.message, "detail": self.detail}).encode()
+
+    def log_fields(self) -> dict[str, str]:
+        """What the refusal's log line adds (never a secret)."""
+        return {}
 
     def headers(self, body: bytes) -> list[tuple[bytes, bytes]]:
         """The response headers for this error with ``body``: its type and length, and what
@@ -95,6 +103,25 @@ class Forbidden(ProxyError):
     reason = "target_refused"
 
 
+class OriginRefused(Forbidden):
+    """A browser request from a page that may not spend through this proxy. Usually a
+    development setup the operator has not listed yet, so the log line says which origin
+    and where to list it."""
+
+    reason = "origin_refused"
+    hint = (
+        "a page from this origin was refused: if it is yours, add it to "
+        "FAL_PROXY_ALLOWED_ORIGINS (comma-separated origins, e.g. http://localhost:3000)"
+    )
+
+    def __init__(self, message: str, detail: str, *, origin: str | None) -> None:
+        super().__init__(message, detail)
+        self.origin = origin
+
+    def log_fields(self) -> dict[str, str]:
+        return {"origin": self.origin} if self.origin is not None else {}
+
+
 class Unauthorized(ProxyError):
     status = 401
     reason = "unauthorized"
@@ -125,6 +152,18 @@ class RequestTimeout(ProxyError):
 class PayloadTooLarge(ProxyError):
     status = 413
     reason = "body_too_large"
+
+    @classmethod
+    def over(cls, limit: int, declared: int | None = None) -> PayloadTooLarge:
+        """A request body over ``FAL_PROXY_MAX_BODY_BYTES`` (``declared``: its length)."""
+        size = f"{declared} bytes" if declared is not None else "more"
+        error = cls(
+            "request body too large",
+            f"{size}; this proxy accepts at most {limit} bytes (FAL_PROXY_MAX_BODY_BYTES); "
+            "upload large files to fal's storage and send their URL",
+        )
+        error.hint = "raise FAL_PROXY_MAX_BODY_BYTES if your app sends bodies this large"
+        return error
 
 
 class URITooLong(ProxyError):

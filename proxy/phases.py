@@ -40,12 +40,15 @@ class Call:
     """What every call records, whatever its transport; each transport's record adds its own
     (:class:`~proxy.forward.exchange.Exchange`, :class:`~proxy.bridge.pump.Session`)."""
 
-    __slots__ = ("app", "caller", "client_ip", "error", "lease", "request_id", "started", "via")
+    __slots__ = (
+        "app", "caller", "client_ip", "error", "lease", "refusal", "request_id", "started", "via",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.request_id = new_request_id()
         self.started = time.perf_counter()
         self.error: str | None = None  # the reason tag of what went wrong, for the line
+        self.refusal: ProxyError | None = None  # the proxy's own answer, if it gave one
         self.caller: str | None = None
         self.client_ip: str | None = None
         self.app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
@@ -97,7 +100,7 @@ class Transport(Generic[C]):
             finally:
                 await call.release()
         except ProxyError as exc:
-            call.error = exc.reason
+            call.error, call.refusal = exc.reason, exc
             await self.fail(call, scope, send, exc, None)
         except ClientGone:
             call.error = "client_gone"

@@ -108,7 +108,7 @@ class Bridge(Transport[Session]):
         except ProxyError as exc:
             # A refusal: the handshake answered with its status (a send that fails on the
             # way is handled like any other failure).
-            session.error = exc.reason
+            session.error, session.refusal = exc.reason, exc
             await self._refuse(scope, send, session, exc)
             return
         # A session is a generation when it opens (its first request message), and each
@@ -139,7 +139,12 @@ class Bridge(Transport[Session]):
         self.metrics.requests.labels("websocket", "ws", "none").inc()
         self.metrics.bytes.labels("in").inc(session.bytes_in)
         self.metrics.bytes.labels("out").inc(session.bytes_out)
-        self.log.info("websocket", **session.log_fields())
+        refusal = session.refusal
+        if refusal is not None and refusal.hint is not None:  # likely the configuration's
+            self.log.warning("websocket", hint=refusal.hint,
+                             **{**session.log_fields(), **refusal.log_fields()})  # fmt: skip
+        else:
+            self.log.info("websocket", **session.log_fields())
 
     async def _bridge(
         self,
@@ -222,7 +227,7 @@ class Bridge(Transport[Session]):
             upstream = await connecting  # (a message that is not a disconnect: wait on)
             return upstream
         except ProxyError as exc:
-            session.error = exc.reason
+            session.error, session.refusal = exc.reason, exc
             await self._refuse(scope, send, session, exc)
             return None
         finally:

@@ -65,6 +65,7 @@ class Forwarder(Transport[Exchange]):
         # start-up); the default always arms the timer, right on any server.
         self.body_in_hand: Callable[[Receive], bool] = lambda receive: False
         self.log = get_logger("proxy.request")
+        self.key_hint = fal_key_hint(settings.gateway.mode, python is not None)
 
     @property
     def session(self) -> aiohttp.ClientSession | None:
@@ -109,6 +110,13 @@ class Forwarder(Transport[Exchange]):
         if ex.gateway_error:
             hint = "the gateway refused the proxy's cf-aig-authorization: check CF_AIG_TOKEN"
             self.log.warning("request", hint=hint, **ex.log_fields())
+        elif ex.refusal is not None and ex.refusal.hint is not None:
+            # A refusal that is likely the configuration's: say what to change.
+            fields = {**ex.log_fields(), **ex.refusal.log_fields()}
+            self.log.warning("request", hint=ex.refusal.hint, **fields)
+        elif ex.upstream_status == 401:
+            # fal's own 401: the key the proxy sent (never the client's) was refused.
+            self.log.warning("request", hint=self.key_hint, **ex.log_fields())
         elif status >= 500 or (ex.error is not None and status not in range(400, 500)):
             # Upstream trouble, a client gone mid-way, or a bug; refusals (4xx) stay at info.
             self.log.warning("request", **ex.log_fields())
@@ -143,10 +151,7 @@ class Forwarder(Transport[Exchange]):
         assert target is not None
         declared = admitted.declared_length
         if declared is not None and declared > settings.max_body_bytes:
-            raise PayloadTooLarge(
-                "request body too large",
-                f"{declared} bytes; this proxy accepts at most {settings.max_body_bytes}",
-            )
+            raise PayloadTooLarge.over(settings.max_body_bytes, declared)
         try:
             headers = upstream_request_headers(
                 raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id,
@@ -202,3 +207,15 @@ class Forwarder(Transport[Exchange]):
             }
         )
         await send({"type": "http.response.body", "body": b""})
+
+
+def fal_key_hint(mode: str, python_port: bool) -> str:
+    """What a fal 401 tells the operator to check: the key the proxy sends, by credential
+    mode. On the Python client's port the client holds a placeholder key the proxy drops,
+    so the hint says which key is meant."""
+    if mode == "byok":
+        return "fal refused the key stored in the gateway: check the key behind CF_AIG_BYOK_ALIAS"
+    if mode == "unified":
+        return "fal refused the gateway's Unified Billing: check FAL_PROXY_UNIFIED_BILLING"
+    where = "the proxy's FAL_KEY (not the client's placeholder key)" if python_port else "FAL_KEY"
+    return f"fal refused the proxy's key (wrong or revoked): check {where}"

@@ -62,7 +62,7 @@ async def round_trip(
     first_chunk = first.get("body", b"")
     ex.bytes_in = len(first_chunk)
     if ex.bytes_in > settings.max_body_bytes:
-        raise PayloadTooLarge("request body too large", f"over {settings.max_body_bytes} bytes")
+        raise PayloadTooLarge.over(settings.max_body_bytes)
 
     upload: UploadDeadline | None = None
     if first.get("more_body", False):

@@ -66,7 +66,7 @@ async def stream_body(
         more = message.get("more_body", False)
         ex.bytes_in += len(chunk)
         if ex.bytes_in > max_bytes:
-            ex.body_error = PayloadTooLarge("request body too large", f"over {max_bytes} bytes")
+            ex.body_error = PayloadTooLarge.over(max_bytes)
             raise ex.body_error
         if chunk:
             deadline.progress()

@@ -50,7 +50,9 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
             cache_logger_on_first_use=True,
         )
     else:
-        renderer = structlog.processors.JSONRenderer()
+        # The stdlib's lines (uvicorn, websockets, aiohttp) in the same shape as ours:
+        # orjson's compact JSON, as text for the logging module.
+        renderer = structlog.processors.JSONRenderer(serializer=_json_text)
         structlog.configure(
             processors=[
                 *shared,
@@ -67,7 +69,8 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     handler.addFilter(RedactingFilter())  # every library's record, at every level
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
+            # Which library said it (uvicorn.error, websockets.client, aiohttp.client...).
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 *([] if console else [structlog.processors.format_exc_info]),
@@ -78,6 +81,10 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level_no)
+
+
+def _json_text(event: Any, **_kwargs: Any) -> str:
+    return orjson.dumps(event, default=str).decode()
 
 
 _second: list[Any] = [-1, ""]  # the last whole second stamped, and its text

@@ -21,7 +21,7 @@ import ipaddress
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..errors import Forbidden
+from ..errors import OriginRefused
 
 METHODS = "GET, HEAD, POST, PUT, PATCH, DELETE"
 # What @fal-ai/client sends (fal-sdk-protocol.md §2.3, §3.4), lower-case.
@@ -114,10 +114,10 @@ def check_origin(origin: str | None, host: str | None, policy: OriginPolicy) -> 
     try:
         normal = normalise_origin(origin)
     except ValueError:
-        raise Forbidden(
+        raise OriginRefused(
             "origin not allowed",
-            "the Origin header is not a web origin (e.g. 'null')",
-            reason="origin_refused",
+            "the Origin header is not a web origin (e.g. 'null': a sandboxed page or a file)",
+            origin=origin[:200],
         ) from None
     if normal in policy.allowed:
         return normal
@@ -132,10 +132,11 @@ def check_origin(origin: str | None, host: str | None, policy: OriginPolicy) -> 
         and _strip_default_port(_host_of(normal)) == _strip_default_port(host.lower())
     ):
         return None
-    raise Forbidden(
+    raise OriginRefused(
         "origin not allowed",
-        f"{normal} is not in FAL_PROXY_ALLOWED_ORIGINS",
-        reason="origin_refused",
+        f"{normal} is not in FAL_PROXY_ALLOWED_ORIGINS: the proxy's operator can add it "
+        f"(FAL_PROXY_ALLOWED_ORIGINS={normal}), or serve the page through the proxy's origin",
+        origin=normal,
     )
 
 
@@ -198,11 +199,11 @@ def check_browser_request(
         )
     ):
         return None
-    raise Forbidden(
+    raise OriginRefused(
         "cross-site request refused",
         "a browser request from a page that is neither this proxy's "
         "nor in FAL_PROXY_ALLOWED_ORIGINS",
-        reason="origin_refused",
+        origin=None,
     )
 
 

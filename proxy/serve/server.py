@@ -9,6 +9,7 @@ runs several of these under one supervisor.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import gc
 import os
@@ -93,8 +94,13 @@ def bind_socket(
     except OSError as exc:
         sock.close()
         named = f" ({setting})" if setting else ""
+        busy = (
+            ": another process listens there; stop it or choose another port"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
         print(
-            f"{PROG}: error: cannot listen on {host}:{port}{named}: {exc.strerror or exc}",
+            f"{PROG}: error: cannot listen on {host}:{port}{named}: {exc.strerror or exc}{busy}",
             file=sys.stderr,
         )
         raise SystemExit(2) from None
@@ -242,22 +248,23 @@ def _exit_cleanly(_signum: int, _frame: Any) -> None:
     raise SystemExit(0)
 
 
-def proxy_sockets(settings: Settings, *, shared: bool = False) -> list[socket.socket] | None:
-    """With ``FAL_PROXY_METRICS_PORT`` or ``FAL_PROXY_PYTHON_SDK_PORT`` (or ``shared``, for
-    several workers), the sockets the server listens on: the public port, then those (the
-    app tells them apart by the local port). Else None: uvicorn binds the public port.
+def proxy_sockets(settings: Settings, *, shared: bool = False) -> list[socket.socket]:
+    """The sockets the server listens on, bound here before anything starts (a busy port is
+    one line naming the setting, exit 2, not uvicorn's traceback after "startup complete"):
+    the public port, then ``FAL_PROXY_METRICS_PORT`` and ``FAL_PROXY_PYTHON_SDK_PORT`` if
+    set (the app tells them apart by the local port). ``shared``: for several workers.
 
     The metrics port listens on ``FAL_PROXY_METRICS_HOST`` (loopback by default), not on the
     public address: it answers any caller's plan and usage."""
     metrics, python = settings.metrics_port, settings.python_sdk.port
-    if metrics is None and python is None and not shared:
-        return None
-    sockets = [bind_socket(settings.host, settings.port, shared=shared)]
+    sockets = [bind_socket(settings.host, settings.port, shared=shared,
+                           setting="FAL_PROXY_PORT / FAL_PROXY_HOST")]  # fmt: skip
     if metrics is not None:
         sockets.append(bind_socket(settings.metrics_host, metrics, shared=shared,
                                    setting="FAL_PROXY_METRICS_HOST"))  # fmt: skip
     if python is not None:
-        sockets.append(bind_socket(settings.host, python, shared=shared))
+        sockets.append(bind_socket(settings.host, python, shared=shared,
+                                   setting="FAL_PROXY_PYTHON_SDK_PORT"))  # fmt: skip
     return sockets
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,9 +45,63 @@ def test_help_and_docs_document_every_variable_the_code_reads() -> None:
     read = variables_read_by_the_code()
     assert len(read) > 40  # the scan found the settings (it cannot pass on an empty set)
     for name in sorted(read):
-        assert name in out.stdout, f"{name} is read but not in --help"
+        if name.startswith("FAL_PROXY_TEST_"):  # for tests only: in docs/testing.md, not --help
+            assert name not in out.stdout, f"{name} is for tests, yet in --help"
+        else:
+            assert name in out.stdout, f"{name} is read but not in --help"
         assert f"`{name}" in readme, f"{name} is read but not in the README or docs/"
     assert "--host" in out.stdout and "--port" in out.stdout
+
+
+@pytest.mark.parametrize("columns", ["80", "100", "250"])
+def test_help_fits_100_columns_whatever_the_terminal(columns: str) -> None:
+    out = run_cli("--help", COLUMNS=columns)
+    assert out.returncode == 0
+    wide = [line for line in out.stdout.splitlines() if len(line) > 100]
+    assert not wide, wide
+
+
+def test_a_busy_port_stops_the_proxy_and_the_demo_with_one_line() -> None:
+    """Bound before anything starts: exit 2 and one line naming the setting, never uvicorn's
+    "startup complete" followed by its own error."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proxy = run_cli("--port", port, FAL_KEY="sekrit-value",
+                        FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal")  # fmt: skip
+        demo = run_cli("demo", "--port", port)
+    for out, setting in ((proxy, "FAL_PROXY_PORT"), (demo, 'DEMO_ARGS="--port N"')):
+        assert out.returncode == 2, out
+        (line,) = out.stderr.strip().splitlines()
+        assert f"cannot listen on 127.0.0.1:{port}" in line and setting in line, line
+        assert "another process listens there" in line
+        assert "startup complete" not in out.stdout + out.stderr
+
+
+def test_check_says_what_an_empty_setting_means_and_shows_plans_readably() -> None:
+    out = run_cli("check", FAL_KEY="sekrit-value", FAL_PROXY_GATEWAY_URL="http://h/v1/a/g/fal",
+                  FAL_PROXY_QUOTAS="fal-ai/flux/*=50/day, *=500/month",
+                  FAL_PROXY_RATE_LIMIT_RPM="0")  # fmt: skip
+    assert out.returncode == 0, out
+    text = out.stdout
+    assert "access.allowed_apps = all fal apps (FAL_PROXY_ALLOWED_APPS unset)" in text
+    assert "access.allowed_hosts = any Host" in text
+    assert "access.plans = default: fal-ai/flux/*=50/day, *=500/month" in text
+    assert "access.requests_per_minute = 0 (unlimited)" in text
+    assert "(none)" not in text and "Plans(" not in text and "= None" not in text
+
+
+def test_check_probe_names_what_it_could_not_reach() -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/a/g/fal"
+    out = run_cli("check", "--probe", FAL_KEY="sekrit-value", FAL_PROXY_GATEWAY_URL=url,
+                  FAL_PROXY_REDIS_URL=f"redis://:hunter2-pass@127.0.0.1:{port}/0")  # fmt: skip
+    assert out.returncode == 1, out
+    assert f"FAIL  gateway: {url} not reachable (ConnectError" in out.stdout
+    assert "check FAL_PROXY_GATEWAY_URL" in out.stdout
+    assert f"FAIL  redis: redis://:********@127.0.0.1:{port}/0 not reachable" in out.stdout
+    assert "hunter2-pass" not in out.stdout + out.stderr
 
 
 @pytest.mark.parametrize(

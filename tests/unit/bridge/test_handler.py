@@ -148,6 +148,9 @@ class Log:
     def info(self, event: str, **fields: Any) -> None:
         self.lines.append((event, fields))
 
+    def warning(self, event: str, **fields: Any) -> None:
+        self.lines.append((event, {**fields, "level": "warning"}))
+
     def exception(self, event: str, **fields: Any) -> None:
         self.lines.append((event, fields))
 
