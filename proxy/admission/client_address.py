@@ -14,7 +14,7 @@ from typing import Any
 
 from ..limits.windows import period_bounds
 from ..observe.logs import get_logger
-from ..policy.client_ip import Network, client_ip, limit_key
+from ..policy.client_ip import Network, client_ip, limit_key, page_host
 from ..policy.request_head import RequestHeaders
 
 UNTRUSTED_FORWARDS = 20  # requests with an ignored X-Forwarded-For before the one warning
@@ -43,6 +43,12 @@ class ClientAddresses:
         ):
             self._note_ignored_forward(address, headers)
         return address
+
+    def page_host(self, scope: Any, headers: RequestHeaders) -> str | None:
+        """The host the page was served from (:func:`~proxy.policy.client_ip.page_host`)."""
+        peer = scope.get("client")
+        return page_host(peer[0] if peer else None, headers.host, headers.forwarded_host,
+                         headers.forwarded_port, self.trusted_proxies)  # fmt: skip
 
     def _note_ignored_forward(self, address: str, headers: RequestHeaders) -> None:
         """Say once when an untrusted peer keeps sending X-Forwarded-For: a web server in

@@ -170,7 +170,7 @@ class Admission:
         self.check_sizes(scope, seen)
         self.check_host(seen)
         # Browsers apply no CORS to sockets, so the browser check is what refuses a page there.
-        admitted.cors_origin = self.cors_origin(seen)
+        admitted.cors_origin = self.cors_origin(scope, seen)
         if methods is not None and method not in methods[0]:
             raise MethodNotAllowed(
                 f"method {method} not allowed", f"allowed: {methods[1]}", allow=methods[1]
@@ -266,18 +266,22 @@ class Admission:
                 "host not served here", "the Host header is not in FAL_PROXY_ALLOWED_HOSTS"
             )
 
-    def cors_origin(self, headers: RequestHeaders) -> str | None:
+    def cors_origin(self, scope: Scope, headers: RequestHeaders) -> str | None:
         """The origin to answer with CORS headers, None if none needed; raises Forbidden
-        for a browser request from a page that is neither same-origin nor listed."""
+        for a browser request from a page that is neither same-origin nor listed (the
+        page's host as a forwarding dev server reports it: ClientAddresses.page_host)."""
+        host = self.addresses.page_host(scope, headers)
         return check_browser_request(
-            headers.origin, headers.referer, headers.fetch_site, headers.host, self.origins
+            headers.origin, headers.referer, headers.fetch_site, host, self.origins
         )
 
     def preflight(self, scope: Scope, headers: RequestHeaders) -> list[tuple[bytes, bytes]]:
         """The answer to a CORS preflight (sizes, host and origin checked first)."""
         self.check_sizes(scope, headers)
         self.check_host(headers)
-        origin = check_origin(headers.origin, headers.host, self.origins)
+        origin = check_origin(
+            headers.origin, self.addresses.page_host(scope, headers), self.origins
+        )
         return preflight_headers(origin or headers.origin or "", self.origins)
 
     def client(self, scope: Scope, headers: RequestHeaders) -> str:

@@ -70,3 +70,34 @@ def client_ip(peer: str | None, forwarded_for: Sequence[str], trusted: tuple[Net
             return str(ip) if ip is not None else peer
     first = _parse(hops[0]) if hops else None
     return str(first) if first is not None else peer
+
+
+LOOPBACK: tuple[Network, ...] = parse_networks(["127.0.0.0/8", "::1"])
+
+
+def page_host(
+    peer: str | None, host: str | None, forwarded_host: str | None, forwarded_port: str | None,
+    trusted: tuple[Network, ...],
+) -> str | None:  # fmt: skip
+    """The host a browser's page was served from, for the same-origin check: ``Host``, or
+    what a forwarding proxy reports in ``X-Forwarded-Host`` (its first entry, with
+    ``X-Forwarded-Port`` when it names no port) when the connection comes from it.
+
+    Believed from ``trusted`` (FAL_PROXY_TRUSTED_PROXIES) and from loopback: a dev server on
+    the same machine (Next.js ``rewrites``, Vite with ``changeOrigin``) replaces ``Host``
+    with the proxy's and keeps the page's here. A page cannot forge it: a browser sends no
+    such header on a simple request, and a custom one needs a preflight, which is judged on
+    ``Origin`` alone.
+    """
+    if not forwarded_host or peer is None:
+        return host
+    if not (_trusted(peer, trusted) or _trusted(peer, LOOPBACK)):
+        return host
+    first = forwarded_host.split(",", 1)[0].strip()
+    if not first:
+        return host
+    has_port = first.rsplit("]", 1)[-1].count(":") == 1
+    port = (forwarded_port or "").split(",", 1)[0].strip()
+    if not has_port and port.isdigit():
+        first = f"{first}:{port}"
+    return first

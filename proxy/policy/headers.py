@@ -192,11 +192,35 @@ def downstream_response_headers(
     # the server would then wait for bytes that never come.
     bodiless = status in (204, 304)
     out: list[tuple[bytes, bytes]] = []
+    stream = False
     for raw_name, value in upstream_headers:
         name = raw_name.lower()
         text = name.decode("latin-1")
         if text in _RESPONSE_DROP or text in named or (bodiless and text == "content-length"):
             continue
+        if text == "content-type" and value.split(b";", 1)[0].strip().lower() == _SSE:
+            stream = True
         out.append((name, value))
+    if stream:
+        out = _live_stream(out)
     out.append((b"x-proxy-request-id", request_id.encode()))
     return out
+
+
+_SSE = b"text/event-stream"
+
+
+def _live_stream(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An event stream's headers, so that what sits between the proxy and the browser (a dev
+    server's rewrite proxy, nginx) passes each event on as it comes: ``no-transform`` added
+    to ``Cache-Control`` (Next.js compresses, and so buffers, a stream without it) and
+    ``X-Accel-Buffering: no`` (nginx buffers proxied answers by default)."""
+    controls = [v for n, v in headers if n == b"cache-control"]
+    directives = {d.strip().lower() for v in controls for d in v.split(b",") if d.strip()}
+    rest = [(n, v) for n, v in headers if n not in (b"cache-control", b"x-accel-buffering")]
+    merged = b", ".join(d.strip() for v in controls for d in v.split(b",") if d.strip())
+    if b"no-cache" not in directives and b"no-store" not in directives:
+        merged = b"no-cache, " + merged if merged else b"no-cache"
+    if b"no-transform" not in directives:
+        merged += b", no-transform"
+    return [*rest, (b"cache-control", merged), (b"x-accel-buffering", b"no")]

@@ -101,6 +101,8 @@ class RequestHeaders:
     referer: str | None = None
     fetch_site: str | None = None
     forwarded_for: list[str] = field(default_factory=list)
+    forwarded_host: str | None = None  # X-Forwarded-Host (a dev server's rewrite proxy)
+    forwarded_port: str | None = None  # X-Forwarded-Port
     size: int = 0
 
     @classmethod
@@ -125,6 +127,12 @@ class RequestHeaders:
                 out.preflight_method = value.decode("latin-1")
             elif name == b"x-forwarded-for":
                 out.forwarded_for.append(value.decode("latin-1"))
+            elif name == b"x-forwarded-host":
+                if out.forwarded_host is None:
+                    out.forwarded_host = value.decode("latin-1")
+            elif name == b"x-forwarded-port":
+                if out.forwarded_port is None:
+                    out.forwarded_port = value.decode("latin-1")
             elif name == b"sec-fetch-site":
                 out.fetch_site = value.decode("latin-1")
             elif name == b"referer":

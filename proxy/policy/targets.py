@@ -78,6 +78,15 @@ def resolve_target(
             f"{proxy_route} is the fal SDK proxyUrl route: "
             "the SDK names the fal URL in x-fal-target-url",
         )
+    elif raw_path.startswith(proxy_route + "/"):
+        # Not an app: a socket (browsers cannot send x-fal-target-url), or a dev server's
+        # proxy entry that kept the route in front of the path. fal would see "api/fal".
+        raise NotFound(
+            "not a fal app path",
+            f"paths under the SDK route {proxy_route} are not forwarded: the SDK names its "
+            "target in x-fal-target-url; open sockets on /<app id>/realtime (a dev server "
+            "needs a proxy entry for that path too)",
+        )
     elif raw_path in ("", "/"):
         raise NotFound(
             "nothing to forward",

@@ -6,11 +6,14 @@ Real processes: the proxy under uvicorn, the emulator as the gateway and fal.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from proxy.forward.handler import fal_key_hint
 from tests.conftest import FakeGateway, RunningProxy, launch_proxy
@@ -103,3 +106,48 @@ def test_library_lines_come_out_in_the_proxys_own_json_shape(wrong_key: RunningP
         record = json.loads(line)
         assert {"event", "level", "timestamp"} <= record.keys(), line
         assert line == json.dumps(record, separators=(",", ":"), ensure_ascii=False), line
+
+
+# --- behind a dev server on the same machine ------------------------------------------------
+
+
+def test_a_dev_servers_rewrite_keeps_the_pages_origin_same_origin(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
+    """Next.js rewrites (Vite with changeOrigin) put the proxy's address in Host and the
+    page's in X-Forwarded-Host: from loopback, that is the page's own origin, no listing
+    needed. The same headers without the forwarded host are a cross-origin page."""
+    forwarded = {"origin": PAGE, "x-forwarded-host": "localhost:3000",
+                 "x-forwarded-proto": "http", "x-forwarded-port": "3000"}  # fmt: skip
+    assert post(proxy, json={"prompt": "x"}, headers=forwarded).status_code == 200
+    assert post(proxy, json={"prompt": "x"}, headers={"origin": PAGE}).status_code == 403
+    assert len(fake_gateway.requests()) == 1
+
+
+def test_a_status_stream_is_marked_for_no_buffering_in_between(proxy: RunningProxy) -> None:
+    with (
+        httpx.Client(base_url=proxy.url, trust_env=False, timeout=10) as c,
+        c.stream("POST", "/fal-ai/fast-sdxl/stream", json={"prompt": "x"}) as answer,
+    ):
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        assert "no-transform" in answer.headers["cache-control"]
+        assert answer.headers["x-accel-buffering"] == "no"
+        answer.read()
+
+
+def test_a_socket_on_the_sdk_route_is_refused_at_the_proxy(
+    proxy: RunningProxy, fake_gateway: FakeGateway
+) -> None:
+    url = proxy.url.replace("http://", "ws://", 1) + "/api/fal/proxy/fal-ai/fast-lcm/realtime"
+
+    async def handshake() -> int:
+        try:
+            async with connect(url, proxy=None, open_timeout=10):
+                pass
+        except InvalidStatus as exc:
+            return exc.response.status_code
+        pytest.fail("a socket on the SDK route was accepted")
+
+    assert asyncio.run(handshake()) == 404
+    assert fake_gateway.requests("websocket") == []

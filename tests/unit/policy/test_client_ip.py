@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.policy.client_ip import client_ip, limit_key, parse_networks
+from proxy.policy.client_ip import client_ip, limit_key, page_host, parse_networks
 
 TRUSTED = parse_networks(["10.0.0.0/8", "127.0.0.1"])
 
@@ -63,3 +63,31 @@ def test_ipv4_mapped_and_other_spellings_are_one_address(peer, xff, expected) ->
 )
 def test_limit_keys_group_an_ipv6_slash_64(address: str, key: str) -> None:
     assert limit_key(address) == key
+
+
+TRUSTED_LB = parse_networks(["10.0.0.5"])
+
+
+@pytest.mark.parametrize(
+    ("peer", "host", "forwarded_host", "forwarded_port", "page"),
+    [
+        # A same-machine dev server (Next.js rewrites): the page's host comes forwarded.
+        ("127.0.0.1", "127.0.0.1:8787", "localhost:3000", "3000", "localhost:3000"),
+        ("::1", "[::1]:8787", "localhost:3000", None, "localhost:3000"),
+        ("127.0.0.1", "127.0.0.1:8787", "localhost", "3000", "localhost:3000"),  # port apart
+        ("127.0.0.1", "127.0.0.1:8787", "[::1]", "5173", "[::1]:5173"),
+        ("127.0.0.1", "127.0.0.1:8787", "a.test:1, b.test:2", None, "a.test:1"),  # the first
+        ("10.0.0.5", "proxy:8787", "app.example", "443", "app.example:443"),  # a trusted LB
+        # Anyone else's X-Forwarded-Host is not believed.
+        ("203.0.113.9", "proxy:8787", "localhost:3000", None, "proxy:8787"),
+        ("10.0.0.6", "proxy:8787", "app.example", None, "proxy:8787"),
+        (None, "proxy:8787", "localhost:3000", None, "proxy:8787"),
+        ("127.0.0.1", "127.0.0.1:8787", None, "3000", "127.0.0.1:8787"),
+        ("127.0.0.1", "127.0.0.1:8787", " , x", None, "127.0.0.1:8787"),  # no first entry
+        ("127.0.0.1", "127.0.0.1:8787", "localhost", "http", "localhost"),  # not a port
+    ],
+)
+def test_the_pages_host_as_a_forwarding_dev_server_reports_it(
+    peer: str | None, host: str, forwarded_host: str | None, forwarded_port: str | None, page: str
+) -> None:
+    assert page_host(peer, host, forwarded_host, forwarded_port, TRUSTED_LB) == page

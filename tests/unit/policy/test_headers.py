@@ -269,3 +269,32 @@ def test_header_names_with_underscores_never_travel() -> None:
     )
     assert [n for n in names(sent) if "_" in n] == []
     assert "x-kept" in names(sent)
+
+
+@pytest.mark.parametrize(
+    ("upstream", "expected"),
+    [
+        ([(b"cache-control", b"no-cache")], b"no-cache, no-transform"),
+        ([], b"no-cache, no-transform"),
+        ([(b"cache-control", b"private, max-age=0")],
+         b"no-cache, private, max-age=0, no-transform"),
+        ([(b"Cache-Control", b"no-store, No-Transform")], b"no-store, No-Transform"),
+        ([(b"cache-control", b"no-cache"), (b"cache-control", b"private")],
+         b"no-cache, private, no-transform"),
+        ([(b"x-accel-buffering", b"yes")], b"no-cache, no-transform"),
+    ],
+)  # fmt: skip
+def test_an_event_stream_is_marked_live_for_what_sits_in_between(
+    upstream: list[tuple[bytes, bytes]], expected: bytes
+) -> None:
+    """No proxy or dev server between us and the browser may compress or buffer it."""
+    raw = [(b"content-type", b"text/event-stream; charset=utf-8"), *upstream]
+    out = downstream_response_headers(raw, status=200, request_id="r")
+    assert [v for n, v in out if n == b"cache-control"] == [expected]
+    assert [v for n, v in out if n == b"x-accel-buffering"] == [b"no"]
+
+
+def test_other_answers_keep_their_cache_control() -> None:
+    raw = [(b"content-type", b"application/json"), (b"cache-control", b"max-age=60")]
+    out = downstream_response_headers(raw, status=200, request_id="r")
+    assert (b"cache-control", b"max-age=60") in out and b"x-accel-buffering" not in dict(out)

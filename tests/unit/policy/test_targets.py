@@ -197,6 +197,17 @@ def test_missing_target_on_the_proxy_route_says_which_header() -> None:
     assert info.value.message == "missing x-fal-target-url header"
 
 
+@pytest.mark.parametrize(
+    "path", ["/api/fal/proxy/fal-ai/fast-lcm-diffusion/realtime", "/api/fal/proxy/fal-ai/x"]
+)
+def test_a_path_under_the_sdk_route_is_no_app(path: str) -> None:
+    """A socket on the SDK route (or a dev server that kept the route in front) is refused,
+    not forwarded as the app "api/fal"."""
+    with pytest.raises(NotFound) as info:
+        resolve(None, path)
+    assert "/api/fal/proxy" in info.value.detail and "/<app id>/realtime" in info.value.detail
+
+
 def test_any_path_with_a_target_header_is_the_sdk_protocol() -> None:
     target = resolve("https://queue.fal.run/fal-ai/x", "/some/other/proxy/path")
     assert target.kind == "queue"
