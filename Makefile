@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SDK_DIR := tests/sdk
 
-.PHONY: install venv-matches-python demo run emulator check test test-unit test-e2e bench bench-callers soak clean
+.PHONY: install runtime venv-matches-python demo run emulator check test test-unit test-e2e bench bench-callers soak clean
 
 # A PYTHON given for an existing $(VENV) made by another Python would silently not be used
 # (and the venv not rebuilt): refuse, so `make test PYTHON=python3.13` really runs 3.13.
@@ -15,12 +15,20 @@ venv-matches-python:
 	[ "$$($(PYTHON) -c 'import sys; print(sys.version)')" = "$$($(PY) -c 'import sys; print(sys.version)')" ] || \
 	{ echo "$(VENV) was made by another Python than $(PYTHON): add VENV=.venv-<version>" >&2; exit 1; }
 
-$(VENV)/.installed: pyproject.toml | venv-matches-python
+# Two steps: the proxy's runtime (all that demo, run and emulator need), then the tools the
+# tests, benchmarks and checks add. Each says what it does; pip shows what it fetches.
+$(VENV)/.runtime: pyproject.toml | venv-matches-python
+	@echo "make: creating $(VENV) and installing the proxy's runtime (first run only)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench,check]'
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off -e .
 	touch $@
 
+$(VENV)/.installed: $(VENV)/.runtime
+	@echo "make: adding the test, benchmark and check tools to $(VENV) (first run only)"
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off -e '.[test,bench,check]'
+	touch $@
+
+runtime: $(VENV)/.runtime
 install: $(VENV)/.installed
 
 $(SDK_DIR)/node_modules/.package-lock.json: $(SDK_DIR)/package-lock.json
@@ -29,15 +37,15 @@ $(SDK_DIR)/node_modules/.package-lock.json: $(SDK_DIR)/package-lock.json
 
 # Try it with no account: the proxy, the offline fal + gateway emulator and a demo page,
 # on http://127.0.0.1:8787/ (DEMO_ARGS: e.g. --port 9999). No real fal call is made.
-demo: install
+demo: runtime
 	$(VENV)/bin/fal-gateway-proxy demo $(DEMO_ARGS)
 
 # The emulator alone, for your own app's tests: gateway URL http://127.0.0.1:9000/v1/x/y/fal
-emulator: install
+emulator: runtime
 	$(VENV)/bin/fal-gateway-proxy emulator $(EMULATOR_ARGS)
 
 # Run the proxy with the settings in the environment (see README: FAL_KEY, CF_ACCOUNT_ID, ...).
-run: install
+run: runtime
 	$(VENV)/bin/fal-gateway-proxy
 
 # Lint, format and types (pinned in pyproject's "check" extra); CI runs it before the tests.
