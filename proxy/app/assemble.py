@@ -33,6 +33,7 @@ from ..policy.python_port import PythonSdkListener
 from ..upstream.breaker import Breaker
 from ..upstream.route import UpstreamRoute
 from ..upstream.session import create_session
+from .realtime_token import RealtimeTokenRoute
 from .routing import PortApp, ProxyApp
 from .secrets_reload import watch_secret_files
 from .usage_routes import CallerUsage, any_caller_usage
@@ -140,7 +141,9 @@ def create_app(
     )
 
     usage_route = settings.access.usage_route
-    main = PortApp(forwarders[0], bridges[0], starlette, usage_route, CallerUsage(admission))
+    token = RealtimeTokenRoute(forwarders[0], settings.proxy_route)
+    main = PortApp(forwarders[0], bridges[0], starlette, usage_route, CallerUsage(admission),
+                   (settings.access.realtime_token_route, token))  # fmt: skip
     apps: dict[int, ASGIApp] = {}
     if settings.metrics_port is not None:  # the operator's port: /metrics, /usage/<caller>
         apps[settings.metrics_port] = admin

@@ -21,15 +21,20 @@ from .usage_routes import CallerUsage
 
 
 class PortApp:
-    """One port's fal traffic: forwarded HTTP, bridged sockets, the caller's usage route."""
+    """One port's fal traffic: forwarded HTTP, bridged sockets, the caller's usage route (and
+    on the public port the realtime token route)."""
 
     def __init__(self, forwarder: Forwarder, bridge: Bridge, starlette: Starlette,
-                 usage_route: str | None, usage: CallerUsage) -> None:  # fmt: skip
+                 usage_route: str | None, usage: CallerUsage,
+                 token: tuple[str, ASGIApp] | None = None) -> None:  # fmt: skip
         self.forwarder = forwarder
         self.bridge = bridge
         self.starlette = starlette
         self.usage_route = usage_route
         self.usage = usage
+        # The realtime token route (path, handler), on the public port only.
+        self.token_route: str | None = token[0] if token is not None else None
+        self.token: ASGIApp | None = token[1] if token is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
@@ -38,6 +43,8 @@ class PortApp:
         elif scope["type"] == "http":
             if path == self.usage_route:
                 await self.usage(scope, receive, send)
+            elif path == self.token_route and self.token is not None:
+                await self.token(scope, receive, send)
             else:
                 await self.forwarder(scope, receive, send)
         elif scope["type"] == "websocket":

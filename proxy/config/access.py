@@ -32,6 +32,7 @@ from .envvars import (
 
 _AUTH_HEADER = "x-proxy-authorization"
 _USAGE_ROUTE = "/api/fal/usage"
+_REALTIME_TOKEN_ROUTE = "/api/fal/realtime-token"
 _HEADER_NAME = "abcdefghijklmnopqrstuvwxyz0123456789-_!#$%&'*+.^`|~"
 
 
@@ -161,6 +162,16 @@ class AccessSettings:
         ),
         default=_USAGE_ROUTE,
     )
+    realtime_token_route: str = declared(
+        lambda env, _: _route(env, "FAL_PROXY_REALTIME_TOKEN_ROUTE", _REALTIME_TOKEN_ROUTE),
+        Doc(
+            "FAL_PROXY_REALTIME_TOKEN_ROUTE",
+            _REALTIME_TOKEN_ROUTE,
+            "path where a page gets a realtime token for the JS SDK's tokenProvider (POST "
+            '{"app": "<endpoint id>"} → {"token", "expires_in"})',
+        ),
+        default=_REALTIME_TOKEN_ROUTE,
+    )
     redis_url: str | None = declared(  # may hold a password
         lambda env, _: _redis_url(env),
         Doc("FAL_PROXY_REDIS_URL", "", "share the limits across replicas in Redis (redis://...)"),
@@ -226,9 +237,13 @@ def _plans(env: Mapping[str, str]) -> Plans:
 
 
 def _usage_route(env: Mapping[str, str]) -> str:
-    route = _get(env, "FAL_PROXY_USAGE_ROUTE") or _USAGE_ROUTE
+    return _route(env, "FAL_PROXY_USAGE_ROUTE", _USAGE_ROUTE)
+
+
+def _route(env: Mapping[str, str], name: str, default: str) -> str:
+    route = _get(env, name) or default
     if not route.startswith("/") or any(c in route for c in "?# \t"):
-        raise SettingsError("FAL_PROXY_USAGE_ROUTE must be a path like /api/fal/usage")
+        raise SettingsError(f"{name} must be a path like {default}")
     return route.rstrip("/") or "/"
 
 

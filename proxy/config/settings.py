@@ -230,6 +230,12 @@ class Settings:
                 "FAL_PROXY_USAGE_ROUTE must differ from FAL_PROXY_ROUTE and /healthz, /readyz, "
                 "/metrics"
             )
+        token = settings.access.realtime_token_route
+        if token in (settings.proxy_route, usage) or token in RESERVED_PATHS:
+            raise SettingsError(
+                "FAL_PROXY_REALTIME_TOKEN_ROUTE must differ from FAL_PROXY_ROUTE, "
+                "FAL_PROXY_USAGE_ROUTE and /healthz, /readyz, /metrics"
+            )
         if (
             settings.access.auth == "none"
             and not is_loopback(settings.host)
