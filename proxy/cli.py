@@ -153,12 +153,14 @@ def _parser() -> argparse.ArgumentParser:
     python_env = commands.add_parser(
         "python-env",
         help="print the variables that point fal's Python client at this proxy",
-        description="Run with the proxy's environment (FAL_PROXY_PYTHON_SDK_PORT set). Prints "
-        "NAME=value lines that make an unmodified fal-client (pip install fal-client) in "
-        "another process use this proxy: FAL_RUN_HOST, FAL_QUEUE_RUN_HOST, SSL_CERT_FILE "
-        "(when the proxy made its own certificate: public roots plus its local CA) and, "
-        "with FAL_PROXY_AUTH=none, a FAL_KEY placeholder (the client needs one; the proxy "
-        "drops it). With caller auth on, set FAL_KEY to the caller's token or JWT instead.",
+        description="Run while the proxy runs, with what identifies it (FAL_PROXY_PYTHON_SDK_PORT, "
+        "and FAL_PROXY_PYTHON_SDK_HOST, FAL_PROXY_HOST, FAL_PROXY_STATE_DIR as the proxy has "
+        "them; no fal key needed). Prints NAME=value lines that make an unmodified fal-client "
+        "(pip install fal-client) in another process use this proxy: FAL_RUN_HOST, "
+        "FAL_QUEUE_RUN_HOST, SSL_CERT_FILE (when the proxy made its own certificate: public "
+        "roots plus its local CA, checked against what the running port serves) and, with "
+        "FAL_PROXY_AUTH=none, a FAL_KEY placeholder (the client needs one; the proxy drops "
+        "it). With caller auth on, set FAL_KEY to the caller's token or JWT instead.",
         epilog="Not through the proxy: fal_client.upload_file/upload (fixed URLs on "
         "rest.fal.ai and v3.fal.media) and realtime()/ws_connect() with use_jwt=True (the "
         "default; it asks rest.fal.ai for a token). Pass use_jwt=False to realtime() and "
@@ -206,6 +208,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return run_emulator(args, env)
     if args.command == "demo":
         return run_demo(args, env)
+    if args.command == "python-env":  # needs no fal key: only what identifies the proxy
+        from .python_env import run
+
+        overrides = {"FAL_PROXY_HOST": args.host} if args.host is not None else {}
+        return run({**env, **overrides}, export=args.export)
     try:
         settings = load_settings(args, env)
     except SettingsError as exc:
@@ -215,28 +222,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         from .check import run_check
 
         return run_check(settings, args.probe)
-    if args.command == "python-env":
-        return print_python_env(settings, export=args.export)
     try:
         return serve(settings, settings.workers)
     except SettingsError as exc:  # no certificate for the TLS port, or an unsupported uvicorn
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-
-
-def print_python_env(settings: Settings, *, export: bool) -> int:
-    """``python-env``: the variables that point an unmodified fal-client at this proxy."""
-    from .config.python_port import env_lines
-
-    try:
-        pairs = settings.python_sdk.client_env(
-            settings.host, caller_auth=settings.access.auth != "none"
-        )
-    except SettingsError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(env_lines(pairs, export=export))
-    return 0
 
 
 def serve(settings: Settings, workers: int = 1) -> int:

@@ -27,7 +27,13 @@ from pathlib import Path
 
 from ..policy.python_port import QUEUE_PREFIX
 from .envvars import Doc, SettingsError, _get, _int, declared, flag, read_fields
-from .tls_certs import TlsFiles, UntrustedStateDir, default_state_dir, ensure_certificates
+from .tls_certs import (
+    TlsFiles,
+    UntrustedStateDir,
+    default_state_dir,
+    ensure_certificates,
+    existing_certificates,
+)
 
 FAL_KEY_PLACEHOLDER = "not-a-fal-key:the-proxy-holds-it"
 _WILDCARDS = ("0.0.0.0", "::", "")
@@ -126,14 +132,22 @@ class PythonSdkSettings:
             names.insert(1, listen_host)
         return list(dict.fromkeys(names))
 
-    def tls_files(self, listen_host: str) -> TlsFiles | None:
-        """The generated certificate's files (made once, reused after), or None when the
-        operator gave their own, or there is no such port. Raises SettingsError naming
-        FAL_PROXY_STATE_DIR."""
+    def tls_files(self, listen_host: str, *, make: bool = True) -> TlsFiles | None:
+        """The generated certificate's files (made once, reused after; with ``make=False``
+        only read: SettingsError when there are none), or None when the operator gave their
+        own, or there is no such port. Raises SettingsError naming FAL_PROXY_STATE_DIR."""
         if self.cert_file is not None or self.port is None:
             return None
         state_dir = Path(self.state_dir) if self.state_dir else default_state_dir()
         try:
+            if not make:
+                found = existing_certificates(state_dir, trusted_volume=self.state_dir_trusted)
+                if found is None:
+                    raise SettingsError(
+                        f"FAL_PROXY_STATE_DIR: no local CA in {state_dir}: start the proxy "
+                        "first, and run this as its user or with its FAL_PROXY_STATE_DIR"
+                    )
+                return found
             return ensure_certificates(
                 state_dir, self.names(listen_host), trusted_volume=self.state_dir_trusted
             )
@@ -169,8 +183,11 @@ class PythonSdkSettings:
             ) from None
         return context
 
-    def client_env(self, listen_host: str, *, caller_auth: bool) -> list[tuple[str, str]]:
-        """The variables that make an unmodified fal-client in another process use the port."""
+    def client_env(
+        self, listen_host: str, *, caller_auth: bool, make: bool = True
+    ) -> list[tuple[str, str]]:
+        """The variables that make an unmodified fal-client in another process use the port
+        (``make=False``: the proxy's CA must exist already; none is made)."""
         if self.port is None:
             raise SettingsError(
                 "FAL_PROXY_PYTHON_SDK_PORT is not set: the Python client's TLS port is off"
@@ -179,7 +196,7 @@ class PythonSdkSettings:
             ("FAL_RUN_HOST", self.authority),
             ("FAL_QUEUE_RUN_HOST", f"{self.authority}{QUEUE_PREFIX}"),
         ]
-        generated = self.tls_files(listen_host)
+        generated = self.tls_files(listen_host, make=make)
         if generated is not None:
             lines.append(("SSL_CERT_FILE", str(generated.bundle)))
         if not caller_auth:

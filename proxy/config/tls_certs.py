@@ -66,6 +66,27 @@ def default_state_dir() -> Path:
     return Path(base) / "fal-gateway-proxy"
 
 
+def existing_certificates(state_dir: Path, *, trusted_volume: bool = False) -> TlsFiles | None:
+    """The files a running proxy made in ``state_dir``, or None when it made none: read,
+    never made (``python-env`` must not hand out a CA the proxy does not serve). Raises
+    UntrustedStateDir as :func:`ensure_certificates` does."""
+    if not state_dir.is_dir():
+        return None
+    if not trusted_volume:
+        check_state_dir(state_dir)
+    files = _files(state_dir)
+    return files if files.bundle.is_file() and files.ca.is_file() else None
+
+
+def _files(state_dir: Path) -> TlsFiles:
+    return TlsFiles(
+        cert=state_dir / "server.pem",
+        key=state_dir / "server-key.pem",
+        ca=state_dir / "ca.pem",
+        bundle=state_dir / "ca-bundle.pem",
+    )
+
+
 def ensure_certificates(
     state_dir: Path, names: list[str], *, trusted_volume: bool = False
 ) -> TlsFiles:
@@ -75,12 +96,7 @@ def ensure_certificates(
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not trusted_volume:
         check_state_dir(state_dir)
-    files = TlsFiles(
-        cert=state_dir / "server.pem",
-        key=state_dir / "server-key.pem",
-        ca=state_dir / "ca.pem",
-        bundle=state_dir / "ca-bundle.pem",
-    )
+    files = _files(state_dir)
     ca_key_path = state_dir / "ca-key.pem"
     now = dt.datetime.now(dt.UTC)
     ca_cert, ca_key = _load_ca(files.ca, ca_key_path, now, names)

@@ -165,7 +165,8 @@ def test_python_sidecar_gives_the_app_what_python_env_prints(tmp_path: Path) -> 
     import subprocess
     import sys
 
-    from tests.conftest import child_env
+    from tests.conftest import Process, child_env
+    from tests.redis_support import free_port
 
     pod = documents(ROOT / "deploy" / "k8s" / "python-sidecar-pod.yaml")[0]["spec"]
     (proxy,) = pod["initContainers"]
@@ -174,16 +175,27 @@ def test_python_sidecar_gives_the_app_what_python_env_prints(tmp_path: Path) -> 
     proxy_env = {e["name"]: e["value"] for e in proxy["env"]}
     app_env = {e["name"]: e["value"] for e in app["env"]}
     state = proxy_env["FAL_PROXY_STATE_DIR"]
-    # python-env with the pod's settings (a real key file and a writable state dir here).
+    # The proxy with the pod's settings (a real key file, a writable state dir and a free
+    # port here), then python-env beside it, as the pod's app would be configured.
     key = tmp_path / "fal-key"
     key.write_text("fal-key-for-the-test")
-    run_env = {**proxy_env, "FAL_KEY_FILE": str(key), "FAL_PROXY_STATE_DIR": str(tmp_path / "s")}
-    printed = subprocess.run(
-        [sys.executable, "-m", "proxy", "python-env"],
-        env=child_env(**run_env), capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    port = proxy_env["FAL_PROXY_PYTHON_SDK_PORT"]
+    run_env = {**proxy_env, "FAL_KEY_FILE": str(key), "FAL_PROXY_STATE_DIR": str(tmp_path / "s"),
+               "FAL_PROXY_PYTHON_SDK_PORT": str(free_port()), "FAL_PROXY_PORT": "0",
+               "FAL_PROXY_LOG_FORMAT": "json"}  # fmt: skip
+    running = Process([sys.executable, "-m", "proxy"], child_env(**run_env))
+    try:
+        running.wait_for_json(lambda r: r.get("event") == "python_sdk")
+        printed = subprocess.run(
+            [sys.executable, "-m", "proxy", "python-env"],
+            env=child_env(**run_env), capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    finally:
+        running.stop()
     expected = dict(line.split("=", 1) for line in printed.stdout.splitlines())
     expected["SSL_CERT_FILE"] = expected["SSL_CERT_FILE"].replace(str(tmp_path / "s"), state)
+    for name in ("FAL_RUN_HOST", "FAL_QUEUE_RUN_HOST"):
+        expected[name] = expected[name].replace(run_env["FAL_PROXY_PYTHON_SDK_PORT"], port)
     assert app_env == expected
     mounts = {m["name"]: m for m in app["volumeMounts"]}
     state_mount = mounts["proxy-state"]

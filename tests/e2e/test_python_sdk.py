@@ -30,6 +30,7 @@ import httpx
 import pytest
 
 from proxy.config.python_port import FAL_KEY_PLACEHOLDER
+from proxy.config.tls_certs import ensure_certificates
 from tests.conftest import (
     FAL_KEY,
     PREFIX,
@@ -171,6 +172,44 @@ def test_python_env_without_the_port_names_the_variable(port: PythonPort) -> Non
     done = python_env(settings)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "FAL_PROXY_PYTHON_SDK_PORT" in done.stderr
+
+
+def test_python_env_needs_only_what_identifies_the_proxy(port: PythonPort) -> None:
+    """From another shell: no fal key, no gateway, just the port and the proxy's state."""
+    wanted = ("FAL_PROXY_PYTHON_SDK_PORT", "FAL_PROXY_STATE_DIR")
+    done = python_env({k: v for k, v in port.settings.items() if k in wanted})
+    assert done.returncode == 0, done.stderr
+    assert env_of(done.stdout) == port.env
+
+
+def test_python_env_never_hands_out_a_ca_the_running_proxy_does_not_serve(
+    port: PythonPort, tmp_path: Path
+) -> None:
+    """Another user or shell (another state directory): its own CA exists there, but the
+    running port's certificate is not signed by it. One line, exit 2, nothing printed;
+    and with no CA at all, none is made."""
+    other = tmp_path / "other-state"
+    made = python_env({**port.settings, "FAL_PROXY_STATE_DIR": str(other)})
+    assert made.returncode == 2 and "no local CA" in made.stderr and not other.exists()
+    # A CA of its own there, as a proxy run by another user would have made.
+    ensure_certificates(other, ["127.0.0.1", "localhost"])
+    done = python_env({**port.settings, "FAL_PROXY_STATE_DIR": str(other)})
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    number = port.settings["FAL_PROXY_PYTHON_SDK_PORT"]
+    assert f"the proxy on 127.0.0.1:{number} serves a certificate that" in line
+    assert "FAL_PROXY_STATE_DIR" in line
+
+
+def test_python_env_with_no_proxy_running_says_start_it(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ensure_certificates(state, ["127.0.0.1", "localhost"])
+    done = python_env({"FAL_PROXY_PYTHON_SDK_PORT": str(free_port()),
+                       "FAL_PROXY_STATE_DIR": str(state)})  # fmt: skip
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert "FAL_PROXY_PYTHON_SDK_PORT: no TLS answer on 127.0.0.1:" in line
+    assert "start the proxy first" in line
 
 
 def test_python_env_help_says_what_does_not_go_through_the_proxy() -> None:
