@@ -179,7 +179,9 @@ def _parser() -> argparse.ArgumentParser:
         "No real fal call is made; FAL_KEY and CF_* are ignored.",
     )
     demo.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+        "--host",
+        default=None,
+        help="address to listen on (default $FAL_PROXY_HOST, else 127.0.0.1)",
     )
     demo.add_argument(
         "--port", type=int, default=8787, help="port, 0 = any free port (default 8787)"
@@ -309,6 +311,8 @@ def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Proxy + emulator + demo page on one port; the proxy reaches the emulator over loopback."""
+    import ipaddress
+
     from .demo import create_demo_app
     from .emulator import EmulatorConfig
     from .observe.logs import configure_logging, get_logger
@@ -319,10 +323,19 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     log_format = environ.get("FAL_PROXY_LOG_FORMAT", "auto")
     configure_logging(log_format if log_format in ("auto", "json", "console") else "auto", "info")
     log = get_logger("proxy")
+    # --host, else FAL_PROXY_HOST (the image sets 0.0.0.0: `docker run IMAGE demo` works).
+    wanted = args.host or environ.get("FAL_PROXY_HOST", "").strip() or "127.0.0.1"
     # make demo passes its options in DEMO_ARGS: say so where the user will look.
-    sock = bind_socket(args.host, args.port, setting='--port; make demo DEMO_ARGS="--port N"')
+    sock = bind_socket(wanted, args.port, setting='--port; make demo DEMO_ARGS="--port N"')
     host, port = sock.getsockname()[:2]
-    origin = f"http://{host}:{port}"
+    # The proxy reaches the emulator, and the log tells the user to open, an address that
+    # answers: loopback when listening on every address (0.0.0.0 or ::), not 0.0.0.0.
+    try:
+        everywhere = ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        everywhere = False
+    reach = ("::1" if ":" in host else "127.0.0.1") if everywhere else host
+    origin = f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
     key = secrets.token_urlsafe(16)  # a throwaway key shared by the two halves
     settings = Settings.from_env(
         {
@@ -339,7 +352,9 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             else "auto",
         }
     )
-    emulator = EmulatorConfig(fal_key=key, time_scale=args.time_scale, public_url=origin)
+    # public_url "/": the generated images' URLs are paths on the page's own origin, whatever
+    # name or port the browser used (a container's published port, a LAN address).
+    emulator = EmulatorConfig(fal_key=key, time_scale=args.time_scale, public_url="/")
     log.warning(
         "DEMO MODE: the proxy forwards to the built-in offline emulator; no real fal call is made "
         "and FAL_KEY / CF_* are ignored. Run without 'demo' to use fal through Cloudflare "
@@ -357,7 +372,11 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             version=__version__,
         )
         log.info("listening", role="emulator", url=origin, gateway_url=settings.gateway_url)
-        log.info(f"demo page: open {origin}/ in a browser", url=f"{origin}/")
+        elsewhere = " (or this machine's address, or the container's published port)"
+        log.info(
+            f"demo page: open {origin}/ in a browser{elsewhere if everywhere else ''}",
+            url=f"{origin}/",
+        )
 
     run_uvicorn(
         create_demo_app(settings, emulator),

@@ -82,7 +82,8 @@ def header_map(scope: Scope) -> dict[str, str]:
 
 
 def base_url(scope: Scope, configured: str | None) -> str:
-    """The emulator's own origin, for URLs it hands out (files, uploads)."""
+    """The emulator's own origin, for URLs it hands out (files, uploads); ``""`` (paths on
+    the client's origin) when configured as ``"/"``."""
     if configured:
         return configured.rstrip("/")
     host = header_map(scope).get("host")

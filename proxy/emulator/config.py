@@ -17,7 +17,9 @@ class EmulatorConfig:
     * ``time_scale``: multiplies every built-in duration (queue wait, generation time, SSE
       pauses); ``0.05`` makes a 3 s job take 0.15 s in tests.
     * ``public_url``: origin used in the URLs it hands out (files, uploads); by default the
-      ``Host`` the request came in on.
+      ``Host`` the request came in on. ``"/"`` hands out paths (``/_emulator/files/…``),
+      relative to whichever origin the client reaches it on: the demo, whose page shares the
+      emulator's origin, served under any name or published port.
     * ``record_limit``: how many requests the recorder keeps (oldest dropped first).
     * ``byok``: stored fal keys by alias ("Store Keys"): a request with no ``authorization``
       gets the key of its ``cf-aig-byok-alias`` (``default`` when absent); an unknown alias is

@@ -237,3 +237,28 @@ def test_a_missing_page_file_is_a_plain_404(demo: Demo) -> None:
     with httpx.Client(base_url=demo.url, trust_env=False, timeout=10) as client:
         response = client.get("/demo/no-such-file.js")
     assert response.status_code == 404
+
+
+def test_the_page_works_bound_everywhere_and_opened_elsewhere(tmp_path: Path) -> None:
+    """As in a container: FAL_PROXY_HOST=0.0.0.0 (the image's), and the browser opens another
+    address than the demo logs (127.0.0.2, as the host's name for a published port). The
+    image comes from the page's own origin and the CSP lets it in."""
+    require_browser_tools()
+    process = Process(
+        [sys.executable, "-m", "proxy", "demo", *demo_port_args()],
+        child_env(FAL_PROXY_LOG_FORMAT="json", FAL_PROXY_HOST="0.0.0.0"),
+    )
+    try:
+        line = process.wait_for_json(
+            lambda r: r.get("event") == "listening" and r.get("role") == "proxy"
+        )
+        assert line["host"] == "0.0.0.0", line
+        elsewhere = Demo(process, f"http://127.0.0.2:{line['port']}")
+        report = run_browser(elsewhere, tmp_path / "elsewhere.png", PROMPT)
+        assert report["image"]["naturalWidth"] > 0 and report["image"]["complete"], report
+        assert origin(report["image"]["src"]) == elsewhere.url, report["image"]
+        assert report["consoleErrors"] == [] and report["pageErrors"] == [], report
+        assert all(origin(r["url"]) == elsewhere.url for r in report["requests"]), report
+        assert_logged_no_errors(process)
+    finally:
+        process.stop()
