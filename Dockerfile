@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # fal-gateway-proxy: keep the fal key server-side, forward fal SDK calls through
 # Cloudflare AI Gateway. Build:  docker build -t fal-gateway-proxy .
+# Try:    docker run --rm -p 8787:8787 fal-gateway-proxy demo   then open http://127.0.0.1:8787/
+#         (the offline demo: no account, no key; it listens on FAL_PROXY_HOST, 0.0.0.0 here)
 # Run:    docker run --rm -p 8787:8787 -e FAL_KEY=... -e CF_ACCOUNT_ID=... -e CF_GATEWAY_ID=... \
 #           -e FAL_PROXY_AUTH=token -e FAL_PROXY_CLIENT_TOKENS_FILE=/run/secrets/tokens \
 #           -v ./client-tokens:/run/secrets/tokens:ro fal-gateway-proxy

@@ -434,3 +434,85 @@ def test_entrypoint_and_healthcheck_work_from_the_wheel_as_non_root(
             proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_docker_run_image_demo_answers_on_the_published_address(
+    recipe: list[tuple[str, str]],
+    installed_venv: tuple[Path, dict[str, str]],
+) -> None:
+    """`docker run -p 8787:8787 IMAGE demo`: the image's ENTRYPOINT and ENV (FAL_PROXY_HOST
+    0.0.0.0) with `demo` as the command, from the wheel, as non-root. Docker's published port
+    reaches the container's address, not its loopback: here another loopback address
+    (127.0.0.2) stands for it. The page and a generated image load from there."""
+    venv, python_env = installed_venv
+    bin_dir = venv / "bin"
+    env = env_of(recipe)
+    assert env["FAL_PROXY_HOST"] == "0.0.0.0"
+    env.update(PATH=f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", HOME="/nonexistent", LANG="C.UTF-8")
+    env.update(python_env)
+    entry = shutil.which(json.loads(one(recipe, "ENTRYPOINT"))[0], path=str(bin_dir))
+    assert entry is not None
+    # The only change from the image: a free port instead of 8787 (the host's network is shared).
+    port = free_port()
+    proc = subprocess.Popen(
+        as_unprivileged([entry, "demo", "--port", str(port), "--time-scale", "0.05"]),
+        env=env,
+        cwd=venv.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        listening = None
+        deadline = time.monotonic() + 30
+        while listening is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "listening" and event.get("role") == "proxy":
+                listening = event
+        assert listening is not None, "no JSON 'listening' line:\n" + "".join(seen)
+        assert listening["host"] == "0.0.0.0", listening
+
+        import httpx
+
+        origin = f"http://127.0.0.2:{port}"
+        sdk = {"origin": origin, "content-type": "application/json", "accept": "application/json"}
+        queue = "https://queue.fal.run/fal-ai/flux"
+        with httpx.Client(base_url=origin, trust_env=False, timeout=10) as client:
+            assert client.get("/").status_code == 200
+            submitted = client.post(
+                "/api/fal/proxy",
+                headers={**sdk, "x-fal-target-url": f"{queue}/schnell"},
+                json={"prompt": "a lighthouse"},
+            )
+            assert submitted.status_code == 200, submitted.text
+            target = f"{queue}/requests/{submitted.json()['request_id']}"
+            while (
+                client.get(
+                    "/api/fal/proxy", headers={**sdk, "x-fal-target-url": f"{target}/status"}
+                ).json()["status"]
+                != "COMPLETED"
+            ):
+                assert time.monotonic() < deadline + 30
+                time.sleep(0.05)
+            result = client.get("/api/fal/proxy", headers={**sdk, "x-fal-target-url": target})
+            url = result.json()["images"][0]["url"]
+            assert url.startswith("/"), url  # on whatever origin the browser opened
+            image = client.get(url)
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
