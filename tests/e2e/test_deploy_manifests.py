@@ -1,13 +1,20 @@
 """deploy/: the Kubernetes manifests validate offline against the bundled schemas, and the
-compose example wires the proxy sidecar, Redis, healthchecks and the FAL_KEY file secret.
+compose example validates against the Compose Specification's schema (tests/schemas/) and
+wires the proxy sidecar, Redis, healthchecks, the key and gateway token as file secrets that
+git ignores, and an offline demo profile. The standalone manifest ships its own Redis.
 Both sidecar deployments put nginx (deploy/nginx/fal-proxy.conf) in front of the proxy on
 loopback, and the proxy trusts loopback: each user of the site is a client of their own
 (tests/e2e/test_sidecar_nginx.py runs that conf)."""
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -19,10 +26,47 @@ MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
 NGINX_CONF = ROOT / "deploy" / "nginx" / "fal-proxy.conf"
 NGINX_CONF_PATH = "/etc/nginx/conf.d/default.conf"
 LOOPBACK = "127.0.0.1/32,::1/128"
+COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
+COMPOSE_SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
+STANDALONE = ROOT / "deploy" / "k8s" / "standalone.yaml"
 
 
 def documents(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def by_kind_and_name(path: Path) -> dict[tuple[str, str], dict]:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in documents(path)}
+    assert len(docs) == len(documents(path)), "two documents of one kind share a name"
+    return docs
+
+
+INTERPOLATION = re.compile(
+    r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?+]([^}]*))?\}|([A-Za-z_]\w*))"
+)
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's ${VAR}, ${VAR:-default}, $VAR and $$ in every string value, as `docker
+    compose config` would substitute them from ``env`` (unset: the default, else empty)."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if isinstance(value, str):
+
+        def substitute(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name = m.group(1) or m.group(3)
+            return env.get(name) or (m.group(2) or "")
+
+        return INTERPOLATION.sub(substitute, value)
+    return value
+
+
+def compose() -> dict[str, Any]:
+    return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), {})
 
 
 def test_manifests_exist() -> None:
@@ -36,9 +80,11 @@ def test_manifest_validates_offline(path: Path) -> None:
 
 
 def test_standalone_has_the_production_pieces() -> None:
-    docs = {d["kind"]: d for d in documents(ROOT / "deploy" / "k8s" / "standalone.yaml")}
-    assert set(docs) >= {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    docs = by_kind_and_name(STANDALONE)
+    name = "fal-gateway-proxy"
+    kinds = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    assert {(kind, name) for kind in kinds} <= set(docs)
+    pod = docs["Deployment", name]["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     (proxy,) = pod["containers"]
     assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -56,8 +102,8 @@ def test_standalone_has_the_production_pieces() -> None:
 
 def test_standalone_turns_caller_auth_on_and_lists_the_allowed_apps() -> None:
     """It listens on the pod's address (the image's 0.0.0.0): never an open proxy."""
-    docs = {d["kind"]: d for d in documents(ROOT / "deploy" / "k8s" / "standalone.yaml")}
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    docs = by_kind_and_name(STANDALONE)
+    pod = docs["Deployment", "fal-gateway-proxy"]["spec"]["template"]["spec"]
     (proxy,) = pod["containers"]
     env = {e["name"]: e.get("value") for e in proxy["env"]}
     assert env.get("FAL_PROXY_HOST", "0.0.0.0") == "0.0.0.0"  # the image's
@@ -84,9 +130,12 @@ def test_every_shipped_proxy_off_loopback_has_auth_or_the_opt_in() -> None:
             for c in [*pod.get("containers", []), *pod.get("initContainers", [])]:
                 if str(c.get("image", "")).startswith("fal-gateway-proxy"):
                     envs.append({e["name"]: str(e.get("value")) for e in c.get("env", [])})
-    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
-    for service in compose["services"].values():
+    for service in compose()["services"].values():
         if str(service.get("image", "")).startswith("fal-gateway-proxy"):
+            if service.get("command", [""])[0] == "demo":
+                # The demo opts itself in: its key is a throwaway one only its emulator takes.
+                assert "secrets" not in service and "environment" not in service, service
+                continue
             envs.append({k: str(v) for k, v in service.get("environment", {}).items()})
     assert len(envs) >= 3
     for env in envs:
@@ -98,24 +147,85 @@ def test_every_shipped_proxy_off_loopback_has_auth_or_the_opt_in() -> None:
 
 
 def test_compose_wires_sidecar_redis_and_secret() -> None:
-    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
-    services = compose["services"]
+    project = compose()
+    services = project["services"]
     assert set(services) >= {"web", "fal-proxy", "redis"}
     for name in ("web", "fal-proxy", "redis"):
         assert services[name]["healthcheck"]["test"][0] == "CMD"
     proxy = services["fal-proxy"]
     assert "/healthz" in " ".join(proxy["healthcheck"]["test"])
-    assert proxy["secrets"] == ["fal_key"]
+    assert proxy["secrets"] == ["fal_key", "cf_aig_token"]
     assert proxy["environment"]["FAL_KEY_FILE"] == "/run/secrets/fal_key"
     assert proxy["environment"]["FAL_PROXY_REDIS_URL"].startswith("redis://redis:")
     assert "FAL_KEY" not in proxy["environment"]
-    assert compose["secrets"]["fal_key"]["file"]
+    assert project["secrets"]["fal_key"]["file"]
     assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_compose_validates_against_the_compose_specification() -> None:
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    # It declares draft-07 as "https://json-schema.org/draft-07/schema", an address
+    # jsonschema does not recognise (it knows the "http://…#" spelling): name the draft.
+    assert "draft-07" in schema["$schema"]
+    jsonschema.Draft7Validator.check_schema(schema)
+    validator = jsonschema.Draft7Validator(
+        schema, format_checker=jsonschema.Draft7Validator.FORMAT_CHECKER
+    )
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path)) or '<top>'}: {e.message}"
+        for e in validator.iter_errors(compose())
+    ]
+    assert errors == [], "\n".join(errors)
+
+
+def test_compose_passes_the_gateway_token_as_a_file_secret() -> None:
+    project = compose()
+    proxy = project["services"]["fal-proxy"]
+    assert proxy["environment"]["CF_AIG_TOKEN_FILE"] == "/run/secrets/cf_aig_token"
+    assert "CF_AIG_TOKEN" not in proxy["environment"]
+    assert "cf_aig_token" in proxy["secrets"]
+    # The header says what to do with a gateway that is not authenticated (no token).
+    header = COMPOSE_FILE.read_text().split("services:")[0]
+    assert "CF_AIG_TOKEN_FILE" in header and "not authenticated" in header
+
+
+def test_compose_secret_files_are_under_deploy_secrets_which_git_ignores() -> None:
+    files = [s["file"] for s in compose()["secrets"].values()]
+    assert {(COMPOSE_FILE.parent / f).resolve() for f in files} == {
+        ROOT / "deploy" / "secrets" / "fal-key",
+        ROOT / "deploy" / "secrets" / "cf-aig-token",
+    }
+    paths = ["deploy/secrets/fal-key", "deploy/secrets/cf-aig-token"]
+    ignored = subprocess.run(
+        ["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert ignored.returncode == 0 and ignored.stdout.split() == paths, ignored
+    # Only the README that explains them is committed there.
+    tracked = subprocess.run(
+        ["git", "ls-files", "deploy/secrets"], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert tracked.stdout.split() == ["deploy/secrets/README.md"], tracked
+
+
+def test_compose_demo_profile_needs_no_account_and_no_secret() -> None:
+    services = compose()["services"]
+    demo = services["demo"]
+    assert demo["profiles"] == ["demo"]
+    # The same image as the proxy, with `demo` as the command: its ENTRYPOINT is the CLI.
+    assert demo["image"] == services["fal-proxy"]["image"]
+    assert demo["build"] == services["fal-proxy"]["build"]
+    assert demo["command"] == ["demo", "--host", "0.0.0.0"]
+    (published,) = demo["ports"]
+    assert published.rsplit(":", 2)[-2:] == ["8787", "8787"], published
+    assert not {"secrets", "environment", "depends_on", "network_mode"} & set(demo), demo
+    assert demo["read_only"] is True and demo["cap_drop"] == ["ALL"]
+    # Nothing else runs under the demo profile, and the demo runs under no other.
+    assert [n for n, s in services.items() if s.get("profiles")] == ["demo"]
+
+
 def test_compose_puts_nginx_before_the_proxy_on_loopback() -> None:
-    compose_file = ROOT / "deploy" / "docker-compose.yml"
-    services = yaml.safe_load(compose_file.read_text())["services"]
+    compose_file = COMPOSE_FILE
+    services = compose()["services"]
     web, proxy = services["web"], services["fal-proxy"]
     assert web["image"].startswith("nginxinc/nginx-unprivileged:")
     assert web["ports"] == ["8080:8080"]
@@ -203,3 +313,4 @@ def test_python_sidecar_gives_the_app_what_python_env_prints(tmp_path: Path) -> 
     assert not any(m["name"] == "secrets" for m in app["volumeMounts"])  # no key for the app
     assert proxy_env["FAL_PROXY_HOST"] == "127.0.0.1"
     assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
+
