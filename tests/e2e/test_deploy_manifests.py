@@ -314,3 +314,56 @@ def test_python_sidecar_gives_the_app_what_python_env_prints(tmp_path: Path) -> 
     assert proxy_env["FAL_PROXY_HOST"] == "127.0.0.1"
     assert proxy["securityContext"]["readOnlyRootFilesystem"] is True
 
+
+def test_standalone_ships_the_redis_it_points_at() -> None:
+    """FAL_PROXY_REDIS_URL names a Service in the same file, in front of a small Redis run
+    like the proxy: non-root, read-only, no capabilities, limited; only the proxy's pods may
+    connect, and the proxy's Service does not select Redis's pods."""
+    from urllib.parse import urlsplit
+
+    docs = by_kind_and_name(STANDALONE)
+    proxy_pod = docs["Deployment", "fal-gateway-proxy"]["spec"]["template"]
+    (proxy,) = proxy_pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in proxy["env"]}
+    redis_url = urlsplit(env["FAL_PROXY_REDIS_URL"])
+    service = docs["Service", redis_url.hostname]
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == redis_url.port
+    deployment = next(
+        d
+        for (kind, _), d in docs.items()
+        if kind == "Deployment"
+        and d["spec"]["template"]["metadata"]["labels"].items()
+        >= service["spec"]["selector"].items()
+    )
+    pod = deployment["spec"]["template"]["spec"]
+    (redis,) = pod["containers"]
+    assert redis["image"].startswith("redis:")
+    assert {p["name"]: p["containerPort"] for p in redis["ports"]}[port["targetPort"]] == 6379
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    sc = redis["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert redis["resources"]["requests"] and redis["resources"]["limits"]
+    assert "redis-cli" in redis["readinessProbe"]["exec"]["command"]
+    # Nothing persisted, and its working directory is a volume (the root is read-only).
+    args = redis["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no"
+    assert {m["mountPath"] for m in redis["volumeMounts"]} == {"/data"}
+    # The proxy's Service and PodDisruptionBudget select the proxy only.
+    redis_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for kind in ("Service", "PodDisruptionBudget"):
+        spec = docs[kind, "fal-gateway-proxy"]["spec"]
+        selector = spec.get("selector", {})
+        selector = selector.get("matchLabels", selector)
+        assert not selector.items() <= redis_labels.items(), (kind, selector)
+    # Only the proxy's pods reach Redis.
+    (policy,) = [d for (kind, _), d in docs.items() if kind == "NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert source["podSelector"]["matchLabels"] == proxy_pod["metadata"]["labels"]
+    assert [p["port"] for p in rule["ports"]] == [6379]
