@@ -5,8 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SDK_DIR := tests/sdk
+RECIPES_DIR := tests/recipes
 
-.PHONY: install runtime venv-matches-python demo run emulator check test test-unit test-e2e bench bench-callers soak clean
+.PHONY: install runtime venv-matches-python demo run emulator check test test-unit test-e2e test-recipes bench bench-callers soak clean
 
 # A PYTHON given for an existing $(VENV) made by another Python would silently not be used
 # (and the venv not rebuilt): refuse, so `make test PYTHON=python3.13` really runs 3.13.
@@ -66,6 +67,16 @@ test-unit: install
 
 test-e2e: install $(SDK_DIR)/node_modules/.package-lock.json
 	$(PY) -m pytest tests/e2e
+
+# The README's dev-server recipes run for real (tests/e2e/test_recipes.py): a Vite and a
+# Next.js app in tests/recipes/ (about 400 MB of node_modules, installed from its lockfile),
+# the fal JS SDK in Chromium through each. Not part of `make test`.
+$(RECIPES_DIR)/node_modules/.package-lock.json: $(RECIPES_DIR)/package-lock.json
+	npm ci --prefix $(RECIPES_DIR) --no-audit --no-fund
+	touch $@
+
+test-recipes: install $(SDK_DIR)/node_modules/.package-lock.json $(RECIPES_DIR)/node_modules/.package-lock.json
+	$(PY) -m pytest -m recipes tests/e2e/test_recipes.py
 
 # Benchmark the proxy against a local fake gateway (bench/README.md), then how its per-caller
 # auth, limits and quotas scale with 1 to 100,000 callers (bench/callers.py, ~15 min). Needs
