@@ -110,4 +110,4 @@ docs: install
 	mv docs/configuration.md.tmp docs/configuration.md
 
 clean:
-	rm -rf $(VENV) $(SDK_DIR)/node_modules .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(SDK_DIR)/node_modules tests/recipes/node_modules .pytest_cache build *.egg-info
