@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -393,23 +394,7 @@ def test_entrypoint_and_healthcheck_work_from_the_wheel_as_non_root(
         text=True,
     )
     try:
-        listening = None
-        deadline = time.monotonic() + 30
-        assert proc.stdout is not None
-        seen: list[str] = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "listening":
-                listening = event
-                break
-        assert listening is not None, "no JSON 'listening' line:\n" + "".join(seen)
+        listening = read_listening(proc)
         assert listening["port"] == port
 
         health = [
@@ -463,23 +448,9 @@ def test_docker_run_image_demo_answers_on_the_published_address(
         text=True,
     )
     try:
-        assert proc.stdout is not None
-        seen: list[str] = []
-        listening = None
-        deadline = time.monotonic() + 30
-        while listening is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            seen.append(line)
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "listening" and event.get("role") == "proxy":
-                listening = event
-        assert listening is not None, "no JSON 'listening' line:\n" + "".join(seen)
+        listening = read_listening(proc, role="proxy")
         assert listening["host"] == "0.0.0.0", listening
+        deadline = time.monotonic() + 30  # for the generation, below
 
         import httpx
 
@@ -501,7 +472,7 @@ def test_docker_run_image_demo_answers_on_the_published_address(
                 ).json()["status"]
                 != "COMPLETED"
             ):
-                assert time.monotonic() < deadline + 30
+                assert time.monotonic() < deadline
                 time.sleep(0.05)
             result = client.get("/api/fal/proxy", headers={**sdk, "x-fal-target-url": target})
             url = result.json()["images"][0]["url"]
@@ -516,3 +487,23 @@ def test_docker_run_image_demo_answers_on_the_published_address(
             proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def read_listening(proc: subprocess.Popen[str], role: str | None = None) -> dict[str, Any]:
+    """The process's JSON ``listening`` line (of ``role``, if given), read from its stdout
+    within 30 s; fails with everything it printed otherwise."""
+    assert proc.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "listening" and role in (None, event.get("role")):
+            return dict(event)
+    raise AssertionError("no JSON 'listening' line:\n" + "".join(seen))
