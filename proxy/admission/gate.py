@@ -33,7 +33,7 @@ from ..limits.quotas import Quota
 from ..limits.usage import UsageReport
 from ..observe.logs import get_logger
 from ..observe.metrics import app_label
-from ..policy.allowed_apps import AppPolicy
+from ..policy.allowed_apps import AppPolicy, check_heartbeat
 from ..policy.callers import CallerAuth, NoAuth, TokenAuth
 from ..policy.metadata import CallerTags, derived_key, metadata_header
 from ..policy.origins import (
@@ -60,12 +60,13 @@ def _metadata_key(settings: Settings) -> bytes:
     return derived_key(secret.reveal() if secret is not None else "")
 
 
-def usage_app(target: Target) -> str:
-    """The app a generation's usage is summed under: ``owner/alias``; a realtime token
-    request (which names bare aliases) under ``realtime-tokens``."""
+def usage_app(target: Target, session_app: str | None = None) -> str:
+    """The app a generation's usage is summed under: ``owner/alias`` (a world-model
+    session's from its body, ``session_app``); a realtime token request (which names bare
+    aliases) under ``realtime-tokens``."""
     if target.kind == "token":
         return "realtime-tokens"
-    return app_label(target.path) or "other"
+    return app_label(session_app or target.path) or "other"
 
 
 # What the fal SDKs send (run with a custom method included); anything else is refused.
@@ -86,6 +87,7 @@ class Admitted:
     app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
     claimed_plan: str | None = None  # the plan the caller's credential claims (JWT)
     token_apps: tuple[str, ...] = ()  # a realtime token request's aliases
+    session_app: str | None = None  # a world-model session's endpoint, "/owner/alias" (body)
     limit_key: str | None = None  # whose limits, quotas and usage it counts against (slot taken)
     generation: bool = False  # counted as a call that can start a generation
     quotas: tuple[Quota, ...] = ()  # the caller's quotas that count it (slot taken)
@@ -196,7 +198,9 @@ class Admission:
         if not generation:
             return await self.limiter.admit(key, submit=False)
         admitted.generation = True
-        app = target.path if target.kind != "token" else None
+        if target.kind == "wma_session":
+            assert admitted.session_app is not None, "check_wma_body() first"
+        app = admitted.session_app or (target.path if target.kind != "token" else None)
         admitted.quotas = quotas = tuple(
             quota
             for quota in self.plans.quotas(self.plan_of(key, admitted.claimed_plan))
@@ -207,7 +211,9 @@ class Admission:
             quota = quotas[0]
             raise TokensUnderQuota(apps=quota.pattern, limit=quota.limit, period=quota.period,
                                    described=quota.describe())  # fmt: skip
-        return await self.limiter.admit(key, submit=True, quotas=quotas, app=usage_app(target))
+        return await self.limiter.admit(
+            key, submit=True, quotas=quotas, app=usage_app(target, admitted.session_app)
+        )
 
     async def count_generation(self, admitted: Admitted) -> None:
         """One more generation on an admitted session (a socket's request message after
@@ -215,7 +221,9 @@ class Admission:
         Raises the refusal (429's error, or 503's when Redis fails under "closed")."""
         assert admitted.limit_key is not None and admitted.target is not None, "take_slot() first"
         await self.limiter.count_generation(
-            admitted.limit_key, quotas=admitted.quotas, app=usage_app(admitted.target)
+            admitted.limit_key,
+            quotas=admitted.quotas,
+            app=usage_app(admitted.target, admitted.session_app),
         )
 
     def plan_of(self, key: str, claimed: str | None) -> str:
@@ -247,6 +255,7 @@ class Admission:
         added (and so belong in the metrics)."""
         if not units or admitted.limit_key is None:
             return False
+        path = admitted.session_app or path
         return await self.limiter.add_units(admitted.limit_key, app_label(path), units, request_id)
 
     def check_sizes(self, scope: Scope, headers: RequestHeaders) -> None:
@@ -299,7 +308,7 @@ class Admission:
         assert target is not None, "admit() first"
         return metadata_header(
             caller=self.tags.tag(self.limit_key(admitted.caller, admitted.client_ip)),
-            app=usage_app(target),
+            app=usage_app(target, admitted.session_app),
             request_id=request_id,
             route="websocket" if websocket else target.kind,
         )
@@ -309,6 +318,21 @@ class Admission:
         checked = self.apps.check_token(body, self.access.token_max_expiration)
         admitted.token_apps = tuple(json.loads(checked)["allowed_apps"])
         return checked
+
+    def check_wma_body(self, body: bytes, admitted: Admitted) -> bytes:
+        """The body of a ``wma.fal.run`` call to forward, or raise. A session offer's
+        ``app_id`` is checked as a run of that app (and noted: its quotas, usage and the
+        app label go by it), and what is forwarded is the checked offer re-serialised; a
+        heartbeat's ``{"session_id"}`` re-serialised; an ICE request's body as it came."""
+        target = admitted.target
+        assert target is not None, "admit() first"
+        if target.kind == "wma_session":
+            admitted.app, app_id, checked = self.apps.check_session(body)
+            admitted.session_app = f"/{app_id}"
+            return checked
+        if target.kind == "wma_heartbeat":
+            return check_heartbeat(body)
+        return body
 
 
 def limit_settings(access: AccessSettings) -> LimitSettings:

@@ -2,7 +2,8 @@
 request, check its credentials (:mod:`proxy.emulator.credentials`), resolve the fal URL
 (path mode, or ``x-fal-target-url`` on the bare ``/fal`` URL) and hand the request to that
 fal host: ``fal.run`` (:mod:`proxy.emulator.fal_run`), ``queue.fal.run``
-(:mod:`proxy.emulator.fal_queue`) or ``rest.fal.ai`` (:mod:`proxy.emulator.fal_rest`).
+(:mod:`proxy.emulator.fal_queue`), ``rest.fal.ai`` (:mod:`proxy.emulator.fal_rest`) or
+``wma.fal.run`` (:mod:`proxy.emulator.wma`).
 
 Every answer carries the gateway's ``cf-aig-log-id`` and ``cf-aig-cache-status``; fal's
 ``x-fal-request-id`` only once fal is reached (the gateway's own refusals, 2009 and a bad
@@ -23,6 +24,7 @@ from .fal_queue import serve_queue
 from .fal_rest import serve_rest
 from .fal_run import serve_run
 from .recorder import read_and_digest
+from .wma import serve_wma
 
 GATEWAY_PATH = re.compile(r"/v1/([^/]+)/([^/]+)/fal(/.*)?")
 # Cloudflare's answer when an authenticated gateway gets no or a wrong cf-aig-authorization.
@@ -32,8 +34,8 @@ GATEWAY_401 = {
     "messages": [],
     "error": [{"code": 2009, "message": "Unauthorized"}],
 }
-TARGET_HOSTS = ("fal.run", "queue.fal.run", "rest.fal.ai")
-DIRECT_PATH = re.compile(r"/_fal/(fal\.run|queue\.fal\.run|rest\.fal\.ai)(/.*)?")
+TARGET_HOSTS = ("fal.run", "queue.fal.run", "rest.fal.ai", "wma.fal.run")
+DIRECT_PATH = re.compile(r"/_fal/(fal\.run|queue\.fal\.run|rest\.fal\.ai|wma\.fal\.run)(/.*)?")
 # What Cloudflare serves when it, not the origin, fails: HTML, and no fal request id.
 CLOUDFLARE_PAGE = (
     b"<!DOCTYPE html><html><head><title>%d | gateway.ai.cloudflare.com | Cloudflare</title>"
@@ -130,5 +132,7 @@ async def serve_fal(ctx: Call, host: str, method: str, path: str, query: str) ->
         await serve_queue(ctx, method, path, query)
     elif host == "rest.fal.ai":
         await serve_rest(ctx, path)
+    elif host == "wma.fal.run":
+        await serve_wma(ctx, method, path)
     else:
         await serve_run(ctx, method, path, query)

@@ -36,10 +36,14 @@ from ..observe.metrics import Metrics
 from ..phases import Transport
 from ..policy.headers import upstream_request_headers
 from ..policy.python_port import REWRITE_ACCEPT_ENCODING, PythonSdkListener, rewrite_queue_urls
+from ..policy.targets import WMA_HOST, WMA_KINDS
 from ..upstream.route import UpstreamRoute
 from .exchange import Exchange
 from .round_trip import round_trip
 from .upload import read_small_body, receive_body
+
+# A wma.fal.run call's body: a session offer's SDP with its candidates is a few KiB.
+WMA_MAX_BODY = 64 * 1024
 
 
 class Forwarder(Transport[Exchange]):
@@ -180,6 +184,28 @@ class Forwarder(Transport[Exchange]):
             headers = [(n, v) for n, v in headers if n not in ("content-length", "content-type")]
             headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
             first: Message = {"type": "http.request", "body": body, "more_body": False}
+        elif target.kind in WMA_KINDS:
+            # Read whole (small), checked, and for a session offer or heartbeat forwarded
+            # re-serialised: a session's app is in its body (allowed apps, quotas, usage).
+            body = admission.check_wma_body(
+                await self._read_wma_body(receive, ex, declared), admitted
+            )
+            ex.app = admitted.app
+            metadata = admission.metadata(admitted, ex.request_id)  # the session's app now
+            # A cached heartbeat would let the session lapse, cached ICE servers hand one
+            # caller's TURN credentials to another: never from the gateway's cache.
+            drop = {"content-length", "cf-aig-metadata", "cf-aig-skip-cache"}
+            if target.kind != "wma_ice":
+                drop.add("content-type")
+            headers = [(n, v) for n, v in headers if n not in drop]
+            if target.kind != "wma_ice":
+                headers.append(("content-type", "application/json"))
+            headers += [
+                ("content-length", str(len(body))),
+                ("cf-aig-metadata", metadata),
+                ("cf-aig-skip-cache", "true"),
+            ]
+            first = {"type": "http.request", "body": body, "more_body": False}
         else:
             first = await receive_body(receive, settings.idle_timeout, self.body_in_hand(receive))
         ex.lease = await admission.take_slot(admitted, ex.method)
@@ -194,6 +220,20 @@ class Forwarder(Transport[Exchange]):
                 ex.units_counted = await admission.record_units(
                     admitted, target.path, ex.billable_units, ex.fal_request_id
                 )
+
+    async def _read_wma_body(self, receive: Receive, ex: Exchange, declared: int | None) -> bytes:
+        """A ``wma.fal.run`` call's whole body, at most :data:`WMA_MAX_BODY` bytes (413)."""
+        too_large = PayloadTooLarge(
+            "request body too large", f"a {WMA_HOST} call's body is at most {WMA_MAX_BODY} bytes"
+        )
+        if declared is not None and declared > WMA_MAX_BODY:
+            raise too_large
+        try:
+            return await read_small_body(
+                receive, ex, self.settings.idle_timeout, self.body_in_hand, limit=WMA_MAX_BODY
+            )
+        except PayloadTooLarge:
+            raise too_large from None
 
     async def _send_preflight(
         self, send: Send, headers: list[tuple[bytes, bytes]], ex: Exchange

@@ -14,7 +14,10 @@ every kind of call, each of which names its app differently:
 * realtime token requests (``rest.fal.ai/tokens/``) name bare aliases in ``allowed_apps``:
   each must be the alias (second segment) of an allowed pattern (the owner is not in the
   request, so ``fal-ai/*`` allows tokens for any alias); ``token_expiration`` is capped;
-* storage upload initiation names no app and is not restricted here.
+* world-model sessions (``wma.fal.run/session``) name their endpoint id in the body's
+  ``app_id``: checked as a run of that id (:meth:`AppPolicy.check_session`);
+* storage upload initiation, a session's heartbeat and ICE servers name no app and are not
+  restricted here.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from ..errors import BadRequest, Forbidden
-from .targets import Target
+from .targets import WMA_KINDS, Target
 
 _QUEUE_REQUEST = re.compile(r"/(?P<prefix>.+?)/requests/[^/]+(?:/.*)?")
 NAMESPACES = ("workflows", "comfy")  # first segments before owner/alias
@@ -46,8 +49,8 @@ class AppPolicy:
         Returns the pattern that admitted it (``"*"`` when every app is allowed), or None for
         calls that name no app (storage, tokens): a bounded value, fit for a metrics label.
         """
-        if target.kind in ("storage", "token"):
-            return None
+        if target.kind in ("storage", "token") or target.kind in WMA_KINDS:
+            return None  # a session's app is in its body: check_session
         if self.allows_all:
             return "*"
         path = target.path
@@ -62,11 +65,48 @@ class AppPolicy:
                 if fnmatchcase(prefix, "/".join(pattern.split("/")[:depth])):
                     return pattern
             raise _refused(prefix)
+        return self._check_endpoint(path)
+
+    def _check_endpoint(self, path: str) -> str:
+        """The pattern that allows a run of the endpoint at ``path``, or Forbidden."""
+        if self.allows_all:
+            return "*"
         for candidate in endpoint_prefixes(path):
             for pattern in self.patterns:
                 if fnmatchcase(candidate, pattern):
                     return pattern
         raise _refused(path.strip("/"))
+
+    def check_session(self, body: bytes) -> tuple[str, str, bytes]:
+        """Check a world-model session offer (``wma.fal.run/session``): one unambiguous JSON
+        object whose ``app_id`` is a plain endpoint id, allowed as a run of that id would be.
+
+        Returns (the pattern that allowed it, the endpoint id, the body to forward): the
+        checked ``app_id``, ``sdp`` and ``type`` re-serialised, never the client's bytes, so
+        fal reads no app the check did not. Other keys are dropped.
+        """
+        data = parse_json_object(
+            body, keys=_SESSION_KEYS, message="session request refused", reason="session_refused"
+        )
+        app_id, sdp, kind = data.get("app_id"), data.get("sdp"), data.get("type")
+        if not isinstance(app_id, str) or not _ENDPOINT_ID.fullmatch(app_id):
+            raise BadRequest(
+                "session request refused",
+                "app_id must be a plain endpoint id like fal-ai/some-app (ASCII letters, "
+                "digits, '.', '_' and '-' in '/'-separated segments)",
+                reason="session_refused",
+            )
+        if not isinstance(sdp, str) or kind != "offer":
+            raise BadRequest(
+                "session request refused",
+                'sdp must be the offer\'s SDP (a string) and type must be "offer"',
+                reason="session_refused",
+            )
+        pattern = self._check_endpoint(f"/{app_id}")
+        forwarded = json.dumps(
+            {"app_id": app_id, "sdp": sdp, "type": kind}, ensure_ascii=True, separators=(",", ":")
+        ).encode()
+        return pattern, app_id, forwarded
 
     def check_token(self, body: bytes, max_expiration: int) -> bytes:
         """Check a ``/tokens/`` body: every alias allowed, ``token_expiration`` within the cap.
@@ -118,23 +158,58 @@ class AppPolicy:
         ).encode()
 
 
+def check_heartbeat(body: bytes) -> bytes:
+    """Check a session heartbeat (``wma.fal.run/session/heartbeat``): one unambiguous JSON
+    object with a string ``session_id``. Returns ``{"session_id"}`` re-serialised."""
+    data = parse_json_object(
+        body, keys=_HEARTBEAT_KEYS, message="heartbeat refused", reason="session_refused"
+    )
+    session_id = data.get("session_id")
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        raise BadRequest(
+            "heartbeat refused",
+            "session_id must be the session's id (1-256 visible ASCII characters)",
+            reason="session_refused",
+        )
+    return json.dumps({"session_id": session_id}, separators=(",", ":")).encode()
+
+
 DEFAULT_TOKEN_EXPIRATION = 120  # what the SDKs ask for
 _ALIAS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # ASCII only
+# owner/alias[/path]: plain ASCII segments, none empty, none a dot segment; what a fal.run
+# path may spell (targets._check_plain_endpoint), so allowed apps and quotas read one id.
+_ENDPOINT_ID = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,127}){1,7}"
+)
+_SESSION_ID = re.compile(r"[\x21-\x7e]{1,256}")
 _TOKEN_KEYS = ("allowed_apps", "token_expiration")
+_SESSION_KEYS = ("app_id", "sdp", "type")
+_HEARTBEAT_KEYS = ("session_id",)
 MAX_TOKEN_NESTING = 8
 
 
 def parse_token_body(body: bytes) -> dict[str, Any]:
-    """A token request body as one unambiguous JSON object, or BadRequest.
+    """A token request body as one unambiguous JSON object, or BadRequest (400
+    ``token_refused``): :func:`parse_json_object` with the token's keys."""
+    return parse_json_object(
+        body, keys=_TOKEN_KEYS, message="token request refused", reason="token_refused"
+    )
+
+
+def parse_json_object(
+    body: bytes, *, keys: tuple[str, ...], message: str, reason: str
+) -> dict[str, Any]:
+    """A small request body (a token request, a session offer or heartbeat) as one
+    unambiguous JSON object, or BadRequest with ``message`` and ``reason``.
 
     Strict where ``json.loads`` is lenient: UTF-8 only (no BOM, no UTF-16/32, which
-    ``json.loads(bytes)`` would guess), no duplicate keys, no key that differs from
-    ``allowed_apps`` or ``token_expiration`` only in letter case, and no deep nesting (a
-    body of 30,000 ``[`` would otherwise overflow the parser's recursion).
+    ``json.loads(bytes)`` would guess), no duplicate keys, no key that differs from one of
+    ``keys`` only in letter case, and no deep nesting (a body of 30,000 ``[`` would
+    otherwise overflow the parser's recursion).
     """
 
     def refuse(detail: str) -> BadRequest:
-        return BadRequest("token request refused", detail, reason="token_refused")
+        return BadRequest(message, detail, reason=reason)
 
     try:
         text = body.decode("utf-8")
@@ -148,7 +223,7 @@ def parse_token_body(body: bytes) -> dict[str, Any]:
         for key, value in pairs:
             if key in out:
                 raise refuse(f"the key {key!r} appears twice")
-            if key.lower() in _TOKEN_KEYS and key not in _TOKEN_KEYS:
+            if key.lower() in keys and key not in keys:
                 raise refuse(f"the key {key!r} must be written in lower case")
             out[key] = value
         return out

@@ -8,7 +8,8 @@ Two request shapes arrive:
 Both resolve to a :class:`Target`. ``fal.run`` targets go to the gateway in
 *path mode* (``<gateway>/fal-ai/fast-sdxl?x=1``); every other allowed fal host
 goes in *target mode* (``<gateway>`` with ``x-fal-target-url``), which is how
-Cloudflare AI Gateway reaches ``queue.fal.run`` and ``rest.fal.ai``.
+Cloudflare AI Gateway reaches ``queue.fal.run`` and ``rest.fal.ai`` (and, like them though
+the gateway documents only the queue, ``wma.fal.run``'s world-model session calls).
 
 Queries are kept byte for byte (no decoding, no re-encoding), so
 ``fal_webhook=https%3A%2F%2F...`` reaches fal as the SDK wrote it. A ``fal.run`` or
@@ -28,10 +29,15 @@ from ..errors import BadRequest, Forbidden, MethodNotAllowed, NotFound
 RUN_HOST = "fal.run"
 QUEUE_HOST = "queue.fal.run"
 REST_HOST = "rest.fal.ai"
+# fal's world-model (WebRTC) sessions: the SDK's ``fal.realtime.open(wma(...))`` negotiates
+# here. Only its three calls, each a POST with a small JSON body and no query.
+WMA_HOST = "wma.fal.run"
+WMA_PATHS = {"/session": "wma_session", "/session/heartbeat": "wma_heartbeat", "/ice": "wma_ice"}
+WMA_KINDS = frozenset(WMA_PATHS.values())
 # fal's backup domains (its Python client falls back to them when fal.run does not connect):
 # the same service, so sent as the primary host, which the gateway surely routes.
 BACKUP_HOSTS = {"falrun.com": RUN_HOST, "queue.falrun.com": QUEUE_HOST}
-ALLOWED_HOSTS = frozenset({RUN_HOST, QUEUE_HOST, REST_HOST, *BACKUP_HOSTS})
+ALLOWED_HOSTS = frozenset({RUN_HOST, QUEUE_HOST, REST_HOST, WMA_HOST, *BACKUP_HOSTS})
 # rest.fal.ai is fal's account API: only the calls the JS SDK makes through a proxy.
 REST_PATHS = frozenset(
     {"/storage/upload/initiate", "/storage/upload/initiate-multipart", "/tokens/"}
@@ -50,8 +56,8 @@ _SEGMENT_SPLIT = re.compile(r"[/?#;]")
 class Target:
     """A resolved, allowed destination."""
 
-    kind: str  # run | stream | queue | storage | token
-    host: str  # the fal host: fal.run, queue.fal.run or rest.fal.ai
+    kind: str  # run | stream | queue | storage | token | wma_session | wma_heartbeat | wma_ice
+    host: str  # the fal host: fal.run, queue.fal.run, rest.fal.ai or wma.fal.run
     path: str  # raw path on that host, starts with "/"
     query: str  # raw query without "?", may be ""
     upstream_url: str  # the gateway URL the request is sent to
@@ -199,11 +205,12 @@ def _check_plain_endpoint(path: str) -> None:
 
 def check_method(method: str, target: Target) -> None:
     """``rest.fal.ai`` calls are POSTs (upload initiation, tokens) and a token call has no
-    query: anything else would reach fal's account API unchecked."""
-    if target.host == REST_HOST and method != "POST":
+    query: anything else would reach fal's account API unchecked. ``wma.fal.run``'s three
+    calls are POSTs too."""
+    if target.host in (REST_HOST, WMA_HOST) and method != "POST":
         raise MethodNotAllowed(
             f"method {method} not allowed",
-            f"{target.path} on {REST_HOST} takes POST only",
+            f"{target.path} on {target.host} takes POST only",
             allow="POST",
         )
     if target.kind == "token" and target.query:
@@ -221,9 +228,11 @@ def starts_generation(method: str, target: Target) -> bool:
 
     Every call on ``fal.run`` runs the model (a GET too: the SDK's ``method: "get"``), every
     queue call except reading or cancelling an existing request, and every realtime token
-    (it lets its holder run the app). Storage upload initiation does not.
+    (it lets its holder run the app), and every new world-model session (``wma.fal.run/session``:
+    fal bills it; its app is in the body). Storage upload initiation, a session's heartbeat
+    and its ICE servers do not.
     """
-    if target.kind in ("run", "stream", "token"):
+    if target.kind in ("run", "stream", "token", "wma_session"):
         return True
     if target.kind != "queue":
         return False
@@ -251,6 +260,8 @@ def _route(host: str, path: str, query: str, gateway_url: str) -> Target:
                 "target not allowed", "the target names no fal app (https://queue.fal.run/<app>)"
             )
         kind = "queue"
+    elif host == WMA_HOST:
+        kind = _wma_kind(path, query)
     else:
         if path not in REST_PATHS:
             raise Forbidden(
@@ -259,3 +270,16 @@ def _route(host: str, path: str, query: str, gateway_url: str) -> Target:
             )
         kind = "token" if path == "/tokens/" else "storage"
     return Target(kind, host, path, query, gateway_url, f"https://{host}{path}{suffix}")
+
+
+def _wma_kind(path: str, query: str) -> str:
+    """The kind of a ``wma.fal.run`` call: one of its three paths, exactly, with no query."""
+    kind = WMA_PATHS.get(path)
+    if kind is None:
+        raise Forbidden(
+            "target not allowed",
+            f"on {WMA_HOST} only {', '.join(sorted(WMA_PATHS))} are forwarded",
+        )
+    if query:
+        raise Forbidden("target not allowed", f"{WMA_HOST}{path} takes no query string")
+    return kind

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from proxy.errors import Forbidden, ProxyError
-from proxy.policy.allowed_apps import AppPolicy
+from proxy.policy.allowed_apps import AppPolicy, check_heartbeat
 from proxy.policy.targets import resolve_target
 
 POLICY = AppPolicy(
@@ -144,3 +144,90 @@ def test_token_expiration_is_capped_even_when_every_app_is_allowed() -> None:
 def test_check_names_the_pattern_that_admitted(url: str, pattern: str | None) -> None:
     assert POLICY.check(target(url)) == pattern
     assert AppPolicy(()).check(target(url)) == ("*" if pattern else None)
+
+
+# --- wma.fal.run world-model sessions: the app is in the offer's body ------------------------
+def offer(app_id: object = "fal-ai/flux/world", **extra: object) -> bytes:
+    return json.dumps({"app_id": app_id, "sdp": "v=0\r\n", "type": "offer", **extra}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        (offer(), None, None),  # fal-ai/flux/*
+        (offer("fal-ai/fast-sdxl"), None, None),
+        (offer("workflows/acme/world"), None, None),
+        (offer("fal-ai/kling-world"), 403, "app_refused"),
+        (offer("fal-ai"), 400, "session_refused"),  # owner alone is no endpoint id
+        (offer("fal-ai/%66lux/dev"), 400, "session_refused"),  # respelt: one id, one spelling
+        (offer("fal-ai//flux/dev"), 400, "session_refused"),
+        (offer("fal-ai/flux/../kling"), 400, "session_refused"),
+        (offer("/fal-ai/flux/dev"), 400, "session_refused"),
+        (offer("fal-ai/flux/dev/"), 400, "session_refused"),
+        (offer("fal-ai/flux/*"), 400, "session_refused"),
+        (offer("fal-ai/flux/dev?x=1"), 400, "session_refused"),
+        (offer("fal-ai/flux/d\u0435v"), 400, "session_refused"),  # Cyrillic "е"
+        (offer(["fal-ai/flux/dev"]), 400, "session_refused"),
+        (offer(None), 400, "session_refused"),
+        (offer(type="answer"), 400, "session_refused"),
+        (offer(sdp=1), 400, "session_refused"),
+        (
+            b'{"app_id":"fal-ai/kling-world","app_id":"fal-ai/flux/dev","sdp":"","type":"offer"}',
+            400,
+            "session_refused",
+        ),
+        (
+            b'{"APP_ID":"fal-ai/kling-world","app_id":"fal-ai/flux/dev","sdp":"","type":"offer"}',
+            400,
+            "session_refused",
+        ),
+        (b"\xef\xbb\xbf" + offer(), 400, "session_refused"),
+        (offer().decode().encode("utf-16"), 400, "session_refused"),
+        (b'["fal-ai/flux/dev"]', 400, "session_refused"),
+        (b"not json", 400, "session_refused"),
+        (b"[" * 30_000, 400, "session_refused"),
+    ],
+)
+def test_session_offers(body: bytes, status: int | None, reason: str | None) -> None:
+    if reason is None:
+        POLICY.check_session(body)
+    else:
+        with pytest.raises(ProxyError) as info:
+            POLICY.check_session(body)
+        assert (info.value.status, info.value.reason) == (status, reason)
+
+
+def test_the_session_body_forwarded_is_only_what_was_checked() -> None:
+    body = offer("fal-ai/flux/world", extra={"app_id": "fal-ai/kling-world"})
+    pattern, app_id, forwarded = POLICY.check_session(body)
+    assert (pattern, app_id) == ("fal-ai/flux/*", "fal-ai/flux/world")
+    assert forwarded == b'{"app_id":"fal-ai/flux/world","sdp":"v=0\\r\\n","type":"offer"}'
+    assert AppPolicy(()).check_session(offer("anyone/any-app"))[0] == "*"
+
+
+@pytest.mark.parametrize(
+    ("body", "forwarded"),
+    [
+        (b'{"session_id": "3f1c-ab", "other": 1}', b'{"session_id":"3f1c-ab"}'),
+        (b'{"session_id":"a","session_id":"b"}', None),
+        (b'{"Session_Id":"a","session_id":"b"}', None),
+        (b'{"session_id":""}', None),
+        (b'{"session_id":"a b"}', None),
+        (b'{"session_id":7}', None),
+        (b"[]", None),
+        (b"", None),
+    ],
+)
+def test_heartbeats(body: bytes, forwarded: bytes | None) -> None:
+    if forwarded is not None:
+        assert check_heartbeat(body) == forwarded
+    else:
+        with pytest.raises(ProxyError) as info:
+            check_heartbeat(body)
+        assert (info.value.status, info.value.reason) == (400, "session_refused")
+
+
+def test_a_wma_call_names_no_app_in_its_target() -> None:
+    """The session's app is in its body (check_session); the target alone is not refused."""
+    for url in ("https://wma.fal.run/session", "https://wma.fal.run/ice"):
+        assert POLICY.check(target(url)) is None

@@ -340,3 +340,90 @@ def test_storage_and_token_paths_are_unaffected() -> None:
     # rest.fal.ai paths are matched exactly; an odd spelling there is refused as before.
     with pytest.raises(Forbidden):
         resolve("https://rest.fal.ai/storage/upload/%69nitiate")
+
+
+# --- wma.fal.run: world-model (WebRTC) session negotiation ----------------------------------
+# Three POSTs, exactly these paths, no query, no port but 443; sent in target mode, as
+# rest.fal.ai is. Everything else on the host is refused.
+WMA_VALID = [
+    ("https://wma.fal.run/session", "wma_session", "/session"),
+    ("https://wma.fal.run/session/heartbeat", "wma_heartbeat", "/session/heartbeat"),
+    ("https://wma.fal.run/ice", "wma_ice", "/ice"),
+    ("https://WMA.FAL.RUN:443/session", "wma_session", "/session"),
+]
+
+
+@pytest.mark.parametrize(("url", "kind", "path"), WMA_VALID, ids=[v[0] for v in WMA_VALID])
+def test_wma_session_calls_resolve_in_target_mode(url: str, kind: str, path: str) -> None:
+    target = resolve(url)
+    assert (target.kind, target.host, target.path) == (kind, "wma.fal.run", path)
+    assert (target.upstream_url, target.target_url) == (GW, f"https://wma.fal.run{path}")
+    check_method("POST", target)
+
+
+WMA_HOSTILE = [
+    # (x-fal-target-url, expected error, words the detail must contain)
+    ("https://wma.fal.run/", Forbidden, "only /ice, /session, /session/heartbeat"),
+    ("https://wma.fal.run", Forbidden, "only"),
+    ("https://wma.fal.run/session/", Forbidden, "only"),
+    ("https://wma.fal.run/Session", Forbidden, "only"),
+    ("https://wma.fal.run/sessions", Forbidden, "only"),
+    ("https://wma.fal.run/session/abc", Forbidden, "only"),
+    ("https://wma.fal.run/session/heartbeat/", Forbidden, "only"),
+    ("https://wma.fal.run/session/%68eartbeat", Forbidden, "only"),
+    ("https://wma.fal.run/ice/", Forbidden, "only"),
+    ("https://wma.fal.run/fal-ai/world/session", Forbidden, "only"),
+    ("https://wma.fal.run/admin", Forbidden, "only"),
+    ("https://wma.fal.run/session?app_id=fal-ai/other", Forbidden, "no query"),
+    ("https://wma.fal.run/session/heartbeat?x=1", Forbidden, "no query"),
+    ("https://wma.fal.run/ice?x", Forbidden, "no query"),
+    ("https://wma.fal.run/session/../tokens/", BadRequest, "dot segments"),
+    ("https://wma.fal.run/%2e%2e/session", BadRequest, "dot segments"),
+    ("https://wma.fal.run//evil.com/session", BadRequest, "leading '//'"),
+]
+
+
+@pytest.mark.parametrize(("header", "error", "words"), WMA_HOSTILE, ids=[h[0] for h in WMA_HOSTILE])
+def test_other_wma_targets_are_refused(header: str, error: type, words: str) -> None:
+    with pytest.raises(error) as info:
+        resolve(header)
+    assert words in info.value.detail
+
+
+def test_the_wma_host_keeps_every_generic_target_rule() -> None:
+    """Served now, but only as https on 443, no user info, and under its own name."""
+    assert resolve("https://wma.fal.run/session").kind == "wma_session"
+    for header, words in [
+        ("https://wma.fal.run:8443/session", "port"),
+        ("https://wma.fal.run:80/session", "port"),
+        ("http://wma.fal.run/session", "https"),
+        ("wss://wma.fal.run/session", "https"),
+        ("https://user@wma.fal.run/session", "user info"),
+        ("https://wma.fal.run.evil.com/session", "wma.fal.run.evil.com"),
+        ("https://wma.falrun.com/session", "wma.falrun.com"),
+        ("https://wma.fal.ai/session", "wma.fal.ai"),
+    ]:
+        with pytest.raises(Forbidden) as info:
+            resolve(header)
+        assert words in info.value.detail, header
+
+
+@pytest.mark.parametrize("url", [v[0] for v in WMA_VALID])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "PATCH", "DELETE"])
+def test_wma_calls_are_posts_only(method: str, url: str) -> None:
+    with pytest.raises(MethodNotAllowed) as info:
+        check_method(method, resolve(url))
+    assert info.value.status == 405
+    assert "wma.fal.run takes POST only" in info.value.detail
+
+
+@pytest.mark.parametrize(
+    ("url", "generation"),
+    [
+        ("https://wma.fal.run/session", True),  # a new session: fal bills it
+        ("https://wma.fal.run/session/heartbeat", False),
+        ("https://wma.fal.run/ice", False),
+    ],
+)
+def test_only_a_new_wma_session_is_a_generation(url: str, generation: bool) -> None:
+    assert starts_generation("POST", resolve(url)) == generation
