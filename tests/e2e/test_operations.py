@@ -124,7 +124,8 @@ def test_check_probe_reports_the_gateway(fake_gateway: FakeGateway) -> None:
     unreachable = _check(
         "--probe", FAL_KEY=FAL_KEY, FAL_PROXY_GATEWAY_URL="http://127.0.0.1:9/v1/a/g/fal"
     )
-    assert unreachable.returncode == 1 and "FAIL  gateway: not reachable" in unreachable.stdout
+    assert unreachable.returncode == 1
+    assert "FAIL  gateway: http://127.0.0.1:9/v1/a/g/fal not reachable" in unreachable.stdout
 
 
 def test_check_probe_names_a_refused_gateway_token() -> None:
