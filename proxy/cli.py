@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 from . import __version__
 from .config.envvars import SettingsError
-from .config.settings import DOCUMENTED_VARIABLES, Settings
+from .config.settings import DOCUMENTED_VARIABLES, Settings, local_address
 from .serve.server import (
     PROG,
     bind_socket,
@@ -311,7 +311,6 @@ def run_emulator(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Proxy + emulator + demo page on one port; the proxy reaches the emulator over loopback."""
-    import ipaddress
 
     from .demo import create_demo_app
     from .emulator import EmulatorConfig
@@ -330,11 +329,7 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     host, port = sock.getsockname()[:2]
     # The proxy reaches the emulator, and the log tells the user to open, an address that
     # answers: loopback when listening on every address (0.0.0.0 or ::), not 0.0.0.0.
-    try:
-        everywhere = ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        everywhere = False
-    reach = ("::1" if ":" in host else "127.0.0.1") if everywhere else host
+    reach = local_address(host)
     origin = f"http://[{reach}]:{port}" if ":" in reach else f"http://{reach}:{port}"
     key = secrets.token_urlsafe(16)  # a throwaway key shared by the two halves
     settings = Settings.from_env(
@@ -374,7 +369,7 @@ def run_demo(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         log.info("listening", role="emulator", url=origin, gateway_url=settings.gateway_url)
         elsewhere = " (or this machine's address, or the container's published port)"
         log.info(
-            f"demo page: open {origin}/ in a browser{elsewhere if everywhere else ''}",
+            f"demo page: open {origin}/ in a browser{elsewhere if reach != host else ''}",
             url=f"{origin}/",
         )
 

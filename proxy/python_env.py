@@ -22,10 +22,10 @@ from pathlib import Path
 
 from .config.envvars import SettingsError
 from .config.python_port import PythonSdkSettings, env_lines
+from .config.settings import local_address
 
 PROG = "fal-gateway-proxy"
 HANDSHAKE_TIMEOUT = 5.0
-_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
 def client_env(environ: Mapping[str, str]) -> list[tuple[str, str]]:
@@ -38,7 +38,7 @@ def client_env(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     bundle = dict(pairs).get("SSL_CERT_FILE")
     if bundle is not None:  # the proxy's own CA (an operator's certificate is theirs to trust)
         assert python.port is not None
-        verify_served(_WILDCARDS.get(listen, listen), python.port, python.host_name, bundle)
+        verify_served(local_address(listen), python.port, python.host_name, bundle)
     return pairs
 
 

@@ -292,6 +292,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def local_address(listen: str) -> str:
+    """The address a client on this machine reaches a server listening on ``listen`` by:
+    loopback for an unspecified address (``0.0.0.0``, ``::``, empty), else ``listen``."""
+    if not listen:
+        return "127.0.0.1"
+    try:
+        unspecified = ipaddress.ip_address(listen).is_unspecified
+    except ValueError:  # localhost, or a name
+        return listen
+    return ("::1" if ":" in listen else "127.0.0.1") if unspecified else listen
+
+
 def _listen_address(env: Mapping[str, str], name: str, default: str) -> str:
     """An IP address to bind, or ``localhost``; a name that DNS decides is refused."""
     value = _get(env, name) or default
