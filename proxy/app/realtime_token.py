@@ -26,6 +26,7 @@ from ..errors import BadRequest, MethodNotAllowed, PayloadTooLarge, ProxyError
 from ..forward.handler import Forwarder
 from ..observe.logs import get_logger
 from ..observe.request_ids import new_request_id
+from .usage_routes import send_answer
 
 TOKEN_TARGET = b"https://rest.fal.ai/tokens/"
 DEFAULT_EXPIRATION = 120  # what the SDK's own provider asks for
@@ -174,8 +175,6 @@ async def _read(receive: Receive) -> bytes:
 async def _refuse(send: Send, exc: ProxyError, scope: Scope) -> None:
     request_id = new_request_id()
     body = exc.body()
-    headers = [*exc.headers(body), (b"x-proxy-request-id", request_id.encode())]
-    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_answer(send, exc.status, exc.headers(body), body, request_id)
     log.info("request", request_id=request_id, method=scope["method"], route="realtime_token",
              status=exc.status, error=exc.reason)  # fmt: skip

@@ -54,7 +54,7 @@ class CallerUsage:
             if method == "OPTIONS" and seen.origin and seen.preflight_method:
                 fields["client_ip"] = admission.client(scope, seen)
                 headers = admission.preflight(scope, seen)
-                await _send(send, 204, headers, b"", request_id)
+                await send_answer(send, 204, headers, b"", request_id)
                 status = 204
                 return
             try:
@@ -71,24 +71,27 @@ class CallerUsage:
             report = await admission.usage(key, admitted.claimed_plan)
             body = json.dumps(report.to_json()).encode()
             headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
-            await _send(send, 200, headers + cors, b"" if method == "HEAD" else body, request_id)
+            await send_answer(
+                send, 200, headers + cors, b"" if method == "HEAD" else body, request_id
+            )
         except ProxyError as exc:
             status, fields["error"] = exc.status, exc.reason
             body = exc.body()
-            await _send(send, exc.status, exc.headers(body) + cors, body, request_id)
+            await send_answer(send, exc.status, exc.headers(body) + cors, body, request_id)
         except Exception:  # a bug: logged with its traceback, answered as JSON
             log.exception("internal_error", request_id=request_id)
             error = ProxyError("internal proxy error", f"request id {request_id}")
             status, fields["error"], body = 500, error.reason, error.body()
-            await _send(send, 500, error.headers(body) + cors, body, request_id)
+            await send_answer(send, 500, error.headers(body) + cors, body, request_id)
         finally:
             duration = round((time.perf_counter() - started) * 1000, 2)
             log.info("request", route="usage", status=status, duration_ms=duration, **fields)
 
 
-async def _send(
+async def send_answer(
     send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes, request_id: str
 ) -> None:
+    """A whole answer of the proxy's own routes: its request id, and its length if unsaid."""
     headers = [*headers, (b"x-proxy-request-id", request_id.encode())]
     if not any(name == b"content-length" for name, _ in headers):
         headers.append((b"content-length", str(len(body)).encode()))
