@@ -414,11 +414,7 @@ def test_entrypoint_and_healthcheck_work_from_the_wheel_as_non_root(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        ended(proc)
 
 
 def test_docker_run_image_demo_answers_on_the_published_address(
@@ -482,11 +478,7 @@ def test_docker_run_image_demo_answers_on_the_published_address(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        ended(proc)
 
 
 def read_listening(proc: subprocess.Popen[str], role: str | None = None) -> dict[str, Any]:
@@ -507,3 +499,12 @@ def read_listening(proc: subprocess.Popen[str], role: str | None = None) -> dict
         if event.get("event") == "listening" and role in (None, event.get("role")):
             return dict(event)
     raise AssertionError("no JSON 'listening' line:\n" + "".join(seen))
+
+
+def ended(proc: subprocess.Popen[str]) -> None:
+    """Kill ``proc`` if it still runs, and close its output."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()
