@@ -16,7 +16,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.conftest import FakeGateway, RunningProxy
+from tests.conftest import FakeGateway, RunningProxy, token_callers
 from tests.redis_support import RedisServer, free_port
 
 SDXL = "/fal-ai/fast-sdxl"
@@ -28,9 +28,7 @@ pytestmark = pytest.mark.usefixtures("clear_of_window_edges")
 
 
 def tokens_file(tmp_path: Path) -> str:
-    path = tmp_path / "tokens"
-    path.write_text("".join(f"{c} {t}\n" for c, t in TOKENS.items()), encoding="utf-8")
-    return str(path)
+    return token_callers(tmp_path, TOKENS)["FAL_PROXY_CLIENT_TOKENS_FILE"]
 
 
 def as_caller(caller: str) -> dict[str, str]:

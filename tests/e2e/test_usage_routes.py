@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import FakeGateway, RunningProxy, launch_proxy
+from tests.conftest import FakeGateway, RunningProxy, launch_proxy, token_callers
 from tests.redis_support import free_port
 
 TOKENS = {
@@ -36,8 +36,6 @@ def usage_proxy(
 ) -> Iterator[tuple[RunningProxy, int]]:
     """(the proxy, its metrics port)."""
     folder = tmp_path_factory.mktemp("usage")
-    tokens = folder / "tokens"
-    tokens.write_text("".join(f"{c} {t}\n" for c, t in TOKENS.items()), encoding="utf-8")
     plans = folder / "plans.toml"
     plans.write_text(
         '[plans]\nfree = "*=1/day"\npro = "*=5/day"\n\n[callers]\n"carol" = "free"\n',
@@ -46,8 +44,7 @@ def usage_proxy(
     metrics_port = free_port()
     proxy = launch_proxy(
         fake_gateway.gateway_url,
-        FAL_PROXY_AUTH="token",
-        FAL_PROXY_CLIENT_TOKENS_FILE=str(tokens),
+        **token_callers(folder, TOKENS),
         FAL_PROXY_PLANS_FILE=str(plans),
         FAL_PROXY_QUOTAS="*=2/day",
         FAL_PROXY_RATE_LIMIT_RPM=str(RPM),
