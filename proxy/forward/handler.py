@@ -223,17 +223,13 @@ class Forwarder(Transport[Exchange]):
 
     async def _read_wma_body(self, receive: Receive, ex: Exchange, declared: int | None) -> bytes:
         """A ``wma.fal.run`` call's whole body, at most :data:`WMA_MAX_BODY` bytes (413)."""
-        too_large = PayloadTooLarge(
-            "request body too large", f"a {WMA_HOST} call's body is at most {WMA_MAX_BODY} bytes"
-        )
-        if declared is not None and declared > WMA_MAX_BODY:
-            raise too_large
-        try:
-            return await read_small_body(
-                receive, ex, self.settings.idle_timeout, self.body_in_hand, limit=WMA_MAX_BODY
+        what = f"a {WMA_HOST} call's body"
+        if declared is not None and declared > WMA_MAX_BODY:  # said up front: not read at all
+            raise PayloadTooLarge(
+                "request body too large", f"{what} is at most {WMA_MAX_BODY} bytes"
             )
-        except PayloadTooLarge:
-            raise too_large from None
+        return await read_small_body(receive, ex, self.settings.idle_timeout, self.body_in_hand,
+                                     limit=WMA_MAX_BODY, what=what)  # fmt: skip
 
     async def _send_preflight(
         self, send: Send, headers: list[tuple[bytes, bytes]], ex: Exchange

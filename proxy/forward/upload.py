@@ -97,17 +97,16 @@ async def receive_body(receive: Receive, idle: float, in_hand: bool) -> Message:
 
 async def read_small_body(
     receive: Receive, ex: Exchange, idle: float, body_in_hand: Callable[[Receive], bool],
-    limit: int = 16 * 1024,
+    limit: int = 16 * 1024, what: str = "a token request",
 ) -> bytes:  # fmt: skip
-    """A whole body of at most ``limit`` bytes (a realtime token request), or 413."""
+    """A whole body of at most ``limit`` bytes (``what``: a realtime token request, a
+    ``wma.fal.run`` call), or 413 saying so."""
     body, more = bytearray(), True
     while more:
         message = await receive_body(receive, idle, body_in_hand(receive))
         body += message.get("body", b"")
         more = message.get("more_body", False)
         if len(body) > limit:
-            raise PayloadTooLarge(
-                "request body too large", f"a token request is at most {limit} bytes"
-            )
+            raise PayloadTooLarge("request body too large", f"{what} is at most {limit} bytes")
     ex.bytes_in = len(body)
     return bytes(body)
