@@ -19,7 +19,9 @@ runs (POST, and GET with the input in the query), ``/stream`` SSE, 422 validatio
 in fal's shape; the queue (:mod:`proxy.emulator.queue`: submit, status with logs, status
 SSE, result, cancel); storage uploads, single and multipart, and ``/tokens/``
 (:mod:`proxy.emulator.storage`); the realtime WebSocket (:mod:`proxy.emulator.realtime`);
-fault-injection apps under ``emulator/`` (:mod:`proxy.emulator.faults`).
+fault-injection apps under ``emulator/`` (:mod:`proxy.emulator.faults`). A request addressed
+to one of fal's own names (``Host: fal.run``: a TLS front mapping that name here hands it
+over) is that fal host's, as on ``/_fal/<host>/…`` (:mod:`proxy.emulator.fal_names`).
 
 Control paths, outside the gateway prefix:
 

@@ -10,7 +10,9 @@ This module only routes: the gateway is :mod:`proxy.emulator.gateway` (its crede
 :mod:`proxy.emulator.fal_run`, :mod:`proxy.emulator.fal_queue` and
 :mod:`proxy.emulator.fal_rest`, the realtime WebSocket :mod:`proxy.emulator.realtime`, the
 control paths :mod:`proxy.emulator.control`; the state they share is
-:class:`proxy.emulator.context.EmulatorState`.
+:class:`proxy.emulator.context.EmulatorState`. A request addressed to one of fal's own names
+(``Host: fal.run``, handed over by a TLS front) is that fal host's, as on ``/_fal/<host>``:
+:mod:`proxy.emulator.fal_names`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .apps import CATALOGUE
 from .asgi import base_url, send_json
 from .context import EmulatorState
 from .control import serve_control
+from .fal_names import fal_host
 from .gateway import DIRECT_PATH, GATEWAY_PATH, serve_direct, serve_gateway
 from .realtime import serve_realtime
 
@@ -36,6 +39,9 @@ class Emulator(EmulatorState):
             await send({"type": "lifespan.shutdown.complete"})
             return
         path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+        host = fal_host(scope)  # addressed to fal's own name (a TLS front): fal itself
+        if host is not None and not path.startswith("/_emulator/"):
+            path = f"/_fal/{host}{path}"
         gateway = GATEWAY_PATH.fullmatch(path)
         direct = DIRECT_PATH.fullmatch(path)  # fal itself, no gateway (the proxy's fallback)
         if scope["type"] == "websocket":

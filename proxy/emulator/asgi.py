@@ -7,6 +7,8 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from .fal_names import fal_host
+
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -88,6 +90,6 @@ def base_url(scope: Scope, configured: str | None) -> str:
         return configured.rstrip("/")
     host = header_map(scope).get("host")
     if host:
-        return f"http://{host}"
+        return f"{'https' if fal_host(scope) else 'http'}://{host}"  # fal's names: TLS only
     server = scope.get("server") or ("127.0.0.1", 80)
     return f"http://{server[0]}:{server[1]}"

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from .asgi import header_map, send_json, send_raw
 from .context import Call, EmulatorState
 from .credentials import Refusal, check_credentials, fal_only
+from .fal_names import FAL_HOSTS
 from .fal_queue import serve_queue
 from .fal_rest import serve_rest
 from .fal_run import serve_run
@@ -34,7 +35,7 @@ GATEWAY_401 = {
     "messages": [],
     "error": [{"code": 2009, "message": "Unauthorized"}],
 }
-TARGET_HOSTS = ("fal.run", "queue.fal.run", "rest.fal.ai", "wma.fal.run")
+TARGET_HOSTS = FAL_HOSTS
 DIRECT_PATH = re.compile(r"/_fal/(fal\.run|queue\.fal\.run|rest\.fal\.ai|wma\.fal\.run)(/.*)?")
 # What Cloudflare serves when it, not the origin, fails: HTML, and no fal request id.
 CLOUDFLARE_PAGE = (

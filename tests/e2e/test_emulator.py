@@ -10,6 +10,7 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
+import socket
 import struct
 import time
 import zlib
@@ -802,6 +803,67 @@ def test_realtime_refuses_without_valid_credentials(fake_gateway: FakeGateway, c
     elif case == "token-for-another-app":
         query = f"?fal_jwt_token={token_for(fake_gateway, 'fast-sdxl')}"
     assert_ws_refused(ws_url(fake_gateway, query=query), headers)
+
+
+# --- fal's own names (what a TLS front mapping fal.run to the emulator hands over) -------------
+
+
+def as_fal_run(gw: FakeGateway, path: str, **headers: str) -> httpx.Response:
+    """A request on the emulator's port addressed to ``fal.run`` itself (``Host: fal.run``)."""
+    return gw.client.post(
+        path, headers={"host": "fal.run", **headers}, json={"prompt": "cat", "image_size": SMALL}
+    )
+
+
+def test_a_request_addressed_to_fal_run_is_fal_runs_own(fake_gateway: FakeGateway) -> None:
+    answer = as_fal_run(fake_gateway, "/fal-ai/flux/schnell", **KEY)
+    assert answer.status_code == 200, answer.text
+    (image,) = answer.json()["images"]
+    # Its file URL is on fal's name, over TLS; the emulator's own paths stay its own there.
+    assert image["url"].startswith("https://fal.run/_emulator/files/"), image
+    file = fake_gateway.client.get(
+        image["url"].removeprefix("https://fal.run"), headers={"host": "fal.run"}
+    )
+    assert png_size(file.content) == (48, 32)
+    (record,) = fake_gateway.requests("direct")  # fal itself: no gateway in front
+    assert (record["path"], record["target_url"]) == (
+        "/fal-ai/flux/schnell",
+        "https://fal.run/fal-ai/flux/schnell",
+    )
+    assert as_fal_run(fake_gateway, "/fal-ai/flux/schnell").status_code == 401  # fal's key
+    # Any other name (or fal's name on another port) is the emulator's own routing.
+    for host in ("127.0.0.1", "fal.run:8080", "fal.run.example"):
+        other = fake_gateway.client.post(
+            "/fal-ai/flux/schnell", headers={"host": host, **KEY}, json={"prompt": "cat"}
+        )
+        assert other.status_code == 404, (host, other.text)
+
+
+def test_a_socket_addressed_to_fal_run_takes_a_token_and_no_gateway(
+    fake_gateway: FakeGateway,
+) -> None:
+    """As the JS SDK opens it: ``wss://fal.run/<app>/realtime?fal_jwt_token=…``."""
+
+    def to_fal_run(query: str) -> ClientConnection:
+        sock = socket.create_connection(("127.0.0.1", fake_gateway.port), timeout=5)
+        url = f"ws://fal.run/fal-ai/fast-lcm-diffusion/realtime{query}"
+        return connect(url, sock=sock, proxy=None, open_timeout=5)
+
+    token = token_for(fake_gateway, "fast-lcm-diffusion")
+    with to_fal_run(f"?fal_jwt_token={token}") as ws:
+        ws.send(msgpack.packb({"prompt": "cat", "image_size": SMALL}))
+        reply = msgpack.unpackb(ws.recv(timeout=5))
+    assert reply["images"][0]["url"].startswith("https://fal.run/_emulator/files/"), reply
+    (record,) = fake_gateway.requests("direct-websocket")
+    assert (record["path"], record["query"]) == (
+        "/fal-ai/fast-lcm-diffusion/realtime",
+        f"fal_jwt_token={token}",
+    )
+    assert ["host", "fal.run"] in record["headers"]
+    for query in ("", "?fal_jwt_token=emu.forged"):  # refused at the handshake
+        with pytest.raises(InvalidStatus) as refused:
+            to_fal_run(query).close()
+        assert refused.value.response.status_code == 403, query
 
 
 # --- recorder and control paths ------------------------------------------------------------------

@@ -19,7 +19,19 @@ Per app, once (a module fixture), then asserted by three tests:
   time out; the event stream reaches the page uncompressed (``Cache-Control: no-transform``);
 * a realtime WebSocket opened on the page's own origin (``/fal-ai/<app>/realtime``), forwarded
   by the dev server to the proxy and bridged to the gateway: two msgpack frames, two msgpack
-  answers, a clean close seen by the emulator.
+  answers, a clean close seen by the emulator;
+* the SDK's direct realtime path, ``fal.realtime.connect`` with the README's ``tokenProvider``:
+  the token comes from the proxy's ``/api/fal/realtime-token`` through the dev server, and the
+  SDK opens ``wss://fal.run/<app>/realtime?fal_jwt_token=…`` itself. Chromium maps ``fal.run``
+  to a TLS front on loopback (``--host-resolver-rules``), trusting only its certificate
+  (``--ignore-certificate-errors-spki-list``, from ``trustme``); the front hands the bytes
+  to the same emulator that issued the token, which serves a request addressed to
+  ``fal.run`` as fal.run itself (:mod:`proxy.emulator.fal_names`) and accepts the socket only
+  with that token.
+
+Each page shows every answer (text and images) and the driver screenshots it once its images
+have loaded: the paths are printed at the end of the run (also copied to
+``/tmp/recipe-screenshots/<app>.png``).
 
 Marked ``recipes``: ``make test`` leaves them out (pyproject's addopts ``-m "not recipes"``);
 ``make test-recipes`` installs the apps and runs them. Needs Chromium, node >= 20.19, and
@@ -29,10 +41,15 @@ fail (never skip).
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -42,6 +59,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.browser_support import require_browser_tools
 from tests.conftest import (
@@ -66,6 +86,10 @@ SUBSCRIBE_APP = "fal-ai/flux/dev"
 REALTIME_PATH = "/fal-ai/fast-lcm-diffusion/realtime"
 SIZE = {"width": 64, "height": 64}
 SOCKET_PROMPTS = ["first frame", "second frame"]
+TOKEN_ROUTE = "/api/fal/realtime-token"
+DIRECT_APP = "fal-ai/fast-sdxl"  # not the bridged socket's app: their events stay apart
+DIRECT_PROMPTS = ["first direct frame", "second direct frame"]
+SCREENSHOTS = Path("/tmp/recipe-screenshots")
 SERVER_AUTH = f"Key {FAL_KEY}"
 DEV_SERVER_START = 60.0  # to "ready"; the first page load then compiles (next dev: ~5 s)
 DRIVER_TIMEOUT = 180
@@ -182,6 +206,70 @@ def require_recipe_tools() -> str:
     return node
 
 
+class FalRunFront:
+    """``fal.run``'s TLS on loopback: a certificate for ``fal.run`` from a throwaway CA
+    (``trustme``), and every connection's decrypted bytes piped, unchanged, to the
+    emulator's plain port, which sees ``Host: fal.run`` and answers as fal.run. Chromium
+    reaches it with ``--host-resolver-rules=MAP fal.run 127.0.0.1:<port>`` and trusts just
+    this certificate by its SPKI hash. Runs its own event loop on a thread."""
+
+    def __init__(self, emulator_port: int) -> None:
+        leaf = trustme.CA().issue_cert("fal.run")
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        leaf.configure_cert(self.context)
+        self.context.set_alpn_protocols(["http/1.1"])
+        self.context.sni_callback = lambda _sock, name, _ctx: self.server_names.append(name)
+        cert = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes())
+        spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        self.spki_sha256 = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+        self.emulator_port = emulator_port
+        self.server_names: list[str | None] = []  # the SNI of each TLS connection
+        self.port = 0
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(10), "the fal.run TLS front did not start"
+
+    def chromium_args(self) -> list[str]:
+        return [
+            f"--host-resolver-rules=MAP fal.run 127.0.0.1:{self.port}",
+            f"--ignore-certificate-errors-spki-list={self.spki_sha256}",
+        ]
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._pipe, "127.0.0.1", 0, ssl=self.context)
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with server:
+            await self._stop.wait()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.emulator_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            finally:
+                dst.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer),
+                             return_exceptions=True)  # fmt: skip
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+
 @dataclass
 class RecipeRun:
     """One app's page driven once: what the page reported and what the others saw."""
@@ -191,9 +279,11 @@ class RecipeRun:
     report: dict[str, Any]
     received: list[dict[str, Any]]  # what the emulated gateway received (HTTP)
     sockets: list[dict[str, Any]]  # the WebSocket handshakes it received
+    direct_sockets: list[dict[str, Any]]  # ... and those addressed to fal.run itself
     events: list[str]
     proxy_logs: list[dict[str, Any]]
     emulator_url: str
+    front: FalRunFront
 
     def page_requests(self, path: str) -> list[dict[str, Any]]:
         return [r for r in self.report["requests"] if r["url"].split("?")[0] == self.origin + path]
@@ -204,6 +294,13 @@ def fake_gateway() -> Iterator[FakeGateway]:
     gateway = start_fake_gateway()
     yield gateway
     gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def fal_run_front(fake_gateway: FakeGateway) -> Iterator[FalRunFront]:
+    front = FalRunFront(fake_gateway.port)
+    yield front
+    front.stop()
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +315,7 @@ def proxy(fake_gateway: FakeGateway) -> Iterator[RunningProxy]:
 def recipe(
     request: pytest.FixtureRequest,
     fake_gateway: FakeGateway,
+    fal_run_front: FalRunFront,
     proxy: RunningProxy,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RecipeRun]:
@@ -231,13 +329,17 @@ def recipe(
         assert held.status_code == 200, held.text
         emulator_url = str(fake_gateway.client.base_url).rstrip("/")
         logged_before = len(proxy.process.lines)  # the proxy serves both apps in turn
-        report = drive(node, directory, dev.url, emulator_url)
+        report = drive(node, directory, dev.url, emulator_url, fal_run_front)
         received = fake_gateway.requests()
         sockets = fake_gateway.requests("websocket")
-        # The session's log line is written once both sides closed: wait for it.
+        # The session's log line is written once both sides closed, and the emulator notes
+        # the direct socket's close once it has it: wait for both.
         deadline = time.monotonic() + 10
         while not any(r.get("event") == "websocket" for r in proxy.logs()[logged_before:]):
             assert time.monotonic() < deadline, "the proxy logged no websocket session"
+            time.sleep(0.05)
+        while sum(e.startswith("ws-closed:") for e in fake_gateway.events()) < 2:
+            assert time.monotonic() < deadline, f"no close of both sockets: {fake_gateway.events()}"
             time.sleep(0.05)
         yield RecipeRun(
             request.param,
@@ -245,16 +347,34 @@ def recipe(
             report,
             received,
             sockets,
+            fake_gateway.requests("direct-websocket"),
             fake_gateway.events(),
             proxy.logs()[logged_before:],
             emulator_url,
+            fal_run_front,
         )
     finally:
         dev.stop()
         fake_gateway.clear()
+        show_screenshot(request, server.name, directory / "page.png")
 
 
-def drive(node: str, directory: Path, page_url: str, emulator_url: str) -> dict[str, Any]:
+def show_screenshot(request: pytest.FixtureRequest, app: str, shot: Path) -> None:
+    """Copy the page's screenshot to SCREENSHOTS and print both paths (past the capture)."""
+    if not shot.is_file():
+        return
+    SCREENSHOTS.mkdir(exist_ok=True)
+    kept = shutil.copyfile(shot, SCREENSHOTS / f"{app}.png")
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"recipe {app}: screenshot {shot} (copied to {kept})")
+
+
+def drive(
+    node: str, directory: Path, page_url: str, emulator_url: str, front: FalRunFront
+) -> dict[str, Any]:
     spec = {
         "pageUrl": page_url + "/",
         "emulatorUrl": emulator_url,
@@ -268,6 +388,12 @@ def drive(node: str, directory: Path, page_url: str, emulator_url: str) -> dict[
                 "inputs": [{"prompt": p, "image_size": SIZE} for p in SOCKET_PROMPTS],
             }
         ],
+        "realtime": {
+            "app": DIRECT_APP,
+            "inputs": [{"prompt": p, "image_size": SIZE} for p in DIRECT_PROMPTS],
+        },
+        "chromiumArgs": front.chromium_args(),
+        "keepBodiesOf": [TOKEN_ROUTE],
     }
     spec_path = directory / "spec.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
@@ -387,7 +513,7 @@ def test_subscribe_status_streams_live_through_the_dev_server(recipe: RecipeRun)
     assert "content-encoding" not in stream, stream  # not compressed (so not buffered) on the way
 
     # The gateway: the same three queue calls, each with the server's key.
-    queue = [r for r in recipe.received if r["target_url"] is not None]
+    queue = [r for r in recipe.received if (r["target_url"] or "").startswith("https://queue.")]
     assert [(r["method"], r["target_url"]) for r in queue] == [
         (c["method"], c["requestHeaders"]["x-fal-target-url"]) for c in calls
     ]
@@ -418,6 +544,66 @@ def test_realtime_socket_through_the_dev_server(recipe: RecipeRun) -> None:
     assert handshake["path"].endswith("/fal" + REALTIME_PATH), handshake
     assert_from_the_proxy(handshake)
     app = REALTIME_PATH.strip("/").removesuffix("/realtime")
-    assert recipe.events == [f"ws-message:{app}"] * 2 + ["ws-closed:1000:done"], recipe.events
+    own = [e for e in recipe.events if e in (f"ws-message:{app}", "ws-closed:1000:done")]
+    assert own == [f"ws-message:{app}"] * 2 + ["ws-closed:1000:done"], recipe.events
     (line,) = [r for r in recipe.proxy_logs if r.get("event") == "websocket"]
     assert (line["generations"], line["client_close"], line["upstream_close"]) == (2, 1000, 1000)
+
+
+def test_realtime_token_provider_socket_straight_to_fal(recipe: RecipeRun) -> None:
+    realtime = recipe.report["realtime"]
+    # No error while it ran; after its close() the SDK (1.10.1) reports its own close as one:
+    # it closes with no code, so the browser reports 1005, and it calls onError for any close
+    # but 1000.
+    (closing,) = realtime["errors"]
+    assert closing["afterClose"] and closing["status"] == 1005, realtime["errors"]
+    assert [r["prompt"] for r in realtime["results"]] == DIRECT_PROMPTS, realtime["results"]
+    for result in realtime["results"]:
+        (image,) = result["images"]
+        assert {"width": image["width"], "height": image["height"]} == SIZE, result
+        assert image["url"].startswith("https://fal.run/_emulator/files/"), image
+
+    # The tokenProvider's POST went to the page's origin and the dev server answered it with
+    # the proxy's route's answer; the proxy made it the token call, with its own key.
+    (call,) = recipe.page_requests(TOKEN_ROUTE)
+    assert call["method"] == "POST", call
+    assert_same_origin_call(recipe, call)
+    token = json.loads(call["responseBody"])["token"]
+    assert token.startswith("emu.") and FAL_KEY not in token, token
+    (issued,) = [r for r in recipe.received if r["target_url"] == "https://rest.fal.ai/tokens/"]
+    assert_from_the_proxy(issued)
+    assert json.loads(issued["body"]) == {"allowed_apps": ["fast-sdxl"], "token_expiration": 120}
+    (line,) = [r for r in proxy_requests(recipe) if r.get("route") == "token"]
+    assert (line["status"], line.get("error")) == (201, None), line  # fal's, as logged
+
+    # The SDK's socket: wss://fal.run itself, through the TLS front (SNI fal.run), with the
+    # route's token and nothing else: the emulator accepted it as fal.run, by that token.
+    url = f"wss://fal.run/{DIRECT_APP}/realtime?fal_jwt_token={token}"
+    (seen,) = [w for w in recipe.report["websockets"] if w["url"].startswith("wss://")]
+    assert seen["url"] == url, seen
+    assert [f["dir"] for f in seen["frames"]] == ["sent", "received"] * 2, seen
+    assert all(f["bytes"] for f in seen["frames"]), seen  # msgpack, binary
+    assert "fal.run" in recipe.front.server_names, recipe.front.server_names
+    (handshake,) = recipe.direct_sockets
+    assert (handshake["path"], handshake["query"]) == (
+        f"/{DIRECT_APP}/realtime",
+        f"fal_jwt_token={token}",
+    ), handshake
+    assert handshake["header_map"]["host"] == "fal.run", handshake
+    assert not {"authorization", "sec-websocket-protocol"} & set(handshake["header_map"])
+    direct = [e for e in recipe.events if e == f"ws-message:{DIRECT_APP}"]
+    assert direct == [f"ws-message:{DIRECT_APP}"] * 2, recipe.events
+    (closed,) = [
+        e for e in recipe.events if e.startswith("ws-closed:") and e != "ws-closed:1000:done"
+    ]
+    assert closed.startswith("ws-closed:1005:"), recipe.events  # the SDK's close(): no code
+
+    # The page showed the answers: each image it shows loaded, the socket's from fal.run.
+    shown = {i["src"]: (i["naturalWidth"], i["naturalHeight"]) for i in recipe.report["images"]}
+    for result in realtime["results"]:
+        assert shown[result["images"][0]["url"]] == (64, 64), shown
+
+    # No fal key anywhere in the browser: no request carried one, no answer held one.
+    for request in recipe.report["requests"]:
+        assert "authorization" not in request.get("requestHeaders", {}), request
+    assert FAL_KEY not in json.dumps(recipe.report)

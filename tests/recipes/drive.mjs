@@ -5,7 +5,8 @@
 //
 // spec.json: { pageUrl, emulatorUrl, screenshot,
 //              run: { app, input }, subscribe: { app, input },
-//              sockets: [ { name, path, inputs, origin? } ] }
+//              sockets: [ { name, path, inputs, origin? } ],
+//              realtime?: { app, inputs }, chromiumArgs?: [...], keepBodiesOf?: [path, ...] }
 //
 // The subscription is released step by step: the emulator holds the queue (the test posted
 // /_emulator/queue/hold), and this script posts /_emulator/queue/release only once the page
@@ -13,10 +14,16 @@
 // delivered the status stream all at the end would leave the page with nothing to report,
 // and the step times out.
 //
+// `realtime`: fal.realtime.connect with the README's tokenProvider, last; the SDK opens
+// wss://fal.run itself, so `chromiumArgs` map that name to the test's TLS front
+// (--host-resolver-rules) and trust its certificate (--ignore-certificate-errors-spki-list).
+// The screenshot (full page) is taken once every image the page shows has loaded.
+//
 // Prints ONE JSON object: { ok, browserVersion, run, subscribe: { steps, subscription },
-// sockets, requests, websockets, consoleErrors, pageErrors, failure? }. `requests` is every
-// request the page made (URL, method, status, request and response headers); `websockets`
-// every socket the page opened (URL, frames sent and received, in order).
+// sockets, realtime, images, requests, websockets, consoleErrors, pageErrors, failure? }.
+// `requests` is every request the page made (URL, method, status, request and response
+// headers; the response body too for a path in `keepBodiesOf`); `websockets` every socket
+// the page opened (URL, frames sent and received, in order); `images` every image shown.
 import { readFileSync } from "node:fs";
 
 import { closeChromium, launchChromium } from "../sdk/chromium.mjs";
@@ -27,11 +34,21 @@ const WAIT_MS = spec.waitMs ?? 20000;
 const READY_MS = spec.readyMs ?? 120000; // a dev server compiles the page on first request
 
 const report = {
-  ok: false, browserVersion: null, run: null, subscribe: null, sockets: {},
-  requests: [], websockets: [], consoleErrors: [], pageErrors: [], timings: {},
+  ok: false, browserVersion: null, run: null, subscribe: null, sockets: {}, realtime: null,
+  images: [], requests: [], websockets: [], consoleErrors: [], pageErrors: [], timings: {},
 };
 const started = Date.now();
 const mark = (name) => (report.timings[name] = Date.now() - started);
+
+const socketClosed = new Map(); // URL → a promise of that socket's close
+
+function withTimeout(promise, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out waiting for ${what}`)), WAIT_MS);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
 
 async function release() {
   const sentAt = Date.now();
@@ -42,7 +59,7 @@ async function release() {
 async function main() {
   let launched;
   try {
-    launched = await launchChromium("fal-recipe-chromium-", WAIT_MS);
+    launched = await launchChromium("fal-recipe-chromium-", WAIT_MS, spec.chromiumArgs ?? []);
     report.browserVersion = launched.browser.version();
     const context = await launched.browser.newContext();
     const page = await context.newPage();
@@ -50,10 +67,14 @@ async function main() {
     page.on("pageerror", (error) => report.pageErrors.push(String(error?.stack ?? error)));
     page.on("requestfinished", async (request) => {
       const response = await request.response();
-      report.requests.push({
+      const entry = {
         method: request.method(), url: request.url(), status: response?.status() ?? null,
         requestHeaders: await request.allHeaders(), responseHeaders: (await response?.allHeaders()) ?? {},
-      });
+      };
+      if ((spec.keepBodiesOf ?? []).includes(new URL(request.url()).pathname)) {
+        entry.responseBody = (await response?.text()) ?? null;
+      }
+      report.requests.push(entry);
     });
     page.on("requestfailed", (request) => {
       report.requests.push({ method: request.method(), url: request.url(), status: null, failed: request.failure()?.errorText ?? "failed" });
@@ -61,6 +82,7 @@ async function main() {
     page.on("websocket", (ws) => {
       const entry = { url: ws.url(), frames: [], closed: false };
       report.websockets.push(entry);
+      socketClosed.set(ws.url(), new Promise((resolve) => ws.on("close", resolve)));
       const frame = (dir) => (f) => entry.frames.push({ dir, bytes: typeof f.payload === "string" ? null : f.payload.length });
       ws.on("framesent", frame("sent"));
       ws.on("framereceived", frame("received"));
@@ -103,8 +125,26 @@ async function main() {
       );
     }
     mark("sockets");
+
+    // (d) fal.realtime.connect with the tokenProvider, straight to wss://fal.run
+    if (spec.realtime) {
+      await page.evaluate(({ app, inputs }) => window.recipe.realtime(app, inputs), spec.realtime);
+      await page.waitForFunction(() => window.recipe.realtimeRun.done, null, { timeout: WAIT_MS }).catch(async (error) => {
+        const had = await page.evaluate(() => window.recipe.realtimeRun);
+        throw new Error(`fal.realtime.connect never answered every input: ${error.message}\npage had: ${JSON.stringify(had)}`);
+      });
+      const direct = [...socketClosed].filter(([url]) => url.startsWith("wss://fal.run/"));
+      await withTimeout(Promise.all(direct.map(([, closed]) => closed)), "the SDK's socket to close");
+      report.realtime = await page.evaluate(() => window.recipe.realtimeRun);
+      mark("realtime");
+    }
+
+    // What the page shows, loaded (the screenshot's content), then the screenshot.
+    await page.waitForFunction(() => [...document.images].every((i) => i.complete), null, { timeout: WAIT_MS });
+    report.images = await page.evaluate(() =>
+      [...document.images].map((i) => ({ src: i.src, naturalWidth: i.naturalWidth, naturalHeight: i.naturalHeight })));
     await page.waitForTimeout(100); // let the last requestfinished events land
-    if (spec.screenshot) await page.screenshot({ path: spec.screenshot });
+    if (spec.screenshot) await page.screenshot({ path: spec.screenshot, fullPage: true });
     await context.close();
     report.ok = true;
   } catch (error) {

@@ -18,8 +18,9 @@ export const CHROMIUM_ARGS = [
   "--disable-sync",
 ];
 
-/** Launch headless Chromium with a throwaway HOME and cache; pair with closeChromium(). */
-export async function launchChromium(prefix, timeout) {
+/** Launch headless Chromium with a throwaway HOME and cache; pair with closeChromium().
+ * `extraArgs`: more command-line flags (e.g. --host-resolver-rules for a test's own hosts). */
+export async function launchChromium(prefix, timeout, extraArgs = []) {
   // launch() uses its own fresh temporary profile; the extra dir keeps Chromium's
   // crash/cache files out of $HOME too.
   const userDataDir = mkdtempSync(join(tmpdir(), prefix));
@@ -27,7 +28,7 @@ export async function launchChromium(prefix, timeout) {
     const browser = await chromium.launch({
       executablePath: CHROMIUM,
       headless: true,
-      args: [...CHROMIUM_ARGS, `--disk-cache-dir=${join(userDataDir, "cache")}`],
+      args: [...CHROMIUM_ARGS, `--disk-cache-dir=${join(userDataDir, "cache")}`, ...extraArgs],
       env: { ...process.env, HOME: userDataDir },
       timeout,
     });

@@ -16,5 +16,6 @@ export default {
   // test run must leave the tree as it was (no AGENTS.md written by `next dev`).
   turbopack: { root: dirname(dirname(fileURLToPath(import.meta.url))) },
   agentRules: false,
+  devIndicators: false, // its badge would cover part of the test's screenshot
   experimental: { agentUpgrade: false },
 };
