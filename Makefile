@@ -56,9 +56,12 @@ check: install
 	$(VENV)/bin/mypy
 
 # Under coverage, subprocesses included (pyproject [tool.coverage]); fails below the floor.
+# TEST_JOBS pytest processes (pytest-xdist), each running whole test files: most tests wait on
+# real processes and sockets, so two halve the suite's time even on a 2-core machine.
+TEST_JOBS ?= 2
 test: install $(SDK_DIR)/node_modules/.package-lock.json
 	$(PY) -m coverage erase
-	$(PY) -m coverage run -m pytest
+	$(PY) -m coverage run -m pytest -n $(TEST_JOBS) --dist loadfile
 	$(PY) -m coverage combine --quiet
 	$(PY) -m coverage report
 
