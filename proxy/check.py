@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .config.envvars import Secret
 from .config.settings import Settings
+from .limits.prices import Prices
 from .limits.quotas import Plans, Quota
 
 # What an empty list means, per setting: "(none)" read as "nothing allowed" where it is "all".
@@ -49,6 +50,8 @@ def _shown(name: str, value: Any) -> str:
         return "(not set)"
     if isinstance(value, Plans):
         return _plans(value)
+    if isinstance(value, Prices):
+        return value.describe()
     if name in _UNLIMITED_AT_ZERO and value == 0:
         return "0 (unlimited)" if name != "upstream_connections" else "0 (no cap)"
     if name == "tokens":

@@ -14,6 +14,7 @@ from ipaddress import ip_address, ip_network
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..limits.prices import Prices, read_prices
 from ..limits.quotas import Plans, parse_plans, parse_quotas
 from ..policy.callers import JwtConfig, load_tokens
 from ..policy.client_ip import Network, parse_networks
@@ -79,6 +80,11 @@ class AccessSettings:
         ),
         default=(),
         secret=True,
+    )
+    # Where the tokens came from: re-read when it changes (proxy.app.config_reload).
+    tokens_file: str | None = declared(
+        lambda env, got: _get(env, "FAL_PROXY_CLIENT_TOKENS_FILE") if got["tokens"] else None,
+        default=None,
     )
     jwt: JwtConfig | None = declared(
         lambda env, got: _jwt(env) if got["auth"] == "jwt" else None,
@@ -152,6 +158,21 @@ class AccessSettings:
             '([callers] "user-1" = "pro")',
         ),
         default=Plans(),
+    )
+    # Where the plans came from: re-read when it changes (proxy.app.config_reload).
+    plans_file: str | None = declared(
+        lambda env, _: _get(env, "FAL_PROXY_PLANS_FILE"), default=None
+    )
+    prices: Prices = declared(
+        lambda env, _: _prices(env),
+        Doc(
+            "FAL_PROXY_PRICES_FILE",
+            "",
+            'TOML file of US dollars per billable unit by endpoint pattern ([prices] '
+            '"fal-ai/flux/dev" = 0.025, "*" = 0.01; most specific wins; written by '
+            "fal-gateway-proxy prices); an app with no price is counted in units only",
+        ),
+        default=Prices(),
     )
     usage_route: str = declared(
         lambda env, _: _usage_route(env),
@@ -233,6 +254,16 @@ def _plans(env: Mapping[str, str]) -> Plans:
     try:
         return parse_plans(text, name, default)
     except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _prices(env: Mapping[str, str]) -> Prices:
+    file = _get(env, "FAL_PROXY_PRICES_FILE")
+    if file is None:
+        return Prices()
+    try:
+        return read_prices(file)
+    except ValueError as exc:  # it names FAL_PROXY_PRICES_FILE
         raise SettingsError(str(exc)) from None
 
 
