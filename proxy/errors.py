@@ -207,6 +207,33 @@ class QuotaExceeded(RateLimited):
         ).encode()
 
 
+class BudgetExceeded(RateLimited):
+    """A caller's budget (a quota in dollars, :mod:`proxy.limits.spend`) has no room for the
+    call: what is spent already, plus the call's estimate, would pass it.
+
+    The body names the budget, the spend and the reset (``budget``), so an app can show
+    "$0.42 of $1.00 used; resets on the 1st".
+    """
+
+    reason = "budget_exceeded"
+
+    def __init__(
+        self, *, apps: str, period: str, described: str, limit_usd: float, spent_usd: float,
+        spent: str, estimate: str | None, resets_at: str, retry_after: int,
+    ) -> None:  # fmt: skip
+        call = f"; this call is estimated at {estimate}" if estimate else ""
+        super().__init__("budget exceeded",
+                         f"{described}: {spent} spent{call}; resets at {resets_at}",
+                         retry_after=retry_after)  # fmt: skip
+        self.budget = {"apps": apps, "period": period, "limit_usd": limit_usd,
+                       "spent_usd": spent_usd, "resets_at": resets_at}  # fmt: skip
+
+    def body(self) -> bytes:
+        return json.dumps(
+            {"message": self.message, "detail": self.detail, "budget": self.budget}
+        ).encode()
+
+
 class TokensUnderQuota(ProxyError):
     """A realtime token asked for apps under a quota. A token's sockets go to fal directly,
     where the proxy cannot count what they run, so it would buy generations past the quota;

@@ -15,7 +15,7 @@ local function bump(key, field, amount, expire_at)
   if redis.call('HEXISTS', key, field) == 0 and redis.call('HLEN', key) >= max_fields then
     field = string.sub(field, 1, 2) .. other
   end
-  if string.sub(field, 1, 2) == 'u:' then
+  if string.sub(field, 1, 2) == 'u:' then  -- units are decimal; generations and spend whole
     redis.call('HINCRBYFLOAT', key, field, amount)
   else
     redis.call('HINCRBY', key, field, amount)
@@ -28,21 +28,31 @@ end
 local k, a = 2, 9
 for i = 0, nr - 1 do redis.pcall('ZREM', KEYS[k + i], A[a + i]) end
 k, a = k + nr, a + nr
-for i = 0, nn - 1 do
+-- Units, spend and budget settlements: (usage, once, budget * m) and
+-- (app, units, micros, expire_at, m, delta * m).
+for i = 1, nn do
+  local m = tonumber(A[a + 4])
   -- Units of one fal request count once, whichever replica saw its result first.
-  local once = KEYS[k + 2 * i + 1]
+  local once = KEYS[k + 1]
   if once == '-' or redis.pcall('SET', once, '1', 'NX', 'EX', once_ttl) then
-    pcall(bump, KEYS[k + 2 * i], A[a + 3 * i], A[a + 3 * i + 1], A[a + 3 * i + 2])
+    if tonumber(A[a + 1]) > 0 then pcall(bump, KEYS[k], 'u:' .. A[a], A[a + 1], A[a + 3]) end
+    if tonumber(A[a + 2]) > 0 then pcall(bump, KEYS[k], 's:' .. A[a], A[a + 2], A[a + 3]) end
+    for j = 1, m do
+      -- Only the period the estimate was counted in (an ended one is gone: left alone).
+      if redis.call('EXISTS', KEYS[k + 1 + j]) == 1 then
+        redis.pcall('INCRBY', KEYS[k + 1 + j], A[a + 4 + j])
+      end
+    end
   end
+  k, a = k + 2 + m, a + 5 + m
 end
-k, a = k + 2 * nn, a + 3 * nn
 
 -- One admit: its leases key at KEYS[k], its arguments from A[a].
 local function admit(k, a, nw, nq, nu)
   local now, lease_id = tonumber(A[a]), A[a + 1]
   local kw, aw = k + 1, a + 5
   local kq, aq = kw + 2 * nw, aw + 2 * nw
-  local ku, au = kq + nq, aq + 2 * nq
+  local ku, au = kq + nq, aq + 3 * nq
   for i = 0, nw - 1 do
     local limit, period = tonumber(A[aw + 2 * i]), tonumber(A[aw + 2 * i + 1])
     local current = tonumber(redis.call('GET', KEYS[kw + 2 * i]) or '0')
@@ -57,9 +67,11 @@ local function admit(k, a, nw, nq, nu)
     end
   end
   for i = 0, nq - 1 do
-    if tonumber(redis.call('GET', KEYS[kq + i]) or '0') >= tonumber(A[aq + 2 * i]) then
-      return {2, i}
-    end
+    -- A quota counts 1; a budget its call's estimate, and has room when nothing of it
+    -- is spent up and the estimate fits (proxy/limits/spend.py).
+    local used = tonumber(redis.call('GET', KEYS[kq + i]) or '0')
+    local limit, amount = tonumber(A[aq + 3 * i]), tonumber(A[aq + 3 * i + 2])
+    if used >= limit or used + amount > limit then return {2, i, used} end
   end
   if concurrent > 0 and lease_id ~= '-' then  -- '-': a generation counted without a slot
     redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
@@ -73,8 +85,9 @@ local function admit(k, a, nw, nq, nu)
     end
   end
   for i = 0, nq - 1 do
-    if redis.call('INCR', KEYS[kq + i]) == 1 then
-      redis.call('EXPIREAT', KEYS[kq + i], A[aq + 2 * i + 1])
+    local amount = tonumber(A[aq + 3 * i + 2])
+    if amount > 0 and redis.call('INCRBY', KEYS[kq + i], amount) == amount then
+      redis.call('EXPIREAT', KEYS[kq + i], A[aq + 3 * i + 1])
     end
   end
   for i = 0, nu - 1 do bump(KEYS[ku + i], A[au + 2 * i], 1, A[au + 2 * i + 1]) end
@@ -88,7 +101,7 @@ for c = 1, ncalls do
   local ok, answer = pcall(admit, k, a, nw, nq, nu)
   answers[c] = ok and answer or {4}
   k = k + 1 + 2 * nw + nq + nu
-  a = a + 5 + 2 * nw + 2 * nq + 2 * nu
+  a = a + 5 + 2 * nw + 3 * nq + 2 * nu
 end
 redis.call('SET', KEYS[1], cjson.encode(answers), 'EX', REPLAY_TTL)
 return answers

@@ -32,8 +32,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..errors import QuotaExceeded, RateLimited
+from ..errors import BudgetExceeded, QuotaExceeded, RateLimited
 from .quotas import Quota
+from .spend import Reservation, as_usd, usd
 from .usage import RecentIds, UsageReport, iso
 from .windows import retry_after
 
@@ -95,20 +96,23 @@ class Limiter:
 
     async def admit(
         self, caller: str, *, submit: bool, quotas: tuple[Quota, ...] = (),
-        app: str | None = None,
+        app: str | None = None, estimate: int = 0,
     ) -> Lease:  # fmt: skip
         """Check every limit of the call; if all have room, count it and take a slot.
 
         ``submit``: the call can start a generation (the hourly window and ``quotas``, the
-        caller's quotas that apply to it, count it; usage sums it under ``app``). Raises
-        :class:`RateLimited` or :class:`QuotaExceeded` (429) or, when Redis fails under
-        "closed", :class:`~proxy.errors.LimiterUnavailable` (503).
+        caller's quotas and budgets that apply to it, count it; usage sums it under
+        ``app``). A budget counts ``estimate`` micro-dollars, and has room when nothing of
+        it is spent up and the estimate fits (:mod:`proxy.limits.spend`). Raises
+        :class:`RateLimited`, :class:`QuotaExceeded` or :class:`BudgetExceeded` (429) or,
+        when Redis fails under "closed", :class:`~proxy.errors.LimiterUnavailable` (503).
         """
         raise NotImplementedError
 
     async def count_generation(
-        self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None
-    ) -> None:
+        self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None,
+        estimate: int = 0,
+    ) -> None:  # fmt: skip
         """One more generation inside a call admitted already (a request message on an
         open WebSocket session): the hourly window and ``quotas`` check and count it and
         usage sums it, as :meth:`admit` with ``submit`` would; it is no request of the
@@ -116,22 +120,37 @@ class Limiter:
         raise NotImplementedError
 
     async def add_units(
-        self, caller: str, app: str | None, units: float, request_id: str | None = None
-    ) -> bool:
+        self, caller: str, app: str | None, units: float, request_id: str | None = None,
+        cost: int = 0, reservation: Reservation | None = None,
+    ) -> bool:  # fmt: skip
         """Add fal's billable units (from a response) to the caller's usage, once per fal
         ``request_id`` and caller (a result the caller fetches again adds nothing; one
         another caller fetches with a leaked id is theirs, never a reason to drop the
         owner's; no id: always added). Returns whether they were added here (False: this
-        process counted them already)."""
+        process counted them already).
+
+        ``cost``: what they cost (micro-dollars; 0: the app has no price), added to the
+        caller's spend; ``reservation``: the budgets the call counted its estimate in,
+        which now get ``cost - estimate`` (once, as the units)."""
         once = f"{caller}\n{request_id}" if request_id else None
         if once is not None and not self._units_seen.first_time(once):
             return False
-        self._add_units(caller, app, units, once)
+        adjust = reservation.held if reservation is not None else 0
+        self._add_units(caller, app, units, once, cost, reservation, cost - adjust)
         return True
 
-    def _add_units(self, caller: str, app: str | None, units: float, once: str | None) -> None:
-        """Add the units; ``once``: their (caller, request id) mark, None if they have none."""
+    def _add_units(
+        self, caller: str, app: str | None, units: float, once: str | None, cost: int,
+        reservation: Reservation | None, delta: int,
+    ) -> None:  # fmt: skip
+        """Add the units and their cost; ``once``: their (caller, request id) mark, None if
+        they have none; ``delta`` to the budgets of ``reservation``, in its periods."""
         raise NotImplementedError
+
+    def release(self, caller: str, reservation: Reservation) -> None:
+        """A call that ended with no cost known gives its budgets' estimate back."""
+        if reservation.held:
+            self._add_units(caller, None, 0.0, None, 0, reservation, -reservation.held)
 
     async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:
         """The caller's ``quotas`` with what is used of each, and this month's usage."""
@@ -142,7 +161,16 @@ class Limiter:
             "rate limit exceeded", f"at most {limit} {what}", retry_after=retry_after(wait)
         )
 
-    def quota_refusal(self, quota: Quota, resets_at: float, now: float) -> QuotaExceeded:
+    def quota_refusal(
+        self, quota: Quota, resets_at: float, now: float, used: int = 0, estimate: int = 0
+    ) -> QuotaExceeded | BudgetExceeded:
+        if quota.money:
+            return BudgetExceeded(
+                apps=quota.pattern, period=quota.period, described=quota.describe(),
+                limit_usd=as_usd(quota.limit), spent_usd=as_usd(used), spent=usd(used),
+                estimate=usd(estimate) if estimate else None, resets_at=iso(resets_at),
+                retry_after=seconds_until(resets_at, now),
+            )  # fmt: skip
         return QuotaExceeded(
             apps=quota.pattern, limit=quota.limit, period=quota.period,
             described=quota.describe(), resets_at=iso(resets_at),

@@ -12,8 +12,9 @@ import math
 
 from .base import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings
 from .quotas import Quota
+from .spend import Reservation
 from .usage import QuotaUse, UsageBook, UsageReport
-from .windows import PeriodCounts, SlidingWindows
+from .windows import PeriodCounts, SlidingWindows, period_bounds
 
 
 class MemoryLimiter(Limiter):
@@ -33,30 +34,34 @@ class MemoryLimiter(Limiter):
 
     async def admit(
         self, caller: str, *, submit: bool, quotas: tuple[Quota, ...] = (),
-        app: str | None = None,
+        app: str | None = None, estimate: int = 0,
     ) -> Lease:  # fmt: skip
         # No await until the counts are taken: the check and the count are one atomic step.
         now = self.clock()
-        self._check(caller, now, request=True, submit=submit, quotas=quotas)
+        self._check(caller, now, request=True, submit=submit, quotas=quotas, estimate=estimate)
         limit = self.settings.concurrent
         if limit and self._in_use.get(caller, 0) >= limit:
             raise self.concurrency_refusal()
-        self._count(caller, now, request=True, submit=submit, quotas=quotas, app=app)
+        self._count(caller, now, request=True, submit=submit, quotas=quotas, app=app,
+                    estimate=estimate)  # fmt: skip
         if not limit:
             return Lease()
         self._in_use[caller] = self._in_use.get(caller, 0) + 1
         return Lease(lambda: self._release(caller))
 
     async def count_generation(
-        self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None
-    ) -> None:
+        self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None,
+        estimate: int = 0,
+    ) -> None:  # fmt: skip
         now = self.clock()
-        self._check(caller, now, request=False, submit=True, quotas=quotas)
-        self._count(caller, now, request=False, submit=True, quotas=quotas, app=app)
+        self._check(caller, now, request=False, submit=True, quotas=quotas, estimate=estimate)
+        self._count(caller, now, request=False, submit=True, quotas=quotas, app=app,
+                    estimate=estimate)  # fmt: skip
 
     def _check(
-        self, caller: str, now: float, *, request: bool, submit: bool, quotas: tuple[Quota, ...]
-    ) -> None:
+        self, caller: str, now: float, *, request: bool, submit: bool,
+        quotas: tuple[Quota, ...], estimate: int,
+    ) -> None:  # fmt: skip
         """Raise the first refusal among the windows and quotas the call counts in."""
         if self._timer is None:
             self._forget_later(now)
@@ -71,12 +76,15 @@ class MemoryLimiter(Limiter):
                 raise self.window_refusal(self._per_hour.limit, GENERATIONS, wait)
             for quota in quotas:
                 counts = self._counts(quota)
-                if counts.count(caller, now) >= quota.limit:
-                    raise self.quota_refusal(quota, counts.bounds(now)[2], now)
+                used = counts.count(caller, now)
+                # A budget: nothing spent up, and room for the call's estimate (spend.py).
+                if used >= quota.limit or (quota.money and used + estimate > quota.limit):
+                    end = counts.bounds(now)[2]
+                    raise self.quota_refusal(quota, end, now, used, estimate if quota.money else 0)
 
     def _count(
         self, caller: str, now: float, *, request: bool, submit: bool,
-        quotas: tuple[Quota, ...], app: str | None,
+        quotas: tuple[Quota, ...], app: str | None, estimate: int,
     ) -> None:  # fmt: skip
         if request and self._per_minute is not None:
             self._per_minute.add(caller, now)
@@ -84,7 +92,10 @@ class MemoryLimiter(Limiter):
             if self._per_hour is not None:
                 self._per_hour.add(caller, now)
             for quota in quotas:
-                self._counts(quota).add(caller, now)
+                if not quota.money:
+                    self._counts(quota).add(caller, now)
+                elif estimate:
+                    self._counts(quota).add(caller, now, estimate)
             self._usage.add(caller, app, now, 1, 0.0)
 
     async def _release(self, caller: str) -> None:
@@ -94,8 +105,20 @@ class MemoryLimiter(Limiter):
         else:
             del self._in_use[caller]
 
-    def _add_units(self, caller: str, app: str | None, units: float, once: str | None) -> None:
-        self._usage.add(caller, app, self.clock(), 0, units)
+    def _add_units(
+        self, caller: str, app: str | None, units: float, once: str | None, cost: int,
+        reservation: Reservation | None, delta: int,
+    ) -> None:  # fmt: skip
+        now = self.clock()
+        if units or cost:
+            self._usage.add(caller, app, now, 0, units, cost)
+        if reservation is None or not delta:
+            return
+        for quota in reservation.budgets:
+            counts = self._counts(quota)
+            # Only in the period the estimate was counted in: a new one starts from nothing.
+            if counts.bounds(now)[0] == period_bounds(quota.period, reservation.at)[0]:
+                counts.add(caller, now, max(delta, -counts.count(caller, now)))
 
     async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:
         now = self.clock()

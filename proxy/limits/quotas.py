@@ -7,6 +7,12 @@ per UTC hour, day, week or month, for the apps whose endpoint id matches ``patte
 glob as in ``FAL_PROXY_ALLOWED_APPS``; ``*`` is every app). A call counts against every
 quota that matches it and is refused (429) when any of them is used up.
 
+A **budget** is the same with dollars: ``pattern=$5/month`` is at most $5 of fal spend per
+UTC month on the matching apps, spend being fal's billable units × the app's price
+(:mod:`proxy.limits.prices`, ``FAL_PROXY_PRICES_FILE``). How it is counted, and by how much
+it can be overshot: :mod:`proxy.limits.spend`. Quotas and budgets mix in one list:
+``*=500/month, *=$5/month, fal-ai/veo3/*=$1/day``.
+
 Who gets which quotas:
 
 * ``FAL_PROXY_QUOTAS``: every caller without a plan, e.g. ``fal-ai/flux/*=50/day,*=500/month``;
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from ..policy.allowed_apps import NAMESPACES, endpoint_prefixes
+from .spend import parse_usd, usd
 from .windows import PERIODS
 
 DEFAULT_PLAN = "default"  # the plan of callers with none: FAL_PROXY_QUOTAS
@@ -45,18 +52,28 @@ _PATTERN = re.compile(r"[A-Za-z0-9*?_.\-/\[\]!]+")
 @dataclass(frozen=True)
 class Quota:
     pattern: str  # glob over endpoint ids; "*" = every app
-    limit: int  # generations per period; 0 = none at all
+    limit: int  # generations per period (a budget: micro-dollars); 0 = none at all
     period: str  # hour | day | week | month
+    money: bool = False  # a budget: ``limit`` is spend in micro-dollars (proxy.limits.spend)
 
     @property
     def key(self) -> str:
-        """The counter's name: shared by every plan with the same pattern and period."""
-        return f"{self.period}:{self.pattern}"
+        """The counter's name: shared by every plan with the same pattern and period (a
+        budget's apart from a count's: ``$`` is no character of a pattern)."""
+        return f"{self.period}:{'$' if self.money else ''}{self.pattern}"
 
     def describe(self) -> str:
-        """``50 generations per day for fal-ai/flux/*``, as refusals and usage say it."""
+        """``50 generations per day for fal-ai/flux/*`` or ``$5.00 per month``, as
+        refusals and usage say it."""
         apps = "" if self.pattern == "*" else f" for {self.pattern}"
+        if self.money:
+            return f"{usd(self.limit)} per {self.period}{apps}"
         return f"{self.limit} generations per {self.period}{apps}"
+
+    def spec(self) -> str:
+        """The quota as written: ``fal-ai/flux/*=50/day``, ``*=$5/month``."""
+        amount = usd(self.limit, plain=True) if self.money else str(self.limit)
+        return f"{self.pattern}={amount}/{self.period}"
 
     def applies(self, app: str | None, aliases: tuple[str, ...] = ()) -> bool:
         """Does a call on endpoint ``app`` (or a realtime token for ``aliases``) count?
@@ -94,17 +111,26 @@ def parse_quotas(text: str, source: str) -> tuple[Quota, ...]:
         pattern, period = pattern.strip(), period.strip().lower()
         if not equals or not slash or not _PATTERN.fullmatch(pattern):
             raise ValueError(f"{source}: {item!r} is not like fal-ai/flux/*=50/day")
-        try:
-            limit = int(limit_text.strip())
-        except ValueError:
-            raise ValueError(f"{source}: {item!r}: the limit must be a whole number") from None
+        limit_text = limit_text.strip()
+        money = limit_text.startswith("$")
+        if money:
+            limit = parse_usd(limit_text[1:], f"{source}: {item!r}")
+        else:
+            try:
+                limit = int(limit_text)
+            except ValueError:
+                raise ValueError(
+                    f"{source}: {item!r}: the limit must be a whole number of generations, "
+                    "or dollars like $5 or $0.50"
+                ) from None
         if limit < 0:
             raise ValueError(f"{source}: {item!r}: the limit must be 0 or more")
         if period not in PERIODS:
             raise ValueError(f"{source}: {item!r}: the period must be one of {', '.join(PERIODS)}")
-        quota = Quota(pattern, limit, period)
+        quota = Quota(pattern, limit, period, money)
         if any(q.key == quota.key for q in quotas):
-            raise ValueError(f"{source}: {pattern} has two quotas per {period}")
+            kind = "budgets" if money else "quotas"
+            raise ValueError(f"{source}: {pattern} has two {kind} per {period}")
         quotas.append(quota)
     return tuple(quotas)
 

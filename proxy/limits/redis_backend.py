@@ -47,9 +47,10 @@ from ..observe.logs import get_logger
 from .base import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings, caller_key
 from .quotas import Quota
 from .redis_batches import MAX_BATCH as MAX_BATCH  # re-exported: tests import it from here
-from .redis_batches import STORE_ERRORS, Batches, describe, unique_id
+from .redis_batches import STORE_ERRORS, Batches, Owed, describe, unique_id
 from .redis_leases import HeldLeases
 from .script import ADMIT, NO_LEASE, NO_ONCE, Answer
+from .spend import Reservation
 from .usage import OTHER, USAGE_PERIOD, QuotaUse, UsageReport
 from .windows import period_bounds, sliding_wait
 
@@ -149,24 +150,26 @@ class RedisLimiter(Limiter):
 
     async def admit(
         self, caller: str, *, submit: bool, quotas: tuple[Quota, ...] = (),
-        app: str | None = None,
+        app: str | None = None, estimate: int = 0,
     ) -> Lease:  # fmt: skip
         lease_id = unique_id()
         keys = await self._ask(caller, lease_id, request=True, submit=submit, quotas=quotas,
-                               app=app)  # fmt: skip
+                               app=app, estimate=estimate)  # fmt: skip
         if keys is None or not self.settings.concurrent:
             return Lease()
         self._leases.hold(lease_id, keys)
         return Lease(lambda: self._release(lease_id))
 
     async def count_generation(
-        self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None
-    ) -> None:
-        await self._ask(caller, NO_LEASE, request=False, submit=True, quotas=quotas, app=app)
+        self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None,
+        estimate: int = 0,
+    ) -> None:  # fmt: skip
+        await self._ask(caller, NO_LEASE, request=False, submit=True, quotas=quotas, app=app,
+                        estimate=estimate)  # fmt: skip
 
     async def _ask(
         self, caller: str, lease_id: str, *, request: bool, submit: bool,
-        quotas: tuple[Quota, ...], app: str | None,
+        quotas: tuple[Quota, ...], app: str | None, estimate: int,
     ) -> str | None:  # fmt: skip
         """One call through the script: its leases key once admitted, None when admitted
         unchecked (Redis down under "open"); raises the refusal otherwise. ``request``: a
@@ -186,7 +189,7 @@ class RedisLimiter(Limiter):
         for quota in quotas if submit else ():
             index, _, end = period_bounds(quota.period, now)
             keys.append(self._key("q", quota.key, index, who))
-            args += [quota.limit, math.ceil(end)]
+            args += [quota.limit, math.ceil(end), estimate if quota.money else 1]
             ends.append(end)
         if submit:
             usage_key, until = self._usage_key(who, now)
@@ -203,7 +206,10 @@ class RedisLimiter(Limiter):
             wait = sliding_wait(int(answer[2]), int(answer[3]), limit, period, now)
             raise self.window_refusal(limit, what, wait)
         if answer[0] == Answer.QUOTA_USED:
-            raise self.quota_refusal(quotas[answer[1]], ends[answer[1]], now)
+            quota = quotas[answer[1]]
+            used = int(answer[2]) if len(answer) > 2 else 0
+            raise self.quota_refusal(quota, ends[answer[1]], now, used,
+                                     estimate if quota.money else 0)  # fmt: skip
         if answer[0] == Answer.NO_SLOT:
             raise self.concurrency_refusal()
         return keys[0]
@@ -227,11 +233,22 @@ class RedisLimiter(Limiter):
         if leases is not None:
             self._batches.owe([(leases, lease_id)], [])
 
-    def _add_units(self, caller: str, app: str | None, units: float, once: str | None) -> None:
-        key, until = self._usage_key(caller_key(caller), self.clock())
+    def _add_units(
+        self, caller: str, app: str | None, units: float, once: str | None, cost: int,
+        reservation: Reservation | None, delta: int,
+    ) -> None:  # fmt: skip
+        who = caller_key(caller)
+        key, until = self._usage_key(who, self.clock())
         # Another replica may have counted these units: a marker says so.
         marker = self._key("once", caller_key(once)) if once is not None else NO_ONCE
-        self._batches.owe([], [(key, marker, f"u:{_field(app)}", units, until)])
+        budgets: tuple[tuple[str, int], ...] = ()
+        if reservation is not None and delta:
+            # The counters of the periods the estimate was counted in (see the script).
+            budgets = tuple(
+                (self._key("q", q.key, period_bounds(q.period, reservation.at)[0], who), delta)
+                for q in reservation.budgets
+            )
+        self._batches.owe([], [Owed(key, marker, _field(app), units, cost, until, budgets)])
 
     async def flush(self) -> None:
         """Send what this replica owes Redis now (releases, units) instead of within
@@ -261,11 +278,17 @@ class RedisLimiter(Limiter):
             QuotaUse(quota, int(used or 0), end)
             for quota, used, (_, _, end) in zip(quotas, answers[:-1], bounds, strict=True)
         ]
-        apps: dict[str, tuple[int, float]] = {}
+        apps: dict[str, tuple[int, float, int]] = {}
         for name, value in answers[-1].items():
             kind, app = name.decode()[:2], name.decode()[2:]
-            gens, units = apps.get(app, (0, 0.0))
-            apps[app] = (int(value), units) if kind == "g:" else (gens, float(value))
+            gens, units, spend = apps.get(app, (0, 0, 0))
+            if kind == "g:":
+                gens = int(value)
+            elif kind == "u:":
+                units = float(value)
+            elif kind == "s:":
+                spend = int(value)
+            apps[app] = (gens, units, spend)
         _, start, end = period_bounds(USAGE_PERIOD, now)
         return UsageReport(plan, uses, start, end, apps)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError, ResponseError
@@ -26,10 +27,26 @@ from .usage import MAX_APPS, ONCE_TTL, OTHER
 FLUSH_DELAY = 0.02  # s a release or units may wait for a call to carry them
 MAX_PENDING = 10_000  # owed operations kept while Redis is down; then dropped (leases expire)
 MAX_BATCH = 64  # admits in one script call; a turn with more sends several
-_MAX_FIELDS = 2 * MAX_APPS + 2  # a usage hash: g:<app> and u:<app> per app, "other" twice
+_MAX_FIELDS = 3 * MAX_APPS + 3  # a usage hash: g:, u: and s:<app> per app, "other" thrice
 STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 log = get_logger("proxy.limits")
+
+
+@dataclass(frozen=True, slots=True)
+class Owed:
+    """Units, spend and budget settlements one call owes Redis: ``units`` and ``micros``
+    added to ``app`` in the ``usage`` hash (kept until ``until``), and each budget counter
+    of ``budgets`` moved by its delta, all only if ``once`` (a fal request id's marker key)
+    is new; :data:`~.script.NO_ONCE`: always."""
+
+    usage: str
+    once: str
+    app: str
+    units: float
+    micros: int
+    until: int
+    budgets: tuple[tuple[str, int], ...] = ()
 
 
 class Call(Protocol):
@@ -56,8 +73,7 @@ class Batches:
         self._settings = settings
         self._script = script
         self._releases: list[tuple[str, str]] = []  # (leases key, lease id) owed to Redis
-        # (usage key, once marker key, field, amount, until)
-        self._units: list[tuple[str, str, str, float, int]] = []
+        self._units: list[Owed] = []  # units, spend and budget settlements
         self._flush: asyncio.TimerHandle | None = None
         self._queued: list[Call] = []  # this turn's admits, sent together at its end
         self.sending: set[asyncio.Task[None]] = set()  # batches in flight
@@ -178,9 +194,7 @@ class Batches:
             and answer[0] == Answer.ADMITTED
         )
 
-    def owe(
-        self, releases: list[tuple[str, str]], units: list[tuple[str, str, str, float, int]]
-    ) -> None:
+    def owe(self, releases: list[tuple[str, str]], units: list[Owed]) -> None:
         """Keep what Redis must be told for the next call (or the flush) to carry."""
         room = MAX_PENDING - len(self._releases) - len(self._units)
         self._releases += releases[: max(room, 0)]
@@ -195,7 +209,7 @@ class Batches:
 
     def _take_owed(
         self,
-    ) -> tuple[list[tuple[str, str]], list[tuple[str, str, str, float, int]], list[str], list[Any]]:
+    ) -> tuple[list[tuple[str, str]], list[Owed], list[str], list[Any]]:
         """What this replica owes Redis, taken for one script call: the releases and units,
         and their KEYS and arguments in the order the script reads them."""
         releases, units = self._releases, self._units
@@ -205,9 +219,10 @@ class Batches:
             self._flush = None
         keys = [key for key, _ in releases]
         args: list[Any] = [lease_id for _, lease_id in releases]
-        for key, once, name, amount, expire_at in units:
-            keys += [key, once]
-            args += [name, amount, expire_at]
+        for owed in units:
+            keys += [owed.usage, owed.once, *(key for key, _ in owed.budgets)]
+            args += [owed.app, owed.units, owed.micros, owed.until, len(owed.budgets),
+                     *(delta for _, delta in owed.budgets)]  # fmt: skip
         return releases, units, keys, args
 
     async def flush(self) -> None:

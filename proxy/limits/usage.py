@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .quotas import Quota
+from .spend import as_usd
 from .windows import period_bounds
 
 MAX_APPS = 50  # named apps per caller and month; then "other"
@@ -43,33 +44,58 @@ class UsageReport:
     quotas: list[QuotaUse] = field(default_factory=list)
     period_start: float = 0.0
     period_end: float = 0.0
-    apps: dict[str, tuple[int, float]] = field(default_factory=dict)  # → (gens, units)
+    # app → (generations, billable units, spend in micro-dollars)
+    apps: dict[str, tuple[int, float, int]] = field(default_factory=dict)
 
     def to_json(self, caller: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {} if caller is None else {"caller": caller}
         out["plan"] = self.plan
-        out["quotas"] = [
-            {
-                "quota": f"{use.quota.pattern}={use.quota.limit}/{use.quota.period}",
-                "apps": use.quota.pattern,
-                "period": use.quota.period,
-                "limit": use.quota.limit,
-                "used": min(use.used, use.quota.limit),
-                "remaining": max(use.quota.limit - use.used, 0),
-                "resets_at": iso(use.resets_at),
-            }
-            for use in self.quotas
-        ]
+        out["quotas"] = [_quota_json(use) for use in self.quotas if not use.quota.money]
+        out["budgets"] = [_budget_json(use) for use in self.quotas if use.quota.money]
+        apps = sorted(self.apps.items())
         out["usage"] = {
             "period": USAGE_PERIOD,
             "start": iso(self.period_start),
             "end": iso(self.period_end),
+            "spend_usd": as_usd(sum(spend for _, (_, _, spend) in apps)),
             "apps": {
-                app: {"generations": gens, "billable_units": round(units, 6)}
-                for app, (gens, units) in sorted(self.apps.items())
+                app: {
+                    "generations": gens,
+                    "billable_units": round(units, 6),
+                    "spend_usd": as_usd(spend),
+                }
+                for app, (gens, units, spend) in apps
             },
         }
         return out
+
+
+def _quota_json(use: QuotaUse) -> dict[str, Any]:
+    quota = use.quota
+    return {
+        "quota": quota.spec(),
+        "apps": quota.pattern,
+        "period": quota.period,
+        "limit": quota.limit,
+        "used": min(use.used, quota.limit),
+        "remaining": max(quota.limit - use.used, 0),
+        "resets_at": iso(use.resets_at),
+    }
+
+
+def _budget_json(use: QuotaUse) -> dict[str, Any]:
+    """A budget in dollars (JSON numbers, for a page's "$0.42 of $1.00 used"). ``spent_usd``
+    includes the estimates of calls still in flight (proxy.limits.spend)."""
+    quota, used = use.quota, max(use.used, 0)
+    return {
+        "budget": quota.spec(),
+        "apps": quota.pattern,
+        "period": quota.period,
+        "limit_usd": as_usd(quota.limit),
+        "spent_usd": as_usd(used),
+        "remaining_usd": as_usd(max(quota.limit - used, 0)),
+        "resets_at": iso(use.resets_at),
+    }
 
 
 def iso(epoch: float) -> str:
@@ -86,14 +112,17 @@ class UsageBook:
     per request grow with the number of callers).
     """
 
-    __slots__ = ("_end", "_gens", "_start", "_units")
+    __slots__ = ("_end", "_gens", "_spend", "_start", "_units")
 
     def __init__(self) -> None:
         self._gens: dict[str, dict[str, int]] = {}
         self._units: dict[str, dict[str, float]] = {}
+        self._spend: dict[str, dict[str, int]] = {}  # micro-dollars
         self._start, self._end = 0.0, 0.0
 
-    def add(self, caller: str, app: str | None, now: float, gens: int, units: float) -> None:
+    def add(
+        self, caller: str, app: str | None, now: float, gens: int, units: float, cost: int = 0
+    ) -> None:
         self.roll(now)
         apps = self._gens.get(caller)
         if apps is None:
@@ -107,12 +136,24 @@ class UsageBook:
             if sums is None:
                 sums = self._units[caller] = {}
             sums[name] = sums.get(name, 0.0) + units
+        if cost:
+            spend = self._spend.get(caller)
+            if spend is None:
+                spend = self._spend[caller] = {}
+            spend[name] = spend.get(name, 0) + cost
 
-    def read(self, caller: str, now: float) -> tuple[float, float, dict[str, tuple[int, float]]]:
-        """(month start, month end, app → (generations, units)) for ``caller``."""
+    def read(
+        self, caller: str, now: float
+    ) -> tuple[float, float, dict[str, tuple[int, float, int]]]:
+        """(month start, month end, app → (generations, units, spend)) for ``caller``."""
         self.roll(now)
         gens, units = self._gens.get(caller, {}), self._units.get(caller, {})
-        return self._start, self._end, {a: (n, units.get(a, 0.0)) for a, n in gens.items()}
+        spend = self._spend.get(caller, {})
+        return (
+            self._start,
+            self._end,
+            {a: (n, units.get(a, 0.0), spend.get(a, 0)) for a, n in gens.items()},
+        )
 
     def keys_held(self) -> int:
         return len(self._gens)
@@ -123,7 +164,7 @@ class UsageBook:
     def roll(self, now: float) -> None:
         if not self._start <= now < self._end:
             _, self._start, self._end = period_bounds(USAGE_PERIOD, now)
-            self._gens, self._units = {}, {}
+            self._gens, self._units, self._spend = {}, {}, {}
 
 
 class RecentIds:

@@ -477,7 +477,7 @@ def test_a_fal_requests_units_count_once_across_replicas(redis_server: RedisServ
             await first.flush()
             await second.flush()
             report = await first.usage("alice", "default", ())
-            assert report.apps == {"fal-ai/flux": (0, 3.0)}
+            assert report.apps == {"fal-ai/flux": (0, 3.0, 0)}
         finally:
             await first.close()
             await second.close()

@@ -140,7 +140,7 @@ async def test_a_generation_inside_a_session_counts_in_the_hour_and_quotas_only(
         await admit_and_release(limiter)  # the minute saw one request, not six
         report = await limiter.usage("web", "default", (quota,))
         assert report.quotas[0].used == 3
-        assert report.apps == {"fal-ai/fast-lcm": (3, 0.0), "other": (1, 0.0)}
+        assert report.apps == {"fal-ai/fast-lcm": (3, 0.0, 0), "other": (1, 0.0, 0)}
 
 
 async def test_concurrency_refuses_beyond_the_slots_and_release_frees_one() -> None:

@@ -135,7 +135,7 @@ def test_a_quota_counts_generations_and_says_when_it_resets() -> None:
         await memory.admit("a", submit=True, quotas=day, app="fal-ai/x")
         report = await memory.usage("a", "default", day)
         assert [(u.used, u.resets_at) for u in report.quotas] == [(1, 20_002 * DAY)]
-        assert report.apps == {"fal-ai/x": (3, 0.0)}  # the month still holds yesterday's
+        assert report.apps == {"fal-ai/x": (3, 0.0, 0)}  # the month still holds yesterday's
 
     asyncio.run(scenario())
 
@@ -164,7 +164,7 @@ def test_usage_names_at_most_max_apps_per_caller() -> None:
             await memory.add_units("a", f"owner/app-{n}", 0.5)
         apps = (await memory.usage("a", "default", ())).apps
         assert len(apps) == MAX_APPS + 1
-        assert apps["other"] == (20, 10.0)
+        assert apps["other"] == (20, 10.0, 0)
 
     asyncio.run(scenario())
 
