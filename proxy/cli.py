@@ -89,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         "use FAL_PROXY_REDIS_URL so they share the rate limits",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{emulator,demo,check,python-env}")
+    commands = parser.add_subparsers(
+        dest="command", metavar="{emulator,demo,check,python-env,prices}"
+    )
 
     emulator = commands.add_parser(
         "emulator",
@@ -172,6 +174,19 @@ def _parser() -> argparse.ArgumentParser:
         "--export", action="store_true", help="print shell 'export NAME=value' lines"
     )
 
+    prices = commands.add_parser(
+        "prices",
+        help="write a FAL_PROXY_PRICES_FILE from fal's pricing API (run by an operator)",
+        description="Ask fal's platform API (https://api.fal.ai/v1/models and "
+        "/v1/models/pricing) for the price of each app, with the fal key of the environment "
+        "(FAL_KEY or FAL_KEY_FILE, sent as 'Authorization: Key ...'), and write them as a "
+        "FAL_PROXY_PRICES_FILE in US dollars per billable unit. Run it by hand or on a "
+        "schedule; the proxy never calls it. See docs/prices.md.",
+    )
+    from .prices_command import add_arguments as add_prices_arguments
+
+    add_prices_arguments(prices)
+
     demo = commands.add_parser(
         "demo",
         help="try the proxy with no account: proxy + emulator + a demo page",
@@ -210,6 +225,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return run_emulator(args, env)
     if args.command == "demo":
         return run_demo(args, env)
+    if args.command == "prices":  # an operator's tool: fal's key, none of the proxy's settings
+        from .prices_command import run as run_prices
+
+        return run_prices(args, env)
     if args.command == "python-env":  # needs no fal key: only what identifies the proxy
         from .python_env import run
 

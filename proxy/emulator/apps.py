@@ -189,6 +189,17 @@ CATALOGUE: dict[str, App] = {
     "workflows/fal-ai/sdxl-sticker": _TEXT_TO_IMAGE,
     "emulator/echo": Echo(),
 }
+# What fal's pricing API (api.fal.ai/v1/models/pricing, :mod:`proxy.emulator.fal_platform`)
+# says a unit of each app costs: (unit price, unit, currency). The echo app is priced in EUR,
+# to show a price that is not in US dollars.
+PRICES: dict[str, tuple[str, str, str]] = {
+    "fal-ai/fast-sdxl": ("0.01", "image", "USD"),
+    "fal-ai/flux/dev": ("0.025", "megapixels", "USD"),
+    "fal-ai/flux/schnell": ("0.003", "megapixels", "USD"),
+    "fal-ai/fast-lcm-diffusion": ("0.0025", "image", "USD"),
+    "workflows/fal-ai/sdxl-sticker": ("0.04", "image", "USD"),
+    "emulator/echo": ("0.001", "request", "EUR"),
+}
 
 
 def find_app(path: str) -> tuple[str, App, str] | None:

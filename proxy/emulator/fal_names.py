@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from starlette.types import Scope
 
-FAL_HOSTS = ("fal.run", "queue.fal.run", "rest.fal.ai", "wma.fal.run")
+# api.fal.ai: fal's platform API (models, pricing), an operator's: proxy.emulator.fal_platform
+FAL_HOSTS = ("fal.run", "queue.fal.run", "rest.fal.ai", "wma.fal.run", "api.fal.ai")
 
 
 def fal_host(scope: Scope) -> str | None:

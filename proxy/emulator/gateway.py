@@ -21,6 +21,7 @@ from .asgi import header_map, send_json, send_raw
 from .context import Call, EmulatorState
 from .credentials import Refusal, check_credentials, fal_only
 from .fal_names import FAL_HOSTS
+from .fal_platform import serve_platform
 from .fal_queue import serve_queue
 from .fal_rest import serve_rest
 from .fal_run import serve_run
@@ -35,8 +36,11 @@ GATEWAY_401 = {
     "messages": [],
     "error": [{"code": 2009, "message": "Unauthorized"}],
 }
-TARGET_HOSTS = FAL_HOSTS
-DIRECT_PATH = re.compile(r"/_fal/(fal\.run|queue\.fal\.run|rest\.fal\.ai|wma\.fal\.run)(/.*)?")
+# Not api.fal.ai: the platform API is reached directly by an operator, never through the gateway.
+TARGET_HOSTS = tuple(host for host in FAL_HOSTS if host != "api.fal.ai")
+DIRECT_PATH = re.compile(
+    r"/_fal/(fal\.run|queue\.fal\.run|rest\.fal\.ai|wma\.fal\.run|api\.fal\.ai)(/.*)?"
+)
 # What Cloudflare serves when it, not the origin, fails: HTML, and no fal request id.
 CLOUDFLARE_PAGE = (
     b"<!DOCTYPE html><html><head><title>%d | gateway.ai.cloudflare.com | Cloudflare</title>"
@@ -135,5 +139,7 @@ async def serve_fal(ctx: Call, host: str, method: str, path: str, query: str) ->
         await serve_rest(ctx, path)
     elif host == "wma.fal.run":
         await serve_wma(ctx, method, path)
+    elif host == "api.fal.ai":
+        await serve_platform(ctx, method, path, query)
     else:
         await serve_run(ctx, method, path, query)
