@@ -137,28 +137,31 @@ class Prices:
     def covers(self, pattern: str) -> bool:
         """Does every app that the quota pattern ``pattern`` matches have a price?
 
-        True when ``*`` is priced; when a price has the very same pattern (in any case); or
+        True when ``*`` is priced; when a price has the very same pattern (in any case);
         when a price pattern matches a segment prefix that every app of ``pattern`` starts
         with (``fal-ai/veo3`` or ``fal-ai/*`` for ``fal-ai/veo3/*``: the literal segments
-        before its first wildcard). Otherwise False, even where a cleverer proof might exist:
-        a quota in dollars must never meet an app it cannot price.
+        before its first wildcard); or, for a glob, when ``<those segments>/*`` is priced
+        (``fal-ai/flux/*`` for ``fal-ai/flux/dev*``). Otherwise False, even where a cleverer
+        proof might exist: a quota in dollars must never meet an app it cannot price.
         """
         if not self._order:
             return False
         wanted = pattern.lower()
         if any(p == "*" or p == wanted for p, _ in self._order):
             return True
-        if _is_glob(wanted):
+        glob = _is_glob(wanted)
+        if glob:
             head = re.split(r"[*?\[]", wanted, maxsplit=1)[0]
             # Only whole segments: fal-ai/flux* also matches fal-ai/flux-pro.
             head = head.rpartition("/")[0]
         else:
             head = wanted  # a plain id matches itself and the ids under it
-        head = head.strip("/")
-        if not head or "//" in head:
+        if not head or head != head.strip("/") or "//" in head:
             return False
         candidates = endpoint_prefixes(head)
-        return any(any(fnmatchcase(c, p) for c in candidates) for p, _ in self._order)
+        # Every app of a glob has a prefix <head>/<something>: <head>/* matches it.
+        under = f"{head}/*" if glob else None
+        return any(p == under or any(fnmatchcase(c, p) for c in candidates) for p, _ in self._order)
 
     def describe(self) -> str:
         """``3 patterns from /etc/p.toml (fal-ai/flux/dev $0.025/unit, * $0.01/unit)``."""

@@ -100,6 +100,10 @@ BAD = [
     ({"FAL_KEY": "k", "FAL_PROXY_ALLOWED_HOSTS": "a.*.example", **GW}, "FAL_PROXY_ALLOWED_HOSTS"),
     ({"FAL_KEY": "k", "FAL_PROXY_ALLOWED_HOSTS": "[zz]", **GW}, "FAL_PROXY_ALLOWED_HOSTS"),
     ({"FAL_KEY": "k", "FAL_PROXY_METRICS_HOST": "ops.internal", **GW}, "FAL_PROXY_METRICS_HOST"),
+    (
+        {"FAL_KEY": "k", "FAL_PROXY_PRICES_FILE": "/nonexistent/prices.toml", **GW},
+        "FAL_PROXY_PRICES_FILE",
+    ),
     ({"FAL_KEY": "k", "FAL_PROXY_METRICS_HOST": "10.0.0.300", **GW}, "FAL_PROXY_METRICS_HOST"),
     ({"FAL_KEY": "k", "FAL_PROXY_HOST": "0.0.0.0", **GW}, "FAL_PROXY_ALLOW_UNAUTHENTICATED"),
     ({"FAL_KEY": "k", "FAL_PROXY_HOST": "::", **GW}, "FAL_PROXY_AUTH"),
