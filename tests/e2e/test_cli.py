@@ -92,6 +92,27 @@ def test_check_says_what_an_empty_setting_means_and_shows_plans_readably() -> No
     assert "(none)" not in text and "Plans(" not in text and "= None" not in text
 
 
+def test_check_shows_prices_readably_and_a_bad_prices_file_stops_it(tmp_path: Path) -> None:
+    env = {"FAL_KEY": "sekrit-value", "FAL_PROXY_GATEWAY_URL": "http://h/v1/a/g/fal"}
+    out = run_cli("check", **env)
+    assert out.returncode == 0 and "access.prices = none: spend is not counted" in out.stdout
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[prices]\n"*" = 0.01\n"fal-ai/flux/dev" = 0.025\n', encoding="utf-8")
+    out = run_cli("check", **env, FAL_PROXY_PRICES_FILE=str(prices))
+    assert out.returncode == 0, out
+    assert (
+        f"access.prices = 2 patterns from {prices} (fal-ai/flux/dev $0.025/unit, * $0.01/unit)"
+        in out.stdout
+    )
+    prices.write_text('[prices]\n"fal-ai/flux/dev" = -0.025\n', encoding="utf-8")
+    for command in (("check",), ()):
+        out = run_cli(*command, **env, FAL_PROXY_PRICES_FILE=str(prices))
+        assert out.returncode == 2 and out.stdout == ""
+        lines = out.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fal-gateway-proxy: error: ")
+        assert "FAL_PROXY_PRICES_FILE" in lines[0] and "fal-ai/flux/dev" in lines[0]
+
+
 def test_check_probe_names_what_it_could_not_reach() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/a/g/fal"
