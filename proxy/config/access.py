@@ -168,7 +168,7 @@ class AccessSettings:
         Doc(
             "FAL_PROXY_PRICES_FILE",
             "",
-            'TOML file of US dollars per billable unit by endpoint pattern ([prices] '
+            "TOML file of US dollars per billable unit by endpoint pattern ([prices] "
             '"fal-ai/flux/dev" = 0.025, "*" = 0.01; most specific wins; written by '
             "fal-gateway-proxy prices); an app with no price is counted in units only",
         ),
