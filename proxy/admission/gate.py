@@ -42,6 +42,7 @@ from ..policy.origins import (
     check_origin,
     preflight_headers,
 )
+from ..policy.plan_requests import RequestPolicy, for_target
 from ..policy.python_port import PythonSdkListener
 from ..policy.request_head import RequestHeaders, host_allowed
 from ..policy.targets import Target, check_method, resolve_target, starts_generation
@@ -86,6 +87,7 @@ class Admitted:
     target: Target | None = None
     app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
     claimed_plan: str | None = None  # the plan the caller's credential claims (JWT)
+    plan: str | None = None  # the caller's plan, once its request policy is chosen
     token_apps: tuple[str, ...] = ()  # a realtime token request's aliases
     session_app: str | None = None  # a world-model session's endpoint, "/owner/alias" (body)
     limit_key: str | None = None  # whose limits, quotas and usage it counts against (slot taken)
@@ -225,6 +227,14 @@ class Admission:
             quotas=admitted.quotas,
             app=usage_app(admitted.target, admitted.session_app),
         )
+
+    def request_policy(self, admitted: Admitted, method: str) -> RequestPolicy:
+        """What of the caller's plan's ``[requests.<plan>]`` applies to this call
+        (:func:`proxy.policy.plan_requests.for_target`); notes the plan on ``admitted``."""
+        assert admitted.target is not None, "admit() first"
+        key = self.limit_key(admitted.caller, admitted.client_ip)
+        admitted.plan = plan = self.plan_of(key, admitted.claimed_plan)
+        return for_target(self.plans.request_policy(plan), method, admitted.target)
 
     def plan_of(self, key: str, claimed: str | None) -> str:
         """The caller's plan; a claimed plan this configuration lacks is said once."""

@@ -37,6 +37,7 @@ class Exchange(Call):
         "method",
         "path",
         "query",
+        "request_policy",
         "response_done",
         "status",
         "ttfb",
@@ -66,6 +67,7 @@ class Exchange(Call):
         self.billable_units = 0.0  # fal's x-fal-billable-units on a success
         self.units_counted = False  # added to usage here (not a result fetched again)
         self.generation = False  # admitted as a call that can start a generation
+        self.request_policy: list[str] | None = None  # what the plan's policy changed (names)
 
     def record(self, admitted: Admitted) -> None:
         """Take what admission learned (the log line shows it even for a refusal)."""
@@ -100,6 +102,7 @@ class Exchange(Call):
             "cf_aig_log_id",
             "error",
             "gateway_error",
+            "request_policy",
             "via",
         ):
             value = getattr(self, name)

@@ -35,6 +35,7 @@ from ..observe.logs import get_logger
 from ..observe.metrics import Metrics
 from ..phases import Transport
 from ..policy.headers import upstream_request_headers
+from ..policy.plan_requests import apply_request_policy, with_query
 from ..policy.python_port import REWRITE_ACCEPT_ENCODING, PythonSdkListener, rewrite_queue_urls
 from ..policy.targets import WMA_HOST, WMA_KINDS
 from ..upstream.route import UpstreamRoute
@@ -156,6 +157,13 @@ class Forwarder(Transport[Exchange]):
         declared = admitted.declared_length
         if declared is not None and declared > settings.max_body_bytes:
             raise PayloadTooLarge.over(settings.max_body_bytes, declared)
+        # The caller's plan pins or caps what it may ask fal for (policy/plan_requests),
+        # before the header policy: what it sets then goes through like any x-fal-* header.
+        policy = admission.request_policy(admitted, ex.method)
+        if not policy.empty:
+            raw_headers, query, changed = apply_request_policy(policy, raw_headers, target.query)
+            admitted.target = target = with_query(target, query)
+            ex.request_policy = list(changed) or None
         try:
             headers = upstream_request_headers(
                 raw_headers, target, self.injected, method=ex.method, request_id=ex.request_id,

@@ -26,6 +26,12 @@ Who gets which quotas:
       [callers]
       "user_8f14e45f" = "pro"
 
+      [requests.free]            # what a plan's callers may ask fal for (optional)
+      queue_priority = "low"     # pinned, whatever the caller sent
+      object_expiration_max_seconds = 3600
+
+  ``[requests.<plan>]`` (``[requests.default]`` for callers without a plan) pins or caps
+  fal's platform headers and ``fal_max_queue_length``: :mod:`proxy.policy.plan_requests`.
 * ``FAL_PROXY_JWT_PLAN_CLAIM``: with JWT callers, the claim naming the caller's plan
   (the file's ``[callers]`` entry wins over the claim).
 
@@ -41,6 +47,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from ..policy.allowed_apps import NAMESPACES, endpoint_prefixes
+from ..policy.plan_requests import RequestPolicy, parse_request_policy
 from .spend import parse_usd, usd
 from .windows import PERIODS
 
@@ -142,6 +149,7 @@ class Plans:
     default: tuple[Quota, ...] = ()
     plans: dict[str, tuple[Quota, ...]] = field(default_factory=dict)
     callers: dict[str, str] = field(default_factory=dict)  # caller id → plan
+    requests: dict[str, RequestPolicy] = field(default_factory=dict)  # plan → [requests.<plan>]
 
     @property
     def enabled(self) -> bool:
@@ -165,6 +173,13 @@ class Plans:
     def quotas(self, plan: str) -> tuple[Quota, ...]:
         return self.plans.get(plan, self.default)
 
+    def request_policy(self, plan: str) -> RequestPolicy:
+        """The plan's ``[requests.<plan>]``; none: every caller value passes through."""
+        return self.requests.get(plan, _PASS_THROUGH)
+
+
+_PASS_THROUGH = RequestPolicy()
+
 
 def parse_plans(text: str, source: str, default: tuple[Quota, ...]) -> Plans:
     """A plans file (TOML, see the module's docstring); ValueError naming ``source``."""
@@ -172,9 +187,12 @@ def parse_plans(text: str, source: str, default: tuple[Quota, ...]) -> Plans:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{source}: not valid TOML: {exc}") from None
-    unknown = set(data) - {"plans", "callers"}
+    unknown = set(data) - {"plans", "callers", "requests"}
     if unknown:
-        raise ValueError(f"{source}: unknown table(s) {sorted(unknown)}; use [plans], [callers]")
+        raise ValueError(
+            f"{source}: unknown table(s) {sorted(unknown)}; "
+            "use [plans], [callers], [requests.<plan>]"
+        )
     plans: dict[str, tuple[Quota, ...]] = {}
     for name, spec in dict(data.get("plans", {})).items():
         if not _PLAN_NAME.fullmatch(name) or name == DEFAULT_PLAN:
@@ -187,4 +205,13 @@ def parse_plans(text: str, source: str, default: tuple[Quota, ...]) -> Plans:
         if not isinstance(plan, str) or plan not in plans:
             raise ValueError(f"{source}: caller {caller!r} names no plan of [plans]")
         callers[caller] = plan
-    return Plans(default=default, plans=plans, callers=callers)
+    requests: dict[str, RequestPolicy] = {}
+    if not isinstance(data.get("requests", {}), dict):
+        raise ValueError(f"{source}: requests must be tables: [requests.<plan>]")
+    for plan, table in data.get("requests", {}).items():
+        if plan != DEFAULT_PLAN and plan not in plans:
+            raise ValueError(
+                f"{source}: [requests.{plan}] names no plan of [plans] (nor {DEFAULT_PLAN!r})"
+            )
+        requests[plan] = parse_request_policy(table, f"{source} [requests.{plan}]")
+    return Plans(default=default, plans=plans, callers=callers, requests=requests)

@@ -13,6 +13,7 @@ from proxy.errors import QuotaExceeded, RateLimited
 from proxy.limits import LimitSettings, MemoryLimiter
 from proxy.limits.quotas import DEFAULT_PLAN, Quota, parse_plans, parse_quotas
 from proxy.limits.usage import MAX_APPS, parse_units
+from proxy.policy.plan_requests import RequestPolicy
 
 DAY = 86400.0
 NOW = 20_000 * DAY + 3600 * 10 + 15  # 10:00:15 UTC on some day
@@ -83,6 +84,35 @@ def test_plans_file() -> None:
     assert plans.quotas(DEFAULT_PLAN) == default
     assert plans.quotas("unlimited") == ()
     assert plans.quotas("pro")[1] == Quota("fal-ai/flux/*", 10, "hour")
+
+
+def test_plans_file_request_policies() -> None:
+    plans = parse_plans(
+        '[plans]\nfree = "*=5/day"\npro = ""\n'
+        '[requests.free]\nqueue_priority = "low"\nmax_queue_length = 10\n'
+        "[requests.default]\nstore_io = false\n",
+        "F",
+        (),
+    )
+    assert plans.request_policy("free") == RequestPolicy(queue_priority="low", max_queue_length=10)
+    assert plans.request_policy(DEFAULT_PLAN) == RequestPolicy(store_io=False)
+    assert plans.request_policy("pro") == RequestPolicy()  # no table: everything passes
+    assert plans.request_policy(plans.plan_of("x", "gold")) == RequestPolicy(store_io=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[plans]\nfree = ""\n[requests.gold]\nstore_io = false\n', r"\[requests\.gold\]"),
+        ('[plans]\nfree = ""\n[requests.free]\npriority = "low"\n', r"unknown key 'priority'"),
+        ('[plans]\nfree = ""\n[requests.free]\nstore_io = "no"\n', r"store_io"),
+        ('[plans]\nfree = ""\n[requests]\nfree = 5\n', r"must be a table"),
+        ("requests = 5\n", r"requests must be tables"),
+    ],
+)
+def test_bad_request_policies_name_the_file_and_key(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^FAL_PROXY_PLANS_FILE.*{message}"):
+        parse_plans(text, "FAL_PROXY_PLANS_FILE", ())
 
 
 @pytest.mark.parametrize(
