@@ -1,7 +1,8 @@
 """The JWT authenticator's keys: where they come from, and the one algorithm each may verify.
 
 The claims are checked by :func:`proxy.policy.callers.decode_claims` (pure); this module
-holds what needs I/O: a JWKS file read at start-up, or a JWKS URL (:class:`JwksKeys`).
+holds what needs I/O: a JWKS file read at start-up (and again when it changes:
+:mod:`proxy.app.config_reload`), or a JWKS URL (:class:`JwksKeys`).
 
 Keys from a URL are fetched on first use and served from the fetched set for
 :data:`JWKS_LIFESPAN` (5 minutes); then the set is fetched again, so a key removed from the
@@ -120,6 +121,14 @@ class JwksKeys:
         self._fetched_at, self._failed_at, self._error = monotonic(), None, ""
 
 
+def load_jwks(text: str, source: str) -> jwt.PyJWKSet:
+    """A JWKS file's keys, as start-up reads them; ValueError naming ``source``."""
+    try:
+        return jwt.PyJWKSet.from_json(text)
+    except (ValueError, jwt.PyJWTError, KeyError, TypeError, RecursionError) as exc:
+        raise ValueError(f"{source}: not a usable JWKS: {exc}") from None
+
+
 class JwtAuth(CallerAuth):
     def __init__(self, config: JwtConfig, header: str) -> None:
         self.config = config
@@ -136,6 +145,11 @@ class JwtAuth(CallerAuth):
                 )
             else:
                 self._url_keys = JwksKeys(config.jwks_url or "")
+
+    def use_jwks(self, jwks: jwt.PyJWKSet) -> None:
+        """The JWKS file's keys, re-read (:mod:`proxy.app.config_reload`): one assignment, so
+        a key removed stops verifying at the next token; a token being checked keeps its key."""
+        self._jwks = jwks
 
     async def _key(self, token: str) -> tuple[Any, list[str]]:
         """The key to verify ``token`` with, and the one algorithm that key may verify.

@@ -33,9 +33,10 @@ from ..policy.python_port import PythonSdkListener
 from ..upstream.breaker import Breaker
 from ..upstream.route import UpstreamRoute
 from ..upstream.session import create_session
+from .config_reload import Reloader, config_files
 from .realtime_token import RealtimeTokenRoute
 from .routing import PortApp, ProxyApp
-from .secrets_reload import watch_secret_files
+from .secrets_reload import secret_files
 from .usage_routes import CallerUsage, any_caller_usage
 
 
@@ -71,17 +72,22 @@ def create_app(
         bridge.breaker = route.breaker
     draining = asyncio.Event()
     log = get_logger("proxy")
+    # One watcher, one interval (FAL_PROXY_SECRET_RELOAD_SECONDS): the key files and the
+    # access files (tokens, JWKS, plans).
+    watched = [*secret_files(settings, lambda h: install_headers(h)),
+               *config_files(settings, admission)]  # fmt: skip
+    reloader = Reloader(watched, settings.secret_reload_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         warn_about_open_settings(settings, log)
         await admission.limiter.start()
         route.session = create_session(settings)
-        reloader = asyncio.ensure_future(watch_secret_files(settings, install_headers))
+        reloader.start()  # the watched files re-read when they change, and on SIGHUP
         try:
             yield
         finally:
-            reloader.cancel()
+            reloader.stop()
             await route.session.close()
             route.session = None
             await admission.limiter.close()

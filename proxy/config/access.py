@@ -174,6 +174,10 @@ class AccessSettings:
         ),
         default=Prices(),
     )
+    # Where the prices came from: re-read when it changes (proxy.app.config_reload).
+    prices_file: str | None = declared(
+        lambda env, _: _get(env, "FAL_PROXY_PRICES_FILE"), default=None
+    )
     usage_route: str = declared(
         lambda env, _: _usage_route(env),
         Doc(

@@ -54,16 +54,23 @@ def _read_secret_file(env: Mapping[str, str], name: str) -> str:
 def read_secret_file(name: str, file: str) -> str:
     """The secret in ``file`` (named by variable ``name``), checked as start-up checks it.
 
-    The one reader for start-up and for rotation (:mod:`proxy.app.secrets_reload`), so a rotated
-    value gets the same header-safety check. Raises SettingsError naming ``name``.
+    Start-up and rotation (:mod:`proxy.app.secrets_reload`) check a value with the same
+    :func:`secret_from_text`, so a rotated value gets the same header-safety check. Raises
+    SettingsError naming ``name``.
     """
     path = Path(file)
     try:
-        value = path.read_text(encoding="utf-8").strip()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SettingsError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise SettingsError(f"{name}: {path} is not UTF-8 text") from None
+    return secret_from_text(name, file, text)
+
+
+def secret_from_text(name: str, file: str, text: str) -> str:
+    """The secret in ``text``, read from ``file``: stripped, checked as start-up checks it."""
+    path, value = Path(file), text.strip()
     if not value:
         raise SettingsError(f"{name}: {path} is empty")
     _check_header_safe(name, value)

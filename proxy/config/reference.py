@@ -57,6 +57,17 @@ Every setting comes from the environment; `--host`, `--port` and `--workers` ove
 `FAL_PROXY_HOST`, `FAL_PROXY_PORT` and `FAL_PROXY_WORKERS`. `fal-gateway-proxy --help` prints
 the same list. A bad or missing value stops start-up with exit status 2 and one line naming
 the variable. An empty default means unset.
+
+Files are re-read while the proxy runs, without a restart: `FAL_KEY_FILE`, `CF_AIG_TOKEN_FILE`,
+`FAL_PROXY_CLIENT_TOKENS_FILE`, `FAL_PROXY_JWT_JWKS_FILE`, `FAL_PROXY_PLANS_FILE` and
+`FAL_PROXY_PRICES_FILE` are checked every `FAL_PROXY_SECRET_RELOAD_SECONDS` (the reload
+interval) and at once on SIGHUP (with `--workers`, send it to the supervisor: it passes it on).
+A changed file is parsed as at start-up and swapped in whole (`config_reloaded`, or
+`secret_reloaded` for the two key files, with counts, never values); requests in flight keep
+what they started with. A file that no longer parses, cannot be read or is empty keeps the last
+good version and logs one warning (`config_file_unusable`, `secret_file_unusable`) naming the
+variable, the file and, when the parser gives one, the line. Every other variable is read once,
+at start-up.
 """
 
 _TEST_SECTION = (

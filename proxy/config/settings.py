@@ -181,7 +181,9 @@ class Settings:
     secret_reload_seconds: float = seconds(
         "FAL_PROXY_SECRET_RELOAD_SECONDS",
         10.0,
-        "how often FAL_KEY_FILE / CF_AIG_TOKEN_FILE are checked for a new value",
+        "the reload interval: how often the files re-read while running are checked for "
+        "changes (FAL_KEY_FILE, CF_AIG_TOKEN_FILE, the tokens, JWKS, plans and prices files); "
+        "SIGHUP checks at once",
     )
     ws_max_bytes: int = whole(
         "FAL_PROXY_WS_MAX_BYTES",

@@ -227,6 +227,15 @@ def exit_cleanly_on_signals() -> None:
         signal.signal(sig, _exit_cleanly)
 
 
+def ignore_sighup() -> None:
+    """SIGHUP asks the proxy to re-read its files (:mod:`proxy.app.config_reload`, whose handler
+    the app installs when it starts); until then it is ignored, not the default exit."""
+    import threading
+
+    if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
 def run_uvicorn(
     app: ASGIApp,
     settings_host: str,
@@ -302,6 +311,7 @@ def proxy_server(settings: Settings) -> ProxyServer:
     from .uvicorn_internals import body_in_hand, check_uvicorn
 
     check_uvicorn()
+    ignore_sighup()
     log = get_logger("proxy")
 
     def listening(host: str, port: int) -> None:

@@ -11,6 +11,7 @@ worker that dies or stops answering; the subclasses here make each worker a full
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -25,7 +26,13 @@ from uvicorn.supervisors.multiprocess import Multiprocess
 from uvicorn.supervisors.multiprocess import Process as UvicornWorker
 
 from ..config.settings import Settings
-from .server import ProxyServer, exit_cleanly_on_signals, proxy_server, worker_socket
+from .server import (
+    ProxyServer,
+    exit_cleanly_on_signals,
+    ignore_sighup,
+    proxy_server,
+    worker_socket,
+)
 
 # How long a new worker (a fresh interpreter) may take to answer its first health check.
 WORKER_START_SECONDS = 60.0
@@ -84,6 +91,7 @@ class _Worker(UvicornWorker):
 
         configure_logging(self.settings.log_format, self.settings.log_level)
         exit_cleanly_on_signals()  # a SIGTERM before serving: nothing to drain, exit 0
+        ignore_sighup()  # a reload asked before the app is up: it reads the files anyway
         # Health checks are answered from now on, while the app is still being built.
         threading.Thread(target=self.always_pong, daemon=True).start()
         try:
@@ -172,8 +180,18 @@ class Supervisor(Multiprocess):
             note="the number of workers is fixed (--workers); a worker is replaced when it dies",
         )
 
-    def handle_hup(self) -> None:  # uvicorn: restart every worker
-        self._fixed("SIGHUP")
+    def handle_hup(self) -> None:  # uvicorn: restart every worker; here: reload the files
+        """SIGHUP: each worker re-reads its files (:mod:`proxy.app.config_reload`). Only
+        workers that have answered a health check get it: one still starting could die of
+        it before it ignores it, and it reads the files as they are when its app starts."""
+        pids = []
+        for process in self.processes:
+            assert isinstance(process, _Worker)
+            if process.answered and process.pid is not None and process.process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGHUP)
+                    pids.append(process.pid)
+        self.log.info("reload_forwarded", signal="SIGHUP", workers=pids)
 
     def handle_ttin(self) -> None:  # uvicorn: one worker more
         self._fixed("SIGTTIN")
