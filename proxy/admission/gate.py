@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.types import Scope
 
@@ -29,7 +29,9 @@ from ..errors import (
     URITooLong,
 )
 from ..limits import Lease, Limiter, LimitSettings, create_limiter
-from ..limits.quotas import Quota
+from ..limits.prices import Prices
+from ..limits.quotas import Plans, Quota
+from ..limits.spend import Estimates, Parked, Reservation, units_decimal
 from ..limits.usage import UsageReport
 from ..observe.logs import get_logger
 from ..observe.metrics import app_label
@@ -70,6 +72,20 @@ def usage_app(target: Target, session_app: str | None = None) -> str:
     return app_label(session_app or target.path) or "other"
 
 
+def warn_unpriced_budgets(plans: Plans, prices: Prices) -> None:
+    """Say, once per budget, when apps it applies to have no price: their calls count no
+    spend (units only), so the budget cannot bound them."""
+    budgets = {q for quotas in (plans.default, *plans.plans.values()) for q in quotas if q.money}
+    for budget in sorted(budgets, key=lambda q: q.key):
+        if not prices.covers(budget.pattern):
+            log.warning(
+                "budget_unpriced_apps",
+                budget=budget.spec(),
+                note="apps it applies to have no price in FAL_PROXY_PRICES_FILE: their calls "
+                'count billable units but no spend; add their prices (or a "*" price)',
+            )
+
+
 # What the fal SDKs send (run with a custom method included); anything else is refused.
 FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 ALLOWED_METHODS = ", ".join(sorted(FORWARDED_METHODS))
@@ -93,6 +109,7 @@ class Admitted:
     limit_key: str | None = None  # whose limits, quotas and usage it counts against (slot taken)
     generation: bool = False  # counted as a call that can start a generation
     quotas: tuple[Quota, ...] = ()  # the caller's quotas that count it (slot taken)
+    reservation: Reservation | None = None  # what it holds of the caller's budgets
 
 
 class Admission:
@@ -115,10 +132,14 @@ class Admission:
         self.apps = AppPolicy(access.allowed_apps)
         self.tags = CallerTags(settings.gateway.metadata_caller, _metadata_key(settings))
         self.plans = access.plans
+        self.prices = access.prices
+        self.estimates = Estimates()  # a call's estimate: its endpoint's last cost
+        self.parked = Parked()  # queue submits' reservations, until their result
         self._unknown_plans: set[str] = set()
         self.addresses = ClientAddresses(access.trusted_proxies)
         self.buckets = AddressBuckets()
         self.limiter: Limiter = create_limiter(limit_settings(access))
+        warn_unpriced_budgets(self.plans, self.prices)
 
     def header_reader(
         self, python: PythonSdkListener | None = None
@@ -213,20 +234,34 @@ class Admission:
             quota = quotas[0]
             raise TokensUnderQuota(apps=quota.pattern, limit=quota.limit, period=quota.period,
                                    described=quota.describe())  # fmt: skip
-        return await self.limiter.admit(
-            key, submit=True, quotas=quotas, app=usage_app(target, admitted.session_app)
-        )
+        estimate = 0
+        budgets = tuple(quota for quota in quotas if quota.money)
+        if budgets:
+            endpoint = app or ""
+            estimate = self.estimates.estimate(endpoint, self.prices.price_of(endpoint))
+            reserved = Reservation(budgets, estimate, self.limiter.clock(), 1, endpoint)
+        lease = await self.limiter.admit(
+            key, submit=True, quotas=quotas, app=usage_app(target, admitted.session_app),
+            estimate=estimate,
+        )  # fmt: skip
+        if budgets:
+            admitted.reservation = reserved
+        return lease
 
     async def count_generation(self, admitted: Admitted) -> None:
         """One more generation on an admitted session (a socket's request message after
         its first): the hourly window and the session's quotas count it, usage sums it.
         Raises the refusal (429's error, or 503's when Redis fails under "closed")."""
         assert admitted.limit_key is not None and admitted.target is not None, "take_slot() first"
+        reservation = admitted.reservation
         await self.limiter.count_generation(
             admitted.limit_key,
             quotas=admitted.quotas,
             app=usage_app(admitted.target, admitted.session_app),
+            estimate=reservation.estimate if reservation is not None else 0,
         )
+        if reservation is not None:  # a socket's message: charged its estimate, for good
+            admitted.reservation = replace(reservation, count=reservation.count + 1)
 
     def request_policy(self, admitted: Admitted, method: str) -> RequestPolicy:
         """What of the caller's plan's ``[requests.<plan>]`` applies to this call
@@ -257,16 +292,54 @@ class Admission:
         plan = self.plan_of(key, claimed)
         return await self.limiter.usage(key, plan, self.plans.quotas(plan))
 
-    async def record_units(
-        self, admitted: Admitted, path: str | None, units: float, request_id: str | None
-    ) -> bool:
-        """fal's billable units for an admitted call, added to its caller's usage once per
-        fal ``request_id`` (a queue result fetched again adds nothing). Whether they were
-        added (and so belong in the metrics)."""
-        if not units or admitted.limit_key is None:
-            return False
-        path = admitted.session_app or path
-        return await self.limiter.add_units(admitted.limit_key, app_label(path), units, request_id)
+    async def settle(
+        self, admitted: Admitted, path: str | None, units: float, request_id: str | None, *,
+        succeeded: bool,
+    ) -> tuple[bool, int]:  # fmt: skip
+        """What an admitted call cost, once its answer is through: fal's billable units
+        added to its caller's usage (once per fal ``request_id``: a queue result fetched
+        again adds nothing) with their cost, and the caller's budgets settled
+        (:mod:`proxy.limits.spend`). Returns (whether the units were added here, and so
+        belong in the metrics; their cost in micro-dollars).
+
+        With no units: a queue submit that ``succeeded`` parks its reservation for its
+        result; another success keeps its estimate (fal said no cost: the budget errs
+        toward the money); a failure gives it back.
+        """
+        key = admitted.limit_key
+        if key is None:
+            return False, 0
+        reservation = admitted.reservation
+        if not units:
+            if reservation is not None:
+                if not succeeded:
+                    self.limiter.release(key, reservation)
+                elif request_id and admitted.target is not None and admitted.target.kind == "queue":
+                    self.parked.park(key, request_id, reservation)
+            return False, 0
+        if reservation is None and request_id:  # a queue result: its submit's reservation
+            reservation = self.parked.take(key, request_id)
+        endpoint = reservation.endpoint if reservation else (admitted.session_app or path or "")
+        cost = self.prices.cost_micros(endpoint, units_decimal(units)) or 0
+        if reservation is None and cost:  # not reserved here: charged in full, now
+            budgets = self._budgets(admitted, endpoint)
+            if budgets:
+                reservation = Reservation(budgets, 0, self.limiter.clock(), 0, endpoint)
+        added = await self.limiter.add_units(
+            key, app_label(admitted.session_app or path), units, request_id, cost, reservation
+        )
+        if added and cost:
+            self.estimates.observe(endpoint, cost)
+        return added, cost if added else 0
+
+    def _budgets(self, admitted: Admitted, endpoint: str) -> tuple[Quota, ...]:
+        """The caller's budgets that apply to ``endpoint`` (a call admitted as no
+        generation, e.g. a queue result fetched through another replica than its submit)."""
+        assert admitted.limit_key is not None
+        plan = self.plans.plan_of(admitted.limit_key, admitted.claimed_plan)
+        return tuple(
+            q for q in self.plans.quotas(plan) if q.money and q.applies(endpoint.strip("/"))
+        )
 
     def check_sizes(self, scope: Scope, headers: RequestHeaders) -> None:
         url = len(scope.get("raw_path") or b"") + len(scope["query_string"])

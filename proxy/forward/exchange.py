@@ -12,6 +12,7 @@ from typing import Any
 
 from ..admission import Admitted
 from ..errors import ProxyError
+from ..limits.money import as_usd
 from ..observe.logs import redact_query
 from ..phases import Call
 from ..policy.origins import cors_headers
@@ -29,6 +30,7 @@ class Exchange(Call):
         "cf_aig_log_id",
         "client_gone",
         "cors",
+        "cost",
         "fal_request_id",
         "gateway_error",
         "generation",
@@ -66,6 +68,7 @@ class Exchange(Call):
         self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for a listed cross-origin caller
         self.billable_units = 0.0  # fal's x-fal-billable-units on a success
         self.units_counted = False  # added to usage here (not a result fetched again)
+        self.cost = 0  # what those units cost, in micro-dollars (0: no price)
         self.generation = False  # admitted as a call that can start a generation
         self.request_policy: list[str] | None = None  # what the plan's policy changed (names)
 
@@ -95,6 +98,8 @@ class Exchange(Call):
         }
         if self.billable_units:
             fields["billable_units"] = self.billable_units
+        if self.cost:
+            fields["cost_usd"] = as_usd(self.cost)
         for name in (
             "caller",
             "client_ip",

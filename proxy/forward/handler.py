@@ -101,7 +101,7 @@ class Forwarder(Transport[Exchange]):
         if ex.generation:
             self.metrics.observe_generation(app)
         if ex.units_counted:
-            self.metrics.observe_units(app, ex.billable_units)
+            self.metrics.observe_units(app, ex.billable_units, ex.cost)
         self.metrics.observe(
             ex.kind,
             status,
@@ -224,10 +224,12 @@ class Forwarder(Transport[Exchange]):
             )
         finally:
             await ex.release()  # before the units: as soon as the answer is through
-            if ex.billable_units:
-                ex.units_counted = await admission.record_units(
-                    admitted, target.path, ex.billable_units, ex.fal_request_id
-                )
+            if ex.generation or ex.billable_units:
+                upstream = ex.upstream_status
+                ex.units_counted, ex.cost = await admission.settle(
+                    admitted, target.path, ex.billable_units, ex.fal_request_id,
+                    succeeded=upstream is not None and 200 <= upstream < 300,
+                )  # fmt: skip
 
     async def _read_wma_body(self, receive: Receive, ex: Exchange, declared: int | None) -> bytes:
         """A ``wma.fal.run`` call's whole body, at most :data:`WMA_MAX_BODY` bytes (413)."""

@@ -33,8 +33,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..errors import BudgetExceeded, QuotaExceeded, RateLimited
+from .money import as_usd, usd
 from .quotas import Quota
-from .spend import Reservation, as_usd, usd
+from .spend import Reservation
 from .usage import RecentIds, UsageReport, iso
 from .windows import retry_after
 

@@ -48,8 +48,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from ..policy.allowed_apps import endpoint_prefixes
+from .money import MICROS
 
-MICROS = 1_000_000  # micro-dollars to the dollar: money is whole micro-dollars everywhere
 VARIABLE = "FAL_PROXY_PRICES_FILE"
 # The characters of a quota's pattern (proxy.limits.quotas._PATTERN): one grammar for both.
 PATTERN = re.compile(r"[A-Za-z0-9*?_.\-/\[\]!]+")

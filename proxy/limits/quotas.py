@@ -48,7 +48,7 @@ from fnmatch import fnmatchcase
 
 from ..policy.allowed_apps import NAMESPACES, endpoint_prefixes
 from ..policy.plan_requests import RequestPolicy, parse_request_policy
-from .spend import parse_usd, usd
+from .money import parse_usd, usd
 from .windows import PERIODS
 
 DEFAULT_PLAN = "default"  # the plan of callers with none: FAL_PROXY_QUOTAS

@@ -20,55 +20,23 @@ the caller's calls in flight, of ``cost - estimate`` (zero when estimates are ri
 call's estimate is its endpoint's last cost, so an endpoint whose cost varies can exceed it).
 WebSocket messages carry no units: each is charged its estimate, for good.
 
-Money is integer micro-dollars everywhere (no float drift): a cost is rounded *up* to the
-next micro-dollar, so a sum of costs never undercounts.
+Money is integer micro-dollars everywhere (:mod:`proxy.limits.money`; no float drift): a
+cost is rounded *up* to the next micro-dollar, so a sum of costs never undercounts.
 """
 
 from __future__ import annotations
 
-import re
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
-from typing import TYPE_CHECKING
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
-if TYPE_CHECKING:
-    from .quotas import Quota
+from .money import MICROS
+from .quotas import Quota
 
-MICROS = 1_000_000
-ONE_UNIT = Decimal(1)
-CENT = Decimal("0.01")
 ESTIMATED_ENDPOINTS = 1024  # endpoints whose last cost one process remembers
 PARKED = 100_000  # queue submits whose reservation waits for its result, per process
-_USD = re.compile(r"\d{1,9}(\.\d{1,6})?")
-
-
-def parse_usd(text: str, where: str) -> int:
-    """``5``, ``0.03``, ``12.50`` (dollars, at most 6 decimals) → micro-dollars."""
-    text = text.strip()
-    if not _USD.fullmatch(text):
-        raise ValueError(
-            f"{where}: a budget is dollars like $5, $0.03 or $12.50 (at most 6 decimals)"
-        )
-    return int(Decimal(text) * MICROS)
-
-
-def usd(micros: int, *, plain: bool = False) -> str:
-    """``$5.00``, ``$0.0025`` (at least cents; ``plain``: as short as exact, ``$5``)."""
-    amount = Decimal(micros) / MICROS
-    if not plain and (cents := amount.quantize(CENT)) == amount:
-        return f"${cents}"
-    return f"${format(amount.normalize(), 'f')}"
-
-
-def as_usd(micros: int) -> float:
-    """Micro-dollars as a JSON number of dollars (for pages and metrics, not for sums)."""
-    return micros / MICROS
-
-
-def cost_micros(units: Decimal, price: Decimal) -> int:
-    """``units`` × ``price`` (USD per unit) in micro-dollars, rounded up."""
-    return int((units * price * MICROS).to_integral_value(rounding=ROUND_CEILING))
 
 
 def units_decimal(units: float) -> Decimal:
@@ -89,6 +57,7 @@ class Reservation:
     estimate: int
     at: float
     count: int = 1
+    endpoint: str = ""  # what it is priced as (a queue result's path names no endpoint)
 
     @property
     def held(self) -> int:
@@ -108,7 +77,7 @@ class Estimates:
         if price is None:
             return 0
         last = self._last.get(endpoint)
-        return last if last is not None else cost_micros(ONE_UNIT, price)
+        return last if last is not None else math.ceil(Fraction(price) * MICROS)  # one unit
 
     def observe(self, endpoint: str, cost: int) -> None:
         self._last[endpoint] = cost

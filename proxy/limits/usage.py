@@ -20,8 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from .money import as_usd
 from .quotas import Quota
-from .spend import as_usd
 from .windows import period_bounds
 
 MAX_APPS = 50  # named apps per caller and month; then "other"

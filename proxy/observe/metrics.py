@@ -66,6 +66,13 @@ class Metrics:
             ["app"],
             registry=registry,
         )
+        # By app, never by caller: a caller's spend is in their usage (bounded labels).
+        self.spend = Counter(
+            "fal_proxy_spend_usd",
+            "What fal's billable units cost at FAL_PROXY_PRICES_FILE's prices, by app (USD)",
+            ["app"],
+            registry=registry,
+        )
         self.billable_units = Counter(
             "fal_proxy_billable_units",
             "fal's x-fal-billable-units on successful responses, summed by app",
@@ -117,10 +124,13 @@ class Metrics:
         """A generation admitted under ``app`` (a bounded label)."""
         self.generations.labels(app).inc()
 
-    def observe_units(self, app: str, units: float) -> None:
+    def observe_units(self, app: str, units: float, cost: int = 0) -> None:
         """fal's billable units of a request under ``app``, counted once per fal request
-        (a run's answer, or its queue result the first time it is fetched)."""
+        (a run's answer, or its queue result the first time it is fetched), and what they
+        cost (micro-dollars; 0: the app has no price in FAL_PROXY_PRICES_FILE)."""
         self.billable_units.labels(app).inc(units)
+        if cost:
+            self.spend.labels(app).inc(cost / 1_000_000)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -58,6 +58,8 @@ def test_a_queue_result_fetched_twice_is_billed_once(units_proxy: RunningProxy) 
         for response in (first, again):  # units are recorded once each answer is through
             units_proxy.wait_for_request_log(response.headers["x-proxy-request-id"])
         usage = c.get("/api/fal/usage", headers=caller).json()["usage"]["apps"]
-    assert usage == {"fal-ai/fast-sdxl": {"generations": 1, "billable_units": units}}
+    # No FAL_PROXY_PRICES_FILE: units, and no spend.
+    assert usage == {"fal-ai/fast-sdxl": {"generations": 1, "billable_units": units,
+                                          "spend_usd": 0.0}}  # fmt: skip
     metrics = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", trust_env=False).text
     assert f'fal_proxy_billable_units_total{{app="fal-ai/fast-sdxl"}} {units}' in metrics

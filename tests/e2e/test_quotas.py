@@ -122,7 +122,8 @@ def test_callers_read_their_own_usage_and_the_operator_reads_anyones(
     )
     assert (month["apps"], month["used"], month["remaining"]) == ("*", 2, 1)
     assert report["usage"]["apps"] == {
-        "fal-ai/fast-sdxl": {"generations": 2, "billable_units": 2.0}  # 1 unit per image
+        # 1 unit per image; no FAL_PROXY_PRICES_FILE, so no spend
+        "fal-ai/fast-sdxl": {"generations": 2, "billable_units": 2.0, "spend_usd": 0.0}
     }
     # Reading usage is not a generation.
     assert get(f"{quota_proxy.url}/api/fal/usage", as_caller("alice")).json() == report

@@ -189,7 +189,9 @@ def test_a_realtime_token_for_an_app_under_a_quota_is_refused(
     assert len(fake_gateway.requests()) == 1
     report = usage(proxy, "carol")
     assert report["quotas"][0]["used"] == 0
-    assert report["usage"]["apps"] == {"realtime-tokens": {"generations": 1, "billable_units": 0.0}}
+    assert report["usage"]["apps"] == {
+        "realtime-tokens": {"generations": 1, "billable_units": 0.0, "spend_usd": 0.0}
+    }
 
 
 def test_redis_counts_each_message_too(

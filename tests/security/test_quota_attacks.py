@@ -402,7 +402,7 @@ def test_another_callers_fetch_does_not_swallow_a_callers_units(proxy: RunningPr
             proxy.wait_for_request_log(response.headers["x-proxy-request-id"])
     units = float(own.headers["x-fal-billable-units"])
     alice = usage(proxy, "alice")["usage"]["apps"][SDXL]
-    assert alice == {"generations": 1, "billable_units": units}, (
+    assert alice == {"generations": 1, "billable_units": units, "spend_usd": 0.0}, (
         f"bob's fetch (status {stolen.status_code}) took alice's units: {alice}"
     )
 
@@ -441,7 +441,7 @@ def test_odd_request_ids_count_once_across_replicas_and_break_nothing(
     # An empty id is no id: nothing to tell two answers apart by, so both count (billing
     # errs toward counting, and a hostile upstream's empty ids cannot make units vanish).
     units = 1.5 + 1.5 + 2.0 if request_id == "" else 1.5 + 2.0
-    assert asyncio.run(scenario()) == {SDXL: (2, units)}
+    assert asyncio.run(scenario()) == {SDXL: (2, units, 0)}
 
 
 # --- what a refusal tells ---------------------------------------------------------------
