@@ -2,11 +2,11 @@
 """How the proxy's per-caller machinery scales with the number of distinct callers.
 
 Caller auth (``jwt``: HS256 with a distinct ``sub`` per caller; ``token``: a tokens file
-of N lines), rate limits, the submit cap, the concurrency slot and quotas are all on, with
-limits so high that nothing is ever refused, in memory or in a ``redis-server`` this
-script starts on a free loopback port. For each row (N callers × auth × backend) a fresh
-proxy (``python -m proxy --port 0``, JSON logs) is started against the fast fake gateway
-(``bench/fast_gateway.py``) and:
+of N lines), rate limits, the submit cap, the concurrency slot, quotas and budgets (with
+prices) are all on, with limits so high that nothing is ever refused, in memory or in a
+``redis-server`` this script starts on a free loopback port. For each row (N callers ×
+auth × backend) a fresh proxy (``python -m proxy --port 0``, JSON logs) is started against
+the fast fake gateway (``bench/fast_gateway.py``) and:
 
 1. a few thousand requests from caller 0 warm the code paths and connections; RSS;
 2. every one of the N callers sends one request (an aiohttp client, 64 at a time), capped
@@ -81,13 +81,17 @@ JWT_LIFETIME = 30 * 86400
 PREWARM_REQUESTS, PREWARM_CAP = 2000, 10.0  # caller 0 only, before the RSS baseline
 GIVE_UP_AFTER = 20.0  # s: a warm-up on course to take longer than its cap stops here
 HIGH = "1000000000"
-# Every limit and quota on, none ever reached by this load.
+# Every limit, quota and budget on, none ever reached by this load. A budget makes each call
+# look up its price and reserve its estimate (FAL_PROXY_PRICES_FILE, written in main()).
 LIMITS_ENV = {
     "FAL_PROXY_RATE_LIMIT_RPM": HIGH,
     "FAL_PROXY_SUBMITS_PER_HOUR": HIGH,
     "FAL_PROXY_MAX_CONCURRENT": "1000",
-    "FAL_PROXY_QUOTAS": f"fal-ai/*={HIGH}/day,*={HIGH}/month",  # ignored by older proxies
+    # Quotas and budgets (older proxies ignore quotas; ones before budgets refuse "$").
+    "FAL_PROXY_QUOTAS": f"fal-ai/*={HIGH}/day,*={HIGH}/month,"
+    "fal-ai/*=$1000000/day,*=$1000000/month",
 }
+PRICES = '[prices]\n"fal-ai/fast-sdxl" = 0.0025\n"fal-ai/flux/*" = 0.025\n"*" = 0.01\n'
 
 # Targets (issue 12).
 TARGET_SCALE = 1.15  # ≤ CPU/request at the most callers ÷ at 1 caller
@@ -646,6 +650,9 @@ def main(argv: list[str] | None = None) -> int:
             script.write_text(WRK_SCRIPT)
             env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "CF_"))}
             env["PYTHONUNBUFFERED"] = "1"
+            prices = tmp / "prices.toml"
+            prices.write_text(PRICES)
+            env["FAL_PROXY_PRICES_FILE"] = str(prices)  # older proxies ignore it
             gateway_argv = [sys.executable, str(ROOT / "bench" / "fast_gateway.py"), "--port", "0"]
             gateway = start_child("fake gateway", gateway_argv, env, stack)
             ctx = Context(args, proxy_cpus, env, f"http://127.0.0.1:{gateway.port}{GATEWAY_PREFIX}",
