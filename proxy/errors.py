@@ -6,7 +6,8 @@ May import: nothing (every layer raises these).
     ├── BadRequest        400  malformed target URL or path, missing header
     ├── Unauthorized      401  the caller did not prove who it is (FAL_PROXY_AUTH)
     ├── Forbidden         403  target, origin or app outside what is allowed
-    │   └── OriginRefused 403  a browser page not in FAL_PROXY_ALLOWED_ORIGINS
+    │   ├── OriginRefused 403  a browser page not in FAL_PROXY_ALLOWED_ORIGINS
+    │   └── CallerBlocked 403  the operator blocked the caller (admin API)
     ├── NotFound          404  nothing to forward to
     ├── MethodNotAllowed  405  a method fal does not take (TRACE, CONNECT, ...)
     ├── RequestTimeout    408  the client stopped sending its body
@@ -120,6 +121,19 @@ class OriginRefused(Forbidden):
 
     def log_fields(self) -> dict[str, str]:
         return {"origin": self.origin} if self.origin is not None else {}
+
+
+class CallerBlocked(Forbidden):
+    """The operator blocked this caller (``POST /admin/callers/<caller>/block``): every
+    call, socket and token request is refused before anything goes upstream."""
+
+    reason = "caller_blocked"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "caller blocked",
+            "this caller's calls are refused by the proxy's operator; ask the operator",
+        )
 
 
 class Unauthorized(ProxyError):

@@ -53,6 +53,8 @@ local function admit(k, a, nw, nq, nu)
   local kw, aw = k + 1, a + 5
   local kq, aq = kw + 2 * nw, aw + 2 * nw
   local ku, au = kq + nq, aq + 3 * nq
+  -- Blocked by the operator (the admin API): refused first, on every replica at once.
+  if redis.call('EXISTS', KEYS[ku + 2 * nu]) == 1 then return {5} end
   for i = 0, nw - 1 do
     local limit, period = tonumber(A[aw + 2 * i]), tonumber(A[aw + 2 * i + 1])
     local current = tonumber(redis.call('GET', KEYS[kw + 2 * i]) or '0')
@@ -90,7 +92,15 @@ local function admit(k, a, nw, nq, nu)
       redis.call('EXPIREAT', KEYS[kq + i], A[aq + 3 * i + 1])
     end
   end
-  for i = 0, nu - 1 do bump(KEYS[ku + i], A[au + 2 * i], 1, A[au + 2 * i + 1]) end
+  for i = 0, nu - 1 do
+    local usage, expire_at = KEYS[ku + 2 * i], A[au + 3 * i + 1]
+    if redis.call('EXISTS', usage) == 0 then
+      -- The caller's first usage this month: its id, by digest, for the admin listing.
+      redis.call('HSET', KEYS[ku + 2 * i + 1], string.sub(usage, -32), A[au + 3 * i + 2])
+      redis.call('EXPIREAT', KEYS[ku + 2 * i + 1], expire_at)
+    end
+    bump(usage, A[au + 3 * i], 1, expire_at)
+  end
   return {0}
 end
 
@@ -100,8 +110,8 @@ for c = 1, ncalls do
   -- An error (a key of another type) fails this call only, as if it had been alone.
   local ok, answer = pcall(admit, k, a, nw, nq, nu)
   answers[c] = ok and answer or {4}
-  k = k + 1 + 2 * nw + nq + nu
-  a = a + 5 + 2 * nw + 3 * nq + 2 * nu
+  k = k + 2 + 2 * nw + nq + 2 * nu
+  a = a + 5 + 2 * nw + 3 * nq + 3 * nu
 end
 redis.call('SET', KEYS[1], cjson.encode(answers), 'EX', REPLAY_TTL)
 return answers

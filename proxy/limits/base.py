@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ..errors import BudgetExceeded, QuotaExceeded, RateLimited
+from .admin_ops import CallerPage
 from .money import as_usd, usd
 from .quotas import Quota
 from .spend import Reservation
@@ -155,6 +156,29 @@ class Limiter:
 
     async def usage(self, caller: str, plan: str, quotas: tuple[Quota, ...]) -> UsageReport:
         """The caller's ``quotas`` with what is used of each, and this month's usage."""
+        raise NotImplementedError
+
+    # The admin API's (proxy.app.admin_routes; proxy.limits.admin_ops): off the request path.
+
+    async def block(self, caller: str) -> bool:
+        """Refuse every call of ``caller`` from now on, on every replica sharing the store
+        (:class:`~proxy.errors.CallerBlocked`, checked first in :meth:`admit` and
+        :meth:`count_generation`). Returns whether it was not blocked already."""
+        raise NotImplementedError
+
+    async def unblock(self, caller: str) -> bool:
+        """Admit ``caller`` again. Returns whether it was blocked."""
+        raise NotImplementedError
+
+    async def reset(self, caller: str, quotas: tuple[Quota, ...]) -> int:
+        """Clear the caller's counters of ``quotas`` (quotas and budgets) in their current
+        periods, so it has room again; its usage record and rate windows are left alone.
+        Returns how many counters held something."""
+        raise NotImplementedError
+
+    async def list_callers(self, cursor: str | None, limit: int) -> CallerPage:
+        """A page of at most ``limit`` callers with usage this month and the cursor of the
+        next (None: the last page). Raises :class:`~proxy.limits.admin_ops.BadCursor`."""
         raise NotImplementedError
 
     def window_refusal(self, limit: int, what: str, wait: float) -> RateLimited:

@@ -8,9 +8,12 @@ is held.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 
-from .base import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings
+from ..errors import CallerBlocked
+from .admin_ops import BadCursor, CallerPage, CallerRow, decode_cursor, encode_cursor
+from .base import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings, caller_key
 from .quotas import Quota
 from .spend import Reservation
 from .usage import QuotaUse, UsageBook, UsageReport
@@ -31,6 +34,7 @@ class MemoryLimiter(Limiter):
         self._in_use: dict[str, int] = {}
         self._usage = UsageBook()
         self._timer: asyncio.TimerHandle | None = None
+        self._blocked: set[str] = set()  # by the operator (admin API); kept until unblocked
 
     async def admit(
         self, caller: str, *, submit: bool, quotas: tuple[Quota, ...] = (),
@@ -63,6 +67,8 @@ class MemoryLimiter(Limiter):
         quotas: tuple[Quota, ...], estimate: int,
     ) -> None:  # fmt: skip
         """Raise the first refusal among the windows and quotas the call counts in."""
+        if self._blocked and caller in self._blocked:  # first, as in the Redis script
+            raise CallerBlocked()
         if self._timer is None:
             self._forget_later(now)
         if (
@@ -128,6 +134,47 @@ class MemoryLimiter(Limiter):
             uses.append(QuotaUse(quota, counts.count(caller, now), counts.bounds(now)[2]))
         start, end, apps = self._usage.read(caller, now)
         return UsageReport(plan, uses, start, end, apps)
+
+    async def block(self, caller: str) -> bool:
+        new = caller not in self._blocked
+        self._blocked.add(caller)
+        return new
+
+    async def unblock(self, caller: str) -> bool:
+        was = caller in self._blocked
+        self._blocked.discard(caller)
+        return was
+
+    async def reset(self, caller: str, quotas: tuple[Quota, ...]) -> int:
+        now, cleared = self.clock(), 0
+        for quota in quotas:
+            counts = self._counts(quota)
+            used = counts.count(caller, now)
+            if used:  # a budget's reservations settle later against nothing (never below 0)
+                counts.add(caller, now, -used)
+                cleared += 1
+        return cleared
+
+    async def list_callers(self, cursor: str | None, limit: int) -> CallerPage:
+        """The month's callers in first-use order (a dict only appended to within the
+        month): the cursor is an offset into it."""
+        now = self.clock()
+        book = self._usage
+        book.roll(now)
+        month = int(book._start)  # the month's first second: a cursor of another month restarts
+        offset = 0
+        if cursor is not None:
+            at, position = decode_cursor(cursor, "m")
+            if not position.isdigit():
+                raise BadCursor("not a cursor this proxy wrote")
+            offset = int(position) if at == month else 0
+        callers = list(itertools.islice(book._gens, offset, offset + limit + 1))
+        more = len(callers) > limit
+        rows = [
+            CallerRow(caller_key(c), c, book.read(c, now)[2], c in self._blocked)
+            for c in callers[:limit]
+        ]
+        return CallerPage(rows, encode_cursor("m", month, str(offset + limit)) if more else None)
 
     def keys_held(self) -> int:
         """Entries held for callers, over every structure (tests, the benchmark)."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -42,8 +43,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ..errors import LimiterUnavailable
+from ..errors import CallerBlocked, LimiterUnavailable
 from ..observe.logs import get_logger
+from .admin_ops import CallerPage, id_arg, redis_page
 from .base import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings, caller_key
 from .quotas import Quota
 from .redis_batches import MAX_BATCH as MAX_BATCH  # re-exported: tests import it from here
@@ -193,13 +195,16 @@ class RedisLimiter(Limiter):
             ends.append(end)
         if submit:
             usage_key, until = self._usage_key(who, now)
-            keys.append(usage_key)
-            args += [f"g:{_field(app)}", until]
+            keys += [usage_key, self._ids_key(now)]
+            args += [f"g:{_field(app)}", until, id_arg(caller)]
+        keys.append(self._key("blocked", who))
         call = _Call(keys, [now, lease_id, len(windows), len(ends), int(submit), *args])
         answer = await self._batches.answer(call)
         if isinstance(answer, BaseException):
             self._unavailable(answer)
             return None
+        if answer[0] == Answer.BLOCKED:
+            raise CallerBlocked()
         if answer[0] == Answer.WINDOW_FULL:
             limit, period, _ = windows[answer[1]]
             what = "requests per minute" if period == MINUTE else GENERATIONS
@@ -217,6 +222,56 @@ class RedisLimiter(Limiter):
     def _usage_key(self, who: str, now: float) -> tuple[str, int]:
         index, _, end = period_bounds(USAGE_PERIOD, now)
         return self._key("u", index, who), math.ceil(end) + 86400  # kept a day past the month
+
+    def _ids_key(self, now: float) -> str:
+        """The month's digest → caller id hash (the admin listing; proxy.limits.admin_ops)."""
+        return self._key("ids", period_bounds(USAGE_PERIOD, now)[0])
+
+    async def block(self, caller: str) -> bool:
+        # No expiry: a block holds until unblocked (one key per blocked caller).
+        key = self._key("blocked", caller_key(caller))
+        return bool(await self._admin("block", lambda r: r.set(key, 1, nx=True)))
+
+    async def unblock(self, caller: str) -> bool:
+        key = self._key("blocked", caller_key(caller))
+        return bool(await self._admin("unblock", lambda r: r.delete(key)))
+
+    async def reset(self, caller: str, quotas: tuple[Quota, ...]) -> int:
+        if not quotas:
+            return 0
+        await self.flush()  # settlements owed for this caller land before, not after
+        now, who = self.clock(), caller_key(caller)
+        keys = [self._key("q", q.key, period_bounds(q.period, now)[0], who) for q in quotas]
+        return int(await self._admin("reset", lambda r: r.delete(*keys)))
+
+    async def list_callers(self, cursor: str | None, limit: int) -> CallerPage:
+        assert self._redis is not None, "Limiter.start() was not called"
+        await self.flush()
+        now = self.clock()
+        month = period_bounds(USAGE_PERIOD, now)[0]
+        try:
+            return await redis_page(
+                self._redis, self._ids_key(now), lambda who: self._usage_key(who, now)[0],
+                lambda who: self._key("blocked", who), month, cursor, limit,
+            )  # fmt: skip
+        except STORE_ERRORS as exc:
+            raise self._store_failed(exc, "list_callers") from None
+
+    async def _admin(self, what: str, command: Callable[[aioredis.Redis], Awaitable[Any]]) -> Any:
+        """One admin command on the client; 503 when Redis fails."""
+        assert self._redis is not None, "Limiter.start() was not called"
+        try:
+            return await command(self._redis)
+        except STORE_ERRORS as exc:
+            raise self._store_failed(exc, what) from None
+
+    def _store_failed(self, exc: BaseException, what: str) -> LimiterUnavailable:
+        log.warning("limiter_unavailable", error=describe(exc), admin=what)
+        return LimiterUnavailable(
+            "limit store unavailable",
+            "the shared limit store did not answer; retry later",
+            retry_after=UNAVAILABLE_RETRY_AFTER,
+        )
 
     def _unavailable(self, exc: BaseException) -> None:
         if self.settings.redis_failure != "open":

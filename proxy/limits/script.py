@@ -18,20 +18,25 @@ a call's client CPU. None may be empty or hold the separator.
 * Arguments: ``ncalls, nr, nn, lease_ttl, concurrent, max_fields, other, once_ttl``, then
   ``lease_id * nr`` and ``(app, units, micros, expire_at, m, delta * m) * nn`` (what is
   owed), then per call ``now, lease_id, nw, nq, nu, (limit, period) * nw,
-  (limit, expire_at, amount) * nq, (field, expire_at) * nu``.
+  (limit, expire_at, amount) * nq, (field, expire_at, id) * nu`` (``id``: the caller's,
+  :func:`~proxy.limits.admin_ops.id_arg`).
 * KEYS: the batch's own key (its answers, kept ``REPLAY_TTL`` seconds), ``leases * nr,
   (usage, once, budget * m) * nn`` (what is owed: units and spend are added to the usage
   hash, and ``delta`` micro-dollars to each budget counter that still exists, only if
   their ``once`` marker, a fal request id's, is new, and it is then kept ``once_ttl``
   seconds; :data:`NO_ONCE`: always), then per call ``leases, (window current, window
-  previous) * nw, quota * nq, usage * nu``.
+  previous) * nw, quota * nq, (usage, ids) * nu, blocked``.
+* ``blocked`` exists while the operator blocks the caller (the admin API): the call is
+  refused before anything is read or counted. ``ids`` (the month's digest → caller id
+  hash, :mod:`proxy.limits.admin_ops`) gets the caller's id when its usage hash is created.
 * A quota's ``amount`` is 1; a budget's is the call's estimate in micro-dollars: it has
   room when its count is under the limit and the amount fits (:mod:`proxy.limits.spend`).
 * A call whose ``lease_id`` is :data:`NO_LEASE` takes no slot (a generation counted inside
   a session admitted already).
 * Returns one answer per call: ``{0}`` admitted, ``{1, i, previous, current}`` window
   ``i`` full, ``{2, i, used}`` quota or budget ``i`` has no room, ``{3}`` no concurrency
-  slot, ``{4}`` Redis refused one of the call's commands (its key holds another type).
+  slot, ``{4}`` Redis refused one of the call's commands (its key holds another type),
+  ``{5}`` the caller is blocked.
 
 Run twice (redis-py resends a command once when its connection breaks, and what broke may
 have been the reply), a batch answers the second time with the first time's answers,
@@ -64,6 +69,7 @@ class Answer(IntEnum):
     QUOTA_USED = 2  # {2, i, used}: quota (or budget) i has no room
     NO_SLOT = 3  # {3}: no concurrency slot
     REFUSED = 4  # {4}: Redis refused one of the call's commands (a key of another type)
+    BLOCKED = 5  # {5}: the operator blocked the caller (admin API)
 
 
 def joined(args: list[Any]) -> str:

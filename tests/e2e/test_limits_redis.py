@@ -123,11 +123,12 @@ async def test_keys_never_hold_the_caller_id(redis_server: RedisServer) -> None:
     ) as limiter:
         await limiter.admit(caller, submit=True)
         keys = [k for k in redis_server.keys() if k.startswith(prefix)]  # noqa: SIM118 - not a dict: runs KEYS *
-        # This minute's and this hour's window, the leases, this month's usage: O(1) per
-        # caller (no entry per hit), and every key expires; and the batch's answers, kept
-        # for a replay for seconds.
+        # This minute's and this hour's window, the leases, this month's usage and the
+        # month's digest → id hash (the admin listing; one field per caller, the id in a
+        # value, never in a key): O(1) per caller (no entry per hit), and every key expires;
+        # and the batch's answers, kept for a replay for seconds.
         batches = [k for k in keys if k.startswith(f"{prefix}:batch:")]
-        assert len(keys) - len(batches) == 4 and len(batches) == 1, keys
+        assert len(keys) - len(batches) == 5 and len(batches) == 1, keys
         assert 0 < redis_server.client().ttl(batches[0]) <= REPLAY_TTL
         assert all(redis_server.client().ttl(k) > 0 for k in keys)
         assert not any("SENTINEL" in k for k in keys)
