@@ -133,7 +133,7 @@ class Admission:
         self.tags = CallerTags(settings.gateway.metadata_caller, _metadata_key(settings))
         self.plans = access.plans
         self.prices = access.prices
-        self.estimates = Estimates()  # a call's estimate: its endpoint's last cost
+        self.estimates = Estimates()  # a call's estimate: its endpoint's recent highest cost
         self.parked = Parked()  # queue submits' reservations, until their result
         self._unknown_plans: set[str] = set()
         self.addresses = ClientAddresses(access.trusted_proxies)
@@ -238,8 +238,9 @@ class Admission:
         budgets = tuple(quota for quota in quotas if quota.money)
         if budgets:
             endpoint = app or ""
-            estimate = self.estimates.estimate(endpoint, self.prices.price_of(endpoint))
-            reserved = Reservation(budgets, estimate, self.limiter.clock(), 1, endpoint)
+            now = self.limiter.clock()
+            estimate = self.estimates.estimate(endpoint, self.prices.price_of(endpoint), now)
+            reserved = Reservation(budgets, estimate, now, 1, endpoint)
         lease = await self.limiter.admit(
             key, submit=True, quotas=quotas, app=usage_app(target, admitted.session_app),
             estimate=estimate,
@@ -329,7 +330,7 @@ class Admission:
             key, app_label(admitted.session_app or path), units, request_id, cost, reservation
         )
         if added and cost:
-            self.estimates.observe(endpoint, cost)
+            self.estimates.observe(endpoint, cost, self.limiter.clock())
         return added, cost if added else 0
 
     def _budgets(self, admitted: Admitted, endpoint: str) -> tuple[Quota, ...]:

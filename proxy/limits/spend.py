@@ -5,19 +5,21 @@ the app's price (:mod:`proxy.limits.prices`). What a call costs is known only wh
 answer arrives (``x-fal-billable-units`` on a run's response, on a queue result), so:
 
 1. **Reserve at admission.** A call on an app under a budget is admitted only if the
-   budget's spend so far plus the call's *estimate* (:class:`Estimates`: the last cost seen
-   for that endpoint in this process, else one unit at its price) stays within the budget,
+   budget's spend so far plus the call's *estimate* (:class:`Estimates`: the most a call on
+   that endpoint cost in this process this past hour, else one unit at its price) stays
+   within the budget,
    and nothing of it is spent up yet; the estimate is then counted at once, in the same
    atomic step as every other limit (memory, or the Redis script).
 2. **Settle on the answer.** When the units arrive, the budget gets ``cost - estimate``
-   (:class:`Reservation`); a call that ends with no units (refused upstream, failed,
-   cancelled) gives its estimate back. A queue submit's reservation waits, in the process
+   (:class:`Reservation`); a call that fails (refused upstream, cut, cancelled) gives its
+   estimate back, and one that succeeds with no units keeps it. A queue submit's reservation waits, in the process
    that admitted it, for its result (:class:`Parked`), where the units come.
 
 **Overshoot.** Admission keeps ``spent + estimates in flight <= budget``, so a budget is
 exceeded only by what calls in flight cost *beyond* their estimates: at most the sum, over
 the caller's calls in flight, of ``cost - estimate`` (zero when estimates are right; a
-call's estimate is its endpoint's last cost, so an endpoint whose cost varies can exceed it).
+call's estimate is its endpoint's highest recent cost, so only a call dearer than any in the
+past hour, or the first calls on an endpoint, exceed it).
 WebSocket messages carry no units: each is charged its estimate, for good.
 
 Money is integer micro-dollars everywhere (:mod:`proxy.limits.money`; no float drift): a
@@ -35,7 +37,8 @@ from fractions import Fraction
 from .money import MICROS
 from .quotas import Quota
 
-ESTIMATED_ENDPOINTS = 1024  # endpoints whose last cost one process remembers
+ESTIMATED_ENDPOINTS = 1024  # endpoints whose costs one process remembers
+ESTIMATE_WINDOW = 3600.0  # s a call's cost stays an estimate for its endpoint's next calls
 PARKED = 100_000  # queue submits whose reservation waits for its result, per process
 
 
@@ -65,25 +68,39 @@ class Reservation:
 
 
 class Estimates:
-    """The last cost seen per endpoint, in this process: a call's estimate. Bounded (the
-    oldest endpoint is forgotten), so made-up paths cannot grow it."""
+    """A call's estimate: the most a call on its endpoint cost in this process within the
+    last :data:`ESTIMATE_WINDOW` seconds, else one unit at its price.
+
+    The most, not the last: a caller who makes one cheap call (one image, one second of
+    video) must not lower the estimate of the expensive calls they send next. Endpoints are
+    told apart in lower case without slashes at the ends (a spelling buys no fresh
+    estimate); bounded (the oldest endpoint is forgotten), so made-up paths cannot grow it.
+    """
 
     def __init__(self, size: int = ESTIMATED_ENDPOINTS) -> None:
-        self._last: OrderedDict[str, int] = OrderedDict()
+        self._most: OrderedDict[str, tuple[int, float]] = OrderedDict()  # → (cost, since)
         self._size = size
 
-    def estimate(self, endpoint: str, price: Decimal | None) -> int:
+    def estimate(self, endpoint: str, price: Decimal | None, now: float) -> int:
         """Micro-dollars a call on ``endpoint`` will likely cost (0: it has no price)."""
         if price is None:
             return 0
-        last = self._last.get(endpoint)
-        return last if last is not None else math.ceil(Fraction(price) * MICROS)  # one unit
+        one_unit = math.ceil(Fraction(price) * MICROS)
+        seen = self._most.get(endpoint.strip("/").lower())
+        if seen is None or now - seen[1] > ESTIMATE_WINDOW:
+            return one_unit
+        return max(seen[0], 1)
 
-    def observe(self, endpoint: str, cost: int) -> None:
-        self._last[endpoint] = cost
-        self._last.move_to_end(endpoint)
-        if len(self._last) > self._size:
-            self._last.popitem(last=False)
+    def observe(self, endpoint: str, cost: int, now: float) -> None:
+        key = endpoint.strip("/").lower()
+        seen = self._most.get(key)
+        if seen is None or now - seen[1] > ESTIMATE_WINDOW:
+            self._most[key] = (cost, now)  # a new window starts from this cost
+        elif cost > seen[0]:
+            self._most[key] = (cost, seen[1])
+        self._most.move_to_end(key)
+        if len(self._most) > self._size:
+            self._most.popitem(last=False)
 
 
 class Parked:
