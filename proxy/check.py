@@ -34,7 +34,7 @@ def _plans(plans: Plans) -> str:
     """``default: fal-ai/flux/*=50/day; free: *=500/month; 2 caller(s) pinned``."""
 
     def quotas(items: tuple[Quota, ...]) -> str:
-        return ", ".join(f"{q.pattern}={q.limit}/{q.period}" for q in items) or "no quota"
+        return ", ".join(q.spec() for q in items) or "no quota"
 
     parts = [f"default: {quotas(plans.default)}"]
     parts += [f"{name}: {quotas(items)}" for name, items in plans.plans.items()]
