@@ -33,10 +33,11 @@ from ..policy.python_port import PythonSdkListener
 from ..upstream.breaker import Breaker
 from ..upstream.route import UpstreamRoute
 from ..upstream.session import create_session
+from .admin_routes import AdminApi
 from .config_reload import Reloader, config_files
 from .realtime_token import RealtimeTokenRoute
 from .routing import PortApp, ProxyApp
-from .secrets_reload import secret_files
+from .secrets_reload import admin_token_file, secret_files
 from .usage_routes import CallerUsage, any_caller_usage
 
 
@@ -76,6 +77,11 @@ def create_app(
     # access files (tokens, JWKS, plans).
     watched = [*secret_files(settings, lambda h: install_headers(h)),
                *config_files(settings, admission)]  # fmt: skip
+    # FAL_PROXY_ADMIN_TOKEN: the admin API on the operator's port (none without it).
+    admin_token = settings.admin_token
+    admin_api = AdminApi(admission, admin_token.reveal()) if admin_token is not None else None
+    if admin_api is not None:
+        watched += admin_token_file(settings, admin_api.use_token)
     reloader = Reloader(watched, settings.secret_reload_seconds)
 
     @contextlib.asynccontextmanager
@@ -134,6 +140,7 @@ def create_app(
         routes=[
             Route("/metrics", render_metrics, methods=["GET"]),
             Route("/usage/{caller:path}", any_caller_usage(admission), methods=["GET"]),
+            *(admin_api.routes() if admin_api is not None else []),
         ]
     )
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config.envvars import Secret, secret_from_text
-from ..config.settings import Settings
+from ..config.settings import Settings, check_admin_token
 from ..policy.headers import InjectedHeaders
 from .config_reload import WatchedFile
 
@@ -50,3 +50,27 @@ def secret_files(
         )
         if path is not None
     ]
+
+
+def admin_token_file(settings: Settings, install: Callable[[str], Any]) -> list[WatchedFile[str]]:
+    """``FAL_PROXY_ADMIN_TOKEN_FILE``, re-read like the key files: a new token (checked as
+    start-up checks it: header-safe, long enough) is given to ``install``; the old one stops
+    working at once."""
+    path = settings.admin_token_file
+    if path is None or settings.admin_token is None:
+        return []
+    variable = "FAL_PROXY_ADMIN_TOKEN_FILE"
+    current = [settings.admin_token.reveal()]
+
+    def load(text: str) -> str:
+        return check_admin_token(variable, secret_from_text(variable, path, text))
+
+    def install_value(value: str) -> dict[str, Any] | None:
+        if value == current[0]:
+            return None
+        current[0] = value
+        install(value)
+        return {"secrets": ["admin_token"]}  # the name only, never the value
+
+    return [WatchedFile(variable, path, load, install_value, reloaded_event="secret_reloaded",
+                        unusable_event="secret_file_unusable")]  # fmt: skip

@@ -30,7 +30,10 @@ _TEST_ONLY = "FAL_PROXY_TEST_"
 # Each group's heading, and the guide that explains it. A group not listed here is headed by
 # the first line of its module's docstring, with no guide.
 _SECTIONS: dict[type, tuple[str, str]] = {
-    Settings: ("Credentials, gateway and server", ""),
+    Settings: (
+        "Credentials, gateway and server",
+        "[admin.md](admin.md) describes the admin API that `FAL_PROXY_ADMIN_TOKEN` turns on.",
+    ),
     AccessSettings: (
         "Access: origins, callers, apps, limits, sizes",
         "[security.md](security.md) says what each check does; "

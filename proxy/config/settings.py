@@ -39,6 +39,7 @@ from .python_port import PythonSdkSettings
 
 GATEWAY_HOST = "https://gateway.ai.cloudflare.com"
 DEFAULT_ROUTE = "/api/fal/proxy"
+ADMIN_TOKEN_MIN = 16  # characters of FAL_PROXY_ADMIN_TOKEN
 RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 _ACCOUNT_ID = re.compile(r"[0-9a-f]{32}")
@@ -166,6 +167,27 @@ class Settings:
         ),
         default="127.0.0.1",
     )
+    # The admin API (docs/admin.md) on the operator's port: only when a token is set.
+    admin_token: Secret | None = declared(
+        lambda env, _: _admin_token(env),
+        Doc(
+            "FAL_PROXY_ADMIN_TOKEN",
+            "",
+            "serve the admin API (list callers' usage and spend, reset, block, unblock) on "
+            "FAL_PROXY_METRICS_PORT to requests with 'Authorization: Bearer <token>'; at least "
+            f"{ADMIN_TOKEN_MIN} characters",
+        ),
+        Doc(
+            "FAL_PROXY_ADMIN_TOKEN_FILE",
+            "",
+            "file holding the admin token (re-read when it changes); instead of "
+            "FAL_PROXY_ADMIN_TOKEN",
+        ),
+        default=None,
+    )
+    admin_token_file: str | None = declared(
+        lambda env, _: _get(env, "FAL_PROXY_ADMIN_TOKEN_FILE"), default=None
+    )
     workers: int = whole(
         "FAL_PROXY_WORKERS",
         1,
@@ -248,6 +270,11 @@ class Settings:
                 "anyone who reaches the proxy spend your fal credits: set FAL_PROXY_AUTH=token "
                 "or jwt, or FAL_PROXY_ALLOW_UNAUTHENTICATED=true if something in front "
                 "authenticates callers"
+            )
+        if settings.admin_token is not None and settings.metrics_port is None:
+            raise SettingsError(
+                "FAL_PROXY_ADMIN_TOKEN is set but FAL_PROXY_METRICS_PORT is not: the admin API "
+                "is served on the operator's port only; set FAL_PROXY_METRICS_PORT"
             )
         if settings.metrics_port is not None and settings.metrics_port == settings.port:
             raise SettingsError("FAL_PROXY_METRICS_PORT must differ from FAL_PROXY_PORT")
@@ -347,6 +374,21 @@ def _fal_key(env: Mapping[str, str]) -> Secret | None:
         missing = "FAL_KEY_SECRET" if key_id else "FAL_KEY_ID"
         raise SettingsError(f"{missing} is not set (FAL_KEY_ID and FAL_KEY_SECRET go together)")
     raise SettingsError("no fal key: set FAL_KEY, FAL_KEY_FILE, or FAL_KEY_ID and FAL_KEY_SECRET")
+
+
+def _admin_token(env: Mapping[str, str]) -> Secret | None:
+    token = _optional_secret(env, "FAL_PROXY_ADMIN_TOKEN")
+    if token is not None:
+        name = "FAL_PROXY_ADMIN_TOKEN_FILE" if _get(env, "FAL_PROXY_ADMIN_TOKEN_FILE") else ""
+        check_admin_token(name or "FAL_PROXY_ADMIN_TOKEN", token.reveal())
+    return token
+
+
+def check_admin_token(name: str, value: str) -> str:
+    """The admin token, refused if too short to resist guessing (start-up and reload)."""
+    if len(value) < ADMIN_TOKEN_MIN:
+        raise SettingsError(f"{name} must be at least {ADMIN_TOKEN_MIN} characters")
+    return value
 
 
 def _optional_secret(env: Mapping[str, str], name: str) -> Secret | None:
