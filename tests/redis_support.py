@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import redis
+
+from proxy.limits import Limiter, LimitSettings, create_limiter
 
 START_TIMEOUT = 10.0
 
@@ -105,3 +109,24 @@ class RedisServer:
     def keys(self) -> list[str]:
         with redis.Redis(port=self.port, decode_responses=True) as client:
             return sorted(client.keys("*"))
+
+
+def memory_and_redis_agree(
+    limits: LimitSettings, run: Callable[[Limiter, bool], Awaitable[list[object]]]
+) -> None:
+    """``run(limiter, together)`` on the memory limiter (one call at a time) and on the Redis
+    one of ``limits`` (each turn's calls together: one batch) gives the same answers. ``run``
+    starts the limiter; this closes it."""
+
+    async def one(limiter: Limiter, together: bool) -> list[object]:
+        try:
+            return await run(limiter, together)
+        finally:
+            await limiter.close()
+
+    async def both() -> None:
+        memory = await one(create_limiter(replace(limits, redis_url=None)), False)
+        shared = await one(create_limiter(limits), True)
+        assert shared == memory
+
+    asyncio.run(both())

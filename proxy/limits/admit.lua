@@ -29,7 +29,7 @@ local k, a = 2, 9
 for i = 0, nr - 1 do redis.pcall('ZREM', KEYS[k + i], A[a + i]) end
 k, a = k + nr, a + nr
 -- Units, spend and budget settlements: (usage, once, budget * m) and
--- (app, units, micros, expire_at, m, delta * m).
+-- (app, units, micros, expire_at, m, (delta, budget expire_at) * m).
 for i = 1, nn do
   local m = tonumber(A[a + 4])
   -- Units of one fal request count once, whichever replica saw its result first.
@@ -38,13 +38,15 @@ for i = 1, nn do
     if tonumber(A[a + 1]) > 0 then pcall(bump, KEYS[k], 'u:' .. A[a], A[a + 1], A[a + 3]) end
     if tonumber(A[a + 2]) > 0 then pcall(bump, KEYS[k], 's:' .. A[a], A[a + 2], A[a + 3]) end
     for j = 1, m do
-      -- Only the period the estimate was counted in (an ended one is gone: left alone).
-      if redis.call('EXISTS', KEYS[k + 1 + j]) == 1 then
-        redis.pcall('INCRBY', KEYS[k + 1 + j], A[a + 4 + j])
-      end
+      -- The period the estimate was counted in, still current (the replica sends no other);
+      -- never below nothing, as in memory.
+      local key, delta = KEYS[k + 1 + j], tonumber(A[a + 3 + 2 * j])
+      local used = tonumber(redis.call('GET', key) or '0') or 0
+      redis.pcall('INCRBY', key, math.max(delta, -used))
+      redis.pcall('EXPIREAT', key, A[a + 4 + 2 * j])
     end
   end
-  k, a = k + 2 + m, a + 5 + m
+  k, a = k + 2 + m, a + 5 + 2 * m
 end
 
 -- One admit: its leases key at KEYS[k], its arguments from A[a].

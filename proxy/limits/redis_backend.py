@@ -296,14 +296,16 @@ class RedisLimiter(Limiter):
         key, until = self._usage_key(who, self.clock())
         # Another replica may have counted these units: a marker says so.
         marker = self._key("once", caller_key(once)) if once is not None else NO_ONCE
-        budgets: tuple[tuple[str, int], ...] = ()
+        budgets: list[tuple[str, int, int]] = []
         if reservation is not None and delta:
-            # The counters of the periods the estimate was counted in (see the script).
-            budgets = tuple(
-                (self._key("q", q.key, period_bounds(q.period, reservation.at)[0], who), delta)
-                for q in reservation.budgets
-            )
-        self._batches.owe([], [Owed(key, marker, _field(app), units, cost, until, budgets)])
+            now = self.clock()
+            for q in reservation.budgets:
+                # Only in the period the estimate was counted in, if it is still the current
+                # one (as in memory): an ended period is gone, a new one starts from nothing.
+                index, _, end = period_bounds(q.period, now)
+                if index == period_bounds(q.period, reservation.at)[0]:
+                    budgets.append((self._key("q", q.key, index, who), delta, math.ceil(end)))
+        self._batches.owe([], [Owed(key, marker, _field(app), units, cost, until, tuple(budgets))])
 
     async def flush(self) -> None:
         """Send what this replica owes Redis now (releases, units) instead of within

@@ -37,8 +37,8 @@ log = get_logger("proxy.limits")
 class Owed:
     """Units, spend and budget settlements one call owes Redis: ``units`` and ``micros``
     added to ``app`` in the ``usage`` hash (kept until ``until``), and each budget counter
-    of ``budgets`` moved by its delta, all only if ``once`` (a fal request id's marker key)
-    is new; :data:`~.script.NO_ONCE`: always."""
+    of ``budgets`` moved by its delta (never below 0; kept until its period ends), all only
+    if ``once`` (a fal request id's marker key) is new; :data:`~.script.NO_ONCE`: always."""
 
     usage: str
     once: str
@@ -46,7 +46,7 @@ class Owed:
     units: float
     micros: int
     until: int
-    budgets: tuple[tuple[str, int], ...] = ()
+    budgets: tuple[tuple[str, int, int], ...] = ()  # (counter key, delta, its expiry)
 
 
 class Call(Protocol):
@@ -220,9 +220,10 @@ class Batches:
         keys = [key for key, _ in releases]
         args: list[Any] = [lease_id for _, lease_id in releases]
         for owed in units:
-            keys += [owed.usage, owed.once, *(key for key, _ in owed.budgets)]
-            args += [owed.app, owed.units, owed.micros, owed.until, len(owed.budgets),
-                     *(delta for _, delta in owed.budgets)]  # fmt: skip
+            keys += [owed.usage, owed.once, *(key for key, _, _ in owed.budgets)]
+            args += [owed.app, owed.units, owed.micros, owed.until, len(owed.budgets)]
+            for _, delta, expire_at in owed.budgets:
+                args += [delta, expire_at]
         return releases, units, keys, args
 
     async def flush(self) -> None:

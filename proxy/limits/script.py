@@ -16,13 +16,13 @@ packs each argument of a command in Python, and one string instead of ~30 saved 
 a call's client CPU. None may be empty or hold the separator.
 
 * Arguments: ``ncalls, nr, nn, lease_ttl, concurrent, max_fields, other, once_ttl``, then
-  ``lease_id * nr`` and ``(app, units, micros, expire_at, m, delta * m) * nn`` (what is
-  owed), then per call ``now, lease_id, nw, nq, nu, (limit, period) * nw,
+  ``lease_id * nr`` and ``(app, units, micros, expire_at, m, (delta, expire_at) * m) * nn``
+  (what is owed), then per call ``now, lease_id, nw, nq, nu, (limit, period) * nw,
   (limit, expire_at, amount) * nq, (field, expire_at, id) * nu`` (``id``: the caller's,
   :func:`~proxy.limits.admin_ops.id_arg`).
 * KEYS: the batch's own key (its answers, kept ``REPLAY_TTL`` seconds), ``leases * nr,
   (usage, once, budget * m) * nn`` (what is owed: units and spend are added to the usage
-  hash, and ``delta`` micro-dollars to each budget counter that still exists, only if
+  hash, and ``delta`` micro-dollars to each budget counter (never below 0), only if
   their ``once`` marker, a fal request id's, is new, and it is then kept ``once_ttl``
   seconds; :data:`NO_ONCE`: always), then per call ``leases, (window current, window
   previous) * nw, quota * nq, (usage, ids) * nu, blocked``.

@@ -12,8 +12,9 @@ answer arrives (``x-fal-billable-units`` on a run's response, on a queue result)
    atomic step as every other limit (memory, or the Redis script).
 2. **Settle on the answer.** When the units arrive, the budget gets ``cost - estimate``
    (:class:`Reservation`); a call that fails (refused upstream, cut, cancelled) gives its
-   estimate back, and one that succeeds with no units keeps it. A queue submit's reservation waits, in the process
-   that admitted it, for its result (:class:`Parked`), where the units come.
+   estimate back, and one that succeeds with no units keeps it. A queue submit's
+   reservation waits, in the process that admitted it, for its result (:class:`Parked`),
+   where the units come.
 
 **Overshoot.** Admission keeps ``spent + estimates in flight <= budget``, so a budget is
 exceeded only by what calls in flight cost *beyond* their estimates: at most the sum, over

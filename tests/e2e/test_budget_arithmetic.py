@@ -13,18 +13,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import replace
 
 from hypothesis import HealthCheck, given
 from hypothesis import settings as examples
 from hypothesis import strategies as st
 
 from proxy.errors import BudgetExceeded, QuotaExceeded
-from proxy.limits import Lease, Limiter, LimitSettings, create_limiter
+from proxy.limits import Lease, Limiter, LimitSettings
 from proxy.limits.quotas import Quota
 from proxy.limits.redis_backend import RedisLimiter
 from proxy.limits.spend import Reservation
-from tests.redis_support import RedisServer
+from tests.redis_support import RedisServer, memory_and_redis_agree
 
 NOW = float((int(time.time()) // 86400) * 86400 + 3600)  # an hour into a UTC day
 APP = "fal-ai/flux"
@@ -55,65 +54,55 @@ def test_reserve_settle_release_match_memory_and_the_integer_model(
         key_prefix=f"test-{uuid.uuid4().hex}",
     )  # fmt: skip
 
-    async def run(limiter: Limiter, *, together: bool) -> list[object]:
+    async def run(limiter: Limiter, together: bool) -> list[object]:
         limiter.clock = lambda: NOW
         await limiter.start()
         seen: list[object] = []
         model = {"alice": 0, "bob": 0}
-        try:
-            for n, calls in enumerate(plan):
-                admits = [
-                    limiter.admit(who, submit=True, quotas=quotas, app=APP, estimate=estimate)
-                    for who, estimate, _ in calls
-                ]
-                if together:
-                    results = await asyncio.gather(*admits, return_exceptions=True)
-                else:
-                    results = []
-                    for admit in admits:
-                        try:
-                            results.append(await admit)
-                        except (BudgetExceeded, QuotaExceeded) as exc:
-                            results.append(exc)
-                outcomes: list[object] = []
-                for i, (result, (who, estimate, then)) in enumerate(
-                    zip(results, calls, strict=True)
-                ):
-                    if not isinstance(result, Lease):
-                        assert isinstance(result, (BudgetExceeded, QuotaExceeded)), result
-                        outcomes.append((type(result).__name__, result.detail))
-                        continue
-                    outcomes.append("admitted")
-                    model[who] += estimate
-                    held = Reservation((budget,), estimate, NOW, 1, APP)
-                    if then == "fail":
-                        limiter.release(who, held)
-                        model[who] -= estimate
-                    elif isinstance(then, int):
-                        added = await limiter.add_units(who, APP, 1.0, f"r{n}-{i}", then, held)
-                        assert added
-                        model[who] += then - estimate
-                seen.append(outcomes)
-                if isinstance(limiter, RedisLimiter):
-                    await limiter.flush()  # settlements ride the next batch: send them
-            for who in ("alice", "bob"):
-                report = await limiter.usage(who, "default", quotas)
-                spent = report.quotas[1].used
-                assert spent == model[who], (who, spent, model[who])
-                assert spent <= max(limit, 0) + sum(  # the overshoot bound
-                    max(cost - estimate, 0)
-                    for calls in plan
-                    for w, estimate, cost in calls
-                    if w == who and isinstance(cost, int)
-                )
-                seen.append(("usage", who, [u.used for u in report.quotas], report.apps))
-        finally:
-            await limiter.close()
+        for n, calls in enumerate(plan):
+            admits = [
+                limiter.admit(who, submit=True, quotas=quotas, app=APP, estimate=estimate)
+                for who, estimate, _ in calls
+            ]
+            if together:
+                results = await asyncio.gather(*admits, return_exceptions=True)
+            else:
+                results = []
+                for admit in admits:
+                    try:
+                        results.append(await admit)
+                    except (BudgetExceeded, QuotaExceeded) as exc:
+                        results.append(exc)
+            outcomes: list[object] = []
+            for i, (result, (who, estimate, then)) in enumerate(zip(results, calls, strict=True)):
+                if not isinstance(result, Lease):
+                    assert isinstance(result, (BudgetExceeded, QuotaExceeded)), result
+                    outcomes.append((type(result).__name__, result.detail))
+                    continue
+                outcomes.append("admitted")
+                model[who] += estimate
+                held = Reservation((budget,), estimate, NOW, 1, APP)
+                if then == "fail":
+                    limiter.release(who, held)
+                    model[who] -= estimate
+                elif isinstance(then, int):
+                    added = await limiter.add_units(who, APP, 1.0, f"r{n}-{i}", then, held)
+                    assert added
+                    model[who] += then - estimate
+            seen.append(outcomes)
+            if isinstance(limiter, RedisLimiter):
+                await limiter.flush()  # settlements ride the next batch: send them
+        for who in ("alice", "bob"):
+            report = await limiter.usage(who, "default", quotas)
+            spent = report.quotas[1].used
+            assert spent == model[who], (who, spent, model[who])
+            assert spent <= max(limit, 0) + sum(  # the overshoot bound
+                max(cost - estimate, 0)
+                for calls in plan
+                for w, estimate, cost in calls
+                if w == who and isinstance(cost, int)
+            )
+            seen.append(("usage", who, [u.used for u in report.quotas], report.apps))
         return seen
 
-    async def both() -> None:
-        memory = await run(create_limiter(replace(limits, redis_url=None)), together=False)
-        shared = await run(create_limiter(limits), together=True)
-        assert shared == memory
-
-    asyncio.run(both())
+    memory_and_redis_agree(limits, run)

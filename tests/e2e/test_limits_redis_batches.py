@@ -12,7 +12,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Coroutine
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ from proxy.limits import Lease, Limiter, LimitSettings, caller_key, create_limit
 from proxy.limits import redis_backend as limits_redis
 from proxy.limits.quotas import Quota
 from proxy.limits.redis_backend import RedisLimiter
-from tests.redis_support import RedisServer
+from tests.redis_support import RedisServer, memory_and_redis_agree
 
 NOW = float((int(time.time()) // 3600 + 1) * 3600 + 15)  # as in test_limits_redis
 
@@ -116,43 +115,35 @@ def test_one_turns_batch_gives_the_memory_limiters_answers(
         concurrent=concurrent, lease_ttl=7200.0,
     )  # fmt: skip
 
-    async def run(limiter: Limiter, *, together: bool) -> list[object]:
+    async def run(limiter: Limiter, together: bool) -> list[object]:
         clock = [NOW]
         limiter.clock = lambda: clock[0]
         await limiter.start()
         seen: list[object] = []
-        try:
-            for step, calls in plan:
-                clock[0] += step
-                admits = [ask(limiter, quotas, *call[:-1]) for call in calls]
-                results: list[object] = []
-                if together:
-                    results = await asyncio.gather(*admits, return_exceptions=True)
-                else:
-                    for admit in admits:
-                        try:
-                            results.append(await admit)
-                        except (RateLimited, QuotaExceeded) as exc:
-                            results.append(exc)
-                seen.append([outcome(r) for r in results])
-                for result, (*_, hold) in zip(results, calls, strict=True):
-                    if isinstance(result, Lease) and not hold:
-                        await result.release()
-                if isinstance(limiter, RedisLimiter):
-                    await limiter.flush()  # memory gives a slot back at once: so must this
-            for who in ("alice", "bob"):
-                report = await limiter.usage(who, "default", quotas)
-                seen.append(("usage", who, [u.used for u in report.quotas], report.apps))
-        finally:
-            await limiter.close()
+        for step, calls in plan:
+            clock[0] += step
+            admits = [ask(limiter, quotas, *call[:-1]) for call in calls]
+            results: list[object] = []
+            if together:
+                results = await asyncio.gather(*admits, return_exceptions=True)
+            else:
+                for admit in admits:
+                    try:
+                        results.append(await admit)
+                    except (RateLimited, QuotaExceeded) as exc:
+                        results.append(exc)
+            seen.append([outcome(r) for r in results])
+            for result, (*_, hold) in zip(results, calls, strict=True):
+                if isinstance(result, Lease) and not hold:
+                    await result.release()
+            if isinstance(limiter, RedisLimiter):
+                await limiter.flush()  # memory gives a slot back at once: so must this
+        for who in ("alice", "bob"):
+            report = await limiter.usage(who, "default", quotas)
+            seen.append(("usage", who, [u.used for u in report.quotas], report.apps))
         return seen
 
-    async def both() -> None:
-        memory = await run(create_limiter(replace(limits, redis_url=None)), together=False)
-        shared = await run(create_limiter(limits), together=True)
-        assert shared == memory
-
-    asyncio.run(both())
+    memory_and_redis_agree(limits, run)
 
 
 # --- no slot kept for nobody ------------------------------------------------------------------
