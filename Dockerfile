@@ -16,7 +16,8 @@ FROM python:3.11-slim AS builder
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# [tracing]: OpenTelemetry over OTLP/HTTP, used only when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[tracing]'
 
 # ---- final: the wheels only, no compilers, no source tree --------------------------------
 FROM python:3.11-slim

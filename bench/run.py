@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,9 @@ def rows_from(r: dict[str, Any]) -> list[Row]:
             tls["proxy_cpu_us_per_req"], "{:.0f}"),
         Row("TLS handshakes per 1,000 requests (in the rounds)", "", None, per_thousand, "{:.2f}",
             "< 1", per_thousand < 1, False),
+        Row(f"{SMALL}, tracing on (every call's spans to a local OTLP/HTTP sink)",
+            "the same, tracing off", cpu, r[TRACING_MODE]["load"]["proxy_cpu_us_per_req"],
+            "{:.0f}"),
         Row("req/s, 64 conn", "direct", d["load"]["req_per_s"], p["load"]["req_per_s"], "{:.0f}"),
     ]  # fmt: skip
     if "workers" in r:
@@ -462,12 +466,23 @@ def measure(
         "proxy (TLS upstream)", [sys.executable, "-m", "proxy", "--port", "0"], tls_proxy_env, stack
     )
     pin(tls_proxy.pid, proxy_cpus)
+    # Tracing on (OTEL_*): the same proxy exporting every call's spans over OTLP/HTTP to a
+    # sink that drops them (bench/otlp_sink.py, not on the proxy's CPU); the SDK's export
+    # thread is the proxy's and pinned with it, so its CPU counts.
+    sink = start_child("OTLP sink", [sys.executable, str(ROOT / "bench" / "otlp_sink.py"),
+                                     "--port", "0"], env, stack)  # fmt: skip
+    tracing_env = dict(proxy_env, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{sink.port}")
+    tracing_proxy = start_child(
+        "proxy (tracing on)", [sys.executable, "-m", "proxy", "--port", "0"], tracing_env, stack
+    )
+    pin(tracing_proxy.pid, proxy_cpus)
 
     # Both modes ask for the same upstream paths: "direct" names the gateway's own URL for
     # what the proxy turns /fal-ai/x into. Each mode's cost is that of one process.
     modes = {"direct": (gateway_url, gateway), "proxy": (proxy_url, proxy)}
     load_modes = dict(modes)  # those in the small-request rounds
     load_modes[TLS_MODE] = (f"http://127.0.0.1:{tls_proxy.port}", tls_proxy)
+    load_modes[TRACING_MODE] = (f"http://127.0.0.1:{tracing_proxy.port}", tracing_proxy)
     scripts = dict.fromkeys(load_modes, script)
     for name in () if args.only_proxy else BASELINES:
         client_env = dict(env, BENCH_GATEWAY_URL=gateway_url, BENCH_CLIENT=name.split("-")[1])
@@ -541,6 +556,7 @@ def measure(
                 "upload", f"{base}/fal-ai/sink", child.pid, upload_file
             )
         results["proxy"]["rss_after_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
+        results[TRACING_MODE]["sink"] = sink_stats(sink.port)
         if not args.only_proxy:
             results["workers"] = scaling.workers_rows(
                 proxy_env, gateway.pid, script, sorted(os.sched_getaffinity(0) | proxy_cpus),
@@ -564,6 +580,16 @@ def measure(
 
 
 TLS_MODE = "proxy-tls"
+TRACING_MODE = "proxy-tracing"  # OTEL_EXPORTER_OTLP_ENDPOINT set: spans to bench/otlp_sink.py
+
+
+def sink_stats(port: int) -> dict[str, int]:
+    """What the OTLP sink received: exports (batches) and bytes."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stats", timeout=5) as answer:
+        stats: dict[str, int] = json.loads(answer.read())
+    return stats
+
+
 EXPRESS = "fal-express"  # fal's @fal-ai/server-proxy in Express (bench/express_proxy)
 EXPRESS_SERVER = ROOT / "bench" / "express_proxy" / "server.cjs"
 
@@ -623,7 +649,8 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
         f"proxy down {speeds(proxy['download'])}, up {speeds(proxy['upload'])}.\n"
         f"- proxy RSS after all runs: {proxy['rss_after_mib']:.1f} MiB."
     )
-    others = [name for name in (TLS_MODE, *BASELINES, EXPRESS) if name in results]
+    sink = results[TRACING_MODE]["sink"]
+    others = [name for name in (TLS_MODE, TRACING_MODE, *BASELINES, EXPRESS) if name in results]
     each = "; ".join(f"{name}: {rounds(name, 'proxy_cpu_us_per_req')} µs, "
                      f"{rounds(name, 'req_per_s')} req/s" for name in others)  # fmt: skip
     versions = ", ".join(f"{k} {v or 'NOT installed'}" for k, v in meta["versions"].items())
@@ -632,7 +659,10 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
         f"(median shown; each round: {each}). {TLS_MODE}: this proxy in front of the same fake "
         "gateway speaking TLS 1.3 (a trustme CA trusted through FAL_PROXY_TEST_GATEWAY_CA_FILE); "
         "handshakes: the TLS gateway's accepted connections during the rounds, over their "
-        "requests. Bare forwarders: bench/baselines.py, uvicorn + the client, streaming both "
+        f"requests. {TRACING_MODE}: this proxy with OTEL_EXPORTER_OTLP_ENDPOINT set, every call "
+        "sampled, its 4 spans batched (the SDK's defaults) to bench/otlp_sink.py, which drops "
+        f"them ({sink['exports']:,} exports, {sink['bytes'] / 1e6:.1f} MB received). "
+        "Bare forwarders: bench/baselines.py, uvicorn + the client, streaming both "
         "ways, no logging, no header policy, no checks. fal's server-proxy: its Express "
         "handler as its README sets it up (bench/express_proxy/server.cjs), the target in "
         "x-fal-target-url, fetch() pointed at the fake gateway. Before each round, 1 s of "

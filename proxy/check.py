@@ -4,6 +4,7 @@ optionally probe the gateway (and Redis) before going live. Exit 0 when all is w
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
@@ -13,6 +14,7 @@ from .config.envvars import Secret
 from .config.settings import Settings
 from .limits.prices import Prices
 from .limits.quotas import Plans, Quota
+from .observe import tracing
 
 # What an empty list means, per setting: "(none)" read as "nothing allowed" where it is "all".
 _EMPTY = {
@@ -171,7 +173,12 @@ def run_check(settings: Settings, with_probe: bool, out: TextIO = sys.stdout) ->
     print("configuration: valid", file=out)
     for line in describe(settings):
         print(f"  {line}", file=out)
+    # OpenTelemetry: the standard OTEL_* variables, not ours (the URL only: never the headers).
+    print(f"  {tracing.describe(os.environ)}", file=out)
     ok = True
+    if (missing := tracing.missing_sdk(os.environ)) is not None:
+        ok = False
+        print(f"FAIL  {missing}", file=out)
     if with_probe:
         for passed, message in probe(settings):
             ok &= passed

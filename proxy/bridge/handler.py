@@ -46,6 +46,7 @@ from ..config.settings import Settings
 from ..errors import ClientGone, ProxyError, ShuttingDown
 from ..observe.logs import get_logger
 from ..observe.metrics import Metrics
+from ..observe.tracing import active as active_tracing
 from ..phases import Transport
 from ..policy.python_port import PythonSdkListener
 from ..upstream.breaker import Breaker
@@ -79,9 +80,15 @@ class Bridge(Transport[Session]):
         self.sessions: set[Session] = set()
         self.read_headers = admission.header_reader(python)
         self.log = get_logger("proxy.websocket")
+        self.tracing = active_tracing()  # OpenTelemetry (observe/tracing): None when off
+        if self.tracing is not None:
+            self.tracing.use_tags(admission.tags)
 
     def open(self, scope: Scope) -> Session:
-        return Session(scope["path"])
+        session = Session(scope["path"])
+        if self.tracing is not None:  # its server span, then admission
+            session.trace = self.tracing.call(scope["headers"])
+        return session
 
     async def proxy(self, session: Session, scope: Scope, receive: Receive, send: Send) -> None:
         """request_filter (the handshake, admission) → upstream_peer (the upstream handshake,
@@ -116,6 +123,8 @@ class Bridge(Transport[Session]):
         # Labelled by the admitting pattern, as the forwarder's requests are before fal
         # has answered.
         label = admitted.app if admitted.app not in (None, "*") else "other"
+        if session.trace is not None:  # the handshake's span: the gateway's spans' parent
+            session.trace_headers = session.trace.upstream()
         self.metrics.observe_generation(label)
         session.generations = 1
 
@@ -145,6 +154,9 @@ class Bridge(Transport[Session]):
                              **{**session.log_fields(), **refusal.log_fields()})  # fmt: skip
         else:
             self.log.info("websocket", **session.log_fields())
+        if session.trace is not None:
+            session.trace.end(session.log_fields(), caller_key=session.caller,
+                              status=refusal.status if refusal is not None else None)  # fmt: skip
 
     async def _bridge(
         self,
@@ -164,6 +176,8 @@ class Bridge(Transport[Session]):
             if upstream is None:
                 return
             session.upstream = upstream
+            if session.trace is not None:  # 101: the frames both ways from here on
+                session.trace.answered(101)
             try:
                 chosen = client_subprotocol(offered, upstream.subprotocol)
                 session.answered = session.accepted = True

@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from ..errors import ClientGone, ProxyError
+from ..observe.tracing import CallTrace
 from ..phases import Call
 
 SHUTDOWN = 1001, "proxy shutting down"
@@ -62,6 +63,8 @@ class Session(Call):
         "generations",
         "metadata",
         "path",
+        "trace",
+        "trace_headers",
         "upstream",
         "upstream_close",
     )
@@ -77,6 +80,8 @@ class Session(Call):
         self.upstream: ClientConnection | None = None
         self.client_send: Send | None = None
         self.answered = self.accepted = self.close_sent = False
+        self.trace: CallTrace | None = None  # its spans (OTEL_*): None, tracing off
+        self.trace_headers: list[tuple[str, str]] = []  # for the upstream handshake
 
     async def close_client(self, code: int, reason: str) -> None:
         """Close the accepted client with ``code`` and ``reason``, unless it was sent a close

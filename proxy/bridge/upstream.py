@@ -150,7 +150,7 @@ class _connect_without_redirects(connect):
 async def open_upstream(
     path: str, query: str, offered: list[str], *,
     gateway_ws: str, injected: InjectedHeaders, settings: Settings, metadata: str | None = None,
-    bypass: bool = False,
+    bypass: bool = False, trace: list[tuple[str, str]] | None = None,
 ) -> ClientConnection:  # fmt: skip
     """The upstream socket for ``path`` and ``query``, the proxy's credentials in its handshake
     and only the client's non-credential sub-protocols offered.
@@ -171,6 +171,8 @@ async def open_upstream(
         headers.extend(injected.controls)
         if metadata is not None:
             headers.append(("cf-aig-metadata", metadata))
+    if trace:  # (tracing on) W3C trace context; cf-aig-otel-* to the gateway only
+        headers += [(n, v) for n, v in trace if not (direct and n.startswith("cf-aig-"))]
     passable = upstream_subprotocols(offered)
     # A test CA for a local TLS gateway (FAL_PROXY_TEST_GATEWAY_CA_FILE); fal's own is public.
     context = None if direct else settings.gateway.gateway_tls()
@@ -303,6 +305,7 @@ async def open_routed(
         return open_upstream(
             path, query, offered, gateway_ws=gateway_ws, injected=injected,
             settings=settings, metadata=session.metadata, bypass=bypass,
+            trace=session.trace_headers,
         )  # fmt: skip
 
     def judge_error(exc: BaseException) -> tuple[bool | None, bool]:

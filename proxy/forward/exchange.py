@@ -14,6 +14,7 @@ from ..admission import Admitted
 from ..errors import ProxyError
 from ..limits.money import as_usd
 from ..observe.logs import redact_query
+from ..observe.tracing import CallTrace
 from ..phases import Call
 from ..policy.origins import cors_headers
 
@@ -42,6 +43,7 @@ class Exchange(Call):
         "request_policy",
         "response_done",
         "status",
+        "trace",
         "ttfb",
         "units_counted",
         "upstream_status",
@@ -71,6 +73,7 @@ class Exchange(Call):
         self.cost = 0  # what those units cost, in micro-dollars (0: no price)
         self.generation = False  # admitted as a call that can start a generation
         self.request_policy: list[str] | None = None  # what the plan's policy changed (names)
+        self.trace: CallTrace | None = None  # its spans (OTEL_*): None, tracing off
 
     def record(self, admitted: Admitted) -> None:
         """Take what admission learned (the log line shows it even for a refusal)."""

@@ -33,8 +33,9 @@ from ..errors import (
 )
 from ..observe.logs import get_logger
 from ..observe.metrics import Metrics
+from ..observe.tracing import active as active_tracing
 from ..phases import Transport
-from ..policy.headers import upstream_request_headers
+from ..policy.headers import upstream_request_headers, with_trace
 from ..policy.plan_requests import apply_request_policy, with_query
 from ..policy.python_port import REWRITE_ACCEPT_ENCODING, PythonSdkListener, rewrite_queue_urls
 from ..policy.targets import WMA_HOST, WMA_KINDS
@@ -71,6 +72,10 @@ class Forwarder(Transport[Exchange]):
         self.body_in_hand: Callable[[Receive], bool] = lambda receive: False
         self.log = get_logger("proxy.request")
         self.key_hint = fal_key_hint(settings.gateway.mode, python is not None)
+        # OpenTelemetry (observe/tracing): None when off, and then no call makes a span.
+        self.tracing = active_tracing()
+        if self.tracing is not None:
+            self.tracing.use_tags(admission.tags)
 
     @property
     def session(self) -> aiohttp.ClientSession | None:
@@ -82,7 +87,10 @@ class Forwarder(Transport[Exchange]):
 
     def open(self, scope: Scope) -> Exchange:
         self.metrics.in_flight.inc()
-        return Exchange(scope["method"])
+        ex = Exchange(scope["method"])
+        if self.tracing is not None:  # its server span, then admission
+            ex.trace = self.tracing.call(scope["headers"])
+        return ex
 
     async def fail(
         self, ex: Exchange, scope: Scope, send: Send, error: ProxyError, bug: BaseException | None
@@ -127,6 +135,10 @@ class Forwarder(Transport[Exchange]):
             self.log.warning("request", **ex.log_fields())
         else:
             self.log.info("request", **ex.log_fields())
+        if ex.trace is not None:
+            key = ex.caller if ex.caller is not None or ex.client_ip is None else (
+                self.admission.limit_key(None, ex.client_ip))  # fmt: skip
+            ex.trace.end(ex.log_fields(), status=ex.status, caller_key=key, app=ex.app)
 
     async def _send_error(self, send: Send, exc: ProxyError, ex: Exchange) -> None:
         body = exc.body()
@@ -218,6 +230,8 @@ class Forwarder(Transport[Exchange]):
             first = await receive_body(receive, settings.idle_timeout, self.body_in_hand(receive))
         ex.lease = await admission.take_slot(admitted, ex.method)
         ex.generation = admitted.generation
+        if ex.trace is not None:  # the upstream span: the gateway's spans' parent
+            headers = with_trace(headers, ex.trace.upstream())
         try:
             await round_trip(
                 self.route, settings, target, headers, receive, send, ex, first, rewrite

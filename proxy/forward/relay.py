@@ -147,6 +147,8 @@ def _note_answer(response: aiohttp.ClientResponse, ex: Exchange) -> None:
     ``ex`` (``ex.status`` is set by the caller, once it sends the status)."""
     ex.ttfb = time.perf_counter() - ex.started
     ex.upstream_status = response.status
+    if ex.trace is not None:  # the first byte: upstream ends, the relay begins
+        ex.trace.answered(response.status)
     for name, value in response.raw_headers:
         lname = name.lower()
         if lname == b"x-fal-request-id":

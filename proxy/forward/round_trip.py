@@ -64,9 +64,14 @@ async def round_trip(
     if ex.bytes_in > settings.max_body_bytes:
         raise PayloadTooLarge.over(settings.max_body_bytes)
 
+    def body_sent() -> None:
+        start_watcher()
+        if ex.trace is not None:
+            ex.trace.event("request_body_sent")
+
     upload: UploadDeadline | None = None
     if first.get("more_body", False):
-        upload = UploadDeadline(settings.idle_timeout, settings.first_byte_timeout, start_watcher)
+        upload = UploadDeadline(settings.idle_timeout, settings.first_byte_timeout, body_sent)
         deadline = upload.timeout
         body = stream_body(first_chunk, receive, ex, upload, settings.max_body_bytes)
     else:

@@ -224,3 +224,33 @@ def _live_stream(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
     if b"no-transform" not in directives:
         merged += b", no-transform"
     return [*rest, (b"cache-control", merged), (b"x-accel-buffering", b"no")]
+
+
+# W3C Trace Context (https://www.w3.org/TR/trace-context/): the client's, replaced when the
+# proxy traces (its own span is then the upstream's parent); passed as sent when it does not.
+TRACE_CONTEXT = ("traceparent", "tracestate")
+
+
+def trace_headers(
+    trace_id: int, span_id: int, *, sampled: bool, tracestate: str = "", gateway: bool = True
+) -> list[tuple[str, str]]:
+    """The headers that make span ``span_id`` of trace ``trace_id`` the upstream's parent: W3C
+    ``traceparent`` (and ``tracestate``, carried on), and for the gateway (``gateway``) its
+    ``cf-aig-otel-trace-id`` (32 lower hex) and ``cf-aig-otel-parent-span-id`` (16 lower
+    hex), so that its spans join the trace: only for a sampled span (one that is exported).
+    """
+    trace_hex, span_hex = f"{trace_id:032x}", f"{span_id:016x}"
+    out = [("traceparent", f"00-{trace_hex}-{span_hex}-{'01' if sampled else '00'}")]
+    if tracestate:
+        out.append(("tracestate", tracestate))
+    if gateway and sampled:
+        out += [("cf-aig-otel-trace-id", trace_hex), ("cf-aig-otel-parent-span-id", span_hex)]
+    return out
+
+
+def with_trace(
+    headers: Iterable[tuple[str, str]], trace: Iterable[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """``headers`` (the policy's, above) with the client's trace context replaced by ``trace``
+    (:func:`trace_headers`). The client's ``cf-aig-otel-*`` never got this far ("cf-")."""
+    return [(n, v) for n, v in headers if n not in TRACE_CONTEXT] + list(trace)

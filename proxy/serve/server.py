@@ -139,6 +139,10 @@ class ProxyServer(uvicorn.Server):
             app.draining.set()  # /readyz answers 503 from now on
             await app.close_sockets()
         await super().shutdown(sockets)
+        from ..observe.tracing import active
+
+        if (tracing := active()) is not None:  # the last spans out, bounded (3 s)
+            await asyncio.to_thread(tracing.shutdown)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn's ssl setting would apply to every socket: the TLS one is served here, by
@@ -303,6 +307,19 @@ def worker_socket(shared: socket.socket) -> socket.socket:
     return own
 
 
+def start_tracing(log: Any) -> None:
+    """OpenTelemetry, when the standard ``OTEL_*`` variables name an endpoint
+    (:mod:`proxy.observe.tracing`); in each process that serves (each worker: the SDK's
+    export thread does not survive a fork). Without the SDK: SettingsError, one line."""
+    from ..config.envvars import SettingsError
+    from ..observe.tracing import TracingUnavailable, start
+
+    try:
+        start(os.environ, log)
+    except TracingUnavailable as exc:
+        raise SettingsError(str(exc)) from None
+
+
 def proxy_server(settings: Settings) -> ProxyServer:
     """The proxy's server for ``settings``: what the single process, or each worker, runs.
     Raises SettingsError when the Python client's TLS port cannot get its certificate."""
@@ -313,6 +330,7 @@ def proxy_server(settings: Settings) -> ProxyServer:
     check_uvicorn()
     ignore_sighup()
     log = get_logger("proxy")
+    start_tracing(log)  # before the app: its transports take the tracer (or None) as built
 
     def listening(host: str, port: int) -> None:
         if port == settings.metrics_port:  # the second socket: /metrics and /usage only

@@ -8,7 +8,9 @@ from proxy.policy.headers import (
     CLIENT_PROXY_ID,
     InjectedHeaders,
     downstream_response_headers,
+    trace_headers,
     upstream_request_headers,
+    with_trace,
 )
 from proxy.policy.targets import resolve_target
 
@@ -298,3 +300,82 @@ def test_other_answers_keep_their_cache_control() -> None:
     raw = [(b"content-type", b"application/json"), (b"cache-control", b"max-age=60")]
     out = downstream_response_headers(raw, status=200, request_id="r")
     assert (b"cache-control", b"max-age=60") in out and b"x-accel-buffering" not in dict(out)
+
+
+# --- W3C trace context and the gateway's OTel headers (tracing: proxy/observe/tracing.py) ----
+
+TRACE_ID, SPAN_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7
+
+
+def test_tracing_off_the_clients_trace_context_passes_as_sent() -> None:
+    # What the policy did before tracing existed, and still does with tracing off.
+    sent = [("traceparent", f"00-{TRACE_ID:032x}-{SPAN_ID:016x}-01"), ("tracestate", "v=1")]
+    out = dict(upstream(sent))
+    assert out["traceparent"] == sent[0][1] and out["tracestate"] == "v=1"
+
+
+def test_a_clients_cf_aig_otel_headers_never_reach_the_gateway() -> None:
+    out = names(upstream([("cf-aig-otel-trace-id", "a" * 32),
+                          ("cf-aig-otel-parent-span-id", "b" * 16)]))  # fmt: skip
+    assert not any(n.startswith("cf-aig-otel") for n in out)
+
+
+@pytest.mark.parametrize(
+    ("sampled", "gateway", "expected"),
+    [
+        (True, True, [
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ("tracestate", "v=1"),
+            ("cf-aig-otel-trace-id", "4bf92f3577b34da6a3ce929d0e0e4736"),
+            ("cf-aig-otel-parent-span-id", "00f067aa0ba902b7"),
+        ]),
+        # Not sampled: the gateway is not asked to join a trace nobody exports.
+        (False, True, [
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            ("tracestate", "v=1"),
+        ]),
+        # Straight to fal: no gateway headers.
+        (True, False, [
+            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ("tracestate", "v=1"),
+        ]),
+    ],
+)  # fmt: skip
+def test_trace_headers(sampled: bool, gateway: bool, expected: list[tuple[str, str]]) -> None:
+    got = trace_headers(TRACE_ID, SPAN_ID, sampled=sampled, tracestate="v=1", gateway=gateway)
+    assert got == expected
+
+
+def test_trace_headers_small_ids_are_zero_padded_lower_hex() -> None:
+    got = dict(trace_headers(1, 2, sampled=True))
+    assert got["cf-aig-otel-trace-id"] == "0" * 31 + "1"
+    assert got["cf-aig-otel-parent-span-id"] == "0" * 15 + "2"
+    assert "tracestate" not in got
+
+
+def test_trace_headers_match_the_w3c_propagator() -> None:
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    from opentelemetry.trace.span import TraceState
+
+    for sampled in (True, False):
+        context = SpanContext(TRACE_ID, SPAN_ID, is_remote=False,
+                              trace_flags=TraceFlags(1 if sampled else 0),
+                              trace_state=TraceState([("v", "1")]))  # fmt: skip
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(
+            carrier, set_span_in_context(NonRecordingSpan(context))
+        )
+        ours = dict(trace_headers(TRACE_ID, SPAN_ID, sampled=sampled, tracestate="v=1"))
+        assert ours["traceparent"] == carrier["traceparent"]
+        assert ours["tracestate"] == carrier["tracestate"]
+
+
+def test_tracing_on_the_proxys_span_replaces_the_clients_parent() -> None:
+    sent = [("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01"), ("tracestate", "c=1"),
+            ("content-type", "application/json")]  # fmt: skip
+    ours = trace_headers(TRACE_ID, SPAN_ID, sampled=True)
+    out = with_trace(upstream(sent), ours)
+    assert [v for n, v in out if n == "traceparent"] == [ours[0][1]]
+    assert "tracestate" not in names(out)  # the span's own tracestate (none here) replaces it
+    assert ("content-type", "application/json") in out
