@@ -71,6 +71,13 @@ what they started with. A file that no longer parses, cannot be read or is empty
 good version and logs one warning (`config_file_unusable`, `secret_file_unusable`) naming the
 variable, the file and, when the parser gives one, the line. Every other variable is read once,
 at start-up.
+
+OpenTelemetry tracing is set with the standard `OTEL_*` variables, not the proxy's own, so they
+are not in the tables below: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns it on, and `OTEL_SERVICE_NAME`,
+`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`, `OTEL_EXPORTER_OTLP_HEADERS`,
+`OTEL_BSP_*` and `OTEL_SDK_DISABLED` are read by the OpenTelemetry SDK: see
+[tracing.md](tracing.md).
 """
 
 _TEST_SECTION = (

@@ -293,7 +293,7 @@ class CallTrace:
             if (tag := self._tracing.caller_tag(caller_key)) is not None:
                 server.set_attribute("fal_proxy.caller_tag", tag)
             if app is not None:
-                server.set_attribute("fal_proxy.app", app)
+                server.set_attribute("fal_proxy.app_pattern", app)
             if failed:
                 server.set_status(Status(StatusCode.ERROR, str(error or status)))
         server.end()
