@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ from ..bridge.handler import Bridge
 from ..config.settings import Settings
 from ..errors import NotFound
 from ..forward.handler import Forwarder
+from ..limits.redis_backend import RedisLimiter
 from ..observe.logs import get_logger
 from ..observe.metrics import Metrics
 from ..observe.redaction import register_header_names, register_secret
@@ -60,6 +62,10 @@ def create_app(
     metrics = Metrics()
     route = UpstreamRoute(settings)  # one session and one breaker for every port
     route.breaker = fallback_breaker(settings, metrics)
+    metrics.workers.set(settings.workers)
+    metrics.upstream_connections.session = lambda: route.session
+    if isinstance(admission.limiter, RedisLimiter):  # each script call's round trip
+        admission.limiter._batches.on_call = metrics.observe_redis
     python_port = settings.python_sdk.port
     # The Python client's TLS port gets its own transports, configured once for it.
     python = PythonSdkListener(settings.python_sdk.origin) if python_port is not None else None
@@ -90,9 +96,11 @@ def create_app(
         await admission.limiter.start()
         route.session = create_session(settings)
         reloader.start()  # the watched files re-read when they change, and on SIGHUP
+        metrics.lag.start()  # the event loop's lag: a timer every 0.5 s, no thread
         try:
             yield
         finally:
+            metrics.lag.stop()
             reloader.stop()
             await route.session.close()
             route.session = None
@@ -176,6 +184,7 @@ def fallback_breaker(settings: Settings, metrics: Metrics) -> Breaker | None:
 
     def changed(old: str, new: str) -> None:
         metrics.gateway_bypassed.set(0 if new == "closed" else 1)
+        metrics.observe_breaker(new, time.time())
         if new == "open":
             log.warning("gateway_bypassed", state=new, previous=old,
                         note=f"calls go straight to fal for {gateway.fallback_seconds:g}s, "

@@ -232,11 +232,18 @@ class Forwarder(Transport[Exchange]):
         ex.generation = admitted.generation
         if ex.trace is not None:  # the upstream span: the gateway's spans' parent
             headers = with_trace(headers, ex.trace.upstream())
+        # An SSE stream (a /stream run, a queue status stream) counts open while it runs.
+        streaming = target.path.endswith("/stream")
+        stream = self.metrics.stream_opened(target.kind) if streaming else None
+        sent = time.perf_counter()
         try:
             await round_trip(
                 self.route, settings, target, headers, receive, send, ex, first, rewrite
             )
         finally:
+            self.metrics.observe_upstream(target.kind, time.perf_counter() - sent)
+            if stream is not None:
+                stream.dec()
             await ex.release()  # before the units: as soon as the answer is through
             if ex.generation or ex.billable_units:
                 upstream = ex.upstream_status

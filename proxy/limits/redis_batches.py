@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -80,6 +81,8 @@ class Batches:
         # Batches in flight that give slots back, by the leases key they release in: an
         # admit of that key waits for them, so a slot released here is free for its next call.
         self._releasing: dict[str, asyncio.Task[None]] = {}
+        # Each script call's round trip and whether it failed (the app's metrics).
+        self.on_call: Callable[[float, bool], None] = lambda _seconds, _failed: None
 
     async def answer(self, call: Call) -> Any:
         """Add an admit to this turn's batch and wait for its answer (or the store's error).
@@ -153,11 +156,16 @@ class Batches:
         for call in calls:
             keys += call.keys
             args += call.args
+        sent, answered = time.perf_counter(), False
         try:
             answers: list[Any] = await script(keys=keys, args=[joined(head + args)])
+            answered = True
+            self.on_call(time.perf_counter() - sent, False)
             if len(answers) != len(calls):
                 raise ResponseError(f"{len(answers)} answers for {len(calls)} calls")
         except BaseException as exc:
+            if not answered and isinstance(exc, STORE_ERRORS):  # not cancelled: failed
+                self.on_call(time.perf_counter() - sent, True)
             # Redis may have run the batch (the reply lost or late): the slots it took for
             # the calls are given back, and what was owed is sent again. Releases repeat
             # harmlessly; units would count twice had it run (a reply over REDIS_TIMEOUT

@@ -15,8 +15,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..policy.allowed_apps import NAMESPACES
+from .runtime_stats import (
+    LAG_BUCKETS,
+    LoopLag,
+    UpstreamConnections,
+    WorkerRestarts,
+    process_collector,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# The breaker's state as a number: a dashboard's line and an alert's threshold.
+BREAKER_STATES = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
+# Streaming responses (SSE) counted open, by route kind: a /stream run, a queue status stream.
+STREAM_ROUTES = ("stream", "queue")
 
 
 class Metrics:
@@ -85,6 +97,76 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        # Operators' questions (docs/deployment.md#metrics); none adds a label per caller.
+        self.upstream_duration = Histogram(
+            "fal_proxy_upstream_duration_seconds",
+            "The upstream round trip: the request sent to the answer's last byte relayed",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.open_streams = Gauge(
+            "fal_proxy_open_streams",
+            "Streaming (SSE) calls in flight, by route kind (stream: a /stream run; queue: "
+            "a queue status stream)",
+            ["route"],
+            registry=registry,
+        )
+        self._upstream: dict[str, Any] = {}
+        self._open_streams = {route: self.open_streams.labels(route) for route in STREAM_ROUTES}
+        self.breaker_state = Gauge(
+            "fal_proxy_breaker_state",
+            "FAL_PROXY_FALLBACK=direct's breaker: 0 closed (through the gateway), "
+            "0.5 half-open (one probe through it), 1 open (straight to fal)",
+            registry=registry,
+        )
+        self.breaker_changed = Gauge(
+            "fal_proxy_breaker_last_change_timestamp_seconds",
+            "Unix time of the breaker's last change of state (0: none since the start)",
+            registry=registry,
+        )
+        self.breaker_transitions = Counter(
+            "fal_proxy_breaker_transitions",
+            "The breaker's changes of state, by the state it entered",
+            ["state"],
+            registry=registry,
+        )
+        for state in BREAKER_STATES:
+            self.breaker_transitions.labels(state)
+        self.redis_duration = Histogram(
+            "fal_proxy_redis_script_seconds",
+            "One limiter script call to Redis (a batch of admits and what is owed), round trip",
+            buckets=REDIS_BUCKETS,
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "fal_proxy_redis_errors",
+            "Limiter script calls that failed (Redis unreachable, too slow, or refusing)",
+            registry=registry,
+        )
+        self.loop_lag_last = Gauge(
+            "fal_proxy_event_loop_lag_last_seconds",
+            "How late the event loop ran its last lag timer",
+            registry=registry,
+        )
+        self.loop_lag = Histogram(
+            "fal_proxy_event_loop_lag_seconds",
+            "How late the event loop ran a timer it sets every 0.5 s",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.lag = LoopLag(self.loop_lag_last, self.loop_lag)
+        self.workers = Gauge(
+            "fal_proxy_workers",
+            "Processes serving the port (FAL_PROXY_WORKERS; 1: no supervisor)",
+            registry=registry,
+        )
+        self.workers.set(1)
+        # Read at scrape time: the upstream pool (set by the app), restarts, /proc.
+        self.upstream_connections = UpstreamConnections(lambda: None)
+        registry.register(self.upstream_connections)
+        registry.register(WorkerRestarts())
+        process_collector(registry)
         self._bytes_in = self.bytes.labels("in")
         self._bytes_out = self.bytes.labels("out")
         # Labelled children, looked up once per label set: .labels() costs more than the update.
@@ -131,6 +213,33 @@ class Metrics:
         self.billable_units.labels(app).inc(units)
         if cost:
             self.spend.labels(app).inc(cost / 1_000_000)
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        """One call's upstream round trip on ``route`` (a target kind: bounded)."""
+        child = self._upstream.get(route)
+        if child is None:
+            child = self._upstream[route] = self.upstream_duration.labels(route)
+        child.observe(seconds)
+
+    def stream_opened(self, route: str) -> Any:
+        """The gauge child of a streaming call on ``route`` (moved up now, down by the
+        caller at its end), or None when ``route`` is not one of :data:`STREAM_ROUTES`."""
+        child = self._open_streams.get(route)
+        if child is not None:
+            child.inc()
+        return child
+
+    def observe_breaker(self, state: str, now: float) -> None:
+        """The breaker entered ``state`` at unix time ``now``."""
+        self.breaker_state.set(BREAKER_STATES[state])
+        self.breaker_changed.set(now)
+        self.breaker_transitions.labels(state).inc()
+
+    def observe_redis(self, seconds: float, failed: bool) -> None:
+        """One limiter script call to Redis: its round trip, and whether it failed."""
+        self.redis_duration.observe(seconds)
+        if failed:
+            self.redis_errors.inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -12,6 +12,7 @@ worker that dies or stops answering; the subclasses here make each worker a full
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import pickle
 import signal
@@ -49,9 +50,12 @@ class _Worker(UvicornWorker):
     """
 
     def __init__(
-        self, config: uvicorn.Config, sockets: list[socket.socket], settings: Settings
-    ) -> None:
+        self, config: uvicorn.Config, sockets: list[socket.socket], settings: Settings,
+        restarts: Any = None,
+    ) -> None:  # fmt: skip
         self.settings = settings  # before uvicorn's __init__, which captures this object
+        # The supervisor's count of replaced workers, in shared memory: /metrics shows it.
+        self.restarts = restarts
         self.proxy_server: ProxyServer | None = None
         # Supervisor side: has it answered a health check yet, and until when may it start.
         self.asked = self.answered = False
@@ -92,6 +96,10 @@ class _Worker(UvicornWorker):
         configure_logging(self.settings.log_format, self.settings.log_level)
         exit_cleanly_on_signals()  # a SIGTERM before serving: nothing to drain, exit 0
         ignore_sighup()  # a reload asked before the app is up: it reads the files anyway
+        if self.restarts is not None:
+            from ..observe.runtime_stats import use_restart_count
+
+            use_restart_count(self.restarts)  # fal_proxy_worker_restarts_total
         # Health checks are answered from now on, while the app is still being built.
         threading.Thread(target=self.always_pong, daemon=True).start()
         try:
@@ -130,9 +138,12 @@ class Supervisor(Multiprocess):
         self.settings = settings
         self.log = get_logger("proxy")
         self.startup_failed = False
+        # Workers replaced so far, shared with every worker (each reports it in /metrics as
+        # fal_proxy_worker_restarts_total, whichever of them a scrape reaches).
+        self.restarts = multiprocessing.get_context("spawn").RawValue("Q", 0)
 
     def start_worker(self) -> _Worker:
-        worker = _Worker(self.config, self.sockets, self.settings)
+        worker = _Worker(self.config, self.sockets, self.settings, self.restarts)
         worker.start()
         self.log.info("worker_started", pid=worker.pid, supervisor_pid=os.getpid())
         return worker
@@ -164,6 +175,7 @@ class Supervisor(Multiprocess):
             if self.should_exit.is_set():
                 return
             self.log.warning("worker_died", pid=process.pid, hung=hung, **_ending(process.exitcode))
+            self.restarts.value += 1
             self.processes[idx] = self.start_worker()
 
     def terminate_all(self) -> None:
