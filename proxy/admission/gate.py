@@ -22,9 +22,12 @@ from ..config.access import AccessSettings
 from ..config.settings import Settings
 from ..errors import (
     BadRequest,
+    BudgetExceeded,
     HeadersTooLarge,
     MethodNotAllowed,
     MisdirectedRequest,
+    QuotaExceeded,
+    RateLimited,
     TokensUnderQuota,
     URITooLong,
 )
@@ -139,6 +142,9 @@ class Admission:
         self.addresses = ClientAddresses(access.trusted_proxies)
         self.buckets = AddressBuckets()
         self.limiter: Limiter = create_limiter(limit_settings(access))
+        # Told of each refusal by a quota or a budget (the limit key, the refusal), in O(1):
+        # the dashboard's callers near their limits (proxy.dashboard.feed.NearLimits).
+        self.on_limit: Callable[[str, RateLimited], None] | None = None
         warn_unpriced_budgets(self.plans, self.prices)
 
     def header_reader(
@@ -241,10 +247,15 @@ class Admission:
             now = self.limiter.clock()
             estimate = self.estimates.estimate(endpoint, self.prices.price_of(endpoint), now)
             reserved = Reservation(budgets, estimate, now, 1, endpoint)
-        lease = await self.limiter.admit(
-            key, submit=True, quotas=quotas, app=usage_app(target, admitted.session_app),
-            estimate=estimate,
-        )  # fmt: skip
+        try:
+            lease = await self.limiter.admit(
+                key, submit=True, quotas=quotas, app=usage_app(target, admitted.session_app),
+                estimate=estimate,
+            )  # fmt: skip
+        except (QuotaExceeded, BudgetExceeded) as refusal:
+            if self.on_limit is not None:
+                self.on_limit(key, refusal)
+            raise
         if budgets:
             admitted.reservation = reserved
         return lease
@@ -255,12 +266,17 @@ class Admission:
         Raises the refusal (429's error, or 503's when Redis fails under "closed")."""
         assert admitted.limit_key is not None and admitted.target is not None, "take_slot() first"
         reservation = admitted.reservation
-        await self.limiter.count_generation(
-            admitted.limit_key,
-            quotas=admitted.quotas,
-            app=usage_app(admitted.target, admitted.session_app),
-            estimate=reservation.estimate if reservation is not None else 0,
-        )
+        try:
+            await self.limiter.count_generation(
+                admitted.limit_key,
+                quotas=admitted.quotas,
+                app=usage_app(admitted.target, admitted.session_app),
+                estimate=reservation.estimate if reservation is not None else 0,
+            )
+        except (QuotaExceeded, BudgetExceeded) as refusal:
+            if self.on_limit is not None:
+                self.on_limit(admitted.limit_key, refusal)
+            raise
         if reservation is not None:  # a socket's message: charged its estimate, for good
             admitted.reservation = replace(reservation, count=reservation.count + 1)
 

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Receive
 from ..admission import Admission
 from ..bridge.handler import Bridge
 from ..config.settings import Settings
+from ..dashboard import DashboardRoutes, Feed, NearLimits
 from ..errors import NotFound
 from ..forward.handler import Forwarder
 from ..limits.redis_backend import RedisLimiter
@@ -31,6 +32,7 @@ from ..observe.logs import get_logger
 from ..observe.metrics import Metrics
 from ..observe.redaction import register_header_names, register_secret
 from ..policy.headers import InjectedHeaders
+from ..policy.metadata import CallerTags
 from ..policy.python_port import PythonSdkListener
 from ..upstream.breaker import Breaker
 from ..upstream.route import UpstreamRoute
@@ -44,10 +46,13 @@ from .usage_routes import CallerUsage, any_caller_usage
 
 
 def create_app(
-    settings: Settings, *, body_in_hand: Callable[[Receive], bool] | None = None
-) -> ProxyApp:
+    settings: Settings, *, body_in_hand: Callable[[Receive], bool] | None = None,
+    dashboard_on_proxy: bool = False,
+) -> ProxyApp:  # fmt: skip
     """Build the proxy's ASGI app for ``settings``. ``body_in_hand``: the server's word on
-    whether a request's whole body has arrived (:attr:`Forwarder.body_in_hand`)."""
+    whether a request's whole body has arrived (:attr:`Forwarder.body_in_hand`).
+    ``dashboard_on_proxy``: the dashboard's routes in the proxy's own Starlette app too
+    (``ProxyApp.starlette``; the demo serves them on its one port)."""
     register_secret(
         settings.fal_key.reveal() if settings.fal_key is not None else None,
         settings.cf_aig_token.reveal() if settings.cf_aig_token else None,
@@ -86,9 +91,22 @@ def create_app(
     # FAL_PROXY_ADMIN_TOKEN: the admin API on the operator's port (none without it).
     admin_token = settings.admin_token
     admin_api = AdminApi(admission, admin_token.reveal()) if admin_token is not None else None
+    # The dashboard (proxy/dashboard, docs/dashboard.md): on the operator's port, behind the
+    # admin token when one is set; refusals by a quota or budget noted by the caller's tag.
+    near = NearLimits(CallerTags("hash", admission.tags.key))
+    admission.on_limit = near.refused
+    feed = Feed(metrics, near, show_ids=admin_token is not None,
+                breaker=route.breaker is not None, workers=settings.workers)  # fmt: skip
+    dashboard = DashboardRoutes(feed, admin_token.reveal() if admin_token else None, draining)
     if admin_api is not None:
-        watched += admin_token_file(settings, admin_api.use_token)
+
+        def use_admin_token(token: str) -> None:
+            admin_api.use_token(token)
+            dashboard.use_token(token)
+
+        watched += admin_token_file(settings, use_admin_token)
     reloader = Reloader(watched, settings.secret_reload_seconds)
+    sampled = settings.metrics_port is not None or dashboard_on_proxy
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -97,9 +115,12 @@ def create_app(
         route.session = create_session(settings)
         reloader.start()  # the watched files re-read when they change, and on SIGHUP
         metrics.lag.start()  # the event loop's lag: a timer every 0.5 s, no thread
+        if sampled:
+            feed.start()  # the dashboard's rings: a timer every 10 s (1 s while one is open)
         try:
             yield
         finally:
+            feed.stop()
             metrics.lag.stop()
             reloader.stop()
             await route.session.close()
@@ -149,6 +170,7 @@ def create_app(
             Route("/metrics", render_metrics, methods=["GET"]),
             Route("/usage/{caller:path}", any_caller_usage(admission), methods=["GET"]),
             *(admin_api.routes() if admin_api is not None else []),
+            *dashboard.routes(),
         ]
     )
 
@@ -157,6 +179,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            *(dashboard.routes() if dashboard_on_proxy else []),
         ],
         lifespan=lifespan,
     )

@@ -2,9 +2,11 @@
 
 ``fal-gateway-proxy demo`` builds this app. Requests for ``/v1/…`` (the emulated gateway)
 and ``/_emulator/…`` go to the emulator; ``/`` and ``/demo/<file>`` serve the page;
-everything else is the real proxy, configured with the emulator as its gateway, so the
-page's SDK calls take exactly the path they would take in production: browser → proxy
-(``/api/fal/proxy``) → gateway → fal, only the last two being emulated.
+``/dashboard`` the proxy's live dashboard (docs/dashboard.md: the demo has no operator's
+port, so it is served here, open like the rest of the demo); everything else is the real
+proxy, configured with the emulator as its gateway, so the page's SDK calls take exactly the
+path they would take in production: browser → proxy (``/api/fal/proxy``) → gateway → fal,
+only the last two being emulated.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ STATIC = Path(__file__).parent / "static"
 
 
 def create_demo_app(settings: Settings, emulator_config: EmulatorConfig) -> ASGIApp:
-    proxy = create_app(settings)
+    proxy = create_app(settings, dashboard_on_proxy=True)
     emulator = create_emulator(emulator_config)
     static = StaticFiles(directory=STATIC)
     index = FileResponse(STATIC / "index.html", headers={"cache-control": "no-store"})
@@ -36,6 +38,8 @@ def create_demo_app(settings: Settings, emulator_config: EmulatorConfig) -> ASGI
         path = scope["path"]
         if path.startswith(("/v1/", "/_emulator/")):
             await emulator(scope, receive, send)
+        elif scope["type"] == "http" and (path == "/dashboard" or path.startswith("/dashboard/")):
+            await proxy.starlette(scope, receive, send)
         elif scope["type"] == "http" and path == "/":
             await index(scope, receive, send)
         elif scope["type"] == "http" and path.startswith("/demo/"):
