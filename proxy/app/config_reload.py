@@ -43,6 +43,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from ..admission import Admission
 from ..admission.callers import JwtAuth, load_jwks
+from ..admission.gate import warn_unpriced_budgets
 from ..config.settings import Settings
 from ..limits.prices import VARIABLE, Prices, parse_prices
 from ..limits.quotas import parse_plans
@@ -238,6 +239,7 @@ def config_files(settings: Settings, admission: Admission) -> list[WatchedFile[A
 
         def install_plans(plans: Any) -> dict[str, Any]:
             admission.plans = plans  # one assignment: admitted calls keep their quotas
+            warn_unpriced_budgets(plans, admission.prices)
             return {"plans": len(plans.plans), "callers": len(plans.callers)}
 
         files.append(WatchedFile("FAL_PROXY_PLANS_FILE", access.plans_file,
@@ -258,6 +260,7 @@ def prices_file(settings: Settings, admission: Admission) -> WatchedFile[Any] | 
 
     def install_prices(prices: Prices) -> dict[str, Any]:
         admission.prices = prices  # one assignment
+        warn_unpriced_budgets(admission.plans, prices)
         return {"prices": len(prices)}
 
     return WatchedFile(VARIABLE, path, lambda text: parse_prices(text, VARIABLE), install_prices)

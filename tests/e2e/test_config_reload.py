@@ -312,3 +312,21 @@ def test_a_new_price_counts_from_the_reload_on(start_proxy: Any, tmp_path: Path)
     warned = Next(proxy, "config_file_unusable", variable="FAL_PROXY_PRICES_FILE")
     replace(prices, '[prices]\n"*" = -1\n')  # refused as at start-up: the last good prices
     assert "FAL_PROXY_PRICES_FILE" in warned.wait()["problem"]
+
+
+def test_prices_reloaded_without_a_price_for_a_budgets_apps_say_so(
+    start_proxy: Any, tmp_path: Path
+) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[prices]\n"*" = 0.01\n', encoding="utf-8")
+    proxy = start_proxy(
+        **token_callers(tmp_path, TOKENS),
+        FAL_PROXY_QUOTAS="*=$1/day",
+        FAL_PROXY_PRICES_FILE=str(prices),
+        FAL_PROXY_SECRET_RELOAD_SECONDS=FAST,
+    )
+    assert not [j for j in proxy.process.json_lines() if j.get("event") == "budget_unpriced_apps"]
+    warned = Next(proxy, "budget_unpriced_apps")
+    replace(prices, '[prices]\n"fal-ai/flux/*" = 0.01\n')  # "*" no longer priced
+    line = warned.wait()
+    assert line["budget"] == "*=$1/day" and "FAL_PROXY_PRICES_FILE" in line["note"]
