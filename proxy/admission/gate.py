@@ -31,7 +31,7 @@ from ..errors import (
     TokensUnderQuota,
     URITooLong,
 )
-from ..limits import Lease, Limiter, LimitSettings, create_limiter
+from ..limits import Lease, Limiter, LimitSettings, QuotaNear, create_limiter
 from ..limits.prices import Prices
 from ..limits.quotas import Plans, Quota
 from ..limits.spend import Estimates, Parked, Reservation, units_decimal
@@ -89,6 +89,12 @@ def warn_unpriced_budgets(plans: Plans, prices: Prices) -> None:
             )
 
 
+# A quota or budget at least this full once an admitted call is counted (used >= 80 % of its
+# limit; a budget's used includes the estimates held, this call's too) is reported to
+# ``Admission.on_limit`` as near (the dashboard's "callers near or over their quotas and
+# budgets", docs/dashboard.md); one multiplication per quota of the call, no read of its own.
+NEAR_LIMIT = 0.8
+
 # What the fal SDKs send (run with a custom method included); anything else is refused.
 FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 ALLOWED_METHODS = ", ".join(sorted(FORWARDED_METHODS))
@@ -142,9 +148,10 @@ class Admission:
         self.addresses = ClientAddresses(access.trusted_proxies)
         self.buckets = AddressBuckets()
         self.limiter: Limiter = create_limiter(limit_settings(access))
-        # Told of each refusal by a quota or a budget (the limit key, the refusal), in O(1):
-        # the dashboard's callers near their limits (proxy.dashboard.feed.NearLimits).
-        self.on_limit: Callable[[str, RateLimited], None] | None = None
+        # Told of each refusal by a quota or a budget (the limit key, the refusal), and of
+        # each admitted call that left one at NEAR_LIMIT or more (a QuotaNear), in O(1):
+        # the dashboard's callers near or over their limits (proxy.dashboard.feed.NearLimits).
+        self.on_limit: Callable[[str, RateLimited | QuotaNear], None] | None = None
         warn_unpriced_budgets(self.plans, self.prices)
 
     def header_reader(
@@ -256,6 +263,8 @@ class Admission:
             if self.on_limit is not None:
                 self.on_limit(key, refusal)
             raise
+        if lease.used:
+            self._near(key, quotas, lease.used)
         if budgets:
             admitted.reservation = reserved
         return lease
@@ -267,7 +276,7 @@ class Admission:
         assert admitted.limit_key is not None and admitted.target is not None, "take_slot() first"
         reservation = admitted.reservation
         try:
-            await self.limiter.count_generation(
+            used = await self.limiter.count_generation(
                 admitted.limit_key,
                 quotas=admitted.quotas,
                 app=usage_app(admitted.target, admitted.session_app),
@@ -277,8 +286,20 @@ class Admission:
             if self.on_limit is not None:
                 self.on_limit(admitted.limit_key, refusal)
             raise
+        if used:
+            self._near(admitted.limit_key, admitted.quotas, used)
         if reservation is not None:  # a socket's message: charged its estimate, for good
             admitted.reservation = replace(reservation, count=reservation.count + 1)
+
+    def _near(self, key: str, quotas: tuple[Quota, ...], used: tuple[int, ...]) -> None:
+        """Tell ``on_limit`` of each of ``quotas`` an admitted call left at
+        :data:`NEAR_LIMIT` or more of its limit (``used``: the limiter's, after the call)."""
+        on_limit = self.on_limit
+        if on_limit is None:
+            return
+        for quota, now_used in zip(quotas, used, strict=False):  # () when Redis was skipped
+            if now_used >= quota.limit * NEAR_LIMIT:
+                on_limit(key, QuotaNear(quota, now_used))
 
     def request_policy(self, admitted: Admitted, method: str) -> RequestPolicy:
         """What of the caller's plan's ``[requests.<plan>]`` applies to this call

@@ -9,7 +9,7 @@ May import: errors, policy, observe.
 
 from __future__ import annotations
 
-from .base import GENERATIONS, Lease, Limiter, LimitSettings, caller_key
+from .base import GENERATIONS, Lease, Limiter, LimitSettings, QuotaNear, caller_key
 from .memory import MemoryLimiter
 from .redis_backend import RedisLimiter
 
@@ -19,6 +19,7 @@ __all__ = [
     "LimitSettings",
     "Limiter",
     "MemoryLimiter",
+    "QuotaNear",
     "RedisLimiter",
     "caller_key",
     "create_limiter",

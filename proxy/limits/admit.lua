@@ -70,12 +70,15 @@ local function admit(k, a, nw, nq, nu)
       return {1, i, previous, current}
     end
   end
+  -- Admitted: {0, used * nq}, what each quota holds once this call is counted.
+  local answer = {0}
   for i = 0, nq - 1 do
     -- A quota counts 1; a budget its call's estimate, and has room when nothing of it
     -- is spent up and the estimate fits (proxy/limits/spend.py).
     local used = tonumber(redis.call('GET', KEYS[kq + i]) or '0')
     local limit, amount = tonumber(A[aq + 3 * i]), tonumber(A[aq + 3 * i + 2])
     if used >= limit or used + amount > limit then return {2, i, used} end
+    answer[i + 2] = used
   end
   if concurrent > 0 and lease_id ~= '-' then  -- '-': a generation counted without a slot
     redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
@@ -90,8 +93,10 @@ local function admit(k, a, nw, nq, nu)
   end
   for i = 0, nq - 1 do
     local amount = tonumber(A[aq + 3 * i + 2])
-    if amount > 0 and redis.call('INCRBY', KEYS[kq + i], amount) == amount then
-      redis.call('EXPIREAT', KEYS[kq + i], A[aq + 3 * i + 1])
+    if amount > 0 then
+      local used = redis.call('INCRBY', KEYS[kq + i], amount)
+      if used == amount then redis.call('EXPIREAT', KEYS[kq + i], A[aq + 3 * i + 1]) end
+      answer[i + 2] = used
     end
   end
   for i = 0, nu - 1 do
@@ -103,7 +108,7 @@ local function admit(k, a, nw, nq, nu)
     end
     bump(usage, A[au + 3 * i], 1, expire_at)
   end
-  return {0}
+  return answer
 end
 
 local answers = {}

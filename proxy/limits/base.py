@@ -65,18 +65,41 @@ def seconds_until(reset: float, now: float) -> int:
     return retry_after(reset - now)
 
 
+NO_USE: tuple[int, ...] = ()  # an admitted call's ``used`` when no quota or budget counted it
+
+
 class Lease:
-    """A concurrency slot, held until :meth:`release` (idempotent, never raises)."""
+    """A concurrency slot, held until :meth:`release` (idempotent, never raises).
 
-    __slots__ = ("_release",)
+    ``used``: for each quota or budget the call was admitted with (in the order passed to
+    :meth:`Limiter.admit`), how much of it is used once this call is counted: generations,
+    or micro-dollars (spent, plus the estimates held, this one's included). Empty when no
+    quota applied, or when Redis failed under "open" (admitted unchecked: not known)."""
 
-    def __init__(self, release: Callable[[], Awaitable[None]] | None = None) -> None:
+    __slots__ = ("_release", "used")
+
+    def __init__(
+        self, release: Callable[[], Awaitable[None]] | None = None,
+        used: tuple[int, ...] = NO_USE,
+    ) -> None:  # fmt: skip
         self._release = release  # None: nothing held (unlimited, or Redis down under "open")
+        self.used = used
 
     async def release(self) -> None:
         release, self._release = self._release, None
         if release is not None:
             await release()
+
+
+class QuotaNear:
+    """An admitted call left ``quota`` (a quota or a budget) at ``used`` (generations, or
+    micro-dollars with the estimates held), near its limit: what the admission gate tells
+    the dashboard, beside the refusals (:attr:`proxy.admission.gate.Admission.on_limit`)."""
+
+    __slots__ = ("quota", "used")
+
+    def __init__(self, quota: Quota, used: int) -> None:
+        self.quota, self.used = quota, used
 
 
 class Limiter:
@@ -101,6 +124,7 @@ class Limiter:
         app: str | None = None, estimate: int = 0,
     ) -> Lease:  # fmt: skip
         """Check every limit of the call; if all have room, count it and take a slot.
+        The lease's ``used`` says how much of each of ``quotas`` is used after it.
 
         ``submit``: the call can start a generation (the hourly window and ``quotas``, the
         caller's quotas and budgets that apply to it, count it; usage sums it under
@@ -114,11 +138,12 @@ class Limiter:
     async def count_generation(
         self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None,
         estimate: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> tuple[int, ...]:  # fmt: skip
         """One more generation inside a call admitted already (a request message on an
         open WebSocket session): the hourly window and ``quotas`` check and count it and
         usage sums it, as :meth:`admit` with ``submit`` would; it is no request of the
-        minute and takes no slot. Raises as :meth:`admit` does."""
+        minute and takes no slot. Returns how much of each of ``quotas`` is used after it
+        (as :attr:`Lease.used`). Raises as :meth:`admit` does."""
         raise NotImplementedError
 
     async def add_units(

@@ -13,7 +13,16 @@ import math
 
 from ..errors import CallerBlocked
 from .admin_ops import BadCursor, CallerPage, CallerRow, decode_cursor, encode_cursor
-from .base import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings, caller_key
+from .base import (
+    GENERATIONS,
+    HOUR,
+    MINUTE,
+    NO_USE,
+    Lease,
+    Limiter,
+    LimitSettings,
+    caller_key,
+)
 from .quotas import Quota
 from .spend import Reservation
 from .usage import QuotaUse, UsageBook, UsageReport
@@ -42,31 +51,34 @@ class MemoryLimiter(Limiter):
     ) -> Lease:  # fmt: skip
         # No await until the counts are taken: the check and the count are one atomic step.
         now = self.clock()
-        self._check(caller, now, request=True, submit=submit, quotas=quotas, estimate=estimate)
+        before = self._check(caller, now, request=True, submit=submit, quotas=quotas,
+                             estimate=estimate)  # fmt: skip
         limit = self.settings.concurrent
         if limit and self._in_use.get(caller, 0) >= limit:
             raise self.concurrency_refusal()
-        self._count(caller, now, request=True, submit=submit, quotas=quotas, app=app,
-                    estimate=estimate)  # fmt: skip
+        used = self._count(caller, now, request=True, submit=submit, quotas=quotas, app=app,
+                           estimate=estimate, used=before)  # fmt: skip
         if not limit:
-            return Lease()
+            return Lease(None, used)
         self._in_use[caller] = self._in_use.get(caller, 0) + 1
-        return Lease(lambda: self._release(caller))
+        return Lease(lambda: self._release(caller), used)
 
     async def count_generation(
         self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None,
         estimate: int = 0,
-    ) -> None:  # fmt: skip
+    ) -> tuple[int, ...]:  # fmt: skip
         now = self.clock()
-        self._check(caller, now, request=False, submit=True, quotas=quotas, estimate=estimate)
-        self._count(caller, now, request=False, submit=True, quotas=quotas, app=app,
-                    estimate=estimate)  # fmt: skip
+        used = self._check(caller, now, request=False, submit=True, quotas=quotas,
+                           estimate=estimate)  # fmt: skip
+        return self._count(caller, now, request=False, submit=True, quotas=quotas, app=app,
+                           estimate=estimate, used=used)  # fmt: skip
 
     def _check(
         self, caller: str, now: float, *, request: bool, submit: bool,
         quotas: tuple[Quota, ...], estimate: int,
-    ) -> None:  # fmt: skip
-        """Raise the first refusal among the windows and quotas the call counts in."""
+    ) -> list[int] | None:  # fmt: skip
+        """Raise the first refusal among the windows and quotas the call counts in; else
+        what is used of each of ``quotas`` before the call (None when there are none)."""
         if self._blocked and caller in self._blocked:  # first, as in the Redis script
             raise CallerBlocked()
         if self._timer is None:
@@ -80,6 +92,9 @@ class MemoryLimiter(Limiter):
         if submit:
             if self._per_hour is not None and (wait := self._per_hour.wait(caller, now)):
                 raise self.window_refusal(self._per_hour.limit, GENERATIONS, wait)
+            if not quotas:
+                return None
+            seen = []
             for quota in quotas:
                 counts = self._counts(quota)
                 used = counts.count(caller, now)
@@ -87,22 +102,31 @@ class MemoryLimiter(Limiter):
                 if used >= quota.limit or (quota.money and used + estimate > quota.limit):
                     end = counts.bounds(now)[2]
                     raise self.quota_refusal(quota, end, now, used, estimate if quota.money else 0)
+                seen.append(used)
+            return seen
+        return None
 
     def _count(
         self, caller: str, now: float, *, request: bool, submit: bool,
-        quotas: tuple[Quota, ...], app: str | None, estimate: int,
-    ) -> None:  # fmt: skip
+        quotas: tuple[Quota, ...], app: str | None, estimate: int, used: list[int] | None,
+    ) -> tuple[int, ...]:  # fmt: skip
+        """Count the call; returns what is used of each of ``quotas`` after it (``used``:
+        before it, from :meth:`_check`)."""
         if request and self._per_minute is not None:
             self._per_minute.add(caller, now)
-        if submit:
-            if self._per_hour is not None:
-                self._per_hour.add(caller, now)
-            for quota in quotas:
-                if not quota.money:
-                    self._counts(quota).add(caller, now)
-                elif estimate:
-                    self._counts(quota).add(caller, now, estimate)
-            self._usage.add(caller, app, now, 1, 0.0)
+        if not submit:
+            return NO_USE
+        if self._per_hour is not None:
+            self._per_hour.add(caller, now)
+        self._usage.add(caller, app, now, 1, 0.0)
+        if used is None:
+            return NO_USE
+        for i, quota in enumerate(quotas):
+            if not quota.money:
+                used[i] = self._counts(quota).add(caller, now)
+            elif estimate:
+                used[i] = self._counts(quota).add(caller, now, estimate)
+        return tuple(used)
 
     async def _release(self, caller: str) -> None:
         left = self._in_use[caller] - 1

@@ -46,7 +46,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from ..errors import CallerBlocked, LimiterUnavailable
 from ..observe.logs import get_logger
 from .admin_ops import CallerPage, id_arg, redis_page
-from .base import GENERATIONS, HOUR, MINUTE, Lease, Limiter, LimitSettings, caller_key
+from .base import (
+    GENERATIONS,
+    HOUR,
+    MINUTE,
+    NO_USE,
+    Lease,
+    Limiter,
+    LimitSettings,
+    caller_key,
+)
 from .quotas import Quota
 from .redis_batches import MAX_BATCH as MAX_BATCH  # re-exported: tests import it from here
 from .redis_batches import STORE_ERRORS, Batches, Owed, describe, unique_id
@@ -155,28 +164,32 @@ class RedisLimiter(Limiter):
         app: str | None = None, estimate: int = 0,
     ) -> Lease:  # fmt: skip
         lease_id = unique_id()
-        keys = await self._ask(caller, lease_id, request=True, submit=submit, quotas=quotas,
-                               app=app, estimate=estimate)  # fmt: skip
-        if keys is None or not self.settings.concurrent:
+        admitted = await self._ask(caller, lease_id, request=True, submit=submit,
+                                   quotas=quotas, app=app, estimate=estimate)  # fmt: skip
+        if admitted is None:
             return Lease()
+        keys, used = admitted
+        if not self.settings.concurrent:
+            return Lease(None, used)
         self._leases.hold(lease_id, keys)
-        return Lease(lambda: self._release(lease_id))
+        return Lease(lambda: self._release(lease_id), used)
 
     async def count_generation(
         self, caller: str, *, quotas: tuple[Quota, ...] = (), app: str | None = None,
         estimate: int = 0,
-    ) -> None:  # fmt: skip
-        await self._ask(caller, NO_LEASE, request=False, submit=True, quotas=quotas, app=app,
-                        estimate=estimate)  # fmt: skip
+    ) -> tuple[int, ...]:  # fmt: skip
+        admitted = await self._ask(caller, NO_LEASE, request=False, submit=True, quotas=quotas,
+                                   app=app, estimate=estimate)  # fmt: skip
+        return NO_USE if admitted is None else admitted[1]
 
     async def _ask(
         self, caller: str, lease_id: str, *, request: bool, submit: bool,
         quotas: tuple[Quota, ...], app: str | None, estimate: int,
-    ) -> str | None:  # fmt: skip
-        """One call through the script: its leases key once admitted, None when admitted
-        unchecked (Redis down under "open"); raises the refusal otherwise. ``request``: a
-        request of the minute; ``submit``: a generation; ``lease_id``: the slot to take
-        (:data:`NO_LEASE`: none)."""
+    ) -> tuple[str, tuple[int, ...]] | None:  # fmt: skip
+        """One call through the script: once admitted, its leases key and what is used of
+        each of ``quotas`` after it; None when admitted unchecked (Redis down under
+        "open"); raises the refusal otherwise. ``request``: a request of the minute;
+        ``submit``: a generation; ``lease_id``: the slot to take (:data:`NO_LEASE`: none)."""
         assert self._script is not None, "Limiter.start() was not called"
         now, who = self.clock(), caller_key(caller)
         keys, args = [self._key("leases", who)], list[Any]()
@@ -217,7 +230,8 @@ class RedisLimiter(Limiter):
                                      estimate if quota.money else 0)  # fmt: skip
         if answer[0] == Answer.NO_SLOT:
             raise self.concurrency_refusal()
-        return keys[0]
+        # Admitted: {0, used * nq} (script.py); just {0} with no quota.
+        return keys[0], tuple(map(int, answer[1:])) if len(answer) > 1 else NO_USE
 
     def _usage_key(self, who: str, now: float) -> tuple[str, int]:
         index, _, end = period_bounds(USAGE_PERIOD, now)

@@ -33,10 +33,15 @@ a call's client CPU. None may be empty or hold the separator.
   room when its count is under the limit and the amount fits (:mod:`proxy.limits.spend`).
 * A call whose ``lease_id`` is :data:`NO_LEASE` takes no slot (a generation counted inside
   a session admitted already).
-* Returns one answer per call: ``{0}`` admitted, ``{1, i, previous, current}`` window
-  ``i`` full, ``{2, i, used}`` quota or budget ``i`` has no room, ``{3}`` no concurrency
-  slot, ``{4}`` Redis refused one of the call's commands (its key holds another type),
-  ``{5}`` the caller is blocked.
+* Returns one answer per call: ``{0, used * nq}`` admitted, with what each of its quotas
+  holds once the call is counted (the ``INCRBY``'s result; a budget counting an estimate of
+  0: what it held; just ``{0}`` with no quota: the admission gate's near-limit report,
+  :data:`proxy.admission.gate.NEAR_LIMIT`, at no extra round trip), ``{1, i, previous,
+  current}`` window ``i`` full, ``{2, i, used}`` quota or budget ``i`` has no room, ``{3}`` no
+  concurrency slot, ``{4}`` Redis refused one of the call's commands (its key holds another
+  type), ``{5}`` the caller is blocked. A replayed batch's answers (below) come back
+  through ``cjson``, whose numbers keep 14 significant digits: exact for any count or
+  budget under $10^8.
 
 Run twice (redis-py resends a command once when its connection breaks, and what broke may
 have been the reply), a batch answers the second time with the first time's answers,
@@ -64,7 +69,7 @@ ADMIT = (resources.files(__package__).joinpath("admit.lua").read_text(encoding="
 class Answer(IntEnum):
     """The first element of the script's answer for one call (see the module doc)."""
 
-    ADMITTED = 0
+    ADMITTED = 0  # {0, used * nq}: what each quota holds with this call counted
     WINDOW_FULL = 1  # {1, i, previous, current}: window i has no room
     QUOTA_USED = 2  # {2, i, used}: quota (or budget) i has no room
     NO_SLOT = 3  # {3}: no concurrency slot

@@ -137,9 +137,11 @@ class PeriodCounts:
         self.roll(now)
         return self._counts.get(key, 0)
 
-    def add(self, key: str, now: float, amount: int = 1) -> None:
+    def add(self, key: str, now: float, amount: int = 1) -> int:
+        """Add ``amount`` to ``key``'s count; returns the count now."""
         self.roll(now)
-        self._counts[key] = self._counts.get(key, 0) + amount
+        count = self._counts[key] = self._counts.get(key, 0) + amount
+        return count
 
     def bounds(self, now: float) -> tuple[int, float, float]:
         """(number, start, end) of the period holding ``now``."""

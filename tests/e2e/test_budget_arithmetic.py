@@ -3,7 +3,8 @@
 Random turns of admits (each with an estimate in micro-dollars), then settlements of some
 admitted calls (their cost arrives: ``cost - estimate``) and releases of others (they
 failed: the estimate comes back). The Redis limiter, whose turns go in one batch, gives the
-memory limiter's answers call by call; and in both the budget's counter is exactly the
+memory limiter's answers call by call (each admitted call's reported use of the quota and
+the budget included); and in both the budget's counter is exactly the
 integer sum the model says (admitted estimates, plus each settlement's difference, minus
 each release): no float drift, nothing counted twice, nothing lost.
 """
@@ -79,7 +80,9 @@ def test_reserve_settle_release_match_memory_and_the_integer_model(
                     assert isinstance(result, (BudgetExceeded, QuotaExceeded)), result
                     outcomes.append((type(result).__name__, result.detail))
                     continue
-                outcomes.append("admitted")
+                # What the call reports used of the quota and the budget (the script's
+                # {0, used * nq}): the count, and the spend with every estimate held.
+                outcomes.append(("admitted", result.used))
                 model[who] += estimate
                 held = Reservation((budget,), estimate, NOW, 1, APP)
                 if then == "fail":

@@ -71,10 +71,12 @@ turns = st.lists(
 
 
 def outcome(result: object) -> object:
+    """A call's answer, with what it reports used of each of its quotas once admitted (the
+    script's ``{0, used * nq}``: a wrong count there differs from memory's)."""
     if isinstance(result, Lease):
-        return "admitted"
-    if result is None:
-        return "counted"  # count_generation
+        return ("admitted", result.used)
+    if isinstance(result, tuple):
+        return ("counted", result)  # count_generation
     assert isinstance(result, (RateLimited, QuotaExceeded)), repr(result)
     return (type(result).__name__, result.detail, result.retry_after)
 
@@ -82,7 +84,7 @@ def outcome(result: object) -> object:
 def ask(
     limiter: Limiter, quotas: tuple[Quota, Quota], who: str, kind: str, app: str | None,
     first: bool, second: bool,
-) -> Coroutine[Any, Any, Lease | None]:  # fmt: skip
+) -> Coroutine[Any, Any, Lease | tuple[int, ...]]:  # fmt: skip
     """One call of a turn: a request, a generation (submit) or a generation in a session."""
     applying = tuple(q for q, on in zip(quotas, (first, second), strict=True) if on)
     if kind == "message":
@@ -106,9 +108,9 @@ def test_one_turns_batch_gives_the_memory_limiters_answers(
     plan: list[tuple[float, list[tuple[str, str, str | None, bool, bool, bool]]]],
 ) -> None:  # fmt: skip
     """Each turn's admits start together (one batch in Redis); memory admits the same calls
-    one by one in the same order. The same answers, and the same usage afterwards; a
-    generation counted inside a session (``count_generation``) takes no slot and is no
-    request of the minute, in both."""
+    one by one in the same order. The same answers (with what each admitted call reports
+    used of its quotas), and the same usage afterwards; a generation counted inside a
+    session (``count_generation``) takes no slot and is no request of the minute, in both."""
     quotas = (Quota("*", q1, "day"), Quota("fal-ai/*", q2, "month"))
     limits = limits_for(
         redis_server.url, requests_per_minute=rpm, submits_per_hour=per_hour,
@@ -298,7 +300,8 @@ def test_a_batch_whose_reply_was_lost_with_its_connection_counts_once(
 ) -> None:
     """Redis ran the batch, then the connection broke before the reply: redis-py sends the
     same EVALSHA again on a fresh connection. The second run gives the first run's answers
-    (admitted, each with its slot) and counts nothing again."""
+    (admitted, each with its slot and its quota's count, kept through cjson) and counts
+    nothing again."""
     drop = [False]
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
@@ -328,21 +331,25 @@ def test_a_batch_whose_reply_was_lost_with_its_connection_counts_once(
         before = evalsha_calls(redis_server)
         drop[0] = True
         callers = [f"caller-{n}" for n in range(10)]
+        quotas = (Quota("*", 5, "day"), Quota("*", 10**13, "month", money=True))
         results = await asyncio.gather(
-            *[limiter.admit(c, submit=False) for c in callers], return_exceptions=True
+            *[limiter.admit(c, submit=True, quotas=quotas, estimate=10**13 - 1) for c in callers],
+            return_exceptions=True,
         )
         assert evalsha_calls(redis_server) - before == 2  # sent twice, as redis-py does
         assert all(isinstance(r, Lease) for r in results), results
+        assert all(r.used == (1, 10**13 - 1) for r in results), results  # type: ignore[union-attr]
         for lease in results:
             await lease.release()  # type: ignore[union-attr]
         await limiter.flush()
         # Each caller has spent 1 of 2 a minute (not 2: the replay counted nothing).
         again = await asyncio.gather(
-            *[limiter.admit(c, submit=False) for c in callers], return_exceptions=True
+            *[limiter.admit(c, submit=True, quotas=quotas[:1]) for c in callers],
+            return_exceptions=True,
         )
         await limiter.close()
         hop.close()
-        assert all(isinstance(r, Lease) for r in again), again
+        assert all(isinstance(r, Lease) and r.used == (2,) for r in again), again
 
     asyncio.run(main())
 
