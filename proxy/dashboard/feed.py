@@ -17,10 +17,12 @@ Nothing here runs per request, and nothing grows with the number of callers:
 * **Rates** come from counter differences between two samples divided by the time between
   them; percentiles from the differences of the histograms' buckets (as Prometheus's
   ``histogram_quantile``: linear inside a bucket).
-* **Callers near their limits** (:class:`NearLimits`): the admission gate reports, in O(1),
-  each refusal by a quota or a budget; the last :data:`NEAR_LIMITS` (caller, limit) pairs
-  are kept, shown by the caller's keyed tag (the ``cf-aig-metadata`` hash), and by id only
-  to an admin.
+* **Callers near or over their limits** (:class:`NearLimits`): the admission gate reports,
+  in O(1), each refusal by a quota or a budget ("over") and each admitted call that left one
+  at 80 % or more of its limit ("near", :data:`proxy.admission.gate.NEAR_LIMIT`; the
+  limiter returns what is used with the admission, no read of its own); the last
+  :data:`NEAR_LIMITS` (caller, limit) pairs are kept, shown by the caller's keyed tag (the
+  ``cf-aig-metadata`` hash), and by id only to an admin.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from prometheus_client import ProcessCollector
 from prometheus_client.registry import Collector
 
 from ..errors import BudgetExceeded, QuotaExceeded, RateLimited
+from ..limits import QuotaNear
+from ..limits.money import MICROS, as_usd, usd
 from ..observe.metrics import BREAKER_STATES, LATENCY_BUCKETS, Metrics
 from ..policy.metadata import CallerTags
 
@@ -49,7 +53,7 @@ COARSE_SECONDS = 10.0  # the hour ring's resolution
 COARSE_POINTS = 361  # the last hour at 10 s: 360 intervals
 FINE_POINTS = 61  # the live ring: a minute at 1 s
 MAX_KEYS = 1024  # series a sample may hold
-NEAR_LIMITS = 50  # (caller, limit) pairs kept of the recent refusals
+NEAR_LIMITS = 50  # (caller, limit) pairs kept of the recent refusals and near-limit calls
 MAX_VIEWERS = 16  # pages connected at once (each holds one queue of 2 messages)
 RATE_SECONDS = 10.0  # the header's req/s and error % are over the last 10 s
 LATENCY_SECONDS = 60.0  # the header's percentiles are over the last minute
@@ -156,6 +160,7 @@ def read_metrics(metrics: Metrics, process: Collector | None) -> dict[str, float
     _counter_totals(metrics.spend, "app", "usd:", out)
     _buckets(metrics.duration, "dur:", out)
     _buckets(metrics.upstream_duration, "up:", out)
+    _buckets(metrics.overhead, "oh:", out)
     out["g:in_flight"] = _gauge_sum(metrics.in_flight)
     out["g:sockets"] = _gauge_sum(metrics.open_websockets)
     out["g:streams"] = _gauge_sum(metrics.open_streams)
@@ -182,11 +187,19 @@ class NearLimit:
     of: float  # the limit: generations, or dollars
     refused: int  # calls refused by it since it entered the set
     at: float  # unix time of the last
+    state: str = "near"  # the last report's: near (admitted, >= 80 %) | over (refused)
+
+
+def limit_name(apps: str, limit: int, period: str, money: bool) -> str:
+    """A quota or budget as the table names it, the same whether a refusal or a near report
+    names it: ``*=3/day``, ``*=$0.03/day`` (``limit``: generations, or micro-dollars)."""
+    return f"{apps}={usd(limit, plain=True) if money else limit}/{period}"
 
 
 class NearLimits:
-    """The callers lately refused by a quota or a budget: the last ``size`` (caller, limit)
-    pairs, updated in O(1) per refusal (an ordered dict, the oldest dropped)."""
+    """The callers lately refused by a quota or a budget, or left near one by an admitted
+    call: the last ``size`` (caller, limit) pairs, updated in O(1) per report (an ordered
+    dict, the oldest dropped)."""
 
     def __init__(self, tags: CallerTags, size: int = NEAR_LIMITS,
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
@@ -195,17 +208,28 @@ class NearLimits:
         self.clock = clock
         self.entries: OrderedDict[tuple[str, str], NearLimit] = OrderedDict()
 
-    def refused(self, caller: str, refusal: RateLimited) -> None:
-        """``caller`` (its limit key) was refused with ``refusal`` (a quota's or a budget's;
-        any other is ignored)."""
-        if isinstance(refusal, QuotaExceeded):
-            q = refusal.quota
-            limit, kind = f"{q['apps']}={q['limit']}/{q['period']}", "quota"
-            used = of = float(str(q["limit"]))
-        elif isinstance(refusal, BudgetExceeded):
-            b = refusal.budget
-            limit, kind = f"{b['apps']}=${b['limit_usd']:g}/{b['period']}", "budget"
+    def report(self, caller: str, event: RateLimited | QuotaNear) -> None:
+        """``caller`` (its limit key) was refused with ``event`` (a quota's or a budget's
+        refusal: "over"; any other refusal is ignored), or admitted with a quota or budget
+        left near its limit (a :class:`~proxy.limits.QuotaNear`: "near")."""
+        state = "over"
+        if isinstance(event, QuotaNear):
+            q, state = event.quota, "near"
+            limit = limit_name(q.pattern, q.limit, q.period, q.money)
+            if q.money:
+                kind, used, of = "budget", as_usd(event.used), as_usd(q.limit)
+            else:
+                kind, used, of = "quota", float(event.used), float(q.limit)
+        elif isinstance(event, QuotaExceeded):
+            r = event.quota
+            count = int(str(r["limit"]))
+            limit, kind = limit_name(str(r["apps"]), count, str(r["period"]), False), "quota"
+            used = of = float(count)
+        elif isinstance(event, BudgetExceeded):
+            b = event.budget
             used, of = float(str(b["spent_usd"])), float(str(b["limit_usd"]))
+            micros = round(of * MICROS)
+            limit, kind = limit_name(str(b["apps"]), micros, str(b["period"]), True), "budget"
         else:
             return
         key = (caller, limit)
@@ -215,17 +239,21 @@ class NearLimits:
             entry = self.entries[key] = NearLimit(tag, caller, limit, kind, used, of, 0, 0.0)
         else:
             self.entries.move_to_end(key)
-        entry.used, entry.of, entry.refused, entry.at = used, of, entry.refused + 1, self.clock()
+        entry.used, entry.of, entry.at, entry.state = used, of, self.clock(), state
+        if state == "over":
+            entry.refused += 1
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
+
+    refused = report  # the name proxy/app/assemble.py wires to Admission.on_limit
 
     def rows(self, ids: bool) -> list[dict[str, Any]]:
         """Newest first; ``ids``: with the caller ids (an admin is looking)."""
         out = []
         for e in reversed(self.entries.values()):
             row: dict[str, Any] = {"tag": e.tag, "limit": e.limit, "kind": e.kind,
-                                   "used": e.used, "of": e.of, "refused": e.refused,
-                                   "at": e.at}  # fmt: skip
+                                   "state": e.state, "used": e.used, "of": e.of,
+                                   "refused": e.refused, "at": e.at}  # fmt: skip
             if ids:
                 row["caller"] = e.caller
             out.append(row)
@@ -372,6 +400,7 @@ class Feed:
         )
         whole = self._cumulative(current, lat, "dur:")
         upstream = self._cumulative(current, lat, "up:")
+        overhead = self._cumulative(current, lat, "oh:")
         hour_base = self._before(now - HOUR, [self.coarse])
         base = hour_base or ZERO
         state = value(current, "g:breaker")
@@ -390,6 +419,8 @@ class Feed:
                 "p99_ms": _ms(quantile(0.99, whole)),
                 "upstream_p50_ms": _ms(quantile(0.5, upstream)),
                 "upstream_p99_ms": _ms(quantile(0.99, upstream)),
+                "overhead_p50_ms": _ms(quantile(0.5, overhead)),
+                "overhead_p99_ms": _ms(quantile(0.99, overhead)),
                 "in_flight": value(current, "g:in_flight"),
                 "streams_open": value(current, "g:streams"),
                 "sockets_open": value(current, "g:sockets"),
@@ -439,7 +470,8 @@ class Feed:
         points = list(self.coarse)
         reasons = self._reasons()
         out: dict[str, Any] = {"t": [], "rps": [], "error_pct": [], "p50_ms": [], "p99_ms": [],
-                               "upstream_p99_ms": [], "generations": [], "streams": [],
+                               "upstream_p99_ms": [], "overhead_p50_ms": [],
+                               "overhead_p99_ms": [], "generations": [], "streams": [],
                                "sockets": [], "lag_ms": [], "rss_mb": [],
                                "refusals": {r: [] for r in reasons}}  # fmt: skip
         for a, b in itertools.pairwise(points):
@@ -460,6 +492,7 @@ class Feed:
         requests = value(b, "req") - value(a, "req")
         errors = value(b, "err") - value(a, "err")
         whole = self._cumulative(b, a, "dur:")
+        overhead = self._cumulative(b, a, "oh:")
         return {
             "t": round(b.t, 3),
             "rps": _clean(requests / span) if span > 0 else 0.0,
@@ -467,6 +500,8 @@ class Feed:
             "p50_ms": _ms(quantile(0.5, whole)),
             "p99_ms": _ms(quantile(0.99, whole)),
             "upstream_p99_ms": _ms(quantile(0.99, self._cumulative(b, a, "up:"))),
+            "overhead_p50_ms": _ms(quantile(0.5, overhead)),
+            "overhead_p99_ms": _ms(quantile(0.99, overhead)),
             "generations": _clean(sum(self.group(b, "gen:", a).values())),
             "streams": value(b, "g:streams"),
             "sockets": value(b, "g:sockets"),

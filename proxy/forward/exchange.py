@@ -46,6 +46,7 @@ class Exchange(Call):
         "trace",
         "ttfb",
         "units_counted",
+        "upstream_seconds",
         "upstream_status",
     )  # fmt: skip
 
@@ -60,6 +61,9 @@ class Exchange(Call):
         self.upstream_status: int | None = None
         self.bytes_in = self.bytes_out = 0
         self.ttfb: float | None = None
+        # The upstream round trip (request sent to last byte relayed), once it ran; None:
+        # the call never went upstream (refused, or failed before).
+        self.upstream_seconds: float | None = None
         self.fal_request_id: str | None = None
         self.cf_aig_log_id: str | None = None
         self.gateway_error: str | None = None

@@ -110,16 +110,14 @@ class Forwarder(Transport[Exchange]):
             self.metrics.observe_generation(app)
         if ex.units_counted:
             self.metrics.observe_units(app, ex.billable_units, ex.cost)
+        duration = time.perf_counter() - ex.started
         self.metrics.observe(
-            ex.kind,
-            status,
-            app,
-            time.perf_counter() - ex.started,
-            ex.ttfb,
-            ex.bytes_in,
-            ex.bytes_out,
-            ex.error,
+            ex.kind, status, app, duration, ex.ttfb, ex.bytes_in, ex.bytes_out, ex.error
         )
+        if ex.upstream_seconds is not None and ex.kind is not None:
+            # The proxy's own work: the whole call (to here, before the log line) less the
+            # round trip upstream (fal_proxy_overhead_seconds).
+            self.metrics.observe_overhead(ex.kind, duration - ex.upstream_seconds)
         if ex.gateway_error:
             hint = "the gateway refused the proxy's cf-aig-authorization: check CF_AIG_TOKEN"
             self.log.warning("request", hint=hint, **ex.log_fields())
@@ -241,7 +239,8 @@ class Forwarder(Transport[Exchange]):
                 self.route, settings, target, headers, receive, send, ex, first, rewrite
             )
         finally:
-            self.metrics.observe_upstream(target.kind, time.perf_counter() - sent)
+            ex.upstream_seconds = round_trip_seconds = time.perf_counter() - sent
+            self.metrics.observe_upstream(target.kind, round_trip_seconds)
             if stream is not None:
                 stream.dec()
             await ex.release()  # before the units: as soon as the answer is through

@@ -105,6 +105,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # Whole minus upstream, per call: the proxy's own work (docs/deployment.md#metrics).
+        self.overhead = Histogram(
+            "fal_proxy_overhead_seconds",
+            "The proxy's own work on a forwarded HTTP call: fal_proxy_request_duration_seconds "
+            "minus fal_proxy_upstream_duration_seconds of the same call (admission, the "
+            "limiter and its Redis round trip, header policy, the wait for the body's first "
+            "message, the slot given back and usage settled after, an error answer sent; "
+            "not the log line), for every call whose upstream round trip started",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._overhead: dict[str, Any] = {}
         self.open_streams = Gauge(
             "fal_proxy_open_streams",
             "Streaming (SSE) calls in flight, by route kind (stream: a /stream run; queue: "
@@ -220,6 +233,14 @@ class Metrics:
         if child is None:
             child = self._upstream[route] = self.upstream_duration.labels(route)
         child.observe(seconds)
+
+    def observe_overhead(self, route: str, seconds: float) -> None:
+        """One forwarded call's own work on ``route`` (a target kind: bounded): its whole
+        duration minus its upstream round trip, never below 0."""
+        child = self._overhead.get(route)
+        if child is None:
+            child = self._overhead[route] = self.overhead.labels(route)
+        child.observe(seconds if seconds > 0.0 else 0.0)
 
     def stream_opened(self, route: str) -> Any:
         """The gauge child of a streaming call on ``route`` (moved up now, down by the

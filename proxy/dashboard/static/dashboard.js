@@ -44,7 +44,7 @@ function renderNow(live) {
   setFigure("rps", now.rps, fmt(now.rps));
   setFigure("error_pct", now.error_pct, `${fmt(now.error_pct, 1)} %`);
   document.querySelector('[data-key="error_pct"]').classList.toggle("high", now.error_pct >= 5);
-  for (const key of ["p50_ms", "p99_ms", "upstream_p50_ms", "upstream_p99_ms"]) {
+  for (const key of ["p50_ms", "p99_ms", "overhead_p50_ms", "overhead_p99_ms", "upstream_p50_ms", "upstream_p99_ms"]) {
     setFigure(key, now[key], now[key] === null ? "–" : `${fmt(now[key], 1)} ms`);
   }
   for (const key of ["streams_open", "sockets_open", "upstream_in_use", "upstream_idle", "open_fds", "max_fds"]) {
@@ -116,13 +116,15 @@ function renderTables(live) {
     meter.min = 0;
     meter.max = entry.of || 1;
     meter.value = entry.used;
-    meter.high = (entry.of || 1) * 0.8;
+    meter.high = (entry.of || 1) * 0.8; // proxy/admission/gate.py NEAR_LIMIT
     const used = document.createElement("span");
-    const amount = entry.kind === "budget" ? `$${fmt(entry.used, 2)} of $${fmt(entry.of, 2)}` : `${fmt(entry.used, 0)} of ${fmt(entry.of, 0)}`;
+    const amount = entry.kind === "budget" ? `$${fmt(entry.used, 4)} of $${fmt(entry.of, 4)}` : `${fmt(entry.used, 0)} of ${fmt(entry.of, 0)}`;
     used.append(`${amount} `, meter);
-    const tr = row([who, entry.limit, used, fmt(entry.refused, 0), new Date(entry.at * 1000).toISOString().slice(11, 19)],
-      { tag: entry.tag, caller: entry.caller ?? "", limit: entry.limit, used: entry.used, of: entry.of, refused: entry.refused });
-    if (entry.used >= entry.of) tr.className = "over";
+    // near: the last call was admitted with the limit 80 % used or more; over: refused.
+    const state = entry.state === "over" ? "over (refused)" : "near";
+    const tr = row([who, entry.limit, state, used, fmt(entry.refused, 0), new Date(entry.at * 1000).toISOString().slice(11, 19)],
+      { tag: entry.tag, caller: entry.caller ?? "", limit: entry.limit, state: entry.state, used: entry.used, of: entry.of, refused: entry.refused });
+    tr.className = entry.state;
     return tr;
   }));
 }
@@ -192,6 +194,8 @@ function renderCharts(tail) {
     { name: "p50", values: s("p50_ms") },
     { name: "p99", values: s("p99_ms") },
     { name: "upstream p99", values: s("upstream_p99_ms") },
+    { name: "proxy p50", values: s("overhead_p50_ms") },
+    { name: "proxy p99", values: s("overhead_p99_ms") },
   ], " ms", t);
   chart("chart-generations", [{ name: "generations", values: s("generations") }], "", t);
   chart("chart-open", [{ name: "streams", values: s("streams") }, { name: "sockets", values: s("sockets") }], "", t);

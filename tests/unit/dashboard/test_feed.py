@@ -20,6 +20,8 @@ from proxy.dashboard.feed import (
 )
 from proxy.dashboard.routes import credential
 from proxy.errors import BudgetExceeded, QuotaExceeded, RateLimited
+from proxy.limits import QuotaNear
+from proxy.limits.quotas import Quota
 from proxy.observe.metrics import Metrics
 from proxy.policy.metadata import CallerTags
 
@@ -96,6 +98,29 @@ def test_rates_percentiles_and_the_hour_come_from_counter_differences() -> None:
     assert live["now"]["rps"] == 0 and live["totals"]["requests"] == 25
 
 
+def test_the_proxys_own_work_has_its_percentiles_beside_the_whole_calls() -> None:
+    clock = Clock()
+    dash, metrics, _ = feed(clock)
+    dash.sample(clock.t, live=False)
+    for _ in range(99):
+        metrics.observe_overhead("run", 0.002)  # in (0, 0.005]
+    metrics.observe_overhead("queue", 0.3)  # in (0.25, 0.5]
+    metrics.observe_overhead("run", -0.001)  # a clock's rounding: counted as 0
+    clock.t += 10
+    current = dash.sample(clock.t, live=True)
+    now = dash.live(clock.t, current)["now"]
+    # 101 observations over both routes, 100 of them in (0, 5 ms]: interpolated there.
+    assert now["overhead_p50_ms"] == pytest.approx(5 * 50.5 / 100)
+    assert now["overhead_p99_ms"] == pytest.approx(5 * 99.99 / 100, abs=1e-3)
+    assert now["p50_ms"] is None  # nothing else observed: the figures are apart
+    series = dash.series()
+    assert series["overhead_p50_ms"] == [now["overhead_p50_ms"]]
+    assert series["overhead_p99_ms"] == [now["overhead_p99_ms"]]
+    buckets = {s.labels["le"]: s.value for s in next(iter(metrics.overhead.collect())).samples
+               if s.name.endswith("_bucket") and s.labels["route"] == "run"}  # fmt: skip
+    assert buckets["0.005"] == 100  # the negative one clamped to 0
+
+
 def test_the_hour_forgets_what_is_older_than_an_hour_and_memory_is_bounded() -> None:
     clock = Clock()
     dash, metrics, _ = feed(clock)
@@ -144,6 +169,38 @@ def test_near_limits_keeps_the_latest_pairs_by_tag_and_ids_only_for_an_admin() -
                                                                    0.03, 0.03)  # fmt: skip
     near.refused("x", RateLimited("rate limit exceeded"))  # not a quota's: ignored
     assert near.rows(ids=True)[0]["caller"] == "spender"
+
+
+def test_near_reports_and_refusals_share_a_row_near_then_over() -> None:
+    clock = Clock()
+    near = NearLimits(CallerTags("hash", b"k" * 32), clock=clock)
+    near.report("alice", QuotaNear(Quota("*", 3, "day"), 3))  # admitted: 3 of 3 used
+    (row,) = near.rows(ids=True)
+    assert (row["state"], row["limit"], row["used"], row["of"], row["refused"]) == (
+        "near", "*=3/day", 3.0, 3.0, 0)  # fmt: skip
+    clock.t += 5
+    near.refused("alice", quota_refusal(3))  # the next call: refused, the same row
+    (row,) = near.rows(ids=True)
+    assert (row["state"], row["refused"], row["at"]) == ("over", 1, clock.t)
+    near.report("alice", QuotaNear(Quota("*", 3, "day"), 3))  # a new period, say
+    assert near.rows(ids=True)[0]["state"] == "near" and near.rows(ids=True)[0]["refused"] == 1
+    # A budget: micro-dollars shown as dollars, named as its refusal names it.
+    budget = Quota("*", 30_000, "day", money=True)
+    near.report("spender", QuotaNear(budget, 25_000))
+    top = near.rows(ids=False)[0]
+    assert (top["kind"], top["limit"], top["used"], top["of"], top["state"]) == (
+        "budget", "*=$0.03/day", 0.025, 0.03, "near")  # fmt: skip
+    near.refused("spender", BudgetExceeded(
+        apps="*", period="day", described="$0.03 per day", limit_usd=0.03, spent_usd=0.029,
+        spent="$0.029", estimate="$0.002", resets_at="2027-01-01T00:00:00Z", retry_after=5,
+    ))  # fmt: skip
+    assert len(near.entries) == 2 and near.rows(ids=False)[0]["state"] == "over"
+    big = Quota("*", 1_000_000, "month")
+    near.report("bob", QuotaNear(big, 800_000))
+    near.refused("bob", QuotaExceeded(apps="*", limit=1_000_000, period="month",
+                                      described="1000000 per month",
+                                      resets_at="2027-01-01T00:00:00Z", retry_after=5))  # fmt: skip
+    assert near.rows(ids=True)[0]["limit"] == "*=1000000/month" and len(near.entries) == 3
 
 
 def test_a_page_gets_the_series_once_per_new_point_and_a_slow_page_skips() -> None:
