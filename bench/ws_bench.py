@@ -1,18 +1,27 @@
 #!/usr/bin/env python3
-"""Benchmark the proxy's WebSocket bridge against a fast echo server, next to no proxy at all.
+"""Benchmark the proxy's WebSocket bridge against a bare relay and against no relay at all.
 
 Starts an echo WebSocket server (this file with ``--serve-echo``: the ``websockets``
-asyncio server on uvloop, any path, every frame sent back as it came) and the proxy
+asyncio server on uvloop, any path, every frame sent back as it came), the proxy
 (``python -m proxy --port 0``, JSON logs on, ``FAL_PROXY_GATEWAY_URL`` pointing at the
-echo server), pins the proxy to one CPU and the echo server and this script (the client)
-to another, as ``bench/run.py`` does, then measures, for "direct" (the client straight at
-the echo server, on the URL the proxy itself would open) and "proxy" (through the bridge):
+echo server) and the bare relay (``bench/bare_ws_relay.py``: the ``websockets`` library
+bridging two sockets, nothing else, on uvloop). The proxy and the bare relay are pinned to
+one CPU, the echo server and this script (the client) to another, as ``bench/run.py``
+does. Three modes, in rounds that alternate them (the order rotating each round):
+"direct" (the client straight at the echo server, on the URL the proxy itself would open),
+"bare" (through the bare relay) and "proxy" (through the bridge). In each round, each mode:
 
-* messages per second: one connection, a window of 64 binary 100-byte messages in flight,
-  in rounds that alternate direct and proxy (median shown), and the CPU µs per message of
-  the proxy (of the echo server for "direct"), from /proc/<pid>/task/*/schedstat;
-* round-trip latency: one connection, strictly sequential 100-byte round trips, p50/p99;
-* throughput: one connection, 1 MiB binary messages, 4 in flight, MB/s each way.
+* small messages: one connection, a window of 64 msgpack frames (~170 bytes, shaped like
+  fal's realtime input) in flight: messages/s and the CPU µs per message of the relay
+  (of the echo server for "direct"), from /proc/<pid>/task/*/schedstat; every echo is
+  compared with what was sent, byte for byte;
+* small round trips: strictly sequential, p50/p99 µs (the latency a relay adds: its
+  figure minus direct's, in the same round);
+* 1 MiB binary frames: 4 in flight (messages/s, MB/s, CPU per message), then sequential
+  (p50/p99).
+
+Medians over the rounds are shown, with the spread; the proxy/bare ratios are taken per
+round (side by side), then their median, against the target (≤ 1.3×).
 
 Usage: ``.venv/bin/python bench/ws_bench.py [--quick] [--rounds N] [--json PATH]``, or
 ``bench/run.py --ws [--quick] [--json PATH]``. Linux only (/proc). Only 127.0.0.1 is ever
@@ -34,12 +43,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-SMALL = 100  # bytes per small message
 WINDOW = 64  # small messages in flight in the msgs/s run
 BIG = 1 << 20  # bytes per large message
 BIG_WINDOW = 4
 MAX_SIZE = 16 * 1024 * 1024  # the proxy's default FAL_PROXY_WS_MAX_BYTES
 WS_PATH = "/fal-ai/echo/ws"  # what a client asks the proxy for
+TARGET = 1.3  # proxy / bare relay, CPU per message and added p99
+MODES = ("direct", "bare", "proxy")
+
+
+def small_frame() -> bytes:
+    """A msgpack frame shaped like fal's realtime input (what its JS client sends)."""
+    import msgpack
+
+    return bytes(msgpack.packb({
+        "request_id": "3f2c9e4a-1b7d-4c55-9a0e-6d2b8f1e7a90",
+        "prompt": "a photo of a cat wearing a tiny hat, studio lighting",
+        "image_size": "square_hd", "num_inference_steps": 4, "seed": 42, "sync_mode": True,
+    }))  # fmt: skip
 
 
 # -- the echo server (a separate process: this file with --serve-echo) ------------------
@@ -86,20 +107,24 @@ async def _close(ws: Any) -> None:
         ws.transport.abort()
 
 
+def _check(message: Any, payload: bytes) -> None:
+    if message != payload:  # bytes == bytes: also false for a text frame
+        kind = "text" if isinstance(message, str) else f"{len(message)} bytes"
+        raise RuntimeError(f"echo differs from what was sent ({kind}, sent {len(payload)} bytes)")
+
+
 async def pipelined(
-    url: str, size: int, window: int, seconds: float, watch: dict[str, int]
+    url: str, payload: bytes, window: int, seconds: float, watch: dict[str, int]
 ) -> dict[str, Any]:
-    """Keep ``window`` messages of ``size`` bytes in flight on one connection for ``seconds``."""
+    """Keep ``window`` copies of ``payload`` in flight on one connection for ``seconds``."""
     from procfs import cpu_seconds_fine
 
-    payload = os.urandom(size)
     ws = await _connect(url)
     try:
         for _ in range(window):  # warm-up: a few windows' worth, not counted
             await ws.send(payload)
         for _ in range(window * 4):
-            if len(await ws.recv()) != size:
-                raise RuntimeError("echo of the wrong size")
+            _check(await ws.recv(), payload)
             await ws.send(payload)
         for _ in range(window):
             await ws.recv()
@@ -111,9 +136,7 @@ async def pipelined(
             await ws.send(payload)
         done, in_flight = 0, window
         while in_flight:
-            message = await ws.recv()
-            if len(message) != size:
-                raise RuntimeError(f"echo of {len(message)} bytes, sent {size}")
+            _check(await ws.recv(), payload)
             done += 1
             in_flight -= 1
             if time.perf_counter() < deadline:
@@ -124,19 +147,18 @@ async def pipelined(
     finally:
         await _close(ws)
     result: dict[str, Any] = {"messages": done, "seconds": wall, "msgs_per_s": done / wall,
-                              "mb_per_s": done * size / wall / 1e6}  # fmt: skip
+                              "mb_per_s": done * len(payload) / wall / 1e6}  # fmt: skip
     for name, used in cpu.items():
         result[f"{name}_cpu_us_per_msg"] = used * 1e6 / done
         result[f"{name}_cpu_util"] = used / wall
     return result
 
 
-async def sequential(url: str, seconds: float) -> dict[str, Any]:
-    """Strictly one 100-byte round trip at a time for ``seconds``; percentiles in µs."""
-    payload = os.urandom(SMALL)
+async def sequential(url: str, payload: bytes, seconds: float) -> dict[str, Any]:
+    """Strictly one round trip at a time for ``seconds``; percentiles in µs."""
     ws = await _connect(url)
     try:
-        for _ in range(200):  # warm-up
+        for _ in range(20 if len(payload) > 4096 else 200):  # warm-up
             await ws.send(payload)
             await ws.recv()
         samples: list[int] = []
@@ -147,8 +169,7 @@ async def sequential(url: str, seconds: float) -> dict[str, Any]:
             await ws.send(payload)
             message = await ws.recv()
             t1 = clock()
-            if message != payload:
-                raise RuntimeError("echo differs from what was sent")
+            _check(message, payload)
             samples.append(t1 - t0)
             if t1 >= deadline:
                 break
@@ -159,19 +180,15 @@ async def sequential(url: str, seconds: float) -> dict[str, Any]:
     def pct(p: float) -> float:
         return samples[min(len(samples) - 1, int(p / 100 * len(samples)))] / 1e3
 
-    return {
-        "round_trips": len(samples),
-        "p50_us": pct(50),
-        "p99_us": pct(99),
-        "mean_us": statistics.fmean(samples) / 1e3,
-    }
+    return {"round_trips": len(samples), "p50_us": pct(50), "p99_us": pct(99),
+            "mean_us": statistics.fmean(samples) / 1e3}  # fmt: skip
 
 
 # -- run --------------------------------------------------------------------------------
 
 
 def measure(
-    args: argparse.Namespace, proxy_cpus: set[int], stack: contextlib.ExitStack
+    args: argparse.Namespace, relay_cpus: set[int], stack: contextlib.ExitStack
 ) -> dict[str, Any]:
     import uvloop
     from bench_common import GATEWAY_PREFIX, pin, start_child, step
@@ -179,24 +196,33 @@ def measure(
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "CF_"))}
     env["PYTHONUNBUFFERED"] = "1"
-    echo = start_child(
-        "echo server", [sys.executable, str(Path(__file__).resolve()), "--serve-echo"], env, stack
-    )
+    here = Path(__file__).resolve()
+    echo = start_child("echo server", [sys.executable, str(here), "--serve-echo"], env, stack)
     gateway_url = f"http://127.0.0.1:{echo.port}{GATEWAY_PREFIX}"
     proxy_env = dict(env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=gateway_url,
                      FAL_PROXY_LOG_FORMAT="json", FAL_PROXY_RATE_LIMIT_RPM="1000000000",
                      FAL_PROXY_MAX_CONCURRENT="100000",
                      FAL_PROXY_SUBMITS_PER_HOUR="1000000000")  # fmt: skip
     proxy = start_child("proxy", [sys.executable, "-m", "proxy", "--port", "0"], proxy_env, stack)
-    pin(proxy.pid, proxy_cpus)
+    pin(proxy.pid, relay_cpus)
+    bare = start_child("bare relay", [sys.executable, str(here.parent / "bare_ws_relay.py"),
+                       "--upstream", f"ws://127.0.0.1:{echo.port}{GATEWAY_PREFIX}"], env,
+                       stack)  # fmt: skip
+    pin(bare.pid, relay_cpus)
     # "direct" asks the echo server for the very URL the proxy opens upstream.
     modes = {
-        "direct": (f"ws://127.0.0.1:{echo.port}{GATEWAY_PREFIX}{WS_PATH}", {"echo": echo.pid}),
-        "proxy": (f"ws://127.0.0.1:{proxy.port}{WS_PATH}", {"proxy": proxy.pid, "echo": echo.pid}),
+        "direct": (f"ws://127.0.0.1:{echo.port}{GATEWAY_PREFIX}{WS_PATH}", "echo"),
+        "bare": (f"ws://127.0.0.1:{bare.port}{WS_PATH}", "relay"),
+        "proxy": (f"ws://127.0.0.1:{proxy.port}{WS_PATH}", "relay"),
     }
+    pids = {"direct": echo.pid, "bare": bare.pid, "proxy": proxy.pid}
+    modes = {name: modes[name] for name in args.modes}
     me = os.getpid()
     results: dict[str, Any] = {name: {"rounds": []} for name in modes}
-    results["proxy"]["baseline_rss_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
+    if "proxy" in modes:
+        results["proxy"]["baseline_rss_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
+    small = small_frame()
+    big = os.urandom(BIG)
     stopped_by: list[int] = []
 
     async def interruptible(coro: Any) -> Any:
@@ -218,115 +244,206 @@ def measure(
                 loop.remove_signal_handler(sig)  # (resets to SIG_DFL)
                 signal.signal(sig, handler)  # main()'s: SystemExit, so the clean-up runs
 
+    names = list(modes)
+
+    def run(coro: Any) -> dict[str, Any]:
+        result: dict[str, Any] = runner.run(interruptible(coro))
+        return result
+
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        for round_ in range(1, args.rounds + 1):
-            for name, (url, watch) in modes.items():
-                step(f"ws {name}: {SMALL} B messages, {WINDOW} in flight, {args.msgs_s} s, "
-                     f"round {round_}/{args.rounds}")  # fmt: skip
-                r = runner.run(
-                    interruptible(
-                        pipelined(url, SMALL, WINDOW, args.msgs_s, watch | {"client": me})
-                    )
-                )
-                results[name]["rounds"].append(r)
-        for name, (url, _) in modes.items():
-            step(f"ws {name}: sequential {SMALL} B round trips, {args.latency_s} s")
-            results[name]["latency"] = runner.run(interruptible(sequential(url, args.latency_s)))
-        for name, (url, watch) in modes.items():
-            step(f"ws {name}: 1 MiB messages, {BIG_WINDOW} in flight, {args.big_s} s")
-            results[name]["big"] = runner.run(
-                interruptible(pipelined(url, BIG, BIG_WINDOW, args.big_s, watch))
-            )
-    results["proxy"]["rss_after_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
-    results["proxy"]["peak_rss_mib"] = status_kib(proxy.pid, "VmHWM") / 1024
-    for name in modes:
-        rounds = results[name]["rounds"]
-        results[name]["load"] = sorted(rounds, key=lambda r: r["msgs_per_s"])[len(rounds) // 2]
+        for round_ in range(args.rounds):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for name in order:
+                url, role = modes[name]
+                watch = {role: pids[name], "echo": echo.pid, "client": me}
+                step(f"ws {name}: round {round_ + 1}/{args.rounds}")
+                results[name]["rounds"].append({
+                    "small": run(pipelined(url, small, WINDOW, args.msgs_s, watch)),
+                    "small_latency": run(sequential(url, small, args.latency_s)),
+                    "big": run(pipelined(url, big, BIG_WINDOW, args.big_s, watch)),
+                    "big_latency": run(sequential(url, big, args.big_latency_s)),
+                })  # fmt: skip
+    if "proxy" in modes:
+        results["proxy"]["rss_after_mib"] = status_kib(proxy.pid, "VmRSS") / 1024
+        results["proxy"]["peak_rss_mib"] = status_kib(proxy.pid, "VmHWM") / 1024
+    results["small_bytes"] = len(small)
     return results
 
 
+# -- report -----------------------------------------------------------------------------
+
+# (label, part of a round, key, number format)
+MEASURES = [
+    ("small: messages/s, 64 in flight", "small", "msgs_per_s", ".0f"),
+    ("small: CPU µs per message", "small", "cpu", ".1f"),
+    ("small: round trip p50 µs", "small_latency", "p50_us", ".0f"),
+    ("small: round trip p99 µs", "small_latency", "p99_us", ".0f"),
+    ("1 MiB: messages/s, 4 in flight", "big", "msgs_per_s", ".0f"),
+    ("1 MiB: CPU µs per message", "big", "cpu", ".0f"),
+    ("1 MiB: round trip p50 µs", "big_latency", "p50_us", ".0f"),
+    ("1 MiB: round trip p99 µs", "big_latency", "p99_us", ".0f"),
+]
+
+
+def value(mode: str, round_: dict[str, Any], part: str, key: str) -> float:
+    if key == "cpu":  # the relay's own CPU; direct: the echo server's
+        key = "echo_cpu_us_per_msg" if mode == "direct" else "relay_cpu_us_per_msg"
+    return float(round_[part][key])
+
+
+def added(results: dict[str, Any], mode: str, part: str, key: str) -> list[float]:
+    """Per round: ``mode``'s latency minus direct's in the same round."""
+    pairs = zip(results[mode]["rounds"], results["direct"]["rounds"], strict=True)
+    return [r[part][key] - d[part][key] for r, d in pairs]
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Medians, spreads and the per-round proxy/bare ratios, for the table and the JSON."""
+    modes = [m for m in MODES if m in results]
+    out: dict[str, Any] = {}
+    for label, part, key, _ in MEASURES:
+        row: dict[str, Any] = {}
+        for mode in modes:
+            values = [value(mode, r, part, key) for r in results[mode]["rounds"]]
+            row[mode] = {"median": statistics.median(values), "min": min(values),
+                         "max": max(values)}  # fmt: skip
+        if "bare" in modes and "proxy" in modes:
+            ratios = [value("proxy", p, part, key) / value("bare", b, part, key)
+                      for p, b in zip(results["proxy"]["rounds"], results["bare"]["rounds"],
+                                      strict=True)]  # fmt: skip
+            row["ratio"] = {"median": statistics.median(ratios), "min": min(ratios),
+                            "max": max(ratios)}  # fmt: skip
+        if "direct" in modes and part.endswith("latency"):
+            for mode in ("bare", "proxy"):
+                if mode in modes:
+                    a = added(results, mode, part, key)
+                    row[f"{mode}_added"] = {"median": statistics.median(a), "min": min(a),
+                                            "max": max(a)}  # fmt: skip
+            if "bare" in modes and "proxy" in modes:
+                pa, ba = added(results, "proxy", part, key), added(results, "bare", part, key)
+                ratios = [p / b if b > 0 else float("inf") for p, b in zip(pa, ba, strict=True)]
+                row["added_ratio"] = {"median": statistics.median(ratios), "min": min(ratios),
+                                      "max": max(ratios)}  # fmt: skip
+        out[label] = row
+    return out
+
+
 def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
-    d, p = results["direct"], results["proxy"]
+    summary = summarize(results)
+    results["summary"] = summary
+    modes = [m for m in MODES if m in results]
+    both = "bare" in modes and "proxy" in modes
 
-    def ratio(a: float, b: float) -> str:
-        return f"{b / a:.2f}×" if a else "—"
+    def cell(stat: dict[str, float], spec: str) -> str:
+        if meta["rounds"] == 1:
+            return f"{stat['median']:{spec}}"
+        return f"{stat['median']:{spec}} ({stat['min']:{spec}}–{stat['max']:{spec}})"
 
-    rows = [
-        (f"messages/s, 1 conn, {WINDOW} in flight, {SMALL} B", d["load"]["msgs_per_s"],
-         p["load"]["msgs_per_s"], ".0f"),
-        (f"round trip p50 µs, 1 conn, sequential {SMALL} B", d["latency"]["p50_us"],
-         p["latency"]["p50_us"], ".0f"),
-        (f"round trip p99 µs, 1 conn, sequential {SMALL} B", d["latency"]["p99_us"],
-         p["latency"]["p99_us"], ".0f"),
-        (f"MB/s each way, 1 MiB messages, {BIG_WINDOW} in flight", d["big"]["mb_per_s"],
-         p["big"]["mb_per_s"], ".0f"),
-        ("CPU µs per message (echoed; direct: echo server's, proxy: proxy's)",
-         d["load"]["echo_cpu_us_per_msg"], p["load"]["proxy_cpu_us_per_msg"], ".1f"),
-        ("CPU µs per 1 MiB message (same)", d["big"]["echo_cpu_us_per_msg"],
-         p["big"]["proxy_cpu_us_per_msg"], ".0f"),
-    ]  # fmt: skip
-    lines = ["| WebSocket measure | direct | proxy | proxy / direct |", "|---|---:|---:|---:|"]
-    for label, a, b, spec in rows:
-        lines.append(f"| {label} | {a:{spec}} | {b:{spec}} | {ratio(a, b)} |")
+    head = ["WebSocket relay", *modes]
+    if both:
+        head += ["proxy / bare", "target", "met"]
+    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+    verdicts: list[tuple[str, float, bool]] = []
+    for label, part, key, spec in MEASURES:
+        row = summary[label]
+        cells = [label, *(cell(row[m], spec) for m in modes)]
+        if both:
+            r = row["ratio"]["median"]
+            judged = key == "cpu"
+            ok = r <= TARGET
+            cells += [f"{cell(row['ratio'], '.2f')}", f"≤ {TARGET}×" if judged else "",
+                      ("yes" if ok else "**no**") if judged else ""]  # fmt: skip
+            if judged:
+                verdicts.append((label, r, ok))
+        lines.append("| " + " | ".join(cells) + " |")
+        if part.endswith("latency") and "direct" in modes:
+            which = key[:3]
+            cells = [
+                f"{label.split(':')[0]}: added {which} µs (relay − direct)",
+                "",
+                *(cell(row[f"{m}_added"], "+.0f") for m in modes if m != "direct"),
+            ]
+            if both:
+                r = row["added_ratio"]["median"]
+                judged = which == "p99"
+                ok = r <= TARGET
+                cells += [cell(row["added_ratio"], ".2f"), f"≤ {TARGET}×" if judged else "",
+                          ("yes" if ok else "**no**") if judged else ""]  # fmt: skip
+                if judged:
+                    verdicts.append((cells[0], r, ok))
+            lines.append("| " + " | ".join(cells) + " |")
 
     def pct(x: float) -> str:
         return f"{x * 100:.0f}%"
 
-    def each(name: str) -> str:
-        return ", ".join(f"{r['msgs_per_s']:.0f}" for r in results[name]["rounds"])
+    def each(mode: str, part: str) -> str:
+        return ", ".join(f"{r[part]['msgs_per_s']:.0f}" for r in results[mode]["rounds"])
 
-    pl, dl = p["load"], d["load"]
-    added50 = p["latency"]["p50_us"] - d["latency"]["p50_us"]
-    added99 = p["latency"]["p99_us"] - d["latency"]["p99_us"]
-    shared = dl["echo_cpu_util"] + dl["client_cpu_util"]
-    bound = (
-        (
-            f" Direct is bound by the shared CPU (echo server + client at {pct(shared)} together), "
-            "so the ratio understates the proxy's own cost; the CPU row shows it."
-        )
-        if shared > 0.9
-        else ""
-    )
     lines += [
         "",
         f"- {meta['cpu']}, {meta['cpus']} CPUs; {meta['pinning']}. Python {meta['python']}, "
-        f"websockets {meta['websockets']}, uvicorn {meta['uvicorn']}.",
-        f"- A message is one {SMALL}-byte binary frame to the echo server and its echo back, so "
-        f"the proxy relays 2 frames per message. Latency added by the proxy: "
-        f"p50 {added50:+.0f} µs, "
-        f"p99 {added99:+.0f} µs per round trip ({p['latency']['round_trips']} proxied / "
-        f"{d['latency']['round_trips']} direct round trips).",
-        f"- messages/s: {meta['rounds']} x {meta['msgs_seconds']} s per mode, alternating, median "
-        f"shown (direct: {each('direct')}; proxy: {each('proxy')}). During the proxied run the "
-        f"proxy used {pct(pl['proxy_cpu_util'])} of its CPU, "
-        f"the echo server {pct(pl['echo_cpu_util'])} "
-        f"and the client {pct(pl['client_cpu_util'])} of theirs (shared); direct: echo server "
-        f"{pct(dl['echo_cpu_util'])}, client {pct(dl['client_cpu_util'])}. "
-        f"A proxy near 100% is the "
-        f"bottleneck; CPU µs from /proc/<pid>/task/*/schedstat.{bound}",
-        f"- 1 MiB: {p['big']['messages']} proxied / {d['big']['messages']} direct messages in "
-        f"{meta['big_seconds']} s; proxy at {pct(p['big']['proxy_cpu_util'])} of its CPU. "
-        f"MB = 10^6 bytes. "
-        f"Proxy RSS: {p['baseline_rss_mib']:.0f} MiB after start-up, {p['rss_after_mib']:.0f} MiB "
-        f"after the runs, peak {p['peak_rss_mib']:.0f} MiB.",
+        f"websockets {meta['websockets']}, uvicorn {meta['uvicorn']}, uvloop {meta['uvloop']}.",
+        f"- {meta['rounds']} rounds, modes alternating (order rotated each round); each cell "
+        "the median over rounds (min–max); ratios are per round, proxy against bare in the "
+        "same round, then their median. A message is one frame to the echo server and its "
+        "echo back: a relay relays 2 frames per message. CPU: the relay process's "
+        "utime+stime (/proc/<pid>/task/*/schedstat) over the messages; direct: the echo "
+        "server's. Latency added: relay minus direct in the same round.",
+        f"- small = a {results['small_bytes']}-byte msgpack frame shaped like fal's realtime "
+        f"input ({meta['msgs_seconds']} s with {WINDOW} in flight, then {meta['latency_seconds']} "
+        f"s sequential); 1 MiB = random bytes ({meta['big_seconds']} s with {BIG_WINDOW} in "
+        f"flight, {meta['big_latency_seconds']} s sequential). Every echo was compared with "
+        "what was sent, byte for byte (and is a binary frame).",
     ]  # fmt: skip
+    for mode in modes:
+        line = f"- {mode}: small messages/s per round {each(mode, 'small')}"
+        if mode != "direct":
+            utils = [r["small"]["relay_cpu_util"] for r in results[mode]["rounds"]]
+            line += f"; relay CPU busy {', '.join(pct(u) for u in utils)} during them"
+        lines.append(line + f"; 1 MiB messages/s {each(mode, 'big')}.")
+    if "direct" in modes:
+        d = results["direct"]["rounds"]
+        shared = statistics.median(
+            [r["small"]["echo_cpu_util"] + r["small"]["client_cpu_util"] for r in d]
+        )
+        lines.append(
+            f"- Direct's echo server and client share one CPU ({pct(shared)} busy together "
+            "during the small-message runs), so direct's messages/s is bound by it; relays "
+            "near 100% busy are bound by their own CPU."
+        )
+    if "proxy" in modes:
+        p = results["proxy"]
+        lines.append(
+            f"- Proxy RSS: {p['baseline_rss_mib']:.0f} MiB after start-up, "
+            f"{p['rss_after_mib']:.0f} MiB after the runs, peak {p['peak_rss_mib']:.0f} MiB."
+        )
+    for label, r, ok in verdicts:
+        lines.append(
+            f"- Target {label.strip()}: proxy ≤ {TARGET}× bare: {r:.2f}×, "
+            + ("met." if ok else f"**not met**, by {(r / TARGET - 1) * 100:.0f}% over the target.")
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short smoke run (~10 s)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (~15 s)")
     parser.add_argument(
         "--rounds",
         type=int,
         metavar="N",
-        help="messages/s runs per mode, median reported (default 3, 1 with --quick)",
+        help="rounds of every mode, medians reported (default 5, 1 with --quick)",
     )
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="which of direct,bare,proxy to run (default all)")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)  # the child
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    args.modes = [m for m in MODES if m in args.modes.split(",")]
+    if not args.modes:
+        parser.error(f"--modes: any of {','.join(MODES)}")
     return args
 
 
@@ -339,7 +456,8 @@ def package_version(name: str) -> str:
         return "?"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, cpus: list[int] | None = None) -> int:
+    """``cpus``: the CPUs to lay the processes out on (default: this process's affinity)."""
     args = parse_args(argv)
     if args.serve_echo:
         serve_echo()
@@ -349,33 +467,36 @@ def main(argv: list[str] | None = None) -> int:
     from bench_common import BenchError, cpu_model
     from websockets.exceptions import WebSocketException
 
-    args.rounds = args.rounds or (1 if args.quick else 3)
-    args.msgs_s = 1.0 if args.quick else 5.0
-    args.latency_s = 1.0 if args.quick else 3.0
-    args.big_s = 0.5 if args.quick else 3.0
+    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.msgs_s = 1.0 if args.quick else 3.0
+    args.latency_s = 1.0 if args.quick else 2.0
+    args.big_s = 0.5 if args.quick else 2.0
+    args.big_latency_s = 0.5 if args.quick else 2.0
 
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = sorted(cpus or os.sched_getaffinity(0))
     if len(cpus) >= 2:
-        proxy_cpus = {cpus[0]}
+        relay_cpus = {cpus[0]}
         os.sched_setaffinity(0, set(cpus[1:]))  # the echo server inherits this
         others = ",".join(map(str, cpus[1:]))
-        pinning = f"proxy on CPU {cpus[0]}; echo server and client on CPU {others}"
+        pinning = f"proxy and bare relay on CPU {cpus[0]}; echo server and client on CPU {others}"
     else:
-        proxy_cpus = set(cpus)
+        relay_cpus = set(cpus)
         pinning = "NOT pinned: only one CPU available, everything shares it"
     meta = {
         "cpu": cpu_model(), "cpus": len(cpus), "pinning": pinning,
         "python": platform.python_version(),
         "websockets": package_version("websockets"), "uvicorn": package_version("uvicorn"),
+        "uvloop": package_version("uvloop"),
         "rounds": args.rounds, "msgs_seconds": args.msgs_s, "latency_seconds": args.latency_s,
-        "big_seconds": args.big_s, "quick": args.quick,
+        "big_seconds": args.big_s, "big_latency_seconds": args.big_latency_s,
+        "quick": args.quick, "modes": args.modes,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
     try:
         with contextlib.ExitStack() as stack:  # stops the children
-            results = measure(args, proxy_cpus, stack)
+            results = measure(args, relay_cpus, stack)
     except (BenchError, RuntimeError, OSError, WebSocketException) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
