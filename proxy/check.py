@@ -15,6 +15,7 @@ from .config.settings import Settings
 from .limits.prices import Prices
 from .limits.quotas import Plans, Quota
 from .observe import tracing
+from .serve.open_files import planned_open_files
 
 # What an empty list means, per setting: "(none)" read as "nothing allowed" where it is "all".
 _EMPTY = {
@@ -175,6 +176,9 @@ def run_check(settings: Settings, with_probe: bool, out: TextIO = sys.stdout) ->
         print(f"  {line}", file=out)
     # OpenTelemetry: the standard OTEL_* variables, not ours (the URL only: never the headers).
     print(f"  {tracing.describe(os.environ)}", file=out)
+    if (limits := planned_open_files()) is not None:  # as start-up will raise it
+        prefix = "warn  " if limits.low else "  "
+        print(f"{prefix}at start-up, {limits.sentence()}", file=out)
     ok = True
     if (missing := tracing.missing_sdk(os.environ)) is not None:
         ok = False

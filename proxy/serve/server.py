@@ -46,31 +46,11 @@ def tune_gc() -> None:
 
 
 def raise_open_files_limit(log: Any) -> None:
-    """Raise the soft open-files limit to the hard one, and say both.
+    """Raise the soft open-files limit to the hard one and say, in one line, how many
+    concurrent streams that allows (:mod:`proxy.serve.open_files`)."""
+    from .open_files import log_open_files, raise_open_files
 
-    Every proxied request holds two sockets (client and gateway) and a WebSocket two more;
-    the usual soft limit of 1024 would cap a proxy at a few hundred streams while the
-    hard limit (often 1,048,576 in containers) allows far more.
-    """
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    raised = soft
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            raised = target
-        except (ValueError, OSError):
-            pass
-    log.info(
-        "open_files_limit",
-        soft_before=soft,
-        soft=raised,
-        hard=-1 if hard == resource.RLIM_INFINITY else hard,
-    )
+    log_open_files(log, raise_open_files())
 
 
 def bind_socket(
