@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import scaling
+import streams
 
 # bench/ is sys.path[0]: these are bench/bench_common.py and bench/procfs.py.
 from bench_common import (
@@ -74,7 +75,6 @@ BASELINES = ("baseline-aiohttp", "baseline-pyreqwest", "baseline-httpx")
 TARGET_CPU_US = 350.0  # ≤ proxy CPU per small request
 TARGET_MBPS = 500.0  # ≥ each way, 64 MiB down / 32 MiB up
 TARGET_RSS_MIB = 100.0  # < peak RSS
-TARGET_KIB_PER_OPEN = 100.0  # < RSS per open SSE stream or WebSocket
 
 
 # -- the host's speed (/proc readers: bench/procfs.py; pinning: bench/bench_common.py) ---
@@ -321,15 +321,36 @@ def rows_from(r: dict[str, Any]) -> list[Row]:
         Row("RSS after start-up MiB", "direct", d["baseline_rss_mib"], p["baseline_rss_mib"],
             "{:.1f}", f"< {TARGET_RSS_MIB:.0f}", p["baseline_rss_mib"] < TARGET_RSS_MIB, False),
     ]  # fmt: skip
-    if "concurrency" in r:
-        for key, what, done in (("sse", "SSE stream", "got every event"),
-                                ("ws", "WebSocket", "echoed and closed 1000")):  # fmt: skip
-            c = r["concurrency"][key]
-            rows.append(Row(
-                f"RSS KiB per open {what} ({c['opened']:,}/{c['count']:,} open at once; "
-                f"{c['delivered']:,} {done})", "", None, c["kib_each"], "{:.1f}",
-                f"< {TARGET_KIB_PER_OPEN:.0f}, all",
-                c["ok"] and c["kib_each"] < TARGET_KIB_PER_OPEN, False))  # fmt: skip
+    if "streams" in r:
+        rows += streams_table_rows(r["streams"])
+    return rows
+
+
+def streams_table_rows(st: dict[str, Any]) -> list[Row]:
+    """Streams per process (bench/streams.py): RSS per open stream and socket, and the delay
+    of an event through the proxy against direct, with their targets."""
+    rows = []
+    unit_one = {"sse": "an event", "ws": "a frame"}
+    for key, what, unit, kib in (("sse", "SSE stream", "events", streams.TARGET_SSE_KIB),
+                                 ("ws", "WebSocket", "frames", streams.TARGET_WS_KIB)):  # fmt: skip
+        if key not in st:
+            continue
+        c = st[key]
+        p, d = c["proxy"], c["direct"]
+        every = (
+            p["opened"] == c["count"]
+            and p["delivered"] == p["sent"] == c["count"] * st["events_each"]
+        )
+        each = c.get("kib_each", float("nan"))
+        rows += [
+            Row(f"RSS KiB per open {what} ({p['opened']:,}/{c['count']:,} open at once; "
+                f"{p['delivered']:,}/{p['sent']:,} {unit} delivered)", "", None, each, "{:.1f}",
+                f"≤ {kib:.0f}, all", every and each <= kib, False),
+            Row(f"p99 delay ms of {unit_one[key]}, {c['count']:,} {what}s open "
+                f"(added: {c['added_p99_ms']:+.2f} ms)", "direct", d["p99_ms"], p["p99_ms"],
+                "{:.2f}", f"+≤ {streams.TARGET_ADDED_P99_MS:.0f}",
+                c["added_p99_ms"] <= streams.TARGET_ADDED_P99_MS),
+        ]  # fmt: skip
     return rows
 
 
@@ -394,20 +415,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="only direct, the proxy and the TLS-upstream proxy: no bare "
                              "forwarders, no Express, no workers or concurrency rows (for "
                              "iterating on the hot path)")  # fmt: skip
-    parser.add_argument(
-        "--sse",
-        type=int,
-        default=2000,
-        metavar="N",
-        help="SSE streams open at once in the concurrency rows (default 2000)",
-    )
-    parser.add_argument(
-        "--websockets",
-        type=int,
-        default=1000,
-        metavar="N",
-        help="WebSockets open at once in the concurrency rows (default 1000)",
-    )
+    parser.add_argument("--streams", "--sse", type=int, default=8000, metavar="N",
+                        help="SSE streams open at once through one proxy process (default "
+                             "8000; 0: none)")  # fmt: skip
+    parser.add_argument("--sockets", "--websockets", type=int, default=4000, metavar="N",
+                        help="WebSockets open at once through one proxy process (default 4000; "
+                             "0: none)")  # fmt: skip
+    parser.add_argument("--only-streams", action="store_true",
+                        help="only the streams-per-process rows (bench/streams.py; about 80 s "
+                             "at the defaults; needs neither wrk nor curl)")  # fmt: skip
     parser.add_argument("--ws", action="store_true",
                         help="benchmark the WebSocket bridge instead (bench/ws_bench.py; "
                              "takes --quick, --rounds and --json)")  # fmt: skip
@@ -562,7 +578,7 @@ def measure(
                 proxy_env, gateway.pid, script, sorted(os.sched_getaffinity(0) | proxy_cpus),
                 load_s, args.rounds, stack,
             )  # fmt: skip
-            results["concurrency"] = scaling.concurrency_rows(args.sse, args.websockets)
+            results["streams"] = streams.stream_rows(args.streams, args.sockets, stack)
     except BenchError:
         for _, child in load_modes.values():
             if child.proc.poll() is not None:
@@ -685,16 +701,12 @@ def report(results: dict[str, Any], meta: dict[str, Any], args: argparse.Namespa
             f"{w[2]['cpu_bound_req_per_s'] / w[1]['req_per_s']:.2f}× one worker's req/s "
             "(the ceiling row over the 1-worker row)."
         )
-    if "concurrency" in results:
-        c = results["concurrency"]
-        print(
-            "- Concurrency (bench/soak.py --only sse,ws; the offline emulator as fal + the "
-            "gateway; one proxy process, not pinned): "
-            + "; ".join(f"{key}: {c[key]['measured']}" for key in ("sse", "ws"))
-            + "."
-        )
+    if "streams" in results:
+        print(streams.stream_notes(results["streams"]))
     missed = [row.metric + f" ({row.against})" for row in rows if row.ok is False]
     print(f"\nTargets missed: {'; '.join(missed)}" if missed else "\nAll targets met.")
+    if "streams" in results:
+        streams.print_report(results["streams"], notes=False)
     if "profile" in results:
         prof = results["profile"]
         kind = "Python and native frames" if prof["native"] else "Python frames only"
@@ -731,6 +743,9 @@ def main(argv: list[str] | None = None) -> int:
         return ws_bench.main([*(["--quick"] if args.quick else []),
                               *(["--rounds", str(args.rounds)] if args.rounds else []),
                               *(["--json", str(args.json)] if args.json else [])])  # fmt: skip
+    if args.only_streams:
+        return streams.main(["--streams", str(args.streams), "--sockets", str(args.sockets),
+                             *(["--json", str(args.json)] if args.json else [])])  # fmt: skip
     args.load_s = args.duration or (3 if args.quick else 10)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.latency_s = max(1, args.load_s // 2)

@@ -1,4 +1,4 @@
-"""``bench/run.py``'s scaling rows: req/s at 1 and 2 workers, and memory per open stream.
+"""``bench/run.py``'s scaling rows: req/s at 1 and 2 workers.
 
 * **Workers.** The same small POSTs (``wrk``, 64 connections) at ``python -m proxy
   --workers 1`` and ``--workers 2``, both with the limits in a ``redis-server`` of our own
@@ -8,26 +8,23 @@
   redis-server and ``wrk`` free to run on either. So with one worker, they have the other
   CPU to themselves; with two, they take their share from the workers': the ratio is what
   a second core really buys on this machine, load generator included.
-* **Concurrency.** ``bench/soak.py --only sse,ws --sse N --ws M`` (the offline emulator as
-  fal + the gateway): N SSE streams open at once through one proxy process, every event of
-  each delivered; then M WebSockets open at once, each exchanging messages and closing
-  1000. RSS per open stream or socket: (RSS with all open − RSS before) / count.
+
+The streams-per-process rows (N SSE streams, M WebSockets through one proxy process) are in
+``bench/streams.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_common import ROOT, BenchError, Child, pin, start_child, start_redis, step
+from bench_common import BenchError, Child, pin, start_child, start_redis, step
 from procfs import cpu_seconds
 from wrk import LOAD_CONNECTIONS, LOAD_THREADS, run_wrk
 
@@ -147,36 +144,3 @@ def children_cpu_seconds() -> float:
     """User + system CPU of this process's children that have ended (every wrk run)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def concurrency_rows(sse: int, ws: int) -> dict[str, Any]:
-    """RSS per open SSE stream and per WebSocket, and whether every event and echo arrived."""
-    step(f"concurrency: {sse:,} SSE streams, then {ws:,} WebSockets, through one proxy "
-         "(bench/soak.py --only sse,ws)")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="fal-proxy-concurrency-") as tmp:
-        out = Path(tmp) / "soak.json"
-        argv = [sys.executable, str(ROOT / "bench" / "soak.py"), "--only", "sse,ws",
-                "--sse", str(sse), "--ws", str(ws), "--json", str(out)]  # fmt: skip
-        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        if not out.exists():
-            raise BenchError(f"bench/soak.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        rows = {row["key"]: row for row in json.loads(out.read_text())["rows"]}
-    result: dict[str, Any] = {}
-    for key, count_key in (("sse", "streams"), ("ws", "sessions")):
-        row = rows.get(key)
-        if row is None or "rss_all_open_mib" not in row["details"]:
-            raise BenchError(f"bench/soak.py gave no {key} row:\n{done.stderr[-3000:]}")
-        d = row["details"]
-        n = d[count_key]
-        result[key] = {
-            "count": n,
-            "opened": d["opened"],
-            "ok": row["ok"],
-            "measured": row["measured"],
-            "rss_before_mib": d["rss_before_mib"],
-            "rss_all_open_mib": d["rss_all_open_mib"],
-            "peak_rss_mib": d["peak_rss_mib"],
-            "kib_each": (d["rss_all_open_mib"] - d["rss_before_mib"]) * 1024 / n,
-            "delivered": d["complete"] if key == "sse" else d["outcomes"].get("clean close", 0),
-        }
-    return result
