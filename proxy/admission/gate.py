@@ -265,7 +265,12 @@ class Admission:
             raise
         if lease.used:
             self._near(key, quotas, lease.used)
-        if budgets:
+        # Reserved only if the limiter counted it: with quotas, an empty ``used`` is a call
+        # admitted unchecked (Redis down under "open"). A reservation never taken must not
+        # be given back (a failure) or netted off the cost (a success), else every call
+        # made during an outage lowers the caller's spend once Redis is back; with none,
+        # settle charges the call's full cost.
+        if budgets and lease.used:
             admitted.reservation = reserved
         return lease
 
@@ -342,7 +347,10 @@ class Admission:
 
         With no units: a queue submit that ``succeeded`` parks its reservation for its
         result; another success keeps its estimate (fal said no cost: the budget errs
-        toward the money); a failure gives it back.
+        toward the money); a failure gives it back. ``succeeded`` is also true for a call
+        whose whole request went up and got no answer (the client hung up, a timeout):
+        fal may be running it, so it keeps its estimate rather than hand a caller who
+        hangs up on every call free generations.
         """
         key = admitted.limit_key
         if key is None:

@@ -35,10 +35,10 @@ import hashlib
 import os
 import re
 import signal
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from ..admission import Admission
@@ -56,6 +56,9 @@ T = TypeVar("T")
 # A file whose mtime is this close to when it was read may change without changing its
 # signature (coarse timestamps): it is read again at the next check.
 RACY_NS = 2_000_000_000
+# The most of a watched file read: far above any real one (100,000 callers' tokens are ~8 MB),
+# and a bound on what one check reads and hashes on the event loop.
+MAX_FILE_BYTES = 64 * 1024 * 1024
 _LINE = re.compile(r"\bline (\d+)")
 
 
@@ -73,6 +76,20 @@ def signature(path: str) -> Signature:
     """The file's signature, through symlinks (raises OSError)."""
     st = os.stat(path)
     return Signature(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def read_bounded(path: str) -> bytes:
+    """The file's bytes, at most :data:`MAX_FILE_BYTES`. It runs on the event loop, so a
+    path that is no regular file (a symlink swapped to ``/dev/zero``, a FIFO: a read that
+    never ends or never returns) or a file past the bound is refused (OSError) unread."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = file.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise OSError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
+    return data
 
 
 def line_of(problem: str) -> int | None:
@@ -109,7 +126,7 @@ class WatchedFile(Generic[T]):
             seen = signature(self.path)
             if seen == self._seen and not self._racy and not force:
                 return False
-            data = Path(self.path).read_bytes()
+            data = read_bounded(self.path)
         except OSError as exc:
             self._seen = self._digest = None  # whatever comes back is read and parsed
             self._refuse(f"{self.variable}: cannot read {self.path}: {exc.strerror or exc}", force)

@@ -26,6 +26,7 @@ class Exchange(Call):
         "billable_units",
         "body_error",
         "body_phase",
+        "body_went_up",
         "bytes_in",
         "bytes_out",
         "cf_aig_log_id",
@@ -71,6 +72,9 @@ class Exchange(Call):
         self.body_phase: str | None = None  # "receive" | "send" while a streamed body moves
         self.response_done = False
         self.client_gone = False
+        # The whole request was handed to the upstream connection (fal may be running it,
+        # answer or not): a budget keeps its estimate unless fal answers with a failure.
+        self.body_went_up = False
         self.cors: list[tuple[bytes, bytes]] = []  # CORS headers for a listed cross-origin caller
         self.billable_units = 0.0  # fal's x-fal-billable-units on a success
         self.units_counted = False  # added to usage here (not a result fetched again)

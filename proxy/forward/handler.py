@@ -246,9 +246,14 @@ class Forwarder(Transport[Exchange]):
             await ex.release()  # before the units: as soon as the answer is through
             if ex.generation or ex.billable_units:
                 upstream = ex.upstream_status
+                # fal answered 2xx, or the whole call went up and no answer came (the
+                # client hung up, a first-byte timeout): fal may be running it, so its
+                # estimate stays charged; only fal's own failure answer gives it back.
+                ran = (upstream is None and ex.body_went_up) or (
+                    upstream is not None and 200 <= upstream < 300)  # fmt: skip
                 ex.units_counted, ex.cost = await admission.settle(
                     admitted, target.path, ex.billable_units, ex.fal_request_id,
-                    succeeded=upstream is not None and 200 <= upstream < 300,
+                    succeeded=ran,
                 )  # fmt: skip
 
     async def _read_wma_body(self, receive: Receive, ex: Exchange, declared: int | None) -> bytes:

@@ -55,6 +55,10 @@ async def round_trip(
 
     def start_watcher() -> None:
         nonlocal watcher
+        # Called once the whole body is sent (or in hand, about to be): from here on fal
+        # may start the generation whatever becomes of the answer (a caller hanging up
+        # must not get its budget's estimate back, proxy.limits.spend).
+        ex.body_went_up = True
         if watcher is None:
             watcher = loop.create_task(watch_disconnect())
 
@@ -92,6 +96,8 @@ async def round_trip(
                 first_byte=settings.first_byte_timeout, connect=settings.connect_timeout,
             ) from None  # fmt: skip
         except aiohttp.ClientError as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                ex.body_went_up = False  # no connection was made: it provably never left
             raise client_error(
                 exc, client_gone=ex.client_gone, body_error=ex.body_error,
                 message="the gateway could not be reached",

@@ -11,8 +11,10 @@ answer arrives (``x-fal-billable-units`` on a run's response, on a queue result)
    and nothing of it is spent up yet; the estimate is then counted at once, in the same
    atomic step as every other limit (memory, or the Redis script).
 2. **Settle on the answer.** When the units arrive, the budget gets ``cost - estimate``
-   (:class:`Reservation`); a call that fails (refused upstream, cut, cancelled) gives its
-   estimate back, and one that succeeds with no units keeps it. A queue submit's
+   (:class:`Reservation`); a call that fal (or the gateway) answers with a failure, or
+   that never left whole, gives its estimate back; one that succeeds with no units keeps
+   it, and so does one whose whole request went up with no answer back (the client hung
+   up, a timeout): fal may be running it. A queue submit's
    reservation waits, in the process that admitted it, for its result (:class:`Parked`),
    where the units come.
 
