@@ -49,7 +49,7 @@ BIG_WINDOW = 4
 MAX_SIZE = 16 * 1024 * 1024  # the proxy's default FAL_PROXY_WS_MAX_BYTES
 WS_PATH = "/fal-ai/echo/ws"  # what a client asks the proxy for
 TARGET = 1.3  # proxy / bare relay, CPU per message and added p99
-MODES = ("direct", "bare", "proxy")
+MODES = ("direct", "bare", "before", "proxy")  # "before": --compare DIR only
 
 
 def small_frame() -> bytes:
@@ -209,6 +209,14 @@ def measure(
                        "--upstream", f"ws://127.0.0.1:{echo.port}{GATEWAY_PREFIX}"], env,
                        stack)  # fmt: skip
     pin(bare.pid, relay_cpus)
+    before = None
+    if "before" in args.modes:  # the same proxy settings, its package from --compare DIR
+        tree = str(args.compare.resolve())
+        code = (f"import sys, runpy; sys.path.insert(0, {tree!r}); sys.argv[0] = 'proxy'; "
+                "runpy.run_module('proxy', run_name='__main__')")  # fmt: skip
+        before = start_child("proxy (before)", [sys.executable, "-c", code, "--port", "0"],
+                             proxy_env, stack)  # fmt: skip
+        pin(before.pid, relay_cpus)
     # "direct" asks the echo server for the very URL the proxy opens upstream.
     modes = {
         "direct": (f"ws://127.0.0.1:{echo.port}{GATEWAY_PREFIX}{WS_PATH}", "echo"),
@@ -216,6 +224,9 @@ def measure(
         "proxy": (f"ws://127.0.0.1:{proxy.port}{WS_PATH}", "relay"),
     }
     pids = {"direct": echo.pid, "bare": bare.pid, "proxy": proxy.pid}
+    if before is not None:
+        modes["before"] = (f"ws://127.0.0.1:{before.port}{WS_PATH}", "relay")
+        pids["before"] = before.pid
     modes = {name: modes[name] for name in args.modes}
     me = os.getpid()
     results: dict[str, Any] = {name: {"rounds": []} for name in modes}
@@ -297,6 +308,10 @@ def added(results: dict[str, Any], mode: str, part: str, key: str) -> list[float
     return [r[part][key] - d[part][key] for r, d in pairs]
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Medians, spreads and the per-round proxy/bare ratios, for the table and the JSON."""
     modes = [m for m in MODES if m in results]
@@ -307,23 +322,21 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             values = [value(mode, r, part, key) for r in results[mode]["rounds"]]
             row[mode] = {"median": statistics.median(values), "min": min(values),
                          "max": max(values)}  # fmt: skip
-        if "bare" in modes and "proxy" in modes:
-            ratios = [value("proxy", p, part, key) / value("bare", b, part, key)
-                      for p, b in zip(results["proxy"]["rounds"], results["bare"]["rounds"],
-                                      strict=True)]  # fmt: skip
-            row["ratio"] = {"median": statistics.median(ratios), "min": min(ratios),
-                            "max": max(ratios)}  # fmt: skip
+        for relay, prefix in (("proxy", ""), ("before", "before_")):
+            if "bare" in modes and relay in modes:
+                ratios = [value(relay, p, part, key) / value("bare", b, part, key)
+                          for p, b in zip(results[relay]["rounds"], results["bare"]["rounds"],
+                                          strict=True)]  # fmt: skip
+                row[f"{prefix}ratio"] = spread(ratios)
         if "direct" in modes and part.endswith("latency"):
-            for mode in ("bare", "proxy"):
-                if mode in modes:
-                    a = added(results, mode, part, key)
-                    row[f"{mode}_added"] = {"median": statistics.median(a), "min": min(a),
-                                            "max": max(a)}  # fmt: skip
-            if "bare" in modes and "proxy" in modes:
-                pa, ba = added(results, "proxy", part, key), added(results, "bare", part, key)
-                ratios = [p / b if b > 0 else float("inf") for p, b in zip(pa, ba, strict=True)]
-                row["added_ratio"] = {"median": statistics.median(ratios), "min": min(ratios),
-                                      "max": max(ratios)}  # fmt: skip
+            for mode in modes[1:]:
+                row[f"{mode}_added"] = spread(added(results, mode, part, key))
+            for relay, prefix in (("proxy", ""), ("before", "before_")):
+                if "bare" in modes and relay in modes:
+                    pa, ba = added(results, relay, part, key), added(results, "bare", part, key)
+                    row[f"{prefix}added_ratio"] = spread(
+                        [p / b if b > 0 else float("inf") for p, b in zip(pa, ba, strict=True)]
+                    )
         out[label] = row
     return out
 
@@ -339,7 +352,10 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
             return f"{stat['median']:{spec}}"
         return f"{stat['median']:{spec}} ({stat['min']:{spec}}–{stat['max']:{spec}})"
 
+    compared = both and "before" in modes
     head = ["WebSocket relay", *modes]
+    if compared:
+        head += ["before / bare"]
     if both:
         head += ["proxy / bare", "target", "met"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
@@ -347,6 +363,8 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     for label, part, key, spec in MEASURES:
         row = summary[label]
         cells = [label, *(cell(row[m], spec) for m in modes)]
+        if compared:
+            cells.append(cell(row["before_ratio"], ".2f"))
         if both:
             r = row["ratio"]["median"]
             judged = key == "cpu"
@@ -363,6 +381,8 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 "",
                 *(cell(row[f"{m}_added"], "+.0f") for m in modes if m != "direct"),
             ]
+            if compared:
+                cells.append(cell(row["before_added_ratio"], ".2f"))
             if both:
                 r = row["added_ratio"]["median"]
                 judged = which == "p99"
@@ -436,12 +456,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--modes", default=",".join(MODES),
                         help="which of direct,bare,proxy to run (default all)")  # fmt: skip
+    parser.add_argument("--compare", type=Path, metavar="DIR",
+                        help="also run, as mode 'before', the proxy package in DIR (from e.g. "
+                             "git archive REV proxy | tar -x -C DIR)")  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)  # the child
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    args.modes = [m for m in MODES if m in args.modes.split(",")]
+    wanted = args.modes.split(",") + (["before"] if args.compare else [])
+    args.modes = [m for m in MODES if m in wanted and (m != "before" or args.compare)]
     if not args.modes:
         parser.error(f"--modes: any of {','.join(MODES)}")
     return args

@@ -35,7 +35,6 @@ failed one as the client's refusal) and :mod:`proxy.bridge.pump` the frames both
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
@@ -50,7 +49,7 @@ from ..observe.tracing import active as active_tracing
 from ..phases import Transport
 from ..policy.python_port import PythonSdkListener
 from ..upstream.breaker import Breaker
-from .pump import INTERNAL, SHUTDOWN, Pump, Session, client_sender
+from .pump import INTERNAL, SHUTDOWN, Meter, Pump, Session, client_sender
 from .upstream import (
     caller_from_subprotocols,
     client_subprotocol,
@@ -93,6 +92,7 @@ class Bridge(Transport[Session]):
     async def proxy(self, session: Session, scope: Scope, receive: Receive, send: Send) -> None:
         """request_filter (the handshake, admission) → upstream_peer (the upstream handshake,
         the breaker's way) → frames both ways."""
+        raw_send = send  # the pump's frames: it turns an OSError into ClientGone itself
         session.client_send = send = client_sender(send)  # OSError on a send: ClientGone
         if (await receive())["type"] != "websocket.connect":
             return
@@ -127,12 +127,11 @@ class Bridge(Transport[Session]):
             session.trace_headers = session.trace.upstream()
         self.metrics.observe_generation(label)
         session.generations = 1
-
-        async def meter() -> None:
-            await self.admission.count_generation(admitted)
-            self.metrics.observe_generation(label)
-
-        await self._bridge(scope, receive, send, session, target.path, query, offered, meter)
+        # Per message after the first (the pump's hot path): the count's coroutine itself, no
+        # wrapper around it, and the metric's child looked up once, not once a message.
+        count = self.admission.count_generation
+        meter = Meter(lambda: count(admitted), self.metrics.generations.labels(label).inc)
+        await self._bridge(scope, receive, raw_send, session, target.path, query, offered, meter)
 
     async def fail(
         self, session: Session, scope: Scope, send: Send, error: ProxyError,
@@ -167,9 +166,12 @@ class Bridge(Transport[Session]):
         path: str,
         query: str,
         offered: list[str],
-        meter: Callable[[], Awaitable[None]],
+        meter: Meter,
     ) -> None:
-        """Open the upstream socket, accept the client, pump frames until a close."""
+        """Open the upstream socket, accept the client, pump frames until a close. ``send``
+        is the server's own (the pump maps its OSError to ClientGone); everything else
+        here sends through ``session.client_send``."""
+        pump_send, send = send, session.client_send or send
         watch = asyncio.ensure_future(receive())  # the client, during the upstream handshake
         try:
             upstream = await self._connect(scope, send, session, watch, path, query, offered)
@@ -185,8 +187,8 @@ class Bridge(Transport[Session]):
                 self.sessions.add(session)
                 self.metrics.open_websockets.inc()
                 try:
-                    pump = Pump(_first(watch, receive), send, upstream, session,
-                                self.settings.idle_timeout, meter)  # fmt: skip
+                    pump = Pump(receive, pump_send, upstream, session,
+                                self.settings.idle_timeout, meter, first=watch)  # fmt: skip
                     await pump.run()
                 finally:
                     self.metrics.open_websockets.dec()
@@ -215,7 +217,7 @@ class Bridge(Transport[Session]):
         the meantime abandons it (its TCP connection closed) instead of holding its slot up
         to FAL_PROXY_CONNECT_TIMEOUT, and is sent no accept. uvicorn answers that receive
         with the disconnect when the connection is lost before the accept, else once the
-        accept is sent: then it is the session's first message (:func:`_first`).
+        accept is sent: then it is the session's first message (the pump's ``first``).
         """
         connecting = asyncio.ensure_future(
             open_routed(
@@ -291,17 +293,3 @@ async def _abandon(connecting: asyncio.Future[ClientConnection]) -> None:
     await asyncio.wait([connecting])
     if not connecting.cancelled() and connecting.exception() is None:
         await connecting.result().close(*GOING_AWAY)
-
-
-def _first(pending: asyncio.Future[Message], receive: Receive) -> Receive:
-    """``receive`` that hands out what ``pending`` (a receive begun earlier) gets first."""
-    first: asyncio.Future[Message] | None = pending
-
-    async def receive_next() -> Message:
-        nonlocal first
-        if first is None:
-            return await receive()
-        taken, first = first, None
-        return await taken
-
-    return receive_next

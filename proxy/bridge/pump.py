@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from starlette.types import Message, Receive, Send
 from websockets.asyncio.client import ClientConnection
@@ -115,15 +115,23 @@ class Session(Call):
         return fields
 
 
+class Meter(NamedTuple):
+    """Counts a client message after the first as one more generation of the caller's (the
+    session's opening counted the first): ``charge()`` raises the refusal when the caller
+    has no more; ``charged()`` runs once it did not."""
+
+    charge: Callable[[], Awaitable[object]]
+    charged: Callable[[], None]
+
+
 class Pump:
     """Frames both ways for one session: :meth:`run` returns once either side has closed (or
     the session idled out), with the upstream closed.
 
-    ``send`` must raise :class:`ClientGone` for a gone client (:func:`client_sender`).
-    ``meter`` counts a client message after the first as one more generation of the
-    caller's (the session's opening counted the first), raising the refusal when the
-    caller has no more: that message is not sent, and the session ends with
-    :func:`refusal_close`.
+    ``send`` is the server's: an OSError from it (or :class:`ClientGone`) means the client
+    is gone. ``first``, when given, is a receive begun earlier: its message comes first.
+    ``meter`` (:class:`Meter`) counts a client message after the first; a message the
+    caller's limits refuse is not sent, and the session ends with :func:`refusal_close`.
     """
 
     def __init__(
@@ -133,10 +141,12 @@ class Pump:
         upstream: ClientConnection,
         session: Session,
         idle: float,
-        meter: Callable[[], Awaitable[None]] | None = None,
+        meter: Meter | None = None,
+        *,
+        first: Awaitable[Message] | None = None,
     ) -> None:
         self.receive, self.send, self.upstream = receive, send, upstream
-        self.session, self.idle, self.meter = session, idle, meter
+        self.session, self.idle, self.meter, self.first = session, idle, meter, first
         self.loop = asyncio.get_running_loop()
         self.last = self.loop.time()  # last frame either way, for the idle timeout
 
@@ -176,22 +186,27 @@ class Pump:
     async def client_to_upstream(self) -> None:
         """Client frames up until the client leaves; its close code and reason go up too."""
         receive, upstream, session, loop = self.receive, self.upstream, self.session, self.loop
+        meter, first, self.first = self.meter, self.first, None
         while True:
-            message = await receive()
+            if first is None:
+                message = await receive()
+            else:
+                message, first = await first, None
             if message["type"] == "websocket.disconnect":
                 session.client_close = message.get("code", 1005)
                 await upstream.close(_sendable(session.client_close), message.get("reason") or "")
                 return
             raw = message.get("bytes")  # an empty binary frame stays binary
             data: str | bytes = raw if raw is not None else (message.get("text") or "")
-            if self.meter is not None and session.frames_in:
+            if meter is not None and session.frames_in:
                 try:
-                    await self.meter()
+                    await meter.charge()
                 except ProxyError as refusal:  # used up: this message goes nowhere
                     session.error = refusal.reason
                     await session.close_client(*refusal_close(refusal))
                     await upstream.close(1000, "")
                     return
+                meter.charged()
                 session.generations += 1
             session.frames_in += 1
             session.bytes_in += len(data)
@@ -213,7 +228,10 @@ class Pump:
                 session.bytes_out += len(data)
                 self.last = loop.time()
                 key = "bytes" if isinstance(data, bytes) else "text"
-                await send({"type": "websocket.send", key: data})
+                try:  # the server's own send, not client_sender's: one coroutine less a frame
+                    await send({"type": "websocket.send", key: data})
+                except OSError as exc:  # the client is gone (client_sender's way)
+                    raise ClientGone(type(exc).__name__) from None
         except ConnectionClosed:
             pass
         sent = upstream.protocol.close_sent
