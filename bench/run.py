@@ -21,7 +21,8 @@ table compares direct, proxy and both against the aiohttp one.
 
 Usage: ``.venv/bin/python bench/run.py [--quick] [--duration S] [--rounds N] [--json PATH]
 [--profile PATH] [--clients]`` (or ``make bench BENCH_ARGS=...``). ``--ws`` runs the
-WebSocket bridge benchmark (``bench/ws_bench.py``) instead.
+WebSocket bridge benchmark (``bench/ws_bench.py``) alone; a full run (not ``--only-proxy``)
+ends with its table (the proxy against the bare WebSocket relay).
 Needs ``wrk`` (``apt-get install -y wrk``) and ``curl``; Linux only (/proc). Only
 127.0.0.1 is ever contacted.
 """
@@ -803,7 +804,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 1
     report(results, meta, args)
-    return 0
+    if args.only_proxy:
+        return 0
+    # The WebSocket relay against the bare relay, in the same run (bench/ws_bench.py, laid out
+    # on all the CPUs again: proxy and bare relay on the first, echo and client on the rest).
+    import ws_bench
+
+    print("\n## WebSocket relay (bench/ws_bench.py)\n", flush=True)
+    ws_json = args.json.with_name(args.json.stem + "-ws.json") if args.json else None
+    return ws_bench.main([*(["--quick"] if args.quick else []),
+                          *(["--json", str(ws_json)] if ws_json else [])],
+                         cpus=sorted(proxy_cpus | os.sched_getaffinity(0)))  # fmt: skip
 
 
 if __name__ == "__main__":
