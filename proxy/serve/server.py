@@ -31,18 +31,33 @@ PROG = "fal-gateway-proxy"
 TLS_SHUTDOWN_SECONDS = 5.0
 
 
+# The collector's thresholds (tune_gc). Generation 0 is collected after 5,000 more tracked
+# objects allocated than freed, generation 1 after 4 of those, generation 2 (the whole heap)
+# after 400 of the latter (and only once the objects promoted since the last full collection
+# exceed a quarter of the heap): the same 8 million net allocations between full collections
+# as the former (20_000, 20, 20), with a generation 1 of at most 20,000 survivors, not 400,000.
+GC_THRESHOLDS = (5_000, 4, 400)
+
+
 def tune_gc() -> None:
     """Make the cyclic garbage collector cheaper for a long-running proxy.
 
     Everything alive after start-up (modules, the app, the session) is moved out of
-    the collector's sight, and the youngest generation is collected less often: each
-    request allocates a few hundred short-lived objects, and the default threshold of
-    700 ran a collection every couple of requests (about 7% of CPU under load, measured
-    with py-spy; see bench/). Reference counting still frees almost everything at once.
+    the collector's sight, and the youngest generation is collected less often than by
+    default: each request allocates a few hundred short-lived objects, and the default
+    threshold of 700 ran a collection every couple of requests (about 7% of CPU under
+    load, measured with py-spy; see bench/). Reference counting still frees almost
+    everything at once.
+
+    A collection walks every tracked object of its generations that is still alive, and
+    while streams open, their objects all are: a pause grows with the generation's size.
+    With (20_000, 20, 20), opening 8,000 SSE streams ran generation-1 collections of
+    up to 400,000 objects, 290-410 ms each, every event of every open stream waiting
+    behind them; with ``GC_THRESHOLDS`` the longest was 32 ms (docs/design.md).
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def raise_open_files_limit(log: Any) -> None:
