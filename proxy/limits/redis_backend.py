@@ -45,7 +45,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ..errors import CallerBlocked, LimiterUnavailable
 from ..observe.logs import get_logger
-from .admin_ops import CallerPage, id_arg, redis_page
+from .admin_ops import CallerPage, id_arg, redis_page, usage_apps
 from .base import (
     GENERATIONS,
     HOUR,
@@ -349,19 +349,8 @@ class RedisLimiter(Limiter):
             QuotaUse(quota, int(used or 0), end)
             for quota, used, (_, _, end) in zip(quotas, answers[:-1], bounds, strict=True)
         ]
-        apps: dict[str, tuple[int, float, int]] = {}
-        for name, value in answers[-1].items():
-            kind, app = name.decode()[:2], name.decode()[2:]
-            gens, units, spend = apps.get(app, (0, 0, 0))
-            if kind == "g:":
-                gens = int(value)
-            elif kind == "u:":
-                units = float(value)
-            elif kind == "s:":
-                spend = int(value)
-            apps[app] = (gens, units, spend)
         _, start, end = period_bounds(USAGE_PERIOD, now)
-        return UsageReport(plan, uses, start, end, apps)
+        return UsageReport(plan, uses, start, end, usage_apps(answers[-1]))
 
     async def renew(self) -> None:
         """Push back the expiry of every lease held here (called every ``lease_ttl / 3``)."""
