@@ -3,13 +3,10 @@ pieces both backends share: cursors, and a caller id as one argument of the Redi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import pytest
 
 from proxy.errors import BudgetExceeded, CallerBlocked, QuotaExceeded
-from proxy.limits import Limiter, LimitSettings, caller_key, create_limiter
+from proxy.limits import caller_key
 from proxy.limits.admin_ops import (
     SEPARATOR,
     BadCursor,
@@ -20,33 +17,17 @@ from proxy.limits.admin_ops import (
 )
 from proxy.limits.quotas import Quota
 from proxy.limits.script import SEPARATOR as SCRIPT_SEPARATOR
+from tests.unit.limits.support import running
 
 pytestmark = pytest.mark.anyio
 
-NOW = 1_764_000_000.0 + 15
+
 DAY = Quota("*", 1, "day")
 BUDGET = Quota("*", 30_000, "day", money=True)  # $0.03
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@asynccontextmanager
-async def running(**limits: int) -> AsyncIterator[Limiter]:
-    settings = {"requests_per_minute": 0, "concurrent": 2, "submits_per_hour": 0, **limits}
-    limiter = create_limiter(LimitSettings(**settings))
-    limiter.clock = lambda: NOW
-    await limiter.start()
-    try:
-        yield limiter
-    finally:
-        await limiter.close()
-
-
 async def test_a_blocked_caller_is_refused_first_and_only_it() -> None:
-    async with running(requests_per_minute=1) as limiter:
+    async with running(requests_per_minute=1, concurrent=2) as limiter:
         await (await limiter.admit("alice", submit=False)).release()
         assert await limiter.block("alice") is True
         assert await limiter.block("alice") is False  # already
@@ -63,7 +44,7 @@ async def test_a_blocked_caller_is_refused_first_and_only_it() -> None:
 
 
 async def test_reset_clears_the_current_periods_of_the_given_quotas_only() -> None:
-    async with running() as limiter:
+    async with running(concurrent=2) as limiter:
         month = Quota("*", 5, "month")
         for quota in ((DAY, month), (DAY, month)):
             try:
@@ -81,7 +62,7 @@ async def test_reset_clears_the_current_periods_of_the_given_quotas_only() -> No
 
 
 async def test_reset_of_a_budget_and_a_late_settlement_never_go_below_zero() -> None:
-    async with running() as limiter:
+    async with running(concurrent=2) as limiter:
         await (
             await limiter.admit("alice", submit=True, quotas=(BUDGET,), estimate=20_000)
         ).release()
@@ -96,7 +77,7 @@ async def test_reset_of_a_budget_and_a_late_settlement_never_go_below_zero() -> 
 
 
 async def test_the_listing_pages_in_first_use_order_each_caller_once() -> None:
-    async with running() as limiter:
+    async with running(concurrent=2) as limiter:
         names = [f"caller-{i:02d}" for i in range(25)]
         for name in names:
             await (await limiter.admit(name, submit=True, app="fal-ai/x")).release()
@@ -122,7 +103,7 @@ async def test_the_listing_pages_in_first_use_order_each_caller_once() -> None:
 
 
 async def test_a_cursor_of_another_month_restarts_and_garbage_is_refused() -> None:
-    async with running() as limiter:
+    async with running(concurrent=2) as limiter:
         await (await limiter.admit("alice", submit=True)).release()
         stale = encode_cursor("m", 12345, "7")
         assert [r.caller for r in (await limiter.list_callers(stale, 10)).callers] == ["alice"]

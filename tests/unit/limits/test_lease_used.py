@@ -8,40 +8,20 @@ The Redis limiter's answers are checked against these, call by call, in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import pytest
 
 from proxy.errors import BudgetExceeded, QuotaExceeded
-from proxy.limits import Lease, Limiter, LimitSettings, create_limiter
+from proxy.limits import Lease
 from proxy.limits.base import NO_USE
 from proxy.limits.quotas import Quota
+from tests.unit.limits.support import running
 
 pytestmark = pytest.mark.anyio
 
-NOW = 1_764_000_000.0 + 15
+
 DAY = Quota("*", 3, "day")
 FLUX = Quota("fal-ai/flux/*", 10, "month")
 BUDGET = Quota("*", 100_000, "day", money=True)  # $0.10
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@asynccontextmanager
-async def running(concurrent: int = 0) -> AsyncIterator[Limiter]:
-    limiter = create_limiter(
-        LimitSettings(requests_per_minute=0, concurrent=concurrent, submits_per_hour=0)
-    )
-    limiter.clock = lambda: NOW
-    await limiter.start()
-    try:
-        yield limiter
-    finally:
-        await limiter.close()
 
 
 def test_a_lease_stays_tiny() -> None:
@@ -52,7 +32,7 @@ def test_a_lease_stays_tiny() -> None:
 
 @pytest.mark.parametrize("concurrent", [0, 2])
 async def test_each_quota_reports_its_count_after_the_call(concurrent: int) -> None:
-    async with running(concurrent) as limiter:
+    async with running(concurrent=concurrent) as limiter:
         quotas = (DAY, FLUX)
         leases = []
         for expected in ((1, 1), (2, 2)):

@@ -7,8 +7,6 @@ window's answer is exact; tests move it by hand.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import pytest
 
@@ -23,28 +21,11 @@ from proxy.limits import (
 )
 from proxy.limits.base import seconds_until
 from proxy.limits.quotas import Quota
+from tests.unit.limits.support import running
 
 pytestmark = pytest.mark.anyio
 
 UNLIMITED = LimitSettings(requests_per_minute=0, concurrent=0, submits_per_hour=0)
-NOW = 1_764_000_000.0 + 15  # 1764000000 is on an hour's edge
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@asynccontextmanager
-async def running(**limits: int) -> AsyncIterator[Limiter]:
-    settings = {"requests_per_minute": 0, "concurrent": 0, "submits_per_hour": 0, **limits}
-    limiter = create_limiter(LimitSettings(**settings))
-    limiter.clock = lambda: NOW
-    await limiter.start()
-    try:
-        yield limiter
-    finally:
-        await limiter.close()
 
 
 async def admit_and_release(limiter: Limiter, caller: str = "web", *, submit: bool = False) -> None:
