@@ -213,11 +213,6 @@ def uvicorn_server(
         # after every refusal sent as websocket.http.response, which the bridge relies on.
         ws="websockets",
         ws_max_size=ws_max_bytes,  # the same limit the bridge sets on the upstream side
-        # No permessage-deflate on the client leg (uvicorn accepts it whenever a browser or a
-        # websockets client offers it): the upstream leg never compresses, fal's frames are
-        # msgpack with images already compressed, and a client's offer made a 1 MiB frame cost
-        # the proxy ~25 ms of CPU instead of ~2 ms (bench/ws_bench.py, docs/benchmarks.md).
-        ws_per_message_deflate=False,
         ws_ping_interval=20,
         ws_ping_timeout=20,
     )
