@@ -112,7 +112,7 @@ class Admitted:
     target: Target | None = None
     app: str | None = None  # the allowed-apps pattern that admitted it ("*": all allowed)
     claimed_plan: str | None = None  # the plan the caller's credential claims (JWT)
-    plan: str | None = None  # the caller's plan, once its request policy is chosen
+    plan: str | None = None  # the caller's plan, once worked out (Admission.call_plan)
     token_apps: tuple[str, ...] = ()  # a realtime token request's aliases
     session_app: str | None = None  # a world-model session's endpoint, "/owner/alias" (body)
     limit_key: str | None = None  # whose limits, quotas and usage it counts against (slot taken)
@@ -239,7 +239,7 @@ class Admission:
         app = admitted.session_app or (target.path if target.kind != "token" else None)
         admitted.quotas = quotas = tuple(
             quota
-            for quota in self.plans.quotas(self.plan_of(key, admitted.claimed_plan))
+            for quota in self.plans.quotas(self.call_plan(admitted, key))
             if quota.applies(app, admitted.token_apps)
         )
         if target.kind == "token" and quotas:
@@ -310,9 +310,15 @@ class Admission:
         """What of the caller's plan's ``[requests.<plan>]`` applies to this call
         (:func:`proxy.policy.plan_requests.for_target`); notes the plan on ``admitted``."""
         assert admitted.target is not None, "admit() first"
-        key = self.limit_key(admitted.caller, admitted.client_ip)
-        admitted.plan = plan = self.plan_of(key, admitted.claimed_plan)
+        plan = self.call_plan(admitted, self.limit_key(admitted.caller, admitted.client_ip))
         return for_target(self.plans.request_policy(plan), method, admitted.target)
+
+    def call_plan(self, admitted: Admitted, key: str) -> str:
+        """The caller's plan for this call, worked out once (request policy, slot and
+        settlement read the same one) and noted on ``admitted``."""
+        if admitted.plan is None:
+            admitted.plan = self.plan_of(key, admitted.claimed_plan)
+        return admitted.plan
 
     def plan_of(self, key: str, claimed: str | None) -> str:
         """The caller's plan; a claimed plan this configuration lacks is said once."""
@@ -382,7 +388,7 @@ class Admission:
         """The caller's budgets that apply to ``endpoint`` (a call admitted as no
         generation, e.g. a queue result fetched through another replica than its submit)."""
         assert admitted.limit_key is not None
-        plan = self.plans.plan_of(admitted.limit_key, admitted.claimed_plan)
+        plan = self.call_plan(admitted, admitted.limit_key)
         return tuple(
             q for q in self.plans.quotas(plan) if q.money and q.applies(endpoint.strip("/"))
         )
