@@ -27,6 +27,7 @@ from ..config.settings import Settings
 from ..dashboard import DashboardRoutes, Feed, NearLimits
 from ..errors import NotFound
 from ..forward.handler import Forwarder
+from ..forward.round_trip import ClientLost
 from ..limits.redis_backend import RedisLimiter
 from ..observe.logs import get_logger
 from ..observe.metrics import Metrics
@@ -47,10 +48,12 @@ from .usage_routes import CallerUsage, any_caller_usage
 
 def create_app(
     settings: Settings, *, body_in_hand: Callable[[Receive], bool] | None = None,
-    dashboard_on_proxy: bool = False,
+    on_client_lost: ClientLost | None = None, dashboard_on_proxy: bool = False,
 ) -> ProxyApp:  # fmt: skip
     """Build the proxy's ASGI app for ``settings``. ``body_in_hand``: the server's word on
-    whether a request's whole body has arrived (:attr:`Forwarder.body_in_hand`).
+    whether a request's whole body has arrived (:attr:`Forwarder.body_in_hand`);
+    ``on_client_lost``: its way of telling a call that its client left
+    (:attr:`Forwarder.on_client_lost`).
     ``dashboard_on_proxy``: the dashboard's routes in the proxy's own Starlette app too
     (``ProxyApp.starlette``; the demo serves them on its one port)."""
     register_secret(
@@ -79,6 +82,8 @@ def create_app(
     for forwarder in forwarders:
         if body_in_hand is not None:
             forwarder.body_in_hand = body_in_hand
+        if on_client_lost is not None:
+            forwarder.on_client_lost = on_client_lost
     bridges = [Bridge(settings, admission, metrics, python=p) for p in ports]
     for bridge in bridges:
         bridge.breaker = route.breaker

@@ -41,7 +41,7 @@ from ..policy.python_port import REWRITE_ACCEPT_ENCODING, PythonSdkListener, rew
 from ..policy.targets import WMA_HOST, WMA_KINDS
 from ..upstream.route import UpstreamRoute
 from .exchange import Exchange
-from .round_trip import round_trip
+from .round_trip import ClientLost, round_trip
 from .upload import read_small_body, receive_body
 
 # A wma.fal.run call's body: a session offer's SDP with its candidates is a few KiB.
@@ -70,6 +70,10 @@ class Forwarder(Transport[Exchange]):
         # timer: the server knows (serve/ plugs in uvicorn's answer after checking it at
         # start-up); the default always arms the timer, right on any server.
         self.body_in_hand: Callable[[Receive], bool] = lambda receive: False
+        # Whether the server can tell the call when its client leaves (serve/ plugs in
+        # proxy.serve.protocol.on_client_lost); the default says no, and the call then
+        # waits for http.disconnect on receive() in a task of its own.
+        self.on_client_lost: ClientLost = lambda receive, callback: None
         self.log = get_logger("proxy.request")
         self.key_hint = fal_key_hint(settings.gateway.mode, python is not None)
         # OpenTelemetry (observe/tracing): None when off, and then no call makes a span.
@@ -235,9 +239,8 @@ class Forwarder(Transport[Exchange]):
         stream = self.metrics.stream_opened(target.kind) if streaming else None
         sent = time.perf_counter()
         try:
-            await round_trip(
-                self.route, settings, target, headers, receive, send, ex, first, rewrite
-            )
+            await round_trip(self.route, settings, target, headers, receive, send, ex, first,
+                             rewrite, self.on_client_lost)  # fmt: skip
         finally:
             ex.upstream_seconds = round_trip_seconds = time.perf_counter() - sent
             self.metrics.observe_upstream(target.kind, round_trip_seconds)

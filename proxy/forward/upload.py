@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from starlette.types import Message, Receive
 
 from ..errors import ClientGone, PayloadTooLarge, RequestTimeout
+from .deadline import Deadline
 from .exchange import Exchange
 
 
@@ -24,18 +25,19 @@ class UploadDeadline:
     which also calls ``on_body_sent`` (the forwarder starts its disconnect watcher then).
     """
 
-    def __init__(self, idle: float, first_byte: float, on_body_sent: Callable[[], None]) -> None:
-        self.timeout = asyncio.timeout(None)
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object], idle: float,
+        first_byte: float, on_body_sent: Callable[[], None],
+    ) -> None:  # fmt: skip
+        self.timeout = Deadline(loop, task, None)  # ``task``: the call's, which it cancels
         self.idle, self.first_byte = idle, first_byte
         self.on_body_sent = on_body_sent
         self.waiting_for_headers = True  # False once the headers came (or the call failed)
         self.body_sent = False
-        self._loop = asyncio.get_running_loop()
 
     def progress(self, done: bool = False) -> None:
         if self.waiting_for_headers:
-            wait = self.first_byte if done else self.idle
-            self.timeout.reschedule(self._loop.time() + wait)
+            self.timeout.after(self.first_byte if done else self.idle)
         if done:
             self.body_sent = True
             self.on_body_sent()

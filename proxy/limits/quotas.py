@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from ..policy.allowed_apps import NAMESPACES, endpoint_prefixes
-from ..policy.plan_requests import RequestPolicy, parse_request_policy
+from ..policy.plan_requests import PASS_THROUGH, RequestPolicy, parse_request_policy
 from .money import parse_usd, usd
 from .windows import PERIODS
 
@@ -175,10 +175,7 @@ class Plans:
 
     def request_policy(self, plan: str) -> RequestPolicy:
         """The plan's ``[requests.<plan>]``; none: every caller value passes through."""
-        return self.requests.get(plan, _PASS_THROUGH)
-
-
-_PASS_THROUGH = RequestPolicy()
+        return self.requests.get(plan, PASS_THROUGH)
 
 
 def parse_plans(text: str, source: str, default: tuple[Quota, ...]) -> Plans:

@@ -105,9 +105,12 @@ class RequestPolicy:
 
     @property
     def empty(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))
+        # Asked of every call: the shared PASS_THROUGH answers by identity, without a
+        # walk over the fields (two per call were ~35 of a small request's ~800 calls).
+        return self is PASS_THROUGH or self == PASS_THROUGH
 
 
+PASS_THROUGH = RequestPolicy()  # every caller value passes through
 KEYS = tuple(f.name for f in fields(RequestPolicy))  # the TOML keys, as the fields
 
 
@@ -161,7 +164,7 @@ def for_target(policy: RequestPolicy, method: str, target: Target) -> RequestPol
         return replace(policy, max_queue_length=None)
     if target.kind == "storage":
         return RequestPolicy(object_expiration_max_seconds=policy.object_expiration_max_seconds)
-    return RequestPolicy()
+    return PASS_THROUGH
 
 
 Headers = list[tuple[bytes, bytes]]

@@ -320,6 +320,7 @@ def proxy_server(settings: Settings) -> ProxyServer:
     Raises SettingsError when the Python client's TLS port cannot get its certificate."""
     from ..app.assemble import create_app
     from ..observe.logs import get_logger
+    from .protocol import on_client_lost
     from .uvicorn_internals import body_in_hand, check_uvicorn
 
     check_uvicorn()
@@ -351,7 +352,7 @@ def proxy_server(settings: Settings) -> ProxyServer:
 
     python = settings.python_sdk
     server = uvicorn_server(
-        create_app(settings, body_in_hand=body_in_hand),
+        create_app(settings, body_in_hand=body_in_hand, on_client_lost=on_client_lost),
         settings.host,
         settings.port,
         listening,

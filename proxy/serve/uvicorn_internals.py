@@ -12,7 +12,10 @@ Two optimisations rely on them, each measured (``make bench``, docs/benchmarks.m
 * **The guarded protocol** (:mod:`proxy.serve.protocol`): the request-head deadline, the
   refusal of malformed heads, and a response's writes gathered into one ``writev``
   (two ``send()`` syscalls were ~5 % of a small request's CPU each). It subclasses
-  ``HttpToolsProtocol`` and reads or replaces attributes of it and of its request cycle.
+  ``HttpToolsProtocol`` and reads or replaces attributes of it and of its request cycle;
+  it also tells the forwarder when a client leaves mid-call
+  (:func:`proxy.serve.protocol.on_client_lost`), which then needs no task per request
+  waiting for ``http.disconnect``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from ..config.envvars import SettingsError
 
 # Attributes their __init__ sets, and methods the proxy calls or overrides.
-CYCLE_ATTRIBUTES = ("more_body", "transport", "response_complete", "disconnected", "message_event")
+CYCLE_ATTRIBUTES = (
+    "more_body", "transport", "response_complete", "disconnected", "message_event", "flow",
+)  # fmt: skip
 CYCLE_METHODS = ("receive",)
 PROTOCOL_ATTRIBUTES = ("cycle", "parser", "url", "headers", "loop", "transport", "client")
 PROTOCOL_METHODS = (

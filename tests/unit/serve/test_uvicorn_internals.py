@@ -21,7 +21,7 @@ class CycleWithoutMoreBody:
     """A request cycle as a uvicorn that renamed ``more_body`` would have it."""
 
     def __init__(self) -> None:
-        self.transport = self.response_complete = self.disconnected = None
+        self.transport = self.response_complete = self.disconnected = self.flow = None
         self.message_event = asyncio.Event()
         self.body_complete = False
 
