@@ -3,8 +3,9 @@
 ``STREAMS_PROXY_ARGV='[".venv/bin/python", "bench/gc_probe.py", "--port", "0"]'
 bench/streams.py ...`` runs it as the streams rows' proxy. Per second of the proxy's life
 (``per_sec``: [max loop lag ms (a 1 ms sleep, how late), ms in the collector, involuntary
-context switches, CPU s, lags over 2 ms]), per generation (collections, ms, max ms), and
-every pause over 2 ms.
+context switches, CPU s, lags over 2 ms, major page faults]), per generation (collections,
+ms, max ms), and every pause over 2 ms. The figures are written from the loop once a second
+(that write shows as a few ms of lag once a second: read the lag around it).
 
 GC_PROBE_OUT: the JSON file, rewritten every second. GC_PROBE: "" (as shipped), "off" (the
 collector disabled after start-up), "thr:a,b,c" (these thresholds after tune_gc).
@@ -14,7 +15,6 @@ import gc
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -36,6 +36,7 @@ def tune() -> None:
     import asyncio
 
     asyncio.get_running_loop().create_task(lag())
+    dump()
 
 
 async def lag() -> None:
@@ -84,19 +85,27 @@ server.tune_gc = tune
 
 
 def dump() -> None:
-    prev = None
-    while True:
-        time.sleep(1)
+    """Every second, on the event loop itself: a thread of its own would take the GIL from
+    the loop for as long as it writes (an earlier version did, and its own stalls of up to
+    8 ms a second, idle or not, showed up as the loop's lag)."""
+    import asyncio
+
+    prev: list[tuple[int, float]] = []
+
+    def tick() -> None:
+        asyncio.get_running_loop().call_later(1, tick)
         try:
             st = Path("/proc/self/status").read_text()
             nv = int(st.split("nonvoluntary_ctxt_switches:")[1].split()[0])
             cpu = sum(os.times()[:2])
+            majflt = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[9])
             sec = int(time.monotonic() - t0) - 1
-            if prev is not None:
+            if prev:
                 row = per_sec.setdefault(sec, [0.0, 0.0, 0, 0.0, 0])
-                row[2] = nv - prev[0]
-                row[3] = round(cpu - prev[1], 2)
-            prev = (nv, cpu)
+                row[2] = nv - prev[0][0]
+                row[3] = round(cpu - prev[0][1], 2)
+                row.append(majflt - prev[0][2])
+            prev[:] = [(nv, cpu, majflt)]
             with open(out + ".tmp", "w") as f:
                 json.dump(
                     {
@@ -107,7 +116,7 @@ def dump() -> None:
                         "counts": gc.get_count(),
                         "frozen": gc.get_freeze_count(),
                         "per_sec": {
-                            k: [round(v[0], 1), round(v[1], 1), v[2], v[3], v[4]]
+                            k: [round(v[0], 1), round(v[1], 1), *v[2:]]
                             for k, v in sorted(per_sec.items())
                         },
                     },
@@ -117,8 +126,9 @@ def dump() -> None:
         except Exception:
             pass
 
+    asyncio.get_running_loop().call_later(1, tick)
 
-threading.Thread(target=dump, daemon=True).start()
+
 from proxy.cli import main  # noqa: E402 (after the patch)
 
 raise SystemExit(main())
