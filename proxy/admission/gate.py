@@ -116,6 +116,7 @@ class Admitted:
     token_apps: tuple[str, ...] = ()  # a realtime token request's aliases
     session_app: str | None = None  # a world-model session's endpoint, "/owner/alias" (body)
     limit_key: str | None = None  # whose limits, quotas and usage it counts against (slot taken)
+    key: str | None = None  # the same, once worked out (Admission.key_of), slot or not
     generation: bool = False  # counted as a call that can start a generation
     quotas: tuple[Quota, ...] = ()  # the caller's quotas that count it (slot taken)
     reservation: Reservation | None = None  # what it holds of the caller's budgets
@@ -230,7 +231,7 @@ class Admission:
         target = admitted.target
         assert target is not None, "admit() first"
         generation = websocket or starts_generation(method, target)
-        key = admitted.limit_key = self.limit_key(admitted.caller, admitted.client_ip)
+        key = admitted.limit_key = self.key_of(admitted)
         if not generation:
             return await self.limiter.admit(key, submit=False)
         admitted.generation = True
@@ -310,7 +311,7 @@ class Admission:
         """What of the caller's plan's ``[requests.<plan>]`` applies to this call
         (:func:`proxy.policy.plan_requests.for_target`); notes the plan on ``admitted``."""
         assert admitted.target is not None, "admit() first"
-        plan = self.call_plan(admitted, self.limit_key(admitted.caller, admitted.client_ip))
+        plan = self.call_plan(admitted, self.key_of(admitted))
         return for_target(self.plans.request_policy(plan), method, admitted.target)
 
     def call_plan(self, admitted: Admitted, key: str) -> str:
@@ -432,6 +433,13 @@ class Admission:
         """The client's address (X-Forwarded-For believed only from a trusted proxy)."""
         return self.addresses.client(scope, headers)
 
+    def key_of(self, admitted: Admitted) -> str:
+        """:meth:`limit_key` of an admitted call, worked out once: the request policy, the
+        metadata and the slot all ask (an IPv6 client's /64 is parsed each time)."""
+        if admitted.key is None:
+            admitted.key = self.limit_key(admitted.caller, admitted.client_ip)
+        return admitted.key
+
     def limit_key(self, caller: str | None, client: str) -> str:
         """Whose limits a request counts against: its caller, else its client's address
         bucket (:class:`~proxy.admission.client_address.AddressBuckets`)."""
@@ -442,7 +450,7 @@ class Admission:
         target = admitted.target
         assert target is not None, "admit() first"
         return metadata_header(
-            caller=self.tags.tag(self.limit_key(admitted.caller, admitted.client_ip)),
+            caller=self.tags.tag(self.key_of(admitted)),
             app=usage_app(target, admitted.session_app),
             request_id=request_id,
             route="websocket" if websocket else target.kind,

@@ -260,3 +260,24 @@ async def test_a_credential_sent_twice_is_refused_when_callers_are_checked(
     await forward(scope(headers=twice[1:]), once.receive, once.send)
     assert once.status() == 200 and seen == ["/v1/a/g/fal/fal-ai/fast-sdxl"]
     await forward.session.close()  # type: ignore[union-attr]
+
+
+async def test_a_calls_limit_key_is_worked_out_once(upstream, monkeypatch) -> None:
+    # The request policy, the metadata and the slot each need it; for an IPv6 client it is
+    # the address's /64, parsed: once per call, not three times.
+    gateway, seen = upstream
+    forward = await forwarder(settings(gateway))
+    asked: list[str] = []
+    real = forward.admission.limit_key
+
+    def counted(caller: str | None, client: str) -> str:
+        asked.append(client)
+        return real(caller, client)
+
+    monkeypatch.setattr(forward.admission, "limit_key", counted)
+    client = Client({"type": "http.request", "body": b'{"prompt":"x"}', "more_body": False})
+    v6 = dict(scope(), client=("2001:db8::7", 5000))
+    await forward(v6, client.receive, client.send)
+    assert client.status() == 200 and seen == ["/v1/a/g/fal/fal-ai/fast-sdxl"]
+    assert asked == ["2001:db8::7"]
+    await forward.session.close()  # type: ignore[union-attr]
