@@ -19,9 +19,10 @@
 * **One write per answer.** uvicorn writes a response's head and its body with one
   ``transport.write`` each: two ``send()`` syscalls for a small answer, which py-spy put at
   ~5 % of a small request's CPU each. A request's writes go through :class:`GatheredWrites`,
-  which holds them until the end of the event loop's turn and hands them over together
-  (one ``writev``); nothing waits for a timer, and a body streamed over several turns is
-  written as before, a turn at a time.
+  which holds a response's head until its body's first write (then both go out in one
+  ``writev``) or, if none comes, the end of the event loop's turn; a body's writes go out at
+  once, so a streamed event never waits behind the rest of the loop's turn. Nothing waits
+  for a timer.
 
 Everything else (parsing, flow control, keep-alive, upgrades) is uvicorn's.
 """
@@ -80,12 +81,14 @@ def _tell_lost(cycle: Any) -> None:
         callback()
 
 
-GATHER_LIMIT = 64 * 1024  # bytes held before they are written without waiting for the turn's end
+GATHER_LIMIT = 64 * 1024  # a head this large is written at once, not held for its body
 
 
 class GatheredWrites:
-    """The transport as a request's uvicorn cycle sees it: its writes in one turn of the loop
-    go out together at the turn's end (``call_soon``), or at once past ``GATHER_LIMIT``.
+    """The transport as a request's uvicorn cycle sees it: a response's head is held until
+    the next write (its body's first: both go out together), or the turn's end
+    (``call_soon``) if none comes in it; every other write goes out at once, after what is
+    held.
 
     Everything that ends the connection or writes past the cycle flushes first, so bytes
     never change order or stay behind: the cycle's ``close()`` here, and the protocol's own
@@ -100,12 +103,17 @@ class GatheredWrites:
         self._size = 0
 
     def write(self, data: bytes) -> None:
-        if not self._held:
-            self._loop.call_soon(self.flush)
         self._held.append(data)
         self._size += len(data)
-        if self._size >= GATHER_LIMIT:
-            self.flush()
+        # uvicorn writes a head whole, starting with its status line (a 100 Continue too).
+        # Anything else is body: out now, with the head if it is still held. Holding a
+        # streamed event to the turn's end made it wait for every other callback of the
+        # turn (a burst's first event for the whole burst), and cost a call_soon per event.
+        if data.startswith(b"HTTP/") and self._size < GATHER_LIMIT:
+            if len(self._held) == 1:
+                self._loop.call_soon(self.flush)
+            return
+        self.flush()
 
     def flush(self) -> None:
         if not self._held:

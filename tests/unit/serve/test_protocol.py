@@ -1,5 +1,6 @@
-"""proxy.serve.protocol.GatheredWrites: a response's writes in one turn of the loop go out
-together, in order, and nothing is left behind when the connection ends."""
+"""proxy.serve.protocol.GatheredWrites: a response's head goes out with its body's first
+write, in one call, a body's writes at once, in order, and nothing is left behind when
+the connection ends."""
 
 from __future__ import annotations
 
@@ -30,31 +31,46 @@ class FakeTransport:
         return f"extra {name}"
 
 
-def test_a_head_and_a_body_in_one_turn_are_one_write_at_its_end() -> None:
-    async def main() -> list[tuple[str, object]]:
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\n"
+
+
+def test_a_head_goes_out_with_its_bodys_first_write_in_one_call() -> None:
+    async def main() -> None:
         transport = FakeTransport()
         gathered = GatheredWrites(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
-        gathered.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        gathered.write(HEAD)
+        assert transport.calls == []  # held for its body
         gathered.write(b"body")
-        assert transport.calls == []  # held until the turn ends
-        await asyncio.sleep(0)
-        assert transport.calls == [("writelines", [b"HTTP/1.1 200 OK\r\n\r\n", b"body"])]
-        gathered.write(b"a later chunk")  # a streamed body: a turn at a time, as before
-        await asyncio.sleep(0)
+        assert transport.calls == [("writelines", [HEAD, b"body"])]  # at once, together
+        await asyncio.sleep(0)  # the turn's end finds nothing left
+        assert len(transport.calls) == 1
         assert gathered.get_extra_info("peername") == "extra peername"
-        return transport.calls
 
-    assert asyncio.run(main())[-1] == ("write", b"a later chunk")
+    asyncio.run(main())
+
+
+def test_a_head_alone_waits_for_the_turns_end_and_a_streamed_body_never_waits() -> None:
+    async def main() -> None:
+        transport = FakeTransport()
+        gathered = GatheredWrites(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        gathered.write(head)
+        await asyncio.sleep(0)  # no body in this turn (an SSE stream's first event is later)
+        assert transport.calls == [("write", head)]
+        gathered.write(b"5\r\nevent\r\n")  # each event: written when relayed, not at the turn's end
+        gathered.write(b"5\r\nnext!\r\n")
+        assert transport.calls[1:] == [("write", b"5\r\nevent\r\n"), ("write", b"5\r\nnext!\r\n")]
+
+    asyncio.run(main())
 
 
 def test_close_and_the_limit_write_at_once_in_order() -> None:
     async def main() -> None:
         transport = FakeTransport()
         gathered = GatheredWrites(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
-        big = b"x" * GATHER_LIMIT
-        gathered.write(b"head")
-        gathered.write(big)  # past the limit: no waiting
-        assert transport.calls == [("writelines", [b"head", big])]
+        big_head = b"HTTP/1.1 200 OK\r\nx-big: " + b"x" * GATHER_LIMIT + b"\r\n\r\n"
+        gathered.write(big_head)  # past the limit: not held
+        assert transport.calls == [("write", big_head)]
         gathered.write(b"last")
         gathered.close()  # a connection: close answer: its last bytes first
         assert transport.calls[1:] == [("write", b"last"), ("close", None)]
