@@ -42,9 +42,6 @@ class Deadline:
         self._state = _CREATED
         self._cancelling = 0
 
-    def when(self) -> float | None:
-        return self._when
-
     def expired(self) -> bool:
         """Whether the deadline passed (and cancelled the task)."""
         return self._state == _EXPIRING or self._state == _EXPIRED

@@ -7,7 +7,8 @@ buffering), with the idle timeout between two; a known length ends with its last
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import aiohttp
 from starlette.types import Send
@@ -19,6 +20,8 @@ from ..policy.python_port import MAX_REWRITTEN_BYTES, decoded
 from ..upstream.failures import client_error, gateway_auth_error
 from .deadline import Deadline
 from .exchange import Exchange
+
+T = TypeVar("T")
 
 
 async def relay_response(
@@ -42,13 +45,7 @@ async def relay_response(
             + ex.cors,
         }
     )
-    try:
-        async with deadline:
-            await _relay_body(response, send, ex, idle, deadline)
-    except TimeoutError:
-        if not deadline.expired():
-            raise
-        raise _stalled(idle) from None
+    await _within_idle(deadline, idle, _relay_body(response, send, ex, idle, deadline))
 
 
 async def _relay_body(
@@ -90,18 +87,7 @@ async def relay_rewritten(
     Python client's queue answers, :mod:`proxy.policy.python_port`): read in full (bounded, the idle
     timeout between chunks), decoded, rewritten, sent uncompressed with its new length."""
     _note_answer(response, ex)
-    body = bytearray()
-    try:
-        async with deadline:
-            while chunk := await _next_chunk(response, ex, idle, deadline):
-                body += chunk
-                if len(body) > MAX_REWRITTEN_BYTES:
-                    raise BadGateway("the gateway's queue answer is too large",
-                                     f"over {MAX_REWRITTEN_BYTES} bytes")  # fmt: skip
-    except TimeoutError:
-        if not deadline.expired():
-            raise
-        raise _stalled(idle) from None
+    body = await _within_idle(deadline, idle, _read_whole(response, ex, idle, deadline))
     encoding = response.headers.get("content-encoding", "")
     if response.status == 401:
         ex.gateway_error = gateway_auth_error(bytes(body), encoding)
@@ -155,8 +141,31 @@ async def _next_chunk(
         ) from None
 
 
-def _stalled(idle: float) -> UpstreamTimeout:
-    return UpstreamTimeout("the gateway stalled mid-response", f"nothing received for {idle:g}s")
+async def _read_whole(
+    response: aiohttp.ClientResponse, ex: Exchange, idle: float, deadline: Deadline
+) -> bytearray:
+    body = bytearray()
+    while chunk := await _next_chunk(response, ex, idle, deadline):
+        body += chunk
+        if len(body) > MAX_REWRITTEN_BYTES:
+            raise BadGateway(
+                "the gateway's queue answer is too large", f"over {MAX_REWRITTEN_BYTES} bytes"
+            )
+    return body
+
+
+async def _within_idle(deadline: Deadline, idle: float, work: Awaitable[T]) -> T:
+    """``work`` under ``deadline`` (the idle clock its chunk reads set), its expiry the
+    client's 504: the gateway stalled mid-response."""
+    try:
+        async with deadline:
+            return await work
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise UpstreamTimeout(
+            "the gateway stalled mid-response", f"nothing received for {idle:g}s"
+        ) from None
 
 
 # Headers that describe the exact bytes: wrong once the body is rewritten.
