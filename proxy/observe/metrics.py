@@ -2,9 +2,10 @@
 
 One registry per app (so tests and several apps in one process never share counters).
 Everything is recorded once per request, where its canonical log line is written, plus
-two gauges moved at the start and end of requests and sockets. Labels are bounded, whatever
-clients send: the route kind, the status class, the app (:class:`AppLabels`), the refusal
-reason, the transfer direction.
+two gauges moved at the start and end of requests and sockets. What every request moves is a
+:mod:`.loop_metrics` metric (the same series, without the library's locks); the rest are the
+library's own. Labels are bounded, whatever clients send: the route kind, the status class,
+the app (:class:`AppLabels`), the refusal reason, the transfer direction.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..policy.allowed_apps import NAMESPACES
+from .loop_metrics import CounterCell, HistogramCell, LoopCounter, LoopGauge, LoopHistogram
 from .runtime_stats import (
     LAG_BUCKETS,
     LoopLag,
@@ -29,39 +31,41 @@ REDIS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 BREAKER_STATES = {"closed": 0.0, "half_open": 0.5, "open": 1.0}
 # Streaming responses (SSE) counted open, by route kind: a /stream run, a queue status stream.
 STREAM_ROUTES = ("stream", "queue")
+# One label set's cells of fal_proxy_requests, its duration and its time to first byte.
+RequestCells = tuple[CounterCell, HistogramCell, HistogramCell]
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "fal_proxy_requests",
             "Requests answered, by route kind, status class and app",
             ["route", "status", "app"],
             registry=registry,
         )
-        self.duration = Histogram(
+        self.duration = LoopHistogram(
             "fal_proxy_request_duration_seconds",
             "Whole request, proxy in to last byte out",
             ["route"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.ttfb = Histogram(
+        self.ttfb = LoopHistogram(
             "fal_proxy_upstream_ttfb_seconds",
             "Time to the gateway's response headers",
             ["route"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.bytes = Counter(
+        self.bytes = LoopCounter(
             "fal_proxy_body_bytes",
             "Body bytes moved, by direction (in: from clients)",
             ["direction"],
             registry=registry,
         )
-        self.in_flight = Gauge(
-            "fal_proxy_in_flight_requests", "HTTP requests being handled", registry=registry
+        self.in_flight = LoopGauge(
+            "fal_proxy_in_flight_requests", "HTTP requests being handled", registry
         )
         self.open_websockets = Gauge(
             "fal_proxy_open_websockets", "Bridged WebSocket sessions", registry=registry
@@ -72,7 +76,7 @@ class Metrics:
             registry=registry,
         )
         # By app, never by caller (unbounded labels): per-caller figures are on /usage.
-        self.generations = Counter(
+        self.generations = LoopCounter(
             "fal_proxy_generations",
             "Admitted calls that can start a generation (quota-counted), by app",
             ["app"],
@@ -98,7 +102,7 @@ class Metrics:
             registry=registry,
         )
         # Operators' questions (docs/deployment.md#metrics); none adds a label per caller.
-        self.upstream_duration = Histogram(
+        self.upstream_duration = LoopHistogram(
             "fal_proxy_upstream_duration_seconds",
             "The upstream round trip: the request sent to the answer's last byte relayed",
             ["route"],
@@ -106,7 +110,7 @@ class Metrics:
             registry=registry,
         )
         # Whole minus upstream, per call: the proxy's own work (docs/deployment.md#metrics).
-        self.overhead = Histogram(
+        self.overhead = LoopHistogram(
             "fal_proxy_overhead_seconds",
             "The proxy's own work on a forwarded HTTP call: fal_proxy_request_duration_seconds "
             "minus fal_proxy_upstream_duration_seconds of the same call (admission, the "
@@ -117,7 +121,6 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self._overhead: dict[str, Any] = {}
         self.open_streams = Gauge(
             "fal_proxy_open_streams",
             "Streaming (SSE) calls in flight, by route kind (stream: a /stream run; queue: "
@@ -125,8 +128,6 @@ class Metrics:
             ["route"],
             registry=registry,
         )
-        self._upstream: dict[str, Any] = {}
-        self._generations: dict[str, Any] = {}
         self._open_streams = {route: self.open_streams.labels(route) for route in STREAM_ROUTES}
         self.breaker_state = Gauge(
             "fal_proxy_breaker_state",
@@ -183,8 +184,8 @@ class Metrics:
         process_collector(registry)
         self._bytes_in = self.bytes.labels("in")
         self._bytes_out = self.bytes.labels("out")
-        # Labelled children, looked up once per label set: .labels() costs more than the update.
-        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        # A request's three cells, looked up together once per label set.
+        self._cells: dict[tuple[str, str, str], RequestCells] = {}
         self.app_labels = AppLabels()
 
     def observe(
@@ -199,26 +200,27 @@ class Metrics:
         error: str | None,
     ) -> None:
         key = (route or "none", f"{status // 100}xx" if status else "none", app or "none")
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
+        cells = self._cells.get(key)
+        if cells is None:
+            cells = self._cells[key] = (
                 self.requests.labels(*key),
                 self.duration.labels(key[0]),
                 self.ttfb.labels(key[0]),
             )
-        requests, duration_child, ttfb_child = children
-        requests.inc()
-        duration_child.observe(duration)
+        requests, duration_cell, ttfb_cell = cells
+        # Added in place (counts and byte totals never go down): no call per counter.
+        requests.value += 1.0
+        duration_cell.observe(duration)
         if ttfb is not None:
-            ttfb_child.observe(ttfb)
-        self._bytes_in.inc(bytes_in)
-        self._bytes_out.inc(bytes_out)
+            ttfb_cell.observe(ttfb)
+        self._bytes_in.value += bytes_in
+        self._bytes_out.value += bytes_out
         if error is not None:
             self.refusals.labels(error).inc()
 
     def observe_generation(self, app: str) -> None:
         """A generation admitted under ``app`` (a bounded label)."""
-        _child(self._generations, self.generations, app).inc()
+        self.generations.labels(app).value += 1.0
 
     def observe_units(self, app: str, units: float, cost: int = 0) -> None:
         """fal's billable units of a request under ``app``, counted once per fal request
@@ -230,12 +232,12 @@ class Metrics:
 
     def observe_upstream(self, route: str, seconds: float) -> None:
         """One call's upstream round trip on ``route`` (a target kind: bounded)."""
-        _child(self._upstream, self.upstream_duration, route).observe(seconds)
+        self.upstream_duration.labels(route).observe(seconds)
 
     def observe_overhead(self, route: str, seconds: float) -> None:
         """One forwarded call's own work on ``route`` (a target kind: bounded): its whole
         duration minus its upstream round trip, never below 0."""
-        _child(self._overhead, self.overhead, route).observe(seconds if seconds > 0.0 else 0.0)
+        self.overhead.labels(route).observe(seconds if seconds > 0.0 else 0.0)
 
     def stream_opened(self, route: str) -> Any:
         """The gauge child of a streaming call on ``route`` (moved up now, down by the
@@ -259,15 +261,6 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-def _child(children: dict[str, Any], metric: Any, label: str) -> Any:
-    """``metric``'s child for one ``label``, kept in ``children``: ``labels()`` on every
-    call was ~10 of a small request's Python calls per metric."""
-    child = children.get(label)
-    if child is None:
-        child = children[label] = metric.labels(label)
-    return child
 
 
 MAX_APP_LABELS = 100  # distinct apps named in labels when every app is allowed; then "other"
