@@ -5,18 +5,22 @@ Caller auth (``jwt``: HS256 with a distinct ``sub`` per caller; ``token``: a tok
 of N lines), rate limits, the submit cap, the concurrency slot, quotas and budgets (with
 prices) are all on, with limits so high that nothing is ever refused, in memory or in a
 ``redis-server`` this script starts on a free loopback port. For each row (N callers ×
-auth × backend) a fresh proxy (``python -m proxy --port 0``, JSON logs) is started against
-the fast fake gateway (``bench/fast_gateway.py``) and:
+auth × backend) a proxy of its own (``python -m proxy --port 0``, JSON logs) is started
+against the fast fake gateway (``bench/fast_gateway.py``) and:
 
 1. a few thousand requests from caller 0 warm the code paths and connections; RSS;
 2. every one of the N callers sends one request (an aiohttp client, 64 at a time), capped
    at ``--warmup-cap`` seconds for the rows whose auth is too slow for that; RSS again, so
    the difference over the callers warmed is the proxy's memory per idle caller;
-3. ``wrk`` POSTs ``{"prompt":"cat"}`` to ``/fal-ai/fast-sdxl`` (a generation: every
-   window and quota counts it) for ``--seconds``, 64 connections, its Lua script taking
-   the N credentials round-robin, one per request; the proxy's CPU (utime + stime of all
-   its threads, /proc) over the requests completed, and the share of threads other than
-   the main one;
+3. once every row of that auth and backend is up and warm (they stay up together; with
+   Redis each has a database of its own), ``--rounds`` rounds: in each, ``wrk`` POSTs
+   ``{"prompt":"cat"}`` to ``/fal-ai/fast-sdxl`` (a generation: every window and quota
+   counts it) through each row's proxy in turn, the order rotated each round, for
+   ``--seconds``, 64 connections, its Lua script taking the N credentials round-robin, one
+   per request; the proxy's CPU (utime + stime of all its threads, /proc) over the
+   requests completed, and the share of threads other than the main one. The rows set
+   against each other (100,000 callers against 1) are measured moments apart, and their
+   ratio is the median of the rounds' ratios: the host's speed drifts between minutes;
 4. once the proxy is quiet, its CPU use over 5 idle seconds (should be 0).
 
 The proxy is pinned to one CPU, everything else (fake gateway, redis-server, wrk, this
@@ -25,7 +29,8 @@ the targets: CPU per request at 100,000 callers ≤ 1.15× that at 1 caller, red
 memory, idle CPU 0, < 1 KiB per idle caller.
 
 Usage: ``.venv/bin/python bench/callers.py [--callers 1,100000] [--auth jwt,token]
-[--backend memory,redis] [--seconds S] [--warmup-cap S] [--quick] [--json PATH]``
+[--backend memory,redis] [--seconds S] [--rounds R] [--warmup-cap S] [--quick]
+[--json PATH]``
 (or ``make bench-callers BENCH_ARGS=...``). Needs ``wrk`` and ``redis-server`` (for the
 redis rows); Linux only (/proc). Only 127.0.0.1 is ever contacted.
 """
@@ -43,6 +48,7 @@ import re
 import secrets
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -320,7 +326,52 @@ class Context:
     redis_url: str = ""
 
 
-def run_row(ctx: Context, n: int, auth: str, backend: str) -> dict[str, Any]:
+@dataclass
+class Live:
+    """One row's proxy, started and warmed, kept running while its group's rounds go on."""
+
+    name: str
+    proxy: Any  # bench_common.Child
+    url: str
+    wrk_file: Path
+    warnings: WarningTail
+    row: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_group(ctx: Context, auth: str, backend: str) -> list[dict[str, Any]]:
+    """Every caller count's row for one auth and backend: each row's proxy started and warmed
+    in turn and kept running, then ``--rounds`` rounds of ``wrk``, one per proxy a round,
+    the order rotated each round, so that the CPU of 100,000 callers is set against that of
+    1 caller measured moments apart: on a shared VM the host's speed drifts from one minute
+    to the next, and rows measured one after the other set that drift against the callers."""
+    if backend == "redis":
+        assert ctx.redis is not None
+        ctx.redis.flushall()  # every group starts from nothing; each row has a database
+    with contextlib.ExitStack() as stack:
+        live = [
+            start_row(ctx, stack, n, auth, backend, db) for db, n in enumerate(ctx.args.callers)
+        ]
+        for r in range(ctx.args.rounds):
+            turn = live[r % len(live) :] + live[: r % len(live)]
+            for row in turn:
+                step(f"{row.name}: round {r + 1}/{ctx.args.rounds}, wrk, "
+                     f"{ctx.args.connections} connections, {ctx.args.seconds} s")  # fmt: skip
+                row.rounds.append(measure(ctx, row))
+        for row in live:
+            settled = settle(row.proxy.pid)
+            step(f"{row.name}: idle, {ctx.args.idle} s (after {settled:.1f} s to settle)")
+            idle0 = cpu_seconds(row.proxy.pid)
+            time.sleep(ctx.args.idle)
+            row.row.update(settle_seconds=settled,
+                           idle_cpu_pct=100 * (cpu_seconds(row.proxy.pid) - idle0) / ctx.args.idle,
+                           rss_mib=rss_bytes(row.proxy.pid) / (1 << 20))  # fmt: skip
+    return [finish(row) for row in live]
+
+
+def start_row(ctx: Context, stack: contextlib.ExitStack, n: int, auth: str, backend: str,
+              db: int) -> Live:  # fmt: skip
+    """Start one row's proxy and warm it: caller 0, then every caller once (RSS around it)."""
     args = ctx.args
     name = f"{n:,} callers, {auth}, {backend}"
     wrk_file, auth_env = ctx.creds.files(auth, n)
@@ -329,72 +380,82 @@ def run_row(ctx: Context, n: int, auth: str, backend: str) -> dict[str, Any]:
                      FAL_PROXY_LOG_FORMAT="json", **LIMITS_ENV, **auth_env)  # fmt: skip
     redis_used = lambda: int(ctx.redis.info("memory")["used_memory"]) if ctx.redis else 0  # noqa: E731
     if backend == "redis":
-        assert ctx.redis is not None
-        ctx.redis.flushall()  # every row starts from nothing
-        proxy_env["FAL_PROXY_REDIS_URL"] = ctx.redis_url
-    row: dict[str, Any] = {"callers": n, "auth": auth, "backend": backend}
-    with contextlib.ExitStack() as stack:
-        proxy = start_child(f"proxy ({name})", [sys.executable, "-m", "proxy", "--port", "0"],
-                            proxy_env, stack)  # fmt: skip
-        pin(proxy.pid, ctx.proxy_cpus)  # every thread; threads started later inherit it
-        proxy.tail = warnings = WarningTail()  # the drain thread appends to child.tail
-        pid = proxy.pid
-        url = f"http://127.0.0.1:{proxy.port}{APP_PATH}"
-        try:
-            step(f"{name}: warm-up, caller 0, {PREWARM_REQUESTS} requests")
-            pre = drive(url, tokens[:1] * PREWARM_REQUESTS, args.connections, PREWARM_CAP)
-            settle(pid)
-            rss_before, redis_before = rss_bytes(pid), redis_used()
-            step(f"{name}: warm-up, one request from each of the {n:,} callers "
-                 f"(at most {args.warmup_cap:.0f} s)")  # fmt: skip
-            warm = drive(url, tokens, args.connections, args.warmup_cap)
-            settle(pid)
-            rss_warm, redis_warm = rss_bytes(pid), redis_used()
-            warmed = min(n, max(1, warm["requests"]))  # the first callers, caller 0 included
-            step(f"{name}: {warm['requests']:,} requests in {warm['seconds']:.1f} s"
-                 f"{' (capped)' if warm['capped'] else ''}; wrk, {args.connections} "
-                 f"connections, {args.seconds} s")  # fmt: skip
-            total0, main0 = cpu_seconds(pid), thread_cpu_seconds(pid, pid)
-            started = time.monotonic()
-            load = run_wrk(url, ctx.script, wrk_file, args.connections, args.seconds)
-            wall = time.monotonic() - started
-            total1, main1 = cpu_seconds(pid), thread_cpu_seconds(pid, pid)
-            settled = settle(pid)
-            step(f"{name}: idle, {args.idle} s (after {settled:.1f} s to settle)")
-            idle0 = cpu_seconds(pid)
-            time.sleep(args.idle)
-            idle_cpu = cpu_seconds(pid) - idle0
-            rss_after = rss_bytes(pid)
-        except BenchError:
-            if proxy.proc.poll() is not None:
-                step(f"{proxy.name} exited ({proxy.proc.returncode}):\n{proxy.output_tail()}")
-            raise
+        proxy_env["FAL_PROXY_REDIS_URL"] = f"{ctx.redis_url}/{db}"
+    proxy = start_child(f"proxy ({name})", [sys.executable, "-m", "proxy", "--port", "0"],
+                        proxy_env, stack)  # fmt: skip
+    pin(proxy.pid, ctx.proxy_cpus)  # every thread; threads started later inherit it
+    proxy.tail = warnings = WarningTail()  # the drain thread appends to child.tail
+    pid = proxy.pid
+    url = f"http://127.0.0.1:{proxy.port}{APP_PATH}"
+    try:
+        step(f"{name}: warm-up, caller 0, {PREWARM_REQUESTS} requests")
+        pre = drive(url, tokens[:1] * PREWARM_REQUESTS, args.connections, PREWARM_CAP)
+        settle(pid)
+        rss_before, redis_before = rss_bytes(pid), redis_used()
+        step(f"{name}: warm-up, one request from each of the {n:,} callers "
+             f"(at most {args.warmup_cap:.0f} s)")  # fmt: skip
+        warm = drive(url, tokens, args.connections, args.warmup_cap)
+        settle(pid)
+        rss_warm, redis_warm = rss_bytes(pid), redis_used()
+    except BenchError:
+        if proxy.proc.poll() is not None:
+            step(f"{proxy.name} exited ({proxy.proc.returncode}):\n{proxy.output_tail()}")
+        raise
+    warmed = min(n, max(1, warm["requests"]))  # the first callers, caller 0 included
+    step(f"{name}: {warm['requests']:,} requests in {warm['seconds']:.1f} s"
+         f"{' (capped)' if warm['capped'] else ''}")  # fmt: skip
+    row: dict[str, Any] = {
+        "callers": n, "auth": auth, "backend": backend,
+        "warmed": warmed, "warmup_capped": warm["capped"], "warmup_seconds": warm["seconds"],
+        "prewarm": pre, "warmup": warm,
+        "rss_per_caller": (rss_warm - rss_before) / max(1, warmed - 1) if n > 1 else None,
+        "redis_bytes_per_caller": (redis_warm - redis_before) / max(1, warmed - 1)
+        if backend == "redis" and n > 1 else None,
+    }  # fmt: skip
+    return Live(name, proxy, url, wrk_file, warnings, row)
+
+
+def measure(ctx: Context, row: Live) -> dict[str, Any]:
+    """One round of ``wrk`` on one row's proxy: its CPU over the requests completed."""
+    pid = row.proxy.pid
+    try:
+        total0, main0 = cpu_seconds(pid), thread_cpu_seconds(pid, pid)
+        started = time.monotonic()
+        load = run_wrk(row.url, ctx.script, row.wrk_file, ctx.args.connections, ctx.args.seconds)
+        wall = time.monotonic() - started
+        total1, main1 = cpu_seconds(pid), thread_cpu_seconds(pid, pid)
+    except BenchError:
+        if row.proxy.proc.poll() is not None:
+            step(f"{row.proxy.name} exited ({row.proxy.proc.returncode}):\n"
+                 f"{row.proxy.output_tail()}")  # fmt: skip
+        raise
     requests = load["requests"]
-    row.update(
-        proxy_warnings=dict(warnings.counts),
-        warmed=warmed,
-        warmup_capped=warm["capped"],
-        warmup_seconds=warm["seconds"],
-        prewarm=pre,
-        warmup=warm,
-        load=load,
-        req_per_s=requests / (load["duration_us"] / 1e6),
-        cpu_us_per_req=(total1 - total0) * 1e6 / requests,
+    return {
+        "load": load,
+        "req_per_s": requests / (load["duration_us"] / 1e6),
+        "cpu_us_per_req": (total1 - total0) * 1e6 / requests,
         # Both in 10 ms ticks, read a moment apart: the difference can come out a tick below 0.
-        other_threads_cpu_us_per_req=max(0.0, (total1 - total0) - (main1 - main0)) * 1e6 / requests,
-        cpu_util=(total1 - total0) / wall,
-        non_2xx=load["errors"]["status"] + warm["non_2xx"] + pre["non_2xx"],
-        socket_errors=sum(v for k, v in load["errors"].items() if k != "status")
-        + warm["errors"]
-        + pre["errors"],
-        rss_mib=rss_after / (1 << 20),
-        rss_per_caller=(rss_warm - rss_before) / max(1, warmed - 1) if n > 1 else None,
-        redis_bytes_per_caller=(redis_warm - redis_before) / max(1, warmed - 1)
-        if backend == "redis" and n > 1
-        else None,
-        settle_seconds=settled,
-        idle_cpu_pct=100 * idle_cpu / args.idle,
-    )
+        "other_threads_cpu_us_per_req": max(0.0, (total1 - total0) - (main1 - main0))
+        * 1e6
+        / requests,
+        "cpu_util": (total1 - total0) / wall,
+    }
+
+
+def finish(live: Live) -> dict[str, Any]:
+    """The row: each figure the median of its rounds, every round kept, errors summed."""
+    row, rounds = live.row, live.rounds
+    for key in ("req_per_s", "cpu_us_per_req", "other_threads_cpu_us_per_req", "cpu_util"):
+        row[key] = statistics.median(r[key] for r in rounds)
+    row["cpu_rounds"] = [r["cpu_us_per_req"] for r in rounds]
+    row["load"] = [r["load"] for r in rounds]
+    row["proxy_warnings"] = dict(live.warnings.counts)
+    row["non_2xx"] = (sum(r["load"]["errors"]["status"] for r in rounds)
+                      + row["warmup"]["non_2xx"] + row["prewarm"]["non_2xx"])  # fmt: skip
+    row["socket_errors"] = (
+        sum(v for r in rounds for k, v in r["load"]["errors"].items() if k != "status")
+        + row["warmup"]["errors"] + row["prewarm"]["errors"]
+    )  # fmt: skip
     return row
 
 
@@ -434,11 +495,15 @@ def targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, bool | None
             a, b = by.get((low, auth, backend)), by.get((high, auth, backend))
             if a is None or b is None or low == high:
                 continue
-            ratio = b["cpu_us_per_req"] / a["cpu_us_per_req"]
+            # Round by round (the two proxies measured moments apart), then the median.
+            each = [y / x for x, y in zip(a["cpu_rounds"], b["cpu_rounds"], strict=True)]
+            ratio = statistics.median(each)
+            rounds = ", ".join(f"{x:.2f}" for x in each)
             out.append((
                 f"CPU/request, {high:,} ÷ {low:,} caller(s) ≤ {TARGET_SCALE}×",
                 f"{auth}, {backend}",
-                f"{ratio:.2f}× ({b['cpu_us_per_req']:,.0f} ÷ {a['cpu_us_per_req']:,.0f} µs)",
+                f"{ratio:.2f}× (median of the rounds' {rounds}; "
+                f"{b['cpu_us_per_req']:,.0f} ÷ {a['cpu_us_per_req']:,.0f} µs)",
                 ratio <= TARGET_SCALE,
             ))  # fmt: skip
     for auth in AUTHS:
@@ -492,12 +557,15 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Name
     notes = [
         f"{meta['cpu']}, {meta['cpus']} CPUs; {meta['pinning']}. Python {meta['python']}; "
         f"{meta['wrk']}. Code: {meta['code']}.",
-        f"Each row: a fresh proxy; {PREWARM_REQUESTS:,} requests from caller 0, then one from "
-        f"every caller ({args.connections} at a time, at most {args.warmup_cap:.0f} s), then "
-        f"wrk -t{min(THREADS, args.connections)} -c{args.connections} -d{args.seconds}s POST "
-        f"{APP_PATH} with the callers' credentials round-robin, then {args.idle} s idle. "
+        f"Each row: a proxy of its own; {PREWARM_REQUESTS:,} requests from caller 0, then one "
+        f"from every caller ({args.connections} at a time, at most {args.warmup_cap:.0f} s). "
+        f"The rows of one auth and backend stay up together (Redis: a database each) for "
+        f"{args.rounds} rounds of wrk -t{min(THREADS, args.connections)} -c{args.connections} "
+        f"-d{args.seconds}s POST {APP_PATH} with the callers' credentials round-robin, each "
+        f"row once a round, the order rotated; CPU and req/s: the rounds' median; then "
+        f"{args.idle} s idle each. "
         f"Limits: {', '.join(f'{k}={v}' for k, v in LIMITS_ENV.items())}.",
-        "CPU µs/req: utime + stime of every proxy thread during the wrk run ÷ requests "
+        "CPU µs/req: utime + stime of every proxy thread during a wrk run ÷ requests "
         "completed; 'other threads': all but the main (event-loop) thread. RSS B/caller: "
         "(RSS after every caller's request − RSS after caller 0's) ÷ (callers warmed − 1). "
         "Idle CPU: /proc ticks (10 ms) over the idle seconds, once the proxy is quiet. "
@@ -576,8 +644,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backend", type=_choices(BACKENDS), default=list(BACKENDS),
                         metavar="memory,redis")  # fmt: skip
     parser.add_argument("--seconds", type=int, metavar="S",
-                        help="seconds of each row's wrk run "
-                             "(default 10, 3 with --quick)")  # fmt: skip
+                        help="seconds of each round's wrk run on each row "
+                             "(default 6, 3 with --quick)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, metavar="R",
+                        help="rounds of wrk, every row of an auth and backend in turn "
+                             "(default 3, 2 with --quick)")  # fmt: skip
     parser.add_argument("--warmup-cap", type=float, metavar="S",
                         help="at most this long for the one-request-per-caller warm-up "
                              "(default 300, 20 with --quick; stopped after 20 s if on "
@@ -592,11 +663,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the tables here")
     args = parser.parse_args(argv)
     args.callers = args.callers or ([1, 1_000] if args.quick else list(CALLER_COUNTS))
-    args.seconds = args.seconds or (3 if args.quick else 10)
+    args.seconds = args.seconds or (3 if args.quick else 6)
+    args.rounds = args.rounds or (2 if args.quick else 3)
     args.warmup_cap = args.warmup_cap or (20.0 if args.quick else 300.0)
     args.idle = args.idle or (2 if args.quick else 5)
-    if args.seconds < 1 or args.idle < 1 or args.connections < 1 or args.warmup_cap <= 0:
-        parser.error("--seconds, --idle, --connections and --warmup-cap must be positive")
+    if min(args.seconds, args.rounds, args.idle, args.connections) < 1 or args.warmup_cap <= 0:
+        parser.error("--seconds, --rounds, --idle, --connections and --warmup-cap must be positive")
     return args
 
 
@@ -634,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         "wrk": (wrk_version.stdout + wrk_version.stderr).strip().splitlines()[0],
         "code": code_version(),
         "seconds": args.seconds,
+        "rounds": args.rounds,
         "idle_seconds": args.idle,
         "warmup_cap": args.warmup_cap,
         "connections": args.connections,
@@ -660,11 +733,10 @@ def main(argv: list[str] | None = None) -> int:
             if "redis" in args.backend:
                 ctx.redis = start_redis(tmp / "redis.log", stack)
                 stack.callback(ctx.redis.close)
-                ctx.redis_url = f"redis://127.0.0.1:{ctx.redis.get_connection_kwargs()['port']}/0"
+                ctx.redis_url = f"redis://127.0.0.1:{ctx.redis.get_connection_kwargs()['port']}"
             for backend in args.backend:
                 for auth in args.auth:
-                    for n in args.callers:
-                        rows.append(run_row(ctx, n, auth, backend))
+                    rows.extend(run_group(ctx, auth, backend))
     except BenchError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         failed = True
