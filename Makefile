@@ -81,15 +81,18 @@ $(RECIPES_DIR)/node_modules/.package-lock.json: $(RECIPES_DIR)/package-lock.json
 test-recipes: install $(SDK_DIR)/node_modules/.package-lock.json $(RECIPES_DIR)/node_modules/.package-lock.json
 	$(PY) -m pytest -m recipes tests/e2e/test_recipes.py
 
-# Benchmark the proxy against a local fake gateway (bench/README.md), then how its per-caller
+# Benchmark the proxy against a local fake gateway (bench/README.md), its instructions per
+# request against the bare forwarder (bench/instructions.py, callgrind), then how its per-caller
 # auth, limits and quotas scale with 1 to 100,000 callers (bench/callers.py, ~15 min). Needs
-# wrk and redis-server, installed here if missing. BENCH_ARGS: e.g. --quick, --json
+# wrk, redis-server and valgrind, installed here if missing. BENCH_ARGS: e.g. --quick, --json
 # bench/results/latest.json, --profile PATH. CALLERS_ARGS: e.g. --quick, --callers 1,1000.
 bench: install
 	command -v wrk >/dev/null || { apt-get update && apt-get install -y wrk; }
 	command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
+	command -v valgrind >/dev/null || { apt-get update && apt-get install -y valgrind; }
 	npm ci --prefix bench/express_proxy --no-audit --no-fund
 	$(PY) bench/run.py $(BENCH_ARGS)
+	$(PY) bench/instructions.py
 	$(PY) bench/callers.py $(CALLERS_ARGS)
 
 # The per-caller scaling benchmark alone (bench/README.md). BENCH_ARGS: e.g. --quick,

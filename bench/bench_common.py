@@ -76,8 +76,9 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 def start_child(
-    name: str, argv: list[str], env: dict[str, str], stack: contextlib.ExitStack
-) -> Child:
+    name: str, argv: list[str], env: dict[str, str], stack: contextlib.ExitStack,
+    start_seconds: float = 30.0,
+) -> Child:  # fmt: skip
     """Start ``argv``, wait for its ``"event": "listening"`` JSON line, then drain its output.
 
     stdout and stderr share one pipe, read by a thread that keeps only a short tail (for
@@ -113,7 +114,7 @@ def start_child(
                         listening.set()
 
     threading.Thread(target=drain, name=f"drain-{name}", daemon=True).start()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + start_seconds
     while not listening.wait(0.1):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise BenchError(f"{name} did not start (exit {proc.poll()}):\n{child.output_tail()}")
