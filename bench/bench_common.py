@@ -30,6 +30,22 @@ ROOT = Path(__file__).resolve().parent.parent
 GATEWAY_PREFIX = "/v1/acct/gw/fal"  # the fake gateway's "/v1/<account>/<gateway>/fal"
 
 
+def proxy_row_env(env: dict[str, str], gateway_url: str) -> dict[str, str]:
+    """``env`` plus the configuration of ``bench/run.py``'s main "proxy" row, in front of the
+    gateway at ``gateway_url``: the JSON log line, and limits on (their cost is part of every
+    request) but high enough never to refuse the load generator, which is one caller sending
+    thousands of requests a second."""
+    return dict(
+        env,
+        FAL_KEY="k",
+        FAL_PROXY_GATEWAY_URL=gateway_url,
+        FAL_PROXY_LOG_FORMAT="json",
+        FAL_PROXY_RATE_LIMIT_RPM="1000000000",
+        FAL_PROXY_MAX_CONCURRENT="100000",
+        FAL_PROXY_SUBMITS_PER_HOUR="1000000000",
+    )
+
+
 class BenchError(RuntimeError):
     """A measurement could not be made or came out invalid."""
 
@@ -59,6 +75,11 @@ class Child:
 
     def output_tail(self) -> str:
         return b"".join(self.tail).decode("utf-8", "replace")[-4000:]
+
+    def say_if_exited(self) -> None:
+        """If the child has exited, say so with its last output (why a measurement failed)."""
+        if self.proc.poll() is not None:
+            step(f"{self.name} exited ({self.proc.returncode}):\n{self.output_tail()}")
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -67,6 +67,7 @@ from bench_common import (
     GATEWAY_PREFIX,
     ROOT,
     BenchError,
+    Child,
     cpu_model,
     pin,
     start_child,
@@ -331,7 +332,7 @@ class Live:
     """One row's proxy, started and warmed, kept running while its group's rounds go on."""
 
     name: str
-    proxy: Any  # bench_common.Child
+    proxy: Child
     url: str
     wrk_file: Path
     warnings: WarningTail
@@ -398,8 +399,7 @@ def start_row(ctx: Context, stack: contextlib.ExitStack, n: int, auth: str, back
         settle(pid)
         rss_warm, redis_warm = rss_bytes(pid), redis_used()
     except BenchError:
-        if proxy.proc.poll() is not None:
-            step(f"{proxy.name} exited ({proxy.proc.returncode}):\n{proxy.output_tail()}")
+        proxy.say_if_exited()
         raise
     warmed = min(n, max(1, warm["requests"]))  # the first callers, caller 0 included
     step(f"{name}: {warm['requests']:,} requests in {warm['seconds']:.1f} s"
@@ -425,9 +425,7 @@ def measure(ctx: Context, row: Live) -> dict[str, Any]:
         wall = time.monotonic() - started
         total1, main1 = cpu_seconds(pid), thread_cpu_seconds(pid, pid)
     except BenchError:
-        if row.proxy.proc.poll() is not None:
-            step(f"{row.proxy.name} exited ({row.proxy.proc.returncode}):\n"
-                 f"{row.proxy.output_tail()}")  # fmt: skip
+        row.proxy.say_if_exited()
         raise
     requests = load["requests"]
     return {

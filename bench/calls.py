@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_common import GATEWAY_PREFIX, ROOT, start_child
+from bench_common import GATEWAY_PREFIX, ROOT, proxy_row_env, start_child
 from wrk import LOAD_CONNECTIONS, LOAD_THREADS, run_wrk, wrk_script
 
 # Run as the child: profile the forwarder until SIGUSR1, then write the stats and exit.
@@ -54,11 +54,8 @@ def count(which: str, gateway_url: str, script: Path, seconds: int, out: Path,
     env |= {
         "CALLS_WHICH": which, "CALLS_OUT": str(out), "PYTHONUNBUFFERED": "1",
         "BENCH_GATEWAY_URL": gateway_url, "BENCH_CLIENT": "aiohttp",
-        # As bench/run.py's proxy row: JSON log line, limits on but never reached.
-        "FAL_KEY": "k", "FAL_PROXY_GATEWAY_URL": gateway_url, "FAL_PROXY_LOG_FORMAT": "json",
-        "FAL_PROXY_RATE_LIMIT_RPM": "1000000000", "FAL_PROXY_MAX_CONCURRENT": "100000",
-        "FAL_PROXY_SUBMITS_PER_HOUR": "1000000000",
     }  # fmt: skip
+    env = proxy_row_env(env, gateway_url)  # as bench/run.py's proxy row (the bare one ignores it)
     child = start_child(which, [sys.executable, "-c", CHILD], env, stack)
     url = f"http://127.0.0.1:{child.port}/fal-ai/x"
     load = {"connections": LOAD_CONNECTIONS, "threads": LOAD_THREADS, "seconds": seconds}

@@ -54,7 +54,16 @@ from typing import Any
 
 # bench/ is sys.path[0]: run.py and its helpers are imported, not copied.
 import run
-from bench_common import GATEWAY_PREFIX, ROOT, BenchError, Child, pin, start_child, step
+from bench_common import (
+    GATEWAY_PREFIX,
+    ROOT,
+    BenchError,
+    Child,
+    pin,
+    proxy_row_env,
+    start_child,
+    step,
+)
 from wrk import LOAD_CONNECTIONS, LOAD_THREADS, run_wrk, small_load, wrk_script
 
 DEFAULT_OLD = "6e329fd"
@@ -190,16 +199,8 @@ def measure(args: argparse.Namespace, revs: dict[str, str], stack: contextlib.Ex
     gateway = start_child("fake gateway",
                           [sys.executable, str(ROOT / "bench" / "fast_gateway.py"), "--port", "0"],
                           env, stack)  # fmt: skip
-    # The environment of bench/run.py's "proxy" row (measure(): proxy_env).
-    proxy_env = dict(
-        env,
-        FAL_KEY="k",
-        FAL_PROXY_GATEWAY_URL=f"http://127.0.0.1:{gateway.port}{GATEWAY_PREFIX}",
-        FAL_PROXY_LOG_FORMAT="json",
-        FAL_PROXY_RATE_LIMIT_RPM="1000000000",
-        FAL_PROXY_MAX_CONCURRENT="100000",
-        FAL_PROXY_SUBMITS_PER_HOUR="1000000000",
-    )
+    # The environment of bench/run.py's "proxy" row.
+    proxy_env = proxy_row_env(env, f"http://127.0.0.1:{gateway.port}{GATEWAY_PREFIX}")
 
     def start_pair(within: contextlib.ExitStack) -> dict[str, Child]:
         """Both proxies, started afresh, each warmed up with 2 s of the load."""

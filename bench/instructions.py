@@ -38,16 +38,19 @@ from pathlib import Path
 import aiohttp
 
 # bench/ is sys.path[0]: bench/bench_common.py.
-from bench_common import GATEWAY_PREFIX, ROOT, BenchError, cpu_model, start_child, step
+from bench_common import (
+    GATEWAY_PREFIX,
+    ROOT,
+    BenchError,
+    cpu_model,
+    proxy_row_env,
+    start_child,
+    step,
+)
 
 TARGET = 1.30  # the proxy's instructions per request ≤ this × the bare forwarder's
 CONCURRENCY = 8
 BODY = b'{"prompt":"cat"}'
-# As bench/run.py's main proxy row: the JSON line, limits on but never reached.
-PROXY_ENV = {
-    "FAL_KEY": "k", "FAL_PROXY_LOG_FORMAT": "json", "FAL_PROXY_RATE_LIMIT_RPM": "1000000000",
-    "FAL_PROXY_MAX_CONCURRENT": "100000", "FAL_PROXY_SUBMITS_PER_HOUR": "1000000000",
-}  # fmt: skip
 START_SECONDS = 300.0  # a Python start-up under callgrind takes tens of seconds
 
 
@@ -80,7 +83,7 @@ def count(which: str, gateway_url: str, args: argparse.Namespace, tmp: Path) -> 
     env["PYTHONUNBUFFERED"] = "1"
     if which == "proxy":
         argv = [sys.executable, "-m", "proxy", "--port", "0"]
-        env |= PROXY_ENV | {"FAL_PROXY_GATEWAY_URL": gateway_url}
+        env = proxy_row_env(env, gateway_url)
     else:
         argv = [sys.executable, str(ROOT / "bench" / "baselines.py"), "--port", "0"]
         env |= {"BENCH_GATEWAY_URL": gateway_url, "BENCH_CLIENT": "aiohttp"}

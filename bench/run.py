@@ -59,6 +59,7 @@ from bench_common import (
     Child,
     cpu_model,
     pin,
+    proxy_row_env,
     start_child,
     step,
 )
@@ -463,17 +464,7 @@ def measure(
     gateway_argv = [sys.executable, str(ROOT / "bench" / "fast_gateway.py"), "--port", "0"]
     gateway = start_child("fake gateway", gateway_argv, env, stack)
     gateway_url = f"http://127.0.0.1:{gateway.port}{GATEWAY_PREFIX}"
-    # Limits stay on (their cost is part of every request) but high enough never to refuse
-    # the load generator, which is one caller sending thousands of requests a second.
-    proxy_env = dict(
-        env,
-        FAL_KEY="k",
-        FAL_PROXY_GATEWAY_URL=gateway_url,
-        FAL_PROXY_LOG_FORMAT="json",
-        FAL_PROXY_RATE_LIMIT_RPM="1000000000",
-        FAL_PROXY_MAX_CONCURRENT="100000",
-        FAL_PROXY_SUBMITS_PER_HOUR="1000000000",
-    )
+    proxy_env = proxy_row_env(env, gateway_url)
     proxy = start_child("proxy", [sys.executable, "-m", "proxy", "--port", "0"], proxy_env, stack)
     pin(proxy.pid, proxy_cpus)  # every thread, now that it is up
     proxy_url = f"http://127.0.0.1:{proxy.port}"
@@ -590,8 +581,7 @@ def measure(
             results["streams"] = streams.stream_rows(args.streams, args.sockets, stack)
     except BenchError:
         for _, child in load_modes.values():
-            if child.proc.poll() is not None:
-                step(f"{child.name} exited ({child.proc.returncode}):\n{child.output_tail()}")
+            child.say_if_exited()
         raise
     if args.profile:
         step(f"profile: py-spy on the proxy under {LOAD_CONNECTIONS}-connection load, {load_s} s")

@@ -191,7 +191,7 @@ def measure(
     args: argparse.Namespace, relay_cpus: set[int], stack: contextlib.ExitStack
 ) -> dict[str, Any]:
     import uvloop
-    from bench_common import GATEWAY_PREFIX, pin, start_child, step
+    from bench_common import GATEWAY_PREFIX, pin, proxy_row_env, start_child, step
     from procfs import status_kib
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "CF_"))}
@@ -199,10 +199,7 @@ def measure(
     here = Path(__file__).resolve()
     echo = start_child("echo server", [sys.executable, str(here), "--serve-echo"], env, stack)
     gateway_url = f"http://127.0.0.1:{echo.port}{GATEWAY_PREFIX}"
-    proxy_env = dict(env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=gateway_url,
-                     FAL_PROXY_LOG_FORMAT="json", FAL_PROXY_RATE_LIMIT_RPM="1000000000",
-                     FAL_PROXY_MAX_CONCURRENT="100000",
-                     FAL_PROXY_SUBMITS_PER_HOUR="1000000000")  # fmt: skip
+    proxy_env = proxy_row_env(env, gateway_url)
     proxy = start_child("proxy", [sys.executable, "-m", "proxy", "--port", "0"], proxy_env, stack)
     pin(proxy.pid, relay_cpus)
     bare = start_child("bare relay", [sys.executable, str(here.parent / "bare_ws_relay.py"),
