@@ -24,7 +24,7 @@ from typing import Any
 import jwt
 
 from ..errors import Unauthorized
-from ..policy.callers import CallerAuth, JwtConfig, bearer, decode_claims
+from ..policy.callers import CallerAuth, JwtConfig, bearer, decode_claims, jwt_decoder
 
 JWKS_LIFESPAN = 300.0  # seconds a fetched JWK set is served before it is fetched again
 JWKS_FORCED_REFRESH_INTERVAL = 10.0  # at least this long between re-fetches for unknown kids
@@ -135,6 +135,7 @@ class JwtAuth(CallerAuth):
         self.header = header.encode()
         self._jwks: jwt.PyJWKSet | None = None
         self._url_keys: JwksKeys | None = None
+        self.decoder = jwt_decoder(config.secret)
         if config.secret is not None:
             self.algorithms = ["HS256"]
         else:
@@ -186,4 +187,4 @@ class JwtAuth(CallerAuth):
     async def identify(self, credential: str | None) -> tuple[str | None, str | None]:
         token = bearer(credential, self.header)
         key, algorithms = await self._key(token)
-        return decode_claims(token, key, algorithms, self.config)
+        return decode_claims(token, key, algorithms, self.config, self.decoder)

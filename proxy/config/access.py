@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from ..limits.prices import Prices, read_prices
 from ..limits.quotas import Plans, parse_plans, parse_quotas
-from ..policy.callers import JwtConfig, load_tokens
+from ..policy.callers import JwtConfig, hs256_secret_error, load_tokens
 from ..policy.client_ip import Network, parse_networks
 from ..policy.origins import normalise_origin
 from ..policy.request_head import normalise_host_pattern
@@ -347,6 +347,10 @@ def _jwt(env: Mapping[str, str]) -> JwtConfig:
         )
     if secret is not None and len(secret) < 32:
         raise SettingsError("FAL_PROXY_JWT_SECRET must be at least 32 characters")
+    if secret is not None and (why := hs256_secret_error(secret)) is not None:
+        # Else every caller's token would be refused with this, one 401 at a time.
+        name = "FAL_PROXY_JWT_SECRET" + ("_FILE" if _get(env, "FAL_PROXY_JWT_SECRET_FILE") else "")
+        raise SettingsError(f"{name}: not usable as an HS256 secret: {why}")
     if jwks_file is not None:
         import jwt
 

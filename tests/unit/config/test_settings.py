@@ -53,6 +53,8 @@ def test_secrets_never_show_in_repr() -> None:
     assert Secret("a") == Secret("a")
 
 
+JWT = {"FAL_KEY": "k", **GW, "FAL_PROXY_AUTH": "jwt"}
+PEM = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkqhkiG9w0BAQEF\n-----END PUBLIC KEY-----\n"
 BAD = [
     ({**GW}, "FAL_KEY"),
     ({"FAL_KEY": "  ", **GW}, "FAL_KEY"),
@@ -118,6 +120,13 @@ BAD = [
         },
         "FAL_PROXY_ALLOW_UNAUTHENTICATED",
     ),
+    # PyJWT refuses a key that looks like a JWK or a PEM key as an HS256 secret: said at
+    # start-up, not as every caller's 401.
+    (
+        {**JWT, "FAL_PROXY_JWT_SECRET": '{"kty": "oct", "k": "c2VjcmV0LXNlY3JldA"}'},
+        "FAL_PROXY_JWT_SECRET",
+    ),
+    ({**JWT, "FAL_PROXY_JWT_SECRET": PEM}, "FAL_PROXY_JWT_SECRET"),
 ]
 
 

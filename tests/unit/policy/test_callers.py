@@ -13,7 +13,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.admission.callers import JwtAuth
 from proxy.errors import Unauthorized
-from proxy.policy.callers import JwtConfig, NoAuth, TokenAuth, load_tokens
+from proxy.policy.callers import (
+    JwtConfig,
+    NoAuth,
+    TokenAuth,
+    decode_claims,
+    jwt_decoder,
+    load_tokens,
+)
 
 HEADER = "x-proxy-authorization"
 SECRET = "s" * 40
@@ -132,6 +139,44 @@ def test_wrong_secret_and_alg_none_are_refused() -> None:
     )
     with pytest.raises(Unauthorized):
         run(HS.authenticate(unsigned))
+
+
+def test_the_secret_is_vetted_once_and_tokens_judged_as_pyjwt_judges_them() -> None:
+    """The HS256 decoder with its secret prepared once answers exactly as PyJWT's own
+    ``jwt.decode``, for good and bad tokens alike; and it is in use with the PyJWT installed
+    (it sets PyJWT's private ``PyJWT._jws``: should an upgrade drop that, the proxy falls back
+    to the plain decoder, only slower, and this test says so)."""
+    config = JwtConfig(secret=SECRET, issuer="https://app.example", audience="fal-proxy")
+    decoder = jwt_decoder(SECRET)
+    assert type(decoder._jws.get_algorithm_by_name("HS256")).__name__ == "_PreparedSecret", (
+        "the installed PyJWT no longer takes the prepared HS256 secret: see jwt_decoder"
+    )
+    good = future(iss="https://app.example", aud="fal-proxy")
+    tokens = [
+        hs(good),
+        hs(good, "x" * 40),  # another secret
+        hs({**good, "exp": int(time.time()) - 3600}),
+        hs(future(iss="https://app.example", aud="other")),
+        jwt.encode(good, None, algorithm="none"),
+        jwt.encode(good, "s" * 64, algorithm="HS512"),
+        "not-a-jwt",
+        hs(good)[:-2],
+    ]
+
+    def judged(decoder: jwt.PyJWT | None, token: str) -> object:
+        try:
+            return decode_claims(token, SECRET, ["HS256"], config, decoder)
+        except Unauthorized as refused:
+            return (refused.message, refused.detail)
+
+    for token in tokens:
+        assert judged(decoder, token) == judged(None, token), token
+    assert judged(decoder, tokens[0]) == ("user-1", None)
+    # Another key through the same decoder is vetted as PyJWT vets any key.
+    pem = "-----BEGIN PUBLIC KEY-----\nMIIBIjANBgkq\n-----END PUBLIC KEY-----\n"
+    with pytest.raises(Unauthorized) as refused:
+        decode_claims(tokens[0], pem, ["HS256"], config, decoder)
+    assert "asymmetric key" in refused.value.detail
 
 
 def jwks_file(tmp_path: Path, *keys) -> str:
