@@ -71,10 +71,27 @@ async def _post(url: str, count: int) -> None:
         await asyncio.gather(*(worker(session) for _ in range(CONCURRENCY)))
 
 
-def _callgrind(ctl: str, pid: int, *args: str) -> None:
-    out = subprocess.run([ctl, *args, str(pid)], capture_output=True, text=True, timeout=60)
+def callgrind_control(pid: int, *args: str) -> None:
+    """Tell the callgrind running ``pid`` to ``--zero``, ``--dump=NAME``, ``--instr=on``..."""
+    out = subprocess.run(["callgrind_control", *args, str(pid)], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
     if out.returncode != 0:
         raise BenchError(f"callgrind_control {' '.join(args)}: {out.stdout}{out.stderr}")
+
+
+def dumped_events(out: Path, trigger: str) -> dict[str, int]:
+    """The event totals (``Ir``, and with ``--cache-sim=yes`` the misses) of the dump that
+    ``callgrind_control --dump=<trigger>`` wrote next to ``out`` (``--callgrind-out-file``)."""
+    for dump in sorted(out.parent.glob(f"{out.name}*")):
+        text = dump.read_text(errors="replace")
+        if f"Trigger: dump {trigger}\n" not in text[:4096]:
+            continue
+        events = re.search(r"^events:\s+(.*)$", text, re.M)
+        totals = re.search(r"^(?:summary|totals):\s+(.*)$", text, re.M)
+        if events is not None and totals is not None:
+            names, values = events.group(1).split(), map(int, totals.group(1).split())
+            return dict(zip(names, values, strict=False))
+    raise BenchError(f"no callgrind dump named {trigger!r} next to {out}")
 
 
 def count(which: str, gateway_url: str, args: argparse.Namespace, tmp: Path) -> float:
@@ -93,18 +110,10 @@ def count(which: str, gateway_url: str, args: argparse.Namespace, tmp: Path) -> 
         child = start_child(which, [*valgrind, *argv], env, stack, START_SECONDS)
         url = f"http://127.0.0.1:{child.port}/fal-ai/fast-sdxl"
         asyncio.run(_post(url, args.warmup))
-        ctl = "callgrind_control"
-        _callgrind(ctl, child.pid, "--zero")
+        callgrind_control(child.pid, "--zero")
         asyncio.run(_post(url, args.requests))
-        _callgrind(ctl, child.pid, "--dump=measured")
-        for dump in sorted(tmp.glob(f"{out.name}*")):
-            text = dump.read_text(errors="replace")
-            if "measured" not in text[:4096]:
-                continue
-            match = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
-            if match is not None:
-                return int(match.group(1)) / args.requests
-    raise BenchError(f"{which}: no callgrind dump named 'measured' under {tmp}")
+        callgrind_control(child.pid, "--dump=measured")
+    return dumped_events(out, "measured")["Ir"] / args.requests
 
 
 def main() -> int:
