@@ -83,9 +83,11 @@ test-recipes: install $(SDK_DIR)/node_modules/.package-lock.json $(RECIPES_DIR)/
 
 # Benchmark the proxy against a local fake gateway (bench/README.md), its instructions per
 # request against the bare forwarder (bench/instructions.py, callgrind), then how its per-caller
-# auth, limits and quotas scale with 1 to 100,000 callers (bench/callers.py, ~15 min). Needs
-# wrk, redis-server and valgrind, installed here if missing. BENCH_ARGS: e.g. --quick, --json
+# auth, limits and quotas scale with 1 to 100,000 callers, timed (bench/callers.py, ~15 min)
+# and counted under callgrind (bench/callers_instructions.py, ~35 min). Needs wrk,
+# redis-server and valgrind, installed here if missing. BENCH_ARGS: e.g. --quick, --json
 # bench/results/latest.json, --profile PATH. CALLERS_ARGS: e.g. --quick, --callers 1,1000.
+# COUNTED_ARGS: e.g. --auth token --backend memory.
 bench: install
 	command -v wrk >/dev/null || { apt-get update && apt-get install -y wrk; }
 	command -v redis-server >/dev/null || { apt-get update && apt-get install -y redis-server; }
@@ -94,6 +96,7 @@ bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/instructions.py
 	$(PY) bench/callers.py $(CALLERS_ARGS)
+	$(PY) bench/callers_instructions.py $(COUNTED_ARGS)
 
 # The per-caller scaling benchmark alone (bench/README.md). BENCH_ARGS: e.g. --quick,
 # --callers 1,100000 --auth jwt --backend memory, --seconds 30, --json PATH.
