@@ -18,12 +18,19 @@ class JwksServer:
     def __init__(self, tls_folder: Path | None = None) -> None:
         self.keys: list[dict[str, Any]] = []
         self.body: bytes | None = None  # served instead of ``keys`` when set
+        self.redirect: str | None = None  # answered with a 302 to this URL when set
         self.fetches = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.fetches += 1
+                if server.redirect is not None:
+                    self.send_response(302)
+                    self.send_header("location", server.redirect)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 body = server.body or json.dumps({"keys": server.keys}).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")

@@ -17,9 +17,13 @@ fresh set is checked with no fetch and no thread.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.error import HTTPError, URLError
 
 import jwt
 
@@ -29,6 +33,8 @@ from ..policy.callers import CallerAuth, JwtConfig, bearer, decode_claims, jwt_d
 JWKS_LIFESPAN = 300.0  # seconds a fetched JWK set is served before it is fetched again
 JWKS_FORCED_REFRESH_INTERVAL = 10.0  # at least this long between re-fetches for unknown kids
 JWKS_FETCH_TIMEOUT = 5.0
+# A set of a few hundred keys is tens of KiB: a bigger answer is not a JWKS, and is not read.
+JWKS_MAX_BYTES = 1024 * 1024
 monotonic = time.monotonic  # the clock of the cache; tests replace it
 
 
@@ -44,6 +50,36 @@ def _no_key() -> Unauthorized:
     )
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx itself is the answer: an error, as PyJWT's own client has it
+
+
+class BoundedJwksClient(jwt.PyJWKClient):
+    """PyJWT's JWKS client, but reading at most :data:`JWKS_MAX_BYTES` of the answer: the
+    document is another party's, and PyJWT's own ``fetch_data`` reads it whole into memory
+    whatever its size. Otherwise as PyJWT's (which documents ``fetch_data`` as the method a
+    subclass overrides): no redirects, the client's timeout, TLS context and headers."""
+
+    def fetch_data(self) -> Any:
+        handlers: list[Any] = [_NoRedirect()]
+        if (context := getattr(self, "ssl_context", None)) is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        request = urllib.request.Request(url=self.uri, headers=self.headers)
+        try:
+            with urllib.request.build_opener(*handlers).open(request, timeout=self.timeout) as r:
+                body = r.read(JWKS_MAX_BYTES + 1)
+        except (URLError, TimeoutError, http.client.HTTPException) as exc:
+            if isinstance(exc, HTTPError):
+                exc.close()
+            raise jwt.PyJWKClientConnectionError(f"cannot fetch the JWKS: {exc}") from None
+        if len(body) > JWKS_MAX_BYTES:
+            raise jwt.PyJWKClientError(
+                f"the answer at FAL_PROXY_JWT_JWKS_URL is over {JWKS_MAX_BYTES} bytes: not read"
+            )
+        return json.loads(body)
+
+
 class JwksKeys:
     """The signing keys at a JWKS URL, by ``kid``, from the set fetched last (never from a
     per-key cache, which would keep a removed key for good).
@@ -57,7 +93,7 @@ class JwksKeys:
 
     def __init__(self, url: str) -> None:
         # PyJWKClient only fetches and parses (no redirects, a timeout): caching is ours.
-        self._client = jwt.PyJWKClient(
+        self._client = BoundedJwksClient(
             url, cache_keys=False, cache_jwk_set=False, timeout=JWKS_FETCH_TIMEOUT
         )
         self._lock = asyncio.Lock()  # one fetch in flight

@@ -8,6 +8,7 @@ clock is the module's ``monotonic``, replaced here by one the tests move by hand
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -222,6 +223,48 @@ def test_a_jwks_that_does_not_parse_is_a_401(jwks: Jwks, clock: Clock, body: byt
         assert "signing key unavailable" in await refusal(auth, Key("k").token())
 
     run(test)
+
+
+def test_a_jwks_answer_over_the_cap_is_not_read_and_is_a_401(jwks: Jwks, clock: Clock) -> None:
+    """The JWKS is another party's document: an answer over JWKS_MAX_BYTES is refused
+    (without being read whole), one just under it is read."""
+    cap = callers.JWKS_MAX_BYTES
+    signer = Key("k")
+    keys = json.dumps({"keys": [signer.public], "pad": ""}).encode()  # ends '"pad": ""}'
+
+    def padded(size: int) -> bytes:
+        return keys[:-2] + b"x" * (size - len(keys)) + b'"}'
+
+    jwks.body = padded(cap + 1)
+    auth = jwks.auth()
+
+    async def test() -> None:
+        refused = await refusal(auth, signer.token())
+        assert "signing key unavailable" in refused
+        assert f"FAL_PROXY_JWT_JWKS_URL is over {cap} bytes" in refused
+        clock.now += INTERVAL  # may fetch again: the same keys, at the cap exactly
+        jwks.body = padded(cap)
+        assert len(jwks.body) == cap
+        assert await caller(auth, signer.token()) == "user-1"
+
+    run(test)
+
+
+def test_a_jwks_redirect_is_not_followed(jwks: Jwks, clock: Clock) -> None:
+    """A 3xx from the JWKS URL is a failed fetch: the keys are never taken from elsewhere."""
+    signer, elsewhere = Key("k"), JwksServer()
+    elsewhere.keys = [signer.public]
+    jwks.redirect = elsewhere.url
+    auth = jwks.auth()
+
+    async def test() -> None:
+        assert "signing key unavailable" in await refusal(auth, signer.token())
+
+    try:
+        run(test)
+        assert (jwks.fetches, elsewhere.fetches) == (1, 0)
+    finally:
+        elsewhere.stop()
 
 
 def test_keys_with_a_kid_no_string_or_not_for_signing_verify_nothing(
