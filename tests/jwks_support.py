@@ -19,6 +19,8 @@ class JwksServer:
         self.keys: list[dict[str, Any]] = []
         self.body: bytes | None = None  # served instead of ``keys`` when set
         self.redirect: str | None = None  # answered with a 302 to this URL when set
+        self.drip = False  # when set: a byte of a body that never ends, every 20 ms
+        self.stopped = threading.Event()
         self.fetches = 0
         server = self
 
@@ -30,6 +32,18 @@ class JwksServer:
                     self.send_header("location", server.redirect)
                     self.send_header("content-length", "0")
                     self.end_headers()
+                    return
+                if server.drip:
+                    self.send_response(200)
+                    self.send_header("content-length", str(1 << 20))
+                    self.end_headers()
+                    self.wfile.write(b'{"keys": [')
+                    while not server.stopped.wait(0.02):  # until the server stops or the
+                        try:  # client leaves
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                        except OSError:
+                            return
                     return
                 body = server.body or json.dumps({"keys": server.keys}).encode()
                 self.send_response(200)
@@ -58,5 +72,6 @@ class JwksServer:
         self.thread.start()
 
     def stop(self) -> None:
+        self.stopped.set()
         self.httpd.shutdown()
         self.httpd.server_close()

@@ -68,7 +68,7 @@ class BoundedJwksClient(jwt.PyJWKClient):
         request = urllib.request.Request(url=self.uri, headers=self.headers)
         try:
             with urllib.request.build_opener(*handlers).open(request, timeout=self.timeout) as r:
-                body = r.read(JWKS_MAX_BYTES + 1)
+                body = _read_bounded(r, time.monotonic() + self.timeout)
         except (URLError, TimeoutError, http.client.HTTPException) as exc:
             if isinstance(exc, HTTPError):
                 exc.close()
@@ -78,6 +78,22 @@ class BoundedJwksClient(jwt.PyJWKClient):
                 f"the answer at FAL_PROXY_JWT_JWKS_URL is over {JWKS_MAX_BYTES} bytes: not read"
             )
         return json.loads(body)
+
+
+def _read_bounded(response: Any, deadline: float) -> bytes:
+    """The body, up to one byte over :data:`JWKS_MAX_BYTES`, read by ``deadline`` (a
+    ``time.monotonic()`` time): the socket's timeout bounds each read, not the whole, and a
+    server sending a byte now and then would otherwise hold the fetch (and every caller
+    waiting for its keys) for as long as it likes."""
+    body = bytearray()
+    while len(body) <= JWKS_MAX_BYTES:
+        chunk = response.read1(JWKS_MAX_BYTES + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+        if time.monotonic() > deadline:
+            raise TimeoutError("the JWKS answer took too long to arrive")
+    return bytes(body)
 
 
 class JwksKeys:

@@ -250,6 +250,23 @@ def test_a_jwks_answer_over_the_cap_is_not_read_and_is_a_401(jwks: Jwks, clock: 
     run(test)
 
 
+def test_a_jwks_answer_that_never_ends_is_cut_at_the_fetch_timeout(
+    jwks: Jwks, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte every 20 ms never trips the socket's timeout; the whole answer's deadline
+    (the fetch timeout) ends the fetch: a 401, not callers waiting for good."""
+    monkeypatch.setattr(callers, "JWKS_FETCH_TIMEOUT", 0.3)
+    jwks.drip = True
+    auth = jwks.auth()
+
+    async def test() -> None:
+        refused = await refusal(auth, Key("k").token())
+        assert "signing key unavailable" in refused
+        assert "took too long" in refused
+
+    run(test)
+
+
 def test_a_jwks_redirect_is_not_followed(jwks: Jwks, clock: Clock) -> None:
     """A 3xx from the JWKS URL is a failed fetch: the keys are never taken from elsewhere."""
     signer, elsewhere = Key("k"), JwksServer()
