@@ -166,6 +166,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def script_calls(client: redis.Redis) -> int:
+    """Script calls a Redis server has run (``INFO commandstats``): the Redis limiter's
+    batches, each carrying the admits of one turn of a proxy's event loop."""
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
 def start_redis(log: Path, stack: contextlib.ExitStack) -> redis.Redis:
     """A redis-server of our own on a free loopback port (no persistence); a client to it.
 

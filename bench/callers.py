@@ -70,6 +70,7 @@ from bench_common import (
     Child,
     cpu_model,
     pin,
+    script_calls,
     start_child,
     start_redis,
     step,
@@ -419,11 +420,15 @@ def measure(ctx: Context, row: Live) -> dict[str, Any]:
     """One round of ``wrk`` on one row's proxy: its CPU over the requests completed."""
     pid = row.proxy.pid
     try:
+        # Only this row's proxy is under load: Redis's script calls meanwhile are its batches.
+        redis_client = ctx.redis if row.row["backend"] == "redis" else None
+        calls0 = script_calls(redis_client) if redis_client is not None else 0
         total0, main0 = cpu_seconds(pid), thread_cpu_seconds(pid, pid)
         started = time.monotonic()
         load = run_wrk(row.url, ctx.script, row.wrk_file, ctx.args.connections, ctx.args.seconds)
         wall = time.monotonic() - started
         total1, main1 = cpu_seconds(pid), thread_cpu_seconds(pid, pid)
+        calls = script_calls(redis_client) - calls0 if redis_client is not None else 0
     except BenchError:
         row.proxy.say_if_exited()
         raise
@@ -437,6 +442,7 @@ def measure(ctx: Context, row: Live) -> dict[str, Any]:
         * 1e6
         / requests,
         "cpu_util": (total1 - total0) / wall,
+        "admits_per_call": requests / calls if calls else None,
     }
 
 
@@ -445,6 +451,8 @@ def finish(live: Live) -> dict[str, Any]:
     row, rounds = live.row, live.rounds
     for key in ("req_per_s", "cpu_us_per_req", "other_threads_cpu_us_per_req", "cpu_util"):
         row[key] = statistics.median(r[key] for r in rounds)
+    batches = [r["admits_per_call"] for r in rounds if r["admits_per_call"]]
+    row["admits_per_call"] = statistics.median(batches) if batches else None
     row["cpu_rounds"] = [r["cpu_us_per_req"] for r in rounds]
     row["load"] = [r["load"] for r in rounds]
     row["proxy_warnings"] = dict(live.warnings.counts)
@@ -585,6 +593,16 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Name
                 f"{r['callers']:,} {r['auth']} {r['backend']}: {r['non_2xx']:,} non-2xx, "
                 f"{r['socket_errors']:,} socket errors; the proxy's warnings: {why}."
             )
+    if any(r.get("admits_per_call") for r in redis_rows):
+        notes.append(
+            "Admits per Redis script call under wrk (the rounds' median; a call carries the "
+            "admits of one turn of the event loop, and its cost is shared by them): "
+            + "; ".join(
+                f"{r['callers']:,} {r['auth']}: {r['admits_per_call']:.1f}"
+                for r in redis_rows if r.get("admits_per_call")
+            )
+            + "."
+        )  # fmt: skip
     if redis_rows:
         notes.append(
             "Redis used_memory per warmed caller: "

@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Any
 
 # bench/ is sys.path[0]: bench/bench_common.py, bench/callers.py, bench/instructions.py.
-from bench_common import GATEWAY_PREFIX, ROOT, BenchError, cpu_model, start_child, start_redis, step
+from bench_common import (
+    GATEWAY_PREFIX,
+    ROOT,
+    BenchError,
+    cpu_model,
+    script_calls,
+    start_child,
+    start_redis,
+    step,
+)
 from callers import (
     APP_PATH,
     AUTHS,
@@ -91,10 +100,10 @@ def count_row(n: int, auth: str, backend: str, ctx: dict[str, Any], args: argpar
         drive(url, order[:300], CONNECTIONS, WARM_CAP)
         callgrind_control(child.pid, "--zero")
         step(f"{name}: {args.requests:,} requests counted")
-        calls = _script_calls(ctx) if backend == "redis" else 0
+        calls = script_calls(ctx["redis"]) if backend == "redis" else 0
         done = drive(url, order[300:], CONNECTIONS, WARM_CAP)
         callgrind_control(child.pid, "--dump=measured")
-        calls = _script_calls(ctx) - calls if backend == "redis" else 0
+        calls = script_calls(ctx["redis"]) - calls if backend == "redis" else 0
         if done["requests"] != args.requests or done["non_2xx"] or done["errors"]:
             raise BenchError(f"{name}: counted requests failed: {done}")
     events = dumped_events(out, "measured")
@@ -110,12 +119,6 @@ def count_row(n: int, auth: str, backend: str, ctx: dict[str, Any], args: argpar
         # fast Redis answers against the proxy under valgrind), and moves the count.
         "admits_per_call": args.requests / calls if calls else None,
     }  # fmt: skip
-
-
-def _script_calls(ctx: dict[str, Any]) -> int:
-    """Script calls Redis has run (its ``INFO commandstats``): the limiter's batches."""
-    stats = ctx["redis"].info("commandstats")
-    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
 
 
 def _dump_head(out: Path) -> str:
