@@ -593,13 +593,12 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], args: argparse.Name
                 f"{r['callers']:,} {r['auth']} {r['backend']}: {r['non_2xx']:,} non-2xx, "
                 f"{r['socket_errors']:,} socket errors; the proxy's warnings: {why}."
             )
-    if any(r.get("admits_per_call") for r in redis_rows):
+    if batched := [r for r in rows if r.get("admits_per_call")]:
         notes.append(
             "Admits per Redis script call under wrk (the rounds' median; a call carries the "
             "admits of one turn of the event loop, and its cost is shared by them): "
             + "; ".join(
-                f"{r['callers']:,} {r['auth']}: {r['admits_per_call']:.1f}"
-                for r in redis_rows if r.get("admits_per_call")
+                f"{r['callers']:,} {r['auth']}: {r['admits_per_call']:.1f}" for r in batched
             )
             + "."
         )  # fmt: skip
