@@ -82,9 +82,10 @@ class BoundedJwksClient(jwt.PyJWKClient):
 
 def _read_bounded(response: Any, deadline: float) -> bytes:
     """The body, up to one byte over :data:`JWKS_MAX_BYTES`, read by ``deadline`` (a
-    ``time.monotonic()`` time): the socket's timeout bounds each read, not the whole, and a
-    server sending a byte now and then would otherwise hold the fetch (and every caller
-    waiting for its keys) for as long as it likes."""
+    ``time.monotonic()`` time; the read under way when it passes may take the socket's
+    timeout more): the socket's timeout bounds each read, not the whole, and a server
+    sending a byte now and then would otherwise hold the fetch (and every caller waiting
+    for its keys) for as long as it likes."""
     body = bytearray()
     while len(body) <= JWKS_MAX_BYTES:
         chunk = response.read1(JWKS_MAX_BYTES + 1 - len(body))
