@@ -19,7 +19,10 @@ class JwksServer:
         self.keys: list[dict[str, Any]] = []
         self.body: bytes | None = None  # served instead of ``keys`` when set
         self.redirect: str | None = None  # answered with a 302 to this URL when set
-        self.drip = False  # when set: a byte of a body that never ends, every 20 ms
+        self.raw: bytes | None = None  # when set: written as the whole answer, then closed
+        # When set: a byte every 20 ms of an answer that never ends, in its "body" or while
+        # still in its "headers".
+        self.drip: str | None = None
         self.stopped = threading.Event()
         self.fetches = 0
         server = self
@@ -27,17 +30,25 @@ class JwksServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.fetches += 1
+                if server.raw is not None:
+                    self.wfile.write(server.raw)
+                    self.close_connection = True
+                    return
                 if server.redirect is not None:
                     self.send_response(302)
                     self.send_header("location", server.redirect)
                     self.send_header("content-length", "0")
                     self.end_headers()
                     return
-                if server.drip:
+                if server.drip is not None:
                     self.send_response(200)
-                    self.send_header("content-length", str(1 << 20))
-                    self.end_headers()
-                    self.wfile.write(b'{"keys": [')
+                    if server.drip == "body":
+                        self.send_header("content-length", str(1 << 20))
+                        self.end_headers()
+                        self.wfile.write(b'{"keys": [')
+                    else:
+                        self.flush_headers()
+                        self.wfile.write(b"x-slow: ")
                     while not server.stopped.wait(0.02):  # until the server stops or the
                         try:  # client leaves
                             self.wfile.write(b" ")

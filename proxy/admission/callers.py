@@ -9,33 +9,35 @@ Keys from a URL are fetched on first use and served from the fetched set for
 JWKS stops verifying within 5 minutes. A ``kid`` the set does not hold re-fetches it at once,
 so a key added to the JWKS verifies at once, but such forced re-fetches happen at most once per
 :data:`JWKS_FORCED_REFRESH_INTERVAL` (10 s): forged kids cannot make the proxy hammer the URL.
-There is never more than one fetch in flight (the requests that wait for it share its outcome),
-and the fetch (PyJWKClient's blocking I/O) runs off the event loop; a token whose key is in a
-fresh set is checked with no fetch and no thread.
+There is never more than one fetch in flight (the requests that wait for it share its outcome).
+The JWKS is another party's document: a fetch (httpx, on the event loop) follows no redirect,
+reads at most :data:`JWKS_MAX_BYTES` and ends within :data:`JWKS_FETCH_TIMEOUT` in all, however
+slowly the answer comes; the keys are parsed off the event loop (a thread). A token whose key is
+in a fresh set is checked with no fetch and no thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.error import HTTPError, URLError
 
+import httpx
 import jwt
 
 from ..errors import Unauthorized
+from ..observe.logs import get_logger
 from ..policy.callers import CallerAuth, JwtConfig, bearer, decode_claims, jwt_decoder
 
 JWKS_LIFESPAN = 300.0  # seconds a fetched JWK set is served before it is fetched again
 JWKS_FORCED_REFRESH_INTERVAL = 10.0  # at least this long between re-fetches for unknown kids
-JWKS_FETCH_TIMEOUT = 5.0
+JWKS_FETCH_TIMEOUT = 5.0  # seconds for a whole fetch: connecting, the headers, the body
 # A set of a few hundred keys is tens of KiB: a bigger answer is not a JWKS, and is not read.
 JWKS_MAX_BYTES = 1024 * 1024
 monotonic = time.monotonic  # the clock of the cache; tests replace it
+log = get_logger("proxy.auth")
 
 
 def _unavailable(reason: str) -> Unauthorized:
@@ -50,51 +52,48 @@ def _no_key() -> Unauthorized:
     )
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # the 3xx itself is the answer: an error, as PyJWT's own client has it
+class JwksFetchError(Exception):
+    """The JWKS URL's answer is not a JWKS the proxy will read."""
 
 
-class BoundedJwksClient(jwt.PyJWKClient):
-    """PyJWT's JWKS client, but reading at most :data:`JWKS_MAX_BYTES` of the answer: the
-    document is another party's, and PyJWT's own ``fetch_data`` reads it whole into memory
-    whatever its size. Otherwise as PyJWT's (which documents ``fetch_data`` as the method a
-    subclass overrides): no redirects, the client's timeout, TLS context and headers."""
-
-    def fetch_data(self) -> Any:
-        handlers: list[Any] = [_NoRedirect()]
-        if (context := getattr(self, "ssl_context", None)) is not None:
-            handlers.append(urllib.request.HTTPSHandler(context=context))
-        request = urllib.request.Request(url=self.uri, headers=self.headers)
-        try:
-            with urllib.request.build_opener(*handlers).open(request, timeout=self.timeout) as r:
-                body = _read_bounded(r, time.monotonic() + self.timeout)
-        except (URLError, TimeoutError, http.client.HTTPException) as exc:
-            if isinstance(exc, HTTPError):
-                exc.close()
-            raise jwt.PyJWKClientConnectionError(f"cannot fetch the JWKS: {exc}") from None
-        if len(body) > JWKS_MAX_BYTES:
-            raise jwt.PyJWKClientError(
-                f"the answer at FAL_PROXY_JWT_JWKS_URL is over {JWKS_MAX_BYTES} bytes: not read"
-            )
-        return json.loads(body)
-
-
-def _read_bounded(response: Any, deadline: float) -> bytes:
-    """The body, up to one byte over :data:`JWKS_MAX_BYTES`, read by ``deadline`` (a
-    ``time.monotonic()`` time; the read under way when it passes may take the socket's
-    timeout more): the socket's timeout bounds each read, not the whole, and a server
-    sending a byte now and then would otherwise hold the fetch (and every caller waiting
-    for its keys) for as long as it likes."""
-    body = bytearray()
-    while len(body) <= JWKS_MAX_BYTES:
-        chunk = response.read1(JWKS_MAX_BYTES + 1 - len(body))
-        if not chunk:
-            break
-        body += chunk
-        if time.monotonic() > deadline:
-            raise TimeoutError("the JWKS answer took too long to arrive")
+async def download_jwks(url: str) -> bytes:
+    """The answer at ``url``, within :data:`JWKS_FETCH_TIMEOUT` in all: a 2xx, no redirect
+    followed, at most :data:`JWKS_MAX_BYTES` bytes, never decompressed (an answer that is
+    compressed anyway does not parse: a gzip bomb stays small)."""
+    try:
+        async with asyncio.timeout(JWKS_FETCH_TIMEOUT):
+            client = httpx.AsyncClient(follow_redirects=False, timeout=JWKS_FETCH_TIMEOUT)
+            async with client:
+                headers = {"accept": "application/json", "accept-encoding": "identity"}
+                async with client.stream("GET", url, headers=headers) as response:
+                    if not 200 <= response.status_code < 300:
+                        raise JwksFetchError(f"the answer is HTTP {response.status_code}")
+                    body = bytearray()
+                    async for chunk in response.aiter_raw():
+                        body += chunk
+                        if len(body) > JWKS_MAX_BYTES:
+                            raise JwksFetchError(
+                                "the answer at FAL_PROXY_JWT_JWKS_URL is over "
+                                f"{JWKS_MAX_BYTES} bytes: not read"
+                            )
+    except TimeoutError:
+        raise JwksFetchError(f"no complete answer within {JWKS_FETCH_TIMEOUT:g} s") from None
     return bytes(body)
+
+
+def parse_jwks(body: bytes) -> jwt.PyJWKSet:
+    """The key set in a JWKS document (any JSON encoding, as PyJWT reads it)."""
+    data = json.loads(body)
+    if not isinstance(data, dict):
+        raise JwksFetchError("the answer is not a JSON object")
+    return jwt.PyJWKSet.from_dict(data)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A fetch's failure in a few printable words: it is in callers' 401s and the log, and
+    the text of some errors is the other party's (a status line, a header)."""
+    text = "".join(c if c.isprintable() else " " for c in f"{type(exc).__name__}: {exc}")
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 class JwksKeys:
@@ -109,10 +108,7 @@ class JwksKeys:
     """
 
     def __init__(self, url: str) -> None:
-        # PyJWKClient only fetches and parses (no redirects, a timeout): caching is ours.
-        self._client = BoundedJwksClient(
-            url, cache_keys=False, cache_jwk_set=False, timeout=JWKS_FETCH_TIMEOUT
-        )
+        self._url = url
         self._lock = asyncio.Lock()  # one fetch in flight
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None  # the last successful fetch
@@ -153,16 +149,18 @@ class JwksKeys:
         return self._forced_at is None or now - self._forced_at >= JWKS_FORCED_REFRESH_INTERVAL
 
     async def _fetch(self, now: float) -> None:
-        """Fetch and parse the set off the event loop; the lock is held by the caller."""
+        """Fetch the set and parse it off the event loop; the lock is held by the caller."""
         try:
-            jwk_set = await asyncio.to_thread(self._client.get_jwk_set, True)
+            jwk_set = await asyncio.to_thread(parse_jwks, await download_jwks(self._url))
         except Exception as exc:
-            # The document is another party's: besides PyJWT's own errors (PyJWKClientError,
-            # PyJWKClientConnectionError, PyJWKSetError, ...), a body that is not JSON, too
-            # deeply nested, cut off mid-read or shaped oddly ({"kty": "oct"} with no "k",
-            # a list as "alg") raises ValueError, RecursionError, OSError, KeyError or
-            # TypeError from inside PyJWT. Every one of them means "no keys": a 401, not a 500.
-            self._failed_at, self._error = now, f"{type(exc).__name__}: {exc}"
+            # The document is another party's: besides the fetch's own failures, a body
+            # that is not JSON, too deeply nested or shaped oddly ({"kty": "oct"} with no
+            # "k", a list as "alg") raises PyJWT's errors, ValueError, RecursionError,
+            # KeyError or TypeError from inside PyJWT. Every one of them means "no keys": a
+            # 401, not a 500.
+            self._failed_at, self._error = now, describe_failure(exc)
+            hint = "check FAL_PROXY_JWT_JWKS_URL: callers' tokens are refused meanwhile"
+            log.warning("jwks_fetch_failed", error=self._error, hint=hint)
             raise _unavailable(self._error) from None
         finally:
             self._fetches += 1

@@ -360,6 +360,9 @@ def _jwt(env: Mapping[str, str]) -> JwtConfig:
             raise SettingsError(
                 f"FAL_PROXY_JWT_JWKS_FILE: cannot load a JWKS from {jwks_file}: {exc}"
             ) from None
+    if jwks_url is not None and "@" in urlsplit(jwks_url).netloc:
+        # A JWKS is public: a user or password here could only end up in an error message.
+        raise SettingsError("FAL_PROXY_JWT_JWKS_URL must not hold a user or password (user@)")
     if jwks_url is not None and not _https_or_loopback_http(jwks_url):
         raise SettingsError("FAL_PROXY_JWT_JWKS_URL must be https (http only on loopback)")
     return JwtConfig(

@@ -145,6 +145,8 @@ def hs256_secret_error(secret: str) -> str | None:
         HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
     except jwt.InvalidKeyError as exc:
         return str(exc)
+    except UnicodeError:  # bytes of the environment that are no UTF-8 (surrogate escapes)
+        return "it is not valid UTF-8"
     return None
 
 
@@ -159,7 +161,7 @@ def jwt_decoder(secret: str | None) -> jwt.PyJWT:
         return decoder
     try:
         prepared = _PreparedSecret(secret)
-    except jwt.InvalidKeyError:
+    except (jwt.InvalidKeyError, UnicodeError):  # refused at start-up (hs256_secret_error)
         return decoder
     jws.unregister_algorithm("HS256")
     jws.register_algorithm("HS256", prepared)

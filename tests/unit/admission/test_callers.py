@@ -250,21 +250,48 @@ def test_a_jwks_answer_over_the_cap_is_not_read_and_is_a_401(jwks: Jwks, clock: 
     run(test)
 
 
+@pytest.mark.parametrize("where", ["headers", "body"])
 def test_a_jwks_answer_that_never_ends_is_cut_at_the_fetch_timeout(
-    jwks: Jwks, clock: Clock, monkeypatch: pytest.MonkeyPatch
+    jwks: Jwks, clock: Clock, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    """A byte every 20 ms never trips the socket's timeout; the whole answer's deadline
-    (the fetch timeout) ends the fetch: a 401, not callers waiting for good."""
+    """A byte every 20 ms never trips a read's timeout; the whole fetch's deadline (the fetch
+    timeout) ends it, in the headers as in the body: a 401, not callers waiting for good."""
     monkeypatch.setattr(callers, "JWKS_FETCH_TIMEOUT", 0.3)
-    jwks.drip = True
+    jwks.drip = where
     auth = jwks.auth()
 
     async def test() -> None:
         refused = await refusal(auth, Key("k").token())
         assert "signing key unavailable" in refused
-        assert "took too long" in refused
+        assert "no complete answer within 0.3 s" in refused
 
     run(test)
+
+
+def test_a_jwks_answer_cut_short_or_mangled_is_a_401_in_a_few_printable_words(
+    jwks: Jwks, clock: Clock
+) -> None:
+    """A body shorter than its Content-Length is no JWKS, even when what came parses; a
+    mangled status line is the other party's text, which reaches callers' 401s and the log
+    only as printable characters, 200 at most."""
+    signer = Key("k")
+    keys = json.dumps({"keys": [signer.public]}).encode()
+    auth = jwks.auth()
+    answers = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(keys) + 500, keys),
+        b"GARBAGE\x1b[31m\r\n" + b"x" * 5000 + b"\r\n\r\n",
+    ]
+
+    async def test() -> None:
+        for answer in answers:
+            jwks.raw = answer
+            refused = await refusal(auth, signer.token())
+            assert "signing key unavailable" in refused
+            assert refused.isprintable() and len(refused) < 300, refused
+            clock.now += INTERVAL  # may fetch again
+
+    run(test)
+    assert jwks.fetches == 2
 
 
 def test_a_jwks_redirect_is_not_followed(jwks: Jwks, clock: Clock) -> None:

@@ -127,6 +127,12 @@ BAD = [
         "FAL_PROXY_JWT_SECRET",
     ),
     ({**JWT, "FAL_PROXY_JWT_SECRET": PEM}, "FAL_PROXY_JWT_SECRET"),
+    ({**JWT, "FAL_PROXY_JWT_SECRET": "s" * 32 + "\udcff"}, "FAL_PROXY_JWT_SECRET"),  # not UTF-8
+    # A JWKS is public: a password in its URL could only leak (into an error message).
+    (
+        {**JWT, "FAL_PROXY_JWT_JWKS_URL": "https://user:pw@id.example/jwks"},
+        "FAL_PROXY_JWT_JWKS_URL",
+    ),
 ]
 
 
