@@ -279,7 +279,7 @@ def test_a_jwks_answer_cut_short_or_mangled_is_a_401_in_a_few_printable_words(
     auth = jwks.auth()
     answers = [
         b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(keys) + 500, keys),
-        b"GARBAGE\x1b[31m\r\n" + b"x" * 5000 + b"\r\n\r\n",
+        b"GARBAGE\x1b[31m" + b"x" * 5000 + b"\r\n\r\n",  # echoed by the HTTP parser
     ]
 
     async def test() -> None:
