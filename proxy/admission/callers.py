@@ -19,7 +19,9 @@ in a fresh set is checked with no fetch and no thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -62,7 +64,12 @@ async def download_jwks(url: str) -> bytes:
     compressed anyway does not parse: a gzip bomb stays small)."""
     try:
         async with asyncio.timeout(JWKS_FETCH_TIMEOUT):
-            client = httpx.AsyncClient(follow_redirects=False, timeout=JWKS_FETCH_TIMEOUT)
+            client = httpx.AsyncClient(
+                # The system's CA store (SSL_CERT_FILE honoured), as for the gateway; no
+                # proxy or .netrc from the environment.
+                verify=_tls_context(), trust_env=False, follow_redirects=False,
+                timeout=JWKS_FETCH_TIMEOUT,
+            )  # fmt: skip
             async with client:
                 headers = {"accept": "application/json", "accept-encoding": "identity"}
                 async with client.stream("GET", url, headers=headers) as response:
@@ -81,11 +88,35 @@ async def download_jwks(url: str) -> bytes:
     return bytes(body)
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()  # built once: loading the CA store takes ~50 ms
+
+
+# Members only a private key has: a JWKS for verifying holds public keys. PyJWT would take
+# an RSA key with "d" and no primes, and recover the primes holding the GIL for as long as
+# the numbers make it (seconds for an 8 KB document), every request waiting.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+# An RSA modulus of at most 16,384 bits and an exponent of at most 48 bits (65537 is
+# "AQAB"), in base64url: a verification with a huge exponent takes as long as it likes.
+_MAX_N, _MAX_E = 2731, 8
+
+
 def parse_jwks(body: bytes) -> jwt.PyJWKSet:
-    """The key set in a JWKS document (any JSON encoding, as PyJWT reads it)."""
+    """The key set in a JWKS document (any JSON encoding, as PyJWT reads it): public keys
+    of sane sizes only (a hostile set would otherwise cost seconds on every fetch or
+    verification)."""
     data = json.loads(body)
     if not isinstance(data, dict):
         raise JwksFetchError("the answer is not a JSON object")
+    for key in data.get("keys") or ():
+        if not isinstance(key, dict):
+            continue  # PyJWT refuses it
+        if _PRIVATE_MEMBERS & key.keys():
+            raise JwksFetchError("the JWKS holds private key material: not read")
+        n, e = key.get("n", ""), key.get("e", "")
+        if not isinstance(n, str) or not isinstance(e, str) or len(n) > _MAX_N or len(e) > _MAX_E:
+            raise JwksFetchError("the JWKS holds an RSA key of unusual size: not read")
     return jwt.PyJWKSet.from_dict(data)
 
 

@@ -81,6 +81,9 @@ def configure_logging(log_format: str = "auto", level: str = "info", stream: Any
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level_no)
+    # httpx writes a line per request at INFO with the whole URL: a JWKS URL's query can hold
+    # a signature under a name redaction does not know (an Azure SAS's "sig").
+    logging.getLogger("httpx").setLevel(max(level_no, logging.WARNING))
 
 
 def _json_text(event: Any, **_kwargs: Any) -> str:

@@ -294,6 +294,30 @@ def test_a_jwks_answer_cut_short_or_mangled_is_a_401_in_a_few_printable_words(
     assert jwks.fetches == 2
 
 
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        # PyJWT would recover an RSA key's primes from "d" holding the GIL, for seconds.
+        ({"d": "AQAB"}, "private key material"),
+        ({"k": "c2VjcmV0"}, "private key material"),
+        ({"e": "A" * 40}, "unusual size"),  # a verification as slow as the exponent is long
+        ({"n": "A" * 3000}, "unusual size"),
+    ],
+)
+def test_a_jwks_with_private_or_outsized_keys_is_not_read(
+    jwks: Jwks, clock: Clock, extra: dict, said: str
+) -> None:
+    rsa_public = {"kty": "RSA", "kid": "r", "n": "sXch" * 64, "e": "AQAB", "use": "sig"}
+    jwks.keys = [{**rsa_public, **extra}]
+    auth = jwks.auth()
+
+    async def test() -> None:
+        refused = await refusal(auth, Key("r").token())
+        assert "signing key unavailable" in refused and said in refused
+
+    run(test)
+
+
 def test_a_jwks_redirect_is_not_followed(jwks: Jwks, clock: Clock) -> None:
     """A 3xx from the JWKS URL is a failed fetch: the keys are never taken from elsewhere."""
     signer, elsewhere = Key("k"), JwksServer()

@@ -158,3 +158,17 @@ def test_a_request_line_still_pending_is_written_at_exit_or_when_logging_is_set_
     finally:
         loop.close()
     assert b'"pending":true' in first.buffer.getvalue()  # type: ignore[attr-defined]
+
+
+def test_httpx_request_lines_are_not_logged_even_at_debug() -> None:
+    """httpx's per-request INFO line holds the whole URL: a JWKS URL's query can carry a
+    signature under a name redaction does not know ("sig")."""
+    import io
+    import logging
+
+    from proxy.observe.logs import configure_logging
+
+    for level in ("debug", "info"):
+        configure_logging("json", level, io.TextIOWrapper(io.BytesIO(), write_through=True))
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO), level
+        assert logging.getLogger("httpx").isEnabledFor(logging.WARNING), level
