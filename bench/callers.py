@@ -371,6 +371,24 @@ def run_group(ctx: Context, auth: str, backend: str) -> list[dict[str, Any]]:
     return [finish(row) for row in live]
 
 
+def base_env(tmp: Path) -> dict[str, str]:
+    """This process's environment for the children, less any FAL_/CF_ setting, with the
+    prices file (written to ``tmp``) that the budgets in :data:`LIMITS_ENV` look up."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "CF_"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    prices = tmp / "prices.toml"
+    prices.write_text(PRICES)
+    env["FAL_PROXY_PRICES_FILE"] = str(prices)  # older proxies ignore it
+    return env
+
+
+def row_env(env: dict[str, str], gateway_url: str, auth_env: dict[str, str]) -> dict[str, str]:
+    """A row's proxy: in front of ``gateway_url``, JSON logs, every limit of
+    :data:`LIMITS_ENV`, caller auth as ``auth_env`` says."""
+    return dict(env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=gateway_url, FAL_PROXY_LOG_FORMAT="json",
+                **LIMITS_ENV, **auth_env)  # fmt: skip
+
+
 def start_row(ctx: Context, stack: contextlib.ExitStack, n: int, auth: str, backend: str,
               db: int) -> Live:  # fmt: skip
     """Start one row's proxy and warm it: caller 0, then every caller once (RSS around it)."""
@@ -378,8 +396,7 @@ def start_row(ctx: Context, stack: contextlib.ExitStack, n: int, auth: str, back
     name = f"{n:,} callers, {auth}, {backend}"
     wrk_file, auth_env = ctx.creds.files(auth, n)
     tokens = ctx.creds.tokens(auth, n)
-    proxy_env = dict(ctx.env, FAL_KEY="k", FAL_PROXY_GATEWAY_URL=ctx.gateway_url,
-                     FAL_PROXY_LOG_FORMAT="json", **LIMITS_ENV, **auth_env)  # fmt: skip
+    proxy_env = row_env(ctx.env, ctx.gateway_url, auth_env)
     redis_used = lambda: int(ctx.redis.info("memory")["used_memory"]) if ctx.redis else 0  # noqa: E731
     if backend == "redis":
         proxy_env["FAL_PROXY_REDIS_URL"] = f"{ctx.redis_url}/{db}"
@@ -736,11 +753,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fal-callers-")))
             script = tmp / "callers.lua"
             script.write_text(WRK_SCRIPT)
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "CF_"))}
-            env["PYTHONUNBUFFERED"] = "1"
-            prices = tmp / "prices.toml"
-            prices.write_text(PRICES)
-            env["FAL_PROXY_PRICES_FILE"] = str(prices)  # older proxies ignore it
+            env = base_env(tmp)
             gateway_argv = [sys.executable, str(ROOT / "bench" / "fast_gateway.py"), "--port", "0"]
             gateway = start_child("fake gateway", gateway_argv, env, stack)
             ctx = Context(args, proxy_cpus, env, f"http://127.0.0.1:{gateway.port}{GATEWAY_PREFIX}",

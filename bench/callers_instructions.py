@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import shutil
 import sys
@@ -48,13 +47,13 @@ from callers import (
     APP_PATH,
     AUTHS,
     BACKENDS,
-    LIMITS_ENV,
-    PRICES,
     TARGET_SCALE,
     Credentials,
     _choices,
     _counts,
+    base_env,
     drive,
+    row_env,
 )
 from instructions import START_SECONDS, callgrind_control, dumped_events
 
@@ -74,8 +73,7 @@ def count_row(n: int, auth: str, backend: str, ctx: dict[str, Any], args: argpar
     creds: Credentials = ctx["creds"]
     _wrk_file, auth_env = creds.files(auth, n)
     tokens = creds.tokens(auth, n)
-    env = dict(ctx["env"], FAL_KEY="k", FAL_PROXY_GATEWAY_URL=ctx["gateway_url"],
-               FAL_PROXY_LOG_FORMAT="json", **LIMITS_ENV, **auth_env)  # fmt: skip
+    env = row_env(ctx["env"], ctx["gateway_url"], auth_env)
     if backend == "redis":
         ctx["redis"].flushall()
         env["FAL_PROXY_REDIS_URL"] = ctx["redis_url"]
@@ -196,11 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fal-callers-cg-")))
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "CF_"))}
-            env["PYTHONUNBUFFERED"] = "1"
-            prices = tmp / "prices.toml"
-            prices.write_text(PRICES)
-            env["FAL_PROXY_PRICES_FILE"] = str(prices)
+            env = base_env(tmp)
             gateway = start_child("fake gateway", [sys.executable, str(ROOT / "bench" /
                                   "fast_gateway.py"), "--port", "0"], env, stack)  # fmt: skip
             ctx: dict[str, Any] = {

@@ -49,7 +49,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench_common import GATEWAY_PREFIX, ROOT, BenchError, Child, pin, start_child, step
+from bench_common import (
+    GATEWAY_PREFIX,
+    ROOT,
+    BenchError,
+    Child,
+    pin,
+    proxy_row_env,
+    start_child,
+    step,
+)
 from procfs import cpu_seconds_fine, fd_count, rss_mib
 
 SSE_PATH = "/fal-ai/x/requests/00000000-0000-4000-8000-000000000000/status/stream"
@@ -608,16 +617,11 @@ def stream_rows(
                                                "--serve-upstream"], env, stack)  # fmt: skip
     pin(upstream.pid, other_cpus)
     gateway_url = f"http://127.0.0.1:{upstream.port}{GATEWAY_PREFIX}"
-    proxy_env = dict(
-        env,
-        FAL_KEY="k",
-        FAL_PROXY_GATEWAY_URL=gateway_url,
-        FAL_PROXY_LOG_FORMAT="json",
-        # One caller opens every stream: its caps (32 in flight by default) raised.
-        FAL_PROXY_RATE_LIMIT_RPM="1000000000",
-        FAL_PROXY_MAX_CONCURRENT="0",
-        FAL_PROXY_SUBMITS_PER_HOUR="0",
-    )
+    # One caller opens every stream: no cap on its streams in flight, nor on its submits.
+    proxy_env = proxy_row_env(env, gateway_url) | {
+        "FAL_PROXY_MAX_CONCURRENT": "0",
+        "FAL_PROXY_SUBMITS_PER_HOUR": "0",
+    }
     results: dict[str, Any] = {"nofile": nofile, "events_each": events, "interval_s": interval,
                                "clients": clients}  # fmt: skip
     for kind, n, path in (("sse", streams, SSE_PATH), ("ws", sockets, WS_PATH)):
