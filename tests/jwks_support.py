@@ -24,12 +24,19 @@ class JwksServer:
         # still in its "headers".
         self.drip: str | None = None
         self.stopped = threading.Event()
+        # When set: each fetch, once counted and ``arrived`` set, waits for this gate before
+        # it is answered (the test opens it).
+        self.gate: threading.Event | None = None
+        self.arrived = threading.Event()
         self.fetches = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.fetches += 1
+                server.arrived.set()
+                if server.gate is not None:
+                    server.gate.wait()
                 if server.raw is not None:
                     self.wfile.write(server.raw)
                     self.close_connection = True
@@ -84,5 +91,7 @@ class JwksServer:
 
     def stop(self) -> None:
         self.stopped.set()
+        if self.gate is not None:
+            self.gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()

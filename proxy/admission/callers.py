@@ -9,7 +9,8 @@ Keys from a URL are fetched on first use and served from the fetched set for
 JWKS stops verifying within 5 minutes. A ``kid`` the set does not hold re-fetches it at once,
 so a key added to the JWKS verifies at once, but such forced re-fetches happen at most once per
 :data:`JWKS_FORCED_REFRESH_INTERVAL` (10 s): forged kids cannot make the proxy hammer the URL.
-There is never more than one fetch in flight (the requests that wait for it share its outcome).
+There is never more than one fetch in flight (the requests that wait for it share its outcome,
+and one that leaves meanwhile does not cut it short for the others).
 The JWKS is another party's document: a fetch (httpx, on the event loop) follows no redirect,
 reads at most :data:`JWKS_MAX_BYTES` and ends within :data:`JWKS_FETCH_TIMEOUT` in all, however
 slowly the answer comes; the keys are parsed off the event loop (a thread). A token whose key is
@@ -78,6 +79,9 @@ async def download_jwks(url: str) -> bytes:
                     body = bytearray()
                     async for chunk in response.aiter_raw():
                         body += chunk
+                        # A body in tiny pieces that are all there already is read without
+                        # a pause: give the loop's other work its turn between them.
+                        await asyncio.sleep(0)
                         if len(body) > JWKS_MAX_BYTES:
                             raise JwksFetchError(
                                 "the answer at FAL_PROXY_JWT_JWKS_URL is over "
@@ -147,6 +151,9 @@ class JwksKeys:
         self._failed_at: float | None = None  # the last fetch, when it failed
         self._error = ""
         self._fetches = 0  # fetches ended: a waiter sees whether one ended while it waited
+        # The fetch in flight: a task of its own, so a request that leaves while it runs
+        # (its task cancelled) does not take the fetch with it; the next waiter joins it.
+        self._fetching: asyncio.Task[str | None] | None = None
 
     def _fresh(self, now: float) -> bool:
         return self._fetched_at is not None and now - self._fetched_at < JWKS_LIFESPAN
@@ -180,7 +187,16 @@ class JwksKeys:
         return self._forced_at is None or now - self._forced_at >= JWKS_FORCED_REFRESH_INTERVAL
 
     async def _fetch(self, now: float) -> None:
-        """Fetch the set and parse it off the event loop; the lock is held by the caller."""
+        """Wait for the fetch in flight, starting it if there is none (the lock is held by
+        the caller); a 401 if it failed."""
+        if self._fetching is None:
+            self._fetching = asyncio.get_running_loop().create_task(self._fetch_once(now))
+        error = await asyncio.shield(self._fetching)
+        if error is not None:
+            raise _unavailable(error)
+
+    async def _fetch_once(self, now: float) -> str | None:
+        """Fetch the set and parse it off the event loop: None, or what failed."""
         try:
             jwk_set = await asyncio.to_thread(parse_jwks, await download_jwks(self._url))
         except Exception as exc:
@@ -192,15 +208,18 @@ class JwksKeys:
             self._failed_at, self._error = now, describe_failure(exc)
             hint = "check FAL_PROXY_JWT_JWKS_URL: callers' tokens are refused meanwhile"
             log.warning("jwks_fetch_failed", error=self._error, hint=hint)
-            raise _unavailable(self._error) from None
+            return self._error
+        else:
+            self._keys = {  # signing keys with a kid (a kid that is no string names none)
+                k.key_id: k
+                for k in jwk_set.keys
+                if isinstance(k.key_id, str) and k.key_id and k.public_key_use in ("sig", None)
+            }
+            self._fetched_at, self._failed_at, self._error = monotonic(), None, ""
+            return None
         finally:
             self._fetches += 1
-        self._keys = {  # signing keys with a kid (a kid that is no string names none)
-            k.key_id: k
-            for k in jwk_set.keys
-            if isinstance(k.key_id, str) and k.key_id and k.public_key_use in ("sig", None)
-        }
-        self._fetched_at, self._failed_at, self._error = monotonic(), None, ""
+            self._fetching = None
 
 
 def load_jwks(text: str, source: str) -> jwt.PyJWKSet:

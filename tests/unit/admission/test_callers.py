@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -197,6 +198,31 @@ def test_one_fetch_in_flight_and_none_nor_a_thread_from_a_fresh_set(
         again = await asyncio.gather(*(caller(auth, signer.token()) for _ in range(20)))
         assert again == ["user-1"] * 20
         assert (jwks.fetches, hops) == (2, 2)
+
+    run(test)
+
+
+def test_a_request_that_leaves_during_the_fetch_does_not_cut_it_short_for_the_others(
+    jwks: Jwks, clock: Clock
+) -> None:
+    signer = Key("signer")
+    jwks.keys = [signer.public]
+    gate = jwks.gate = threading.Event()  # the fetch is answered when the test says
+    auth = jwks.auth()
+
+    async def test() -> None:
+        first = asyncio.create_task(caller(auth, signer.token()))
+        assert await asyncio.to_thread(jwks.arrived.wait, 10)  # its fetch is at the server
+        second = asyncio.create_task(caller(auth, signer.token()))  # waits for that fetch
+        await asyncio.sleep(0)
+        first.cancel()  # the first request's client leaves
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        gate.set()
+        assert await second == "user-1"
+        assert jwks.fetches == 1  # the same fetch, not cut short and started again
+        assert await caller(auth, signer.token()) == "user-1"
+        assert jwks.fetches == 1
 
     run(test)
 
