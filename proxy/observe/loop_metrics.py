@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
+from prometheus_client import metrics as library
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import INF, floatToGoString
 
@@ -96,6 +97,13 @@ class _Labelled(Generic[Cell]):
         raise NotImplementedError
 
 
+def _with_created() -> bool:
+    """Whether ``_created`` series are shown, as the library decides for its own metrics
+    (``PROMETHEUS_DISABLE_CREATED_SERIES``, ``disable_created_metrics()``): read where the
+    library keeps it, at each scrape; shown if a release moves it."""
+    return bool(getattr(library, "_use_created", True))
+
+
 class LoopCounter(_Labelled[CounterCell]):
     """prometheus-client's ``Counter``, moved only from the event loop."""
 
@@ -106,7 +114,8 @@ class LoopCounter(_Labelled[CounterCell]):
 
     def _samples(self, family: Metric, labels: dict[str, str], cell: CounterCell) -> None:
         family.add_sample(self.name + "_total", labels, cell.value)
-        family.add_sample(self.name + "_created", labels, cell.created)
+        if _with_created():
+            family.add_sample(self.name + "_created", labels, cell.created)
 
 
 class LoopHistogram(_Labelled[HistogramCell]):
@@ -133,7 +142,8 @@ class LoopHistogram(_Labelled[HistogramCell]):
             family.add_sample(self.name + "_bucket", {**labels, "le": le}, total)
         family.add_sample(self.name + "_count", labels, total)
         family.add_sample(self.name + "_sum", labels, cell.sum)
-        family.add_sample(self.name + "_created", labels, cell.created)
+        if _with_created():
+            family.add_sample(self.name + "_created", labels, cell.created)
 
 
 class LoopGauge:

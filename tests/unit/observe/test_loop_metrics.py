@@ -6,7 +6,15 @@ from __future__ import annotations
 import random
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    enable_created_metrics,
+    generate_latest,
+)
 
 from proxy.observe.loop_metrics import LoopCounter, LoopGauge, LoopHistogram
 from proxy.observe.metrics import LATENCY_BUCKETS
@@ -88,3 +96,24 @@ def test_a_label_set_keeps_its_cell_and_its_created_time() -> None:
     assert metric.labels("run") is cell
     created = [s.value for s in metric.collect()[0].samples if s.name.endswith("_created")]
     assert created == [cell.created]
+
+
+def test_created_series_are_left_out_when_the_library_leaves_out_its_own() -> None:
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    counter = LoopCounter("t_requests", "help", ["route"], ours)
+    histogram = LoopHistogram("t_seconds", "help", ["route"], ours, buckets=(0.1, 1))
+    lib_counter = Counter("t_requests", "help", ["route"], registry=theirs)
+    lib_histogram = Histogram("t_seconds", "help", ["route"], buckets=(0.1, 1), registry=theirs)
+    for metric in (counter, lib_counter):
+        metric.labels("run").inc()
+    for metric in (histogram, lib_histogram):
+        metric.labels("run").observe(0.5)
+    disable_created_metrics()  # what PROMETHEUS_DISABLE_CREATED_SERIES=true does at import
+    try:
+        assert b"_created" not in generate_latest(ours)
+        assert generate_latest(ours) == generate_latest(theirs)
+    finally:
+        enable_created_metrics()
+    shown = generate_latest(ours)
+    assert b't_requests_created{route="run"}' in shown
+    assert b't_seconds_created{route="run"}' in shown
