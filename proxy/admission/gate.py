@@ -50,9 +50,16 @@ from ..policy.origins import (
 from ..policy.plan_requests import RequestPolicy, for_target
 from ..policy.python_port import PythonSdkListener
 from ..policy.request_head import RequestHeaders, host_allowed
-from ..policy.targets import Target, check_method, resolve_target, starts_generation
+from ..policy.targets import (
+    Target,
+    check_method,
+    queue_request_id,
+    resolve_target,
+    starts_generation,
+)
 from .callers import JwtAuth
 from .client_address import AddressBuckets, ClientAddresses
+from .queue_owners import QueueOwners
 
 log = get_logger("proxy.admission")
 
@@ -145,6 +152,10 @@ class Admission:
         self.prices = access.prices
         self.estimates = Estimates()  # a call's estimate: its endpoint's recent highest cost
         self.parked = Parked()  # queue submits' reservations, until their result
+        # Who submitted each queue request, when callers are identified (None: not checked).
+        self.queue_owners = (
+            QueueOwners() if access.auth != "none" and access.queue_owner_check else None
+        )
         self._unknown_plans: set[str] = set()
         self.addresses = ClientAddresses(access.trusted_proxies)
         self.buckets = AddressBuckets()
@@ -196,7 +207,16 @@ class Admission:
         if not websocket:
             check_method(method, target)
         admitted.app = self.apps.check(target)  # Forbidden, or the pattern that allowed it
+        if self.queue_owners is not None and admitted.caller is not None:
+            request_id = queue_request_id(target)
+            if request_id is not None:
+                self.queue_owners.check(request_id, admitted.caller)
         return admitted
+
+    def note_queue_submit(self, admitted: Admitted, request_id: str) -> None:
+        """A queue submit fal accepted (2xx, its id ``request_id``): its caller's alone."""
+        if self.queue_owners is not None and admitted.caller is not None:
+            self.queue_owners.note(request_id, admitted.caller)
 
     async def admit_caller(
         self, scope: Scope, seen: RequestHeaders, admitted: Admitted, *, method: str,

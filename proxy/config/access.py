@@ -27,6 +27,7 @@ from .envvars import (
     _read_secret_file,
     choice,
     declared,
+    flag,
     read_fields,
     whole,
 )
@@ -119,6 +120,12 @@ class AccessSettings:
             "glob patterns of fal endpoint ids, e.g. fal-ai/flux/*",
         ),
         default=(),
+    )
+    queue_owner_check: bool = flag(
+        "FAL_PROXY_QUEUE_OWNER_CHECK",
+        True,
+        "with auth=token or jwt: a queue request's status, result and cancel are refused (403) "
+        "to any caller but the one who submitted it (false: any caller holding its id)",
     )
     token_max_expiration: int = whole(
         "FAL_PROXY_TOKEN_MAX_EXPIRATION",

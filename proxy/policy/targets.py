@@ -223,6 +223,19 @@ _QUEUE_READ = re.compile(r"/[^?]+/requests/[^/?]+(?:/status(?:/stream)?)?/?")
 _QUEUE_CANCEL = re.compile(r"/[^?]+/requests/[^/?]+/cancel/?")
 
 
+# A queue call about one request: /<app>/requests/<id>[/status[/stream] | /cancel | ...].
+_QUEUE_REQUEST_ID = re.compile(r"/.+?/requests/([^/?]+)(?:/.*)?")
+
+
+def queue_request_id(target: Target) -> str | None:
+    """The fal request id a queue call names (its status, status stream, result, cancel),
+    or None for any other call."""
+    if target.kind != "queue":
+        return None
+    match = _QUEUE_REQUEST_ID.fullmatch(target.path)
+    return match.group(1) if match else None
+
+
 def starts_generation(method: str, target: Target) -> bool:
     """Can this call start a paid generation (and so count against the submit cap)?
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound
-from proxy.policy.targets import check_method, resolve_target, starts_generation
+from proxy.policy.targets import (
+    check_method,
+    queue_request_id,
+    resolve_target,
+    starts_generation,
+)
 
 GW = "https://gateway.ai.cloudflare.com/v1/acct/gw/fal"
 ROUTE = "/api/fal/proxy"
@@ -240,6 +245,28 @@ def test_any_path_with_a_target_header_is_the_sdk_protocol() -> None:
 )
 def test_which_calls_can_start_a_generation(method: str, url: str, generation: bool) -> None:
     assert starts_generation(method, resolve(url)) == generation
+
+
+@pytest.mark.parametrize(
+    ("url", "request_id"),
+    [
+        ("https://queue.fal.run/fal-ai/flux/requests/r-1/status", "r-1"),
+        ("https://queue.fal.run/fal-ai/flux/requests/r-1/status?logs=1", "r-1"),
+        ("https://queue.fal.run/fal-ai/flux/requests/r-1/status/stream", "r-1"),
+        ("https://queue.fal.run/fal-ai/flux/requests/r-1", "r-1"),
+        ("https://queue.fal.run/fal-ai/flux/requests/r-1/", "r-1"),
+        ("https://queue.fal.run/fal-ai/flux/requests/r-1/cancel", "r-1"),
+        ("https://queue.fal.run/fal-ai/flux/requests/R-1/anything/else", "R-1"),
+        ("https://queue.fal.run/workflows/fal-ai/sdxl/requests/r-1", "r-1"),
+        ("https://queue.fal.run/fal-ai/flux/dev", None),  # a submit
+        ("https://queue.fal.run/fal-ai/flux/requests", None),
+        ("https://queue.fal.run/fal-ai/flux/requests/", None),
+        ("https://fal.run/fal-ai/flux/requests/r-1", None),  # runs the model: no queue request
+        ("https://rest.fal.ai/storage/upload/initiate", None),
+    ],
+)
+def test_the_request_id_a_queue_call_names(url: str, request_id: str | None) -> None:
+    assert queue_request_id(resolve(url)) == request_id
 
 
 @pytest.mark.parametrize(
