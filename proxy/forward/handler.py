@@ -245,7 +245,7 @@ class Forwarder(Transport[Exchange]):
             ex.upstream_seconds = round_trip_seconds = time.perf_counter() - sent
             submitted = ex.fal_request_id if ex.generation and target.kind == "queue" else None
             if submitted is not None and 200 <= (ex.upstream_status or 0) < 300:
-                # Noted before anything awaits, so before the client can ask for its status.
+                # Noted as the answer's last bytes go out, with no await in between.
                 admission.note_queue_submit(admitted, submitted)
             self.metrics.observe_upstream(target.kind, round_trip_seconds)
             if stream is not None:
