@@ -214,8 +214,13 @@ class Admission:
         return admitted
 
     def note_queue_submit(self, admitted: Admitted, request_id: str) -> None:
-        """A queue submit fal accepted (2xx, its id ``request_id``): its caller's alone."""
-        if self.queue_owners is not None and admitted.caller is not None:
+        """A queue call counted as a generation that fal accepted (2xx, ``request_id`` in its
+        answer): a submit's request is its caller's alone. A call on an existing request's
+        path is no submit, whatever its method, and notes nothing."""
+        target = admitted.target
+        if self.queue_owners is None or admitted.caller is None or target is None:
+            return
+        if queue_request_id(target) is None:  # (checked when admitted: cannot raise here)
             self.queue_owners.note(request_id, admitted.caller)
 
     async def admit_caller(

@@ -4,34 +4,27 @@ Every caller's queue submit goes to fal under the proxy's one key, so fal cannot
 caller's request from another's: any caller holding a request id could read its result or
 cancel it. With callers identified (``FAL_PROXY_AUTH`` token or jwt), the proxy notes the
 fal request id (``x-fal-request-id``) of every submit fal accepted, with its caller, and a
-status, status stream, result or cancel call naming that id from another caller is refused
-(403 ``queue_request_refused``) before it reaches the gateway.
+status, status stream, result or cancel call naming that id
+(:func:`proxy.policy.targets.queue_request_id`) from another caller is refused (403
+``queue_request_refused``) before it reaches the gateway.
 
-The notes live in this process, the newest :data:`QUEUE_OWNERS_KEPT` of them (about 180
-bytes each). An id it holds no note of (dropped as the oldest, from before a restart, or
-submitted through another worker or replica) is let through, as before this check: the
-check never refuses the caller who made the request. ``FAL_PROXY_QUEUE_OWNER_CHECK=false``
-turns it off, for apps that submit with one credential and poll with another.
+The notes live in this process: the newest :data:`QUEUE_OWNERS_KEPT` in all (about 250 bytes
+each), and at most :data:`QUEUE_OWNERS_PER_CALLER` per caller, so that one caller's submits
+push out only its own notes, never another's. An id it holds no note of (dropped, from before
+a restart, or submitted through another worker or replica) is let through, as before this
+check: the check never refuses the caller who made the request.
+``FAL_PROXY_QUEUE_OWNER_CHECK=false`` turns it off, for apps that submit with one credential
+and poll with another.
 """
 
 from __future__ import annotations
 
-import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from ..errors import Forbidden
 
-QUEUE_OWNERS_KEPT = 100_000  # notes kept: the newest submits'
-# fal's request ids are UUIDs. A path segment that starts with one names that request as far
-# as this check goes, whatever follows it (";x", ".json"), and whatever its letters' case:
-# how fal reads a segment like that is fal's business, and must not get past the check.
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
-
-
-def request_key(request_id: str) -> str:
-    """The key a request id is noted and looked up by: its leading UUID, lower-cased."""
-    match = _UUID.match(request_id)
-    return (match.group(0) if match else request_id).lower()
+QUEUE_OWNERS_KEPT = 100_000  # notes kept in all: the newest submits'
+QUEUE_OWNERS_PER_CALLER = 10_000  # notes kept of one caller's: its newest submits'
 
 
 class QueueRequestRefused(Forbidden):
@@ -43,24 +36,38 @@ class QueueRequestRefused(Forbidden):
 
 
 class QueueOwners:
-    """fal request id → the caller who submitted it, the newest :data:`QUEUE_OWNERS_KEPT`."""
+    """fal request id (lower-cased) → the caller who submitted it; O(1) a note or a check."""
 
-    def __init__(self, size: int = QUEUE_OWNERS_KEPT) -> None:
-        self._owners: OrderedDict[str, str] = OrderedDict()
+    def __init__(
+        self, size: int = QUEUE_OWNERS_KEPT, per_caller: int = QUEUE_OWNERS_PER_CALLER
+    ) -> None:
+        self._owners: OrderedDict[str, str] = OrderedDict()  # oldest first
+        self._of: dict[str, deque[str]] = {}  # a caller's noted ids, oldest first
         self._size = size
+        self._per_caller = per_caller
 
     def note(self, request_id: str, caller: str) -> None:
         """``caller`` submitted ``request_id`` (fal's id for a submit it accepted). The first
         note of an id stands: fal never hands the same id to two submits."""
-        key = request_key(request_id)
-        if key not in self._owners:
-            self._owners[key] = caller
-            if len(self._owners) > self._size:
-                self._owners.popitem(last=False)
+        key = request_id.lower()
+        if key in self._owners:
+            return
+        self._owners[key] = caller
+        mine = self._of.setdefault(caller, deque())
+        mine.append(key)
+        if len(mine) > self._per_caller:  # the caller's oldest goes, nobody else's
+            del self._owners[mine.popleft()]
+        if len(self._owners) > self._size:
+            # The oldest note in all is also the oldest of its caller's.
+            _, owner = self._owners.popitem(last=False)
+            theirs = self._of[owner]
+            theirs.popleft()
+            if not theirs:
+                del self._of[owner]
 
     def check(self, request_id: str, caller: str) -> None:
         """Raise :class:`QueueRequestRefused` if another caller submitted ``request_id``."""
-        owner = self._owners.get(request_key(request_id))
+        owner = self._owners.get(request_id.lower())
         if owner is not None and owner != caller:
             raise QueueRequestRefused(
                 "queue request refused",

@@ -223,17 +223,37 @@ _QUEUE_READ = re.compile(r"/[^?]+/requests/[^/?]+(?:/status(?:/stream)?)?/?")
 _QUEUE_CANCEL = re.compile(r"/[^?]+/requests/[^/?]+/cancel/?")
 
 
-# A queue call about one request: /<app>/requests/<id>[/status[/stream] | /cancel | ...].
-_QUEUE_REQUEST_ID = re.compile(r"/.+?/requests/([^/?]+)(?:/.*)?")
+# A queue call about one request: /<app>/requests/<id>[/status[/stream] | /cancel | ...], its
+# id a UUID as fal hands them out; and any path segment that may read as "requests".
+_QUEUE_REQUEST = re.compile(
+    r"/.+?/requests/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:/.*)?",
+    re.IGNORECASE,
+)
+_REQUESTS_SEGMENT = re.compile(r"/requests(?:;[^/]*)?(?=/|$)", re.IGNORECASE)
 
 
 def queue_request_id(target: Target) -> str | None:
     """The fal request id a queue call names (its status, status stream, result, cancel),
-    or None for any other call."""
+    lower-cased, or None for a call that names none.
+
+    Raises BadRequest for a path that could name a request some other way than fal's SDKs
+    write it (two ``requests`` segments, one cased or with parameters, an id that is not a
+    plain UUID: braces, ``urn:uuid:``, hyphens moved): how fal would read those is fal's
+    business, and the caller check must not be got past by them.
+    """
     if target.kind != "queue":
         return None
-    match = _QUEUE_REQUEST_ID.fullmatch(target.path)
-    return match.group(1) if match else None
+    segments = len(_REQUESTS_SEGMENT.findall(target.path))
+    if segments == 0:
+        return None
+    match = _QUEUE_REQUEST.fullmatch(target.path)
+    if segments > 1 or match is None or "/requests/" not in target.path:
+        raise BadRequest(
+            "invalid queue request path",
+            "a call about a queue request names it as /<owner>/<alias>/requests/<request id>, "
+            "the id as fal gave it (a UUID); send the path as the fal SDK builds it",
+        )
+    return match.group(1).lower()
 
 
 def starts_generation(method: str, target: Target) -> bool:

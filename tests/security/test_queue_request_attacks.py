@@ -52,7 +52,6 @@ def test_only_the_submitting_caller_reads_or_cancels_its_queue_request(
     shouted = {  # the same request, named other ways: the id's letters cased up, a slash more
         "upper": ("GET", job["status_url"].replace(request_id, request_id.upper())),
         "slash": ("GET", job["response_url"] + "/"),
-        "suffix": ("GET", job["response_url"].replace(request_id, request_id + ";v=1")),
         "other app": ("GET", job["status_url"].replace("fal-ai/fast-sdxl", "fal-ai/flux")),
     }
     for name, (method, target) in {**targets(job), **shouted}.items():
@@ -64,6 +63,19 @@ def test_only_the_submitting_caller_reads_or_cancels_its_queue_request(
         line = proxy.wait_for_request_log(refused.headers["x-proxy-request-id"])
         assert (line["error"], line["caller"]) == ("queue_request_refused", "bob")
         assert "FAL_PROXY_QUEUE_OWNER_CHECK" in line["hint"]
+    # Named some other way than the SDK's (a client of fal's own parsing could read them as
+    # the same request): refused outright.
+    odd = {
+        "suffix": job["response_url"].replace(request_id, request_id + ";v=1"),
+        "nested": job["status_url"].replace("/requests/", "/requests/x/requests/"),
+        "cased": job["status_url"].replace("/requests/", "/REQUESTS/"),
+        "braces": job["status_url"].replace(request_id, "{" + request_id + "}"),
+        "no hyphens": job["status_url"].replace(request_id, request_id.replace("-", "")),
+    }
+    for name, target in odd.items():
+        refused = call(proxy, "bob", "GET", target)
+        assert refused.status_code == 400, (name, refused.text)
+        assert refused.json()["message"] == "invalid queue request path"
     assert fake_gateway.requests() == []  # none of them reached the gateway
 
     status = call(proxy, "alice", "GET", job["status_url"])

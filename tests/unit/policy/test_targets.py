@@ -247,26 +247,53 @@ def test_which_calls_can_start_a_generation(method: str, url: str, generation: b
     assert starts_generation(method, resolve(url)) == generation
 
 
+RID = "d95bafc8-f2a4-427b-9cf4-bb99f4bea973"
+QUEUE = "https://queue.fal.run/fal-ai/flux"
+
+
 @pytest.mark.parametrize(
     ("url", "request_id"),
     [
-        ("https://queue.fal.run/fal-ai/flux/requests/r-1/status", "r-1"),
-        ("https://queue.fal.run/fal-ai/flux/requests/r-1/status?logs=1", "r-1"),
-        ("https://queue.fal.run/fal-ai/flux/requests/r-1/status/stream", "r-1"),
-        ("https://queue.fal.run/fal-ai/flux/requests/r-1", "r-1"),
-        ("https://queue.fal.run/fal-ai/flux/requests/r-1/", "r-1"),
-        ("https://queue.fal.run/fal-ai/flux/requests/r-1/cancel", "r-1"),
-        ("https://queue.fal.run/fal-ai/flux/requests/R-1/anything/else", "R-1"),
-        ("https://queue.fal.run/workflows/fal-ai/sdxl/requests/r-1", "r-1"),
-        ("https://queue.fal.run/fal-ai/flux/dev", None),  # a submit
-        ("https://queue.fal.run/fal-ai/flux/requests", None),
-        ("https://queue.fal.run/fal-ai/flux/requests/", None),
-        ("https://fal.run/fal-ai/flux/requests/r-1", None),  # runs the model: no queue request
+        (f"{QUEUE}/requests/{RID}/status", RID),
+        (f"{QUEUE}/requests/{RID}/status?logs=1", RID),
+        (f"{QUEUE}/requests/{RID}/status/stream", RID),
+        (f"{QUEUE}/requests/{RID}", RID),
+        (f"{QUEUE}/requests/{RID}/", RID),
+        (f"{QUEUE}/requests/{RID}/cancel", RID),
+        (f"{QUEUE}/requests/{RID.upper()}/anything/else", RID),
+        (f"https://queue.fal.run/workflows/fal-ai/sdxl/requests/{RID}", RID),
+        (f"https://queue.falrun.com/fal-ai/flux/requests/{RID}", RID),
+        (f"{QUEUE}/dev", None),  # a submit
+        (f"{QUEUE}/requester/dev", None),
+        (f"https://fal.run/fal-ai/flux/requests/{RID}", None),  # runs the model: no request
         ("https://rest.fal.ai/storage/upload/initiate", None),
     ],
 )
 def test_the_request_id_a_queue_call_names(url: str, request_id: str | None) -> None:
     assert queue_request_id(resolve(url)) == request_id
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"{QUEUE}/requests",  # no id
+        f"{QUEUE}/requests?request_id={RID}",
+        f"{QUEUE}/requests/not-a-uuid/status",
+        f"{QUEUE}/requests/x/requests/{RID}/status",  # two "requests": which counts?
+        f"{QUEUE}/requests/{RID}/requests/x",
+        f"https://queue.fal.run/fal-ai/requests/requests/{RID}",
+        f"{QUEUE}/REQUESTS/{RID}/status",
+        f"{QUEUE}/requests;x/{RID}/status",
+        f"{QUEUE}/requests/{{{RID}}}/status",
+        f"{QUEUE}/requests/urn:uuid:{RID}/status",
+        f"{QUEUE}/requests/{RID.replace('-', '')}/status",
+        f"{QUEUE}/requests/{RID};v=1/status",
+        f"{QUEUE}/requests/x{RID}",
+    ],
+)
+def test_a_request_named_any_other_way_than_the_sdks_is_refused(url: str) -> None:
+    with pytest.raises(BadRequest, match="invalid queue request path"):
+        queue_request_id(resolve(url))
 
 
 @pytest.mark.parametrize(
