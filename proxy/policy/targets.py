@@ -226,8 +226,7 @@ _QUEUE_CANCEL = re.compile(r"/[^?]+/requests/[^/?]+/cancel/?")
 # A queue call about one request: /<app>/requests/<id>[/status[/stream] | /cancel | ...], its
 # id a UUID as fal hands them out; and any path segment that may read as "requests".
 _QUEUE_REQUEST = re.compile(
-    r"/.+?/requests/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:/.*)?",
-    re.IGNORECASE,
+    r"/.+?/requests/((?i:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}))(?:/.*)?"
 )
 _REQUESTS_SEGMENT = re.compile(r"/requests(?:;[^/]*)?(?=/|$)", re.IGNORECASE)
 
@@ -247,7 +246,7 @@ def queue_request_id(target: Target) -> str | None:
     if segments == 0:
         return None
     match = _QUEUE_REQUEST.fullmatch(target.path)
-    if segments > 1 or match is None or "/requests/" not in target.path:
+    if segments > 1 or match is None:
         raise BadRequest(
             "invalid queue request path",
             "a call about a queue request names it as /<owner>/<alias>/requests/<request id>, "
